@@ -1,0 +1,173 @@
+"""Atomic, streaming writer of HF model dirs.
+
+Tensors arrive one name at a time; they are buffered up to ``max_shard_size`` bytes
+and flushed as a safetensors shard. Everything is written into a temporary dir beside
+the target, which is renamed into place only when complete: an exception half-way
+leaves nothing behind, and an existing target is never touched without
+``overwrite=True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.io.checkpoint import SAFETENSORS_INDEX, PathLike
+
+# Files a user expects beside the weights so that transformers can load the model.
+REFERENCE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def parse_size(size: int | str) -> int:
+    """Parse ``"2GB"``, ``"500MB"``, ``"1GiB"`` or an int number of bytes.
+
+    Examples
+    --------
+    >>> parse_size("2GB"), parse_size("1KiB"), parse_size(10)
+    (2000000000, 1024, 10)
+    """
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.I)
+    if not m:
+        raise CurvlensError(f"max_shard_size={size!r} is not a size like '2GB' or '500MB'")
+    unit = m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = " KMGT".index(unit[:1] or " ") if unit else 0
+    return int(float(m.group(1)) * base**power)
+
+
+class ModelWriter:
+    """Write a model dir tensor by tensor; use as a context manager.
+
+    Parameters
+    ----------
+    out : path
+        Target dir. Must not exist unless ``overwrite=True``.
+    reference_dir : path, optional
+        Dir whose config and tokenizer files are copied beside the weights.
+    max_shard_size : int or str
+        Largest shard in bytes (also the writer's peak buffer).
+    overwrite : bool
+        Replace an existing ``out`` (only once the new one is complete).
+    extra_files : dict, optional
+        ``{filename: text}`` written beside the weights (e.g. the merge config).
+
+    Examples
+    --------
+    >>> import tempfile, torch, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()) / "merged"
+    >>> with ModelWriter(d) as w:
+    ...     w.add("a.weight", torch.ones(2, 2))
+    >>> sorted(p.name for p in d.iterdir())
+    ['model-00001-of-00001.safetensors', 'model.safetensors.index.json']
+    """
+
+    def __init__(self, out: PathLike, reference_dir: PathLike | None = None, *,
+                 max_shard_size: int | str = "1GB", overwrite: bool = False,
+                 extra_files: dict[str, str] | None = None):
+        self.out = Path(out)
+        self.reference_dir = Path(reference_dir) if reference_dir is not None else None
+        self.max_shard_size = parse_size(max_shard_size)
+        self.overwrite = overwrite
+        self.extra_files = dict(extra_files or {})
+        if self.out.exists() and not overwrite:
+            raise CurvlensError(f"{self.out} already exists; pass overwrite=True to replace it")
+        self._tmp: Path | None = None
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._total = 0
+        self._names: set[str] = set()
+
+    def __enter__(self) -> ModelWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; flushes a shard when the buffer would exceed the limit."""
+        if self._tmp is None:
+            raise CurvlensError("ModelWriter.add called outside a 'with' block")
+        if name in self._names:
+            raise CurvlensError(f"{self.out}: tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._names.add(name)
+        self._buffer[name] = tensor.detach().to("cpu").contiguous()
+        self._buffer_bytes += nbytes
+        self._total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self._tmp / f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def _finish(self) -> None:
+        if self._buffer or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, (path, names) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self._tmp / final)
+            weight_map.update({k: final for k in names})
+        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self._tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        if self.reference_dir is not None:
+            for fname in REFERENCE_FILES:
+                src = self.reference_dir / fname
+                if src.is_file():
+                    shutil.copy2(src, self._tmp / fname)
+        for fname, text in self.extra_files.items():
+            (self._tmp / fname).write_text(text)
+        _rename_into_place(self._tmp, self.out, self.overwrite)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            self._buffer = {}
+            if self._tmp is not None and self._tmp.exists():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _rename_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished dir to ``out``; an old ``out`` is removed only afterwards."""
+    if out.exists():
+        if not overwrite:
+            raise CurvlensError(f"{out} appeared while writing; pass overwrite=True to replace it")
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_model(tensors, out: PathLike, reference_dir: PathLike | None = None, **kwargs) -> Path:
+    """Write ``(name, tensor)`` pairs (any iterable, consumed lazily) as an HF model dir.
+
+    Keyword arguments are those of :class:`ModelWriter`. Returns ``out``.
+    """
+    items = tensors.items() if hasattr(tensors, "items") else tensors
+    with ModelWriter(out, reference_dir, **kwargs) as w:
+        for name, t in items:
+            w.add(name, t)
+    return Path(out)

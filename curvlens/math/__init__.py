@@ -1,0 +1,1 @@
+"""Layer 2, math: pure tensor functions (tensors in, tensors or numbers out)."""

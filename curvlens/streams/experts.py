@@ -1,0 +1,304 @@
+"""``Experts``: a base model plus named experts with their second moments, streamed.
+
+Every model-wide computation in curvlens is a loop over :meth:`Experts.iter_tensors`:
+for one parameter name it reads that tensor from the base, from every expert and
+from every moments file, places them on the device, and releases them when the
+consumer moves on. Peak memory is a few tensors per expert, whatever the model size.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.io.checkpoint import Checkpoint, PathLike
+from curvlens.io.moments import Moments
+from curvlens.roles import param_role
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as torch reads it.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CurvlensError(f"device={device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1')") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CurvlensError(f"device={device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    return dev
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One fine-tuned model and (optionally) the second moments of its training."""
+
+    name: str
+    checkpoint: Checkpoint
+    moments: Moments | None = None
+    path: Path | None = None
+
+
+@dataclass
+class TensorGroup:
+    """Everything curvlens knows about one parameter name, on one device."""
+
+    name: str
+    layer: int | None
+    role: str
+    base: torch.Tensor | None
+    experts: list[torch.Tensor]
+    moments: list[torch.Tensor] | None
+    expert_names: list[str] = field(default_factory=list)
+
+    @property
+    def task_vectors(self) -> list[torch.Tensor]:
+        """``theta_i - theta_0`` for each expert (needs a base)."""
+        if self.base is None:
+            raise CurvlensError(f"{self.name}: task vectors need a base model")
+        return [e - self.base for e in self.experts]
+
+
+class Experts:
+    """A base checkpoint and named experts, each with its moments.
+
+    Construction checks keys and shapes across base, experts and moments (headers
+    only) and reports every difference in one :class:`CurvlensError`, before any
+    long computation starts.
+
+    Parameters
+    ----------
+    base : Checkpoint, path, dict or None
+        The common starting point. ``None`` for base-free methods (linear, Fisher,
+        OTA as curvature-weighted averaging).
+    experts : sequence of Expert
+        At least one expert, with unique names.
+    """
+
+    def __init__(self, base: Checkpoint | PathLike | dict | None, experts: Sequence[Expert]):
+        self.base = Checkpoint.open(base) if base is not None else None
+        self.experts = list(experts)
+        if not self.experts:
+            raise CurvlensError("Experts needs at least one expert")
+        names = [e.name for e in self.experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise CurvlensError(f"expert names must be unique; repeated: {dup}")
+        self._check()
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_dirs(
+        cls,
+        base: PathLike | None,
+        dirs: Sequence[PathLike],
+        names: Sequence[str] | None = None,
+        *,
+        moments: bool | Sequence[PathLike | None] = True,
+        bias_correction: bool = False,
+    ) -> Experts:
+        """Open experts laid out as the OTA paper released them.
+
+        Parameters
+        ----------
+        base : path or None
+            Base model dir.
+        dirs : sequence of path
+            Expert model dirs; each holds ``export/exp_avg_sq.safetensors`` (or an
+            ``optimizer.pt``) unless ``moments`` says otherwise.
+        names : sequence of str, optional
+            Expert names; default: the dir names.
+        moments : bool or sequence
+            ``True``: find moments in each dir (error if absent); ``False``: no
+            moments; a sequence: one moments path (or None) per expert.
+        bias_correction : bool
+            Apply Adam bias correction to every moments file.
+        """
+        dirs = [Path(d) for d in dirs]
+        if names is None:
+            names = [d.name for d in dirs]
+        if len(names) != len(dirs):
+            raise CurvlensError(f"names has {len(names)} entries but {len(dirs)} expert dirs were given")
+        if moments is True:
+            sources: list = list(dirs)
+        elif moments is False:
+            sources = [None] * len(dirs)
+        else:
+            sources = list(moments)
+            if len(sources) != len(dirs):
+                raise CurvlensError(f"moments has {len(sources)} entries but {len(dirs)} expert dirs were given")
+        experts = []
+        for name, d, src in zip(names, dirs, sources):
+            try:
+                ckpt = Checkpoint.open(d)
+                mom = None
+                if src is not None:
+                    mom = Moments.open(src, checkpoint=ckpt, bias_correction=bias_correction)
+            except CurvlensError as err:
+                raise CurvlensError(f"expert {name!r}: {err}") from err
+            experts.append(Expert(name, ckpt, mom, d))
+        return cls(base, experts)
+
+    def _check(self) -> None:
+        ref = self.reference
+        problems: list[str] = []
+        models = ([("base", self.base)] if self.base is not None else []) + \
+                 [(f"expert {e.name!r}", e.checkpoint) for e in self.experts]
+        ref_label = models[0][0]
+        for label, ckpt in models[1:]:
+            missing = [n for n in ref.keys() if n not in ckpt]
+            extra = [n for n in ckpt.keys() if n not in ref]
+            if missing:
+                problems.append(f"{label} lacks {len(missing)} tensor(s) of {ref_label}: {_head(missing)}")
+            if extra:
+                problems.append(f"{label} has {len(extra)} tensor(s) {ref_label} lacks: {_head(extra)}")
+            for n in ref.keys():
+                if n in ckpt and ckpt.shape(n) != ref.shape(n):
+                    problems.append(f"{label}: {n} has shape {tuple(ckpt.shape(n))}, "
+                                    f"{ref_label} has {tuple(ref.shape(n))}")
+        for e in self.experts:
+            if e.moments is not None:
+                problems += [f"moments of expert {e.name!r} ({e.moments.label}): {p}"
+                             for p in e.moments.shape_problems(e.checkpoint)]
+        if problems:
+            raise CurvlensError("experts do not line up:\n  " + "\n  ".join(problems))
+
+    # -- information (no tensor data read) ----------------------------------------
+    @property
+    def reference(self) -> Checkpoint:
+        """The checkpoint defining names, shapes and order: the base, else the first expert."""
+        return self.base if self.base is not None else self.experts[0].checkpoint
+
+    @property
+    def names(self) -> list[str]:
+        """Expert names, in order."""
+        return [e.name for e in self.experts]
+
+    @property
+    def has_moments(self) -> bool:
+        """Whether every expert has second moments."""
+        return all(e.moments is not None for e in self.experts)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, name: str) -> Expert:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise CurvlensError(f"no expert named {name!r}; experts are {self.names}")
+
+    def __repr__(self) -> str:
+        base = self.base.label if self.base is not None else None
+        return f"Experts(base={base!r}, experts={self.names}, moments={self.has_moments})"
+
+    def tensor_names(self, *, floating_only: bool = False) -> list[str]:
+        """Parameter names in the reference checkpoint's order."""
+        ref = self.reference
+        return [n for n in ref.keys() if not floating_only or ref.dtype(n).is_floating_point]
+
+    def describe(self):
+        """The reference checkpoint's ``describe()`` (no data read)."""
+        return self.reference.describe()
+
+    def subset(self, names: Sequence[str]) -> Experts:
+        """The same base with only the named experts, in the given order."""
+        return Experts(self.base, [self[n] for n in names])
+
+    # -- streaming -----------------------------------------------------------------
+    def iter_tensors(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: torch.dtype | None = torch.float32,
+        moments: bool = True,
+        base: bool = True,
+        experts: bool = True,
+        progress: bool = True,
+        desc: str = "tensors",
+    ) -> Iterator[TensorGroup]:
+        """Yield one :class:`TensorGroup` per parameter name.
+
+        The next name's tensors are read in a background thread while the caller
+        works on the current one, so disk reads overlap computation. At most two
+        groups are alive at a time.
+
+        Parameters
+        ----------
+        names : sequence of str, optional
+            Which tensors (default: all, in reference order).
+        device : str or torch.device
+            ``"auto"``: CUDA when available, else CPU.
+        dtype : torch.dtype or None
+            Cast floating tensors to this dtype on the device (default fp32; None
+            keeps the stored dtype). Moments are always fp32.
+        moments, base, experts : bool
+            Which inputs to read (skip what a pass does not need).
+        progress : bool
+            Show a tqdm progress bar.
+        """
+        dev = resolve_device(device)
+        names = list(self.tensor_names() if names is None else names)
+        ref = self.reference
+        unknown = [n for n in names if n not in ref]
+        if unknown:
+            raise CurvlensError(f"unknown tensor name(s): {_head(unknown)}")
+        if moments and not self.has_moments:
+            lacking = [e.name for e in self.experts if e.moments is None]
+            raise CurvlensError(f"second moments requested but expert(s) {lacking} have none")
+
+        def place(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(dev, non_blocking=True)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        def load(name: str) -> TensorGroup:
+            layer, role = param_role(name)
+            floating = ref.dtype(name).is_floating_point
+            b = place(self.base[name]) if base and self.base is not None else None
+            xs = [place(_read(e.checkpoint, name, e.name)) for e in self.experts] if experts else []
+            ms = None
+            if moments and floating:
+                ms = [_read(e.moments, name, e.name).to(dev) for e in self.experts]
+            return TensorGroup(name, layer, role, b, xs, ms, self.names)
+
+        bar = _progress(len(names), desc, progress)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlens-read") as pool:
+            pending = pool.submit(load, names[0]) if names else None
+            for i in range(len(names)):
+                group = pending.result()
+                pending = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
+                yield group
+                del group
+                bar.update(1)
+        bar.close()
+
+
+def _read(source, name: str, expert: str) -> torch.Tensor:
+    try:
+        return source[name]
+    except CurvlensError as err:
+        raise CurvlensError(f"expert {expert!r}: {err}") from err
+    except KeyError:
+        raise CurvlensError(f"expert {expert!r}: no tensor {name!r} in {source.label}") from None
+
+
+def _head(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
