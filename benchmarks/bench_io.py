@@ -33,8 +33,10 @@ def main(argv=None):
         sum(sum(e.moments.shape(n).numel() * 4 for n in e.moments) for e in ex.experts)
     checksum = 0.0
     with peak_rss() as r:
-        for g in ex.iter_tensors(device="cpu", dtype=None, progress=False):
-            checksum += float(g.experts[0].float().sum()) + float(g.moments[-1].sum())
+        # fp32 on the device, as every analysis and merge receives them; every
+        # tensor is summed so every page is really read
+        for g in ex.iter_tensors(device="cpu", progress=False):
+            checksum += sum(float(t.sum()) for t in [g.base, *g.experts, *g.moments])
     largest = max(ex.reference.shape(n).numel() for n in ex.tensor_names())
     print(f"params per model: {ex.reference.numel / 1e6:.1f}M; experts: {len(ex)}; "
           f"bytes read: {n_bytes / 2**30:.2f} GiB; largest tensor: {largest / 1e6:.1f}M entries")

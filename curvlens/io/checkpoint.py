@@ -82,6 +82,23 @@ def _check_safetensors_size(file: Path, infos: dict[str, TensorInfo]) -> None:
         )
 
 
+def read_safetensor(file: Path, key: str) -> torch.Tensor:
+    """Read one tensor, opening the file for just this read.
+
+    safe_open memory-maps the file; a handle kept open keeps every page ever
+    touched resident (and counted in RSS) until it closes. Opening per read keeps
+    the pages alive only as long as the returned tensor, so a full pass over a
+    model holds a few tensors, not the model. Parsing a header costs microseconds.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(key)
+    except Exception as err:
+        raise CurvlensError(f"{file}: could not read tensor {key!r} ({err})") from err
+
+
 def _torch_load(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CurvlensError(f"{file}: file not found")
@@ -203,18 +220,9 @@ class Checkpoint(Mapping):
         for file in dict.fromkeys(files.values()):
             infos.update(_safetensors_infos(file))
         _check_index_agrees(files, infos)
-        handles: dict[Path, Any] = {}
 
         def read(name: str) -> torch.Tensor:
-            from safetensors import safe_open
-
-            file = infos[name].file
-            try:
-                if file not in handles:  # one open handle per shard, opened on first use
-                    handles[file] = safe_open(str(file), framework="pt")
-                return handles[file].get_tensor(name)
-            except Exception as err:
-                raise CurvlensError(f"{file}: could not read tensor {name!r} ({err})") from err
+            return read_safetensor(infos[name].file, name)
 
         return cls(infos, read, path=path)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load
+from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load, read_safetensor
 
 EXPORT_RELPATH = Path("export") / "exp_avg_sq.safetensors"
 _SUFFIX = ".exp_avg_sq"
@@ -125,15 +125,9 @@ class Moments(Mapping):
             meta = f.metadata() or {}
         step = int(meta["step"]) if "step" in meta else None
         beta2 = _beta2_from_meta(meta)
-        handle: list[Any] = []
 
         def read(name: str) -> torch.Tensor:
-            if not handle:
-                handle.append(safe_open(str(file), framework="pt"))
-            try:
-                return handle[0].get_tensor(keymap[name])
-            except Exception as err:
-                raise CurvlensError(f"{file}: could not read moment {keymap[name]!r} ({err})") from err
+            return read_safetensor(file, keymap[name])
 
         shapes = {n: infos[k].shape for n, k in keymap.items()}
         return cls(shapes, read, label=str(file), step=step, beta2=beta2,

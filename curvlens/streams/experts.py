@@ -227,12 +227,13 @@ class Experts:
         experts: bool = True,
         progress: bool = True,
         desc: str = "tensors",
+        prefetch_bytes: int = 1 << 30,
     ) -> Iterator[TensorGroup]:
         """Yield one :class:`TensorGroup` per parameter name.
 
         The next name's tensors are read in a background thread while the caller
-        works on the current one, so disk reads overlap computation. At most two
-        groups are alive at a time.
+        works on the current one, so disk reads overlap computation (within
+        ``prefetch_bytes``).
 
         Parameters
         ----------
@@ -247,6 +248,10 @@ class Experts:
             Which inputs to read (skip what a pass does not need).
         progress : bool
             Show a tqdm progress bar.
+        prefetch_bytes : int
+            Read the next group ahead only when it and the current one together
+            take at most this many bytes (default 1 GiB), so peak memory stays about
+            one large group plus this budget.
         """
         dev = resolve_device(device)
         names = list(self.tensor_names() if names is None else names)
@@ -272,12 +277,24 @@ class Experts:
                 ms = [_read(e.moments, name, e.name).to(dev) for e in self.experts]
             return TensorGroup(name, layer, role, b, xs, ms, self.names)
 
+        n_inputs = (1 if base and self.base is not None else 0) + (len(self.experts) if experts else 0)
+
+        def nbytes(name: str) -> int:
+            # what one group occupies once placed (fp32 after the cast)
+            item = dtype.itemsize if dtype is not None else ref.dtype(name).itemsize
+            n = ref.shape(name).numel()
+            return n * (item * n_inputs + (4 * len(self.experts) if moments else 0))
+
         bar = _progress(len(names), desc, progress)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlens-read") as pool:
             pending = pool.submit(load, names[0]) if names else None
             for i in range(len(names)):
-                group = pending.result()
-                pending = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
+                group = pending.result() if pending is not None else load(names[i])
+                pending = None
+                # Read ahead only while two groups fit the budget: a 128k-vocab
+                # embedding must not be held twice.
+                if i + 1 < len(names) and nbytes(names[i]) + nbytes(names[i + 1]) <= prefetch_bytes:
+                    pending = pool.submit(load, names[i + 1])
                 yield group
                 del group
                 bar.update(1)
