@@ -1,0 +1,66 @@
+"""Tests for curvlens.math.saliency: FFG saliency, masks and top-k."""
+import pytest
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.math.saliency import fisher_mask, magnitude_scores, saliency, topk_mask
+
+
+def test_saliency_hand_values_and_fp32():
+    v = torch.tensor([1.0, 4.0, 0.0], dtype=torch.bfloat16)
+    tau = torch.tensor([3.0, -0.5, 7.0], dtype=torch.float64)
+    s = saliency(v, tau)
+    assert s.dtype == torch.float32
+    assert torch.equal(s, torch.tensor([9.0, 1.0, 0.0]))
+
+
+def test_fisher_mask_threshold_is_inclusive():
+    v = torch.tensor([1.0, 1.0, 1.0])
+    tau = torch.tensor([1.0, 2.0, 3.0])
+    assert fisher_mask(v, tau, 4.0).tolist() == [False, True, True]
+
+
+def test_fisher_mask_zero_d():
+    assert bool(fisher_mask(torch.tensor(2.0), torch.tensor(1.0), 2.0))
+
+
+def test_shape_mismatch_and_bad_threshold():
+    with pytest.raises(CurvlensError, match="same shape"):
+        saliency(torch.ones(2), torch.ones(3))
+    with pytest.raises(CurvlensError, match="threshold"):
+        fisher_mask(torch.ones(2), torch.ones(2), float("nan"))
+    with pytest.raises(CurvlensError, match="threshold"):
+        fisher_mask(torch.ones(2), torch.ones(2), "high")
+
+
+def test_magnitude_scores():
+    assert torch.equal(magnitude_scores(torch.tensor([-2.0, 0.5])), torch.tensor([2.0, 0.5]))
+
+
+def test_topk_mask_counts_like_mergekit():
+    scores = torch.arange(10.0)
+    assert topk_mask(scores, 0.35).sum() == 3  # int(3.5)
+    assert topk_mask(scores, 0.05).sum() == 1  # int(0.5) = 0, but a positive density keeps 1
+    assert topk_mask(scores, 0.0).sum() == 0
+    assert bool(topk_mask(scores, 1.0).all())
+    assert topk_mask(scores, 0.3).tolist() == [False] * 7 + [True] * 3
+
+
+def test_topk_mask_2d_and_0d():
+    scores = torch.tensor([[1.0, 5.0], [3.0, 2.0]])
+    assert topk_mask(scores, 0.5).tolist() == [[False, True], [True, False]]
+    assert bool(topk_mask(torch.tensor(1.0), 0.5))
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan"), "half"])
+def test_topk_mask_bad_density(density):
+    with pytest.raises(CurvlensError, match="density"):
+        topk_mask(torch.ones(3), density)
+
+
+def test_not_mutated():
+    v, tau = torch.rand(3, 3), torch.randn(3, 3)
+    v0, tau0 = v.clone(), tau.clone()
+    topk_mask(saliency(v, tau), 0.5)
+    fisher_mask(v, tau, 0.1)
+    assert torch.equal(v, v0) and torch.equal(tau, tau0)
