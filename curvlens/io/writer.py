@@ -1,7 +1,10 @@
 """Atomic, streaming writer of HF model dirs.
 
-Tensors arrive one name at a time; they are buffered up to ``max_shard_size`` bytes
-and flushed as a safetensors shard. Everything is written into a temporary dir beside
+Tensors arrive one name at a time. When the writer knows every name, shape and
+dtype up front (``plan=``, which the merge engine always gives), each shard's
+safetensors header is written first and every tensor's bytes are appended the
+moment it arrives: nothing is buffered, and writing overlaps computing. Without a
+plan, tensors are buffered up to ``max_shard_size`` bytes and flushed per shard. Everything is written into a temporary dir beside
 the target, which is renamed into place only when complete: an exception half-way
 leaves nothing behind, and an existing target is never touched without
 ``overwrite=True``.
@@ -18,7 +21,9 @@ from pathlib import Path
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.checkpoint import SAFETENSORS_INDEX, PathLike
+from curvlens.io.checkpoint import _ST_DTYPES, SAFETENSORS_INDEX, PathLike
+
+_ST_CODES = {dt: code for code, dt in _ST_DTYPES.items() if dt is not None}
 
 # Files a user expects beside the weights so that transformers can load the model.
 REFERENCE_FILES = (
@@ -62,6 +67,9 @@ class ModelWriter:
         Replace an existing ``out`` (only once the new one is complete).
     extra_files : dict, optional
         ``{filename: text}`` written beside the weights (e.g. the merge config).
+    plan : sequence of (name, shape, dtype), optional
+        Every tensor that will be added, in order. Enables unbuffered streaming
+        writes; ``add`` then checks each tensor against the plan.
 
     Examples
     --------
@@ -75,8 +83,11 @@ class ModelWriter:
 
     def __init__(self, out: PathLike, reference_dir: PathLike | None = None, *,
                  max_shard_size: int | str = "1GB", overwrite: bool = False,
-                 extra_files: dict[str, str] | None = None):
+                 extra_files: dict[str, str] | None = None, plan=None):
         self.out = Path(out)
+        self._plan = _shard_plan(plan, parse_size(max_shard_size)) if plan is not None else None
+        self._pos = 0
+        self._fh = None
         self.reference_dir = Path(reference_dir) if reference_dir is not None else None
         self.max_shard_size = parse_size(max_shard_size)
         self.overwrite = overwrite
@@ -101,6 +112,9 @@ class ModelWriter:
             raise CurvlensError("ModelWriter.add called outside a 'with' block")
         if name in self._names:
             raise CurvlensError(f"{self.out}: tensor {name!r} written twice")
+        if self._plan is not None:
+            self._write_planned(name, tensor)
+            return
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
             self._flush()
@@ -117,8 +131,37 @@ class ModelWriter:
         self._shards.append((path, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
 
+    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._plan):
+            raise CurvlensError(f"{self.out}: tensor {name!r} is not in the write plan")
+        shard, pname, shape, dtype, header = self._plan[self._pos]
+        if (pname, tuple(shape), dtype) != (name, tuple(tensor.shape), tensor.dtype):
+            raise CurvlensError(
+                f"{self.out}: expected tensor {pname!r} {tuple(shape)} {dtype} next, "
+                f"got {name!r} {tuple(tensor.shape)} {tensor.dtype}")
+        if header is not None:  # first tensor of a new shard
+            if self._fh is not None:
+                self._fh.close()
+            path = self._tmp / f"shard-{shard:05d}.safetensors"
+            self._fh = open(path, "wb")
+            self._fh.write(header)
+            self._shards.append((path, []))
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._fh.write(memoryview(t.view(torch.uint8).numpy()))
+        self._shards[-1][1].append(name)
+        self._names.add(name)
+        self._total += t.numel() * t.element_size()
+        self._pos += 1
+
     def _finish(self) -> None:
-        if self._buffer or not self._shards:
+        if self._plan is not None:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+            if self._pos != len(self._plan):
+                raise CurvlensError(f"{self.out}: {len(self._plan) - self._pos} planned tensor(s) were "
+                                    f"never written, starting with {self._plan[self._pos][1]!r}")
+        elif self._buffer or not self._shards:
             self._flush()
         n = len(self._shards)
         weight_map = {}
@@ -142,10 +185,46 @@ class ModelWriter:
             if exc_type is None:
                 self._finish()
         finally:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
             self._buffer = {}
             if self._tmp is not None and self._tmp.exists():
                 shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def _shard_plan(plan, max_bytes: int) -> list:
+    """Assign planned tensors to shards and pre-build each shard's header.
+
+    Returns one entry per tensor: ``(shard, name, shape, dtype, header_bytes or
+    None)``; the header comes with the first tensor of each shard.
+    """
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape, dtype in plan:
+        if dtype not in _ST_CODES:
+            raise CurvlensError(f"tensor {name!r}: dtype {dtype} cannot be written as safetensors")
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype, nbytes))
+        size += nbytes
+    out = []
+    for i, items in enumerate(shards):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in items:
+            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+        blob = len(raw).to_bytes(8, "little") + raw
+        for j, (name, shape, dtype, _) in enumerate(items):
+            out.append((i, name, shape, dtype, blob if j == 0 else None))
+    return out
 
 
 def _rename_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -78,3 +78,24 @@ def test_parse_size_rejects_garbage():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
     with pytest.raises(CurvlensError, match="max_shard_size='lots'"):
         parse_size("lots")
+
+
+def test_planned_streaming_write_matches_buffered(tmp_path):
+    ts = {"a": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "b": torch.tensor(3.5),
+          "c": torch.ones(50, dtype=torch.float32), "d": torch.zeros(4, dtype=torch.int64)}
+    plan = [(k, v.shape, v.dtype) for k, v in ts.items()]
+    out = write_model(ts, tmp_path / "planned", plan=plan, max_shard_size=100)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3  # 12+4 B | 200 B | 32 B
+    ck = Checkpoint.open(out)  # read back by the safetensors library itself
+    for k, v in ts.items():
+        assert ck.dtype(k) == v.dtype and torch.equal(ck[k], v)
+
+
+def test_planned_write_checks_order_and_completeness(tmp_path):
+    plan = [("a", (2,), torch.float32), ("b", (2,), torch.float32)]
+    with pytest.raises(CurvlensError, match="expected tensor 'a' \\(2,\\) torch.float32 next, got 'b'"):
+        write_model({"b": torch.zeros(2)}, tmp_path / "o", plan=plan)
+    with pytest.raises(CurvlensError, match="1 planned tensor\\(s\\) were never written, starting with 'b'"):
+        write_model({"a": torch.zeros(2)}, tmp_path / "o", plan=plan)
+    assert list(tmp_path.iterdir()) == []

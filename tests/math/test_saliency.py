@@ -64,3 +64,17 @@ def test_not_mutated():
     topk_mask(saliency(v, tau), 0.5)
     fisher_mask(v, tau, 0.1)
     assert torch.equal(v, v0) and torch.equal(tau, tau0)
+
+
+@pytest.mark.parametrize("dist", ["normal", "ties", "heavy"])
+@pytest.mark.parametrize("frac", [1e-6, 0.01, 0.3, 0.5, 0.99, 1.0])
+def test_kth_largest_exact_on_large_tensors(dist, frac):
+    from curvlens.math.saliency import kth_largest
+
+    g = torch.Generator().manual_seed(3)
+    n = 1_100_000  # above the sample-select size (64 * 2**14)
+    x = {"normal": torch.randn(n, generator=g),
+         "ties": torch.randint(0, 7, (n,), generator=g).float(),
+         "heavy": torch.exp(torch.randn(n, generator=g) * 8)}[dist]
+    k = max(1, int(frac * n))
+    assert kth_largest(x, k) == torch.sort(x, descending=True).values[k - 1]

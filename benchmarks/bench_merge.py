@@ -1,0 +1,98 @@
+"""Wall time and peak RSS of each merge method against the I/O floor.
+
+usage: python benchmarks/bench_merge.py ZOO_DIR [--out SCRATCH_DIR] [--methods linear ties ...]
+
+ZOO_DIR is a ``../shared/bench/make_zoo.py`` zoo (the issue's: ``--hidden 1024
+--layers 16 --inter 2816 --vocab 32000 --experts 3``, ~250M params x 3 experts).
+
+The I/O floor is measured in the same run with the same reader and writer: read
+every input tensor once and write an output of the same size, no math. There are
+two floors, because methods read different inputs: ``floor(weights)`` reads base +
+experts (linear, task arithmetic, TIES, DARE) and ``floor(weights+moments)`` also
+reads every moments file (Fisher, OTA). Each method's ratio is against its floor.
+Runs are warm (the files sit in the page cache after the first pass), so the floor
+is mostly deserialisation, casting and writing, the part curvlens controls.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from _common import peak_rss, rss_mb  # noqa: E402
+
+METHODS = {
+    "linear": ("linear", {}),
+    "task_arithmetic": ("task_arithmetic", {"lambda": 0.5}),
+    "ties": ("ties", {"density": 0.5}),
+    "dare_ties": ("dare_ties", {"density": 0.5}),
+    "fisher": ("fisher", {}),
+    "ota": ("ota", {"epsilon": 1e-26}),
+    "ota+ffg": ("ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}),
+}
+NEEDS_MOMENTS = {"fisher", "ota", "ota+ffg"}
+
+
+def io_floor(experts, out: Path, with_moments: bool):
+    """Read every input tensor once, write one output tensor per name: no math."""
+    from curvlens.io.writer import ModelWriter
+
+    with ModelWriter(out, overwrite=True) as w:
+        for g in experts.iter_tensors(device="cpu", dtype=None, moments=with_moments, progress=False):
+            # touch every input so lazily mapped pages are really read
+            for t in [g.base, *g.experts, *(g.moments or [])]:
+                t.view(-1)[:: max(1, t.numel() // 4096)].sum()
+            w.add(g.name, g.experts[0].clone())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("zoo", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/curvlens-bench"))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    baseline = rss_mb()
+    from curvlens import Experts
+    from curvlens.streams.merge import merge
+
+    dirs = sorted(p for p in a.zoo.iterdir() if p.name.startswith("expert"))
+    ex = Experts.from_dirs(a.zoo / "base", dirs)
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def record(label, fn, floor_key=None):
+        out = a.out / label.replace("+", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        with peak_rss() as r:
+            fn(out)
+        rows.append({"run": label, "seconds": r["seconds"], "peak_rss_mb": r["peak_mb"] - baseline,
+                     "floor": floor_key})
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"  {label:<28} {r['seconds']:7.1f} s   peak RSS +{r['peak_mb'] - baseline:6.0f} MiB", flush=True)
+
+    print(f"zoo: {a.zoo} ({ex.reference.numel / 1e6:.0f}M params x {len(ex)} experts), "
+          f"device {a.device}, torch {torch.__version__}, baseline RSS {baseline:.0f} MiB")
+    io_floor(ex, a.out / "warmup", True)  # fill the page cache so every run sees the same state
+    record("floor(weights)", lambda o: io_floor(ex, o, False))
+    record("floor(weights+moments)", lambda o: io_floor(ex, o, True))
+    floors = {r["run"]: r["seconds"] for r in rows}
+    for label in a.methods:
+        method, params = METHODS[label]
+        key = "floor(weights+moments)" if label in NEEDS_MOMENTS else "floor(weights)"
+        record(label, lambda o: merge(ex, method, o, device=a.device, progress=False, **params), key)
+    print("\n| run | seconds | x floor | peak RSS above baseline (MiB) |\n|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['seconds'] / floors[r['floor']]:.2f}" if r["floor"] else "1.00"
+        print(f"| {r['run']} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} |")
+    shutil.rmtree(a.out / "warmup", ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""``merge``: run a registered merge method over whole models, tensor by tensor.
+
+For each parameter name: read base, experts and moments (on the device), call the
+method's pure per-tensor function, cast to the output dtype, hand the result to the
+writer (or keep it, for small in-memory merges) and add one row to the report.
+OTA with ``ffg_density`` first makes one streaming pass to turn the density into a
+model-wide saliency threshold per expert (:mod:`curvlens.streams.thresholds`).
+"""
+from __future__ import annotations
+
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.io.checkpoint import Checkpoint, PathLike
+from curvlens.io.writer import ModelWriter
+from curvlens.math.merge_methods import get_method, resolve_params
+from curvlens.math.saliency import saliency
+from curvlens.streams.experts import Experts, TensorGroup, resolve_device
+from curvlens.streams.thresholds import compress_moments, model_thresholds
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().replace("torch.", "")]
+    except KeyError:
+        raise CurvlensError(f"dtype={dtype!r} is not valid; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class MergeResult:
+    """A merged model and what happened to each tensor.
+
+    Attributes
+    ----------
+    checkpoint : Checkpoint
+        The merged weights (on disk when ``out`` was given, else in memory).
+    report : pandas.DataFrame
+        One row per tensor: ``name, layer, role, numel, kept_<expert>...,
+        all_masked, delta_norm, rel_delta``.
+    method : str
+    params : dict
+        The resolved parameters (defaults filled in, per-expert lists).
+    thresholds : pandas.DataFrame or None
+        The model-wide FFG thresholds per expert, when ``ffg_density`` was used.
+    path : Path or None
+    """
+
+    checkpoint: Checkpoint
+    report: Any
+    method: str
+    params: dict
+    thresholds: Any = None
+    path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self):
+        """Model-level numbers: numel-weighted kept fraction per expert and change norm."""
+        import pandas as pd
+
+        r = self.report
+        w = r["numel"] / r["numel"].sum()
+        kept = {c: float((r[c] * w).sum()) for c in r.columns if c.startswith("kept_")}
+        return pd.Series({"method": self.method, **kept,
+                          "all_masked": float((r["all_masked"] * w).sum()),
+                          "delta_norm": float((r["delta_norm"] ** 2).sum() ** 0.5)})
+
+    def _repr_html_(self) -> str:
+        return (f"<b>MergeResult</b> method=<code>{self.method}</code>, "
+                f"{len(self.report)} tensors, saved to <code>{self.path}</code>"
+                + self.summary().to_frame("value").to_html())
+
+
+def _out_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    # integer/bool tensors keep their dtype whatever the requested float dtype
+    return stored if requested is None or not stored.is_floating_point else requested
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    # Stable across processes (unlike hash()): the same seed and name give the same mask.
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _masks(group: TensorGroup, p: dict, moments) -> list[torch.Tensor] | None:
+    """The FFG masks OTA applied to this tensor (recomputed for the report)."""
+    if group.base is None:
+        return None
+    taus = group.task_vectors
+    out = []
+    for i, (v, t) in enumerate(zip(moments, taus)):
+        thr = p["ffg_threshold"][i]
+        if thr is None:
+            thr = p["precond_threshold"][i]
+        if thr is None:
+            return None
+        out.append(saliency(v, t) >= thr)
+    return out
+
+
+def merge(
+    experts: Experts,
+    method: str,
+    out: PathLike | None = None,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "1GB",
+    progress: bool = True,
+    config_text: str | None = None,
+    **params,
+) -> MergeResult:
+    """Merge ``experts`` with ``method``, streaming one tensor at a time.
+
+    Parameters
+    ----------
+    experts : Experts
+        Base (if the method uses one), experts and (for fisher/ota) moments.
+    method : str
+        A registered method: see :func:`curvlens.math.merge_methods.list_methods`.
+    out : path, optional
+        Write the merged model here as an HF dir (config/tokenizer copied from the
+        base or first expert, plus ``merge_report.csv`` and the merge config). Without
+        it the merged tensors are kept in memory (fine for small models only).
+    device : str
+        ``"auto"``: CUDA when present. The math is fp32 on this device.
+    dtype : str or torch.dtype, optional
+        Output dtype; default: each tensor's dtype in the experts.
+    overwrite : bool
+        Replace an existing ``out``.
+    **params
+        The method's parameters (per-expert ones as a scalar or a list).
+        ``ota`` accepts ``ffg_density``: a model-wide density per expert, turned
+        into a saliency threshold by a first streaming pass.
+
+    Returns
+    -------
+    MergeResult
+    """
+    import pandas as pd
+
+    m = get_method(method)
+    p = resolve_params(m, params, len(experts))
+    if m.needs_base and experts.base is None:
+        raise CurvlensError(f"merge method {method!r} needs a base model; the Experts have none")
+    if m.needs_moments and not experts.has_moments:
+        lacking = [e.name for e in experts.experts if e.moments is None]
+        raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")
+    out_dtype = parse_dtype(dtype)
+    dev = resolve_device(device)
+
+    thresholds = None
+    if method == "ota" and any(d is not None for d in p["ffg_density"]):
+        if any(d is None for d in p["ffg_density"]):
+            raise CurvlensError(f"ffg_density must be given for every expert or none; got {p['ffg_density']}")
+        if len(set(p["rank1_approx"])) > 1 or len(set(p["rank"])) > 1:
+            raise CurvlensError("ffg_density with per-expert rank1_approx/rank differing is not supported")
+        thresholds = model_thresholds(experts, p["ffg_density"], rank1_approx=p["rank1_approx"][0],
+                                      rank=p["rank"][0], device=dev, progress=progress)
+        p["ffg_threshold"] = thresholds["threshold"].tolist()
+        p["ffg_density"] = [None] * len(experts)  # now expressed as thresholds
+
+    ref = experts.reference
+    ref_dir = None
+    if ref.path is not None:
+        ref_dir = ref.path if ref.path.is_dir() else ref.path.parent
+    rows: list[dict] = []
+    kept_tensors: dict[str, torch.Tensor] = {}
+    writer_cm = nullcontext()
+    if out is not None:
+        import yaml
+
+        config = config_text or yaml.safe_dump(
+            {"merge_method": method, "parameters": _plain(p),
+             "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None}, sort_keys=False)
+        # every output name, shape and dtype is known now: stream the bytes unbuffered
+        plan = [(n, ref.shape(n), _out_dtype(ref.dtype(n), out_dtype)) for n in experts.tensor_names()]
+        writer_cm = ModelWriter(out, ref_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+                                extra_files={"curvlens_merge.yml": config}, plan=plan)
+    with writer_cm as writer:
+        for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
+                                      desc=f"merge {method}"):
+            merged, row = _merge_one(m, g, p, dev, experts.names)
+            rows.append(row)
+            merged = merged.to("cpu").to(_out_dtype(ref.dtype(g.name), out_dtype))
+            if writer is not None:
+                writer.add(g.name, merged)
+            else:
+                kept_tensors[g.name] = merged
+        report = pd.DataFrame(rows)
+        if writer is not None:  # written beside the weights when the writer closes
+            writer.extra_files["merge_report.csv"] = report.to_csv(index=False)
+    ckpt = Checkpoint.open(out) if out is not None else Checkpoint.open(kept_tensors)
+    report["layer"] = report["layer"].astype("Int64")
+    return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None)
+
+
+def _merge_one(m, g: TensorGroup, p: dict, dev, names) -> tuple[torch.Tensor, dict]:
+    """Merge one tensor; returns the merged tensor and its report row."""
+    if not g.experts[0].is_floating_point():
+        # integer/bool buffers cannot be averaged: carry the base's (or first expert's)
+        return (g.base if g.base is not None else g.experts[0]), _row(g, None, None, names)
+    rng = None
+    if m.uses_rng:
+        rng = torch.Generator(device=dev).manual_seed(_tensor_seed(p.get("seed", 0), g.name))
+    try:
+        merged = m.fn(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, **p)
+    except CurvlensError as err:
+        raise CurvlensError(f"tensor {g.name!r}: {err}") from err
+    masks = None
+    if m.name == "ota":
+        masks = _masks(g, p, compress_moments(g.moments, p["rank1_approx"], p["rank"]))
+    return merged, _row(g, merged, masks, names)
+
+
+def _row(g: TensorGroup, merged, masks, names) -> dict:
+    numel = g.experts[0].numel()
+    row: dict[str, Any] = {"name": g.name, "layer": g.layer, "role": g.role, "numel": numel}
+    for i, n in enumerate(names):
+        row[f"kept_{n}"] = int(torch.count_nonzero(masks[i])) / numel if masks is not None else 1.0
+    if masks is not None:  # counts, not fp32 means: exact for 500M-entry tensors too
+        any_kept = masks[0].clone()
+        for mk in masks[1:]:
+            any_kept |= mk
+        row["all_masked"] = 1.0 - int(torch.count_nonzero(any_kept)) / numel
+    else:
+        row["all_masked"] = 0.0
+    if merged is None:
+        row["delta_norm"], row["rel_delta"] = 0.0, 0.0
+    else:
+        ref = g.base if g.base is not None else torch.stack(g.experts).mean(dim=0)
+        d = float(torch.linalg.vector_norm(merged.float() - ref))
+        row["delta_norm"] = d
+        row["rel_delta"] = d / max(float(torch.linalg.vector_norm(ref)), 1e-30)
+    return row
+
+
+def _plain(p: dict) -> dict:
+    """Resolved params as YAML-safe plain values."""
+    out = {}
+    for k, v in p.items():
+        if isinstance(v, (list, tuple)):
+            v = [x if isinstance(x, (int, float, str, bool, type(None))) else str(x) for x in v]
+            if len(set(map(repr, v))) == 1:
+                v = v[0]
+        elif not isinstance(v, (int, float, str, bool, type(None))):
+            v = str(v)
+        out[k] = v
+    return out

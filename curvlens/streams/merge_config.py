@@ -1,0 +1,174 @@
+"""Merge configs in the YAML format of mergekit and of the OTA authors' fork.
+
+::
+
+    merge_method: ota
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {preconditioner_path: ./math/export/exp_avg_sq.safetensors}
+      - model: ./code
+    parameters: {power: 0.5, epsilon: 1.0e-26, fallback_to_base: true}
+    dtype: bfloat16
+
+Model-level ``parameters`` become per-expert values; top-level ``parameters`` apply
+to all. Paths are local (relative paths are read relative to the config file). As in
+mergekit, a task-vector method ignores an entry of ``models`` that is the base model.
+Per-layer gradients and ``filter`` lists of mergekit are not supported and are
+refused with a clear error rather than silently flattened.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curvlens.errors import CurvlensError
+from curvlens.io.checkpoint import PathLike
+from curvlens.math.merge_methods import get_method
+from curvlens.streams.experts import Experts
+
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
+             "tokenizer", "chat_template", "out_dtype", "name"}
+# Top-level keys that only affect what mergekit copies beside the weights.
+_IGNORED_TOP = {"tokenizer_source", "tokenizer", "chat_template", "name"}
+_CURVLENS_OPTIONS = {"bias_correction"}
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A parsed merge config, ready for :func:`curvlens.streams.merge.merge`."""
+
+    method: str
+    base: Path | None
+    models: tuple[Path, ...]
+    names: tuple[str, ...]
+    moments: tuple[Path | None, ...] | None
+    params: dict
+    dtype: str | None
+    bias_correction: bool
+    text: str
+
+    def experts(self) -> Experts:
+        """Open the models (and their moments when the method needs them)."""
+        needs_moments = get_method(self.method).needs_moments
+        moments: Any = False
+        if needs_moments:
+            moments = [m if m is not None else d for m, d in zip(self.moments, self.models)]
+        return Experts.from_dirs(self.base, list(self.models), list(self.names), moments=moments,
+                                 bias_correction=self.bias_correction)
+
+
+def _scalar(where: str, key: str, value: Any) -> Any:
+    if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+        raise CurvlensError(
+            f"{where}: parameter {key!r} uses mergekit's per-layer filter syntax, which curvlens "
+            "does not support; give one value"
+        )
+    if isinstance(value, list):
+        raise CurvlensError(
+            f"{where}: parameter {key!r} is a list (a mergekit per-layer gradient), which curvlens "
+            "does not support; give one value"
+        )
+    return value
+
+
+def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
+                      root: PathLike | None = None) -> MergeConfig:
+    """Parse a mergekit / OTA-fork YAML merge config.
+
+    Parameters
+    ----------
+    path : path, optional
+        The YAML file. Relative model paths are resolved against its directory.
+    text : str, optional
+        YAML text instead of a file (paths resolved against ``root`` or the cwd).
+
+    Returns
+    -------
+    MergeConfig
+    """
+    import yaml
+
+    if (path is None) == (text is None):
+        raise CurvlensError("give exactly one of path= or text=")
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise CurvlensError(f"{path}: cannot read merge config ({err})") from err
+        root = path.parent
+    where = str(path) if path is not None else "<merge config>"
+    root = Path(root) if root is not None else Path.cwd()
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise CurvlensError(f"{where}: not valid YAML ({err})") from err
+    if not isinstance(cfg, dict):
+        raise CurvlensError(f"{where}: expected a mapping with merge_method and models")
+    unknown = sorted(set(cfg) - _TOP_KEYS)
+    if unknown:
+        raise CurvlensError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(_TOP_KEYS)}")
+    if "merge_method" not in cfg:
+        raise CurvlensError(f"{where}: missing 'merge_method'")
+    method = get_method(str(cfg["merge_method"]))
+    models = cfg.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise CurvlensError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: ...}}")
+
+    def local(p: Any, what: str) -> Path:
+        if isinstance(p, dict) and "model" in p:  # mergekit also allows {model: {model: path}}
+            p = p["model"]
+        q = Path(str(p)).expanduser()
+        q = q if q.is_absolute() else root / q
+        if not q.exists():
+            raise CurvlensError(f"{where}: {what} {str(p)!r} not found at {q} "
+                                "(curvlens reads local paths only; download models first)")
+        return q.resolve()
+
+    base = local(cfg["base_model"], "base_model") if cfg.get("base_model") else None
+    top = dict(cfg.get("parameters") or {})
+    bias_correction = bool(top.pop("bias_correction", False))
+    top = {k: _scalar(where, k, v) for k, v in top.items()}
+
+    dirs, names, moments, per_model = [], [], [], []
+    for i, entry in enumerate(models):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise CurvlensError(f"{where}: models[{i}] must be a mapping with a 'model' path")
+        d = local(entry["model"], f"models[{i}].model")
+        if base is not None and d == base and method.needs_base:
+            continue  # as mergekit: the base contributes no task vector
+        mp = dict(entry.get("parameters") or {})
+        mp = {k: _scalar(f"{where} models[{i}]", k, v) for k, v in mp.items()}
+        pre = mp.pop("preconditioner_path", None)
+        moments.append(local(pre, f"models[{i}].parameters.preconditioner_path") if pre else None)
+        dirs.append(d)
+        names.append(_unique_name(d.name, names))
+        per_model.append(mp)
+    if not dirs:
+        raise CurvlensError(f"{where}: no models left to merge besides the base model")
+
+    params = dict(top)
+    keys = {k for mp in per_model for k in mp}
+    for k in keys:
+        values = [mp.get(k, top.get(k, _default(method, k, where))) for mp in per_model]
+        params[k] = values
+    return MergeConfig(method.name, base, tuple(dirs), tuple(names), tuple(moments), params,
+                       cfg.get("dtype") or cfg.get("out_dtype"), bias_correction, text)
+
+
+def _default(method, key: str, where: str) -> Any:
+    for spec in method.params:
+        if key == spec.name or key in spec.aliases:
+            return spec.default
+    valid = ", ".join(repr(s.name) for s in method.params)
+    raise CurvlensError(f"{where}: unknown parameter {key!r} for merge method {method.name!r}; "
+                        f"expected one of {valid}")
+
+
+def _unique_name(name: str, taken: list[str]) -> str:
+    out, k = name, 2
+    while out in taken:
+        out, k = f"{name}_{k}", k + 1
+    return out

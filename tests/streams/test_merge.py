@@ -1,0 +1,182 @@
+import pytest
+import torch
+import yaml
+
+from curvlens import Checkpoint, CurvlensError, Experts
+from curvlens.cli import main
+from curvlens.math.merge_methods import _REGISTRY, get_method
+from curvlens.streams.merge import merge
+from curvlens.streams.merge_config import load_merge_config
+from curvlens.streams.thresholds import model_thresholds
+from tests.conftest import make_tiny_zoo
+
+
+@pytest.fixture
+def zoo(tiny_zoo):
+    base_dir, dirs, weights, moments = tiny_zoo
+    return Experts.from_dirs(base_dir, dirs), tiny_zoo
+
+
+def test_linear_in_memory_is_the_mean(zoo):
+    ex, (_, _, weights, _) = zoo
+    res = merge(ex, "linear", device="cpu", progress=False)
+    for name in ex.tensor_names():
+        want = torch.stack([w[name] for w in weights.values()]).mean(0)
+        torch.testing.assert_close(res.checkpoint[name], want)
+    assert list(res.report.columns[:4]) == ["name", "layer", "role", "numel"]
+    assert {"kept_expert0", "all_masked", "delta_norm", "rel_delta"} <= set(res.report.columns)
+    assert len(res.report) == len(ex.tensor_names())
+
+
+def test_written_dir_round_trips_and_is_protected(zoo, tmp_path):
+    ex, _ = zoo
+    res = merge(ex, "ties", tmp_path / "out", device="cpu", progress=False, density=0.5)
+    mem = merge(ex, "ties", device="cpu", progress=False, density=0.5)
+    for n in ex.tensor_names():
+        assert torch.equal(res.checkpoint[n], mem.checkpoint[n])
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.safetensors.index.json", "merge_report.csv", "curvlens_merge.yml"} <= files
+    saved = yaml.safe_load((tmp_path / "out" / "curvlens_merge.yml").read_text())
+    assert saved["merge_method"] == "ties" and saved["parameters"]["density"] == 0.5
+    with pytest.raises(CurvlensError, match="already exists"):
+        merge(ex, "linear", tmp_path / "out", device="cpu", progress=False)
+    merge(ex, "linear", tmp_path / "out", device="cpu", progress=False, overwrite=True)
+    assert yaml.safe_load((tmp_path / "out" / "curvlens_merge.yml").read_text())["merge_method"] == "linear"
+
+
+def test_output_dtype_defaults_to_experts_and_can_be_set(tmp_path):
+    base_dir, dirs, *_ = make_tiny_zoo(tmp_path, n_experts=2, dtype=torch.bfloat16)
+    ex = Experts.from_dirs(base_dir, dirs)
+    res = merge(ex, "task_arithmetic", device="cpu", progress=False)
+    assert all(res.checkpoint.dtype(n) == torch.bfloat16 for n in res.checkpoint)
+    res = merge(ex, "task_arithmetic", device="cpu", progress=False, dtype="float32")
+    assert all(res.checkpoint.dtype(n) == torch.float32 for n in res.checkpoint)
+    with pytest.raises(CurvlensError, match="dtype='float8'"):
+        merge(ex, "linear", device="cpu", progress=False, dtype="float8")
+
+
+def test_ota_ffg_density_becomes_model_wide_thresholds(zoo):
+    ex, (_, _, weights, moments) = zoo
+    res = merge(ex, "ota", device="cpu", progress=False, ffg_density=0.25, fallback_to_base=True)
+    th = res.thresholds
+    assert list(th.expert) == ex.names
+    # exact model-wide check on this small model: top-25% of all saliencies
+    names = ex.tensor_names()
+    base = {n: ex.base[n] for n in names}
+    for i, e in enumerate(ex.names):
+        s = torch.cat([(moments[e][n] * (weights[e][n] - base[n]) ** 2).flatten() for n in names])
+        kept = int((s >= th.threshold[i]).sum())
+        assert kept == th.kept[i]
+        assert abs(kept / s.numel() - 0.25) <= th.max_density_error[i] + 1.0 / s.numel()
+        # the report's kept fractions are the same masks
+        r = res.report
+        assert abs((r[f"kept_{e}"] * r.numel).sum() / r.numel.sum() - kept / s.numel()) < 1e-9
+    # the merge is the per-tensor function with those thresholds
+    fn = get_method("ota").fn
+    for n in names[:4]:
+        want = fn(base[n], [weights[e][n] for e in ex.names], [moments[e][n] for e in ex.names],
+                  ffg_threshold=list(th.threshold), fallback_to_base=True)
+        torch.testing.assert_close(res.checkpoint[n], want)
+    # layer/role densities emerge: they differ across tensors
+    assert res.report["kept_expert0"].std() > 0
+
+
+def test_thresholds_per_expert_density_and_magnitude(zoo):
+    ex, _ = zoo
+    th = model_thresholds(ex, [0.1, 0.5, 1.0], criterion="magnitude", device="cpu", progress=False)
+    assert list(th.density) == [0.1, 0.5, 1.0]
+    assert (th.realized_density - th.density).abs().max() <= th.max_density_error.max() + 1e-3
+    with pytest.raises(CurvlensError, match="density for expert 'expert0' must be in"):
+        model_thresholds(ex, 0.0, progress=False)
+
+
+def test_dare_reproducible_per_seed(zoo):
+    ex, _ = zoo
+    a = merge(ex, "dare_ties", device="cpu", progress=False, density=0.5, seed=1).checkpoint
+    b = merge(ex, "dare_ties", device="cpu", progress=False, density=0.5, seed=1).checkpoint
+    c = merge(ex, "dare_ties", device="cpu", progress=False, density=0.5, seed=2).checkpoint
+    n = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a[n], b[n]) and not torch.equal(a[n], c[n])
+
+
+@pytest.mark.parametrize("method", sorted(_REGISTRY))
+def test_copies_of_one_expert_return_it(tmp_path, method):
+    base_dir, dirs, weights, _ = make_tiny_zoo(tmp_path, n_experts=1)
+    ex = Experts.from_dirs(base_dir, dirs * 3, names=["a", "b", "c"])
+    # parameters under which "N copies" should give the copy back: unnormalised
+    # sums take weight 1/N; random drops only in expectation, so density 1;
+    # OTA+FFG: kept entries average identical edits, masked ones fall back to the mean
+    params = {"task_arithmetic": {"weight": 1 / 3}, "dare_linear": {"density": 1.0, "weight": 1 / 3},
+              "dare_ties": {"density": 1.0, "weight": 1 / 3}, "ota": {"ffg_density": 0.5}}.get(method, {})
+    res = merge(ex, method, device="cpu", progress=False, **params)
+    for n in ex.tensor_names():
+        torch.testing.assert_close(res.checkpoint[n], weights["expert0"][n], rtol=1e-5, atol=1e-6)
+
+
+def test_method_needs(zoo, tiny_zoo):
+    base_dir, dirs, *_ = tiny_zoo
+    no_moments = Experts.from_dirs(base_dir, dirs, moments=False)
+    with pytest.raises(CurvlensError, match="'ota' needs second moments; expert\\(s\\) \\['expert0'"):
+        merge(no_moments, "ota", progress=False)
+    no_base = Experts.from_dirs(None, dirs)
+    with pytest.raises(CurvlensError, match="'ties' needs a base model"):
+        merge(no_base, "ties", progress=False)
+    with pytest.raises(CurvlensError, match="unknown merge method 'soup'.*'linear'"):
+        merge(no_base, "soup", progress=False)
+    with pytest.raises(CurvlensError, match="unknown parameter 'densty'"):
+        merge(no_base, "linear", progress=False, densty=1)
+
+
+def write_config(tmp_path, cfg):
+    p = tmp_path / "merge.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_mergekit_config_matches_python_api(zoo, tmp_path):
+    ex, (base_dir, dirs, *_) = zoo
+    cfg = {"merge_method": "ties", "base_model": str(base_dir),
+           "models": [{"model": str(base_dir)}]  # the base listed as a model: ignored, as mergekit
+           + [{"model": str(d), "parameters": {"weight": w, "density": 0.4}} for d, w in zip(dirs, [1.0, 0.5, 2.0])],
+           "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float32"}
+    mc = load_merge_config(write_config(tmp_path, cfg))
+    assert mc.names == ("expert0", "expert1", "expert2") and mc.params["weight"] == [1.0, 0.5, 2.0]
+    from_cfg = merge(mc.experts(), mc.method, device="cpu", progress=False, dtype=mc.dtype, **mc.params)
+    direct = merge(ex, "ties", device="cpu", progress=False, weight=[1.0, 0.5, 2.0], density=0.4)
+    for n in ex.tensor_names():
+        assert torch.equal(from_cfg.checkpoint[n], direct.checkpoint[n])
+
+
+def test_ota_fork_config_with_preconditioner_paths(zoo, tmp_path):
+    ex, (base_dir, dirs, *_) = zoo
+    cfg = {"merge_method": "ota", "base_model": "base",
+           "models": [{"model": d.name, "parameters": {
+               "preconditioner_path": f"{d.name}/export/exp_avg_sq.safetensors"}} for d in dirs],
+           "parameters": {"power": 0.5, "epsilon": 1e-26, "precond_threshold": 1e-7,
+                          "fallback_to_base": True, "normalise": "none"},
+           "dtype": "float32"}
+    path = write_config(base_dir.parent, cfg)  # relative paths resolve against the config
+    out = tmp_path / "merged"
+    assert main([ "merge", str(path), str(out), "--device", "cpu", "--quiet"]) == 0
+    direct = merge(ex, "ota", device="cpu", progress=False, power=0.5, epsilon=1e-26,
+                   precond_threshold=1e-7, fallback_to_base=True)
+    got = Checkpoint.open(out)
+    for n in ex.tensor_names():
+        assert torch.equal(got[n], direct.checkpoint[n])
+    assert main(["merge", str(path), str(out), "--device", "cpu", "--quiet"]) == 2  # exists
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"merge_method": "ties", "models": [{"model": "nope"}]}, "'nope' not found"),
+    ({"merge_method": "ties", "modles": []}, "unknown key\\(s\\) \\['modles'\\]"),
+    ({"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": [0, 1]}}]},
+     "per-layer gradient"),
+    ({"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]},
+     "filter syntax"),
+    ({"merge_method": "lineaar", "models": [{"model": "base"}]}, "unknown merge method 'lineaar'"),
+    ({"merge_method": "ties", "base_model": "base", "models": [{"model": "base"}]}, "no models left"),
+])
+def test_bad_configs(tiny_zoo, cfg, match):
+    base_dir = tiny_zoo[0]
+    with pytest.raises(CurvlensError, match=match):
+        load_merge_config(write_config(base_dir.parent, cfg))
