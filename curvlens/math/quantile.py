@@ -1,0 +1,209 @@
+"""A bounded-memory sketch for one model-wide top-k threshold.
+
+FFG keeps, per expert, every entry whose saliency ``s = v * tau**2`` reaches one
+threshold for the whole model, chosen so that a given fraction (the density) of all
+entries is kept. Finding it exactly would need all saliencies of the model at once
+(8B values); :class:`TopKSketch` streams them one tensor at a time into a fixed-size
+histogram instead, and returns a threshold whose realised density is known exactly
+and is within a stated bound of the target.
+
+Why a histogram over float bit patterns: non-negative IEEE floats sort like their
+bit patterns read as integers. Dropping the low mantissa bits (``bits >> 11`` keeps
+8 exponent + 12 mantissa bits) gives 2**20 bins that cover every finite float32
+from 0 to 3.4e38, each 2**-12 wide relative to its value: saliencies spanning
+40 decades need no range to be guessed in advance. The histogram is 8 MB of int64
+counts whatever the number of values.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.math.overlap import _as_tensor
+
+__all__ = ["TopKSketch"]
+
+_INF_BITS = 0x7F800000  # bit pattern of +inf in float32
+
+
+class TopKSketch:
+    """Streaming histogram of non-negative float32 values for top-k thresholds.
+
+    Parameters
+    ----------
+    mantissa_bits : int
+        Mantissa bits kept per bin, 0..16. Bins are ``2**-mantissa_bits`` wide
+        relative to their value (normal floats) and there are
+        ``2**(8 + mantissa_bits)`` of them; the default 12 gives 2**20 bins (8 MB).
+    chunk_size : int
+        Values converted and binned at a time inside :meth:`update`, bounding its
+        temporary memory (about 12 bytes per value of a chunk).
+
+    Notes
+    -----
+    Values are binned as float32 (bf16/fp16 are exact in float32; float64 inputs
+    are rounded to float32 first). ``-0.0`` counts as ``0.0``. NaN, +-Inf and
+    negative values raise a CurvlensError, and a failed update leaves the sketch
+    unchanged. Counts live on the CPU; binning runs on the values' device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> sk = TopKSketch()
+    >>> _ = sk.update(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    >>> _ = sk.update(torch.tensor([4.0, 5.0, 6.0, 7.0]))
+    >>> sk.threshold(0.25)  # keep the top 2 of 8: values >= 6
+    (6.0, 2, 8, 0.125)
+    """
+
+    def __init__(self, mantissa_bits: int = 12, chunk_size: int = 1 << 24):
+        if not (isinstance(mantissa_bits, int) and 0 <= mantissa_bits <= 16):
+            raise CurvlensError(f"mantissa_bits must be an int in 0..16; got {mantissa_bits!r}")
+        if not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise CurvlensError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        self.mantissa_bits = mantissa_bits
+        self.chunk_size = chunk_size
+        self._shift = 23 - mantissa_bits
+        # Non-negative float32 bit patterns are < 2**31, so this many bins cover all.
+        self._counts = torch.zeros(1 << (31 - self._shift), dtype=torch.int64)
+        self._cum = None  # cumulative counts, cached between updates for threshold()
+        self.total = 0
+
+    @property
+    def n_bins(self) -> int:
+        return self._counts.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the sketch's counts (independent of how many values it saw)."""
+        return self._counts.numel() * self._counts.element_size()
+
+    def __repr__(self) -> str:
+        return f"TopKSketch(mantissa_bits={self.mantissa_bits}, total={self.total})"
+
+    def update(self, values) -> "TopKSketch":
+        """Add all entries of ``values`` (any shape, any float dtype, any device).
+
+        Returns the sketch, so updates chain.
+
+        Raises
+        ------
+        CurvlensError
+            If ``values`` holds NaN, +-Inf or negative entries; nothing is added then.
+        """
+        values = _as_tensor("values", values)
+        flat = values.reshape(-1)
+        n = flat.numel()
+        if n == 0:
+            return self
+        # Accumulate here first and commit at the end, so a bad chunk leaves the
+        # sketch unchanged. A dense bincount costs O(n_bins) (~10 ms on a CPU)
+        # whatever the chunk size, so small chunks (norms, biases) go through
+        # unique() + index_add_ instead, which costs O(chunk log chunk).
+        dense = None
+        sparse = []
+        for start in range(0, n, self.chunk_size):
+            c = flat[start:start + self.chunk_size].to(torch.float32)
+            ok = (c >= 0) & (c < math.inf)  # False for NaN, negatives and +-Inf
+            if not bool(ok.all()):
+                n_nan = int(torch.isnan(c).sum())
+                n_inf = int(torch.isinf(c).sum())
+                n_neg = int((c < 0).sum()) - int((c == -math.inf).sum())
+                raise CurvlensError(
+                    f"values must be finite and non-negative; a chunk of {c.numel()} "
+                    f"entries (from offset {start}) holds {n_nan} NaN, {n_inf} Inf and "
+                    f"{n_neg} negative entries")
+            # Clearing the sign bit maps -0.0 to 0.0; everything else is already >= 0.
+            bins = (c.contiguous().view(torch.int32) & 0x7FFFFFFF) >> self._shift
+            if 8 * bins.numel() < self.n_bins:
+                u, cnt = torch.unique(bins, return_counts=True)
+                sparse.append((u.long().cpu(), cnt.cpu()))
+            else:
+                cnt = torch.bincount(bins, minlength=self.n_bins)
+                dense = cnt if dense is None else dense.add_(cnt)
+        if dense is not None:
+            self._counts += dense.cpu()
+        for u, cnt in sparse:
+            self._counts.index_add_(0, u, cnt)
+        self._cum = None
+        self.total += n
+        return self
+
+    def merge(self, other: "TopKSketch") -> "TopKSketch":
+        """Add the counts of ``other`` (e.g. from another process); returns self."""
+        if not isinstance(other, TopKSketch):
+            raise CurvlensError(f"can only merge a TopKSketch; got {type(other).__name__}")
+        if other.mantissa_bits != self.mantissa_bits:
+            raise CurvlensError(f"cannot merge sketches with mantissa_bits {self.mantissa_bits} "
+                                f"and {other.mantissa_bits}; expected equal")
+        self._counts += other._counts
+        self._cum = None
+        self.total += other.total
+        return self
+
+    def bin_edges(self, b: int) -> tuple[float, float]:
+        """Lower and upper edge of bin ``b``: it holds the values in ``[lo, hi)``."""
+        lo = torch.tensor([b << self._shift], dtype=torch.int32).view(torch.float32)
+        hi_bits = (b + 1) << self._shift
+        hi = (math.inf if hi_bits >= _INF_BITS
+              else float(torch.tensor([hi_bits], dtype=torch.int32).view(torch.float32)))
+        return float(lo), hi
+
+    def bin_of(self, value: float) -> int:
+        """The bin a non-negative float32 value falls into."""
+        bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32)) & 0x7FFFFFFF
+        return bits >> self._shift
+
+    def threshold(self, density: float) -> tuple[float, int, int, float]:
+        """Threshold keeping (about) the top ``density`` fraction of all values seen.
+
+        The target count is ``k = floor(density * N + 0.5)`` (round half up). The
+        threshold is the lower edge of the bin in which the count from the top
+        first reaches ``k``, so the exact ``k``-th largest value lies in
+        ``[threshold, threshold * (1 + 2**-mantissa_bits))``.
+
+        Parameters
+        ----------
+        density : float
+            Target fraction kept, in [0, 1].
+
+        Returns
+        -------
+        threshold : float
+            Keep entries with ``value >= threshold`` (a float32 value, so the
+            comparison is exact for float32 saliencies). ``inf`` when ``k == 0``;
+            ``0.0`` (keep everything, zeros included) when ``k`` reaches into
+            the zeros.
+        kept_count : int
+            Exact number of values seen that are ``>= threshold``.
+        total_count : int
+            Number of values seen, ``N``.
+        max_abs_density_error : float
+            Bound on ``|kept_count / N - density|``: the count of the threshold's
+            bin over ``N`` (only that bin is split imprecisely); ``density``
+            itself when ``k == 0``.
+
+        Raises
+        ------
+        CurvlensError
+            If the sketch is empty or ``density`` is outside [0, 1].
+        """
+        if not (isinstance(density, numbers.Real) and 0.0 <= density <= 1.0):
+            raise CurvlensError(f"density must be a number in [0, 1]; got {density!r}")
+        density = float(density)
+        n = self.total
+        if n == 0:
+            raise CurvlensError("the sketch is empty: call update() with values first")
+        k = math.floor(density * n + 0.5)
+        if k == 0:
+            return math.inf, 0, n, float(density)
+        if self._cum is None:
+            self._cum = self._counts.cumsum(0)  # cum[b] = number of values in bins <= b
+        # Values in bins >= b number n - cum[b-1]; the last bin b where that still
+        # reaches k is the number of cum entries <= n - k (cum is non-decreasing).
+        b = int(torch.searchsorted(self._cum, torch.tensor(n - k), right=True))
+        kept = n - (int(self._cum[b - 1]) if b > 0 else 0)
+        return self.bin_edges(b)[0], kept, n, int(self._counts[b]) / n
