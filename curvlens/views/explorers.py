@@ -1,0 +1,465 @@
+"""ipywidgets explorers composed from the plotly figures.
+
+Each explorer is an ``ipywidgets.VBox`` with extra attributes, so a test (or a
+curious user) can drive it without a browser:
+
+``controls``
+    dict name -> control widget; setting a control's ``value`` redraws at once.
+``figure``
+    the main plotly Figure now shown (None before the first draw).
+``figures``
+    dict name -> every plotly Figure now shown.
+``update()``
+    redraw from the current control values.
+
+Figures are shown in ``ipywidgets.Output`` areas when running in a Jupyter
+kernel; headless, only ``figures`` (and the HTML widgets) are updated.
+"""
+from __future__ import annotations
+
+import html
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from curvlens.errors import CurvlensError
+from curvlens.views._common import (
+    NON_LAYER, check_frame, first_seen, layer_label, layer_value, metric_label, require_widgets,
+    role_order, weighted_mean,
+)
+
+__all__ = ["curvature_explorer", "mask_explorer", "merge_explorer", "MERGE_SLIDERS"]
+
+#: Default parameter sliders of :func:`merge_explorer`:
+#: method -> {parameter: (min, max, step, default)}.
+MERGE_SLIDERS: dict[str, dict[str, tuple[float, float, float, float]]] = {
+    "linear": {},
+    "task_arithmetic": {"lambda": (0.0, 2.0, 0.05, 1.0)},
+    "ties": {"density": (0.05, 1.0, 0.05, 0.5), "lambda": (0.0, 2.0, 0.05, 1.0)},
+    "dare_linear": {"density": (0.05, 1.0, 0.05, 0.5)},
+    "dare_ties": {"density": (0.05, 1.0, 0.05, 0.5)},
+    "fisher": {},
+    "ota": {"power": (0.1, 1.0, 0.05, 0.5), "ffg_density": (0.05, 1.0, 0.05, 1.0)},
+}
+
+_OVERLAP_METRICS = ("pearson_log", "spearman_log", "cosine", "jaccard_top10", "jaccard_top1")
+_MASK_METRICS = ("kept_frac", "row_sparsity", "col_sparsity", "mask_effective_rank",
+                 "mask_rank", "stable_rank", "saliency_kept")
+_ALL = "all"
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def _show(out, fig) -> None:
+    """Replace what ``out`` shows by ``fig`` (only inside a kernel; headless no-op)."""
+    if not _in_kernel():
+        return
+    from IPython.display import display
+
+    out.clear_output(wait=True)
+    with out:
+        display(fig)
+
+
+def _assemble(widgets, rows, controls, update, figures) -> Any:
+    box = widgets.VBox(rows)
+    box.controls = controls
+    box.figures = figures
+    box.figure = None
+    box.update = update
+    return box
+
+
+def _metrics_present(df, candidates):
+    return [m for m in candidates if m in df.columns and pd.api.types.is_numeric_dtype(df[m])]
+
+
+# ---------------------------------------------------------------------------
+# Curvature overlap
+# ---------------------------------------------------------------------------
+
+
+def curvature_explorer(overlap_df: pd.DataFrame, pooled_df: pd.DataFrame | None = None):
+    """Explore how two experts' curvature overlaps, by layer and role.
+
+    Controls (``.controls``): ``pair`` (expert pair), ``metric`` (overlap metric),
+    ``layer`` and ``role`` (``"all"`` or one). Figures (``.figures``):
+
+    - ``heatmap``: the metric for the chosen pair by layer x role;
+    - ``matrix``: the metric for every expert pair, restricted to the chosen
+      layer and role;
+    - ``grid`` (with ``pooled_df``): the pair's pooled log10 v side by side for the
+      chosen layer and role (default layers / roles for ``"all"``).
+
+    Parameters
+    ----------
+    overlap_df : pandas.DataFrame
+        The ``curvature_overlap`` frame.
+    pooled_df : pandas.DataFrame, optional
+        The ``pooled_moments`` frame, for the side-by-side moment maps.
+
+    Returns
+    -------
+    ipywidgets.VBox
+    """
+    widgets = require_widgets()
+    from curvlens.views.heatmaps import layer_role_heatmap_plotly
+    from curvlens.views.pair_grid import pair_grid_plotly
+    from curvlens.views.pairs import pair_matrix_plotly
+
+    what = "curvature_explorer"
+    check_frame(overlap_df, ["expert_a", "expert_b", "name", "layer", "role", "numel"], what)
+    metrics = _metrics_present(overlap_df, _OVERLAP_METRICS)
+    if not metrics:
+        raise CurvlensError(f"{what}: the overlap frame has none of the metrics "
+                            f"{list(_OVERLAP_METRICS)}")
+    pairs = first_seen(zip(overlap_df["expert_a"], overlap_df["expert_b"]))
+    layers = sorted({x for x in map(layer_value, overlap_df["layer"]) if x is not None})
+    has_nonlayer = any(layer_value(x) is None for x in overlap_df["layer"])
+    layer_opts = [(_ALL, _ALL)] + ([(NON_LAYER, NON_LAYER)] if has_nonlayer else []) + [
+        (str(x), str(x)) for x in layers]
+    roles = role_order(overlap_df["role"].astype(str))
+    controls = {
+        "pair": widgets.Dropdown(options=[(f"{a} × {b}", (a, b)) for a, b in pairs],
+                                 value=pairs[0], description="pair"),
+        "metric": widgets.Dropdown(options=[(metric_label(m), m) for m in metrics],
+                                   value=metrics[0], description="metric"),
+        "layer": widgets.Dropdown(options=layer_opts, value=_ALL, description="layer"),
+        "role": widgets.Dropdown(options=[_ALL] + roles, value=_ALL, description="role"),
+    }
+    outs = {"heatmap": widgets.Output(), "matrix": widgets.Output()}
+    if pooled_df is not None:
+        outs["grid"] = widgets.Output()
+    note = widgets.HTML()
+    figures: dict[str, Any] = {}
+
+    def selection():
+        layer = controls["layer"].value
+        role = controls["role"].value
+        f: dict[str, Any] = {}
+        if layer != _ALL:
+            f["layer"] = None if layer == NON_LAYER else int(layer)
+        if role != _ALL:
+            f["role"] = role
+        return f
+
+    def subset(df, f):
+        if "layer" in f:
+            keep = [layer_value(x) == f["layer"] for x in df["layer"]]
+            df = df[keep]
+        if "role" in f:
+            df = df[df["role"].astype(str) == f["role"]]
+        return df
+
+    def update(*_):
+        a, b = controls["pair"].value
+        metric = controls["metric"].value
+        f = selection()
+        mine = overlap_df[(overlap_df["expert_a"] == a) & (overlap_df["expert_b"] == b)]
+        figures["heatmap"] = layer_role_heatmap_plotly(
+            mine, metric, title=f"{metric_label(metric)}: {a} × {b}")
+        sub = subset(overlap_df, f)
+        where = ", ".join(f"{k}={layer_label(v) if k == 'layer' else v}" for k, v in f.items())
+        if sub.empty:
+            note.value = f"<i>no tensor at {html.escape(where)}</i>"
+        else:
+            figures["matrix"] = pair_matrix_plotly(
+                sub, metric, title=f"{metric_label(metric)}, all pairs"
+                + (f" ({where})" if where else ""))
+            pm = sub[(sub["expert_a"] == a) & (sub["expert_b"] == b)]
+            value = weighted_mean(pm[metric].to_numpy(float), pm["numel"].to_numpy(float))
+            note.value = (f"<b>{html.escape(a)} × {html.escape(b)}</b>, "
+                          f"{html.escape(where or 'whole model')}: {metric_label(metric)} = "
+                          f"{value:.3f} (numel-weighted over {len(pm)} tensors)")
+        if pooled_df is not None:
+            layers_sel = None if "layer" not in f else [f["layer"]]
+            roles_sel = None if "role" not in f else [f["role"]]
+            try:
+                figures["grid"] = pair_grid_plotly(pooled_df, (a, b), layers=layers_sel,
+                                                   roles=roles_sel)
+            except CurvlensError as err:
+                figures.pop("grid", None)
+                note.value += f"<br><i>moment maps: {html.escape(str(err))}</i>"
+        box.figure = figures["heatmap"]
+        for k, out in outs.items():
+            if k in figures:
+                _show(out, figures[k])
+
+    row = widgets.HBox([controls["pair"], controls["metric"], controls["layer"],
+                        controls["role"]])
+    body = [row, note, widgets.HBox([outs["heatmap"], outs["matrix"]])]
+    if "grid" in outs:
+        body.append(outs["grid"])
+    box = _assemble(widgets, body, controls, update, figures)
+    box.note = note
+    for c in controls.values():
+        c.observe(update, names="value")
+    update()
+    return box
+
+
+# ---------------------------------------------------------------------------
+# FFG masks
+# ---------------------------------------------------------------------------
+
+
+def mask_explorer(mask_stats_df: pd.DataFrame):
+    """Explore where the FFG (or magnitude) masks keep entries, by layer and role.
+
+    Controls (``.controls``): ``expert`` (one, or ``"all"`` for the numel-weighted
+    mean over experts), ``criterion``, ``density`` (a slider over the densities
+    present) and ``metric`` (kept fraction, row/column sparsity, ranks, ...).
+    Figure (``.figure``): the layer x role heatmap of the metric. ``.summary`` is an
+    HTML line with the model-wide kept fraction of the selection.
+
+    Parameters
+    ----------
+    mask_stats_df : pandas.DataFrame
+        The ``mask_stats`` frame.
+
+    Returns
+    -------
+    ipywidgets.VBox
+    """
+    widgets = require_widgets()
+    from curvlens.views.heatmaps import layer_role_heatmap_plotly
+
+    what = "mask_explorer"
+    df = check_frame(mask_stats_df, ["expert", "criterion", "density", "name", "layer", "role",
+                                     "numel", "kept_frac"], what)
+    metrics = _metrics_present(df, _MASK_METRICS)
+    experts = first_seen(df["expert"])
+    criteria = first_seen(df["criterion"])
+    densities = sorted(float(d) for d in pd.unique(df["density"]))
+    crit0 = next((c for c in criteria if str(c).lower() in ("fisher", "ffg")), criteria[0])
+    dens0 = min(densities, key=lambda d: abs(d - 0.3))
+    controls = {
+        "expert": widgets.Dropdown(options=experts + [_ALL], value=experts[0],
+                                   description="expert"),
+        "criterion": widgets.Dropdown(options=criteria, value=crit0, description="criterion"),
+        "density": widgets.SelectionSlider(options=[(f"{d:g}", d) for d in densities],
+                                           value=dens0, description="density",
+                                           continuous_update=False),
+        "metric": widgets.Dropdown(options=[(metric_label(m), m) for m in metrics],
+                                   value="kept_frac", description="metric"),
+    }
+    out = widgets.Output()
+    summary = widgets.HTML()
+    figures: dict[str, Any] = {}
+
+    def update(*_):
+        e = controls["expert"].value
+        c = controls["criterion"].value
+        d = controls["density"].value
+        m = controls["metric"].value
+        filters: dict[str, Any] = {"criterion": c, "density": d}
+        if e != _ALL:
+            filters["expert"] = e
+        who = "all experts" if e == _ALL else e
+        try:
+            fig = layer_role_heatmap_plotly(
+                df, m, log=False, title=f"{metric_label(m)}: {who}, {c}, density {d:g}",
+                **filters)
+        except CurvlensError as err:
+            summary.value = f"<i>{html.escape(str(err))}</i>"
+            return
+        box.figure = figures["heatmap"] = fig
+        sel = df[(df["criterion"] == c) & np.isclose(df["density"].astype(float), d)]
+        if e != _ALL:
+            sel = sel[sel["expert"] == e]
+        kept = weighted_mean(sel["kept_frac"].to_numpy(float), sel["numel"].to_numpy(float))
+        summary.value = (f"{html.escape(str(who))}, {html.escape(str(c))} at density {d:g}: "
+                         f"model-wide kept fraction {kept:.3f} over {len(sel)} tensors")
+        _show(out, fig)
+
+    box = _assemble(widgets, [widgets.HBox([controls["expert"], controls["criterion"],
+                                            controls["metric"]]),
+                              controls["density"], summary, out], controls, update, figures)
+    box.summary = summary
+    for ctl in controls.values():
+        ctl.observe(update, names="value")
+    update()
+    return box
+
+
+# ---------------------------------------------------------------------------
+# Merges
+# ---------------------------------------------------------------------------
+
+
+def _slider_specs(methods) -> dict[str, dict[str, tuple[float, float, float, float]]]:
+    if methods is None:
+        return {k: dict(v) for k, v in MERGE_SLIDERS.items()}
+    if isinstance(methods, Mapping):
+        out = {}
+        for name, params in methods.items():
+            out[str(name)] = {}
+            for p, spec in dict(params or {}).items():
+                if len(spec) != 4:
+                    raise CurvlensError(
+                        f"merge_explorer: slider for {name}.{p} must be (min, max, step, "
+                        f"default); got {spec!r}")
+                lo, hi, step, default = map(float, spec)
+                if not lo <= default <= hi or step <= 0:
+                    raise CurvlensError(f"merge_explorer: slider for {name}.{p} needs "
+                                        f"min <= default <= max and step > 0; got {spec!r}")
+                out[str(name)][p] = (lo, hi, step, default)
+        return out
+    if isinstance(methods, str):
+        methods = [methods]
+    return {str(m): dict(MERGE_SLIDERS.get(str(m), {})) for m in methods}
+
+
+def _score_table_html(table: pd.DataFrame) -> str:
+    pivot = table.pivot_table(index="model", columns="capability", values="accuracy",
+                              sort=False)
+    pivot["mean"] = pivot.mean(axis=1)
+    return pivot.to_html(float_format="{:.3f}".format, border=0,
+                         classes="curvlens-scores")
+
+
+def merge_explorer(run_merge: Callable[[str, dict], pd.DataFrame],
+                   methods: Sequence[str] | Mapping[str, Mapping[str, Sequence[float]]] | None
+                   = None, *, reference: pd.DataFrame | None = None,
+                   capability_map: Mapping[str, str] | None = None, run_now: bool = True):
+    """Pick a merge method and its main parameters, run it, see the scores.
+
+    Parameters
+    ----------
+    run_merge : callable ``(method, params) -> DataFrame``
+        Runs one merge and evaluates it, returning merge-table rows
+        (``model, method, capability, accuracy, n``). Injected, so a notebook can
+        pass a real merge + evaluation on the zoo and a test a fast fake.
+    methods : sequence of str, or mapping method -> {param: (min, max, step, default)}
+        Methods in the dropdown and their sliders (default :data:`MERGE_SLIDERS`;
+        names without known sliders get none).
+    reference : pandas.DataFrame, optional
+        Rows shown next to every result (base model, experts).
+    capability_map : mapping expert -> capability, optional
+        Enables the ``normalized`` check box (score / matching expert's score;
+        needs the experts' rows in ``reference``).
+    run_now : bool
+        Run the first method once at construction.
+
+    Returns
+    -------
+    ipywidgets.VBox
+        ``.controls``: ``method`` and one slider per ``"<method>.<param>"`` (plus
+        ``normalized``); ``.figure``: the score plot; ``.table``: the rows shown;
+        ``.status`` / ``.progress``: the progress indicator; ``.calls``: the
+        ``(method, params)`` run so far (results are cached per call).
+    """
+    widgets = require_widgets()
+    from curvlens.views.merges import merge_scores_plotly
+
+    if not callable(run_merge):
+        raise CurvlensError(f"merge_explorer: run_merge must be callable; got "
+                            f"{type(run_merge).__name__}")
+    specs = _slider_specs(methods)
+    if not specs:
+        raise CurvlensError("merge_explorer: methods is empty")
+    if reference is not None:
+        check_frame(reference, ["model", "capability", "accuracy"], "merge_explorer reference")
+    controls: dict[str, Any] = {"method": widgets.Dropdown(options=list(specs),
+                                                           value=next(iter(specs)),
+                                                           description="method")}
+    boxes = {}
+    for m, params in specs.items():
+        sliders = []
+        for p, (lo, hi, step, default) in params.items():
+            s = widgets.FloatSlider(value=default, min=lo, max=hi, step=step, description=p,
+                                    continuous_update=False, readout_format=".2f")
+            controls[f"{m}.{p}"] = s
+            sliders.append(s)
+        boxes[m] = widgets.VBox(sliders)
+    if capability_map is not None:
+        controls["normalized"] = widgets.Checkbox(value=False,
+                                                  description="relative to expert")
+    params_area = widgets.VBox([boxes[controls["method"].value]])
+    progress = widgets.IntProgress(value=0, min=0, max=1, bar_style="", layout={"width": "160px"})
+    status = widgets.Label("")
+    table_html = widgets.HTML()
+    out = widgets.Output()
+    figures: dict[str, Any] = {}
+    cache: dict[tuple, pd.DataFrame] = {}
+
+    def current_params() -> dict:
+        m = controls["method"].value
+        return {p: round(controls[f"{m}.{p}"].value, 10) for p in specs[m]}
+
+    def redraw():
+        table = box.table
+        if table is None:
+            return
+        normalized = bool(controls.get("normalized") and controls["normalized"].value)
+        try:
+            fig = merge_scores_plotly(table, capability_map, normalized=normalized)
+        except CurvlensError as err:
+            status.value = f"cannot draw: {err}"
+            return
+        box.figure = figures["scores"] = fig
+        _show(out, fig)
+
+    def run(*_):
+        m = controls["method"].value
+        params = current_params()
+        key = (m, tuple(sorted(params.items())))
+        label = f"{m}(" + ", ".join(f"{k}={v:g}" for k, v in params.items()) + ")"
+        if key not in cache:
+            progress.bar_style, progress.value = "info", 0
+            status.value = f"running {label} ..."
+            t0 = time.perf_counter()
+            try:
+                result = run_merge(m, dict(params))
+                check_frame(result, ["model", "capability", "accuracy"],
+                            "merge_explorer: run_merge's result")
+            except Exception as err:  # shown in the widget; a callback must not raise
+                progress.bar_style, progress.value = "danger", 1
+                status.value = f"{label} failed: {type(err).__name__}: {err}"
+                box.error = err
+                return
+            box.calls.append((m, dict(params)))
+            cache[key] = result
+            status.value = f"{label}: done in {time.perf_counter() - t0:.1f} s"
+        else:
+            status.value = f"{label}: cached"
+        box.error = None
+        progress.bar_style, progress.value = "success", 1
+        result = cache[key]
+        table = result if reference is None else pd.concat(
+            [reference[~reference["model"].isin(result["model"])], result], ignore_index=True)
+        box.table = table
+        table_html.value = _score_table_html(table)
+        redraw()
+
+    def on_method(change):
+        params_area.children = [boxes[change["new"]]]
+        run()
+
+    top = [controls["method"], params_area]
+    if "normalized" in controls:
+        top.append(controls["normalized"])
+    box = _assemble(widgets, [widgets.HBox(top), widgets.HBox([progress, status]), table_html,
+                              out], controls, run, figures)
+    box.progress, box.status, box.table_widget = progress, status, table_html
+    box.table, box.error, box.calls = None, None, []
+    controls["method"].observe(on_method, names="value")
+    for name, ctl in controls.items():
+        if "." in name:
+            m = name.split(".", 1)[0]
+            ctl.observe(lambda ch, m=m: run() if controls["method"].value == m else None,
+                        names="value")
+    if "normalized" in controls:
+        controls["normalized"].observe(lambda ch: redraw(), names="value")
+    if run_now:
+        run()
+    return box

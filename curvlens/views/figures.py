@@ -1,0 +1,300 @@
+"""Regenerate every static figure from the analysis frames: ``render_all``.
+
+The ``curvlens figures`` command computes the frames on the zoo and calls
+:func:`render_all`; a user can call it on frames computed from their own experts.
+Each figure is written once per format, with a fixed style and fixed file
+metadata, so the same frames give byte-identical PNG and PDF files; a
+``README.md`` beside them lists every file written with a one-line caption.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from curvlens.errors import CurvlensError, check_choice
+from curvlens.views._common import figure_style, first_seen, metric_label
+
+__all__ = ["FRAME_KEYS", "render_all", "save_figure"]
+
+#: The frames ``render_all`` understands (the analysis layer's names).
+FRAME_KEYS = ("curvature_stats", "curvature_overlap", "mask_stats", "mask_overlap",
+              "interference", "predicted_loss", "graft_sweep", "pooled_moments",
+              "log10_histogram", "merge_table")
+
+# Metadata that would differ between runs (dates, versions) is left out.
+_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+    "svg": {"Date": None, "Creator": None},
+}
+
+
+def save_figure(fig, path, *, dpi: float | None = None) -> Path:
+    """Save a matplotlib figure deterministically (no dates or versions in the file).
+
+    The format follows the suffix (``.png``, ``.pdf`` or ``.svg``).
+    """
+    path = Path(path)
+    fmt = check_choice("format", path.suffix.lstrip(".").lower(), list(_METADATA))
+    with figure_style():
+        fig.savefig(path, format=fmt, metadata=_METADATA[fmt], dpi=dpi)
+    return path
+
+
+@dataclass(frozen=True)
+class _Spec:
+    stem: str
+    frame: str
+    caption: str
+    draw: Callable[[], Any]
+
+
+def _closest(values, target: float) -> float:
+    vals = sorted({float(v) for v in values})
+    return min(vals, key=lambda d: (abs(d - target), d))
+
+
+def _panels(draw_one, items, ncols: int = 3, size=(3.7, 3.0)):
+    """One figure with a panel per item; ``draw_one(item, ax)`` draws each."""
+    import matplotlib.pyplot as plt
+
+    n = len(items)
+    ncols = min(n, ncols)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows),
+                             squeeze=False)
+    for item, ax in zip(items, axes.flat):
+        draw_one(item, ax)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig
+
+
+def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts) -> list[_Spec]:
+    from curvlens.views.curves import density_curves
+    from curvlens.views.distributions import log10_histogram_grid
+    from curvlens.views.heatmaps import layer_role_heatmap, layer_role_heatmaps
+    from curvlens.views.merges import merge_scores
+    from curvlens.views.pair_grid import pair_grid
+    from curvlens.views.pairs import pair_matrix_heatmap
+
+    specs: list[_Spec] = []
+    f = frames
+
+    def present(key, candidates):
+        return [m for m in candidates if m in f[key].columns]
+
+    if "curvature_stats" in f:
+        specs.append(_Spec(
+            "curvature_median_log10", "curvature_stats",
+            "Median log10 of the Adam second moment v per layer and role, one panel per "
+            "expert, shared colour scale.",
+            lambda: layer_role_heatmaps(f["curvature_stats"], "median_log10", by="expert",
+                                        title="Median log10 v by layer and role")))
+    if "curvature_overlap" in f:
+        ov = f["curvature_overlap"]
+        specs.append(_Spec(
+            "overlap_pearson_by_layer_role", "curvature_overlap",
+            "Pearson correlation of log10 v between experts per layer and role "
+            "(numel-weighted mean over expert pairs).",
+            lambda: layer_role_heatmap(ov, "pearson_log", annotate=True,
+                                       title="Curvature overlap (mean over expert pairs)"
+                                       ).figure))
+        metrics = present("curvature_overlap", ["cosine", "pearson_log", "spearman_log",
+                                                "jaccard_top10", "jaccard_top1"])
+        specs.append(_Spec(
+            "overlap_pairs", "curvature_overlap",
+            "Curvature overlap between expert pairs, numel-weighted over all tensors: "
+            + ", ".join(metric_label(m) for m in metrics) + ".",
+            lambda metrics=metrics: _panels(
+                lambda m, ax: pair_matrix_heatmap(ov, m, ax=ax, title=metric_label(m)),
+                metrics)))
+    if "mask_stats" in f:
+        ms = f["mask_stats"]
+        d = _closest(ms["density"], 0.3) if density is None else float(density)
+        for crit in first_seen(ms["criterion"]):
+            specs.append(_Spec(
+                f"mask_kept_frac_{_slug(crit)}", "mask_stats",
+                f"Fraction of each tensor kept by the {crit} mask at model-wide density "
+                f"{d:g}, per layer and role, one panel per expert.",
+                lambda crit=crit, d=d: layer_role_heatmaps(
+                    ms, "kept_frac", by="expert", criterion=crit, density=d, vmin=0.0,
+                    vmax=1.0, title=f"Kept fraction, {crit} mask, density {d:g}")))
+            metrics = present("mask_stats", ["row_sparsity", "col_sparsity"])
+            if metrics:
+                specs.append(_Spec(
+                    f"mask_structure_{_slug(crit)}", "mask_stats",
+                    f"Fraction of all-zero rows and columns of the {crit} masks at density "
+                    f"{d:g} (mean over experts).",
+                    lambda crit=crit, metrics=metrics, d=d: _panels(
+                        lambda m, ax: layer_role_heatmap(ms, m, ax=ax, criterion=crit,
+                                                         density=d, vmin=0.0, vmax=1.0,
+                                                         title=metric_label(m)),
+                        metrics, ncols=2, size=(5.5, 3.6))))
+    if "mask_overlap" in f:
+        mo = f["mask_overlap"]
+        d = _closest(mo["density"], 0.3) if density is None else float(density)
+        crits = first_seen(mo["criterion"])
+        specs.append(_Spec(
+            "mask_overlap_pairs", "mask_overlap",
+            f"Jaccard overlap of the experts' masks at density {d:g}, one panel per "
+            "criterion.",
+            lambda d=d, crits=crits: _panels(lambda c, ax: pair_matrix_heatmap(
+                mo, "jaccard", ax=ax, criterion=c, density=d, title=f"{c}, density {d:g}"),
+                crits)))
+    if "interference" in f:
+        it = f["interference"]
+        metrics = present("interference", ["tv_cosine", "sign_conflict",
+                                           "curvature_weighted_conflict"])
+        specs.append(_Spec(
+            "interference_pairs", "interference",
+            "Task interference between expert pairs, numel-weighted over tensors: "
+            + ", ".join(metric_label(m) for m in metrics) + ".",
+            lambda metrics=metrics: _panels(
+                lambda m, ax: pair_matrix_heatmap(it, m, ax=ax, title=metric_label(m)),
+                metrics)))
+        if "sign_conflict" in it.columns:
+            specs.append(_Spec(
+                "sign_conflict_by_layer_role", "interference",
+                "Fraction of entries whose task-vector signs disagree, per layer and role "
+                "(mean over expert pairs).",
+                lambda: layer_role_heatmap(it, "sign_conflict", annotate=True,
+                                           title="Sign conflict (mean over expert pairs)"
+                                           ).figure))
+    if "predicted_loss" in f:
+        specs.append(_Spec(
+            "predicted_loss_by_layer_role", "predicted_loss",
+            "Predicted loss increase (diagonal-Fisher estimate) if each tensor's edit is "
+            "reverted to the base, per layer and role (mean over the tensors of a cell), one "
+            "panel per expert.",
+            lambda: layer_role_heatmaps(f["predicted_loss"], "predicted_loss_increase",
+                                        by="expert", weight=None,
+                                        title="Predicted loss increase if the edit is reverted")))
+    if "graft_sweep" in f:
+        specs.append(_Spec(
+            "graft_density_curves", "graft_sweep",
+            "Grafted expert score vs density: FFG (Fisher saliency, solid) against magnitude "
+            "pruning (dashed), one colour per expert"
+            + (" (score on the expert's own capability)." if capability_map else "."),
+            lambda: density_curves(f["graft_sweep"], capability_map).figure))
+    if "pooled_moments" in f:
+        pm = f["pooled_moments"]
+        pair = experts if experts is not None else first_seen(pm["expert"])[:2]
+        if len(pair) == 2:
+            specs.append(_Spec(
+                "moments_pair_grid", "pooled_moments",
+                f"Block-pooled log10 v of {pair[0]} and {pair[1]} side by side for selected "
+                "layers and roles (shared colour scale); outlines: FFG mask keeps >= 50%.",
+                lambda pair=pair: pair_grid(pm, pair)))
+    if "log10_histogram" in f:
+        specs.append(_Spec(
+            "log10_v_histograms", "log10_histogram",
+            "Distribution of log10 v per role, one line per expert (fraction of entries "
+            "per bin).",
+            lambda: log10_histogram_grid(f["log10_histogram"], by="role")))
+    if "merge_table" in f:
+        mt = f["merge_table"]
+        specs.append(_Spec(
+            "merge_scores", "merge_table",
+            "Held-out exact-match accuracy per capability for the base model, the experts "
+            "and each merge.",
+            lambda: merge_scores(mt).figure))
+        if capability_map is not None:
+            specs.append(_Spec(
+                "merge_relative_scores", "merge_table",
+                "Accuracy relative to the capability's own expert (1 = no loss; below 1: "
+                "negative transfer).",
+                lambda: merge_scores(mt, capability_map, normalized=True).figure))
+    return specs
+
+
+def _slug(s: Any) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(s).lower()).strip("_")
+
+
+def render_all(frames: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike,
+               formats: Sequence[str] = ("pdf", "png"), *,
+               capability_map: Mapping[str, str] | None = None, density: float | None = None,
+               experts: Sequence[str] | None = None, dpi: float = 200) -> list[Path]:
+    """Write every static figure the given frames allow, plus ``README.md``.
+
+    Parameters
+    ----------
+    frames : mapping name -> DataFrame
+        Any of :data:`FRAME_KEYS`; figures needing a missing frame are skipped.
+    out_dir : path
+        Created if needed; existing files of the same names are replaced.
+    formats : sequence of {"pdf", "png", "svg"}
+        One file per figure and format.
+    capability_map : mapping expert -> capability, optional
+        Scores grafted experts on their own capability and adds the relative merge
+        scores figure.
+    density : float, optional
+        Density of the mask figures (default: the density present closest to 0.3).
+    experts : pair of str, optional
+        The experts of the moment pair grid (default: the first two).
+    dpi : float
+        Resolution of raster formats.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The figure files written, in README order (the README itself is
+        ``out_dir / "README.md"``).
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(frames, Mapping):
+        raise CurvlensError(f"render_all: frames must be a mapping name -> DataFrame; got "
+                            f"{type(frames).__name__}")
+    unknown = sorted(set(frames) - set(FRAME_KEYS))
+    if unknown:
+        raise CurvlensError(f"render_all: unknown frames {unknown}; expected any of "
+                            f"{list(FRAME_KEYS)}")
+    for key, df in frames.items():
+        if not isinstance(df, pd.DataFrame):
+            raise CurvlensError(f"render_all: frames[{key!r}] must be a DataFrame; got "
+                                f"{type(df).__name__}")
+    formats = [check_choice("formats", str(x).lower(), list(_METADATA)) for x in formats]
+    if not formats:
+        raise CurvlensError("render_all: formats is empty")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Draw and save everything into a scratch dir first: a failing figure leaves
+    # out_dir as it was, never half-updated.
+    tmp = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
+    names: list[str] = []
+    lines = []
+    try:
+        for spec in _specs(frames, capability_map, density, experts):
+            try:
+                with figure_style():
+                    drawn = spec.draw()
+            except CurvlensError as err:
+                raise CurvlensError(f"render_all: figure {spec.stem!r} from "
+                                    f"frames[{spec.frame!r}]: {err}") from err
+            fig = getattr(drawn, "figure", drawn)
+            try:
+                for fmt in formats:
+                    path = save_figure(fig, tmp / f"{spec.stem}.{fmt}", dpi=dpi)
+                    names.append(path.name)
+                    lines.append(f"- `{path.name}`: {spec.caption}")
+            finally:
+                plt.close(fig)
+        readme = ["# Figures", "",
+                  "Written by `curvlens.views.render_all` from the analysis frames "
+                  f"({', '.join(k for k in FRAME_KEYS if k in frames)}). One line per file:",
+                  "", *lines, ""]
+        (tmp / "README.md").write_text("\n".join(readme))
+        for name in names + ["README.md"]:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / name for name in names]
