@@ -1,4 +1,4 @@
-"""The ``curvlens`` command line: ``demo``, ``merge``, ``methods``.
+"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``figures``, ``methods``.
 
 Each subcommand is a thin wrapper over the library; everything it does can be done
 from Python (see the notebooks).
@@ -45,6 +45,45 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_figures(a: argparse.Namespace) -> int:
+    from curvlens import zoo as zoo_mod
+    from curvlens.demo import analysis_frames, evaluate_and_merge
+    from curvlens.views.figures import render_all
+
+    zoo = zoo_mod.build("quick" if a.quick else "default", progress=not a.quiet)
+    experts = zoo.experts()
+    table, merges = evaluate_and_merge(zoo, experts, device=a.device, progress=not a.quiet, echo=print)
+    frames = analysis_frames(zoo, experts, merges, table, device=a.device, progress=not a.quiet, echo=print)
+    written = render_all(frames, a.out, formats=a.formats, capability_map=zoo.capabilities)
+    print(f"wrote {len(written)} files to {a.out} (captions in {a.out / 'README.md'})")
+    return 0
+
+
+def _cmd_analyze(a: argparse.Namespace) -> int:
+    from curvlens.streams import analysis as A
+    from curvlens.streams.experts import Experts
+
+    experts = Experts.from_dirs(a.base, a.experts, names=a.names, bias_correction=a.bias_correction)
+    if a.out.exists() and not a.overwrite:
+        raise CurvlensError(f"{a.out} already exists; pass --overwrite to replace it")
+    a.out.mkdir(parents=True, exist_ok=True)
+    kw = {"device": a.device, "progress": not a.quiet}
+    frames = {
+        "curvature_stats": lambda: A.curvature_stats(experts, **kw),
+        "curvature_overlap": lambda: A.curvature_overlap(experts, **kw),
+        "mask_stats": lambda: A.mask_stats(experts, densities=a.densities, **kw),
+        "interference": lambda: A.interference(experts, **kw),
+    }
+    results = {}
+    for key, compute in frames.items():
+        results[key] = df = compute()
+        df.to_csv(a.out / f"{key}.csv", index=False)
+        print(f"{key}: {len(df)} rows -> {a.out / (key + '.csv')}")
+    print("model-level curvature overlap:")
+    print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvlens", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="1GB")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(fn=_cmd_merge)
+
+    f = sub.add_parser("figures", help="regenerate every paper figure from the demo zoo (PDF + PNG)")
+    f.add_argument("--out", type=Path, default=Path("figures"))
+    f.add_argument("--quick", action="store_true", help="the small zoo")
+    f.add_argument("--formats", nargs="+", default=["pdf", "png"])
+    f.add_argument("--device", default="auto")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(fn=_cmd_figures)
+
+    an = sub.add_parser("analyze", help="curvature overlap, masks and interference of your experts (CSV)")
+    an.add_argument("experts", nargs="+", type=Path, help="expert dirs (paper layout: export/exp_avg_sq.safetensors)")
+    an.add_argument("--base", type=Path, required=True, help="base model dir")
+    an.add_argument("--names", nargs="+", help="expert names (default: dir names)")
+    an.add_argument("--out", type=Path, default=Path("curvlens_analysis"))
+    an.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.3])
+    an.add_argument("--bias-correction", action="store_true", help="divide moments by 1 - beta2**step")
+    an.add_argument("--device", default="auto")
+    an.add_argument("--overwrite", action="store_true")
+    an.add_argument("--quiet", action="store_true")
+    an.set_defaults(fn=_cmd_analyze)
 
     s = sub.add_parser("methods", help="list merge methods and their parameters")
     s.add_argument("method", nargs="?")

@@ -1,0 +1,247 @@
+"""The main job: build (or load) the demo zoo, evaluate, merge, write a report.
+
+``curvlens demo --out DIR`` calls :func:`run_demo`. Everything lands in ``DIR``:
+``merge_table.csv`` (model, method, capability, accuracy), ``report.html``
+(self-contained: tables and interactive figures, no network needed to view it)
+and the analysis tables as CSV.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from curvlens.errors import CurvlensError
+
+# (label, method, params): the merges the demo compares. Densities follow the
+# paper's range (FFG keeps 0.2-0.46 of entries per expert); eps as its config.
+DEMO_MERGES: tuple[tuple[str, str, dict], ...] = (
+    ("linear (average)", "linear", {}),
+    ("task arithmetic", "task_arithmetic", {"lambda": 0.5}),
+    ("TIES", "ties", {"density": 0.5}),
+    ("DARE-TIES", "dare_ties", {"density": 0.5, "seed": 0}),
+    ("OTA", "ota", {"epsilon": 1e-26}),
+    ("OTA+FFG", "ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}),
+)
+
+
+#: Model-wide densities of the FFG-vs-magnitude grafting sweep (the paper reports
+#: FFG densities of 0.2-0.46; lower ones show where magnitude pruning breaks).
+GRAFT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+MASK_DENSITIES = (0.1, 0.3)
+
+
+def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progress=True,
+                    graft_densities=GRAFT_DENSITIES, echo=lambda s: None) -> dict:
+    """Every analysis of the paper on the zoo, as the tidy frames the views draw.
+
+    Returns
+    -------
+    dict
+        ``{frame name: DataFrame}`` with the keys of :data:`curvlens.views.FRAME_KEYS`,
+        plus ``merge_predicted_loss`` (model-level predicted loss per merge).
+    """
+    from curvlens import zoo as zoo_mod
+    from curvlens.streams import analysis as A
+
+    kw = {"device": device, "progress": progress}
+    frames = {"merge_table": table}
+    echo("analysis: curvature statistics, overlap and histograms ...")
+    frames["curvature_stats"] = A.curvature_stats(experts, **kw)
+    frames["curvature_overlap"] = A.curvature_overlap(experts, **kw)
+    frames["log10_histogram"] = A.log10_histogram(experts, **kw)
+    echo("analysis: FFG and magnitude masks ...")
+    frames["mask_stats"] = A.mask_stats(experts, densities=MASK_DENSITIES, **kw)
+    frames["mask_overlap"] = A.mask_overlap(experts, 0.3, **kw)
+    echo("analysis: interference and predicted loss of each merge ...")
+    frames["interference"] = A.interference(experts, **kw)
+    ffg_label = next((k for k in merges if "FFG" in k), next(iter(merges)))
+    frames["predicted_loss"] = A.predicted_loss(experts, merges[ffg_label], **kw)
+    frames["merge_predicted_loss"] = A.compare_merges(experts, merges, **kw)
+    names = experts.tensor_names(floating_only=True)
+    last = max(g for g in experts.describe()["layer"].dropna())
+    grid = [n for n in names if (".layers.0." in n or f".layers.{last}." in n) and n.endswith("proj.weight")]
+    frames["pooled_moments"] = A.pooled_moments(experts, grid, masks_density=0.3, **kw)
+    echo(f"analysis: grafting sweep at densities {list(graft_densities)} (FFG vs magnitude) ...")
+    frames["graft_sweep"] = A.graft_sweep(
+        experts, graft_densities, evaluate=lambda sd: zoo_mod.evaluate(sd, zoo=zoo, device=device), **kw)
+    return frames
+
+
+def evaluate_and_merge(zoo, experts, *, device="auto", progress=True, echo=lambda s: None):
+    """Score the base, every expert and every demo merge on every capability.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        ``model, method, capability, accuracy, n`` (``merge_table.csv``).
+    merges : dict
+        label -> :class:`~curvlens.streams.merge.MergeResult` (in memory).
+    """
+    import pandas as pd
+
+    from curvlens import zoo as zoo_mod
+    from curvlens.streams.merge import merge
+
+    rows = []
+
+    def score(label: str, method: str, model) -> None:
+        df = zoo_mod.evaluate(model, zoo=zoo, device=device)
+        rows.extend([{"model": label, "method": method, "capability": r.capability,
+                     "accuracy": r.accuracy, "n": r.n} for r in df.itertuples()])
+
+    score("base", "base", zoo.base_dir)
+    for name, d in zoo.expert_dirs.items():
+        score(f"expert: {name}", "expert", d)
+    merges = {}
+    for label, method, params in DEMO_MERGES:
+        echo(f"merging: {label} ...")
+        merges[label] = merge(experts, method, device=device, progress=progress, **params)
+        score(label, method, merges[label].checkpoint)
+    return pd.DataFrame(rows), merges
+
+
+def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "auto",
+             overwrite: bool = False, progress: bool = True, seed: int = 0,
+             echo: Callable[[str], None] = lambda s: None, cache_dir=None, analyses: bool = True) -> dict:
+    """Run the demo end to end and write its outputs to ``out``.
+
+    Parameters
+    ----------
+    out : path
+        Output dir; written atomically, refused if it exists unless ``overwrite``.
+    config : {"default", "quick"}
+        Which zoo.
+    echo : callable
+        Where progress text and the final tables go (the CLI passes ``print``).
+    analyses : bool
+        Also run every analysis (curvature overlap, masks, interference, grafting
+        sweep) and put it in the report.
+
+    Returns
+    -------
+    dict
+        ``{"table", "pivot", "zoo", "path", "merges", "frames"}``.
+    """
+    from curvlens import zoo as zoo_mod
+    from curvlens.views.report import write_report
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CurvlensError(f"{out} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    echo(f"building or loading the {config!r} zoo ...")
+    zoo = zoo_mod.build(config, seed=seed, progress=progress, cache_dir=cache_dir)
+    experts = zoo.experts()
+    echo(f"zoo ready in {time.perf_counter() - t0:.0f} s: {experts}")
+    table, merges = evaluate_and_merge(zoo, experts, device=device, progress=progress, echo=echo)
+    pivot = score_pivot(table)
+    echo("\naccuracy per capability (held-out, exact match):")
+    echo(pivot.round(3).to_string())
+    frames = {"merge_table": table}
+    if analyses:
+        frames = analysis_frames(zoo, experts, merges, table, device=device, progress=progress, echo=echo)
+        for line in summary_lines(frames, zoo):
+            echo(line)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for key, df in frames.items():
+            df.to_csv(tmp / f"{key}.csv", index=False)
+        for label, res in merges.items():
+            res.report.to_csv(tmp / f"merge_report_{_slug(label)}.csv", index=False)
+        write_report(tmp / "report.html", demo_sections(zoo, experts, frames, merges, config),
+                     title="curvlens demo report")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    echo(f"\nwrote {out / 'merge_table.csv'} and {out / 'report.html'} "
+         f"({time.perf_counter() - t0:.0f} s in all)")
+    return {"table": table, "pivot": pivot, "zoo": zoo, "path": out, "merges": merges, "frames": frames}
+
+
+def score_pivot(table):
+    """model x capability accuracy, with the mean over capabilities."""
+    pivot = table.pivot_table(index="model", columns="capability", values="accuracy", sort=False)
+    pivot["mean"] = pivot.mean(axis=1)
+    return pivot
+
+
+def summary_lines(frames: dict, zoo) -> list[str]:
+    """The headline numbers: model-level curvature overlap, FFG vs magnitude."""
+    from curvlens.streams.analysis import aggregate, ffg_vs_magnitude_summary
+
+    lines = ["\nmodel-level curvature overlap between experts (numel-weighted over tensors):"]
+    model = aggregate(frames["curvature_overlap"], by=())
+    lines.append(model.round(3).to_string(index=False))
+    if "graft_sweep" in frames:
+        lines.append("\nFFG vs magnitude grafting, score on the expert's own capability:")
+        summary = ffg_vs_magnitude_summary(frames["graft_sweep"], zoo.capabilities)
+        lines.append(summary.round(3).to_string(index=False))
+    return lines
+
+
+def demo_sections(zoo, experts, frames: dict, merges: dict, config: str) -> list[tuple[str, str]]:
+    """The report's sections: the zoo, scores, merges and (when computed) the analyses."""
+    import html
+
+    import pandas as pd
+
+    from curvlens import views as V
+    from curvlens.views.report import figure_html, table_html
+
+    table = frames["merge_table"]
+    desc = experts.describe()
+    by_role = desc.groupby("role")["numel"].sum().to_frame("parameters")
+    merge_summary = pd.DataFrame({label: r.summary() for label, r in merges.items()}).T
+    merge_summary = merge_summary.drop(columns=["method"], errors="ignore").astype(float)
+    figs = [V.merge_scores_plotly(table, kind="bars"),
+            V.merge_scores_plotly(table, zoo.capabilities, normalized=True)]
+    sections = [
+        ("The zoo", f"<p>{html.escape(repr(experts))}</p><p class='note'>config {config!r}; "
+                    f"capabilities: {html.escape(str(zoo.capabilities))}; "
+                    f"{int(desc.numel.sum()):,} parameters per model.</p>"
+                    + table_html(by_role, "parameters by role", "{:,.0f}")),
+        ("Scores", table_html(score_pivot(table), "held-out exact-match accuracy")
+         + figure_html(figs[0], first=True) + figure_html(figs[1], first=False)),
+        ("Merges", table_html(merge_summary, "per merge: numel-weighted kept fraction per expert, "
+                              "fraction masked by every expert, norm of the change")),
+    ]
+    if "curvature_overlap" in frames:
+        from curvlens.streams.analysis import aggregate, ffg_vs_magnitude_summary
+
+        ov = frames["curvature_overlap"]
+        pair = tuple(ov[["expert_a", "expert_b"]].iloc[0])
+        body = table_html(aggregate(ov, by=()), "model-level curvature overlap (numel-weighted)")
+        body += figure_html(V.pair_matrix_plotly(ov, "spearman_log"), first=False)
+        body += figure_html(V.layer_role_heatmap_plotly(ov, "spearman_log", expert_a=pair[0], expert_b=pair[1],
+                                                        title=f"Spearman of log v: {pair[0]} vs {pair[1]}"),
+                            first=False)
+        body += figure_html(V.pair_grid_plotly(frames["pooled_moments"]), first=False)
+        body += figure_html(V.log10_histogram_plotly(frames["log10_histogram"]), first=False)
+        sections.append(("Curvature overlap", body))
+        ms = frames["mask_stats"]
+        body = table_html(ffg_vs_magnitude_summary(frames["graft_sweep"], zoo.capabilities),
+                          "grafting: score on the expert's own capability, FFG vs magnitude")
+        body += figure_html(V.density_curves_plotly(frames["graft_sweep"], zoo.capabilities), first=False)
+        body += figure_html(V.layer_role_heatmap_plotly(ms, "kept_frac", criterion="fisher", density=0.3,
+                                                        title="FFG kept density at 0.3, by layer x role"),
+                            first=False)
+        body += figure_html(V.layer_role_heatmap_plotly(ms, "mask_rank", criterion="fisher", density=0.3,
+                                                        log=True, title="FFG mask rank at 0.3"), first=False)
+        sections.append(("FFG masks", body))
+        body = table_html(frames["merge_predicted_loss"], "predicted loss increase per merge and expert "
+                          "(diagonal-Fisher quadratic model)", "{:.4g}")
+        body += figure_html(V.pair_matrix_plotly(frames["interference"], "sign_conflict"), first=False)
+        sections.append(("Interference", body))
+    return sections
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")

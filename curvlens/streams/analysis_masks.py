@@ -1,0 +1,499 @@
+"""Streaming analyses of FFG (and magnitude) masks, and grafting sweeps.
+
+* :func:`ffg_masks` -- the masks themselves, one tensor at a time (for notebooks);
+* :func:`mask_stats` -- kept fraction, row/column sparsity, rank of every mask;
+* :func:`mask_overlap` -- Jaccard agreement of two experts' masks;
+* :func:`graft_sweep` -- score of ``theta0 + m * tau`` against density, per criterion;
+* :func:`ffg_vs_magnitude_summary` -- the paper's FFG-vs-magnitude comparison.
+
+Every mask here uses the model-wide threshold of
+:func:`curvlens.streams.thresholds.model_thresholds`, the one the merge engine uses,
+and the same scores (:func:`curvlens.streams.thresholds.mask_scores`): a mask
+analysed is the mask merged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.math.mask_stats import mask_overlap as _jaccard
+from curvlens.math.mask_stats import mask_stats as _mask_stats
+from curvlens.math.quantile import TopKSketch
+from curvlens.roles import param_role
+from curvlens.streams.analysis_common import (
+    FFG_VS_MAGNITUDE_COLUMNS,
+    GRAFT_SWEEP_COLUMNS,
+    MASK_OVERLAP_COLUMNS,
+    MASK_STATS_COLUMNS,
+    THRESHOLD_COLUMNS,
+    Workspace,
+    check_criteria,
+    check_densities,
+    floating_names,
+    frame,
+    need_base,
+    need_moments,
+    per_expert,
+    resolve_pairs,
+    tensor_id,
+    tensor_seed,
+    with_context,
+)
+from curvlens.streams.experts import Experts, TensorGroup, _progress, resolve_device
+from curvlens.streams.thresholds import CRITERIA, mask_scores, model_thresholds
+
+#: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
+RANK_EXACT_MAX = 512 * 512
+SKETCH_SIZE = 32
+POWER_ITERS = 1
+
+
+def _check_inputs(experts: Experts, criteria: Sequence[str], what: str) -> None:
+    need_base(experts, what)
+    if "fisher" in criteria:
+        need_moments(experts, f"{what} with the fisher criterion")
+
+
+def mask_thresholds(experts: Experts, densities, criterion: str = "fisher", *, device="auto",
+               progress: bool = True) -> pd.DataFrame:
+    """Model-wide mask thresholds for several densities from ONE streaming pass.
+
+    One density is exactly :func:`curvlens.streams.thresholds.model_thresholds`.
+    For several, the same sketch (:class:`curvlens.math.quantile.TopKSketch`, fed
+    the same :func:`~curvlens.streams.thresholds.mask_scores`) is read once per
+    density, since a sketch answers any number of densities; the result equals
+    calling ``model_thresholds`` once per density.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``expert, criterion, density, threshold, kept, total, realized_density,
+        max_density_error``: one row per expert x density (expert-major).
+    """
+    (criterion,) = check_criteria([criterion])
+    ds = check_densities(densities)
+    _check_inputs(experts, [criterion], "mask thresholds")
+    if len(ds) == 1:
+        return model_thresholds(experts, ds[0], criterion=criterion, device=device, progress=progress)
+    sketches = [TopKSketch() for _ in experts.names]
+    for g in experts.iter_tensors(experts.tensor_names(floating_only=True), device=device,
+                                  moments=criterion == "fisher", progress=progress,
+                                  desc=f"{criterion} thresholds"):
+        for sk, s in zip(sketches, mask_scores(g, criterion)):
+            sk.update(s)
+    rows = []
+    for e, sk in zip(experts.names, sketches):
+        for d in ds:
+            t, kept, total, err = sk.threshold(d)
+            rows.append({"expert": e, "criterion": criterion, "density": d, "threshold": float(t),
+                         "kept": int(kept), "total": int(total),
+                         "realized_density": kept / total if total else float("nan"),
+                         "max_density_error": float(err)})
+    return frame(rows, THRESHOLD_COLUMNS)
+
+
+class _OneTaus(TensorGroup):
+    """Expert ``i`` of a tensor group alone, its task vector computed once however
+    often asked (``mask_scores`` asks per criterion; the statistics need it too)."""
+
+    @classmethod
+    def of(cls, g: TensorGroup, i: int) -> _OneTaus:
+        return cls(g.name, g.layer, g.role, g.base, [g.experts[i]],
+                   None if g.moments is None else [g.moments[i]], [g.expert_names[i]])
+
+    @property
+    def task_vectors(self) -> list[torch.Tensor]:
+        if not hasattr(self, "_taus"):
+            self._taus = TensorGroup.task_vectors.fget(self)
+        return self._taus
+
+
+def _lookup(table: pd.DataFrame) -> dict[tuple[str, float], float]:
+    return {(r.expert, float(r.density)): float(r.threshold) for r in table.itertuples()}
+
+
+# -------------------------------------------------------------------- ffg_masks
+class FFGMasks:
+    """Per-tensor boolean masks of every expert, streamed.
+
+    Iterating yields ``(name, {expert: mask})`` one tensor at a time (masks on
+    the analysis device; ``True`` = the entry of ``tau`` is kept); indexing by a
+    tensor name reads only that tensor. Made by :func:`ffg_masks`.
+
+    Attributes
+    ----------
+    thresholds : pandas.DataFrame
+        The threshold per expert (``model_thresholds``'s columns; ``density`` and
+        the counts are NaN when thresholds were given directly).
+    criterion : str
+    names : list of str
+        The tensors iterated over.
+    """
+
+    def __init__(self, experts: Experts, table: pd.DataFrame, criterion: str, names: list[str], device,
+                 progress: bool):
+        self.experts, self.thresholds, self.criterion, self.names = experts, table, criterion, names
+        self._thr = table["threshold"].astype(float).tolist()
+        self._device, self._progress = device, progress
+
+    def _masks(self, g) -> dict[str, torch.Tensor]:
+        return {e: s >= t for e, s, t in zip(self.experts.names, mask_scores(g, self.criterion), self._thr)}
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        for g in self.experts.iter_tensors(self.names, device=self._device, moments=self.criterion == "fisher",
+                                           progress=self._progress, desc=f"{self.criterion} masks"):
+            yield g.name, self._masks(g)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.names:
+            raise CurvlensError(f"no mask for tensor {name!r}; masks exist for floating tensors such as "
+                                f"{self.names[:3]}")
+        (g,) = self.experts.iter_tensors([name], device=self._device, moments=self.criterion == "fisher",
+                                         progress=False)
+        return self._masks(g)
+
+    def __repr__(self) -> str:
+        thr = ", ".join(f"{e}={t:.3g}" for e, t in zip(self.experts.names, self._thr))
+        return f"FFGMasks(criterion={self.criterion!r}, tensors={len(self)}, thresholds: {thr})"
+
+
+def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "fisher",
+              names: Sequence[str] | None = None, *, device="auto", progress: bool = True) -> FFGMasks:
+    """FFG (or magnitude) masks of every expert, one tensor at a time.
+
+    Parameters
+    ----------
+    experts : Experts
+        With a base; with moments for ``fisher``.
+    density : float, sequence or mapping, optional
+        Model-wide density per expert (one value for all, a list, or
+        ``{expert: density}``); the threshold comes from one streaming pass of
+        :func:`curvlens.streams.thresholds.model_thresholds`, made now.
+    threshold : float, sequence or mapping, optional
+        Score thresholds given directly instead (no pass). Exactly one of
+        ``density`` and ``threshold``.
+    criterion : {"fisher", "magnitude"}
+        ``fisher``: keep ``v * tau**2 >= t``; ``magnitude``: ``|tau| >= t`` (reads
+        no moments).
+    names : sequence of str, optional
+        Tensors to iterate (default: every floating tensor). Thresholds are always
+        model-wide.
+    device, progress
+        As everywhere.
+
+    Returns
+    -------
+    FFGMasks
+        Iterate for ``(name, {expert: bool mask})``; ``masks[name]`` for one
+        tensor; ``masks.thresholds`` for the thresholds.
+    """
+    (criterion,) = check_criteria([criterion])
+    _check_inputs(experts, [criterion], "ffg_masks")
+    if (density is None) == (threshold is None):
+        raise CurvlensError("ffg_masks needs exactly one of density= and threshold=; got "
+                            + ("both" if density is not None else "neither"))
+    names = floating_names(experts, names)
+    dev = resolve_device(device)
+    if density is not None:
+        ds = [float(d) for d in per_expert(density, experts, "density")]
+        table = model_thresholds(experts, ds, criterion=criterion, device=dev, progress=progress)
+    else:
+        ts = per_expert(threshold, experts, "threshold")
+        for e, t in zip(experts.names, ts):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t:
+                raise CurvlensError(f"threshold for expert {e!r} must be a number; got {t!r}")
+        nan = float("nan")
+        table = frame([{"expert": e, "criterion": criterion, "density": nan, "threshold": float(t), "kept": nan,
+                        "total": nan, "realized_density": nan, "max_density_error": nan}
+                       for e, t in zip(experts.names, ts)], THRESHOLD_COLUMNS)
+    return FFGMasks(experts, table, criterion, names, dev, progress)
+
+
+# ------------------------------------------------------------------- mask_stats
+def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, names: Sequence[str] | None = None,
+               *, rank_exact_max: int = RANK_EXACT_MAX, sketch_size: int = SKETCH_SIZE,
+               power_iters: int = POWER_ITERS, seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
+    """Structure of every mask: kept fraction, row/column sparsity, rank.
+
+    Passes: one threshold pass per criterion (all densities from one sketch),
+    then one statistics pass over base, experts (and moments when ``fisher`` is
+    among the criteria).
+
+    Parameters
+    ----------
+    experts : Experts
+        With a base; with moments for ``fisher``.
+    densities : float or sequence of float
+        Model-wide densities in (0, 1].
+    criteria : str or sequence of {"fisher", "magnitude"}
+        Mask criteria. ``magnitude`` alone reads no moments.
+    names : sequence of str, optional
+        Tensors to describe (default: every floating tensor; thresholds are
+        always model-wide).
+    rank_exact_max, sketch_size, power_iters
+        Rank settings of :func:`curvlens.math.mask_stats.mask_stats`: an exact
+        float64 SVD when the mask without its empty rows/columns has at most
+        ``rank_exact_max`` entries, else a randomized range finder with
+        ``sketch_size`` columns, which is exact for ranks below ``sketch_size`` and
+        otherwise reports ``sketch_size`` (a lower bound) with NaN
+        ``mask_effective_rank``; ``power_iters`` tightens its estimate of
+        ``||mask * tau||_2`` for ``stable_rank``. The rank of every 2-D mask of
+        every expert at every density is the dominant cost of this function on a
+        CPU, hence the modest defaults (512**2, 32, 1): FFG masks are low-rank,
+        and a rank of 32 or more already says "not low-rank". Raise them for a
+        higher cap.
+    seed : int
+        Seed of the randomized sketches (per tensor, reproducible).
+    device, progress
+        As everywhere.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per tensor x expert x criterion x density: ``expert, criterion,
+        density, name, layer, role, numel, threshold, kept_frac, row_sparsity,
+        col_sparsity, mask_rank, mask_effective_rank, stable_rank,
+        saliency_kept, rank_method``. ``saliency_kept`` is the share of the
+        expert's *Fisher* saliency ``v * tau**2`` the mask keeps, for both
+        criteria (NaN when no moments are read). Statistics of matrices are NaN
+        for 1-D tensors (``rank_method == "none"``). ``aggregate(df, by=())``
+        gives each expert's realised density as the model-level ``kept_frac``.
+    """
+    criteria = check_criteria(criteria)
+    ds = check_densities(densities)
+    _check_inputs(experts, criteria, "mask_stats")
+    names = floating_names(experts, names)
+    dev = resolve_device(device)
+    thr = {c: _lookup(mask_thresholds(experts, ds, c, device=dev, progress=progress)) for c in criteria}
+    with_v = "fisher" in criteria
+    ws = Workspace()
+    rows = []
+    for g in experts.iter_tensors(names, device=dev, moments=with_v, progress=progress, desc="mask stats"):
+        ident = tensor_id(g)
+        n = ident["numel"]
+        mask, tmp = ws.get("mask", n, torch.bool, dev), ws.get("tmp", n, torch.float32, dev)
+        for i, e in enumerate(experts.names):
+            # One expert at a time: its task vector and scores only (a group of
+            # every expert's would double the pass's peak memory).
+            gi = _OneTaus.of(g, i)
+            (tau,) = gi.task_vectors
+            scores = {c: mask_scores(gi, c)[0] for c in criteria}
+            sal = scores.get("fisher")
+            # Fisher saliency kept, float32 with cascade sums (float64 chunks cost
+            # more than everything here but the ranks)
+            sal_total = float(sal.sum()) if sal is not None else math.nan
+            for c in criteria:
+                for d in ds:
+                    t = thr[c][e, d]
+                    m = torch.ge(scores[c], t, out=mask.view(tau.shape))
+                    try:
+                        st = _mask_stats(m, tau=tau, rank_exact_max=rank_exact_max,
+                                         rng=tensor_seed(seed, g.name), sketch_size=sketch_size,
+                                         power_iters=power_iters)
+                    except CurvlensError as err:
+                        raise with_context(err, f"expert {e!r}", f"tensor {g.name!r}") from err
+                    if sal is not None:
+                        kept = float(torch.mul(sal.reshape(-1), mask, out=tmp).sum())
+                        st["saliency_kept"] = kept / sal_total if sal_total > 0 else math.nan
+                    rows.append({"expert": e, "criterion": c, "density": d, **ident, "threshold": t,
+                                 **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}})
+            del gi, tau, scores, sal
+    df = frame(rows, MASK_STATS_COLUMNS)
+    # Rows grouped expert-major as the other frames (the pass is tensor-major).
+    order = {e: i for i, e in enumerate(experts.names)}
+    return (df.assign(_e=df["expert"].map(order), _c=df["criterion"].map(criteria.index))
+              .sort_values(["_e", "_c", "density"], kind="stable").drop(columns=["_e", "_c"])
+              .reset_index(drop=True))
+
+
+def mask_overlap(experts: Experts, density: float, criterion: str = "fisher", pairs=None,
+                 names: Sequence[str] | None = None, *, device="auto", progress: bool = True) -> pd.DataFrame:
+    """Jaccard agreement of two experts' masks at one model-wide density, per tensor.
+
+    Parameters
+    ----------
+    experts : Experts
+        With a base; with moments for ``fisher``.
+    density : float
+        Model-wide density (the same for every expert), in (0, 1].
+    criterion : {"fisher", "magnitude"}
+    pairs : sequence of (str, str), optional
+        Default all unordered pairs.
+    names : sequence of str, optional
+        Default every floating tensor.
+    device, progress
+        As everywhere.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``expert_a, expert_b, criterion, density, name, layer, role, numel,
+        jaccard`` (1.0 when both masks keep nothing), one row per tensor x pair.
+    """
+    (criterion,) = check_criteria([criterion])
+    (d,) = check_densities([density], "density")
+    pairs = resolve_pairs(experts.names, pairs)
+    masks = ffg_masks(experts, density=d, criterion=criterion, names=names, device=device, progress=progress)
+    rows = []
+    for name, ms in masks:
+        layer, role = param_role(name)
+        ident = {"name": name, "layer": layer, "role": role, "numel": next(iter(ms.values())).numel()}
+        for a, b in pairs:
+            rows.append({"expert_a": a, "expert_b": b, "criterion": criterion, "density": d, **ident,
+                         "jaccard": _jaccard(ms[a], ms[b])})
+    return frame(rows, MASK_OVERLAP_COLUMNS)
+
+
+# ------------------------------------------------------------------ graft_sweep
+def _graft(sub: Experts, threshold: float | None, criterion: str, device) -> dict[str, torch.Tensor]:
+    """The grafted expert ``theta0 + m * tau`` (``threshold`` None: the expert itself)
+    as a CPU state dict in the expert's stored dtypes."""
+    out = {}
+    floating = set(sub.tensor_names(floating_only=True))
+    fisher = threshold is not None and criterion == "fisher"
+    # Stored dtypes, so a kept entry is the expert's value bit for bit; the scores
+    # are taken on float32 copies, exactly as the threshold pass saw them.
+    for g in sub.iter_tensors(device=device, dtype=None, base=threshold is not None, moments=fisher,
+                              progress=False, desc="graft"):
+        x = g.experts[0]
+        if threshold is not None and g.name in floating:
+            g32 = dataclasses.replace(g, base=g.base.float(), experts=[x.float()])
+            (s,) = mask_scores(g32, criterion)
+            x = torch.where(s >= threshold, x, g.base)
+        out[g.name] = x.cpu()
+    return out
+
+
+def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[str, float]]:
+    where = f"evaluate() for expert {expert!r}, criterion {criterion!r}, density {density}"
+    if not isinstance(result, pd.DataFrame):
+        raise CurvlensError(f"{where} returned a {type(result).__name__}; expected a DataFrame with columns "
+                            "capability and score (or accuracy)")
+    col = "score" if "score" in result.columns else "accuracy" if "accuracy" in result.columns else None
+    if "capability" not in result.columns or col is None:
+        raise CurvlensError(f"{where} returned columns {list(result.columns)}; expected capability and "
+                            "score (or accuracy)")
+    return [(str(c), float(s)) for c, s in zip(result["capability"], result[col])]
+
+
+def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callable | None = None, *,
+                device="auto", progress: bool = True) -> pd.DataFrame:
+    """Score each expert grafted onto the base at several model-wide densities.
+
+    For each expert, criterion and density ``d < 1`` the grafted model
+    ``theta0 + m * tau`` (``m`` the expert's mask at the model-wide threshold of
+    :func:`curvlens.streams.thresholds.model_thresholds`) is built by streaming
+    and handed to ``evaluate``. Density 1.0, when asked for, is the expert itself
+    (evaluated once, reported under every criterion).
+
+    Grafting materialises one model at a time: ``evaluate`` needs a whole model,
+    so each grafted model is a CPU state dict (in the expert's dtypes) that lives
+    only while it is evaluated. Memory is one model, never the sweep.
+
+    Parameters
+    ----------
+    experts : Experts
+        With a base; with moments for ``fisher``.
+    densities : float or sequence of float
+        Model-wide densities in (0, 1].
+    criteria : str or sequence of {"fisher", "magnitude"}
+    evaluate : callable
+        ``evaluate(state_dict) -> DataFrame`` with columns ``capability`` and
+        ``score`` or ``accuracy`` (as ``curvlens.zoo.evaluate`` returns), e.g.
+        ``lambda sd: zoo.evaluate(sd, zoo=zoo)``.
+    device, progress
+        ``progress`` shows one bar over the grafted models.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``expert, criterion, density, capability, score``: one row per expert x
+        criterion x density x capability the evaluation reports.
+    """
+    if evaluate is None or not callable(evaluate):
+        raise CurvlensError(f"evaluate must be a callable state_dict -> DataFrame; got {evaluate!r}")
+    criteria = check_criteria(criteria)
+    ds = check_densities(densities)
+    _check_inputs(experts, criteria, "graft_sweep")
+    dev = resolve_device(device)
+    partial = [d for d in ds if d < 1.0]
+    thr = {c: _lookup(mask_thresholds(experts, partial, c, device=dev, progress=progress)) for c in criteria} \
+        if partial else {}
+    bar = _progress(len(experts) * (len(criteria) * len(partial) + (1.0 in ds)), "graft sweep", progress)
+    rows = []
+    for e in experts.names:
+        sub = experts.subset([e])
+        own = None
+        if 1.0 in ds:
+            own = _scores(evaluate(_graft(sub, None, "", dev)), e, "-", 1.0)
+            bar.update(1)
+        for c in criteria:
+            for d in ds:
+                if d == 1.0:
+                    scores = own
+                else:
+                    scores = _scores(evaluate(_graft(sub, thr[c][e, d], c, dev)), e, c, d)
+                    bar.update(1)
+                rows += [{"expert": e, "criterion": c, "density": d, "capability": cap, "score": s}
+                         for cap, s in scores]
+    bar.close()
+    return frame(rows, GRAFT_SWEEP_COLUMNS)
+
+
+def ffg_vs_magnitude_summary(sweep: pd.DataFrame, capabilities: Mapping[str, str]) -> pd.DataFrame:
+    """Each expert's score on its own capability, FFG against magnitude, per density.
+
+    Parameters
+    ----------
+    sweep : pandas.DataFrame
+        A :func:`graft_sweep` frame with both criteria.
+    capabilities : mapping
+        Expert -> the capability it was trained for.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``expert, capability, density, fisher, magnitude, fisher_ge_magnitude``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> sweep = pd.DataFrame({"expert": ["m"] * 4, "criterion": ["fisher", "magnitude"] * 2,
+    ...                       "density": [0.1, 0.1, 1.0, 1.0], "capability": ["math"] * 4,
+    ...                       "score": [0.8, 0.3, 0.9, 0.9]})
+    >>> ffg_vs_magnitude_summary(sweep, {"m": "math"})
+      expert capability  density  fisher  magnitude  fisher_ge_magnitude
+    0      m       math      0.1     0.8        0.3                 True
+    1      m       math      1.0     0.9        0.9                 True
+    """
+    missing = [c for c in GRAFT_SWEEP_COLUMNS if c not in sweep.columns]
+    if missing:
+        raise CurvlensError(f"sweep lacks column(s) {missing}; expected a graft_sweep frame")
+    for c in CRITERIA:
+        if c not in set(sweep["criterion"]):
+            raise CurvlensError(f"sweep has no {c!r} rows; run graft_sweep with criteria={CRITERIA}")
+    experts = list(dict.fromkeys(sweep["expert"]))
+    lacking = [e for e in experts if e not in capabilities]
+    if lacking:
+        raise CurvlensError(f"capabilities has no entry for expert(s) {lacking}; give expert -> capability")
+    own = sweep[sweep["capability"] == sweep["expert"].map(capabilities)]
+    absent = [e for e in experts if e not in set(own["expert"])]
+    if absent:
+        raise CurvlensError(f"the sweep has no score on the own capability of expert(s) "
+                            f"{[(e, capabilities[e]) for e in absent]}")
+    wide = own.pivot_table(index=["expert", "density"], columns="criterion", values="score", aggfunc="first",
+                           sort=False).reset_index()
+    wide["capability"] = wide["expert"].map(capabilities)
+    wide["fisher_ge_magnitude"] = wide["fisher"] >= wide["magnitude"]
+    wide["_e"] = wide["expert"].map({e: i for i, e in enumerate(experts)})
+    wide = wide.sort_values(["_e", "density"], kind="stable").reset_index(drop=True)
+    wide.columns.name = None
+    return wide[FFG_VS_MAGNITUDE_COLUMNS]
