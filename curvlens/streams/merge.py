@@ -77,9 +77,17 @@ class MergeResult:
                           "delta_norm": float((r["delta_norm"] ** 2).sum() ** 0.5)})
 
     def _repr_html_(self) -> str:
-        return (f"<b>MergeResult</b> method=<code>{self.method}</code>, "
-                f"{len(self.report)} tensors, saved to <code>{self.path}</code>"
-                + self.summary().to_frame("value").to_html())
+        # Presentation hook: views sit above streams, so they are imported only
+        # when a notebook asks for the HTML, never at import time.
+        from curvlens.views import layer_role_heatmap
+        from curvlens.views.rich import result_html
+
+        table = self.summary().to_frame("value")
+        return result_html(
+            table, lambda _: layer_role_heatmap(self.report, "rel_delta",
+                                                title=f"{self.method}: relative change by layer x role"),
+            title=f"MergeResult: {self.method}, {len(self.report)} tensors"
+                  + (f", saved to {self.path}" if self.path else ""))
 
 
 def _out_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:

@@ -180,3 +180,14 @@ def test_bad_configs(tiny_zoo, cfg, match):
     base_dir = tiny_zoo[0]
     with pytest.raises(CurvlensError, match=match):
         load_merge_config(write_config(base_dir.parent, cfg))
+
+
+def test_merge_result_renders_itself(zoo):
+    ex, _ = zoo
+    res = merge(ex, "ota", device="cpu", progress=False, ffg_density=0.3)
+    s = res.summary()
+    assert set(s.index) == {"method", "kept_expert0", "kept_expert1", "kept_expert2", "all_masked", "delta_norm"}
+    assert abs(s["kept_expert0"] - res.thresholds.realized_density[0]) < 1e-9
+    html = res._repr_html_()
+    assert "MergeResult: ota, 21 tensors" in html and "data:image/png;base64," in html
+    assert html == res._repr_html_()  # deterministic
