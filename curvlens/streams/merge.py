@@ -100,22 +100,6 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _masks(group: TensorGroup, p: dict, moments) -> list[torch.Tensor] | None:
-    """The FFG masks OTA applied to this tensor (recomputed for the report)."""
-    if group.base is None:
-        return None
-    taus = group.task_vectors
-    out = []
-    for i, (v, t) in enumerate(zip(moments, taus)):
-        thr = p["ffg_threshold"][i]
-        if thr is None:
-            thr = p["precond_threshold"][i]
-        if thr is None:
-            return None
-        out.append(saliency(v, t) >= thr)
-    return out
-
-
 def merge(
     experts: Experts,
     method: str,
@@ -197,11 +181,14 @@ def merge(
         writer_cm = ModelWriter(out, ref_dir, max_shard_size=max_shard_size, overwrite=overwrite,
                                 extra_files={"curvlens_merge.yml": config}, plan=plan)
     with writer_cm as writer:
+        elementwise = _is_elementwise(m, p)
+        # elementwise methods cast chunk by chunk, so they read the stored dtype
         for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
+                                      dtype=None if elementwise else torch.float32,
                                       desc=f"merge {method}"):
-            merged, row = _merge_one(m, g, p, dev, experts.names)
+            merged, row = _merge_one(m, g, p, dev, experts.names,
+                                     _out_dtype(ref.dtype(g.name), out_dtype), elementwise)
             rows.append(row)
-            merged = merged.to("cpu").to(_out_dtype(ref.dtype(g.name), out_dtype))
             if writer is not None:
                 writer.add(g.name, merged)
             else:
@@ -214,44 +201,104 @@ def merge(
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None)
 
 
-def _merge_one(m, g: TensorGroup, p: dict, dev, names) -> tuple[torch.Tensor, dict]:
-    """Merge one tensor; returns the merged tensor and its report row."""
-    if not g.experts[0].is_floating_point():
-        # integer/bool buffers cannot be averaged: carry the base's (or first expert's)
-        return (g.base if g.base is not None else g.experts[0]), _row(g, None, None, names)
+#: Elements per chunk for elementwise methods: a few MB of fp32 per input on a CPU
+#: (allocator-friendly), larger on a GPU where kernel launches dominate.
+CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
+
+
+def _is_elementwise(m, p: dict) -> bool:
+    """Whether each output entry depends only on the inputs at that entry.
+
+    Such merges run in flat chunks. TIES/DARE need whole-tensor top-k, random
+    streams or norms; OTA needs the whole tensor for global normalisation,
+    rank-r moments or a per-tensor density.
+    """
+    if m.name in ("linear", "task_arithmetic", "fisher"):
+        return True
+    if m.name == "ota":
+        return (p["normalise"] == "none" and not any(p["rank1_approx"])
+                and all(r is None for r in p["rank"]) and all(d is None for d in p["ffg_density"]))
+    return False
+
+
+def _call(m, g: TensorGroup, p: dict, dev) -> torch.Tensor:
     rng = None
     if m.uses_rng:
         rng = torch.Generator(device=dev).manual_seed(_tensor_seed(p.get("seed", 0), g.name))
     try:
-        merged = m.fn(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, **p)
+        return m.fn(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, **p)
     except CurvlensError as err:
         raise CurvlensError(f"tensor {g.name!r}: {err}") from err
-    masks = None
-    if m.name == "ota":
-        masks = _masks(g, p, compress_moments(g.moments, p["rank1_approx"], p["rank"]))
-    return merged, _row(g, merged, masks, names)
 
 
-def _row(g: TensorGroup, merged, masks, names) -> dict:
-    numel = g.experts[0].numel()
-    row: dict[str, Any] = {"name": g.name, "layer": g.layer, "role": g.role, "numel": numel}
-    for i, n in enumerate(names):
-        row[f"kept_{n}"] = int(torch.count_nonzero(masks[i])) / numel if masks is not None else 1.0
-    if masks is not None:  # counts, not fp32 means: exact for 500M-entry tensors too
-        any_kept = masks[0].clone()
-        for mk in masks[1:]:
-            any_kept |= mk
-        row["all_masked"] = 1.0 - int(torch.count_nonzero(any_kept)) / numel
-    else:
-        row["all_masked"] = 0.0
-    if merged is None:
-        row["delta_norm"], row["rel_delta"] = 0.0, 0.0
-    else:
+def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype,
+               elementwise: bool) -> tuple[torch.Tensor, dict]:
+    """Merge one tensor (whole, or chunk by chunk); returns it on the CPU in
+    ``target`` dtype, with its report row."""
+    stats = _Stats(len(names))
+    if not g.experts[0].is_floating_point():
+        # integer/bool buffers cannot be averaged: carry the base's (or first expert's)
+        merged = g.base if g.base is not None else g.experts[0]
+        return merged.to("cpu"), stats.row(g, names, merged=False)
+    if not elementwise:
+        merged = _call(m, g, p, dev)
+        stats.add(g, merged, _report_masks(m, g, p))
+        return merged.to("cpu").to(target), stats.row(g, names)
+    out = torch.empty(g.experts[0].shape, dtype=target)
+    flat = out.view(-1)
+    for sl, c in g.chunks(CHUNK.get(dev.type, 1 << 22)):
+        merged = _call(m, c, p, dev)
+        stats.add(c, merged, _report_masks(m, c, p))
+        flat[sl] = merged.to("cpu").to(target)
+    return out, stats.row(g, names)
+
+
+def _report_masks(m, g: TensorGroup, p: dict) -> list[torch.Tensor] | None:
+    """The FFG masks OTA applied here (recomputed for the report)."""
+    if m.name != "ota" or g.base is None:
+        return None
+    moments = compress_moments(g.moments, p["rank1_approx"], p["rank"])
+    out = []
+    for i, (v, b) in enumerate(zip(moments, g.experts)):
+        thr = p["ffg_threshold"][i] if p["ffg_threshold"][i] is not None else p["precond_threshold"][i]
+        if thr is None:
+            return None
+        out.append(saliency(v, b - g.base) >= thr)
+    return out
+
+
+class _Stats:
+    """Per-tensor report numbers, accumulated over chunks (exact counts, fp64 sums)."""
+
+    def __init__(self, n: int):
+        self.kept = [0] * n
+        self.any_kept = 0
+        self.masked = False
+        self.sq_delta = 0.0
+        self.sq_ref = 0.0
+
+    def add(self, g: TensorGroup, merged: torch.Tensor, masks) -> None:
+        if masks is not None:
+            self.masked = True
+            any_kept = masks[0].clone()
+            for i, mk in enumerate(masks):
+                self.kept[i] += int(torch.count_nonzero(mk))
+                any_kept |= mk
+            self.any_kept += int(torch.count_nonzero(any_kept))
         ref = g.base if g.base is not None else torch.stack(g.experts).mean(dim=0)
-        d = float(torch.linalg.vector_norm(merged.float() - ref))
-        row["delta_norm"] = d
-        row["rel_delta"] = d / max(float(torch.linalg.vector_norm(ref)), 1e-30)
-    return row
+        self.sq_delta += float(torch.linalg.vector_norm(merged.float() - ref)) ** 2
+        self.sq_ref += float(torch.linalg.vector_norm(ref)) ** 2
+
+    def row(self, g: TensorGroup, names, merged: bool = True) -> dict:
+        numel = g.experts[0].numel()
+        row: dict[str, Any] = {"name": g.name, "layer": g.layer, "role": g.role, "numel": numel}
+        for i, n in enumerate(names):
+            row[f"kept_{n}"] = self.kept[i] / numel if self.masked else 1.0
+        row["all_masked"] = 1.0 - self.any_kept / numel if self.masked else 0.0
+        d = self.sq_delta ** 0.5
+        row["delta_norm"] = d if merged else 0.0
+        row["rel_delta"] = d / max(self.sq_ref ** 0.5, 1e-30) if merged else 0.0
+        return row
 
 
 def _plain(p: dict) -> dict:

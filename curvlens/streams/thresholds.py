@@ -19,7 +19,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.compress import rank1, rank_r
-from curvlens.streams.experts import Experts, TensorGroup
+from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 
 CRITERIA = ("fisher", "magnitude")
 
@@ -109,11 +109,18 @@ def model_thresholds(
             raise CurvlensError(f"density for expert {name!r} must be in (0, 1], got {d}")
     sketches = [TopKSketch() for _ in experts.names]
     names = experts.tensor_names(floating_only=True)
+    # Without compression the scores are elementwise: cast and score a few MB at a
+    # time (see TensorGroup.chunks); rank-1/rank-r moments need whole tensors.
+    chunked = not (rank1_approx or rank)
+    chunk = 1 << 22 if resolve_device(device).type == "cpu" else 1 << 24  # sketch bins cost O(2^20) per update
     for g in experts.iter_tensors(names, device=device, moments=criterion == "fisher",
+                                  dtype=None if chunked else torch.float32,
                                   progress=progress, desc=f"{criterion} thresholds"):
-        scores = mask_scores(g, criterion, compress_moments(g.moments, rank1_approx, rank))
-        for sk, s in zip(sketches, scores):
-            sk.update(s)
+        pieces = g.chunks(chunk) if chunked else [(None, g)]
+        for _, c in pieces:
+            scores = mask_scores(c, criterion, compress_moments(c.moments, rank1_approx, rank))
+            for sk, sc in zip(sketches, scores):
+                sk.update(sc)
     rows = []
     for name, d, sk in zip(experts.names, densities, sketches):
         t, kept, total, err = sk.threshold(d)

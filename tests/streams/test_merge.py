@@ -191,3 +191,20 @@ def test_merge_result_renders_itself(zoo):
     html = res._repr_html_()
     assert "MergeResult: ota, 21 tensors" in html and "data:image/png;base64," in html
     assert html == res._repr_html_()  # deterministic
+
+
+@pytest.mark.parametrize("method,params", [("linear", {}), ("task_arithmetic", {"lambda": 0.7}),
+                                           ("fisher", {}), ("ota", {"ffg_density": 0.3}),
+                                           ("ota", {"precond_threshold": 1e-7, "fallback_to_base": True})])
+def test_chunked_elementwise_merge_equals_whole_tensor(zoo, monkeypatch, method, params):
+    import curvlens.streams.merge as M
+
+    ex, _ = zoo
+    whole = merge(ex, method, device="cpu", progress=False, **params)
+    monkeypatch.setitem(M.CHUNK, "cpu", 7)  # many ragged chunks per tensor
+    chunked = merge(ex, method, device="cpu", progress=False, **params)
+    for n in ex.tensor_names():
+        torch.testing.assert_close(chunked.checkpoint[n], whole.checkpoint[n], rtol=0, atol=0)
+    cols = [c for c in whole.report.columns if c != "name"]
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(chunked.report[cols], whole.report[cols], rtol=1e-6)
