@@ -380,3 +380,21 @@ def require_widgets():
     except ImportError as err:  # pragma: no cover - ipywidgets is a declared dependency
         raise CurvlensError("explorers need ipywidgets: pip install ipywidgets") from err
     return ipywidgets
+
+
+def plotly_color_kwargs(finite: np.ndarray, metric: str, *, center=None, zmin=None, zmax=None,
+                        colorscale: str | None = None) -> dict:
+    """Heatmap colour settings: a diverging scale centred on ``center`` (or 0) for
+    signed metrics, else a sequential one; explicit ``zmin``/``zmax`` win."""
+    if center is not None or is_signed(finite, metric):
+        c = 0.0 if center is None else float(center)
+        span = float(np.max(np.abs(finite - c))) if finite.size else 1.0
+        return {"zmid": c, "zmin": c - span if zmin is None else zmin,
+                "zmax": c + span if zmax is None else zmax,
+                "colorscale": plotly_scale(colorscale or DIVERGING)}
+    kw = {"colorscale": plotly_scale(colorscale or SEQUENTIAL)}
+    if zmin is not None:
+        kw["zmin"] = zmin
+    if zmax is not None:
+        kw["zmax"] = zmax
+    return kw

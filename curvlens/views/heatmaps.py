@@ -19,7 +19,7 @@ from curvlens.errors import CurvlensError
 from curvlens.views._common import (
     DIVERGING, NON_LAYER, SEQUENTIAL, apply_filters, auto_log, check_frame, check_numeric,
     filter_title, first_seen, fmt_value, is_signed, layer_label, layer_value, metric_label,
-    new_axes, plotly_scale, require_plotly, role_order, styled, text_color_for, weighted_mean,
+    new_axes, plotly_color_kwargs, plotly_scale, require_plotly, role_order, styled, text_color_for, weighted_mean,
     weights_of,
 )
 
@@ -328,18 +328,8 @@ def layer_role_heatmap_plotly(df: pd.DataFrame, metric: str, *, log: bool | None
         kw.update(zmin=lo, zmax=hi, colorscale=plotly_scale(colorscale or SEQUENTIAL))
     else:
         z = g.values
-        if center is not None or is_signed(finite, metric):
-            c = 0.0 if center is None else float(center)
-            span = float(np.max(np.abs(finite - c))) if finite.size else 1.0
-            kw.update(zmid=c, zmin=c - span if zmin is None else zmin,
-                      zmax=c + span if zmax is None else zmax,
-                      colorscale=plotly_scale(colorscale or DIVERGING))
-        else:
-            kw.update(colorscale=plotly_scale(colorscale or SEQUENTIAL))
-            if zmin is not None:
-                kw["zmin"] = zmin
-            if zmax is not None:
-                kw["zmax"] = zmax
+        kw.update(plotly_color_kwargs(finite, metric, center=center, zmin=zmin, zmax=zmax,
+                                      colorscale=colorscale))
     rows = g.rows
     custom = np.empty(g.values.shape + (5,), dtype=object)
     text = np.empty(g.values.shape, dtype=object)

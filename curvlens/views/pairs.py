@@ -16,9 +16,8 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError, check_choice
 from curvlens.views._common import (
-    DIVERGING, METRIC_RANGES, SEQUENTIAL, apply_filters, check_frame, check_numeric, filter_title,
-    first_seen, fmt_value, is_signed, metric_label, new_axes, plotly_scale, require_plotly, styled,
-    text_color_for, weighted_mean, weights_of,
+    METRIC_RANGES, apply_filters, check_frame, check_numeric, filter_title, first_seen, fmt_value,
+    metric_label, new_axes, plotly_color_kwargs, require_plotly, styled, text_color_for, weighted_mean, weights_of,
 )
 from curvlens.views.heatmaps import _color_setup
 
@@ -190,19 +189,8 @@ def pair_matrix_plotly(df: pd.DataFrame, metric: str, *, colorscale: str | None 
                                               what="pair_matrix_plotly")
     zmin, zmax, center = _natural(metric, limits, zmin, zmax, center)
     finite = out[np.isfinite(out)]
-    kw: dict[str, Any] = {}
-    if center is not None or is_signed(finite, metric):
-        c = 0.0 if center is None else float(center)
-        span = float(np.max(np.abs(finite - c))) if finite.size else 1.0
-        kw.update(zmid=c, zmin=c - span if zmin is None else zmin,
-                  zmax=c + span if zmax is None else zmax,
-                  colorscale=plotly_scale(colorscale or DIVERGING))
-    else:
-        kw.update(colorscale=plotly_scale(colorscale or SEQUENTIAL))
-        if zmin is not None:
-            kw["zmin"] = zmin
-        if zmax is not None:
-            kw["zmax"] = zmax
+    kw: dict[str, Any] = plotly_color_kwargs(finite, metric, center=center, zmin=zmin, zmax=zmax,
+                                             colorscale=colorscale)
     n = len(experts)
     custom = np.empty((n, n, 5), dtype=object)
     text = np.empty((n, n), dtype=object)
