@@ -1,0 +1,227 @@
+"""Build the zoo (base + experts) once, cache it, and hand out :class:`Zoo` objects.
+
+A zoo lives in ``<cache>/zoo-<config name>-seed<seed>-<key>/`` where ``<cache>`` is
+``cache_dir``, else ``$CURVLENS_CACHE``, else ``~/.cache/curvlens``, and ``<key>``
+hashes the whole config, the seed and :data:`~curvlens.zoo.config.CODE_VERSION`;
+a zoo is rebuilt only when one of those changes (or with ``rebuild=True``).
+
+A build writes into a hidden temporary directory beside its final place and renames
+it into place only once everything, the ``zoo.json`` manifest last, is written.
+An interrupted build therefore never leaves a directory that looks complete: its
+temporary directory is removed (or, after a hard kill, ignored) and the next call
+builds again.
+
+Layout::
+
+    zoo.json                      manifest: config, seed, experts, timings
+    base/                         HF model dir (config, model.safetensors, tokenizer)
+    <expert>/                     HF model dir, plus
+    <expert>/export/exp_avg_sq.safetensors   name-keyed Adam second moments
+    <expert>/optimizer.pt         the raw torch.optim state dict
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from curvlens.errors import CurvlensError
+from curvlens.zoo import train
+from curvlens.zoo.config import CODE_VERSION, EXPERT_CAPABILITIES, ZooConfig, resolve_config
+from curvlens.zoo.runtime import hf_progress_bars_off, torch_threads
+from curvlens.zoo.tasks import Task, eval_examples, make_tasks
+from curvlens.zoo.tokenizer import make_tokenizer
+
+MANIFEST = "zoo.json"
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A built zoo on disk: a base model and capability experts in HF format.
+
+    Attributes
+    ----------
+    root : Path
+        The zoo's directory.
+    config : ZooConfig
+        The configuration it was built from.
+    seed : int
+        The seed it was built with.
+    expert_dirs : mapping
+        Expert name -> its HF model dir (with ``export/exp_avg_sq.safetensors``).
+    capabilities : mapping
+        Expert name -> the capability it was fine-tuned on.
+    """
+
+    root: Path
+    config: ZooConfig
+    seed: int
+    expert_dirs: Mapping[str, Path]
+    capabilities: Mapping[str, str]
+
+    @property
+    def base_dir(self) -> Path:
+        """The base model's HF dir."""
+        return self.root / "base"
+
+    @classmethod
+    def from_dir(cls, root: str | Path) -> "Zoo":
+        """Open a built zoo from its directory (as written by :func:`build`)."""
+        root = Path(root)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+            fields = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"].items()
+            }
+            config = ZooConfig(**fields)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CurvlensError(f"{root / MANIFEST}: not a readable zoo manifest ({err})") from err
+        return cls(
+            root=root,
+            config=config,
+            seed=manifest["seed"],
+            expert_dirs={name: root / name for name in manifest["experts"]},
+            capabilities=dict(manifest["experts"]),
+        )
+
+    def experts(self):
+        """The base and experts as a ``curvlens.Experts`` (with their second moments)."""
+        from curvlens import Experts
+
+        names = list(self.expert_dirs)
+        return Experts.from_dirs(self.base_dir, [self.expert_dirs[n] for n in names], names=names)
+
+    def evaluate(self, model, capabilities=None, **kwargs):
+        """Score ``model`` on this zoo's capabilities; see :func:`curvlens.zoo.evaluate`."""
+        from curvlens.zoo.evaluate import evaluate
+
+        return evaluate(model, capabilities, zoo=self, **kwargs)
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$CURVLENS_CACHE``, else ``~/.cache/curvlens``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("CURVLENS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "curvlens"
+
+
+def zoo_dir(config: ZooConfig, seed: int, cache_dir: str | Path | None = None) -> Path:
+    """Where the zoo of ``config`` and ``seed`` is cached."""
+    return cache_root(cache_dir) / f"zoo-{config.name}-seed{seed}-{config.key(seed)}"
+
+
+def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Path | None = None,
+          progress: bool = True, rebuild: bool = False) -> Zoo:
+    """Build the demo expert zoo, or reuse the cached one.
+
+    Parameters
+    ----------
+    config : {"quick", "default"} or ZooConfig
+        ``"quick"`` builds in well under a minute on a laptop CPU (tests, CI,
+        notebooks); ``"default"`` in a few minutes (the demo: bigger model, harder
+        tasks).
+    seed : int
+        Fixes the model initialisation, all sampled data, the fact table and the
+        evaluation sets: the same seed gives the same weights.
+    cache_dir : str or Path, optional
+        Cache root; default ``$CURVLENS_CACHE`` or ``~/.cache/curvlens``.
+    progress : bool
+        Show progress bars.
+    rebuild : bool
+        Build even if a cached zoo exists (it is replaced once the new one is complete).
+
+    Returns
+    -------
+    Zoo
+    """
+    config = resolve_config(config)
+    root = zoo_dir(config, seed, cache_dir)
+    if not rebuild and (root / MANIFEST).is_file():
+        return Zoo.from_dir(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    try:
+        build_into(partial, config, seed, progress=progress)
+        move_into_place(partial, root, replace=rebuild)
+    finally:
+        # Gone after a successful move; otherwise a half-built zoo, never to be reused.
+        shutil.rmtree(partial, ignore_errors=True)
+    return Zoo.from_dir(root)
+
+
+def move_into_place(partial: Path, root: Path, *, replace: bool) -> None:
+    """Rename the complete zoo ``partial`` to ``root``.
+
+    An existing complete zoo at ``root`` is kept (it was built from the same key,
+    e.g. by a concurrent process) unless ``replace``; an incomplete one is replaced.
+    """
+    if root.exists():
+        if (root / MANIFEST).is_file() and not replace:
+            return
+        trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
+        root.rename(trash / "zoo")
+        partial.rename(root)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        partial.rename(root)
+
+
+def held_out_prompts(task: Task, config: ZooConfig, seed: int) -> frozenset[str]:
+    """Prompts training must avoid: the evaluation set, unless the task is a closed table."""
+    if task.fixed_examples() is not None:
+        return frozenset()
+    return frozenset(ex.prompt for ex in eval_examples(task, config.n_eval, seed))
+
+
+def build_into(path: Path, config: ZooConfig, seed: int, *, progress: bool = True) -> None:
+    """Train the base and every expert of ``config`` and save them under ``path``.
+
+    One torch thread is used (see :func:`~curvlens.zoo.runtime.torch_threads`), which
+    also makes the weights independent of the machine's core count.
+    """
+    tokenizer = make_tokenizer()
+    tasks = make_tasks(config, seed)
+    held_out = {cap: held_out_prompts(task, config, seed) for cap, task in tasks.items()}
+    timings = {}
+    bar = tqdm(total=1 + len(config.experts), desc=f"curvlens zoo ({config.name})",
+               disable=not progress)
+    with bar, torch_threads(1), hf_progress_bars_off():
+        start = time.perf_counter()
+        base = train.pretrain_base(config, seed, tokenizer, tasks, held_out, progress=progress)
+        train.save_model(base, tokenizer, path / "base")
+        timings["base"] = round(time.perf_counter() - start, 2)
+        bar.update()
+        for name in config.experts:
+            start = time.perf_counter()
+            cap = EXPERT_CAPABILITIES[name]
+            expert = copy.deepcopy(base)
+            optimizer = train.finetune_expert(
+                expert, tokenizer, tasks[cap], config, rng=random.Random(f"expert-{name}-{seed}"),
+                held_out=held_out[cap], desc=name, progress=progress,
+            )
+            train.save_model(expert, tokenizer, path / name, optimizer)
+            timings[name] = round(time.perf_counter() - start, 2)
+            bar.update()
+    manifest = {
+        "config": dataclasses.asdict(config),
+        "seed": seed,
+        "code_version": CODE_VERSION,
+        "key": config.key(seed),
+        "experts": {e: EXPERT_CAPABILITIES[e] for e in config.experts},
+        "n_parameters": sum(p.numel() for p in base.parameters()),
+        "build_seconds": timings,
+    }
+    # Written last: its presence marks the directory complete.
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -1,0 +1,215 @@
+"""Pretrain the zoo's base model and fine-tune its experts.
+
+The base is "pretrained" on a shared mixture of three kinds of text:
+
+* each skill stated in "pretraining prose" (``25+13=83``, ``([]<>)``,
+  ``upper(abcd)=ABCD``, ``kubo=mira``; :meth:`~curvlens.zoo.tasks.Task.statement`),
+  as an LLM's corpus holds arithmetic, code and facts;
+* every capability's instruction format (``add 25+13:``) followed by a wrong answer
+  of the right form, so the base knows the formats but answers them wrongly;
+* generic text over the character set.
+
+The base thus has each skill latently but scores about 0 on the capabilities, and
+every expert starts from this common basin. Fine-tuning then mostly *connects*
+the instruction format to a skill the base has, a small, localised edit, as SFT
+on a large pretrained model is. (Measured: with a base that lacked the skills
+(``latent_share=0``), each expert rebuilt its skill from scratch, its task vector
+had 30-40% of the base weights' norm (over 100% for ``lm_head``), and every merge
+method, from plain averaging to OTA+FFG, scored about 0 on every capability.)
+
+Each expert is fine-tuned from the base on its own capability alone, all
+parameters, with ``torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-8)`` as in the paper,
+the loss on the answer tokens only (SFT style). The optimizer is kept so that its
+``exp_avg_sq`` can be exported next to the weights.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from curvlens.zoo.config import ZooConfig
+from curvlens.zoo.tasks import Example, Task, generic_text
+
+IGNORE = -100  # label value the HF loss skips
+
+#: One training item: (prompt text, continuation text, whether the prompt is scored).
+Item = tuple[str, str, bool]
+
+
+def make_model(config: ZooConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised tiny ``LlamaForCausalLM`` with untied embeddings.
+
+    Initialisation draws from a forked torch RNG seeded with ``seed``: the same seed
+    gives the same weights and the caller's RNG state is left untouched.
+    """
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(llama_config)
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize ``<bos> prompt continuation <eos>`` items into (input_ids, labels).
+
+    Sequences are right-padded: causal attention never lets a real token see the
+    padding after it, so no attention mask is needed. Padding, ``<bos>`` and (when
+    the item says so) the prompt get label :data:`IGNORE`.
+    """
+    prompts = tokenizer([p for p, _, _ in items], add_special_tokens=False)["input_ids"]
+    conts = tokenizer([c for _, c, _ in items], add_special_tokens=False)["input_ids"]
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    width = max(len(p) + len(c) for p, c in zip(prompts, conts)) + 2
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, (p, c, (_, _, score_prompt)) in enumerate(zip(prompts, conts, items)):
+        seq = [bos, *p, *c, eos]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        first_scored = 1 if score_prompt else 1 + len(p)
+        labels[row, first_scored : len(seq)] = ids[row, first_scored : len(seq)]
+    return ids, labels
+
+
+def sample_new(task: Task, rng: random.Random, held_out: frozenset[str]) -> Example:
+    """A training example of ``task`` whose prompt is not in ``held_out``."""
+    while True:
+        ex = task.sample(rng)
+        if ex.prompt not in held_out:
+            return ex
+
+
+def pretraining_item(tasks: Sequence[Task], config: ZooConfig, rng: random.Random,
+                     held_out: frozenset[str]) -> Item:
+    """One item of the base mixture: a task prompt with a wrong answer (``task_share``),
+    a skill statement (``latent_share``) or generic text (the rest)."""
+    r = rng.random()
+    if r < config.task_share:
+        task = rng.choice(tasks)
+        ex = sample_new(task, rng, held_out)
+        return ex.prompt, task.wrong_answer(rng, ex), True
+    if r < config.task_share + config.latent_share:
+        task = rng.choice(tasks)
+        return task.statement(sample_new(task, rng, held_out)), "", True
+    return generic_text(rng), "", True
+
+
+def expert_item(task: Task, rng: random.Random, held_out: frozenset[str]) -> Item:
+    """One SFT item: a training prompt of ``task`` and its correct answer."""
+    ex = sample_new(task, rng, held_out)
+    return ex.prompt, ex.answer, False
+
+
+def lr_factor(step: int, total: int, warmup: float = 0.05, floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup * total`` steps, then cosine decay to ``floor``."""
+    n_warm = max(1, int(warmup * total))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    progress = (step - n_warm) / max(1, total - n_warm)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def take_batch(next_item: Callable[[], Item], batch_tokens: int) -> list[Item]:
+    """Draw items until they hold ``batch_tokens`` tokens (with ``<bos>``/``<eos>``).
+
+    Batches are sized by tokens, not sequences (one character is one token), so a
+    task with short sequences and short answers (addition) gets as many answer
+    tokens per step as one with long ones, at about the same cost per step.
+    (Grouping items of similar length would save the ~40% of a pretraining batch
+    spent on padding, but made batches single-task and, measured, learning much
+    worse: the default math expert fell from 1.0 to 0.08.)
+    """
+    items, tokens = [], 0
+    while tokens < batch_tokens:
+        items.append(next_item())
+        tokens += len(items[-1][0]) + len(items[-1][1]) + 2
+    return items
+
+
+def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+          next_item: Callable[[], Item], *, steps: int, batch_tokens: int,
+          lr: float, weight_decay: float = 0.0, desc: str = "train",
+          progress: bool = True) -> torch.optim.AdamW:
+    """Run ``steps`` AdamW steps on batches of about ``batch_tokens`` tokens.
+
+    Returns
+    -------
+    torch.optim.AdamW
+        The optimizer after the last step, its state holding ``exp_avg_sq``.
+    """
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        ids, labels = encode(tokenizer, take_batch(next_item, batch_tokens))
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return optimizer
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path,
+               optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Save an HF model dir; with ``optimizer``, in the paper's expert release layout.
+
+    The layout is ``config.json``, ``model.safetensors``, tokenizer files, plus for an
+    expert ``export/exp_avg_sq.safetensors`` (name-keyed second moments, written by
+    :func:`curvlens.io.export.export_moments`) and the raw ``optimizer.pt``.
+    """
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if optimizer is not None:
+        from curvlens.io.export import export_moments
+
+        export_moments(optimizer, model, path / "export" / "exp_avg_sq.safetensors")
+        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    return path
+
+
+def pretrain_base(config: ZooConfig, seed: int, tokenizer: PreTrainedTokenizerFast,
+                  tasks: Mapping[str, Task], held_out: Mapping[str, frozenset[str]], *,
+                  progress: bool = True) -> LlamaForCausalLM:
+    """Initialise the base model from ``seed`` and pretrain it on the shared mixture."""
+    model = make_model(config, tokenizer, seed)
+    rng = random.Random(f"pretrain-{seed}")
+    task_list = list(tasks.values())
+    avoid = frozenset().union(*held_out.values())
+    train(model, tokenizer, lambda: pretraining_item(task_list, config, rng, avoid),
+          steps=config.pretrain_steps, batch_tokens=config.batch_tokens,
+          lr=config.pretrain_lr, desc="base", progress=progress)
+    return model
+
+
+def finetune_expert(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: Task,
+                    config: ZooConfig, *, rng: random.Random, held_out: frozenset[str],
+                    desc: str = "expert", progress: bool = True) -> torch.optim.AdamW:
+    """Fine-tune ``model`` in place on ``task``; return the optimizer (for its moments)."""
+    return train(model, tokenizer, lambda: expert_item(task, rng, held_out),
+                 steps=config.expert_steps, batch_tokens=config.batch_tokens,
+                 lr=config.expert_lr, weight_decay=config.weight_decay, desc=desc,
+                 progress=progress)

@@ -1,0 +1,185 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # curvlens quickstart: from experts to a curvature-informed merge
+#
+# Several experts fine-tuned from one base model can be merged into one model, but
+# which merge, and why does it work or fail? curvlens answers with the experts'
+# training curvature: the Adam second moments `exp_avg_sq` saved with each expert.
+# This notebook runs the whole loop once on the embedded demo zoo (a tiny Llama base
+# and four capability experts trained with AdamW on your machine): open the experts,
+# measure how similar their curvature is, merge them with OTA + Fast Fisher Grafting
+# (the method of Mahdavinia et al., 2025), and score the merge against the experts.
+# On the quick zoo it takes well under two minutes.
+
+# %% tags=["parameters"]
+QUICK = True      # the quick zoo (about a minute to build); False: the default zoo
+DEVICE = "auto"   # "auto": CUDA when present, else CPU
+
+# %%
+import time
+
+import pandas as pd
+
+import curvlens
+import curvlens.zoo
+from curvlens import views as V
+from curvlens.streams import analysis as A
+
+t_start = time.perf_counter()
+
+# %% [markdown]
+# ## 1. The expert zoo
+#
+# `curvlens.zoo.build` trains the zoo once and caches it (in `$CURVLENS_CACHE`, else
+# `~/.cache/curvlens`); later calls load it. Each expert is an ordinary Hugging Face
+# model dir laid out as the paper's released experts, with its second moments in
+# `<expert>/export/exp_avg_sq.safetensors`.
+
+# %%
+zoo = curvlens.zoo.build("quick" if QUICK else "default")
+experts = zoo.experts()
+print(experts)
+print("capabilities:", dict(zoo.capabilities))
+print("base model:", zoo.base_dir)
+
+# %% [markdown]
+# `describe()` lists every tensor with its layer, role, shape and dtype without
+# reading any data, which is what you want before touching an 8B checkpoint.
+
+# %%
+desc = experts.describe()
+desc.head(12)
+
+# %%
+desc.groupby("role", sort=False)["numel"].sum().to_frame("parameters")
+
+# %% [markdown]
+# ## 2. One analysis: how similar is the experts' curvature?
+#
+# For two experts $a, b$ and one tensor, curvlens compares the second moments
+# $v_a, v_b$ entry by entry. The headline number is the Spearman rank correlation
+# $\rho(v_a, v_b)$ (how similarly the two runs *order* the entries by curvature,
+# whatever their scale); it also reports the Pearson correlation of
+# $\log_{10} v$, the cosine of $v$ and the Jaccard overlap of the top 1% / 10%
+# entries. `aggregate(..., by=())` pools the per-tensor rows into one
+# model-level number per pair, weighting each tensor by its size.
+
+# %%
+overlap = A.curvature_overlap(experts, device=DEVICE)
+model_overlap = A.aggregate(overlap, by=())
+model_overlap.round(3)
+
+# %% [markdown]
+# The same numbers as an interactive expert × expert matrix (hover for the pair,
+# the value and how many parameters went into it):
+
+# %%
+V.pair_matrix_plotly(overlap, "spearman_log", title="Spearman correlation of v between experts (whole model)")
+
+# %% [markdown]
+# ## 3. One merge: OTA with Fast Fisher Grafting
+#
+# With base $\theta_0$, experts $\theta_i$, task vectors $\tau_i = \theta_i - \theta_0$
+# and second moments $v_i$:
+#
+# * **FFG** keeps, for each expert, the entries with the largest saliency
+#   $s_i = v_i \tau_i^2$ (the diagonal-Fisher estimate of how much the expert's loss
+#   rises if that entry is reset to the base): $m_i = [s_i \ge t_i]$, with one
+#   threshold $t_i$ for the whole model. `ffg_density=0.3` picks $t_i$ so that 30% of
+#   the expert's entries are kept.
+# * **OTA** then averages the kept edits with curvature weights
+#   $W_i = (v_i^{p} + \epsilon)\, m_i$ ($p = 0.5$):
+#   $$\theta = \theta_0 + \frac{\sum_i W_i \tau_i}{\sum_i W_i},$$
+#   and entries no expert kept fall back to the base.
+#
+# Without `out=`, the merged model stays in memory (fine for small models); with
+# `out=` it is streamed to an HF model dir.
+
+# %%
+result = curvlens.merge(experts, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
+                        device=DEVICE)
+result
+
+# %% [markdown]
+# The model-wide thresholds the density was turned into (one per expert), and the
+# per-tensor report (kept fraction of each expert, fraction no expert kept, size of
+# the change):
+
+# %%
+result.thresholds
+
+# %%
+result.report.head(8)
+
+# %% [markdown]
+# ## 4. Score the merge against the base and the experts
+#
+# Every capability has a held-out evaluation set scored by exact match of greedy
+# answers. A good merge approaches each expert on that expert's own capability.
+
+# %%
+rows = []
+
+
+def score(label, method, model):
+    """Evaluate one model on every capability and append merge-table rows."""
+    df = curvlens.zoo.evaluate(model, zoo=zoo, device=DEVICE)
+    rows.extend({"model": label, "method": method, "capability": r.capability,
+                 "accuracy": r.accuracy, "n": r.n} for r in df.itertuples())
+
+
+score("base", "base", zoo.base_dir)
+for name, path in zoo.expert_dirs.items():
+    score(f"expert: {name}", "expert", path)
+score("OTA+FFG (0.3)", "ota", result.checkpoint)
+table = pd.DataFrame(rows)
+pivot = table.pivot_table(index="model", columns="capability", values="accuracy", sort=False)
+pivot["mean"] = pivot.mean(axis=1)
+pivot.round(3)
+
+# %% [markdown]
+# Relative to each capability's own expert (1.0 = the expert's score; below 1 is
+# negative transfer), computed, not assumed:
+
+# %%
+rel = V.normalized_scores(table, zoo.capabilities)
+merged_rel = rel[rel["model"] == "OTA+FFG (0.3)"][["capability", "expert", "expert_accuracy", "accuracy", "relative"]]
+merged_rel.round(3)
+
+# %%
+print(f"OTA+FFG keeps on average {merged_rel['relative'].mean():.0%} of the experts' own-capability "
+      f"scores (worst capability: {merged_rel['relative'].min():.0%}).")
+
+# %% [markdown]
+# An interactive view of the same table (hover for the numbers):
+
+# %%
+V.merge_scores_plotly(table, zoo.capabilities, normalized=True,
+                      title="Accuracy relative to each capability's expert")
+
+# %%
+print(f"notebook ran in {time.perf_counter() - t_start:.0f} s")
+
+# %% [markdown]
+# ## Where next
+#
+# * `02_curvature_overlap` — curvature similarity by layer and role, the paper's pair grids.
+# * `03_ffg_masks` — FFG vs magnitude grafting, where the masks live, their rank.
+# * `04_interference` — sign conflicts and the loss each merge is predicted to cost.
+# * `05_merging` — sweep methods and parameters, Pareto view, rank-1 moments.
+# * `06_teaching` — curvature merging from first principles on quadratics.
+# * `07_your_checkpoints` — point curvlens at your own models and moments.

@@ -1,0 +1,279 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Fast Fisher Grafting: which entries of an expert's edit matter?
+#
+# An expert's task vector $\tau = \theta - \theta_0$ changes every parameter, but most of
+# those changes can be reset to the base without hurting the expert. Fast Fisher
+# Grafting (FFG) decides which ones to keep with the diagonal-Fisher saliency
+# $v\,\tau^2$ built from Adam's second moment $v$. This notebook asks, on the demo zoo:
+# does FFG keep the experts' scores at lower density than magnitude pruning
+# ($|\tau|$)? Where in the network do the kept entries sit (layer × role)? How
+# structured are the masks (rank, all-on / all-off rows and columns)? And do different
+# experts keep the same entries?
+
+# %% tags=["parameters"]
+QUICK = True      # the quick zoo; False: the default zoo
+DEVICE = "auto"   # "auto": CUDA when present, else CPU
+
+# %%
+# %matplotlib inline
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+import curvlens.zoo
+from curvlens import views as V
+from curvlens.streams import analysis as A
+
+zoo = curvlens.zoo.build("quick" if QUICK else "default")
+experts = zoo.experts()
+capabilities = dict(zoo.capabilities)
+experts
+
+# %% [markdown]
+# ## Saliency, masks and the grafted expert
+#
+# For expert $i$ with task vector $\tau_i$ and second moment $v_i$, reverting entry $j$
+# to the base raises the expert's loss by about
+# $$\Delta L_{ij} \approx \tfrac12\, F_{ij}\, \tau_{ij}^2 \approx \tfrac12\, v_{ij}\, \tau_{ij}^2,$$
+# the second-order term of a Taylor expansion around the expert's optimum, with the
+# diagonal Fisher $F$ estimated by $v$. FFG keeps the entries with the largest
+# saliency $s_{ij} = v_{ij}\tau_{ij}^2$:
+# $$m_{ij} = [\, s_{ij} \ge t_i \,], \qquad \theta^{\text{graft}}_i = \theta_0 + m_i \odot \tau_i,$$
+# with **one** threshold $t_i$ per expert for the whole model, chosen so that a given
+# fraction (the *density*) of the expert's entries is kept. The density of each layer
+# and role is therefore not imposed; it emerges. The magnitude baseline uses
+# $|\tau_{ij}|$ instead of $s_{ij}$, with the same model-wide threshold rule.
+#
+# `graft_sweep` builds $\theta^{\text{graft}}_i$ for each expert, criterion and
+# density, streaming, and scores it on every capability; density 1.0 is the expert
+# itself.
+
+# %%
+densities = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 1.0) if QUICK else (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+sweep = A.graft_sweep(experts, densities,
+                      evaluate=lambda sd: curvlens.zoo.evaluate(sd, zoo=zoo, device=DEVICE),
+                      device=DEVICE)
+sweep.head()
+
+# %% [markdown]
+# Each expert's score on its own capability against density: FFG solid, magnitude
+# dashed.
+
+# %%
+ax = V.density_curves(sweep, capabilities, title="Grafted expert, score on its own capability")
+
+# %%
+V.density_curves_plotly(sweep, capabilities)
+
+# %% [markdown]
+# ## Does FFG beat magnitude pruning here?
+#
+# `ffg_vs_magnitude_summary` lines up both criteria at each density, on each
+# expert's own capability. The verdict below is computed from that table, so it
+# stays true when the zoo changes.
+
+# %%
+summary = A.ffg_vs_magnitude_summary(sweep, capabilities)
+summary.round(3)
+
+# %%
+partial = summary[summary["density"] < 1.0].copy()
+partial["diff"] = partial["fisher"] - partial["magnitude"]
+wins = int((partial["diff"] > 0).sum())
+ties = int((partial["diff"] == 0).sum())
+losses = int((partial["diff"] < 0).sum())
+by_density = partial.groupby("density")[["fisher", "magnitude", "diff"]].mean()
+print(f"over {len(partial)} (expert, density < 1) cases: FFG higher in {wins}, equal in {ties}, "
+      f"magnitude higher in {losses}; mean score difference {partial['diff'].mean():+.3f}")
+
+
+def lowest_density_keeping(crit, frac=0.9):
+    """Per expert: the lowest density whose own-capability score is >= frac x the expert's."""
+    out = {}
+    for e, g in summary.groupby("expert", sort=False):
+        full = float(g.loc[g["density"] == 1.0, crit].iloc[0])
+        ok = g[g[crit] >= frac * full]
+        out[e] = float(ok["density"].min())
+    return out
+
+
+keep = pd.DataFrame({"fisher": lowest_density_keeping("fisher"),
+                     "magnitude": lowest_density_keeping("magnitude")})
+keep.index.name = "expert"
+print("\nlowest density keeping >= 90% of the expert's own score:")
+print(keep.to_string())
+if wins > losses:
+    verdict = "FFG beats magnitude pruning on this zoo"
+elif wins < losses:
+    verdict = "magnitude pruning beats FFG on this zoo"
+else:
+    verdict = "FFG and magnitude pruning are tied on this zoo"
+print(f"\nverdict: {verdict}.")
+by_density.round(3)
+
+# %% [markdown]
+# ## Where the masks keep entries: layer × role
+#
+# `mask_stats` describes every mask tensor by tensor: the kept fraction, the fraction
+# of all-zero rows and columns, the mask's rank and effective rank, and the share of
+# the expert's total saliency the mask keeps. Thresholds are model-wide, the same
+# ones the merge engine uses.
+
+# %%
+mask_densities = (0.1, 0.3)
+ms = A.mask_stats(experts, densities=mask_densities, device=DEVICE)
+ms.head()
+
+# %%
+fig = V.layer_role_heatmaps(ms, "kept_frac", criterion="fisher", density=0.1, vmin=0, vmax=1, log=False,
+                            title="FFG kept fraction by layer × role (model-wide density 0.1)")
+
+# %%
+fig = V.layer_role_heatmaps(ms, "kept_frac", criterion="magnitude", density=0.1, vmin=0, vmax=1, log=False,
+                            title="magnitude kept fraction by layer × role (model-wide density 0.1)")
+
+# %% [markdown]
+# The same numbers by role, with the spread across roles as a single number: a
+# uniform mask would keep the model-wide density everywhere, so the standard
+# deviation of the per-role kept fraction says how *localized* each criterion is.
+
+# %%
+role_kept = (A.aggregate(ms, by=("role",))
+             .pivot_table(index=["criterion", "density", "expert"], columns="role", values="kept_frac",
+                          sort=False))
+role_kept.round(2)
+
+# %%
+spread = role_kept.std(axis=1).groupby(level=["criterion", "density"]).mean().unstack("criterion")
+print("mean over experts of the std of the per-role kept fraction (higher = more localized):")
+spread.round(3)
+
+# %% [markdown]
+# ## Structure: rank and all-on / all-off rows and columns
+#
+# For a 2-D mask $M \in \{0, 1\}^{m \times n}$: `row_sparsity` and `col_sparsity` are
+# the fractions of rows / columns that are entirely zero, `mask_rank` is the rank of
+# $M$ (a mask made of whole rows and columns has rank 1 or 2, however large), and
+# `mask_effective_rank` is $\exp$ of the entropy of its normalized singular values.
+# The tables pool the matrices by role, weighted by size; `full rank` is the mean
+# $\min(m, n)$ for reference. A random mask of the same density has essentially
+# full rank and almost no empty rows or columns.
+
+# %%
+mats = ms[ms["rank_method"] != "none"].copy()
+desc = experts.describe().set_index("name")
+mats["full_rank"] = [min(desc.loc[n, "shape"]) for n in mats["name"]]
+structure = (mats.groupby(["criterion", "density", "role"], sort=False)
+             [["kept_frac", "row_sparsity", "col_sparsity", "mask_rank", "mask_effective_rank", "full_rank"]]
+             .mean())
+structure.loc[("fisher", 0.1)].round(2)
+
+# %%
+structure.loc[("magnitude", 0.1)].round(2)
+
+# %% [markdown]
+# The reference a random mask gives: with each entry of an $m \times n$ matrix kept
+# independently with probability $p$ (its kept fraction), a row is all-zero with
+# probability $(1-p)^n$ and a column with probability $(1-p)^m$. Below, the observed
+# fractions of empty rows and columns over all matrices (size-weighted) next to
+# that expectation, per criterion and density.
+
+# %%
+mats["rows"] = [desc.loc[n, "shape"][0] for n in mats["name"]]
+mats["cols"] = [desc.loc[n, "shape"][1] for n in mats["name"]]
+mats["random_row_sparsity"] = (1 - mats["kept_frac"]) ** mats["cols"]
+mats["random_col_sparsity"] = (1 - mats["kept_frac"]) ** mats["rows"]
+cols = ["row_sparsity", "random_row_sparsity", "col_sparsity", "random_col_sparsity"]
+empty = (A.aggregate(mats[["expert", "criterion", "density", "name", "layer", "role", "numel", *cols]], by=())
+         .groupby(["criterion", "density"])[cols].mean())
+empty.round(3)
+
+# %%
+model_level = A.aggregate(ms, by=())
+model_level.groupby(["criterion", "density"])[
+    ["kept_frac", "row_sparsity", "col_sparsity", "mask_effective_rank", "saliency_kept"]].mean().round(3)
+
+# %% [markdown]
+# `saliency_kept` is the share of the expert's total Fisher saliency that the mask
+# keeps, i.e. the fraction of the predicted loss increase of reverting everything
+# that the mask avoids. By construction FFG maximizes it for a given number of
+# entries.
+#
+# To see the structure directly, here is one attention matrix's mask for every
+# expert (white = kept), FFG against magnitude at the same density:
+
+# %%
+name = ms.loc[(ms["role"] == "q") & (ms["layer"] == 0), "name"].iloc[0]
+fig, axes = plt.subplots(2, len(experts), figsize=(2.4 * len(experts), 5), squeeze=False,
+                         constrained_layout=True)
+for r, crit in enumerate(["fisher", "magnitude"]):
+    masks = A.ffg_masks(experts, density=0.1, criterion=crit, names=[name], device=DEVICE, progress=False)
+    for c, (e, m) in enumerate(masks[name].items()):
+        ax = axes[r, c]
+        ax.imshow(m.cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{e} · {crit}\nkept {m.float().mean():.2f}", fontsize=9)
+_ = fig.suptitle(f"{name}: masks at model-wide density 0.1")
+
+# %% [markdown]
+# ## Do different experts keep the same entries?
+#
+# `mask_overlap` gives the Jaccard index $|M_a \cap M_b| / |M_a \cup M_b|$ of two
+# experts' masks per tensor. For two independent random masks of density $d$ the
+# expected Jaccard is $d^2 / (2d - d^2) = d / (2 - d)$, the reference line below.
+
+# %%
+overlap_density = 0.1
+mo = pd.concat([A.mask_overlap(experts, overlap_density, criterion=c, device=DEVICE)
+                for c in ("fisher", "magnitude")], ignore_index=True)
+chance = overlap_density / (2 - overlap_density)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+for ax, crit in zip(axes, ["fisher", "magnitude"]):
+    V.pair_matrix_heatmap(mo, "jaccard", criterion=crit, ax=ax,
+                          title=f"Jaccard of masks, {crit}, density {overlap_density}")
+pooled = A.aggregate(mo, by=()).groupby("criterion")["jaccard"].mean()
+print(f"chance level d/(2-d) = {chance:.3f}")
+print("mean Jaccard over pairs, whole model:")
+print((pooled / chance).rename("x chance").to_frame().join(pooled).round(3).to_string())
+
+# %% [markdown]
+# Where two experts' masks overlap more than chance, both experts' curvature and
+# edits concentrate on the same entries (the paper finds this in the embeddings and
+# early attention), and that is exactly where a merge has to arbitrate: OTA gives an
+# entry kept by a single expert that expert's full edit, and averages with curvature
+# weights where several keep it. By role, against the chance level of each tensor's
+# own kept fractions $p_a, p_b$ (independent masks: $p_a p_b / (p_a + p_b - p_a p_b)$),
+# since a role that keeps more entries overlaps more by chance alone:
+
+# %%
+kept = ms[ms["density"] == overlap_density].set_index(["criterion", "expert", "name"])["kept_frac"]
+pa = kept.reindex(list(zip(mo["criterion"], mo["expert_a"], mo["name"]))).to_numpy()
+pb = kept.reindex(list(zip(mo["criterion"], mo["expert_b"], mo["name"]))).to_numpy()
+mo["chance"] = np.where(pa + pb > 0, pa * pb / np.maximum(pa + pb - pa * pb, 1e-12), 1.0)
+by_role = A.aggregate(mo, by=("role",)).groupby(["criterion", "role"], sort=False)[["jaccard", "chance"]].mean()
+(by_role["jaccard"] / by_role["chance"]).unstack("criterion").round(2)  # x chance, per role
+
+# %% [markdown]
+# ## Explore
+#
+# Expert, criterion, density and metric; the heatmap and the model-wide kept
+# fraction follow.
+
+# %%
+V.mask_explorer(ms)

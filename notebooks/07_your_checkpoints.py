@@ -1,0 +1,439 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Your own checkpoints: models, second moments, merge configs
+#
+# How do you point curvlens at your own fine-tuned experts? This notebook walks
+# through every input curvlens reads and every way to produce it: Hugging Face model
+# dirs with moments in the paper's release layout
+# (`<expert>/export/exp_avg_sq.safetensors`) or in an HF Trainer checkpoint
+# (`optimizer.pt` beside the model files), exporting moments from your own training
+# loop with `export_moments`, writing a mergekit / OTA-fork YAML config and running
+# it from Python or from the `curvlens merge` command, and what memory and GPU to
+# plan for. It runs as-is: the demo zoo's dirs stand in for your models; replace the
+# paths with yours.
+
+# %% tags=["parameters"]
+QUICK = True      # the quick zoo as stand-in checkpoints; False: the default zoo
+DEVICE = "auto"   # "auto": CUDA when present, else CPU
+
+# %%
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import curvlens
+import curvlens.zoo
+from curvlens import CurvlensError, Checkpoint, Experts, Moments
+
+zoo = curvlens.zoo.build("quick" if QUICK else "default")
+work = Path(tempfile.mkdtemp(prefix="curvlens-07-"))  # everything this notebook writes
+print("stand-in checkpoints:", zoo.root)
+print("work dir:", work)
+
+# %% [markdown]
+# ## 1. What curvlens reads
+#
+# An expert is an ordinary HF model dir. Its second moments can sit beside it in the
+# layout the OTA authors released:
+#
+# ```
+# math/
+#   config.json, model.safetensors (or sharded: model-0000x-of-0000n.safetensors + index),
+#   tokenizer files
+#   export/exp_avg_sq.safetensors     <- fp32 Adam exp_avg_sq, keyed by parameter name
+#   optimizer.pt                      <- or: the raw torch.optim state (HF Trainer checkpoints)
+# ```
+
+# %%
+expert_dir = zoo.expert_dirs["math"]
+for p in sorted(expert_dir.rglob("*")):
+    if p.is_file():
+        print(f"{str(p.relative_to(expert_dir)):40s} {p.stat().st_size / 1024:8.1f} KiB")
+
+# %% [markdown]
+# `Checkpoint.open` is lazy: it reads headers only (shapes, dtypes, which file holds
+# which tensor), so `describe()` on an 8B model costs nothing. It opens HF dirs
+# (sharded or single safetensors, `pytorch_model*.bin`), single `.safetensors` /
+# `.pt` files, or an in-memory state dict.
+
+# %%
+ckpt = Checkpoint.open(expert_dir)
+print(ckpt)
+ckpt.describe().head(8)
+
+# %% [markdown]
+# `Moments.open` finds the moments in the three layouts users have. Given a model
+# dir it prefers `export/exp_avg_sq.safetensors`, then `optimizer.pt`. A raw
+# `torch.optim` state is keyed by parameter *index*; curvlens maps indices to names
+# through the model's parameter order (also the HF Trainer's two groups, with and
+# without weight decay) and checks every shape, refusing to guess when the mapping is
+# ambiguous.
+
+# %%
+m_export = Moments.open(expert_dir)                        # export/exp_avg_sq.safetensors
+m_optim = Moments.open(expert_dir / "optimizer.pt")        # torch.optim state, names from config.json order
+
+# An HF Trainer checkpoint dir: model files and optimizer.pt, no export/ folder.
+trainer_dir = work / "checkpoint-final"
+trainer_dir.mkdir()
+for f in expert_dir.iterdir():
+    if f.is_file():
+        shutil.copy(f, trainer_dir / f.name)
+m_trainer = Moments.open(trainer_dir)
+
+for label, m in [("export", m_export), ("optimizer.pt", m_optim), ("Trainer dir", m_trainer)]:
+    diff = max(float((m[n] - m_export[n]).abs().max()) for n in m_export)
+    print(f"{label:13s} {m!r}\n{'':13s} max |difference to export| = {diff:.1e}")
+
+# %% [markdown]
+# `validate` reads every moment once and checks it against the weights: same names
+# and shapes, finite, non-negative. Every problem is reported together, as a
+# `CurvlensError` naming the file, the tensor, what was expected and what was found:
+
+# %%
+m_export.validate(expert_dir)
+print("moments of", expert_dir.name, "are valid")
+try:
+    Moments.open(zoo.base_dir)  # the base has no moments
+except CurvlensError as err:
+    print("CurvlensError:", err)
+
+# %% [markdown]
+# **Bias correction.** Adam's $v_t$ starts at 0 and approaches $\mathbb{E}[g^2]$ as
+# $1 - \beta_2^t$; the paper uses it raw, which is harmless after thousands of steps.
+# For short runs, `bias_correction=True` divides by $1 - \beta_2^t$, reading the step
+# and $\beta_2$ from the file:
+
+# %%
+m_corr = Moments.open(expert_dir, bias_correction=True)
+name = next(iter(m_export))
+factor = float(m_corr[name].sum() / m_export[name].sum())
+print(f"step {m_export.step}, beta2 {m_export.beta2}: 1 / (1 - beta2**step) = "
+      f"{1 / (1 - m_export.beta2 ** m_export.step):.3f}; measured factor {factor:.3f}")
+
+# %% [markdown]
+# `Experts.from_dirs` lines up a base and experts, checks every key and shape of
+# every model and moments file up front (headers only) and reports every difference
+# in one error, before any long computation. Moments can be found in each dir, given
+# explicitly per expert, or left out (`moments=False`) for methods that do not use
+# them:
+
+# %%
+names = list(zoo.expert_dirs)
+dirs = [zoo.expert_dirs[n] for n in names]
+experts = Experts.from_dirs(zoo.base_dir, dirs, names=names)
+explicit = Experts.from_dirs(zoo.base_dir, dirs, names=names,
+                             moments=[d / "export" / "exp_avg_sq.safetensors" for d in dirs])
+weights_only = Experts.from_dirs(zoo.base_dir, dirs, names=names, moments=False)
+print(experts)
+print(weights_only)
+
+# %% [markdown]
+# ## 2. Export moments from your own training loop
+#
+# Any training loop with an Adam-family optimizer can produce curvlens's input with
+# one call after the last step:
+#
+# ```python
+# curvlens.export_moments(optimizer, model, "<expert>/export/exp_avg_sq.safetensors")
+# ```
+#
+# It writes fp32 `exp_avg_sq` keyed by `model.named_parameters()` names (the names
+# the saved model uses), with the step, betas and eps as metadata. Here is a real,
+# tiny fine-tuning run: starting from the zoo's base model, teach it a new skill
+# (sorting four letters, `"sort dbca:"` → `"abcd"`) with AdamW as in the paper
+# ($\beta = (0.9, 0.999)$, $\epsilon = 10^{-8}$), then save the model and its moments.
+
+# %%
+import random
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained(zoo.base_dir)
+model = AutoModelForCausalLM.from_pretrained(zoo.base_dir, dtype=torch.float32)
+letters = "abcdefghijklmnopqrstuvwxyz"
+rnd = random.Random(0)
+
+
+def example():
+    w = "".join(rnd.sample(letters, 4))
+    return f"sort {w}:", "".join(sorted(w))
+
+
+held_out = [example() for _ in range(100)]
+held_prompts = {p for p, _ in held_out}
+
+
+def batch_of(items):
+    """<bos> prompt answer <eos>, loss on the answer tokens only (all items have one length)."""
+    ids, labels = [], []
+    for prompt, answer in items:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids.append([tok.bos_token_id, *p, *a])
+        labels.append([-100] * (1 + len(p)) + a)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+@torch.no_grad()
+def sort_accuracy(net):
+    """Exact match of greedy answers on the held-out prompts."""
+    net.eval()
+    ids = torch.tensor([[tok.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"]] for p, _ in held_out])
+    out = net.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    answers = [tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
+    return sum(a == t for a, (_, t) in zip(answers, held_out)) / len(held_out)
+
+
+print(f"held-out sort accuracy before fine-tuning: {sort_accuracy(model):.2f}")
+torch.manual_seed(0)
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+steps = 150 if QUICK else 400
+model.train()
+for step in range(steps):
+    items = []
+    while len(items) < 64:
+        ex = example()
+        if ex[0] not in held_prompts:
+            items.append(ex)
+    ids, labels = batch_of(items)
+    loss = model(input_ids=ids, labels=labels).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+print(f"final training loss {loss.item():.3f}; held-out sort accuracy after: {sort_accuracy(model):.2f}")
+
+# %%
+my_dir = work / "sorter"
+model.save_pretrained(my_dir)
+tok.save_pretrained(my_dir)
+written = curvlens.export_moments(optimizer, model, my_dir / "export" / "exp_avg_sq.safetensors")
+mine = Moments.open(my_dir)
+mine.validate(my_dir)
+print(written.relative_to(work), mine)
+
+# %% [markdown]
+# The new expert is now exactly like a released one: line it up with the zoo's math
+# expert and merge them, then score the merge on both skills. (Whether two experts
+# merge well is what notebooks `02`–`05` diagnose; the numbers below are measured,
+# not assumed. With a plain `torch.nn.Module` rather than an HF model the export is
+# the same call; write the weights with `curvlens.write_model(state_dict, dir)`.)
+
+# %%
+pair = Experts.from_dirs(zoo.base_dir, [zoo.expert_dirs["math"], my_dir], names=["math", "sorter"])
+merged_pair = curvlens.merge(pair, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
+                             device=DEVICE, progress=False)
+math_score = curvlens.zoo.evaluate(merged_pair.checkpoint, ["addition"], zoo=zoo, device=DEVICE)
+net = AutoModelForCausalLM.from_pretrained(zoo.base_dir, dtype=torch.float32)
+net.load_state_dict({n: merged_pair.checkpoint[n].float() for n in merged_pair.checkpoint.keys()})
+print(f"merged math + sorter: addition accuracy {math_score['accuracy'].iloc[0]:.2f} "
+      f"(math expert alone: {curvlens.zoo.evaluate(zoo.expert_dirs['math'], ['addition'], zoo=zoo)['accuracy'].iloc[0]:.2f}), "
+      f"sort accuracy {sort_accuracy(net):.2f} (sorter alone: {sort_accuracy(model):.2f})")
+
+# %% [markdown]
+# ## 3. Merge configs: mergekit and the OTA authors' fork
+#
+# curvlens reads the YAML of mergekit and of the OTA fork. Paths are local and
+# relative to the config file. To keep the example realistic, the zoo's dirs are
+# linked into the work dir as `./base`, `./math`, ... as a download would lay them out.
+
+# %%
+for n, src in [("base", zoo.base_dir), *zoo.expert_dirs.items()]:
+    (work / n).symlink_to(src, target_is_directory=True)
+sorted(p.name for p in work.iterdir())
+
+# %% [markdown]
+# **The paper's OTA + FFG config, as written for the fork**: per-model
+# `preconditioner_path` and an absolute saliency threshold `precond_threshold`. Nobody
+# can guess an absolute threshold, so curvlens adds `ffg_density` (a model-wide
+# density turned into the threshold by a first streaming pass). To show that a fork
+# config runs unchanged *and* means the same thing, we take the thresholds that
+# `ffg_density: 0.3` produces and write them into a fork-style config:
+
+# %%
+by_density = curvlens.merge(experts, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
+                            device=DEVICE, progress=False)
+thresholds = dict(zip(by_density.thresholds["expert"], by_density.thresholds["threshold"]))
+models_yaml = "\n".join(
+    f"""  - model: ./{n}
+    parameters:
+      preconditioner_path: ./{n}/export/exp_avg_sq.safetensors
+      precond_threshold: {thresholds[n]!r}""" for n in names)
+fork_yaml = f"""\
+merge_method: ota
+base_model: ./base
+models:
+{models_yaml}
+parameters:
+  power: 0.5
+  epsilon: 1.0e-26
+  normalise: none
+  fallback_to_base: true
+  rank1_approx: false
+dtype: bfloat16
+"""
+(work / "ota_fork.yml").write_text(fork_yaml)
+print(fork_yaml)
+
+# %%
+cfg = curvlens.load_merge_config(work / "ota_fork.yml")
+print("method:", cfg.method, "| experts:", cfg.names, "| dtype:", cfg.dtype)
+print("parameters:", {k: v for k, v in cfg.params.items()})
+by_fork = curvlens.merge(cfg.experts(), cfg.method, device=DEVICE, progress=False, **cfg.params)
+diff = max(float((by_fork.checkpoint[n] - by_density.checkpoint[n]).abs().max()) for n in by_density.checkpoint.keys())
+print(f"fork config (precond_threshold) vs ffg_density=0.3: max |difference| = {diff:.1e}")
+
+# %% [markdown]
+# The curvlens form of the same merge is shorter: one density for all experts, and
+# the moments found in each model dir.
+
+# %%
+(work / "ota_ffg.yml").write_text("""\
+merge_method: ota
+base_model: ./base
+models:
+  - model: ./math
+  - model: ./code
+  - model: ./instruct
+  - model: ./knowledge
+parameters:
+  ffg_density: 0.3
+  epsilon: 1.0e-26
+  fallback_to_base: true
+dtype: bfloat16
+""")
+
+# %% [markdown]
+# **A mergekit config** for a method mergekit also has (here TIES) runs as it is and
+# gives the same tensors as mergekit 0.1.5 (see `docs/merge_methods.md`). Merging to
+# disk (`out=`) streams each merged tensor into an HF model dir, written atomically,
+# with the config and a per-tensor report saved beside the weights:
+
+# %%
+(work / "ties.yml").write_text("""\
+merge_method: ties
+base_model: ./base
+models:
+  - model: ./math
+    parameters: {weight: 1.0, density: 0.5}
+  - model: ./code
+    parameters: {weight: 1.0, density: 0.5}
+  - model: ./instruct
+    parameters: {weight: 1.0, density: 0.5}
+  - model: ./knowledge
+    parameters: {weight: 1.0, density: 0.5}
+parameters:
+  normalize: true
+dtype: bfloat16
+""")
+cfg = curvlens.load_merge_config(work / "ties.yml")
+result = curvlens.merge(cfg.experts(), cfg.method, work / "merged-ties", dtype=cfg.dtype, config_text=cfg.text,
+                        device=DEVICE, progress=False, **cfg.params)
+for p in sorted(result.path.iterdir()):
+    print(f"{p.name:30s} {p.stat().st_size / 1024:8.1f} KiB")
+
+# %% [markdown]
+# The output is a regular HF model dir. Its tensors are stored in bf16, as the config
+# asked; `from_pretrained` loads them in the dtype you request:
+
+# %%
+print("stored dtypes:", sorted({str(result.checkpoint.dtype(n)) for n in result.checkpoint.keys()}))
+loaded = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.bfloat16)
+print(type(loaded).__name__, "loaded as", next(loaded.parameters()).dtype)
+curvlens.zoo.evaluate(result.path, zoo=zoo, device=DEVICE)
+
+# %% [markdown]
+# **From the command line** the same config runs with
+#
+# ```bash
+# curvlens merge ota_ffg.yml merged-ota --device auto     # add --overwrite to replace merged-ota
+# curvlens methods ota                                     # every parameter of a method
+# ```
+#
+# Here we run exactly that command (via the current Python) on the config written
+# above:
+
+# %%
+cmd = [sys.executable, "-m", "curvlens.cli", "merge", "ota_ffg.yml", "merged-ota", "--device", DEVICE, "--quiet"]
+proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+print("$ curvlens merge ota_ffg.yml merged-ota --device", DEVICE, "--quiet")
+print(proc.stdout or proc.stderr)
+assert proc.returncode == 0, proc.stderr
+print((work / "merged-ota" / "curvlens_merge.yml").read_text())
+
+# %% [markdown]
+# ## 4. Memory and GPU
+#
+# * **Streaming.** Every pass (analysis or merge) reads one tensor name at a time from
+#   the base, every expert and every moments file, computes, emits a small result or
+#   a merged tensor, and releases it; the next tensor is read in a background thread
+#   while the current one is processed, when both fit in 1 GiB. Peak memory is about
+#   the largest tensor times $4\,(1 + 2N)$ bytes (base + $N$ experts + $N$ moments, all
+#   in fp32 on the device), plus the next tensor when it is prefetched, whatever the
+#   model size. OTA + FFG with `ffg_density` makes one extra streaming pass for the
+#   model-wide thresholds (a bounded-memory sketch, not a sort of the whole model).
+# * **Device.** `device="auto"` (every function, and `--device` of the CLI) runs the
+#   math on CUDA when present; reads stay on the CPU and only scalars or the merged
+#   tensor come back. On a GPU the merge is usually bound by disk reads.
+# * **dtype.** The math is always fp32; `dtype=` (YAML `dtype:`) sets what is written,
+#   `bfloat16` halves the output. Moments are read as fp32.
+# * **Disk.** Second moments are fp32, twice a bf16 model: five 8B experts need about
+#   5 × 32 GB of moments. Rank-1 moments (`rank1_approx: true`) change the merge, not
+#   what is read; `moment_compression` shows what they would save if stored.
+#
+# The estimate for this zoo and for five Llama-3.1-8B experts (shapes only, nothing
+# is read):
+
+# %%
+def peak_bytes(shapes, n_experts):
+    """Largest tensor group in fp32: base + experts + moments, as the stream holds it."""
+    largest = max(int(torch.Size(s).numel()) for s in shapes)
+    return largest * 4 * (1 + 2 * n_experts), largest
+
+
+desc = experts.describe()
+zoo_peak, zoo_largest = peak_bytes(desc["shape"], len(experts))
+h, inter, vocab, kv, layers = 4096, 14336, 128256, 1024, 32  # Llama-3.1-8B
+llama = [(vocab, h), (vocab, h)] + layers * [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
+llama_peak, llama_largest = peak_bytes(llama, 5)
+total_8b = sum(torch.Size(s).numel() for s in llama)
+pd.DataFrame({
+    "parameters": [int(desc["numel"].sum()), total_8b],
+    "largest tensor": [zoo_largest, llama_largest],
+    "experts": [len(experts), 5],
+    "peak working set (GB)": [zoo_peak / 1e9, llama_peak / 1e9],
+    "moments on disk (GB)": [len(experts) * int(desc["numel"].sum()) * 4 / 1e9, 5 * total_8b * 4 / 1e9],
+}, index=["this zoo", "5 x Llama-3.1-8B"])
+
+# %%
+from curvlens.streams import resolve_device
+
+print("device='auto' resolves to:", resolve_device(DEVICE))
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+
+# %% [markdown]
+# Clean up the work dir (the zoo's cache is left alone):
+
+# %%
+shutil.rmtree(work)
