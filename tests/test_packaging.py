@@ -21,7 +21,9 @@ def test_environment_yml_matches_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = {}
     for dep in env["dependencies"]:
-        if isinstance(dep, str) and _name(dep) not in ("python", "pip"):
+        if isinstance(dep, dict):  # the pip: section, for what conda-forge lacks
+            conda.update({_name(r): r.replace(" ", "") for r in dep["pip"]})
+        elif _name(dep) not in ("python", "pip"):
             name = CONDA_TO_PIP.get(_name(dep), _name(dep))
             conda[name] = name + dep.strip()[len(_name(dep)):]
     assert conda == pip

@@ -67,6 +67,8 @@ class ModelWriter:
         Replace an existing ``out`` (only once the new one is complete).
     extra_files : dict, optional
         ``{filename: text}`` written beside the weights (e.g. the merge config).
+    config_overrides : dict, optional
+        Keys to set in the copied ``config.json`` (e.g. the dtype of the weights).
     plan : sequence of (name, shape, dtype), optional
         Every tensor that will be added, in order. Enables unbuffered streaming
         writes; ``add`` then checks each tensor against the plan.
@@ -83,7 +85,8 @@ class ModelWriter:
 
     def __init__(self, out: PathLike, reference_dir: PathLike | None = None, *,
                  max_shard_size: int | str = "1GB", overwrite: bool = False,
-                 extra_files: dict[str, str] | None = None, plan=None):
+                 extra_files: dict[str, str] | None = None, plan=None,
+                 config_overrides: dict | None = None):
         self.out = Path(out)
         self._plan = _shard_plan(plan, parse_size(max_shard_size)) if plan is not None else None
         self._pos = 0
@@ -92,6 +95,7 @@ class ModelWriter:
         self.max_shard_size = parse_size(max_shard_size)
         self.overwrite = overwrite
         self.extra_files = dict(extra_files or {})
+        self.config_overrides = dict(config_overrides or {})
         if self.out.exists() and not overwrite:
             raise CurvlensError(f"{self.out} already exists; pass overwrite=True to replace it")
         self._tmp: Path | None = None
@@ -176,6 +180,11 @@ class ModelWriter:
                 src = self.reference_dir / fname
                 if src.is_file():
                     shutil.copy2(src, self._tmp / fname)
+        cfg = self._tmp / "config.json"
+        if self.config_overrides and cfg.is_file():
+            data = json.loads(cfg.read_text())
+            data.update(self.config_overrides)
+            cfg.write_text(json.dumps(data, indent=2))
         for fname, text in self.extra_files.items():
             (self._tmp / fname).write_text(text)
         _rename_into_place(self._tmp, self.out, self.overwrite)

@@ -7,6 +7,7 @@ consumer moves on. Peak memory is a few tensors per expert, whatever the model s
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -340,4 +341,6 @@ def _head(items: list[str], n: int = 5) -> str:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+    # TQDM_DISABLE is honoured although disable= is passed explicitly
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(total=total, desc=desc, unit="tensor", disable=off, leave=False)

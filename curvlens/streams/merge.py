@@ -178,8 +178,12 @@ def merge(
              "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None}, sort_keys=False)
         # every output name, shape and dtype is known now: stream the bytes unbuffered
         plan = [(n, ref.shape(n), _out_dtype(ref.dtype(n), out_dtype)) for n in experts.tensor_names()]
+        # transformers reads the weights' dtype from config.json: keep it truthful
+        dtype_name = str(out_dtype).replace("torch.", "") if out_dtype is not None else None
+        overrides = {"torch_dtype": dtype_name, "dtype": dtype_name} if dtype_name else None
         writer_cm = ModelWriter(out, ref_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-                                extra_files={"curvlens_merge.yml": config}, plan=plan)
+                                extra_files={"curvlens_merge.yml": config}, plan=plan,
+                                config_overrides=overrides)
     with writer_cm as writer:
         elementwise = _is_elementwise(m, p)
         # elementwise methods cast chunk by chunk, so they read the stored dtype

@@ -129,8 +129,16 @@ def figure_style(**overrides: Any):
 
     rc = dict(_RC, **{"axes.prop_cycle": cycler(color=list(CATEGORICAL))})
     rc.update(overrides)
-    with mpl.rc_context(rc):
-        yield
+    # Resolve the backend first: if pyplot's first figure is made inside
+    # rc_context, leaving the context resets the backend and interactive mode, and
+    # in a fresh Jupyter kernel no later figure would display.
+    mpl.get_backend()
+    interactive = mpl.is_interactive()
+    try:
+        with mpl.rc_context(rc):
+            yield
+    finally:
+        mpl.interactive(interactive)
 
 
 def styled(fn):

@@ -121,7 +121,11 @@ def _color_setup(values: np.ndarray, metric: str, *, log, cmap, vmin, vmax, cent
     from matplotlib import colors
 
     finite = values[np.isfinite(values)]
-    use_log = auto_log(finite, log)
+    # an explicit non-positive vmin asks for a linear scale: don't switch to log
+    use_log = auto_log(finite, log) if (log is not None or vmin is None or vmin > 0) else False
+    if use_log and vmin is not None and vmin <= 0:
+        raise CurvlensError(f"log colour scale for {metric!r} needs vmin > 0; got vmin={vmin} "
+                            "(pass log=False for a linear scale)")
     if use_log:
         pos = finite[finite > 0]
         if pos.size == 0:

@@ -103,7 +103,7 @@ def eval_sets(config: ZooConfig, seed: int,
     return {c: eval_examples(tasks[c], config.n_eval, seed) for c in names}
 
 
-def load_model(model: Any, base_dir: Path, device: str | torch.device = "cpu"):
+def load_model(model: Any, base_dir: Path | None, device: str | torch.device = "cpu"):
     """(model, tokenizer) from an HF dir, or from weights laid onto the base architecture.
 
     ``model`` is an HF model dir, or any mapping name -> tensor with ``keys()`` and

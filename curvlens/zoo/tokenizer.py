@@ -25,8 +25,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     """Build the zoo's character-level tokenizer.
 
     Ids 0-3 are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; then one id per character
-    of :data:`ALPHABET`. Padding is on the left, so a batch of prompts of different
-    lengths ends at the same position and greedy decoding can append to all of them.
+    of :data:`ALPHABET`. Padding is on the left, as batched generation with
+    ``model.generate`` needs (the zoo's own decoding groups prompts by length and
+    does not pad).
 
     Returns
     -------

@@ -99,3 +99,13 @@ def test_planned_write_checks_order_and_completeness(tmp_path):
     with pytest.raises(CurvlensError, match="1 planned tensor\\(s\\) were never written, starting with 'b'"):
         write_model({"a": torch.zeros(2)}, tmp_path / "o", plan=plan)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_overrides_keep_config_truthful(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "config.json").write_text('{"model_type": "llama", "torch_dtype": "float32"}')
+    out = write_model({"a": torch.zeros(2, dtype=torch.bfloat16)}, tmp_path / "o", ref,
+                      config_overrides={"torch_dtype": "bfloat16"})
+    assert json.loads((out / "config.json").read_text()) == {"model_type": "llama", "torch_dtype": "bfloat16"}
+    assert json.loads((ref / "config.json").read_text())["torch_dtype"] == "float32"  # source untouched

@@ -119,3 +119,35 @@ def test_plotly_heatmap_log_scale_uses_log10_values():
     assert tr.z[0][0] == pytest.approx(-6)
     assert tr.colorbar.ticktext[0].startswith("1e")
     assert tr.customdata[0][0][3] == "1.0e-06"
+
+
+def test_vmin_zero_keeps_a_linear_scale_and_log_with_vmin_zero_is_an_error():
+    import pandas as pd
+
+    from curvlens.errors import CurvlensError
+    from curvlens.views import layer_role_heatmap
+
+    df = pd.DataFrame({"name": ["a", "b"], "layer": [0, 1], "role": ["q", "k"], "numel": [4, 4],
+                       "kept_frac": [0.001, 0.7]})
+    ax = layer_role_heatmap(df, "kept_frac", vmin=0, vmax=1)  # spans decades, but vmin=0
+    norm = ax.images[0].norm
+    assert (norm.vmin, norm.vmax) == (0, 1) and type(norm).__name__ == "Normalize"
+    import pytest
+
+    with pytest.raises(CurvlensError, match="needs vmin > 0"):
+        layer_role_heatmap(df, "kept_frac", vmin=0, log=True)
+
+
+def test_figure_style_keeps_interactive_mode():
+    import matplotlib as mpl
+
+    from curvlens.views._common import figure_style
+
+    before = mpl.is_interactive()
+    mpl.interactive(True)
+    try:
+        with figure_style():
+            pass
+        assert mpl.is_interactive()
+    finally:
+        mpl.interactive(before)
