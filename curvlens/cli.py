@@ -48,12 +48,13 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_figures(a: argparse.Namespace) -> int:
     from curvlens import zoo as zoo_mod
     from curvlens.demo import analysis_frames, evaluate_and_merge
-    from curvlens.views.figures import render_all
+    from curvlens.views.figures import FRAME_KEYS, render_all
 
     zoo = zoo_mod.build("quick" if a.quick else "default", progress=not a.quiet)
     experts = zoo.experts()
     table, merges = evaluate_and_merge(zoo, experts, device=a.device, progress=not a.quiet, echo=print)
     frames = analysis_frames(zoo, experts, merges, table, device=a.device, progress=not a.quiet, echo=print)
+    frames = {k: v for k, v in frames.items() if k in FRAME_KEYS}  # the ones that have figures
     written = render_all(frames, a.out, formats=a.formats, capability_map=zoo.capabilities)
     print(f"wrote {len(written)} files to {a.out} (captions in {a.out / 'README.md'})")
     return 0
