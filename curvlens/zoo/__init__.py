@@ -11,14 +11,13 @@ Examples
 >>> z = zoo.build("quick")                                      # doctest: +SKIP
 >>> zoo.evaluate(z.expert_dirs["math"], zoo=z)                  # doctest: +SKIP
 """
-try:  # the zoo trains real HF models; the rest of curvlens does not need these
-    import tokenizers  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError as err:
+import importlib.util
+
+_missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+if _missing:  # the zoo trains real HF models; the rest of curvlens does not need these
     raise ImportError(
-        f"curvlens.zoo needs transformers and tokenizers ({err}); "
-        "install them with: pip install 'curvlens[zoo]'"
-    ) from err
+        f"curvlens.zoo needs {' and '.join(_missing)}; install with: pip install 'curvlens[zoo]'"
+    )
 
 from curvlens.zoo.build import Zoo, build
 from curvlens.zoo.config import EXPERT_CAPABILITIES, PRESETS, ZooConfig

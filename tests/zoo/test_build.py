@@ -2,6 +2,7 @@
 
 Cache behaviour is tested on a toy config that builds in about a second.
 """
+import dataclasses
 import json
 import time
 
@@ -14,6 +15,7 @@ from curvlens import CurvlensError, Experts
 from curvlens.zoo import PRESETS, Zoo, ZooConfig, build, evaluate
 from curvlens.zoo import train as zoo_train
 from curvlens.zoo.build import MANIFEST, zoo_dir
+from tests.zoo.test_tasks import all_task_strings
 
 TOY = ZooConfig(name="toy", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                 intermediate_size=24, n_facts=4, n_eval=8, batch_tokens=128,
@@ -53,6 +55,9 @@ def test_saved_dirs_load_with_auto_classes(quick_zoo):
         assert isinstance(model, LlamaForCausalLM)
         assert None not in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
         assert model.config.vocab_size == len(tok)
+    for text in all_task_strings(quick_zoo.config, n=50):  # the saved tokenizer, as loaded
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text) and tok.decode(ids) == text
     names = dict(model.named_parameters())
     n = sum(p.numel() for p in names.values())
     assert 5e4 < n < 2e6
@@ -100,7 +105,7 @@ def test_manifest(quick_zoo):
 def test_cache_dir_is_keyed_by_config_and_seed(tmp_path):
     dirs = {zoo_dir(PRESETS["quick"], 0, tmp_path), zoo_dir(PRESETS["quick"], 1, tmp_path),
             zoo_dir(PRESETS["default"], 0, tmp_path),
-            zoo_dir(ZooConfig(**{**PRESETS["quick"].__dict__, "expert_steps": 7}), 0, tmp_path)}
+            zoo_dir(dataclasses.replace(PRESETS["quick"], expert_steps=7), 0, tmp_path)}
     assert len(dirs) == 4 and all(d.parent == tmp_path for d in dirs)
     assert zoo_dir(PRESETS["quick"], 0, tmp_path) == zoo_dir(PRESETS["quick"], 0, tmp_path)
 

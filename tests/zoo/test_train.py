@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from curvlens.zoo import PRESETS
+from curvlens.zoo.tokenizer import make_tokenizer
+from curvlens.zoo.train import IGNORE, encode, lr_factor, make_model, take_batch
+
+TOK = make_tokenizer()
+BOS, EOS, PAD = TOK.bos_token_id, TOK.eos_token_id, TOK.pad_token_id
+
+
+def ids_of(text):
+    return TOK(text, add_special_tokens=False)["input_ids"]
+
+
+def test_sft_items_score_only_the_answer_and_eos():
+    batch = encode(TOK, [("add 01+02:", "3", False), ("fact kubo:", "mira", False)])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert set(batch) == {"input_ids", "labels"}
+    assert ids[0].tolist() == [BOS, *ids_of("add 01+02:3"), EOS, PAD, PAD, PAD]
+    assert labels[0].tolist() == [IGNORE] * 11 + [*ids_of("3"), EOS] + [IGNORE] * 3
+    assert labels[1].tolist() == [IGNORE] * 11 + [*ids_of("mira"), EOS]
+
+
+def test_packed_rows_hold_several_items_and_never_score_bos():
+    items = [("ab", "", True), ("cd", "", True), ("efg", "", True)]
+    batch = encode(TOK, items, pack_width=9)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 0, 0]]
+    assert ids.tolist() == [[BOS, *ids_of("ab"), EOS, BOS, *ids_of("cd"), EOS],
+                            [BOS, *ids_of("efg"), EOS, PAD, PAD, PAD]]
+    scored = ids.clone()
+    scored[(ids == BOS) | (ids == PAD)] = IGNORE
+    assert torch.equal(labels, scored)
+
+
+def test_packed_items_see_only_themselves():
+    # Same logits and loss as one item per row: packing changes the cost, not the maths.
+    model = make_model(PRESETS["quick"], TOK, seed=0)
+    items = [("add 01+02:", "3", True), ("fact kubo:", "mira", True), ("close ([:", "])", True),
+             ("upper abcd:", "ABCD", True)]
+    packed, single = encode(TOK, items, pack_width=40), encode(TOK, items)
+    assert packed["input_ids"].shape[0] == 2
+    with torch.no_grad():
+        out_packed, out_single = model(**packed), model(**single)
+    torch.testing.assert_close(out_packed.loss, out_single.loss)
+    keep = packed["input_ids"] != PAD
+    torch.testing.assert_close(out_packed.logits[keep], out_single.logits[single["input_ids"] != PAD],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_batches_are_sized_in_tokens():
+    items = iter([("x" * 8, "y", False)] * 100)
+    batch = take_batch(lambda: next(items), 50)
+    assert len(batch) == 5  # 11 tokens each with <bos>/<eos>: 5 reach 50
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    assert lr_factor(0, 100) == pytest.approx(0.2)  # 5 warm-up steps
+    assert lr_factor(4, 100) == pytest.approx(1.0)
+    assert lr_factor(99, 100) == pytest.approx(0.1, abs=1e-3)
+    values = [lr_factor(s, 100) for s in range(5, 100)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_model_is_seeded_without_touching_the_callers_rng():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = make_model(PRESETS["quick"], TOK, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = make_model(PRESETS["quick"], TOK, seed=0)
+    c = make_model(PRESETS["quick"], TOK, seed=1)
+    wa, wb, wc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["lm_head.weight"], wc["lm_head.weight"])
+    assert a.config.num_key_value_heads < a.config.num_attention_heads
+    assert not a.config.tie_word_embeddings
