@@ -175,15 +175,8 @@ def log10_histogram_grid(hist: pd.DataFrame, *, by: str = "role",
     """
     import matplotlib.pyplot as plt
 
-    check_choice("by", by, ["role", "expert"])
     what = "log10_histogram_grid"
-    hist = _prepare(hist, filters, what)
-    hue = "expert" if by == "role" else "role"
-    keys = _groups(hist, by, panels)
-    hues = _groups(hist, hue, hues)
-    n = len(keys)
-    ncols = min(n, 5) if ncols is None else max(1, int(ncols))
-    nrows = int(np.ceil(n / ncols))
+    hist, hue, keys, hues, nrows, ncols = _panel_layout(hist, by, panels, hues, ncols, filters, what)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols + 1.2, 1.9 * nrows + 0.5),
                              squeeze=False, sharex=True, sharey=True)
     for k, key in enumerate(keys):
@@ -195,9 +188,9 @@ def log10_histogram_grid(hist: pd.DataFrame, *, by: str = "role",
         ax.set_title(f"{by}: {key}")
         if k % ncols:
             ax.set_ylabel("")
-        if k + ncols < n:
+        if k + ncols < len(keys):
             ax.set_xlabel("")
-    for ax in axes.flat[n:]:
+    for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     from matplotlib.lines import Line2D
 
@@ -227,15 +220,8 @@ def log10_histogram_plotly(hist: pd.DataFrame, *, by: str = "role",
     go = require_plotly()
     from plotly.subplots import make_subplots
 
-    check_choice("by", by, ["role", "expert"])
     what = "log10_histogram_plotly"
-    hist = _prepare(hist, filters, what)
-    hue = "expert" if by == "role" else "role"
-    keys = _groups(hist, by, panels)
-    hues = _groups(hist, hue, hues)
-    n = len(keys)
-    ncols = min(n, 5) if ncols is None else max(1, int(ncols))
-    nrows = int(np.ceil(n / ncols))
+    hist, hue, keys, hues, nrows, ncols = _panel_layout(hist, by, panels, hues, ncols, filters, what)
     fig = make_subplots(rows=nrows, cols=ncols, shared_xaxes=True, shared_yaxes=True,
                         subplot_titles=[f"{by}: {k}" for k in keys],
                         horizontal_spacing=0.03, vertical_spacing=0.12 if nrows > 1 else 0.1)
@@ -268,3 +254,15 @@ def log10_histogram_plotly(hist: pd.DataFrame, *, by: str = "role",
     fig.update_layout(title=title, template="plotly_white", legend_title_text=hue,
                       height=120 + 230 * nrows, width=140 + 220 * ncols)
     return fig
+
+
+def _panel_layout(hist, by, panels, hues, ncols, filters, what):
+    """Shared by the static and plotly grids: filtered frame, hue column, panel
+    keys, hue values and the (rows, columns) of the grid."""
+    check_choice("by", by, ["role", "expert"])
+    hist = _prepare(hist, filters, what)
+    hue = "expert" if by == "role" else "role"
+    keys = _groups(hist, by, panels)
+    hues = _groups(hist, hue, hues)
+    ncols = min(len(keys), 5) if ncols is None else max(1, int(ncols))
+    return hist, hue, keys, hues, int(np.ceil(len(keys) / ncols)), ncols
