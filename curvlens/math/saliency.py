@@ -12,8 +12,10 @@ import math
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.math.blocks import blocks
 
-__all__ = ["saliency", "fisher_mask", "magnitude_scores", "topk_mask"]
+__all__ = ["saliency", "fisher_mask", "magnitude_scores", "topk_mask", "kth_largest",
+           "kth_largest_blocked", "TopKKeeper", "at_least", "above"]
 
 
 def _as_tensor(param: str, x: object) -> torch.Tensor:
@@ -118,18 +120,169 @@ def kth_largest(flat: torch.Tensor, k: int, *, sample: int = 1 << 14) -> torch.T
         return torch.kthvalue(flat, n - k + 1).values
     gen = torch.Generator(device=flat.device).manual_seed(n)
     idx = torch.randint(0, n, (sample,), generator=gen, device=flat.device)
-    s = torch.sort(flat[idx]).values
-    # the k-th largest sits near sample quantile 1 - k/n; widen by ~6 std errors
-    q = 1.0 - k / n
-    half = 6.0 * (q * (1.0 - q) / sample) ** 0.5 + 2.0 / sample
-    lo = s[max(0, int((q - half) * sample))]
-    hi = s[min(sample - 1, int((q + half) * sample) + 1)]
+    lo, hi = _bracket(flat[idx], n, k)  # the k-th largest sits near sample quantile 1 - k/n
     above = int(torch.count_nonzero(flat > hi))  # count_nonzero: ~6x a bool sum()
     inside = flat[(flat >= lo) & (flat <= hi)]
     r = k - above  # rank of the answer among the bracketed entries, from the top
     if 1 <= r <= inside.numel():
         return torch.kthvalue(inside, inside.numel() - r + 1).values
     return torch.kthvalue(flat, n - k + 1).values
+
+
+def at_least(scores: torch.Tensor, t: float) -> torch.Tensor:
+    """fp32 mask, 1.0 where ``scores >= t``, for **nonnegative** scores.
+
+    Built from float ops (``threshold`` then ``sign``): on a CPU a comparison that
+    makes a bool tensor, and every op that reads one, costs 3-5x a float op, and
+    these masks are made for every block of every tensor.
+
+    Examples
+    --------
+    >>> at_least(torch.tensor([0.0, 1.0, 2.0, 3.0]), 2.0)
+    tensor([0., 0., 1., 1.])
+    >>> at_least(torch.tensor([0.0, 1.0]), 0.0)
+    tensor([1., 1.])
+    """
+    t = float(torch.tensor(float(t), dtype=torch.float32))
+    if t <= 0:
+        return torch.ones_like(scores, dtype=torch.float32)
+    below = float(torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(0.0)))
+    return torch.sign(torch.nn.functional.threshold(scores, below, 0.0))
+
+
+def above(scores: torch.Tensor, t: float) -> torch.Tensor:
+    """fp32 mask, 1.0 where ``scores > t``, for **nonnegative** scores (see
+    :func:`at_least`).
+
+    Examples
+    --------
+    >>> above(torch.tensor([0.0, 1.0, 2.0, 3.0]), 2.0)
+    tensor([0., 0., 0., 1.])
+    """
+    t = float(torch.tensor(float(t), dtype=torch.float32))
+    if t < 0:
+        return torch.ones_like(scores, dtype=torch.float32)
+    return torch.sign(torch.nn.functional.threshold(scores, t, 0.0))
+
+
+def _bracket(sample_values: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sample quantiles that bracket the ``k``-th largest of ``n`` entries
+    with overwhelming probability (about 6 standard errors either side)."""
+    sample = sample_values.numel()
+    s = torch.sort(sample_values).values
+    q = 1.0 - k / n
+    half = 6.0 * (q * (1.0 - q) / sample) ** 0.5 + 2.0 / sample
+    lo_i, hi_i = int((q - half) * sample), int((q + half) * sample) + 1
+    # a bracket reaching past the sample's ends is open there: entries beyond the
+    # sampled extremes may hold the answer (k = 1 is the sample maximum's neighbour)
+    lo = s[lo_i] if lo_i > 0 else torch.tensor(-math.inf, device=s.device)
+    hi = s[hi_i] if hi_i < sample - 1 else torch.tensor(math.inf, device=s.device)
+    return lo, hi
+
+
+def kth_largest_blocked(score, n: int, k: int, size: int, *, nonnegative: bool = False,
+                        sample: int = 1 << 14) -> tuple[torch.Tensor, int, int]:
+    """The exact ``k``-th largest of ``n`` scores produced block by block.
+
+    Like :func:`kth_largest`, but the scores are never held all at once:
+    ``score(ix)`` returns the fp32 scores at ``ix`` (a slice, or an index tensor
+    for the sample), so a caller can compute them from bf16 inputs one cache-sized
+    block at a time. One pass counts the entries above a sampled bracket and
+    keeps the few inside it; a bracket that misses (probability ~1e-9) costs a
+    second, whole-tensor pass.
+
+    Parameters
+    ----------
+    score : callable
+        ``score(ix) -> 1-D fp32 tensor`` for ``ix`` a slice of ``range(n)`` or a
+        1-D int64 index tensor.
+    n, k : int
+        Number of entries and rank from the top (``1 <= k <= n``).
+    size : int
+        Block length (see :mod:`curvlens.math.blocks`).
+    nonnegative : bool
+        The scores are never negative (magnitudes, saliencies): allows faster
+        float-op counting.
+
+    Returns
+    -------
+    kth : torch.Tensor
+        0-d tensor, the ``k``-th largest score.
+    above : int
+        How many scores are strictly larger (so ``k - above`` entries equal to
+        ``kth`` complete the top ``k``).
+    equal : int
+        How many scores equal ``kth``.
+
+    Examples
+    --------
+    >>> x = torch.tensor([0.1, 3.0, 2.0, 0.5, 2.0])
+    >>> kth_largest_blocked(lambda ix: x[ix], 5, 3, size=2)
+    (tensor(2.), 1, 2)
+    """
+    if not 1 <= k <= n:
+        raise CurvlensError(f"k must be in [1, {n}]; got {k}")
+    if n > 8 * sample:  # else one block-sized selection is cheaper than a pass
+        gen = torch.Generator(device="cpu").manual_seed(n)
+        idx = torch.randint(0, n, (sample,), generator=gen)
+        lo, hi = _bracket(score(idx), n, k)
+        above_hi, inside = 0.0, []
+        for sl in blocks(n, size):
+            a = score(sl)
+            # a float count (exact: a block has < 2**24 entries) is ~2x a bool one
+            above_hi += float(above(a, hi).sum()) if nonnegative else int(torch.count_nonzero(a > hi))
+            inside.append(a[(a >= lo) & (a <= hi)])
+        above_hi = int(above_hi)
+        inside = torch.cat(inside)
+        r = k - above_hi
+        if 1 <= r <= inside.numel():
+            kth = torch.kthvalue(inside, inside.numel() - r + 1).values
+            return (kth, above_hi + int(torch.count_nonzero(inside > kth)),
+                    int(torch.count_nonzero(inside == kth)))
+    flat = score(slice(0, n))
+    kth = kth_largest(flat, k, sample=sample)
+    return kth, int(torch.count_nonzero(flat > kth)), int(torch.count_nonzero(flat == kth))
+
+
+class TopKKeeper:
+    """The top-``k`` mask of one tensor of **nonnegative** scores, handed out
+    block by block in index order, as fp32 0/1 masks (see :func:`at_least`).
+
+    Entries above ``kth`` are kept; of the entries equal to it, the first
+    ``ties = k - above`` in index order are (the tie rule of :func:`topk_mask`).
+    Blocks must be asked for in order, each once; :meth:`reset` starts over.
+    Given ``equal``, the number of entries equal to ``kth``, a keeper that keeps
+    all of them skips the bookkeeping.
+
+    Examples
+    --------
+    >>> keeper = TopKKeeper(torch.tensor(2.0), ties=1)
+    >>> keeper(torch.tensor([2.0, 3.0])), keeper(torch.tensor([2.0, 0.0]))
+    (tensor([1., 1.]), tensor([0., 0.]))
+    """
+
+    def __init__(self, kth: torch.Tensor, ties: int, equal: int | None = None):
+        self.kth, self.ties = float(kth), int(ties)
+        # every entry equal to kth is kept (the usual case): no tie bookkeeping
+        self.all_ties = equal is not None and int(equal) == self.ties
+        self.reset()
+
+    def reset(self) -> None:
+        self.remaining = self.ties
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.all_ties:
+            return at_least(scores, self.kth)
+        if self.remaining <= 0:
+            return above(scores, self.kth)
+        keep = at_least(scores, self.kth)
+        tied = torch.nonzero(scores == self.kth).flatten()
+        if tied.numel() <= self.remaining:  # every tie in this block still fits
+            self.remaining -= tied.numel()
+            return keep
+        keep[tied[self.remaining:]] = 0.0
+        self.remaining = 0
+        return keep
 
 
 def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:

@@ -19,8 +19,9 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.writer import ModelWriter
+from curvlens.math.blocks import block_size
 from curvlens.math.merge_methods import get_method, resolve_params
-from curvlens.math.saliency import saliency
+from curvlens.math.saliency import at_least, saliency
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import compress_moments, model_thresholds
 
@@ -185,13 +186,11 @@ def merge(
                                 extra_files={"curvlens_merge.yml": config}, plan=plan,
                                 config_overrides=overrides)
     with writer_cm as writer:
-        elementwise = _is_elementwise(m, p)
-        # elementwise methods cast chunk by chunk, so they read the stored dtype
+        # methods cast block by block, so they get the stored dtype
         for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
-                                      dtype=None if elementwise else torch.float32,
-                                      desc=f"merge {method}"):
+                                      dtype=None, desc=f"merge {method}"):
             merged, row = _merge_one(m, g, p, dev, experts.names,
-                                     _out_dtype(ref.dtype(g.name), out_dtype), elementwise)
+                                     _out_dtype(ref.dtype(g.name), out_dtype))
             rows.append(row)
             if writer is not None:
                 writer.add(g.name, merged)
@@ -205,26 +204,6 @@ def merge(
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None)
 
 
-#: Elements per chunk for elementwise methods: a few MB of fp32 per input on a CPU
-#: (allocator-friendly), larger on a GPU where kernel launches dominate.
-CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
-
-
-def _is_elementwise(m, p: dict) -> bool:
-    """Whether each output entry depends only on the inputs at that entry.
-
-    Such merges run in flat chunks. TIES/DARE need whole-tensor top-k, random
-    streams or norms; OTA needs the whole tensor for global normalisation,
-    rank-r moments or a per-tensor density.
-    """
-    if m.name in ("linear", "task_arithmetic", "fisher"):
-        return True
-    if m.name == "ota":
-        return (p["normalise"] == "none" and not any(p["rank1_approx"])
-                and all(r is None for r in p["rank"]) and all(d is None for d in p["ffg_density"]))
-    return False
-
-
 def _call(m, g: TensorGroup, p: dict, dev) -> torch.Tensor:
     rng = None
     if m.uses_rng:
@@ -235,25 +214,28 @@ def _call(m, g: TensorGroup, p: dict, dev) -> torch.Tensor:
         raise CurvlensError(f"tensor {g.name!r}: {err}") from err
 
 
-def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype,
-               elementwise: bool) -> tuple[torch.Tensor, dict]:
-    """Merge one tensor (whole, or chunk by chunk); returns it on the CPU in
-    ``target`` dtype, with its report row."""
+def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Merge one tensor; returns it on the CPU in ``target`` dtype, with its report row.
+
+    The method gets the tensors in their stored dtype and works in cache-sized
+    fp32 blocks (:mod:`curvlens.math.blocks`); the report numbers and the cast to
+    ``target`` run over the same blocks.
+    """
     stats = _Stats(len(names))
     if not g.experts[0].is_floating_point():
         # integer/bool buffers cannot be averaged: carry the base's (or first expert's)
         merged = g.base if g.base is not None else g.experts[0]
         return merged.to("cpu"), stats.row(g, names, merged=False)
-    if not elementwise:
-        merged = _call(m, g, p, dev)
-        stats.add(g, merged, _report_masks(m, g, p))
-        return merged.to("cpu").to(target), stats.row(g, names)
-    out = torch.empty(g.experts[0].shape, dtype=target)
-    flat = out.view(-1)
-    for sl, c in g.chunks(CHUNK.get(dev.type, 1 << 22)):
-        merged = _call(m, c, p, dev)
-        stats.add(c, merged, _report_masks(m, c, p))
-        flat[sl] = merged.to("cpu").to(target)
+    merged = _call(m, g, p, dev)
+    flat_merged = merged.reshape(-1)
+    keep_as_is = merged.device.type == "cpu" and target == torch.float32
+    out = merged if keep_as_is else torch.empty(merged.shape, dtype=target)
+    flat_out = out.reshape(-1)
+    for sl, c in g.chunks(block_size(dev)):
+        block = flat_merged[sl]
+        stats.add(c, block, _report_masks(m, c, p))
+        if not keep_as_is:
+            flat_out[sl] = block.to("cpu").to(target)
     return out, stats.row(g, names)
 
 
@@ -267,7 +249,7 @@ def _report_masks(m, g: TensorGroup, p: dict) -> list[torch.Tensor] | None:
         thr = p["ffg_threshold"][i] if p["ffg_threshold"][i] is not None else p["precond_threshold"][i]
         if thr is None:
             return None
-        out.append(saliency(v, b - g.base) >= thr)
+        out.append(at_least(saliency(v, b - g.base), thr))
     return out
 
 
@@ -282,13 +264,11 @@ class _Stats:
         self.sq_ref = 0.0
 
     def add(self, g: TensorGroup, merged: torch.Tensor, masks) -> None:
-        if masks is not None:
+        if masks is not None:  # fp32 0/1 masks: float sums are exact per block (< 2**24)
             self.masked = True
-            any_kept = masks[0].clone()
             for i, mk in enumerate(masks):
-                self.kept[i] += int(torch.count_nonzero(mk))
-                any_kept |= mk
-            self.any_kept += int(torch.count_nonzero(any_kept))
+                self.kept[i] += int(mk.sum())
+            self.any_kept += int(torch.clamp_max(sum(masks), 1.0).sum())
         ref = g.base if g.base is not None else torch.stack(g.experts).mean(dim=0)
         self.sq_delta += float(torch.linalg.vector_norm(merged.float() - ref)) ** 2
         self.sq_ref += float(torch.linalg.vector_norm(ref)) ** 2

@@ -78,3 +78,51 @@ def test_kth_largest_exact_on_large_tensors(dist, frac):
          "heavy": torch.exp(torch.randn(n, generator=g) * 8)}[dist]
     k = max(1, int(frac * n))
     assert kth_largest(x, k) == torch.sort(x, descending=True).values[k - 1]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kth_largest_blocked_matches_kth_largest_through_the_bracket(ties):
+    from curvlens.math.saliency import kth_largest, kth_largest_blocked
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(50_000, generator=g)
+    if ties:
+        x = x.abs()
+        x = torch.round(x * 4)  # a few hundred distinct values: heavy ties
+    calls = []
+
+    def score(ix):
+        calls.append(ix)
+        return x[ix]
+
+    for k in (1, 7, 12_345, 49_999, 50_000):
+        calls.clear()
+        kth, above, equal = kth_largest_blocked(score, x.numel(), k, size=4096, sample=64,
+                                                nonnegative=bool((x >= 0).all()))
+        assert kth == kth_largest(x, k)
+        assert above == int((x > kth).sum()) and equal == int((x == kth).sum())
+        # the bracket path read the data block by block, never all at once
+        assert all(not isinstance(ix, slice) or ix.stop - ix.start <= 4096 for ix in calls)
+
+
+def test_topk_keeper_gives_topk_mask_block_by_block():
+    from curvlens.math.saliency import TopKKeeper, kth_largest_blocked
+
+    x = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 2.0, 3.0, 2.0])
+    for k in range(1, 9):
+        kth, above, equal = kth_largest_blocked(lambda ix: x[ix], 8, k, size=3)
+        for keeper in (TopKKeeper(kth, k - above), TopKKeeper(kth, k - above, equal)):
+            blocked = torch.cat([keeper(x[i:i + 3]) for i in range(0, 8, 3)])
+            assert blocked.dtype == torch.float32
+            assert torch.equal(blocked.bool(), topk_mask(x, k / 8)), k
+            keeper.reset()
+            assert torch.equal(keeper(x), blocked)
+
+
+def test_float_masks_equal_comparisons_at_the_edges():
+    from curvlens.math.saliency import above, at_least
+
+    x = torch.tensor([0.0, 1e-45, 0.5, 1.0, 1.0000001, 3.0, float("inf")])
+    for t in [0.0, 1e-45, 0.5, 1.0, 2.0, -1.0, float("inf")]:
+        assert torch.equal(at_least(x, t), (x >= t).float()), t
+        assert torch.equal(above(x, t), (x > t).float()), t

@@ -194,17 +194,22 @@ def test_merge_result_renders_itself(zoo):
 
 
 @pytest.mark.parametrize("method,params", [("linear", {}), ("task_arithmetic", {"lambda": 0.7}),
+                                           ("ties", {"density": 0.3}),
+                                           ("dare_ties", {"density": 0.5, "seed": 3}),
                                            ("fisher", {}), ("ota", {"ffg_density": 0.3}),
                                            ("ota", {"precond_threshold": 1e-7, "fallback_to_base": True})])
-def test_chunked_elementwise_merge_equals_whole_tensor(zoo, monkeypatch, method, params):
-    import curvlens.streams.merge as M
+def test_blocked_merge_equals_whole_tensor(zoo, monkeypatch, method, params):
+    from curvlens.math import blocks
 
     ex, _ = zoo
     whole = merge(ex, method, device="cpu", progress=False, **params)
-    monkeypatch.setitem(M.CHUNK, "cpu", 7)  # many ragged chunks per tensor
+    monkeypatch.setitem(blocks.BLOCK, "cpu", 7)  # many ragged blocks per tensor
     chunked = merge(ex, method, device="cpu", progress=False, **params)
+    # Entrywise methods give the same bits; DARE's rescale divides by L1 norms that
+    # are summed per block, which moves the factor by an fp32 rounding at most.
+    tol = 1e-5 if method.startswith("dare") else 0.0
     for n in ex.tensor_names():
-        torch.testing.assert_close(chunked.checkpoint[n], whole.checkpoint[n], rtol=0, atol=0)
+        torch.testing.assert_close(chunked.checkpoint[n], whole.checkpoint[n], rtol=tol, atol=tol / 10)
     cols = [c for c in whole.report.columns if c != "name"]
     pd_testing = pytest.importorskip("pandas.testing")
     pd_testing.assert_frame_equal(chunked.report[cols], whole.report[cols], rtol=1e-6)
