@@ -48,6 +48,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "resolve_params",
+    "MaskCounts",
 ]
 
 Tensor = torch.Tensor
@@ -105,6 +106,8 @@ class MergeMethod:
         True: the method requires the experts' second moments.
     uses_rng : bool
         True: the method draws random masks from ``rng``.
+    counts_masks : bool
+        True: the method accepts ``counts=`` (a :class:`MaskCounts`).
     """
 
     name: str
@@ -114,6 +117,7 @@ class MergeMethod:
     needs_base: bool
     needs_moments: bool = False
     uses_rng: bool = False
+    counts_masks: bool = False
 
     def param(self, name: str) -> ParamSpec:
         """Return the :class:`ParamSpec` called ``name``."""
@@ -124,6 +128,42 @@ class MergeMethod:
             f"method {self.name!r} has no parameter {name!r}; "
             f"expected one of {', '.join(repr(p.name) for p in self.params)}"
         )
+
+
+class MaskCounts:
+    """Kept-entry counts of the masks a method applied to one tensor.
+
+    Pass one as ``counts=`` to a method that masks task vectors (``ties``,
+    ``dare_*``, ``ota``); it adds, per expert, how many entries it kept and how
+    many entries some expert kept. ``used`` stays False when no mask was applied.
+    The streaming driver reports these, so it never recomputes a mask.
+
+    Examples
+    --------
+    >>> c = MaskCounts(2)
+    >>> _ = get_method("ties").fn(torch.zeros(4), [torch.tensor([1.0, 2, 3, 4]), torch.ones(4)],
+    ...                           None, density=0.5, counts=c)
+    >>> c.kept, c.any_kept, c.used
+    ([2, 2], 4, True)
+    """
+
+    def __init__(self, n_experts: int):
+        self.kept = [0] * n_experts
+        self.any_kept = 0
+        self.used = False
+
+    def add(self, masks: Sequence[Optional[Tensor]]) -> None:
+        """Count one block's fp32 0/1 masks (None: that expert kept everything)."""
+        if all(m is None for m in masks):
+            return
+        self.used = True
+        length = next(m.numel() for m in masks if m is not None)
+        if any(m is None for m in masks):
+            self.any_kept += length
+        else:  # float sums of 0/1 are exact for a block (< 2**24 entries)
+            self.any_kept += int(torch.clamp_max(sum(masks), 1.0).sum())
+        for i, m in enumerate(masks):
+            self.kept[i] += length if m is None else int(m.sum())
 
 
 _REGISTRY: dict = {}
@@ -153,6 +193,8 @@ def register(
         raise CurvlensError(f"method {name!r} declares a parameter name twice: {names}")
 
     def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        import inspect
+
         if name in _REGISTRY:
             raise CurvlensError(f"merge method {name!r} is already registered")
         _REGISTRY[name] = MergeMethod(
@@ -163,6 +205,7 @@ def register(
             needs_base=needs_base,
             needs_moments=needs_moments,
             uses_rng=uses_rng,
+            counts_masks="counts" in inspect.signature(fn).parameters,
         )
         return fn
 
@@ -577,9 +620,11 @@ class _Sparsifier:
 
     factor: Optional[Tensor] = None
 
-    def apply(self, delta: Tensor, sl: slice) -> Tensor:
-        masked = delta * self.keep(delta, sl)
-        return masked if self.factor is None else masked * self.factor
+    def apply(self, delta: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
+        """The masked (and rescaled) block, and the fp32 0/1 mask."""
+        keep = self.keep(delta, sl)
+        masked = delta * keep
+        return (masked if self.factor is None else masked * self.factor), keep
 
     def keep(self, delta: Tensor, sl: slice) -> Tensor:
         raise NotImplementedError
@@ -652,7 +697,7 @@ class _RandomDrop(_Sparsifier):
     def keep(self, delta: Tensor, sl: slice) -> Tensor:
         if self.masks is not None:
             self.index += 1
-            return self.masks[self.index - 1]
+            return self.masks[self.index - 1].float()
         if self.replay is None:
             self.replay = torch.Generator(device=self.device)
             self.replay.set_state(self.start)
@@ -684,6 +729,7 @@ def _task_arithmetic_core(
     sparsify: Optional[str],
     consensus: bool,
     gen: Optional[torch.Generator] = None,
+    counts: Optional[MaskCounts] = None,
 ) -> Tensor:
     """mergekit's generalized task arithmetic (task_arithmetic, ties, dare_*).
 
@@ -718,10 +764,17 @@ def _task_arithmetic_core(
     out = torch.empty(n, dtype=torch.float32, device=dev)
     for sl in blocks(n, size):
         b = fb[sl].float()
-        deltas = []
+        deltas, keeps = [], []
         for fe, sp in zip(flats, sparsifiers):
             d = fe[sl].float() - b
-            deltas.append(d if sp is None else sp.apply(d, sl))
+            if sp is not None:
+                d, keep = sp.apply(d, sl)
+                keeps.append(keep)
+            else:
+                keeps.append(None)
+            deltas.append(d)
+        if counts is not None:
+            counts.add(keeps)
         weighted = torch.stack(deltas) * weights
         if consensus:
             agree = _sign_agreement(weighted)
@@ -796,7 +849,7 @@ def linear(base, experts, moments=None, *, rng=None, **params) -> Tensor:
     description="base + lambda * sum_i w_i tau_i (divided by sum_i w_i if normalize).",
     needs_base=True,
 )
-def task_arithmetic(base, experts, moments=None, *, rng=None, **params) -> Tensor:
+def task_arithmetic(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
     """Task arithmetic: ``theta0 + lambda * sum_i w_i (theta_i - theta0)``.
 
     Examples
@@ -807,7 +860,7 @@ def task_arithmetic(base, experts, moments=None, *, rng=None, **params) -> Tenso
     b, thetas, _ = _prepare("task_arithmetic", base, experts, moments, needs_base=True, needs_moments=False,
                               fp32=False)
     p = resolve_params("task_arithmetic", params, len(thetas))
-    return _task_arithmetic_core(b, thetas, p, sparsify=None, consensus=False)
+    return _task_arithmetic_core(b, thetas, p, sparsify=None, consensus=False, counts=counts)
 
 
 @register(
@@ -816,7 +869,7 @@ def task_arithmetic(base, experts, moments=None, *, rng=None, **params) -> Tenso
     description="TIES: keep top-density |tau_i| per tensor, elect signs, average agreeing entries.",
     needs_base=True,
 )
-def ties(base, experts, moments=None, *, rng=None, **params) -> Tensor:
+def ties(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
     """TIES merging as in mergekit 0.1.5.
 
     Each task vector keeps its ``k = max(1, int(density * numel))`` largest
@@ -833,7 +886,7 @@ def ties(base, experts, moments=None, *, rng=None, **params) -> Tensor:
     b, thetas, _ = _prepare("ties", base, experts, moments, needs_base=True, needs_moments=False,
                               fp32=False)
     p = resolve_params("ties", params, len(thetas))
-    return _task_arithmetic_core(b, thetas, p, sparsify="magnitude", consensus=True)
+    return _task_arithmetic_core(b, thetas, p, sparsify="magnitude", consensus=True, counts=counts)
 
 
 _DARE_PARAMS = (_WEIGHT, _DENSITY, _normalize(False), _LAMBDA, _rescale(True), _SEED, _INT8)
@@ -846,7 +899,7 @@ _DARE_PARAMS = (_WEIGHT, _DENSITY, _normalize(False), _LAMBDA, _rescale(True), _
     needs_base=True,
     uses_rng=True,
 )
-def dare_linear(base, experts, moments=None, *, rng=None, **params) -> Tensor:
+def dare_linear(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
     """DARE with a linear combine, as mergekit 0.1.5's ``dare_linear``.
 
     Each entry of ``tau_i`` is kept with probability ``density`` (one Bernoulli
@@ -865,7 +918,8 @@ def dare_linear(base, experts, moments=None, *, rng=None, **params) -> Tensor:
                               fp32=False)
     p = resolve_params("dare_linear", params, len(thetas))
     gen = _generator(rng, p["seed"], b.device)
-    return _task_arithmetic_core(b, thetas, p, sparsify="random", consensus=False, gen=gen)
+    return _task_arithmetic_core(b, thetas, p, sparsify="random", consensus=False, gen=gen,
+                                 counts=counts)
 
 
 @register(
@@ -875,7 +929,7 @@ def dare_linear(base, experts, moments=None, *, rng=None, **params) -> Tensor:
     needs_base=True,
     uses_rng=True,
 )
-def dare_ties(base, experts, moments=None, *, rng=None, **params) -> Tensor:
+def dare_ties(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
     """DARE sparsification followed by the TIES combine (mergekit's ``dare_ties``).
 
     Note mergekit's default ``normalize`` is False here, unlike ``ties``.
@@ -890,7 +944,8 @@ def dare_ties(base, experts, moments=None, *, rng=None, **params) -> Tensor:
                               fp32=False)
     p = resolve_params("dare_ties", params, len(thetas))
     gen = _generator(rng, p["seed"], b.device)
-    return _task_arithmetic_core(b, thetas, p, sparsify="random", consensus=True, gen=gen)
+    return _task_arithmetic_core(b, thetas, p, sparsify="random", consensus=True, gen=gen,
+                                 counts=counts)
 
 
 @register(
@@ -951,7 +1006,7 @@ def fisher(base, experts, moments=None, *, rng=None, **params) -> Tensor:
 def _moment_block(v: Tensor, sl: slice, i: int, method: str) -> Tensor:
     """One block of a flat second-moment tensor in fp32, checked to be nonnegative."""
     block = v[sl].float()
-    if block.numel() and bool((block < 0).any()):
+    if block.numel() and float(block.min()) < 0:  # a float reduction: ~10x a bool any()
         raise CurvlensError(
             f"{method}: moments[{i}] must be nonnegative; got minimum {block.min().item():.3g}"
         )
@@ -1011,7 +1066,7 @@ _OTA_PARAMS = (
     needs_base=False,
     needs_moments=True,
 )
-def ota(base, experts, moments=None, *, rng=None, **params) -> Tensor:
+def ota(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
     """Optimization-Trajectory-Aware merge, with optional FFG masks.
 
     Per expert ``i``: ``v_i`` (optionally rank-1 or rank-r compressed) gives the
@@ -1078,6 +1133,8 @@ def ota(base, experts, moments=None, *, rng=None, **params) -> Tensor:
             mask = _ota_mask(v, None if taus is None else taus[i], p, i, keepers[i])
             W[i] = _ota_weight(v, mask, p["power"], p["scaling_factor"][i], means[i], eps)
             masks.append(mask)
+        if counts is not None:
+            counts.add(masks)
         den = W.sum(dim=0)  # >= 0: every weight is
         any_zero = den.numel() > 0 and float(den.min()) == 0.0
         safe_den = _one_where_zero(den) if any_zero else den

@@ -7,6 +7,7 @@ Everything is computed in fp32 on the inputs' device.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -129,6 +130,24 @@ def kth_largest(flat: torch.Tensor, k: int, *, sample: int = 1 << 14) -> torch.T
     return torch.kthvalue(flat, n - k + 1).values
 
 
+@functools.lru_cache(maxsize=256)
+def _fp32_cut(t: float, inclusive: bool) -> float | None:
+    """The fp32 value ``c`` with ``x > c`` equivalent to ``x >= t`` (inclusive) or
+    ``x > t`` for fp32 ``x >= 0``; None when every such ``x`` passes."""
+    t32 = torch.tensor(float(t), dtype=torch.float32)
+    if inclusive:
+        if float(t32) <= 0:
+            return None
+        return float(torch.nextafter(t32, torch.tensor(0.0)))
+    return None if float(t32) < 0 else float(t32)
+
+
+def _mask_above(scores: torch.Tensor, cut: float | None) -> torch.Tensor:
+    if cut is None:
+        return torch.ones_like(scores, dtype=torch.float32)
+    return torch.sign(torch.nn.functional.threshold(scores, cut, 0.0))
+
+
 def at_least(scores: torch.Tensor, t: float) -> torch.Tensor:
     """fp32 mask, 1.0 where ``scores >= t``, for **nonnegative** scores.
 
@@ -143,11 +162,7 @@ def at_least(scores: torch.Tensor, t: float) -> torch.Tensor:
     >>> at_least(torch.tensor([0.0, 1.0]), 0.0)
     tensor([1., 1.])
     """
-    t = float(torch.tensor(float(t), dtype=torch.float32))
-    if t <= 0:
-        return torch.ones_like(scores, dtype=torch.float32)
-    below = float(torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(0.0)))
-    return torch.sign(torch.nn.functional.threshold(scores, below, 0.0))
+    return _mask_above(scores, _fp32_cut(float(t), True))
 
 
 def above(scores: torch.Tensor, t: float) -> torch.Tensor:
@@ -159,10 +174,7 @@ def above(scores: torch.Tensor, t: float) -> torch.Tensor:
     >>> above(torch.tensor([0.0, 1.0, 2.0, 3.0]), 2.0)
     tensor([0., 0., 0., 1.])
     """
-    t = float(torch.tensor(float(t), dtype=torch.float32))
-    if t < 0:
-        return torch.ones_like(scores, dtype=torch.float32)
-    return torch.sign(torch.nn.functional.threshold(scores, t, 0.0))
+    return _mask_above(scores, _fp32_cut(float(t), False))
 
 
 def _bracket(sample_values: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,14 +223,14 @@ def kth_largest_blocked(score, n: int, k: int, size: int, *, nonnegative: bool =
     above : int
         How many scores are strictly larger (so ``k - above`` entries equal to
         ``kth`` complete the top ``k``).
-    equal : int
-        How many scores equal ``kth``.
+    equal : list of int
+        How many scores equal ``kth`` in each block (for :class:`TopKKeeper`).
 
     Examples
     --------
     >>> x = torch.tensor([0.1, 3.0, 2.0, 0.5, 2.0])
     >>> kth_largest_blocked(lambda ix: x[ix], 5, 3, size=2)
-    (tensor(2.), 1, 2)
+    (tensor(2.), 1, [0, 1, 1])
     """
     if not 1 <= k <= n:
         raise CurvlensError(f"k must be in [1, {n}]; got {k}")
@@ -233,15 +245,16 @@ def kth_largest_blocked(score, n: int, k: int, size: int, *, nonnegative: bool =
             above_hi += float(above(a, hi).sum()) if nonnegative else int(torch.count_nonzero(a > hi))
             inside.append(a[(a >= lo) & (a <= hi)])
         above_hi = int(above_hi)
-        inside = torch.cat(inside)
+        pooled = torch.cat(inside)
         r = k - above_hi
-        if 1 <= r <= inside.numel():
-            kth = torch.kthvalue(inside, inside.numel() - r + 1).values
-            return (kth, above_hi + int(torch.count_nonzero(inside > kth)),
-                    int(torch.count_nonzero(inside == kth)))
+        if 1 <= r <= pooled.numel():
+            kth = torch.kthvalue(pooled, pooled.numel() - r + 1).values
+            equal = [int(torch.count_nonzero(part == kth)) for part in inside]
+            return kth, above_hi + int(torch.count_nonzero(pooled > kth)), equal
     flat = score(slice(0, n))
     kth = kth_largest(flat, k, sample=sample)
-    return kth, int(torch.count_nonzero(flat > kth)), int(torch.count_nonzero(flat == kth))
+    equal = [int(torch.count_nonzero(flat[sl] == kth)) for sl in blocks(n, size)]
+    return kth, int(torch.count_nonzero(flat > kth)), equal
 
 
 class TopKKeeper:
@@ -251,8 +264,10 @@ class TopKKeeper:
     Entries above ``kth`` are kept; of the entries equal to it, the first
     ``ties = k - above`` in index order are (the tie rule of :func:`topk_mask`).
     Blocks must be asked for in order, each once; :meth:`reset` starts over.
-    Given ``equal``, the number of entries equal to ``kth``, a keeper that keeps
-    all of them skips the bookkeeping.
+    Given ``equal``, the count of entries equal to ``kth`` per block (from
+    :func:`kth_largest_blocked`), the keeper knows beforehand which blocks keep
+    all, none or some of their ties, and only the one block that keeps some
+    looks for them.
 
     Examples
     --------
@@ -261,18 +276,30 @@ class TopKKeeper:
     (tensor([1., 1.]), tensor([0., 0.]))
     """
 
-    def __init__(self, kth: torch.Tensor, ties: int, equal: int | None = None):
+    def __init__(self, kth: torch.Tensor, ties: int, equal: list[int] | None = None):
         self.kth, self.ties = float(kth), int(ties)
-        # every entry equal to kth is kept (the usual case): no tie bookkeeping
-        self.all_ties = equal is not None and int(equal) == self.ties
+        self.quota = None
+        if equal is not None:  # ties kept in each block, lowest indices first
+            left, self.quota = self.ties, []
+            for c in equal:
+                self.quota.append(min(c, left))
+                left -= self.quota[-1]
+            self.equal = list(equal)
         self.reset()
 
     def reset(self) -> None:
         self.remaining = self.ties
+        self.block = 0
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.all_ties:
-            return at_least(scores, self.kth)
+        if self.quota is not None:
+            j = self.block
+            self.block += 1
+            if self.quota[j] == self.equal[j]:
+                return at_least(scores, self.kth)
+            if self.quota[j] == 0:
+                return above(scores, self.kth)
+            self.remaining = self.quota[j]  # the one block that keeps some ties
         if self.remaining <= 0:
             return above(scores, self.kth)
         keep = at_least(scores, self.kth)

@@ -20,10 +20,9 @@ from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size
-from curvlens.math.merge_methods import get_method, resolve_params
-from curvlens.math.saliency import at_least, saliency
+from curvlens.math.merge_methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
-from curvlens.streams.thresholds import compress_moments, model_thresholds
+from curvlens.streams.thresholds import model_thresholds
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -204,12 +203,13 @@ def merge(
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None)
 
 
-def _call(m, g: TensorGroup, p: dict, dev) -> torch.Tensor:
+def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts | None = None) -> torch.Tensor:
     rng = None
     if m.uses_rng:
         rng = torch.Generator(device=dev).manual_seed(_tensor_seed(p.get("seed", 0), g.name))
+    extra = {"counts": counts} if m.counts_masks and counts is not None else {}
     try:
-        return m.fn(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, **p)
+        return m.fn(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, **extra, **p)
     except CurvlensError as err:
         raise CurvlensError(f"tensor {g.name!r}: {err}") from err
 
@@ -218,57 +218,37 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
     """Merge one tensor; returns it on the CPU in ``target`` dtype, with its report row.
 
     The method gets the tensors in their stored dtype and works in cache-sized
-    fp32 blocks (:mod:`curvlens.math.blocks`); the report numbers and the cast to
-    ``target`` run over the same blocks.
+    fp32 blocks (:mod:`curvlens.math.blocks`); it counts the entries its masks
+    kept, and the change norms and the cast to ``target`` run over the same blocks.
     """
     stats = _Stats(len(names))
     if not g.experts[0].is_floating_point():
         # integer/bool buffers cannot be averaged: carry the base's (or first expert's)
         merged = g.base if g.base is not None else g.experts[0]
         return merged.to("cpu"), stats.row(g, names, merged=False)
-    merged = _call(m, g, p, dev)
+    merged = _call(m, g, p, dev, stats.counts)
     flat_merged = merged.reshape(-1)
     keep_as_is = merged.device.type == "cpu" and target == torch.float32
     out = merged if keep_as_is else torch.empty(merged.shape, dtype=target)
     flat_out = out.reshape(-1)
     for sl, c in g.chunks(block_size(dev)):
         block = flat_merged[sl]
-        stats.add(c, block, _report_masks(m, c, p))
+        stats.add(c, block)
         if not keep_as_is:
             flat_out[sl] = block.to("cpu").to(target)
     return out, stats.row(g, names)
 
 
-def _report_masks(m, g: TensorGroup, p: dict) -> list[torch.Tensor] | None:
-    """The FFG masks OTA applied here (recomputed for the report)."""
-    if m.name != "ota" or g.base is None:
-        return None
-    moments = compress_moments(g.moments, p["rank1_approx"], p["rank"])
-    out = []
-    for i, (v, b) in enumerate(zip(moments, g.experts)):
-        thr = p["ffg_threshold"][i] if p["ffg_threshold"][i] is not None else p["precond_threshold"][i]
-        if thr is None:
-            return None
-        out.append(at_least(saliency(v, b - g.base), thr))
-    return out
-
-
 class _Stats:
-    """Per-tensor report numbers, accumulated over chunks (exact counts, fp64 sums)."""
+    """Per-tensor report numbers: mask counts from the method, change norms
+    accumulated over blocks (fp64 sums)."""
 
     def __init__(self, n: int):
-        self.kept = [0] * n
-        self.any_kept = 0
-        self.masked = False
+        self.counts = MaskCounts(n)
         self.sq_delta = 0.0
         self.sq_ref = 0.0
 
-    def add(self, g: TensorGroup, merged: torch.Tensor, masks) -> None:
-        if masks is not None:  # fp32 0/1 masks: float sums are exact per block (< 2**24)
-            self.masked = True
-            for i, mk in enumerate(masks):
-                self.kept[i] += int(mk.sum())
-            self.any_kept += int(torch.clamp_max(sum(masks), 1.0).sum())
+    def add(self, g: TensorGroup, merged: torch.Tensor) -> None:
         ref = g.base if g.base is not None else torch.stack(g.experts).mean(dim=0)
         self.sq_delta += float(torch.linalg.vector_norm(merged.float() - ref)) ** 2
         self.sq_ref += float(torch.linalg.vector_norm(ref)) ** 2
@@ -276,9 +256,10 @@ class _Stats:
     def row(self, g: TensorGroup, names, merged: bool = True) -> dict:
         numel = g.experts[0].numel()
         row: dict[str, Any] = {"name": g.name, "layer": g.layer, "role": g.role, "numel": numel}
+        masked = self.counts.used
         for i, n in enumerate(names):
-            row[f"kept_{n}"] = self.kept[i] / numel if self.masked else 1.0
-        row["all_masked"] = 1.0 - self.any_kept / numel if self.masked else 0.0
+            row[f"kept_{n}"] = self.counts.kept[i] / numel if masked else 1.0
+        row["all_masked"] = 1.0 - self.counts.any_kept / numel if masked else 0.0
         d = self.sq_delta ** 0.5
         row["delta_norm"] = d if merged else 0.0
         row["rel_delta"] = d / max(self.sq_ref ** 0.5, 1e-30) if merged else 0.0
