@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.overlap import _as_tensor, _check_same_shape, _chunks, _ratio
+from curvlens.math.overlap import _as_tensor, _check_same_shape, _chunks, _ratio, as_bytes
 
 __all__ = ["mask_stats", "mask_overlap"]
 
@@ -88,7 +88,7 @@ class _RowBlocks:
     """
 
     def __init__(self, mask2d, tau2d, rows, cols, dtype):
-        self.mask2d, self.tau2d, self.rows, self.cols, self.dtype = mask2d, tau2d, rows, cols, dtype
+        self.mask2d, self.tau2d, self.rows, self.cols, self.dtype = as_bytes(mask2d), tau2d, rows, cols, dtype
         self.device = mask2d.device
         self.m = mask2d.shape[0] if rows is None else rows.numel()
         self.n = mask2d.shape[1] if cols is None else cols.numel()
@@ -99,12 +99,22 @@ class _RowBlocks:
         return t if self.cols is None else t.index_select(1, self.cols)
 
     def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        if self.block_rows >= self.m:
+            # One block holds the whole matrix (at most _BLOCK entries): build it
+            # once and hand the same one to every pass (callers only read blocks).
+            if getattr(self, "_single", None) is None:
+                self._single = self._build(0, self.m)
+            yield 0, self.m, self._single
+            return
         for start in range(0, self.m, self.block_rows):
             stop = min(self.m, start + self.block_rows)
-            blk = self._take(self.mask2d, start, stop).to(self.dtype)
-            if self.tau2d is not None:
-                blk.mul_(self._take(self.tau2d, start, stop).to(self.dtype))
-            yield start, stop, blk
+            yield start, stop, self._build(start, stop)
+
+    def _build(self, start: int, stop: int) -> torch.Tensor:
+        blk = self._take(self.mask2d, start, stop).to(self.dtype)
+        if self.tau2d is not None:
+            blk.mul_(self._take(self.tau2d, start, stop).to(self.dtype))
+        return blk
 
     def dense(self) -> torch.Tensor:
         return torch.cat([blk for _, _, blk in self], dim=0)
@@ -314,8 +324,8 @@ def mask_stats(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_M
     m2 = mask.reshape(mask.shape[0], -1)
     t2 = None if tau is None else tau.reshape(tau.shape[0], -1)
     big_m, big_n = m2.shape
-    row_any = m2.any(dim=1)
-    col_any = m2.any(dim=0)
+    row_any = as_bytes(m2).amax(dim=1) != 0
+    col_any = as_bytes(m2).amax(dim=0) != 0
     out["row_sparsity"] = (big_m - int(torch.count_nonzero(row_any))) / big_m
     out["col_sparsity"] = (big_n - int(torch.count_nonzero(col_any))) / big_n
 

@@ -64,7 +64,17 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     """float64 copy of ``t`` on its device (MPS has no float64: fall back to CPU)."""
     if t.device.type == "mps":
         t = t.cpu()
-    return t.to(torch.float64)
+    return as_bytes(t).to(torch.float64)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A bool tensor viewed as uint8 (no copy); other tensors unchanged.
+
+    torch's CPU kernels for bool are scalar loops: converting a bool tensor to
+    float, or reducing it along a dimension, runs ~10x (conversion) to ~100x
+    (``any(dim)``) slower than the same operation on its uint8 view.
+    """
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,8 @@ def _top_masks(flat: torch.Tensor, ks: list[int], sorted_sample: torch.Tensor) -
         if t is None:
             t = torch.kthvalue(flat, n - k + 1).values
         mask = flat >= t
-        if int(torch.count_nonzero(mask)) != k:  # ties at t: keep the highest-index ones
+        # every entry >= t is >= floor, so the small candidate set counts them
+        if int(torch.count_nonzero(cand >= t)) != k:  # ties at t: keep the highest-index ones
             mask = flat > t
             need = k - int(torch.count_nonzero(mask))
             mask[(flat == t).nonzero().flatten()[-need:]] = True

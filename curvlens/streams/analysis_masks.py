@@ -23,7 +23,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.mask_stats import mask_overlap as _jaccard
 from curvlens.math.mask_stats import mask_stats as _mask_stats
-from curvlens.math.quantile import TopKSketch
+from curvlens.math.overlap import as_bytes
 from curvlens.roles import param_role
 from curvlens.streams.analysis_common import (
     FFG_VS_MAGNITUDE_COLUMNS,
@@ -45,7 +45,7 @@ from curvlens.streams.analysis_common import (
     with_context,
 )
 from curvlens.streams.experts import Experts, TensorGroup, _progress, resolve_device
-from curvlens.streams.thresholds import CRITERIA, mask_scores, model_thresholds
+from curvlens.streams.thresholds import CRITERIA, mask_scores, model_thresholds, sketch_scores
 
 #: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
 RANK_EXACT_MAX = 512 * 512
@@ -80,12 +80,7 @@ def mask_thresholds(experts: Experts, densities, criterion: str = "fisher", *, d
     _check_inputs(experts, [criterion], "mask thresholds")
     if len(ds) == 1:
         return model_thresholds(experts, ds[0], criterion=criterion, device=device, progress=progress)
-    sketches = [TopKSketch() for _ in experts.names]
-    for g in experts.iter_tensors(experts.tensor_names(floating_only=True), device=device,
-                                  moments=criterion == "fisher", progress=progress,
-                                  desc=f"{criterion} thresholds"):
-        for sk, s in zip(sketches, mask_scores(g, criterion)):
-            sk.update(s)
+    sketches = sketch_scores(experts, criterion, device=device, progress=progress)
     rows = []
     for e, sk in zip(experts.names, sketches):
         for d in ds:
@@ -301,7 +296,9 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
                     except CurvlensError as err:
                         raise with_context(err, f"expert {e!r}", f"tensor {g.name!r}") from err
                     if sal is not None:
-                        kept = float(torch.mul(sal.reshape(-1), mask, out=tmp).sum())
+                        # the mask as 0/1 floats through its uint8 view (bool kernels are slow)
+                        tmp.copy_(as_bytes(mask))
+                        kept = float(tmp.mul_(sal.reshape(-1)).sum())
                         st["saliency_kept"] = kept / sal_total if sal_total > 0 else math.nan
                     rows.append({"expert": e, "criterion": c, "density": d, **ident, "threshold": t,
                                  **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}})

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
-from curvlens.streams.experts import Experts, TensorGroup, resolve_device
+from curvlens.streams.experts import Experts, TensorGroup
 
 CRITERIA = ("fisher", "magnitude")
 
@@ -61,6 +62,61 @@ def mask_scores(group: TensorGroup, criterion: str = "fisher", moments=None) -> 
     return [v * t.square() for v, t in zip(moments, taus)]
 
 
+def score_chunks(group: TensorGroup, criterion: str = "fisher", *, chunk: int = 1 << 22):
+    """Yield ``(i, scores)``: expert ``i``'s mask scores, ``chunk`` entries at a time.
+
+    The same numbers as :func:`mask_scores`, computed from the stored dtypes one
+    cache-sized block at a time (:mod:`curvlens.math.blocks`) into one reused fp32
+    buffer: consume each chunk before asking for the next.
+    """
+    if criterion not in CRITERIA:
+        raise CurvlensError(f"criterion={criterion!r} is not valid; expected one of {CRITERIA}")
+    if group.base is None:
+        raise CurvlensError(f"{group.name}: task vectors need a base model")
+    if criterion == "fisher" and group.moments is None:
+        raise CurvlensError(f"{group.name}: the fisher criterion needs second moments")
+    fb = group.base.reshape(-1)
+    n = fb.numel()
+    size = block_size(fb.device)
+    buf = torch.empty(min(chunk, n), dtype=torch.float32, device=fb.device)
+    for i, e in enumerate(group.experts):
+        fe = e.reshape(-1)
+        fv = group.moments[i].reshape(-1) if criterion == "fisher" else None
+        for start in range(0, n, chunk):
+            out = buf[: min(n, start + chunk) - start]
+            for sl in blocks(out.numel(), size):
+                ix = slice(start + sl.start, start + sl.stop)
+                tau = fe[ix].float() - fb[ix].float()
+                if fv is None:
+                    torch.abs(tau, out=out[sl])
+                else:
+                    torch.mul(fv[ix].float(), tau.square_(), out=out[sl])
+            yield i, out
+
+
+def sketch_scores(experts: Experts, criterion: str = "fisher", *, rank1_approx: bool = False,
+                  rank: int | None = None, device="auto", progress: bool = True) -> list:
+    """One streaming pass: a :class:`~curvlens.math.quantile.TopKSketch` of every
+    expert's mask scores over the whole model (one per expert, in order)."""
+    from curvlens.math.quantile import TopKSketch
+
+    sketches = [TopKSketch() for _ in experts.names]
+    names = experts.tensor_names(floating_only=True)
+    # rank-1/rank-r moments need whole fp32 tensors; otherwise score block by block
+    compressed = bool(rank1_approx or rank)
+    for g in experts.iter_tensors(names, device=device, moments=criterion == "fisher",
+                                  dtype=torch.float32 if compressed else None,
+                                  progress=progress, desc=f"{criterion} thresholds"):
+        if compressed:
+            scores = mask_scores(g, criterion, compress_moments(g.moments, rank1_approx, rank))
+            for sk, sc in zip(sketches, scores):
+                sk.update(sc)
+        else:
+            for i, sc in score_chunks(g, criterion):
+                sketches[i].update(sc)
+    return sketches
+
+
 def _per_expert(value, n: int, label: str) -> list:
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != n:
@@ -99,28 +155,14 @@ def model_thresholds(
     """
     import pandas as pd
 
-    from curvlens.math.quantile import TopKSketch
-
     if experts.base is None:
         raise CurvlensError("model-wide mask thresholds need a base model (task vectors)")
     densities = [float(d) for d in _per_expert(density, len(experts), "density")]
     for name, d in zip(experts.names, densities):
         if not 0.0 < d <= 1.0:
             raise CurvlensError(f"density for expert {name!r} must be in (0, 1], got {d}")
-    sketches = [TopKSketch() for _ in experts.names]
-    names = experts.tensor_names(floating_only=True)
-    # Without compression the scores are elementwise: cast and score a few MB at a
-    # time (see TensorGroup.chunks); rank-1/rank-r moments need whole tensors.
-    chunked = not (rank1_approx or rank)
-    chunk = 1 << 22 if resolve_device(device).type == "cpu" else 1 << 24  # sketch bins cost O(2^20) per update
-    for g in experts.iter_tensors(names, device=device, moments=criterion == "fisher",
-                                  dtype=None if chunked else torch.float32,
-                                  progress=progress, desc=f"{criterion} thresholds"):
-        pieces = g.chunks(chunk) if chunked else [(None, g)]
-        for _, c in pieces:
-            scores = mask_scores(c, criterion, compress_moments(c.moments, rank1_approx, rank))
-            for sk, sc in zip(sketches, scores):
-                sk.update(sc)
+    sketches = sketch_scores(experts, criterion, rank1_approx=rank1_approx, rank=rank, device=device,
+                             progress=progress)
     rows = []
     for name, d, sk in zip(experts.names, densities, sketches):
         t, kept, total, err = sk.threshold(d)
