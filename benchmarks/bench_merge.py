@@ -1,6 +1,7 @@
 """Wall time and peak RSS of each merge method against the I/O floor.
 
 usage: python benchmarks/bench_merge.py ZOO_DIR [--out SCRATCH_DIR] [--methods linear ties ...]
+       [--repeat N] [--threads N]
 
 ZOO_DIR is a ``../shared/bench/make_zoo.py`` zoo (the issue's: ``--hidden 1024
 --layers 16 --inter 2816 --vocab 32000 --experts 3``, ~250M params x 3 experts).
@@ -11,7 +12,9 @@ two floors, because methods read different inputs: ``floor(weights)`` reads base
 experts (linear, task arithmetic, TIES, DARE) and ``floor(weights+moments)`` also
 reads every moments file (Fisher, OTA). Each method's ratio is against its floor.
 Runs are warm (the files sit in the page cache after the first pass), so the floor
-is mostly deserialisation, casting and writing, the part curvlens controls.
+is mostly deserialisation, casting and writing, the part curvlens controls. Each
+row is run ``--repeat`` times (default 3) and the table reports the fastest and the
+median: on a machine shared with other jobs, noise only ever adds time.
 """
 from __future__ import annotations
 

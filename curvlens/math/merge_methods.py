@@ -679,8 +679,8 @@ class _RandomDrop(_Sparsifier):
         before = after = 0.0
         for sl in blocks(n, size):
             keep = self._draw(sl.stop - sl.start, gen, device)
-            if self.masks is not None:
-                self.masks.append(keep.bool())
+            if self.masks is not None:  # uint8: bool -> float casts are ~10x slower
+                self.masks.append(keep.to(torch.uint8))
             if rescale:
                 d = delta_at(sl)
                 before += float(d.abs().sum())

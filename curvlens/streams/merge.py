@@ -19,7 +19,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.writer import ModelWriter
-from curvlens.math.blocks import block_size
+from curvlens.math.blocks import block_size, blocks
 from curvlens.math.merge_methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import model_thresholds
@@ -231,9 +231,9 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
     keep_as_is = merged.device.type == "cpu" and target == torch.float32
     out = merged if keep_as_is else torch.empty(merged.shape, dtype=target)
     flat_out = out.reshape(-1)
-    for sl, c in g.chunks(block_size(dev)):
+    for sl in blocks(flat_merged.numel(), block_size(dev)):
         block = flat_merged[sl]
-        stats.add(c, block)
+        stats.add(g, sl, block)
         if not keep_as_is:
             flat_out[sl] = block.to("cpu").to(target)
     return out, stats.row(g, names)
@@ -248,9 +248,14 @@ class _Stats:
         self.sq_delta = 0.0
         self.sq_ref = 0.0
 
-    def add(self, g: TensorGroup, merged: torch.Tensor) -> None:
-        ref = g.base if g.base is not None else torch.stack(g.experts).mean(dim=0)
-        self.sq_delta += float(torch.linalg.vector_norm(merged.float() - ref)) ** 2
+    def add(self, g: TensorGroup, sl: slice, merged: torch.Tensor) -> None:
+        """Add block ``sl`` of the merged tensor (fp32, flat); the reference is the
+        base, or the experts' mean without one."""
+        if g.base is not None:
+            ref = g.base.reshape(-1)[sl].float()
+        else:
+            ref = torch.stack([e.reshape(-1)[sl].float() for e in g.experts]).mean(dim=0)
+        self.sq_delta += float(torch.linalg.vector_norm(merged - ref)) ** 2
         self.sq_ref += float(torch.linalg.vector_norm(ref)) ** 2
 
     def row(self, g: TensorGroup, names, merged: bool = True) -> dict:
