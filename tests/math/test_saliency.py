@@ -127,3 +127,25 @@ def test_float_masks_equal_comparisons_at_the_edges():
     for t in [0.0, 1e-45, 0.5, 1.0, 2.0, -1.0, float("inf")]:
         assert torch.equal(at_least(x, t), (x >= t).float()), t
         assert torch.equal(above(x, t), (x > t).float()), t
+
+
+def test_kth_largest_blocked_with_values_shared_by_many_entries(monkeypatch):
+    """bf16-derived scores repeat a few values millions of times: the bracket then
+    collapses to one value, or has tied ends, and both are counted, not selected."""
+    from curvlens.math import saliency as S
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.full((20_000,), 0.5), torch.full((15_000,), 0.25),
+                   torch.rand(15_000, generator=g)])[torch.randperm(50_000, generator=g)]
+    used = []
+    for name in ("_select_point", "_select_bracket"):
+        real = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _real=real, _n=name: used.append(_n) or _real(*a))
+    for k in (1, 3_000, 7_000, 12_000, 20_000, 30_000, 34_000, 40_000, 49_000, 50_000):
+        for nonneg in (True, False):
+            kth, above, equal = S.kth_largest_blocked(lambda ix: x[ix], x.numel(), k, 4096,
+                                                      nonnegative=nonneg, sample=4096)
+            assert kth == S.kth_largest(x, k), k
+            assert above == int((x > kth).sum()) < k <= above + sum(equal)
+            assert equal == [int((x[i:i + 4096] == kth).sum()) for i in range(0, 50_000, 4096)]
+    assert {"_select_point", "_select_bracket"} <= set(used)
