@@ -276,8 +276,13 @@ def _select_bracket(score, n, k, size, lo, hi, nonnegative):
     above_hi, inside = 0, []
     for sl in blocks(n, size):
         a = score(sl)
-        above_hi += _count(a, hi, False, nonnegative)
-        inside.append(a[(a >= lo) & (a <= hi)])
+        if nonnegative:  # float masks: the "above hi" mask serves the count and the bracket
+            over = above(a, float(hi))
+            above_hi += int(over.sum())
+            inside.append(a[(at_least(a, float(lo)) - over).bool()])
+        else:
+            above_hi += int(torch.count_nonzero(a > hi))
+            inside.append(a[(a >= lo) & (a <= hi)])
     pooled = torch.cat(inside)
     r = k - above_hi  # rank of the answer among the pooled entries, from the top
     if not 1 <= r <= pooled.numel():
