@@ -765,7 +765,7 @@ def _task_arithmetic_core(
     budget = DARE_MASK_BUDGET
     for i, fe in enumerate(flats):
         density = p["density"][i] if sparsify else 1.0
-        if density >= 1:
+        if density >= 1 or n == 0:
             sparsifiers.append(None)  # no draw: later experts see mergekit's random stream
             continue
 
@@ -1133,7 +1133,7 @@ def ota(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tens
              for i in range(n)]
     keepers = [None] * n
     for i, d in enumerate(p["ffg_density"]):
-        if d is not None and p["ffg_threshold"][i] is None and d < 1:
+        if d is not None and p["ffg_threshold"][i] is None and d < 1 and numel > 0:
             k = max(1, int(d * numel))
 
             def score(ix, i=i):

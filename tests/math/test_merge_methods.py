@@ -722,3 +722,13 @@ def test_ota_block_size_does_not_change_the_result(params, exact, with_base, mon
         assert torch.equal(blocked, whole)
     else:  # the global mean is summed per block: the same up to rounding
         torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, params", [("ties", {"density": 0.5}), ("dare_ties", {"density": 0.5}),
+                                          ("task_arithmetic", {}), ("linear", {}), ("fisher", {}),
+                                          ("ota", {"ffg_density": 0.5}), ("ota", {"normalise": "global"})])
+def test_empty_tensors_merge_to_empty(name, params):
+    base, experts, moments = torch.zeros(0, 4), [torch.zeros(0, 4)] * 2, [torch.ones(0, 4)] * 2
+    m = mm.get_method(name)
+    out = m.fn(base, experts, moments if m.needs_moments else None, **params)
+    assert out.shape == (0, 4) and out.dtype == torch.float32
