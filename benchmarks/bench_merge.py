@@ -11,6 +11,8 @@ every input tensor once and write an output of the same size, no math. There are
 two floors, because methods read different inputs: ``floor(weights)`` reads base +
 experts (linear, task arithmetic, TIES, DARE) and ``floor(weights+moments)`` also
 reads every moments file (Fisher, OTA). Each method's ratio is against its floor.
+A third reference row, ``floor(weights) + fp32 cast``, also casts every input to
+fp32 as the methods must (whole tensors at once, as the pre-block code did).
 Runs are warm (the files sit in the page cache after the first pass), so the floor
 is mostly deserialisation, casting and writing, the part curvlens controls. Each
 row is run ``--repeat`` times (default 3) and the table reports the fastest and the
@@ -59,6 +61,19 @@ def io_floor(experts, out: Path, with_moments: bool):
             w.add(g.name, g.experts[0])
 
 
+def cast_floor(experts, out: Path, with_moments: bool):
+    """The floor plus the one step every method needs: each input cast to fp32 (a
+    reference row, not used for the ratios)."""
+    from curvlens.io.writer import ModelWriter
+
+    names = experts.tensor_names()
+    plan = [(n, experts.reference.shape(n), experts.reference.dtype(n)) for n in names]
+    with ModelWriter(out, overwrite=True, plan=plan) as w:
+        for g in experts.iter_tensors(device="cpu", dtype=torch.float32, moments=with_moments,
+                                      progress=False):
+            w.add(g.name, g.experts[0].to(experts.reference.dtype(g.name)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("zoo", type=Path)
@@ -101,6 +116,7 @@ def main(argv=None):
     io_floor(ex, a.out / "warmup", True)  # fill the page cache so every run sees the same state
     record("floor(weights)", lambda o: io_floor(ex, o, False))
     record("floor(weights+moments)", lambda o: io_floor(ex, o, True))
+    record("floor(weights) + fp32 cast", lambda o: cast_floor(ex, o, False), "floor(weights)")
     floors = {r["run"]: r["seconds"] for r in rows}
     for label in a.methods:
         method, params = METHODS[label]
