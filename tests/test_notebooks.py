@@ -7,7 +7,6 @@ with the parameter cell's ``QUICK`` forced to True.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

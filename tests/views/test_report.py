@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from curvlens.views.merge_plots import merge_scores_figure
-from curvlens.views.report import figure_html, render_report, table_html, write_report
+from curvlens.views.report import figure_html, table_html, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
