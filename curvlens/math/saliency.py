@@ -16,7 +16,7 @@ from curvlens.errors import CurvlensError
 from curvlens.math.blocks import blocks
 
 __all__ = ["saliency", "fisher_mask", "magnitude_scores", "topk_mask", "kth_largest",
-           "kth_largest_blocked", "TopKKeeper", "at_least", "above"]
+           "kth_largest_blocked", "sample_bracket", "TopKKeeper", "at_least", "above"]
 
 
 def _as_tensor(param: str, x: object) -> torch.Tensor:
@@ -121,7 +121,7 @@ def kth_largest(flat: torch.Tensor, k: int, *, sample: int = 1 << 14) -> torch.T
         return torch.kthvalue(flat, n - k + 1).values
     gen = torch.Generator(device=flat.device).manual_seed(n)
     idx = torch.randint(0, n, (sample,), generator=gen, device=flat.device)
-    lo, hi = _bracket(flat[idx], n, k)  # the k-th largest sits near sample quantile 1 - k/n
+    lo, hi = sample_bracket(torch.sort(flat[idx]).values, n, k)
     above = int(torch.count_nonzero(flat > hi))  # count_nonzero: ~6x a bool sum()
     inside = flat[(flat >= lo) & (flat <= hi)]
     r = k - above  # rank of the answer among the bracketed entries, from the top
@@ -177,18 +177,25 @@ def above(scores: torch.Tensor, t: float) -> torch.Tensor:
     return _mask_above(scores, _fp32_cut(float(t), False))
 
 
-def _bracket(sample_values: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two sample quantiles that bracket the ``k``-th largest of ``n`` entries
-    with overwhelming probability (about 6 standard errors either side)."""
-    sample = sample_values.numel()
-    s = torch.sort(sample_values).values
+def sample_bracket(sorted_sample: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two values of a sorted uniform sample of ``n`` entries that bracket their
+    ``k``-th largest with overwhelming probability (the sample quantile ``1 - k/n``
+    +- about 6 standard errors). A bracket reaching past the sample's ends is open
+    there (-inf / +inf): entries beyond the sampled extremes may hold the answer.
+
+    Examples
+    --------
+    >>> lo, hi = sample_bracket(torch.arange(1000.0), 10_000, 5_000)
+    >>> bool(lo < 500.0 < hi)
+    True
+    """
+    sample = sorted_sample.numel()
     q = 1.0 - k / n
     half = 6.0 * (q * (1.0 - q) / sample) ** 0.5 + 2.0 / sample
     lo_i, hi_i = int((q - half) * sample), int((q + half) * sample) + 1
-    # a bracket reaching past the sample's ends is open there: entries beyond the
-    # sampled extremes may hold the answer (k = 1 is the sample maximum's neighbour)
-    lo = s[lo_i] if lo_i > 0 else torch.tensor(-math.inf, device=s.device)
-    hi = s[hi_i] if hi_i < sample - 1 else torch.tensor(math.inf, device=s.device)
+    dev = sorted_sample.device
+    lo = sorted_sample[lo_i] if lo_i > 0 else torch.tensor(-math.inf, device=dev)
+    hi = sorted_sample[hi_i] if hi_i < sample - 1 else torch.tensor(math.inf, device=dev)
     return lo, hi
 
 
@@ -237,7 +244,7 @@ def kth_largest_blocked(score, n: int, k: int, size: int, *, nonnegative: bool =
     if n > 8 * sample:  # else one block-sized selection is cheaper than a pass
         gen = torch.Generator(device="cpu").manual_seed(n)
         idx = torch.randint(0, n, (sample,), generator=gen)
-        lo, hi = _bracket(score(idx), n, k)
+        lo, hi = sample_bracket(torch.sort(score(idx)).values, n, k)
         found = (_select_point(score, n, k, size, hi, nonnegative) if bool(lo == hi)
                  else _select_bracket(score, n, k, size, lo, hi, nonnegative))
         if found is not None:

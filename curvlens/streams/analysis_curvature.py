@@ -21,6 +21,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.compress import compressed_bytes
 from curvlens.math.overlap import _corr, _doubled_average_ranks, log10_stats
+from curvlens.math.saliency import sample_bracket
 from curvlens.streams.analysis_common import (
     CURVATURE_OVERLAP_COLUMNS,
     CURVATURE_STATS_COLUMNS,
@@ -114,16 +115,6 @@ def _dot(x: torch.Tensor, y: torch.Tensor, tmp: torch.Tensor) -> float:
     return float(torch.mul(x, y, out=tmp).sum())
 
 
-def _brackets(sorted_sample: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values of a sorted uniform sample that bracket the k-th largest of n entries
-    (the sample quantile +- 6 standard errors)."""
-    m = sorted_sample.numel()
-    f = k / n
-    p, sd = m * (1.0 - f), math.sqrt(m * f * (1.0 - f))
-    return (sorted_sample[max(0, math.floor(p - 6 * sd) - 1)],
-            sorted_sample[min(m - 1, math.ceil(p + 6 * sd) + 1)])
-
-
 def _top_masks(flat: torch.Tensor, ks: list[int], sorted_sample: torch.Tensor) -> list[torch.Tensor]:
     """Bool masks of the ``k`` largest entries of ``flat`` for each ``k``, ties broken
     towards the higher index (as :func:`curvlens.math.overlap.curvature_overlap`).
@@ -134,7 +125,7 @@ def _top_masks(flat: torch.Tensor, ks: list[int], sorted_sample: torch.Tensor) -
     them. If a bracket misses (probability ~1e-9), a full ``kthvalue`` decides.
     """
     n = flat.numel()
-    br = [_brackets(sorted_sample, n, k) for k in ks]
+    br = [sample_bracket(sorted_sample, n, k) for k in ks]
     floor = min(lo for lo, _ in br)
     cand = flat[flat >= floor]
     out = []
