@@ -43,34 +43,27 @@ METHODS = {
 NEEDS_MOMENTS = {"fisher", "ota", "ota+ffg"}
 
 
-def io_floor(experts, out: Path, with_moments: bool):
-    """Read every input tensor once, write one output tensor per name: no math."""
+def io_floor(experts, out: Path, with_moments: bool, cast: bool = False):
+    """Read every input tensor once, write one output tensor per name: no math.
+
+    ``cast``: also cast every input to fp32, the one step every method needs (the
+    reference row ``floor(weights) + fp32 cast``, not used for the ratios).
+    """
     from curvlens.io.writer import ModelWriter
 
     names = experts.tensor_names()
     plan = [(n, experts.reference.shape(n), experts.reference.dtype(n)) for n in names]
     biggest = max(experts.reference.shape(n).numel() for n in names) * 4
-    buf = torch.empty(biggest, dtype=torch.uint8)
+    buf = None if cast else torch.empty(biggest, dtype=torch.uint8)
     with ModelWriter(out, overwrite=True, plan=plan) as w:
-        for g in experts.iter_tensors(device="cpu", dtype=None, moments=with_moments, progress=False):
-            # safetensors maps files lazily: copy every byte of every input once
-            # (a memcpy into a reused buffer), so the floor really reads the data
-            for t in [g.base, *g.experts, *(g.moments or [])]:
-                raw = t.contiguous().view(-1).view(torch.uint8)
-                buf[: raw.numel()].copy_(raw)
-            w.add(g.name, g.experts[0])
-
-
-def cast_floor(experts, out: Path, with_moments: bool):
-    """The floor plus the one step every method needs: each input cast to fp32 (a
-    reference row, not used for the ratios)."""
-    from curvlens.io.writer import ModelWriter
-
-    names = experts.tensor_names()
-    plan = [(n, experts.reference.shape(n), experts.reference.dtype(n)) for n in names]
-    with ModelWriter(out, overwrite=True, plan=plan) as w:
-        for g in experts.iter_tensors(device="cpu", dtype=torch.float32, moments=with_moments,
-                                      progress=False):
+        for g in experts.iter_tensors(device="cpu", dtype=torch.float32 if cast else None,
+                                      moments=with_moments, progress=False):
+            if buf is not None:
+                # safetensors maps files lazily: copy every byte of every input once
+                # (a memcpy into a reused buffer), so the floor really reads the data
+                for t in [g.base, *g.experts, *(g.moments or [])]:
+                    raw = t.contiguous().view(-1).view(torch.uint8)
+                    buf[: raw.numel()].copy_(raw)
             w.add(g.name, g.experts[0].to(experts.reference.dtype(g.name)))
 
 
@@ -116,7 +109,7 @@ def main(argv=None):
     io_floor(ex, a.out / "warmup", True)  # fill the page cache so every run sees the same state
     record("floor(weights)", lambda o: io_floor(ex, o, False))
     record("floor(weights+moments)", lambda o: io_floor(ex, o, True))
-    record("floor(weights) + fp32 cast", lambda o: cast_floor(ex, o, False), "floor(weights)")
+    record("floor(weights) + fp32 cast", lambda o: io_floor(ex, o, False, cast=True), "floor(weights)")
     floors = {r["run"]: r["seconds"] for r in rows}
     for label in a.methods:
         method, params = METHODS[label]
