@@ -61,6 +61,15 @@ def _closest(values, target: float) -> float:
     return min(vals, key=lambda d: (abs(d - target), d))
 
 
+def _pair_metrics_spec(stem: str, frame: str, table, lead: str, metrics) -> _Spec:
+    """A figure of expert x expert matrices, one panel per metric of ``table``."""
+    from curvlens.views.pairs import pair_matrix_heatmap
+
+    return _Spec(stem, frame, lead + ": " + ", ".join(metric_label(m) for m in metrics) + ".",
+                 lambda: _panels(lambda m, ax: pair_matrix_heatmap(table, m, ax=ax, title=metric_label(m)),
+                                 metrics))
+
+
 def _panels(draw_one, items, ncols: int = 3, size=(3.7, 3.0)):
     """One figure with a panel per item; ``draw_one(item, ax)`` draws each."""
     import matplotlib.pyplot as plt
@@ -107,15 +116,11 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts)
             lambda: layer_role_heatmap(ov, "pearson_log", annotate=True,
                                        title="Curvature overlap (mean over expert pairs)"
                                        ).figure))
-        metrics = present("curvature_overlap", ["cosine", "pearson_log", "spearman_log",
-                                                "jaccard_top10", "jaccard_top1"])
-        specs.append(_Spec(
-            "overlap_pairs", "curvature_overlap",
-            "Curvature overlap between expert pairs, numel-weighted over all tensors: "
-            + ", ".join(metric_label(m) for m in metrics) + ".",
-            lambda metrics=metrics: _panels(
-                lambda m, ax: pair_matrix_heatmap(ov, m, ax=ax, title=metric_label(m)),
-                metrics)))
+        specs.append(_pair_metrics_spec(
+            "overlap_pairs", "curvature_overlap", ov,
+            "Curvature overlap between expert pairs, numel-weighted over all tensors",
+            present("curvature_overlap", ["cosine", "pearson_log", "spearman_log",
+                                          "jaccard_top10", "jaccard_top1"])))
     if "mask_stats" in f:
         ms = f["mask_stats"]
         d = _closest(ms["density"], 0.3) if density is None else float(density)
@@ -151,15 +156,10 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts)
                 crits)))
     if "interference" in f:
         it = f["interference"]
-        metrics = present("interference", ["tv_cosine", "sign_conflict",
-                                           "curvature_weighted_conflict"])
-        specs.append(_Spec(
-            "interference_pairs", "interference",
-            "Task interference between expert pairs, numel-weighted over tensors: "
-            + ", ".join(metric_label(m) for m in metrics) + ".",
-            lambda metrics=metrics: _panels(
-                lambda m, ax: pair_matrix_heatmap(it, m, ax=ax, title=metric_label(m)),
-                metrics)))
+        specs.append(_pair_metrics_spec(
+            "interference_pairs", "interference", it,
+            "Task interference between expert pairs, numel-weighted over tensors",
+            present("interference", ["tv_cosine", "sign_conflict", "curvature_weighted_conflict"])))
         if "sign_conflict" in it.columns:
             specs.append(_Spec(
                 "sign_conflict_by_layer_role", "interference",
