@@ -62,28 +62,6 @@ class TensorGroup:
     moments: list[torch.Tensor] | None
     expert_names: list[str] = field(default_factory=list)
 
-    def chunks(self, size: int, dtype: torch.dtype = torch.float32) -> Iterator[tuple[slice, TensorGroup]]:
-        """Flat slices of every tensor, cast to ``dtype``: for elementwise work.
-
-        Casting a few MB at a time, instead of whole tensors, keeps every
-        temporary small enough for the allocator to reuse, which on a CPU is
-        several times faster than faulting in fresh pages for each 100 MB copy.
-        """
-        n = self.experts[0].numel()
-
-        def cut(t: torch.Tensor, sl: slice) -> torch.Tensor:
-            flat = t.reshape(-1)[sl]
-            return flat.to(dtype) if flat.is_floating_point() else flat
-
-        for start in range(0, max(n, 1), size):
-            sl = slice(start, min(n, start + size))
-            yield sl, TensorGroup(
-                self.name, self.layer, self.role,
-                cut(self.base, sl) if self.base is not None else None,
-                [cut(e, sl) for e in self.experts],
-                [cut(v, sl) for v in self.moments] if self.moments is not None else None,
-                self.expert_names)
-
     @property
     def task_vectors(self) -> list[torch.Tensor]:
         """``theta_i - theta_0`` for each expert (needs a base)."""

@@ -203,11 +203,11 @@ def merge(
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None)
 
 
-def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts | None = None) -> torch.Tensor:
+def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts) -> torch.Tensor:
     rng = None
     if m.uses_rng:
         rng = torch.Generator(device=dev).manual_seed(_tensor_seed(p.get("seed", 0), g.name))
-    extra = {"counts": counts} if m.counts_masks and counts is not None else {}
+    extra = {"counts": counts} if m.counts_masks else {}
     try:
         return m.fn(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, **extra, **p)
     except CurvlensError as err:
