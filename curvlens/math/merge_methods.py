@@ -613,20 +613,21 @@ class _Sparsifier:
 
     The whole-tensor quantities (top-k threshold, L1 norms for ``rescale``, the
     random stream) are settled when the sparsifier is built, in a first pass
-    over the same blocks; :meth:`apply` then masks blocks in index order.
+    over the same blocks; :meth:`apply` then masks the blocks, which must come in
+    index order, each once.
     ``apply`` returns ``delta * keep``, times ``||delta||_1 / ||delta * keep||_1``
     with ``rescale`` (mergekit's rescale, left out when either norm is below 1e-7).
     """
 
     factor: Optional[Tensor] = None
 
-    def apply(self, delta: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
+    def apply(self, delta: Tensor) -> tuple[Tensor, Tensor]:
         """The masked (and rescaled) block, and the fp32 0/1 mask."""
-        keep = self.keep(delta, sl)
+        keep = self.keep(delta)
         masked = delta * keep
         return (masked if self.factor is None else masked * self.factor), keep
 
-    def keep(self, delta: Tensor, sl: slice) -> Tensor:
+    def keep(self, delta: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _set_factor(self, before: float, after: float, device) -> None:
@@ -648,11 +649,11 @@ class _Magnitude(_Sparsifier):
             for sl in blocks(n, size):
                 d = delta_at(sl)
                 before += float(d.abs().sum())
-                after += float((d * self.keep(d, sl)).abs().sum())
+                after += float((d * self.keep(d)).abs().sum())
             self.keeper.reset()
             self._set_factor(before, after, device)
 
-    def keep(self, delta: Tensor, sl: slice) -> Tensor:
+    def keep(self, delta: Tensor) -> Tensor:
         return self.keeper(delta.abs())
 
 
@@ -694,7 +695,7 @@ class _RandomDrop(_Sparsifier):
     def _draw(self, length: int, gen: torch.Generator, device) -> Tensor:
         return torch.bernoulli(torch.full((length,), self.density, device=device), generator=gen)
 
-    def keep(self, delta: Tensor, sl: slice) -> Tensor:
+    def keep(self, delta: Tensor) -> Tensor:
         if self.masks is not None:
             self.index += 1
             return self.masks[self.index - 1].float()
@@ -778,7 +779,7 @@ def _task_arithmetic_core(
         for fe, sp in zip(flats, sparsifiers):
             d = fe[sl].float() - b
             if sp is not None:
-                d, keep = sp.apply(d, sl)
+                d, keep = sp.apply(d)
                 keeps.append(keep)
             else:
                 keeps.append(None)
