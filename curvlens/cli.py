@@ -61,13 +61,24 @@ def _cmd_figures(a: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(a: argparse.Namespace) -> int:
-    from curvlens.streams import analysis as A
     from curvlens.streams.experts import Experts
 
+    from curvlens.io.atomic import AtomicDir
+
     experts = Experts.from_dirs(a.base, a.experts, names=a.names, bias_correction=a.bias_correction)
-    if a.out.exists() and not a.overwrite:
-        raise CurvlensError(f"{a.out} already exists; pass --overwrite to replace it")
-    a.out.mkdir(parents=True, exist_ok=True)
+    # written beside its place and renamed in when complete; never onto an input
+    with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
+        results = _analyze_into(tmp, experts, a)
+    print("model-level curvature overlap:")
+    from curvlens.streams import analysis as A
+
+    print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
+    return 0
+
+
+def _analyze_into(tmp: Path, experts, a: argparse.Namespace) -> dict:
+    from curvlens.streams import analysis as A
+
     kw = {"device": a.device, "progress": not a.quiet}
     frames = {
         "curvature_stats": lambda: A.curvature_stats(experts, **kw),
@@ -78,11 +89,9 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
     results = {}
     for key, compute in frames.items():
         results[key] = df = compute()
-        df.to_csv(a.out / f"{key}.csv", index=False)
+        df.to_csv(tmp / f"{key}.csv", index=False)
         print(f"{key}: {len(df)} rows -> {a.out / (key + '.csv')}")
-    print("model-level curvature overlap:")
-    print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
-    return 0
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except CurvlensError as err:
-        print(f"curvlens: error: {err}", file=sys.stderr)
+        # one line, whatever the message's layout: scripts grep stderr
+        print(f"curvlens: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("curvlens: interrupted; partial output removed", file=sys.stderr)
+        return 130
+
+
+def _one_line(msg: str) -> str:
+    r"""A multi-line message (a list of problems) joined into one line.
+
+    Examples
+    --------
+    >>> _one_line("experts do not line up:\n  a: no moment\n  b: no moment")
+    'experts do not line up: a: no moment; b: no moment'
+    """
+    head, *rest = [line.strip() for line in msg.strip().splitlines() if line.strip()] or [""]
+    if not rest:
+        return head
+    return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
 
 
 if __name__ == "__main__":

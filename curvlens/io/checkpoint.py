@@ -17,6 +17,7 @@ from typing import Any, Callable, Union
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.io.paths import contained
 from curvlens.roles import param_role
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -114,8 +115,11 @@ def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
     """Accept a plain state dict or the common ``{"state_dict": ...}`` wrapper."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CurvlensError(f"{file}: expected a state dict of name -> tensor")
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CurvlensError(f"{file}: expected a state dict of name -> tensor; got "
+                            + (f"a {type(obj).__name__}" if not isinstance(obj, Mapping) else
+                               "entries that are not str -> tensor"))
     return dict(obj)
 
 
@@ -141,11 +145,15 @@ class Checkpoint(Mapping):
         *,
         path: Path | None = None,
         label: str | None = None,
+        keeps_order: bool = True,
     ):
         self._infos = infos
         self._reader = reader
         self.path = path
         self.label = label or (str(path) if path is not None else "<in-memory state dict>")
+        #: Whether iteration follows the order the tensors were saved in (a state
+        #: dict's, i.e. the model's); safetensors files sort their names.
+        self.keeps_order = keeps_order
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -174,30 +182,43 @@ class Checkpoint(Mapping):
             return source
         if isinstance(source, Mapping):
             return cls._from_dict(dict(source))
+        if not isinstance(source, (str, Path)) and not hasattr(source, "__fspath__"):
+            raise CurvlensError(f"a checkpoint must be a path, a mapping of tensors or a Checkpoint; "
+                                f"got {type(source).__name__}")
         path = Path(source)
         if path.is_dir():
-            return cls._from_dir(path)
-        if path.is_file():
-            return cls._from_file(path)
-        raise CurvlensError(f"{path}: no such file or directory")
+            ckpt = cls._from_dir(path)
+        elif path.is_file():
+            ckpt = cls._from_file(path)
+        else:
+            raise CurvlensError(f"{path}: no such file or directory")
+        if not len(ckpt):
+            raise CurvlensError(f"{path}: holds no tensors; expected a model's weights")
+        return ckpt
 
     @classmethod
     def _from_dict(cls, tensors: dict[str, torch.Tensor], path: Path | None = None) -> Checkpoint:
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CurvlensError(f"state dict values must be tensors; not tensors: {bad[:5]}")
+        bad = [k for k in tensors if not isinstance(k, str)]
+        if bad:
+            raise CurvlensError(f"state dict keys must be parameter names (str); got {bad[:5]}")
         infos = {k: TensorInfo(v.shape, v.dtype, path) for k, v in tensors.items()}
         return cls(infos, tensors.__getitem__, path=path)
 
     @classmethod
     def _from_dir(cls, d: Path) -> Checkpoint:
-        if (d / SAFETENSORS_INDEX).is_file():
+        def inside(name: str) -> Path:
+            return contained(d, name, source=d)
+
+        if inside(SAFETENSORS_INDEX).is_file():
             return cls._from_safetensors(_index_files(d, SAFETENSORS_INDEX), path=d)
-        if (d / SAFETENSORS_SINGLE).is_file():
+        if inside(SAFETENSORS_SINGLE).is_file():
             return cls._from_safetensors({None: d / SAFETENSORS_SINGLE}, path=d)
-        if (d / BIN_INDEX).is_file():
+        if inside(BIN_INDEX).is_file():
             return cls._from_bins(_index_files(d, BIN_INDEX), path=d)
-        if (d / BIN_SINGLE).is_file():
+        if inside(BIN_SINGLE).is_file():
             return cls._from_bins({None: d / BIN_SINGLE}, path=d)
         raise CurvlensError(
             f"{d}: no model weights found; expected one of {SAFETENSORS_INDEX}, "
@@ -218,13 +239,13 @@ class Checkpoint(Mapping):
     def _from_safetensors(cls, files: dict[str | None, Path], path: Path) -> Checkpoint:
         infos: dict[str, TensorInfo] = {}
         for file in dict.fromkeys(files.values()):
-            infos.update(_safetensors_infos(file))
-        _check_index_agrees(files, infos)
+            _add_unique(infos, _safetensors_infos(file), file)
+        _check_index_agrees(files, infos, path)
 
         def read(name: str) -> torch.Tensor:
             return read_safetensor(infos[name].file, name)
 
-        return cls(infos, read, path=path)
+        return cls(infos, read, path=path, keeps_order=False)
 
     @classmethod
     def _from_bins(cls, files: dict[str | None, Path], path: Path) -> Checkpoint:
@@ -234,10 +255,13 @@ class Checkpoint(Mapping):
         owner: dict[str, Path] = {}
         for file in dict.fromkeys(files.values()):
             for k, v in _tensor_dict(_torch_load(file), file).items():
+                if k in owner:
+                    raise CurvlensError(f"tensor {k!r} is stored twice, in {owner[k]} and in {file}; "
+                                        "expected each tensor in one shard")
                 tensors[k] = v
                 owner[k] = file
         infos = {k: TensorInfo(v.shape, v.dtype, owner[k]) for k, v in tensors.items()}
-        _check_index_agrees(files, infos)
+        _check_index_agrees(files, infos, path)
         return cls(infos, lambda name: tensors[name].clone(), path=path)
 
     # -- mapping interface ---------------------------------------------------------
@@ -314,21 +338,44 @@ class Checkpoint(Mapping):
         return df
 
 
+def _add_unique(infos: dict[str, TensorInfo], new: dict[str, TensorInfo], file: Path) -> None:
+    for k, info in new.items():
+        if k in infos:
+            raise CurvlensError(f"tensor {k!r} is stored twice, in {infos[k].file} and in {file}; "
+                                "expected each tensor in one shard")
+        infos[k] = info
+
+
 def _index_files(d: Path, index_name: str) -> dict[str, Path]:
-    """Read an HF index and return name -> shard path, checking every shard exists."""
+    """Read an HF index and return name -> shard path, every shard inside ``d``
+    and existing."""
     index_path = d / index_name
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CurvlensError(f"{index_path}: not a valid index with a 'weight_map' ({err})") from err
-    missing = sorted({s for s in weight_map.values() if not (d / s).is_file()})
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CurvlensError(f"{index_path}: not a readable JSON index ({err})") from err
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CurvlensError(f"{index_path}: expected a JSON object with a 'weight_map' of tensor name -> "
+                            f"shard file; got {type(weight_map if isinstance(index, dict) else index).__name__}")
+    if not weight_map:
+        raise CurvlensError(f"{index_path}: 'weight_map' is empty; expected tensor name -> shard file")
+    files: dict[str, Path] = {}
+    checked: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CurvlensError(f"{index_path}: entry {name!r} maps to {shard!r}; expected a shard file name")
+        if shard not in checked:
+            checked[shard] = contained(d, shard, source=index_path, entry=name)
+        files[name] = checked[shard]
+    missing = sorted(s for s, f in checked.items() if not f.is_file())
     if missing:
         raise CurvlensError(f"{index_path}: names shard(s) that do not exist: {', '.join(missing)}")
-    return {name: d / shard for name, shard in weight_map.items()}
+    return files
 
 
-def _check_index_agrees(files: dict[str | None, Path], infos: dict[str, TensorInfo]) -> None:
-    """An index and its shards must agree; a mismatch means a broken download."""
+def _check_index_agrees(files: dict[str | None, Path], infos: dict[str, TensorInfo], path: Path) -> None:
+    """An index and its shards must agree both ways; a mismatch means a broken download."""
     if None in files:
         return
     for name, shard in files.items():
@@ -338,3 +385,7 @@ def _check_index_agrees(files: dict[str | None, Path], infos: dict[str, TensorIn
             raise CurvlensError(
                 f"index says tensor {name!r} is in {shard}, but it was found in {infos[name].file}"
             )
+    extra = [n for n in infos if n not in files]
+    if extra:
+        raise CurvlensError(f"{path}: shard {infos[extra[0]].file} holds tensor(s) the index does not list: "
+                            f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")

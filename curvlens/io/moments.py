@@ -17,6 +17,7 @@ raw. ``bias_correction=True`` divides by ``1 - beta2**step`` when both are known
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load, read_safetensor
+from curvlens.io.paths import contained
 
 EXPORT_RELPATH = Path("export") / "exp_avg_sq.safetensors"
 _SUFFIX = ".exp_avg_sq"
@@ -47,10 +49,11 @@ class Moments(Mapping):
 
     def __init__(self, shapes: dict[str, torch.Size], reader, *, label: str,
                  step: int | None = None, beta2: float | None = None,
-                 bias_correction: bool = False):
+                 bias_correction: bool = False, path: Path | None = None):
         self._shapes = shapes
         self._reader = reader
         self.label = label
+        self.path = path
         self.step = step
         self.beta2 = beta2
         self.bias_corrected = bool(bias_correction)
@@ -84,21 +87,32 @@ class Moments(Mapping):
             file; an in-memory optimizer state dict or name -> tensor dict.
         checkpoint : Checkpoint, path or list of str, optional
             Needed only for index-keyed optimizer states: the model whose parameter
-            order the optimizer saw, or that order as an explicit list of names.
+            order the optimizer saw, or that order as an explicit list of names
+            (checked shape by shape when the model is known too).
         bias_correction : bool
             Divide by ``1 - beta2**step`` (both read from the source).
 
         Returns
         -------
         Moments
+
+        Raises
+        ------
+        CurvlensError
+            For anything that is not Adam second moments: a missing or corrupt
+            file, a state without ``exp_avg_sq`` (SGD, a stateless optimizer),
+            malformed states or metadata, non-float moments, a file a dir names
+            outside that dir.
         """
         if isinstance(source, Mapping):
             return cls._from_mapping(source, "<in-memory moments>", checkpoint, bias_correction)
+        if not isinstance(source, (str, Path)) and not hasattr(source, "__fspath__"):
+            raise CurvlensError(f"moments source must be a path or a mapping; got {type(source).__name__}")
         path = Path(source)
         if path.is_dir():
-            if (path / EXPORT_RELPATH).is_file():
+            if contained(path, str(EXPORT_RELPATH), source=path).is_file():
                 path = path / EXPORT_RELPATH
-            elif (path / "optimizer.pt").is_file():
+            elif contained(path, "optimizer.pt", source=path).is_file():
                 if checkpoint is None:
                     checkpoint = path  # HF Trainer layout: model files beside optimizer.pt
                 path = path / "optimizer.pt"
@@ -106,6 +120,8 @@ class Moments(Mapping):
                 raise CurvlensError(
                     f"{path}: no second moments found; expected {EXPORT_RELPATH} or optimizer.pt"
                 )
+        elif not path.exists():
+            raise CurvlensError(f"{path}: no such moments file or dir")
         if path.suffix == ".safetensors":
             return cls._from_safetensors(path, bias_correction)
         if path.suffix in (".pt", ".pth", ".bin"):
@@ -120,47 +136,77 @@ class Moments(Mapping):
         from safetensors import safe_open
 
         infos = _safetensors_infos(file)
-        keymap = {_strip(k): k for k in infos}
+        if not infos:
+            raise CurvlensError(f"{file}: holds no tensors; expected one second moment per parameter")
+        keymap = _keymap(infos, str(file))
+        for k, info in infos.items():
+            _check_float(info.dtype, k, str(file))
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
-        step = int(meta["step"]) if "step" in meta else None
-        beta2 = _beta2_from_meta(meta)
+        step = _step(meta.get("step"), str(file)) if "step" in meta else None
+        beta2 = _beta2_from_meta(meta, str(file))
 
         def read(name: str) -> torch.Tensor:
             return read_safetensor(file, keymap[name])
 
         shapes = {n: infos[k].shape for n, k in keymap.items()}
         return cls(shapes, read, label=str(file), step=step, beta2=beta2,
-                   bias_correction=bias_correction)
+                   bias_correction=bias_correction, path=file)
 
     @classmethod
-    def _from_mapping(cls, obj: Mapping, label: str, checkpoint, bias_correction: bool,
+    def _from_mapping(cls, obj: Any, label: str, checkpoint, bias_correction: bool,
                       file: Path | None = None) -> Moments:
+        if not isinstance(obj, Mapping):
+            raise CurvlensError(f"{label}: expected an optimizer state dict ({{'state': ..., 'param_groups': "
+                                f"...}}) or a name -> tensor dict of moments; got a {type(obj).__name__}")
         if "state" not in obj:
             # A plain name -> tensor dict of moments.
-            tensors = {_strip(k): v for k, v in obj.items()}
-            if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-                raise CurvlensError(f"{label}: expected an optimizer state dict or name -> tensor moments")
+            bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+            if bad or not obj:
+                raise CurvlensError(f"{label}: expected an optimizer state dict or a name -> tensor dict of "
+                                    + (f"moments; entries that are not str -> tensor: {bad[:5]}" if bad
+                                       else "moments; got an empty mapping"))
+            keymap = _keymap(obj, label)
+            tensors = {n: obj[k] for n, k in keymap.items()}
+            for n, v in tensors.items():
+                _check_float(v.dtype, n, label)
             return cls({k: v.shape for k, v in tensors.items()}, tensors.__getitem__, label=label,
-                       bias_correction=bias_correction)
+                       bias_correction=bias_correction, path=file)
         state = obj["state"]
         groups = obj.get("param_groups", [])
-        betas = {tuple(g["betas"]) for g in groups if "betas" in g}
-        beta2 = float(next(iter(betas))[1]) if len(betas) == 1 else None
+        if not isinstance(state, Mapping):
+            raise CurvlensError(f"{label}: 'state' must map parameters to their state dicts; "
+                                f"got a {type(state).__name__}")
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+            raise CurvlensError(f"{label}: 'param_groups' must be a list of dicts; got {type(groups).__name__}")
+        for key, s in state.items():
+            if not isinstance(s, Mapping):
+                raise CurvlensError(f"{label}: the state of parameter {key!r} must be a dict such as "
+                                    f"{{'exp_avg_sq': tensor, 'step': ...}}; got a {type(s).__name__}")
+            if "exp_avg_sq" in s and not isinstance(s["exp_avg_sq"], torch.Tensor):
+                raise CurvlensError(f"{label}: 'exp_avg_sq' of parameter {key!r} must be a tensor; "
+                                    f"got a {type(s['exp_avg_sq']).__name__}")
+        _require_exp_avg_sq(state, label)
+        beta2 = _beta2_from_groups(groups, label)
         keys = list(state)
         if keys and all(isinstance(k, str) for k in keys):
             named = dict(state)
-        else:
+        elif all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
             named = _name_index_state(state, groups, checkpoint, label)
+        else:
+            raise CurvlensError(f"{label}: optimizer state keys must be all parameter indices (int) or all "
+                                f"names (str); got {sorted({type(k).__name__ for k in keys})}")
         missing = [n for n, s in named.items() if "exp_avg_sq" not in s]
         if missing:
             raise CurvlensError(f"{label}: optimizer state has no 'exp_avg_sq' for {missing[:5]} "
                                 f"({len(missing)} parameters); is this an Adam/AdamW state?")
-        steps = {int(_as_float(s["step"])) for s in named.values() if "step" in s}
+        steps = {_step(s["step"], label, n) for n, s in named.items() if "step" in s}
         step = steps.pop() if len(steps) == 1 else None
         tensors = {n: s["exp_avg_sq"] for n, s in named.items()}
+        for n, v in tensors.items():
+            _check_float(v.dtype, n, label)
         return cls({k: v.shape for k, v in tensors.items()}, lambda n: tensors[n].clone(),
-                   label=label, step=step, beta2=beta2, bias_correction=bias_correction)
+                   label=label, step=step, beta2=beta2, bias_correction=bias_correction, path=file)
 
     # -- mapping interface ---------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -241,73 +287,181 @@ def _strip(key: str) -> str:
     return key[: -len(_SUFFIX)] if key.endswith(_SUFFIX) else key
 
 
-def _as_float(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+def _keymap(keys, label: str) -> dict[str, str]:
+    """Parameter name -> stored key, refusing ``X`` beside ``X.exp_avg_sq``."""
+    out: dict[str, str] = {}
+    for k in keys:
+        n = _strip(k)
+        if n in out:
+            raise CurvlensError(f"{label}: holds both {out[n]!r} and {k!r}, two second moments for "
+                                f"parameter {n!r}; expected one")
+        out[n] = k
+    return out
 
 
-def _beta2_from_meta(meta: dict[str, str]) -> float | None:
+def _check_float(dtype: torch.dtype, name: str, label: str) -> None:
+    if not dtype.is_floating_point:
+        raise CurvlensError(f"{label}: the second moment of {name!r} has dtype "
+                            f"{str(dtype).replace('torch.', '')}; expected a floating-point tensor")
+
+
+def _require_exp_avg_sq(state: Mapping, label: str) -> None:
+    """An optimizer state must hold Adam's second moments at all; say what it is instead."""
+    if any("exp_avg_sq" in s for s in state.values()):
+        return
+    if not state:
+        raise CurvlensError(f"{label}: optimizer state is empty, so it has no exp_avg_sq (a stateless "
+                            "optimizer, or saved before the first step); curvlens needs Adam/AdamW second moments")
+    seen = sorted({k for s in state.values() for k in s})
+    raise CurvlensError(f"{label}: optimizer state has no exp_avg_sq (its entries hold {seen}: "
+                        "an SGD or other non-Adam state); curvlens needs Adam/AdamW second moments")
+
+
+def _step(x: Any, label: str, name: str | None = None) -> int:
+    """An optimizer step count: a non-negative whole number (int, float or 0-d tensor)."""
+    where = f"{label}: 'step'" + (f" of parameter {name!r}" if name is not None else "")
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise CurvlensError(f"{where} must be a number; got a tensor of shape {tuple(x.shape)}")
+        x = x.item()
+    if isinstance(x, str):
+        try:
+            x = float(x.strip())
+        except ValueError:
+            raise CurvlensError(f"{where} must be a whole number; got {x!r}") from None
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x != int(x) or x < 0:
+        raise CurvlensError(f"{where} must be a whole number >= 0; got {x!r}")
+    return int(x)
+
+
+def _check_beta2(b: Any, where: str) -> float:
+    try:
+        b = float(b)
+    except (TypeError, ValueError):
+        raise CurvlensError(f"{where}: beta2 must be a number in [0, 1); got {b!r}") from None
+    if not 0.0 <= b < 1.0:
+        raise CurvlensError(f"{where}: beta2 must be in [0, 1) (Adam's second-moment decay); got {b!r}")
+    return b
+
+
+def _beta2_from_meta(meta: dict[str, str], label: str) -> float | None:
     if "beta2" in meta:
-        return float(meta["beta2"])
+        return _check_beta2(meta["beta2"], label)
     if "betas" in meta:
         try:
-            return float(json.loads(meta["betas"])[1])
-        except (ValueError, IndexError, TypeError):
-            return None
+            betas = json.loads(meta["betas"])
+        except ValueError:
+            raise CurvlensError(f"{label}: metadata 'betas' must be a JSON list [beta1, beta2]; "
+                                f"got {meta['betas']!r}") from None
+        if not isinstance(betas, list) or len(betas) != 2:
+            raise CurvlensError(f"{label}: metadata 'betas' must be a list [beta1, beta2]; got {betas!r}")
+        return _check_beta2(betas[1], label)
     return None
+
+
+def _beta2_from_groups(groups: list, label: str) -> float | None:
+    betas = set()
+    for g in groups:
+        if "betas" in g:
+            b = g["betas"]
+            if not isinstance(b, (list, tuple)) or len(b) != 2:
+                raise CurvlensError(f"{label}: param_groups 'betas' must be (beta1, beta2); got {b!r}")
+            betas.add(_check_beta2(b[1], label))
+    return betas.pop() if len(betas) == 1 else None
 
 
 # -- index -> name mapping for torch.optim state dicts ------------------------------
 
-def _name_index_state(state: Mapping, groups: list[dict], checkpoint, label: str) -> dict[str, dict]:
+def _name_index_state(state: Mapping, groups: list, checkpoint, label: str) -> dict[str, dict]:
     """Map an index-keyed optimizer state to parameter names.
 
     ``torch.optim`` numbers parameters group by group in the order they were passed.
     With one group that is the model's parameter order; the HF Trainer passes two
-    groups (with and without weight decay), each in model order. Both orders are
-    tried against the group sizes and every shape; an ambiguous or failing match
-    is an error, never a guess.
+    groups (with and without weight decay), each in model order. Candidate orders
+    come, in this preference, from the architectures the model's ``config.json``
+    declares, from transformers' other heads for its ``model_type``, and from the
+    checkpoint's own order where files keep it (``.bin``/``.pt``, in-memory; not
+    safetensors, which sorts names). Each is checked against the group sizes and
+    every shape; the first tier with a match wins, and two different matches in
+    it are an error, never a guess.
     """
+    for gi, g in enumerate(groups):
+        params = g.get("params", [])
+        if not isinstance(params, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                   for i in params):
+            raise CurvlensError(f"{label}: param_groups[{gi}]['params'] must be a list of parameter indices")
     indices = [i for g in groups for i in g.get("params", [])] or sorted(state)
+    if len(set(indices)) != len(indices):
+        raise CurvlensError(f"{label}: param_groups list a parameter index more than once")
+    stray = sorted(set(state) - set(indices))
+    if stray:
+        raise CurvlensError(f"{label}: state has parameter indices {stray[:5]} that no param_group lists")
     sizes = [len(g.get("params", [])) for g in groups] or [len(indices)]
     if checkpoint is None:
         raise CurvlensError(
             f"{label}: optimizer state is keyed by parameter index; pass checkpoint= "
             "(the model, or its parameter names in the optimizer's order) to map indices to names"
         )
-    shapes, orders = _candidate_orders(checkpoint, sizes, label)
+    shapes, tiers, why = _candidate_orders(checkpoint, sizes, label)
     errors: list[str] = []
-    matches: list[list[str]] = []
-    for order_name, names in orders:
-        problem = _order_problem(names, indices, state, shapes)
-        if problem is None:
-            matches.append(names)
-        else:
-            errors.append(f"{order_name}: {problem}")
-    distinct = {tuple(m) for m in matches}
-    if not distinct:
-        raise CurvlensError(f"{label}: cannot map optimizer indices to parameter names:\n  "
-                            + "\n  ".join(errors))
-    if len(distinct) > 1:
-        raise CurvlensError(f"{label}: optimizer indices match more than one parameter order; "
-                            "pass checkpoint= as the explicit list of names in optimizer order")
-    names = matches[0]
-    return {names[k]: state[i] for k, i in enumerate(indices) if i in state}
+    for tier in tiers:
+        matches = []
+        for order_name, names in tier:
+            problem = _order_problem(names, indices, state, shapes)
+            if problem is None:
+                matches.append((order_name, names))
+            else:
+                errors.append(f"{order_name}: {problem}")
+        distinct = {tuple(m) for _, m in matches}
+        if len(distinct) > 1:
+            raise CurvlensError(f"{label}: optimizer indices match more than one parameter order "
+                                f"({', '.join(n for n, _ in matches)}); pass checkpoint= as the explicit "
+                                "list of names in optimizer order")
+        if distinct:
+            names = matches[0][1]
+            return {names[k]: state[i] for k, i in enumerate(indices) if i in state}
+    if why:
+        errors.append(why)
+    raise CurvlensError(f"{label}: cannot map optimizer indices to parameter names:\n  " + "\n  ".join(errors)
+                        + "\n  (pass checkpoint= as the list of parameter names in the optimizer's order)")
 
 
 def _candidate_orders(checkpoint, sizes: list[int], label: str):
-    if isinstance(checkpoint, Sequence) and not isinstance(checkpoint, (str, bytes)) and \
-            all(isinstance(n, str) for n in checkpoint):
-        return None, [("explicit parameter names", list(checkpoint))]
+    """``(shapes or None, tiers of (label, names), why no architecture order)``."""
+    if isinstance(checkpoint, Sequence) and not isinstance(checkpoint, (str, bytes)):
+        names = list(checkpoint)
+        if not all(isinstance(n, str) for n in names):
+            raise CurvlensError(f"{label}: checkpoint= as a list must hold parameter names (str)")
+        if len(set(names)) != len(names):
+            raise CurvlensError(f"{label}: checkpoint= lists a parameter name more than once")
+        return None, [[("explicit parameter names", names)]], None
     ckpt = Checkpoint.open(checkpoint)
     shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
-    model_order = _model_parameter_order(ckpt) or [n for n in ckpt.keys()
-                                                    if ckpt.dtype(n).is_floating_point]
-    orders = [("model parameter order", model_order)]
+    declared, fallback, why = [], [], None
+    if ckpt.path is not None:
+        from curvlens.io.architecture import architecture_orders, read_config
+
+        model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+        found, why = architecture_orders(model_dir)
+        archs = (read_config(model_dir) or {}).get("architectures") or []
+        for cls_name, names, no_decay in found:
+            tier = declared if cls_name in archs else fallback
+            tier.extend(_with_decay_split(f"{cls_name} parameter order", names, no_decay, sizes))
+    own = []
+    if ckpt.keeps_order:
+        names = [n for n in ckpt.keys() if ckpt.dtype(n).is_floating_point]
+        own = _with_decay_split("checkpoint's own order", names, {n for n in names if _hf_no_decay(n)}, sizes)
+    return shapes, [t for t in (declared, fallback, own) if t], why
+
+
+def _with_decay_split(what: str, names: list[str], no_decay: set[str], sizes: list[int]):
+    out = [(what, names)]
     if len(sizes) == 2:
-        decay = [n for n in model_order if not _hf_no_decay(n)]
-        no_decay = [n for n in model_order if _hf_no_decay(n)]
-        orders.append(("HF Trainer decay/no-decay groups", decay + no_decay))
-    return shapes, orders
+        decay = [n for n in names if n not in no_decay]
+        if len(decay) == sizes[0]:  # the Trainer's first group is the decayed one
+            out.append((f"{what}, HF Trainer decay/no-decay groups",
+                        decay + [n for n in names if n in no_decay]))
+    return out
 
 
 def _hf_no_decay(name: str) -> bool:
@@ -319,35 +473,13 @@ def _order_problem(names, indices, state, shapes) -> str | None:
     if len(names) != len(indices):
         return f"optimizer has {len(indices)} parameters, the model has {len(names)}"
     for k, i in enumerate(indices):
+        if shapes is not None and names[k] not in shapes:
+            return f"parameter {i} -> {names[k]!r}, which the checkpoint lacks"
         if i not in state or "exp_avg_sq" not in state[i]:
             continue  # never-updated parameter: checked later as a missing moment
         got = tuple(state[i]["exp_avg_sq"].shape)
         if shapes is not None:
-            want = tuple(shapes.get(names[k], ()))
+            want = tuple(shapes[names[k]])
             if got != want:
                 return f"parameter {i} -> {names[k]!r}: moment shape {got} != weight shape {want}"
     return None
-
-
-def _model_parameter_order(ckpt: Checkpoint) -> list[str] | None:
-    """Parameter order of an HF model, from its config on the meta device.
-
-    Checkpoint files list tensors alphabetically, not in the order ``model.parameters()``
-    yields them, which is what the optimizer numbered. Needs ``transformers``.
-    """
-    if ckpt.path is None:
-        return None
-    cfg = (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        return None
-    try:
-        config = AutoConfig.from_pretrained(str(cfg.parent))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # an architecture transformers cannot build: fall back to file order
-        return None
-    return [n for n, _ in model.named_parameters()]

@@ -4,24 +4,26 @@ Tensors arrive one name at a time. When the writer knows every name, shape and
 dtype up front (``plan=``, which the merge engine always gives), each shard's
 safetensors header is written first and every tensor's bytes are appended the
 moment it arrives: nothing is buffered, and writing overlaps computing. Without a
-plan, tensors are buffered up to ``max_shard_size`` bytes and flushed per shard. Everything is written into a temporary dir beside
-the target, which is renamed into place only when complete: an exception half-way
-leaves nothing behind, and an existing target is never touched without
-``overwrite=True``.
+plan, tensors are buffered up to ``max_shard_size`` bytes and flushed per shard.
+Everything is written into a partial dir beside the target
+(:class:`curvlens.io.atomic.AtomicDir`), renamed into place only when complete:
+an exception, SIGINT or SIGTERM half-way leaves nothing behind, an existing
+target is never touched without ``overwrite=True``, and an output that is,
+contains or lies inside an input (``inputs=``) is refused.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.io.atomic import AtomicDir, os_error
 from curvlens.io.checkpoint import _ST_DTYPES, SAFETENSORS_INDEX, PathLike
+from curvlens.io.paths import contained
 
 _ST_CODES = {dt: code for code, dt in _ST_DTYPES.items() if dt is not None}
 
@@ -72,6 +74,9 @@ class ModelWriter:
     plan : sequence of (name, shape, dtype), optional
         Every tensor that will be added, in order. Enables unbuffered streaming
         writes; ``add`` then checks each tensor against the plan.
+    inputs : sequence of path, optional
+        The models (and moments) the written tensors come from: ``out`` may not
+        be, contain or lie inside any of them, even with ``overwrite``.
 
     Examples
     --------
@@ -86,7 +91,7 @@ class ModelWriter:
     def __init__(self, out: PathLike, reference_dir: PathLike | None = None, *,
                  max_shard_size: int | str = "1GB", overwrite: bool = False,
                  extra_files: dict[str, str] | None = None, plan=None,
-                 config_overrides: dict | None = None):
+                 config_overrides: dict | None = None, inputs=()):
         self.out = Path(out)
         self._plan = _shard_plan(plan, parse_size(max_shard_size)) if plan is not None else None
         self._pos = 0
@@ -96,8 +101,8 @@ class ModelWriter:
         self.overwrite = overwrite
         self.extra_files = dict(extra_files or {})
         self.config_overrides = dict(config_overrides or {})
-        if self.out.exists() and not overwrite:
-            raise CurvlensError(f"{self.out} already exists; pass overwrite=True to replace it")
+        refs = [self.reference_dir] if self.reference_dir is not None else []
+        self._atomic = AtomicDir(self.out, overwrite=overwrite, inputs=[*inputs, *refs])
         self._tmp: Path | None = None
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
@@ -106,8 +111,7 @@ class ModelWriter:
         self._names: set[str] = set()
 
     def __enter__(self) -> ModelWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self._tmp = self._atomic.__enter__()
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -117,11 +121,17 @@ class ModelWriter:
         if name in self._names:
             raise CurvlensError(f"{self.out}: tensor {name!r} written twice")
         if self._plan is not None:
-            self._write_planned(name, tensor)
+            try:
+                self._write_planned(name, tensor)
+            except OSError as err:
+                raise os_error(self.out, err, f"write tensor {name!r}") from err
             return
         nbytes = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
-            self._flush()
+            try:
+                self._flush()
+            except OSError as err:
+                raise os_error(self.out, err, "write a shard") from err
         self._names.add(name)
         self._buffer[name] = tensor.detach().to("cpu").contiguous()
         self._buffer_bytes += nbytes
@@ -177,30 +187,43 @@ class ModelWriter:
         (self._tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
         if self.reference_dir is not None:
             for fname in REFERENCE_FILES:
-                src = self.reference_dir / fname
+                # a symlinked tokenizer.json must not smuggle an outside file into the output
+                src = contained(self.reference_dir, fname, source=self.reference_dir)
                 if src.is_file():
-                    shutil.copy2(src, self._tmp / fname)
+                    shutil.copyfile(src, self._tmp / fname)
         cfg = self._tmp / "config.json"
         if self.config_overrides and cfg.is_file():
-            data = json.loads(cfg.read_text())
+            try:
+                data = json.loads(cfg.read_text())
+            except ValueError as err:
+                raise CurvlensError(f"{self.reference_dir / 'config.json'}: not valid JSON ({err})") from err
+            if not isinstance(data, dict):
+                raise CurvlensError(f"{self.reference_dir / 'config.json'}: expected a JSON object")
             data.update(self.config_overrides)
             cfg.write_text(json.dumps(data, indent=2))
         for fname, text in self.extra_files.items():
             (self._tmp / fname).write_text(text)
-        _rename_into_place(self._tmp, self.out, self.overwrite)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._finish()
-        finally:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
-            self._buffer = {}
-            if self._tmp is not None and self._tmp.exists():
-                shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+                try:
+                    self._finish()
+                except OSError as err:
+                    raise os_error(self.out, err, "finish writing") from err
+        except BaseException as err:
+            self._close()
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._close()
+        self._atomic.__exit__(exc_type, exc, tb)
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._buffer = {}
+        self._tmp = None
 
 
 def _shard_plan(plan, max_bytes: int) -> list:
@@ -234,19 +257,6 @@ def _shard_plan(plan, max_bytes: int) -> list:
         for j, (name, shape, dtype, _) in enumerate(items):
             out.append((i, name, shape, dtype, blob if j == 0 else None))
     return out
-
-
-def _rename_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move a finished dir to ``out``; an old ``out`` is removed only afterwards."""
-    if out.exists():
-        if not overwrite:
-            raise CurvlensError(f"{out} appeared while writing; pass overwrite=True to replace it")
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def write_model(tensors, out: PathLike, reference_dir: PathLike | None = None, **kwargs) -> Path:

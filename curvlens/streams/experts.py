@@ -118,7 +118,8 @@ class Experts:
             Expert model dirs; each holds ``export/exp_avg_sq.safetensors`` (or an
             ``optimizer.pt``) unless ``moments`` says otherwise.
         names : sequence of str, optional
-            Expert names; default: the dir names.
+            Expert names; default: the dir names, with as many parent dirs as it
+            takes to tell them apart (``run_a/checkpoint-188``).
         moments : bool or sequence
             ``True``: find moments in each dir (error if absent); ``False``: no
             moments; a sequence: one moments path (or None) per expert.
@@ -127,7 +128,7 @@ class Experts:
         """
         dirs = [Path(d) for d in dirs]
         if names is None:
-            names = [d.name for d in dirs]
+            names = expert_names(dirs)
         if len(names) != len(dirs):
             raise CurvlensError(f"names has {len(names)} entries but {len(dirs)} expert dirs were given")
         if moments is True:
@@ -202,6 +203,14 @@ class Experts:
     def __repr__(self) -> str:
         base = self.base.label if self.base is not None else None
         return f"Experts(base={base!r}, experts={self.names}, moments={self.has_moments})"
+
+    def input_paths(self) -> list[Path]:
+        """Every file or dir the models and moments are read from (an output must
+        not touch any of them)."""
+        paths = [self.base.path] if self.base is not None else []
+        for e in self.experts:
+            paths += [e.path, e.checkpoint.path, e.moments.path if e.moments is not None else None]
+        return list(dict.fromkeys(p for p in paths if p is not None))
 
     def tensor_names(self, *, floating_only: bool = False) -> list[str]:
         """Parameter names in the reference checkpoint's order."""
@@ -300,6 +309,27 @@ class Experts:
                 del group
                 bar.update(1)
         bar.close()
+
+
+def expert_names(dirs: Sequence[PathLike]) -> list[str]:
+    """Readable, unique names for expert dirs: the dir name, prefixed by as many
+    parent dirs as needed to tell equal names apart.
+
+    Examples
+    --------
+    >>> expert_names(["runs/a/checkpoint-188", "runs/b/checkpoint-188", "math"])
+    ['a/checkpoint-188', 'b/checkpoint-188', 'math']
+    """
+    parts = [Path(d).expanduser().resolve().parts for d in dirs]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-k:]) for p, k in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
 
 
 def _read(source, name: str, expert: str) -> torch.Tensor:

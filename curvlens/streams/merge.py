@@ -183,7 +183,7 @@ def merge(
         overrides = {"torch_dtype": dtype_name, "dtype": dtype_name} if dtype_name else None
         writer_cm = ModelWriter(out, ref_dir, max_shard_size=max_shard_size, overwrite=overwrite,
                                 extra_files={"curvlens_merge.yml": config}, plan=plan,
-                                config_overrides=overrides)
+                                config_overrides=overrides, inputs=experts.input_paths())
     with writer_cm as writer:
         # methods cast block by block, so they get the stored dtype
         for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,

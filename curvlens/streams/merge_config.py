@@ -26,7 +26,7 @@ from typing import Any
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import PathLike
 from curvlens.math.merge_methods import get_method
-from curvlens.streams.experts import Experts
+from curvlens.streams.experts import Experts, expert_names
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
              "tokenizer", "chat_template", "out_dtype", "name"}
@@ -128,34 +128,53 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         return q.resolve()
 
     base = local(cfg["base_model"], "base_model") if cfg.get("base_model") else None
-    top = dict(cfg.get("parameters") or {})
-    bias_correction = bool(top.pop("bias_correction", False))
+    top = _mapping(cfg.get("parameters"), f"{where}: 'parameters'")
+    bias_correction = top.pop("bias_correction", False)
+    if not isinstance(bias_correction, bool):
+        raise CurvlensError(f"{where}: parameter 'bias_correction' must be true or false; got {bias_correction!r}")
     top = {k: _scalar(where, k, v) for k, v in top.items()}
 
-    dirs, names, moments, per_model = [], [], [], []
+    dirs, moments, per_model, seen = [], [], [], {}
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or "model" not in entry:
             raise CurvlensError(f"{where}: models[{i}] must be a mapping with a 'model' path")
         d = local(entry["model"], f"models[{i}].model")
         if base is not None and d == base and method.needs_base:
             continue  # as mergekit: the base contributes no task vector
-        mp = dict(entry.get("parameters") or {})
+        if d in seen:
+            raise CurvlensError(f"{where}: models[{seen[d]}] and models[{i}] are the same model ({d}); "
+                                "list each model once (give it a larger weight instead)")
+        seen[d] = i
+        mp = _mapping(entry.get("parameters"), f"{where}: models[{i}].parameters")
         mp = {k: _scalar(f"{where} models[{i}]", k, v) for k, v in mp.items()}
         pre = mp.pop("preconditioner_path", None)
         moments.append(local(pre, f"models[{i}].parameters.preconditioner_path") if pre else None)
         dirs.append(d)
-        names.append(_unique_name(d.name, names))
         per_model.append(mp)
     if not dirs:
         raise CurvlensError(f"{where}: no models left to merge besides the base model")
+    names = expert_names(dirs)
 
     params = dict(top)
     keys = {k for mp in per_model for k in mp}
     for k in keys:
         values = [mp.get(k, top.get(k, _default(method, k, where))) for mp in per_model]
         params[k] = values
+    # mergekit: dtype is the compute dtype, out_dtype (default: dtype) the written
+    # one. curvlens always computes in fp32, so only the written dtype matters.
+    out_dtype = cfg.get("out_dtype") if cfg.get("out_dtype") is not None else cfg.get("dtype")
+    if out_dtype is not None and not isinstance(out_dtype, str):
+        raise CurvlensError(f"{where}: dtype/out_dtype must be a string such as 'bfloat16'; got {out_dtype!r}")
     return MergeConfig(method.name, base, tuple(dirs), tuple(names), tuple(moments), params,
-                       cfg.get("dtype") or cfg.get("out_dtype"), bias_correction, text)
+                       out_dtype, bias_correction, text)
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise CurvlensError(f"{where} must be a mapping of parameter name -> value; got {value!r}")
+    return dict(value)
 
 
 def _default(method, key: str, where: str) -> Any:
@@ -167,8 +186,3 @@ def _default(method, key: str, where: str) -> Any:
                         f"expected one of {valid}")
 
 
-def _unique_name(name: str, taken: list[str]) -> str:
-    out, k = name, 2
-    while out in taken:
-        out, k = f"{name}_{k}", k + 1
-    return out

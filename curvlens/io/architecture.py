@@ -1,0 +1,117 @@
+"""Parameter orders of an HF model, from its ``config.json``, without running its code.
+
+A ``torch.optim`` state numbers parameters in the order ``model.parameters()``
+yielded them; checkpoint files list tensors in another (safetensors: sorted). The
+order is recovered by building the architecture the config declares on the meta
+device (no memory, no weights) from transformers' own classes. A config that
+needs custom code (``auto_map``, an unknown ``model_type`` or architecture) is
+never imported, executed or asked about on stdin: its candidates are simply not
+available, and the caller says what to pass instead.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.io.paths import contained
+
+# Auto mappings tried when a config names no (known) architecture, most common first.
+_AUTO_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                  "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                  "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+
+
+def read_config(model_dir: Path) -> dict | None:
+    """``config.json`` of a model dir as a dict (None when absent); never its code."""
+    file = contained(model_dir, "config.json", source=model_dir)
+    if not file.is_file():
+        return None
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CurvlensError(f"{file}: not a readable JSON config ({err})") from err
+    if not isinstance(cfg, dict):
+        raise CurvlensError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _class_names(cfg: dict) -> list[str]:
+    archs = cfg.get("architectures")
+    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    from transformers.models.auto import modeling_auto
+
+    model_type = cfg.get("model_type")
+    for mapping in _AUTO_MAPPINGS:
+        name = getattr(modeling_auto, mapping, {}).get(model_type)
+        if isinstance(name, (list, tuple)):
+            name = name[0] if name else None
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    return names
+
+
+def architecture_orders(model_dir: Path) -> tuple[list[tuple[str, list[str], set[str]]], str | None]:
+    """Candidate parameter orders of the model in ``model_dir``.
+
+    Returns
+    -------
+    orders : list of (label, names, no_decay)
+        One per architecture transformers can build from the config: the class
+        name, ``named_parameters()`` order, and the names the HF Trainer exempts
+        from weight decay (biases and normalisation weights).
+    why_none : str or None
+        When ``orders`` is empty, why (no config, custom code, no transformers).
+    """
+    cfg = read_config(model_dir)
+    if cfg is None:
+        return [], f"{model_dir} has no config.json"
+    try:
+        import transformers
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return [], "transformers is not installed (pip install transformers)"
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        custom = " (its auto_map points to custom code, which curvlens never runs)" if "auto_map" in cfg else ""
+        return [], f"{model_dir / 'config.json'}: model_type {model_type!r} is not one transformers knows{custom}"
+    # The concrete config class, never AutoConfig with the dir: auto_map is dropped,
+    # so nothing can ask to run code.
+    plain = {k: v for k, v in cfg.items() if k not in ("auto_map", "model_type")}
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(plain)
+    except Exception as err:  # a config transformers cannot parse
+        return [], f"{model_dir / 'config.json'}: transformers cannot read it as a {model_type} config ({err})"
+    orders, errors = [], []
+    for name in _class_names(cfg):
+        cls = getattr(transformers, name, None)
+        if cls is None or not isinstance(cls, type) or getattr(cls, "config_class", None) is None:
+            errors.append(f"{name}: not a transformers class")
+            continue
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except Exception as err:  # this class does not fit the config
+            errors.append(f"{name}: {type(err).__name__}")
+            continue
+        names = [n for n, _ in model.named_parameters()]
+        orders.append((name, names, _no_decay(model)))
+        del model
+    why = None if orders else (f"{model_dir / 'config.json'}: no architecture could be built ("
+                               + "; ".join(errors) + ")")
+    return orders, why
+
+
+def _no_decay(model) -> set[str]:
+    """The HF Trainer's no-weight-decay parameters: biases and the weights of
+    normalisation layers (``get_decay_parameter_names``)."""
+    out = set()
+    for mod_name, mod in model.named_modules():
+        is_norm = "norm" in type(mod).__name__.lower() or isinstance(mod, torch.nn.LayerNorm)
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if is_norm or "bias" in p_name or "norm" in full.lower():
+                out.add(full)
+    return out
