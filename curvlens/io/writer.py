@@ -101,8 +101,7 @@ class ModelWriter:
         self.overwrite = overwrite
         self.extra_files = dict(extra_files or {})
         self.config_overrides = dict(config_overrides or {})
-        refs = [self.reference_dir] if self.reference_dir is not None else []
-        self._atomic = AtomicDir(self.out, overwrite=overwrite, inputs=[*inputs, *refs])
+        self._atomic = AtomicDir(self.out, overwrite=overwrite, inputs=inputs)
         self._tmp: Path | None = None
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0

@@ -7,6 +7,7 @@ consumer moves on. Peak memory is a few tensors per expert, whatever the model s
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,9 @@ class Experts:
         self.experts = list(experts)
         if not self.experts:
             raise CurvlensError("Experts needs at least one expert")
+        bad = [type(e).__name__ for e in self.experts if not isinstance(e, Expert)]
+        if bad:
+            raise CurvlensError(f"experts must be Expert objects (or use Experts.from_dirs); got {bad}")
         names = [e.name for e in self.experts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -278,13 +282,18 @@ class Experts:
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         def load(name: str) -> TensorGroup:
+            # Read (and checked) in the prefetch thread: a NaN weight or a negative
+            # moment stops the pass naming its tensor and expert, whatever consumes it.
             layer, role = param_role(name)
             floating = ref.dtype(name).is_floating_point
-            b = place(self.base[name]) if base and self.base is not None else None
-            xs = [place(_read(e.checkpoint, name, e.name)) for e in self.experts] if experts else []
+            b = None
+            if base and self.base is not None:
+                b = place(_checked_weight(_read(self.base, name, None), name, "the base model"))
+            xs = [place(_checked_weight(_read(e.checkpoint, name, e.name), name, f"expert {e.name!r}"))
+                  for e in self.experts] if experts else []
             ms = None
             if moments and floating:
-                ms = [_read(e.moments, name, e.name).to(dev) for e in self.experts]
+                ms = [_checked_moment(_read(e.moments, name, e.name), name, e).to(dev) for e in self.experts]
             return TensorGroup(name, layer, role, b, xs, ms, self.names)
 
         n_inputs = (1 if base and self.base is not None else 0) + (len(self.experts) if experts else 0)
@@ -332,13 +341,37 @@ def expert_names(dirs: Sequence[PathLike]) -> list[str]:
             depth[i] += 1
 
 
-def _read(source, name: str, expert: str) -> torch.Tensor:
+def _read(source, name: str, expert: str | None) -> torch.Tensor:
+    who = f"expert {expert!r}" if expert is not None else "the base model"
     try:
         return source[name]
     except CurvlensError as err:
-        raise CurvlensError(f"expert {expert!r}: {err}") from err
+        raise CurvlensError(f"{who}: {err}") from err
     except KeyError:
-        raise CurvlensError(f"expert {expert!r}: no tensor {name!r} in {source.label}") from None
+        raise CurvlensError(f"{who}: no tensor {name!r} in {source.label}") from None
+
+
+def _checked_weight(t: torch.Tensor, name: str, who: str) -> torch.Tensor:
+    """``t`` unless it holds NaN/Inf (one min/max reduction, which NaN propagates through)."""
+    if t.is_floating_point() and t.numel():
+        lo, hi = torch.aminmax(t)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise CurvlensError(f"{who}, tensor {name!r}: {n_nan} NaN and {n_inf} Inf weights; "
+                                "expected finite weights")
+    return t
+
+
+def _checked_moment(v: torch.Tensor, name: str, e: Expert) -> torch.Tensor:
+    """``v`` unless it holds NaN/Inf or negative second moments."""
+    if v.numel():
+        lo, hi = torch.aminmax(v)
+        if not (float(lo) >= 0.0 and math.isfinite(float(hi))):
+            n_nan, n_inf, n_neg = int(torch.isnan(v).sum()), int(torch.isinf(v).sum()), int((v < 0).sum())
+            raise CurvlensError(f"expert {e.name!r}, tensor {name!r}: {n_nan} NaN, {n_inf} Inf and {n_neg} "
+                                f"negative second moments in {e.moments.label}; expected finite, "
+                                "non-negative values")
+    return v
 
 
 def _head(items: list[str], n: int = 5) -> str:

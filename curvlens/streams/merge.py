@@ -8,6 +8,7 @@ model-wide saliency threshold per expert (:mod:`curvlens.streams.thresholds`).
 """
 from __future__ import annotations
 
+import math
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -90,6 +91,18 @@ class MergeResult:
                   + (f", saved to {self.path}" if self.path else ""))
 
 
+def _stored(experts: Experts, name: str) -> torch.dtype:
+    """The experts' dtype of tensor ``name`` (promoted across experts); integer
+    tensors, carried from the reference, keep the reference's."""
+    ref = experts.reference.dtype(name)
+    if not ref.is_floating_point:
+        return ref
+    out = experts.experts[0].checkpoint.dtype(name)
+    for e in experts.experts[1:]:
+        out = torch.promote_types(out, e.checkpoint.dtype(name))
+    return out
+
+
 def _out_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
     # integer/bool tensors keep their dtype whatever the requested float dtype
     return stored if requested is None or not stored.is_floating_point else requested
@@ -128,7 +141,11 @@ def merge(
     device : str
         ``"auto"``: CUDA when present. The math is fp32 on this device.
     dtype : str or torch.dtype, optional
-        Output dtype; default: each tensor's dtype in the experts.
+        Output dtype of floating tensors; default: each tensor's dtype in the
+        experts (promoted when experts store it differently, e.g. bf16 and fp32
+        give fp32), whatever the base's. Integer and bool tensors keep theirs.
+        A merged value the output dtype cannot hold (beyond fp16's 65504) is an
+        error, never an Inf.
     overwrite : bool
         Replace an existing ``out``.
     **params
@@ -177,7 +194,7 @@ def merge(
             {"merge_method": method, "parameters": _plain(p),
              "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None}, sort_keys=False)
         # every output name, shape and dtype is known now: stream the bytes unbuffered
-        plan = [(n, ref.shape(n), _out_dtype(ref.dtype(n), out_dtype)) for n in experts.tensor_names()]
+        plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in experts.tensor_names()]
         # transformers reads the weights' dtype from config.json: keep it truthful
         dtype_name = str(out_dtype).replace("torch.", "") if out_dtype is not None else None
         overrides = {"torch_dtype": dtype_name, "dtype": dtype_name} if dtype_name else None
@@ -189,7 +206,7 @@ def merge(
         for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
                                       dtype=None, desc=f"merge {method}"):
             merged, row = _merge_one(m, g, p, dev, experts.names,
-                                     _out_dtype(ref.dtype(g.name), out_dtype))
+                                     _out_dtype(_stored(experts, g.name), out_dtype))
             rows.append(row)
             if writer is not None:
                 writer.add(g.name, merged)
@@ -235,8 +252,25 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
         block = flat_merged[sl]
         stats.add(g, sl, block)
         if not keep_as_is:
-            flat_out[sl] = block.to("cpu").to(target)
+            flat_out[sl] = cast = block.to("cpu").to(target)
+            if cast.numel() and target.itemsize < 4 and not _finite(cast):
+                _overflow(g.name, block, target)
+    if not math.isfinite(stats.sq_delta):
+        raise CurvlensError(f"tensor {g.name!r}: the {m.name} merge produced non-finite values "
+                            f"({int((~torch.isfinite(merged)).sum())} of {merged.numel()})")
     return out, stats.row(g, names)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def _overflow(name: str, block: torch.Tensor, target: torch.dtype) -> None:
+    big = float(block.abs().max())
+    raise CurvlensError(f"tensor {name!r}: a merged value ({big:.4g}) overflows the output dtype "
+                        f"{str(target).replace('torch.', '')} (largest {torch.finfo(target).max:.4g}); "
+                        "choose a wider dtype (float32 or bfloat16)")
 
 
 class _Stats:
