@@ -1043,6 +1043,10 @@ _OTA_PARAMS = (
     ParamSpec("ffg_threshold", None,
               "FFG saliency threshold t_i (mask v*tau**2 >= t_i); set by the driver from ffg_density.",
               per_expert=True, validate=_real(allow_none=True)),
+    ParamSpec("ffg_ties", None,
+              "With ffg_threshold: keep v*tau**2 > t_i plus the first ffg_ties entries equal to t_i "
+              "(set per tensor by the driver so that ffg_density keeps exactly its share).",
+              per_expert=True, validate=_int_at_least(0, allow_none=True)),
     ParamSpec("fallback_to_base", False,
               "Entries every expert masked: base if true, else the plain mean of the experts.",
               validate=_boolean),
@@ -1122,6 +1126,9 @@ def ota(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tens
     means = [_ota_weight_mean(vflats[i], p, i, size) if p["normalise"] == "global" else None
              for i in range(n)]
     keepers = [None] * n
+    for i, (t, ties) in enumerate(zip(p["ffg_threshold"], p["ffg_ties"])):
+        if t is not None and ties is not None:
+            keepers[i] = TopKKeeper(torch.tensor(t), ties)
     for i, d in enumerate(p["ffg_density"]):
         if d is not None and p["ffg_threshold"][i] is None and d < 1 and numel > 0:
             k = max(1, int(d * numel))
@@ -1202,6 +1209,9 @@ def _ota_weight(
 
 def _check_ota_masks(p: dict, *, has_base: bool) -> None:
     uses_ffg = any(x is not None for x in p["ffg_threshold"] + p["ffg_density"])
+    stray = [i for i, (t, k) in enumerate(zip(p["ffg_threshold"], p["ffg_ties"])) if k is not None and t is None]
+    if stray:
+        raise CurvlensError(f"ota: ffg_ties is given for expert(s) {stray} without an ffg_threshold")
     uses_precond = any(x is not None for x in p["precond_threshold"])
     if uses_ffg and uses_precond:
         raise CurvlensError(
@@ -1241,6 +1251,8 @@ def _ota_mask(v: Tensor, tau: Optional[Tensor], p: dict, i: int,
               keeper: Optional[TopKKeeper] = None) -> Optional[Tensor]:
     """fp32 0/1 mask of expert ``i`` on this block (None: no mask)."""
     if p["ffg_threshold"][i] is not None:
+        if keeper is not None:  # exact model-wide selection: ties split by the driver's quota
+            return keeper(saliency(v, tau))
         return at_least(saliency(v, tau), p["ffg_threshold"][i])
     if p["ffg_density"][i] is not None:
         if keeper is None:  # density 1: keep everything

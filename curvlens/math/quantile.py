@@ -24,7 +24,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.overlap import _as_tensor
 
-__all__ = ["TopKSketch"]
+__all__ = ["TopKSketch", "BinCounts", "top_count"]
 
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32
 
@@ -157,6 +157,37 @@ class TopKSketch:
         bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32)) & 0x7FFFFFFF
         return bits >> self._shift
 
+    def locate(self, k: int) -> tuple[int, int, int]:
+        """The bin holding the ``k``-th largest value seen (``1 <= k <= total``).
+
+        Returns
+        -------
+        bin : int
+        above : int
+            Values in higher bins (all larger than every value in ``bin``).
+        count : int
+            Values in ``bin``; the answer is the ``k - above``-th largest of them.
+
+        Examples
+        --------
+        >>> sk = TopKSketch().update(torch.tensor([1.0, 2.0, 2.0, 8.0]))
+        >>> b, above, count = sk.locate(2)
+        >>> sk.bin_edges(b)[0], above, count
+        (2.0, 1, 2)
+        """
+        n = self.total
+        if not (isinstance(k, int) and 1 <= k <= n):
+            raise CurvlensError(f"k must be an int in [1, {n}]; got {k!r}")
+        if self._cum is None:
+            self._cum = self._counts.cumsum(0)
+        b = int(torch.searchsorted(self._cum, torch.tensor(n - k), right=True))
+        above = n - int(self._cum[b])
+        return b, above, int(self._counts[b])
+
+    def bin_counts(self, b: int) -> "BinCounts":
+        """An exact counter of the distinct float32 values inside bin ``b``."""
+        return BinCounts(b << self._shift, 1 << self._shift)
+
     def threshold(self, density: float) -> tuple[float, int, int, float]:
         """Threshold keeping (about) the top ``density`` fraction of all values seen.
 
@@ -207,3 +238,58 @@ class TopKSketch:
         b = int(torch.searchsorted(self._cum, torch.tensor(n - k), right=True))
         kept = n - (int(self._cum[b - 1]) if b > 0 else 0)
         return self.bin_edges(b)[0], kept, n, int(self._counts[b]) / n
+
+
+class BinCounts:
+    """Exact counts of every float32 value in one sketch bin, fed tensor by tensor.
+
+    A :class:`TopKSketch` bin spans ``width`` consecutive float32 bit patterns
+    (2048 by default), so counting each pattern exactly takes a fixed
+    ``width``-long vector: a second streaming pass through the bin that holds
+    the ``k``-th largest value turns the sketch's bracket into the exact value,
+    however many entries share it (bf16-derived scores tie in millions).
+
+    Examples
+    --------
+    >>> sk = TopKSketch().update(torch.tensor([1.0, 2.0, 2.0, 8.0]))
+    >>> b, above, count = sk.locate(2)
+    >>> bc = sk.bin_counts(b)
+    >>> bc.update(torch.tensor([1.0, 2.0, 2.0, 8.0])).tolist()[:1]
+    [2]
+    """
+
+    def __init__(self, lo_bits: int, width: int):
+        self.lo_bits, self.width = int(lo_bits), int(width)
+
+    def update(self, values: torch.Tensor) -> torch.Tensor:
+        """Counts (int64, length ``width``, on the CPU) of each value of the bin in
+        ``values`` (non-negative floats; ``-0.0`` counts as ``0.0``)."""
+        bits = values.reshape(-1).to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF
+        off = bits - self.lo_bits
+        # bit patterns compare as the floats do for non-negative values
+        inside = off[(off >= 0) & (off < self.width)]
+        return torch.bincount(inside.long(), minlength=self.width).cpu()
+
+    def value(self, offset: int) -> float:
+        """The float32 value at ``offset`` in the bin."""
+        return float(torch.tensor([self.lo_bits + int(offset)], dtype=torch.int32).view(torch.float32))
+
+
+def top_count(counts: torch.Tensor, r: int) -> tuple[int, int]:
+    """Where the ``r``-th largest entry falls in a count vector indexed by value.
+
+    Returns ``(offset, above)``: the index holding it and how many entries lie at
+    higher indices.
+
+    Examples
+    --------
+    >>> top_count(torch.tensor([5, 0, 2, 1]), 2)  # values 3 (x1), 2 (x2), 0 (x5)
+    (2, 1)
+    """
+    total = int(counts.sum())
+    if not 1 <= r <= total:
+        raise CurvlensError(f"r must be in [1, {total}]; got {r}")
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(r)))  # first position reaching r
+    offset = counts.numel() - 1 - j
+    return offset, int(from_top[j - 1]) if j > 0 else 0

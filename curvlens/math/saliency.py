@@ -15,7 +15,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import blocks
 
-__all__ = ["saliency", "fisher_mask", "magnitude_scores", "topk_mask", "kth_largest",
+__all__ = ["saliency", "fisher_mask", "magnitude_scores", "topk_mask", "select_mask", "kth_largest",
            "kth_largest_blocked", "sample_bracket", "TopKKeeper", "at_least", "above"]
 
 
@@ -410,9 +410,34 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     # differs between its CPU and GPU runs); without such a split tie the masks
     # are identical.
     kth = kth_largest(flat, k)
+    return select_mask(scores, kth, k - int(torch.count_nonzero(flat > kth)))
+
+
+def select_mask(scores: torch.Tensor, kth, ties: int | None) -> torch.Tensor:
+    """The top-k rule applied: entries above ``kth``, and of the entries equal to
+    it the first ``ties`` in flat (row-major) order (``None``: all of them).
+
+    This is the one tie rule of every selection in curvlens: per tensor
+    (:func:`topk_mask`) and model-wide, where ``ties`` is the tensor's share of
+    the model's tied entries in tensor order
+    (:func:`curvlens.streams.thresholds.model_selections`).
+
+    Examples
+    --------
+    >>> select_mask(torch.tensor([2.0, 3.0, 2.0, 2.0]), 2.0, 1)
+    tensor([ True,  True, False, False])
+    >>> select_mask(torch.tensor([2.0, 3.0, 2.0, 2.0]), 2.0, None)
+    tensor([True, True, True, True])
+    """
+    flat = scores.reshape(-1)
+    kth = float(kth)
+    if ties is None:
+        return (flat >= kth).reshape(scores.shape)
     mask = flat > kth
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:
-        tied = torch.nonzero(flat == kth).flatten()[:missing]
-        mask[tied] = True
+    if ties > 0:
+        tied = torch.nonzero(flat == kth).flatten()
+        if tied.numel() < ties:
+            raise CurvlensError(f"{ties} tied entries to keep but only {tied.numel()} equal the threshold "
+                                f"{kth!r}; were the scores computed differently?")
+        mask[tied[:ties]] = True
     return mask.reshape(scores.shape)

@@ -20,6 +20,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint
 from curvlens.streams.experts import Experts
+from curvlens.streams.thresholds import THRESHOLD_COLUMNS  # noqa: F401  (a schema, re-exported)
 
 # --------------------------------------------------------------------- schemas
 TENSOR_ID = ["name", "layer", "role", "numel"]
@@ -27,8 +28,6 @@ CURVATURE_STATS_COLUMNS = ["expert", *TENSOR_ID, "mean_log10", "median_log10", "
                            "q90", "q99", "frac_zero", "bias_corrected", "sampled"]
 CURVATURE_OVERLAP_COLUMNS = ["expert_a", "expert_b", *TENSOR_ID, "cosine", "pearson_log", "spearman_log",
                              "jaccard_top1", "jaccard_top10", "spearman_sampled"]
-THRESHOLD_COLUMNS = ["expert", "criterion", "density", "threshold", "kept", "total", "realized_density",
-                     "max_density_error"]
 MASK_STATS_COLUMNS = ["expert", "criterion", "density", *TENSOR_ID, "threshold", "kept_frac", "row_sparsity",
                       "col_sparsity", "mask_rank", "mask_effective_rank", "stable_rank", "saliency_kept",
                       "rank_method"]

@@ -39,7 +39,7 @@ from curvlens.streams.analysis_common import (
     with_context,
 )
 from curvlens.streams.experts import Experts, resolve_device
-from curvlens.streams.thresholds import compress_moments, mask_scores, model_thresholds
+from curvlens.streams.thresholds import compress_moments, mask_scores, model_selections
 
 #: Fractions of the top-entry Jaccard indices of :func:`curvature_overlap`.
 TOP_FRACS = (0.01, 0.1)
@@ -396,9 +396,9 @@ def pooled_moments(experts: Experts, names: Sequence[str] | str | None, *, block
         See ``block``.
     masks_density : float, optional
         Also report ``mask_frac``, the fraction of entries the FFG mask at this
-        model-wide density keeps in each block (thresholds from
-        :func:`curvlens.streams.thresholds.model_thresholds`: one extra pass over
-        the whole model). Needs a base model.
+        model-wide density keeps in each block (the exact selection of
+        :func:`curvlens.streams.thresholds.model_selections`: two extra passes
+        over the whole model). Needs a base model.
     criterion : {"fisher", "magnitude"}
         Mask criterion for ``mask_frac``.
     log_eps : float
@@ -427,8 +427,9 @@ def pooled_moments(experts: Experts, names: Sequence[str] | str | None, *, block
     thresholds = None
     if masks_density is not None:
         need_base(experts, "pooled_moments with masks_density")
-        thresholds = model_thresholds(experts, float(masks_density), criterion=criterion, device=dev,
-                                      progress=progress)["threshold"].tolist()
+        d = float(masks_density)
+        found = model_selections(experts, d, [criterion], device=dev, progress=progress)
+        thresholds = [found[criterion, e, d] for e in experts.names]
     parts = []
     for g in experts.iter_tensors(names, device=dev, base=thresholds is not None,
                                   experts=thresholds is not None, progress=progress, desc="pooled moments"):
@@ -440,8 +441,8 @@ def pooled_moments(experts: Experts, names: Sequence[str] | str | None, *, block
             bm, bn = block if block is not None else (-(-m // max_blocks), -(-n // max_blocks))
             lg = _block_means(v2, bm, bn, lambda x: torch.log10(x.double() + log_eps))
             if scores is not None:
-                thr = thresholds[i]
-                frac = _block_means(_as_2d(scores[i]), bm, bn, lambda x, t=thr: (x >= t).double())
+                kept = thresholds[i].mask(g.name, scores[i])
+                frac = _block_means(_as_2d(kept), bm, bn, lambda x: x.double())
                 frac = frac.reshape(-1).cpu().numpy()
             else:
                 frac = np.full(lg.numel(), np.nan)

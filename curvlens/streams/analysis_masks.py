@@ -6,9 +6,10 @@
 * :func:`graft_sweep` -- score of ``theta0 + m * tau`` against density, per criterion;
 * :func:`ffg_vs_magnitude_summary` -- the paper's FFG-vs-magnitude comparison.
 
-Every mask here uses the model-wide threshold of
-:func:`curvlens.streams.thresholds.model_thresholds`, the one the merge engine uses,
-and the same scores (:func:`curvlens.streams.thresholds.mask_scores`): a mask
+Every mask here is an exact model-wide selection of
+:func:`curvlens.streams.thresholds.model_selections` (exactly the requested share
+of entries, ties split by one deterministic rule), the one the merge engine uses,
+on the same scores (:func:`curvlens.streams.thresholds.mask_scores`): a mask
 analysed is the mask merged.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ from curvlens.streams.analysis_common import (
     with_context,
 )
 from curvlens.streams.experts import Experts, TensorGroup, _progress, resolve_device
-from curvlens.streams.thresholds import CRITERIA, mask_scores, model_thresholds, sketch_scores
+from curvlens.streams.thresholds import CRITERIA, Selection, mask_scores, model_selections
 
 #: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
 RANK_EXACT_MAX = 512 * 512
@@ -60,36 +61,28 @@ def _check_inputs(experts: Experts, criteria: Sequence[str], what: str) -> None:
 
 
 def mask_thresholds(experts: Experts, densities, criterion: str = "fisher", *, device="auto",
-               progress: bool = True) -> pd.DataFrame:
-    """Model-wide mask thresholds for several densities from ONE streaming pass.
-
-    One density is exactly :func:`curvlens.streams.thresholds.model_thresholds`.
-    For several, the same sketch (:class:`curvlens.math.quantile.TopKSketch`, fed
-    the same :func:`~curvlens.streams.thresholds.mask_scores`) is read once per
-    density, since a sketch answers any number of densities; the result equals
-    calling ``model_thresholds`` once per density.
+                    progress: bool = True) -> pd.DataFrame:
+    """Model-wide mask selections for several densities from ONE pair of passes.
 
     Returns
     -------
     pandas.DataFrame
         ``expert, criterion, density, threshold, kept, total, realized_density,
-        max_density_error``: one row per expert x density (expert-major).
+        tied, ties_kept`` (see :func:`curvlens.streams.thresholds.model_thresholds`):
+        one row per expert x density (expert-major). ``kept`` is exactly the
+        requested share of the model's entries, whatever the ties.
     """
     (criterion,) = check_criteria([criterion])
     ds = check_densities(densities)
     _check_inputs(experts, [criterion], "mask thresholds")
-    if len(ds) == 1:
-        return model_thresholds(experts, ds[0], criterion=criterion, device=device, progress=progress)
-    sketches = sketch_scores(experts, criterion, device=device, progress=progress)
-    rows = []
-    for e, sk in zip(experts.names, sketches):
-        for d in ds:
-            t, kept, total, err = sk.threshold(d)
-            rows.append({"expert": e, "criterion": criterion, "density": d, "threshold": float(t),
-                         "kept": int(kept), "total": int(total),
-                         "realized_density": kept / total if total else float("nan"),
-                         "max_density_error": float(err)})
-    return frame(rows, THRESHOLD_COLUMNS)
+    sel = _selections(experts, ds, [criterion], device, progress)
+    return frame([sel[criterion, e, d].row() for e in experts.names for d in ds], THRESHOLD_COLUMNS)
+
+
+def _selections(experts: Experts, ds: Sequence[float], criteria: Sequence[str], device,
+                progress: bool) -> dict[tuple[str, str, float], Selection]:
+    """Every expert's selection at every density and criterion, in two passes."""
+    return model_selections(experts, [list(ds)] * len(experts), criteria, device=device, progress=progress)
 
 
 class _OneTaus(TensorGroup):
@@ -106,10 +99,6 @@ class _OneTaus(TensorGroup):
         if not hasattr(self, "_taus"):
             self._taus = TensorGroup.task_vectors.fget(self)
         return self._taus
-
-
-def _lookup(table: pd.DataFrame) -> dict[tuple[str, float], float]:
-    return {(r.expert, float(r.density)): float(r.threshold) for r in table.itertuples()}
 
 
 # -------------------------------------------------------------------- ffg_masks
@@ -131,13 +120,17 @@ class FFGMasks:
     """
 
     def __init__(self, experts: Experts, table: pd.DataFrame, criterion: str, names: list[str], device,
-                 progress: bool):
+                 progress: bool, selections: list[Selection] | None = None):
         self.experts, self.thresholds, self.criterion, self.names = experts, table, criterion, names
         self._thr = table["threshold"].astype(float).tolist()
+        self._sel = selections
         self._device, self._progress = device, progress
 
     def _masks(self, g) -> dict[str, torch.Tensor]:
-        return {e: s >= t for e, s, t in zip(self.experts.names, mask_scores(g, self.criterion), self._thr)}
+        scores = mask_scores(g, self.criterion)
+        if self._sel is None:  # thresholds given directly: everything at or above
+            return {e: s >= t for e, s, t in zip(self.experts.names, scores, self._thr)}
+        return {e: sel.mask(g.name, s) for e, s, sel in zip(self.experts.names, scores, self._sel)}
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for g in self.experts.iter_tensors(self.names, device=self._device, moments=self.criterion == "fisher",
@@ -170,14 +163,15 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
         With a base; with moments for ``fisher``.
     density : float, sequence or mapping, optional
         Model-wide density per expert (one value for all, a list, or
-        ``{expert: density}``); the threshold comes from one streaming pass of
-        :func:`curvlens.streams.thresholds.model_thresholds`, made now.
+        ``{expert: density}``): each mask keeps exactly that share of the
+        expert's entries (:func:`curvlens.streams.thresholds.model_selections`,
+        two streaming passes made now; ties split in model order).
     threshold : float, sequence or mapping, optional
-        Score thresholds given directly instead (no pass). Exactly one of
-        ``density`` and ``threshold``.
+        Score thresholds given directly instead (no pass; every entry at or above
+        is kept). Exactly one of ``density`` and ``threshold``.
     criterion : {"fisher", "magnitude"}
-        ``fisher``: keep ``v * tau**2 >= t``; ``magnitude``: ``|tau| >= t`` (reads
-        no moments).
+        ``fisher``: score ``v * tau**2``; ``magnitude``: ``|tau|`` (reads no
+        moments).
     names : sequence of str, optional
         Tensors to iterate (default: every floating tensor). Thresholds are always
         model-wide.
@@ -197,9 +191,12 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
                             + ("both" if density is not None else "neither"))
     names = floating_names(experts, names)
     dev = resolve_device(device)
+    selections = None
     if density is not None:
         ds = [float(d) for d in per_expert(density, experts, "density")]
-        table = model_thresholds(experts, ds, criterion=criterion, device=dev, progress=progress)
+        found = model_selections(experts, ds, [criterion], device=dev, progress=progress)
+        selections = [found[criterion, e, d] for e, d in zip(experts.names, ds)]
+        table = frame([x.row() for x in selections], THRESHOLD_COLUMNS)
     else:
         ts = per_expert(threshold, experts, "threshold")
         for e, t in zip(experts.names, ts):
@@ -207,9 +204,9 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
                 raise CurvlensError(f"threshold for expert {e!r} must be a number; got {t!r}")
         nan = float("nan")
         table = frame([{"expert": e, "criterion": criterion, "density": nan, "threshold": float(t), "kept": nan,
-                        "total": nan, "realized_density": nan, "max_density_error": nan}
+                        "total": nan, "realized_density": nan, "tied": nan, "ties_kept": nan}
                        for e, t in zip(experts.names, ts)], THRESHOLD_COLUMNS)
-    return FFGMasks(experts, table, criterion, names, dev, progress)
+    return FFGMasks(experts, table, criterion, names, dev, progress, selections)
 
 
 # ------------------------------------------------------------------- mask_stats
@@ -218,9 +215,10 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
                power_iters: int = POWER_ITERS, seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
     """Structure of every mask: kept fraction, row/column sparsity, rank.
 
-    Passes: one threshold pass per criterion (all densities from one sketch),
-    then one statistics pass over base, experts (and moments when ``fisher`` is
-    among the criteria).
+    Passes: two selection passes for all criteria and densities together
+    (:func:`curvlens.streams.thresholds.model_selections`: every mask keeps
+    exactly its share of the model), then one statistics pass over base,
+    experts (and moments when ``fisher`` is among the criteria).
 
     Parameters
     ----------
@@ -267,7 +265,7 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     _check_inputs(experts, criteria, "mask_stats")
     names = floating_names(experts, names)
     dev = resolve_device(device)
-    thr = {c: _lookup(mask_thresholds(experts, ds, c, device=dev, progress=progress)) for c in criteria}
+    sel = _selections(experts, ds, criteria, dev, progress)
     with_v = "fisher" in criteria
     ws = Workspace()
     rows = []
@@ -287,8 +285,9 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
             sal_total = float(sal.sum()) if sal is not None else math.nan
             for c in criteria:
                 for d in ds:
-                    t = thr[c][e, d]
-                    m = torch.ge(scores[c], t, out=mask.view(tau.shape))
+                    t = sel[c, e, d].threshold
+                    m = mask.view(tau.shape)
+                    m.copy_(sel[c, e, d].mask(g.name, scores[c]))
                     try:
                         st = _mask_stats(m, tau=tau, rank_exact_max=rank_exact_max,
                                          rng=tensor_seed(seed, g.name), sketch_size=sketch_size,
@@ -350,21 +349,21 @@ def mask_overlap(experts: Experts, density: float, criterion: str = "fisher", pa
 
 
 # ------------------------------------------------------------------ graft_sweep
-def _graft(sub: Experts, threshold: float | None, criterion: str, device) -> dict[str, torch.Tensor]:
-    """The grafted expert ``theta0 + m * tau`` (``threshold`` None: the expert itself)
+def _graft(sub: Experts, selection: Selection | None, criterion: str, device) -> dict[str, torch.Tensor]:
+    """The grafted expert ``theta0 + m * tau`` (``selection`` None: the expert itself)
     as a CPU state dict in the expert's stored dtypes."""
     out = {}
     floating = set(sub.tensor_names(floating_only=True))
-    fisher = threshold is not None and criterion == "fisher"
+    fisher = selection is not None and criterion == "fisher"
     # Stored dtypes, so a kept entry is the expert's value bit for bit; the scores
     # are taken on float32 copies, exactly as the threshold pass saw them.
-    for g in sub.iter_tensors(device=device, dtype=None, base=threshold is not None, moments=fisher,
+    for g in sub.iter_tensors(device=device, dtype=None, base=selection is not None, moments=fisher,
                               progress=False, desc="graft"):
         x = g.experts[0]
-        if threshold is not None and g.name in floating:
+        if selection is not None and g.name in floating:
             g32 = dataclasses.replace(g, base=g.base.float(), experts=[x.float()])
             (s,) = mask_scores(g32, criterion)
-            x = torch.where(s >= threshold, x, g.base)
+            x = torch.where(selection.mask(g.name, s), x, g.base)
         out[g.name] = x.cpu()
     return out
 
@@ -422,8 +421,7 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
     _check_inputs(experts, criteria, "graft_sweep")
     dev = resolve_device(device)
     partial = [d for d in ds if d < 1.0]
-    thr = {c: _lookup(mask_thresholds(experts, partial, c, device=dev, progress=progress)) for c in criteria} \
-        if partial else {}
+    sel = _selections(experts, partial, criteria, dev, progress) if partial else {}
     bar = _progress(len(experts) * (len(criteria) * len(partial) + (1.0 in ds)), "graft sweep", progress)
     rows = []
     for e in experts.names:
@@ -437,7 +435,7 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
                 if d == 1.0:
                     scores = own
                 else:
-                    scores = _scores(evaluate(_graft(sub, thr[c][e, d], c, dev)), e, c, d)
+                    scores = _scores(evaluate(_graft(sub, sel[c, e, d], c, dev)), e, c, d)
                     bar.update(1)
                 rows += [{"expert": e, "criterion": c, "density": d, "capability": cap, "score": s}
                          for cap, s in scores]

@@ -23,7 +23,7 @@ from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.merge_methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
-from curvlens.streams.thresholds import model_thresholds
+from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -54,8 +54,12 @@ class MergeResult:
     params : dict
         The resolved parameters (defaults filled in, per-expert lists).
     thresholds : pandas.DataFrame or None
-        The model-wide FFG thresholds per expert, when ``ffg_density`` was used.
+        The model-wide FFG selection per expert, when ``ffg_density`` was used
+        (:func:`curvlens.streams.thresholds.model_thresholds`'s columns).
     path : Path or None
+    extra : dict
+        ``"selections"``: the :class:`~curvlens.streams.thresholds.Selection` per
+        expert behind ``thresholds`` (with the per-tensor tie quotas).
     """
 
     checkpoint: Checkpoint
@@ -169,16 +173,19 @@ def merge(
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
 
-    thresholds = None
+    requested = dict(p)  # what the saved config states (re-runnable), before thresholds
+    thresholds, selections = None, None
     if method == "ota" and any(d is not None for d in p["ffg_density"]):
         if any(d is None for d in p["ffg_density"]):
             raise CurvlensError(f"ffg_density must be given for every expert or none; got {p['ffg_density']}")
         if len(set(p["rank1_approx"])) > 1 or len(set(p["rank"])) > 1:
             raise CurvlensError("ffg_density with per-expert rank1_approx/rank differing is not supported")
-        thresholds = model_thresholds(experts, p["ffg_density"], rank1_approx=p["rank1_approx"][0],
-                                      rank=p["rank"][0], device=dev, progress=progress)
-        p["ffg_threshold"] = thresholds["threshold"].tolist()
-        p["ffg_density"] = [None] * len(experts)  # now expressed as thresholds
+        found = model_selections(experts, p["ffg_density"], ["fisher"], rank1_approx=p["rank1_approx"][0],
+                                 rank=p["rank"][0], device=dev, progress=progress)
+        selections = [found["fisher", e, d] for e, d in zip(experts.names, p["ffg_density"])]
+        thresholds = pd.DataFrame([s.row() for s in selections], columns=THRESHOLD_COLUMNS)
+        p["ffg_threshold"] = [s.threshold for s in selections]
+        p["ffg_density"] = [None] * len(experts)  # now expressed as exact selections
 
     ref = experts.reference
     ref_dir = None
@@ -191,7 +198,7 @@ def merge(
         import yaml
 
         config = config_text or yaml.safe_dump(
-            {"merge_method": method, "parameters": _plain(p),
+            {"merge_method": method, "parameters": _plain(requested),
              "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None}, sort_keys=False)
         # every output name, shape and dtype is known now: stream the bytes unbuffered
         plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in experts.tensor_names()]
@@ -205,7 +212,9 @@ def merge(
         # methods cast block by block, so they get the stored dtype
         for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
                                       dtype=None, desc=f"merge {method}"):
-            merged, row = _merge_one(m, g, p, dev, experts.names,
+            # a model-wide selection splits the tied scores tensor by tensor
+            pt = p if selections is None else {**p, "ffg_ties": [s.ties(g.name) for s in selections]}
+            merged, row = _merge_one(m, g, pt, dev, experts.names,
                                      _out_dtype(_stored(experts, g.name), out_dtype))
             rows.append(row)
             if writer is not None:
@@ -217,7 +226,8 @@ def merge(
             writer.extra_files["merge_report.csv"] = report.to_csv(index=False)
     ckpt = Checkpoint.open(out) if out is not None else Checkpoint.open(kept_tensors)
     report["layer"] = report["layer"].astype("Int64")
-    return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None)
+    extra = {"selections": selections} if selections is not None else {}
+    return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None, extra)
 
 
 def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_every_frame_has_its_pinned_columns(zoo):
         "log10_histogram": (A.log10_histogram(ex, **KW), ["expert", "role", "bin_left", "bin_right", "count"]),
         "mask_thresholds": (A.mask_thresholds(ex, (0.2, 0.4), **KW),
                        ["expert", "criterion", "density", "threshold", "kept", "total", "realized_density",
-                        "max_density_error"]),
+                        "tied", "ties_kept"]),
     }
     for label, (df, cols) in frames.items():
         assert list(df.columns) == cols, label

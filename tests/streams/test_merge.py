@@ -65,17 +65,21 @@ def test_ota_ffg_density_becomes_model_wide_thresholds(zoo):
     base = {n: ex.base[n] for n in names}
     for i, e in enumerate(ex.names):
         s = torch.cat([(moments[e][n] * (weights[e][n] - base[n]) ** 2).flatten() for n in names])
-        kept = int((s >= th.threshold[i]).sum())
-        assert kept == th.kept[i]
-        assert abs(kept / s.numel() - 0.25) <= th.max_density_error[i] + 1.0 / s.numel()
+        # exact: the top round(0.25 N) scores, ties at the threshold split by the quota
+        k = int(0.25 * s.numel() + 0.5)
+        assert th.kept[i] == k and th.realized_density[i] == k / s.numel()
+        above, equal = int((s > th.threshold[i]).sum()), int((s == th.threshold[i]).sum())
+        assert above < k <= above + equal and th.tied[i] == equal
+        kept = k
         # the report's kept fractions are the same masks
         r = res.report
         assert abs((r[f"kept_{e}"] * r.numel).sum() / r.numel.sum() - kept / s.numel()) < 1e-9
     # the merge is the per-tensor function with those thresholds
     fn = get_method("ota").fn
     for n in names[:4]:
+        ties = [sel.ties(n) for sel in res.extra["selections"]]
         want = fn(base[n], [weights[e][n] for e in ex.names], [moments[e][n] for e in ex.names],
-                  ffg_threshold=list(th.threshold), fallback_to_base=True)
+                  ffg_threshold=list(th.threshold), ffg_ties=ties, fallback_to_base=True)
         torch.testing.assert_close(res.checkpoint[n], want)
     # layer/role densities emerge: they differ across tensors
     assert res.report["kept_expert0"].std() > 0
@@ -85,7 +89,8 @@ def test_thresholds_per_expert_density_and_magnitude(zoo):
     ex, _ = zoo
     th = model_thresholds(ex, [0.1, 0.5, 1.0], criterion="magnitude", device="cpu", progress=False)
     assert list(th.density) == [0.1, 0.5, 1.0]
-    assert (th.realized_density - th.density).abs().max() <= th.max_density_error.max() + 1e-3
+    assert list(th.kept) == [int(d * t + 0.5) for d, t in zip(th.density, th.total)]
+    assert (th.realized_density - th.density).abs().max() <= 0.5 / th.total.min()
     with pytest.raises(CurvlensError, match="density for expert 'expert0' must be in"):
         model_thresholds(ex, 0.0, progress=False)
 
