@@ -356,9 +356,9 @@ def _checked_weight(t: torch.Tensor, name: str, who: str) -> torch.Tensor:
     if t.is_floating_point() and t.numel():
         lo, hi = torch.aminmax(t)
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            raise CurvlensError(f"{who}, tensor {name!r}: {n_nan} NaN and {n_inf} Inf weights; "
-                                "expected finite weights")
+            counts = {"NaN": int(torch.isnan(t).sum()), "Inf": int(torch.isinf(t).sum())}
+            found = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+            raise CurvlensError(f"{who}, tensor {name!r}: {found} weight value(s); expected finite weights")
     return t
 
 
@@ -367,10 +367,11 @@ def _checked_moment(v: torch.Tensor, name: str, e: Expert) -> torch.Tensor:
     if v.numel():
         lo, hi = torch.aminmax(v)
         if not (float(lo) >= 0.0 and math.isfinite(float(hi))):
-            n_nan, n_inf, n_neg = int(torch.isnan(v).sum()), int(torch.isinf(v).sum()), int((v < 0).sum())
-            raise CurvlensError(f"expert {e.name!r}, tensor {name!r}: {n_nan} NaN, {n_inf} Inf and {n_neg} "
-                                f"negative second moments in {e.moments.label}; expected finite, "
-                                "non-negative values")
+            counts = {"NaN": int(torch.isnan(v).sum()), "Inf": int(torch.isinf(v).sum()),
+                      "negative": int((v < 0).sum())}
+            found = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+            raise CurvlensError(f"expert {e.name!r}, tensor {name!r}: {found} second moment value(s) in "
+                                f"{e.moments.label}; expected finite, non-negative values")
     return v
 
 
