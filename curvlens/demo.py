@@ -8,13 +8,11 @@ and the analysis tables as CSV.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from curvlens.errors import CurvlensError
+from curvlens.io.atomic import AtomicDir
 
 # (label, method, params): the merges the demo compares. Densities follow the
 # paper's range (FFG keeps 0.2-0.46 of entries per expert); eps as its config.
@@ -130,8 +128,7 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
     from curvlens.views.report import write_report
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CurvlensError(f"{out} already exists; pass --overwrite to replace it")
+    AtomicDir(out, overwrite=overwrite)  # refuse a bad output before the long part
     t0 = time.perf_counter()
     echo(f"building or loading the {config!r} zoo ...")
     zoo = zoo_mod.build(config, seed=seed, progress=progress, cache_dir=cache_dir)
@@ -147,20 +144,14 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
         for line in summary_lines(frames, zoo):
             echo(line)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    # the zoo is an input too: the report never goes into it
+    with AtomicDir(out, overwrite=overwrite, inputs=[zoo.root]) as tmp:
         for key, df in frames.items():
             df.to_csv(tmp / f"{key}.csv", index=False)
         for label, res in merges.items():
             res.report.to_csv(tmp / f"merge_report_{_slug(label)}.csv", index=False)
         write_report(tmp / "report.html", demo_sections(zoo, experts, frames, merges, config),
                      title="curvlens demo report")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     echo(f"\nwrote {out / 'merge_table.csv'} and {out / 'report.html'} "
          f"({time.perf_counter() - t0:.0f} s in all)")
     return {"table": table, "pivot": pivot, "zoo": zoo, "path": out, "merges": merges, "frames": frames}

@@ -132,6 +132,22 @@ def os_error(out: Path, err: OSError, doing: str) -> CurvlensError:
     return CurvlensError(f"output {out}: could not {doing}: {why} ({err})")
 
 
+def _mark(d: Path, target: str) -> None:
+    pid = os.getpid()
+    (d / MARKER).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": _start_time(pid),
+                                        "target": target, "time": time.time()}))
+
+
+def make_partial(parent: Path, name: str, kind: str = "partial") -> Path:
+    """A new, marked partial dir for target ``name`` in ``parent`` (which exists),
+    after sweeping the stale ones a dead run left there. Raises OSError."""
+    sweep_stale(parent, name)
+    d = Path(parent) / f".{name}.{kind}-{secrets.token_hex(4)}"
+    d.mkdir()  # the umask's permissions, as any mkdir
+    _mark(d, name)
+    return d
+
+
 class _Terminated(BaseException):
     """Raised in the main thread by SIGTERM while an AtomicDir is open."""
 
@@ -180,13 +196,7 @@ class AtomicDir:
             for p in reversed(missing):
                 p.mkdir()
                 self._created.append(p)
-            sweep_stale(parent, self.real.name)
-            self.tmp = parent / f".{self.real.name}.partial-{secrets.token_hex(4)}"
-            self.tmp.mkdir()  # the umask's permissions, as any mkdir
-            pid = os.getpid()
-            (self.tmp / MARKER).write_text(json.dumps(
-                {"pid": pid, "host": socket.gethostname(), "started": _start_time(pid),
-                 "target": self.real.name, "time": time.time()}))
+            self.tmp = make_partial(parent, self.real.name)
         except OSError as err:
             self._cleanup()
             raise os_error(self.out, err, "create its dir") from err
@@ -249,10 +259,7 @@ def _rename_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise CurvlensError(f"{out} appeared while writing; pass overwrite=True to replace it")
-        trash = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        trash.mkdir()
-        (trash / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                "started": _start_time(os.getpid())}))
+        trash = make_partial(out.parent, out.name, "old")
         os.replace(out, trash / out.name)
         os.replace(tmp, out)
         shutil.rmtree(trash, ignore_errors=True)

@@ -260,15 +260,19 @@ class BinCounts:
 
     def __init__(self, lo_bits: int, width: int):
         self.lo_bits, self.width = int(lo_bits), int(width)
+        self.lo = self.value(0)
+        top = self.lo_bits + self.width
+        self.hi = math.inf if top >= _INF_BITS else self.value(self.width)
 
     def update(self, values: torch.Tensor) -> torch.Tensor:
         """Counts (int64, length ``width``, on the CPU) of each value of the bin in
         ``values`` (non-negative floats; ``-0.0`` counts as ``0.0``)."""
-        bits = values.reshape(-1).to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF
-        off = bits - self.lo_bits
-        # bit patterns compare as the floats do for non-negative values
-        inside = off[(off >= 0) & (off < self.width)]
-        return torch.bincount(inside.long(), minlength=self.width).cpu()
+        flat = values.reshape(-1).to(torch.float32)
+        # two float compares over the chunk, bit arithmetic only on the few inside
+        # (for values >= 0, floats and their bit patterns order alike)
+        inside = flat[(flat >= self.lo) & (flat < self.hi)]
+        off = (inside.contiguous().view(torch.int32) & 0x7FFFFFFF) - self.lo_bits
+        return torch.bincount(off.long(), minlength=self.width).cpu()
 
     def value(self, offset: int) -> float:
         """The float32 value at ``offset`` in the bin."""

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from curvlens.errors import CurvlensError
+from curvlens.io.atomic import MARKER, make_partial
 from curvlens.zoo import train
 from curvlens.zoo.config import CODE_VERSION, EXPERT_CAPABILITIES, ZooConfig, resolve_config
 from curvlens.zoo.runtime import hf_progress_bars_off, torch_threads
@@ -150,9 +150,11 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
     if not rebuild and (root / MANIFEST).is_file():
         return Zoo.from_dir(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    # marked as curvlens's own: a build killed outright is swept by the next one
+    partial = make_partial(root.parent, root.name)
     try:
         build_into(partial, config, seed, progress=progress)
+        (partial / MARKER).unlink()  # complete: no longer a partial dir
         move_into_place(partial, root, replace=rebuild)
     finally:
         # Gone after a successful move; otherwise a half-built zoo, never to be reused.
@@ -169,7 +171,7 @@ def move_into_place(partial: Path, root: Path, *, replace: bool) -> None:
     if root.exists():
         if (root / MANIFEST).is_file() and not replace:
             return
-        trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
+        trash = make_partial(root.parent, root.name, "old")
         root.rename(trash / "zoo")
         partial.rename(root)
         shutil.rmtree(trash, ignore_errors=True)
