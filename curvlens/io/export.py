@@ -76,6 +76,11 @@ def export_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module, pat
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out)  # never leave a half-written moments file under the real name
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(out)  # never leave a half-written moments file under the real name
+    except OSError as err:
+        raise CurvlensError(f"{out}: could not write the moments ({err})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -312,7 +312,7 @@ def _require_exp_avg_sq(state: Mapping, label: str) -> None:
     if not state:
         raise CurvlensError(f"{label}: optimizer state is empty, so it has no exp_avg_sq (a stateless "
                             "optimizer, or saved before the first step); curvlens needs Adam/AdamW second moments")
-    seen = sorted({k for s in state.values() for k in s})
+    seen = sorted({str(k) for s in state.values() for k in s})
     raise CurvlensError(f"{label}: optimizer state has no exp_avg_sq (its entries hold {seen}: "
                         "an SGD or other non-Adam state); curvlens needs Adam/AdamW second moments")
 

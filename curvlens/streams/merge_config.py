@@ -96,7 +96,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         path = Path(path)
         try:
             text = path.read_text()
-        except OSError as err:
+        except (OSError, UnicodeDecodeError) as err:
             raise CurvlensError(f"{path}: cannot read merge config ({err})") from err
         root = path.parent
     where = str(path) if path is not None else "<merge config>"

@@ -115,11 +115,12 @@ def load_model(model: Any, base_dir: Path | None, device: str | torch.device = "
     if isinstance(model, (str, Path)):
         if not Path(model).is_dir():
             raise CurvlensError(f"evaluate: {model} is not a directory; expected an HF model dir")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        net = AutoModelForCausalLM.from_pretrained(model)
+        # a dir from elsewhere may carry auto_map: never run it, never ask
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        net = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=False)
     elif hasattr(model, "keys") and hasattr(model, "__getitem__"):
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        net = AutoModelForCausalLM.from_pretrained(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+        net = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False)
         expected = set(net.state_dict())
         got = set(model.keys())
         if got != expected:
