@@ -346,12 +346,23 @@ def _add_unique(infos: dict[str, TensorInfo], new: dict[str, TensorInfo], file: 
         infos[k] = info
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    """JSON objects whose keys repeat (a tensor listed twice) are refused, not
+    silently resolved to the last entry."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 def _index_files(d: Path, index_name: str) -> dict[str, Path]:
     """Read an HF index and return name -> shard path, every shard inside ``d``
     and existing."""
     index_path = d / index_name
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)
     except (OSError, ValueError) as err:
         raise CurvlensError(f"{index_path}: not a readable JSON index ({err})") from err
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

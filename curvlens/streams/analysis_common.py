@@ -76,6 +76,7 @@ def _numel(g) -> int:
 
 def floating_names(experts: Experts, names: Sequence[str] | None = None) -> list[str]:
     """Floating-point parameter names (what moments and masks exist for), checked."""
+    need_experts(experts, "this analysis")
     if names is None:
         return experts.tensor_names(floating_only=True)
     if isinstance(names, str):
@@ -89,7 +90,15 @@ def floating_names(experts: Experts, names: Sequence[str] | None = None) -> list
     return [n for n in names if ref.dtype(n).is_floating_point]
 
 
+def need_experts(experts: object, what: str) -> None:
+    """An analysis gets an :class:`Experts`, not a path or a list of them."""
+    if not isinstance(experts, Experts):
+        raise CurvlensError(f"{what} takes an Experts (e.g. Experts.from_dirs(base, [dirs])); "
+                            f"got a {type(experts).__name__}")
+
+
 def need_moments(experts: Experts, what: str) -> None:
+    need_experts(experts, what)
     if not experts.has_moments:
         lacking = [e.name for e in experts.experts if e.moments is None]
         raise CurvlensError(f"{what} needs second moments; expert(s) {lacking} have none "
@@ -97,6 +106,7 @@ def need_moments(experts: Experts, what: str) -> None:
 
 
 def need_base(experts: Experts, what: str) -> None:
+    need_experts(experts, what)
     if experts.base is None:
         raise CurvlensError(f"{what} needs a base model (task vectors); the Experts have none")
 

@@ -38,6 +38,7 @@ from curvlens.streams.analysis_common import (
     floating_names,
     frame,
     need_base,
+    need_experts,
     need_moments,
     per_expert,
     resolve_pairs,
@@ -336,6 +337,7 @@ def mask_overlap(experts: Experts, density: float, criterion: str = "fisher", pa
     """
     (criterion,) = check_criteria([criterion])
     (d,) = check_densities([density], "density")
+    need_experts(experts, "mask_overlap")
     pairs = resolve_pairs(experts.names, pairs)
     masks = ffg_masks(experts, density=d, criterion=criterion, names=names, device=device, progress=progress)
     rows = []
@@ -469,6 +471,8 @@ def ffg_vs_magnitude_summary(sweep: pd.DataFrame, capabilities: Mapping[str, str
     0      m       math      0.1     0.8        0.3                 True
     1      m       math      1.0     0.9        0.9                 True
     """
+    if not isinstance(sweep, pd.DataFrame):
+        raise CurvlensError(f"sweep must be a graft_sweep DataFrame; got a {type(sweep).__name__}")
     missing = [c for c in GRAFT_SWEEP_COLUMNS if c not in sweep.columns]
     if missing:
         raise CurvlensError(f"sweep lacks column(s) {missing}; expected a graft_sweep frame")

@@ -130,6 +130,8 @@ class Experts:
         bias_correction : bool
             Apply Adam bias correction to every moments file.
         """
+        if isinstance(dirs, (str, bytes, os.PathLike)) or not isinstance(dirs, Sequence):
+            raise CurvlensError(f"dirs must be a list of expert dirs; got {dirs!r}")
         dirs = [Path(d) for d in dirs]
         if names is None:
             names = expert_names(dirs)

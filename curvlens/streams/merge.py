@@ -163,6 +163,11 @@ def merge(
     """
     import pandas as pd
 
+    if not isinstance(experts, Experts):
+        raise CurvlensError(f"merge takes an Experts (e.g. Experts.from_dirs(base, [dirs])); "
+                            f"got a {type(experts).__name__}")
+    if not isinstance(method, str):
+        raise CurvlensError(f"method must be a method name (str); got {method!r}")
     m = get_method(method)
     p = resolve_params(m, params, len(experts))
     if m.needs_base and experts.base is None:

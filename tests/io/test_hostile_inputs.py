@@ -169,6 +169,14 @@ def test_tensor_in_two_shards_and_shard_tensor_missing_from_index(tmp_path):
         Checkpoint.open(d)
 
 
+def test_index_listing_a_tensor_twice(tmp_path):
+    d = _model(tmp_path / "m")
+    (d / INDEX).write_text('{"weight_map": {"a": "model-00001-of-00001.safetensors", '
+                           '"a": "model-00001-of-00001.safetensors"}}')
+    with pytest.raises(CurvlensError, match="key 'a' appears twice"):
+        Checkpoint.open(d)
+
+
 def test_checkpoint_with_zero_tensors(tmp_path):
     d = tmp_path / "m"
     d.mkdir()

@@ -63,7 +63,6 @@ def test_non_finite_weights_are_refused(tmp_path, who):
     src[UP][1, 1] = float("nan")
     bad = write_model(src, tmp_path / "bad")
     if who == "expert":
-        (bad / "export").symlink_to(dirs[0] / "export")  # inside: the dir is followed, then checked
         ex = Experts.from_dirs(base, [bad, dirs[1]], moments=[dirs[0], dirs[1]])
         label = "expert 'bad'"
     else:
@@ -232,3 +231,28 @@ def test_bf16_benchmark_zoo_realized_density_equals_request(tmp_path):
     want = [int(d * n + 0.5) for d, n in zip(g.index.get_level_values("density"), g.numel)]
     assert [int(round(k)) for k in g.kept] == want
     assert len(g) == 8
+
+
+# -------------------------------------------------------- wrong types, public API
+ANALYSES = {"curvature_stats": (), "curvature_overlap": (), "moment_compression": (), "log10_histogram": (),
+            "pooled_moments": (None,), "interference": (), "predicted_loss": ({},), "compare_merges": ({},),
+            "mask_stats": (), "mask_thresholds": ((0.5,),), "mask_overlap": (0.5,), "ffg_masks": (0.5,)}
+
+
+@pytest.mark.parametrize("fn", sorted(ANALYSES))
+@pytest.mark.parametrize("bad", ["some/dir", ["a", "b"], None])
+def test_analyses_given_something_else_than_experts(fn, bad):
+    with pytest.raises(CurvlensError, match="takes an Experts"):
+        getattr(A, fn)(bad, *ANALYSES[fn], **KW)
+
+
+def test_merge_and_from_dirs_given_wrong_types(tmp_path):
+    base, dirs, *_ = make_tiny_zoo(tmp_path / "z", n_experts=2)
+    with pytest.raises(CurvlensError, match="merge takes an Experts"):
+        merge(str(base), "linear", **KW)
+    with pytest.raises(CurvlensError, match="method must be a method name"):
+        merge(Experts.from_dirs(base, dirs), 3, **KW)
+    with pytest.raises(CurvlensError, match="dirs must be a list of expert dirs"):
+        Experts.from_dirs(base, str(dirs[0]))
+    with pytest.raises(CurvlensError, match="sweep must be a graft_sweep DataFrame"):
+        A.ffg_vs_magnitude_summary("x", {})
