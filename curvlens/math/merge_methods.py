@@ -1171,6 +1171,12 @@ def ota(base, experts, moments=None, *, rng=None, counts=None, **params) -> Tens
             out[sl] = torch.where(den == 0, stacked.mean(dim=0), merged)
         else:
             out[sl] = merged
+    for i, (t, ties) in enumerate(zip(p["ffg_threshold"], p["ffg_ties"])):
+        if t is not None and ties is not None and keepers[i].remaining > 0:
+            # the selection pass saw other scores than this merge: never keep a
+            # different number of entries than the density promised
+            raise CurvlensError(f"ota: expert {i} should keep {ties} entries tied at the threshold {t!r} but "
+                                f"only {ties - keepers[i].remaining} exist; scores differ from the selection pass")
     return out.reshape(shape)
 
 

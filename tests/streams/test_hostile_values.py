@@ -256,3 +256,17 @@ def test_merge_and_from_dirs_given_wrong_types(tmp_path):
         Experts.from_dirs(base, str(dirs[0]))
     with pytest.raises(CurvlensError, match="sweep must be a graft_sweep DataFrame"):
         A.ffg_vs_magnitude_summary("x", {})
+
+
+def test_ota_refuses_a_tie_quota_the_scores_cannot_fill():
+    from curvlens.math.merge_methods import get_method
+
+    ota = get_method("ota").fn
+    base, v = torch.zeros(4), [torch.ones(4)]
+    ex = [torch.tensor([1.0, 2.0, 1.0, 3.0])]
+    out = ota(base, ex, v, ffg_threshold=[1.0], ffg_ties=[1], fallback_to_base=True)  # keeps 2.0, 3.0 and the first 1.0
+    assert out.tolist() == [1.0, 2.0, 0.0, 3.0]
+    with pytest.raises(CurvlensError, match="should keep 3 entries tied"):
+        ota(base, ex, v, ffg_threshold=[1.0], ffg_ties=[3])
+    with pytest.raises(CurvlensError, match="ffg_ties is given for expert"):
+        ota(base, ex, v, ffg_ties=[1])
