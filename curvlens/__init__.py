@@ -7,7 +7,7 @@ The public surface is small; everything else lives in layered modules:
 """
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
-from curvlens.math.merge_methods import list_methods
+from curvlens.math.methods import list_methods
 from curvlens.roles import ROLES, param_role
 from curvlens.streams import Expert, Experts
 from curvlens.streams.merge import MergeResult, merge

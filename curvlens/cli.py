@@ -29,7 +29,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 def _cmd_methods(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from curvlens.math.merge_methods import list_methods
+    from curvlens.math.methods import list_methods
 
     with pd.option_context("display.max_rows", None, "display.max_colwidth", 90, "display.width", 200):
         df = list_methods()

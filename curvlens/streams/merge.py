@@ -3,8 +3,9 @@
 For each parameter name: read base, experts and moments (on the device), call the
 method's pure per-tensor function, cast to the output dtype, hand the result to the
 writer (or keep it, for small in-memory merges) and add one row to the report.
-OTA with ``ffg_density`` first makes one streaming pass to turn the density into a
-model-wide saliency threshold per expert (:mod:`curvlens.streams.thresholds`).
+A method that declares a model-wide selection (OTA's ``ffg_density``) first gets
+it from two streaming passes (:mod:`curvlens.streams.thresholds`); the driver
+reads that declaration, never a method's name.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks
-from curvlens.math.merge_methods import MaskCounts, get_method, resolve_params
+from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
 
@@ -137,7 +138,7 @@ def merge(
     experts : Experts
         Base (if the method uses one), experts and (for fisher/ota) moments.
     method : str
-        A registered method: see :func:`curvlens.math.merge_methods.list_methods`.
+        A registered method: see :func:`curvlens.math.methods.list_methods`.
     out : path, optional
         Write the merged model here as an HF dir (config/tokenizer copied from the
         base or first expert, plus ``merge_report.csv`` and the merge config). Without
@@ -153,9 +154,9 @@ def merge(
     overwrite : bool
         Replace an existing ``out``.
     **params
-        The method's parameters (per-expert ones as a scalar or a list).
-        ``ota`` accepts ``ffg_density``: a model-wide density per expert, turned
-        into a saliency threshold by a first streaming pass.
+        The method's parameters (per-expert ones as a scalar or a list). A
+        method's model-wide parameter (``ota``'s ``ffg_density``) becomes an exact
+        selection per expert in two streaming passes first.
 
     Returns
     -------
@@ -179,18 +180,10 @@ def merge(
     dev = resolve_device(device)
 
     requested = dict(p)  # what the saved config states (re-runnable), before thresholds
-    thresholds, selections = None, None
-    if method == "ota" and any(d is not None for d in p["ffg_density"]):
-        if any(d is None for d in p["ffg_density"]):
-            raise CurvlensError(f"ffg_density must be given for every expert or none; got {p['ffg_density']}")
-        if len(set(p["rank1_approx"])) > 1 or len(set(p["rank"])) > 1:
-            raise CurvlensError("ffg_density with per-expert rank1_approx/rank differing is not supported")
-        found = model_selections(experts, p["ffg_density"], ["fisher"], rank1_approx=p["rank1_approx"][0],
-                                 rank=p["rank"][0], device=dev, progress=progress)
-        selections = [found["fisher", e, d] for e, d in zip(experts.names, p["ffg_density"])]
+    selections = _model_wide(m, experts, p, dev, progress)
+    thresholds = None
+    if selections is not None:
         thresholds = pd.DataFrame([s.row() for s in selections], columns=THRESHOLD_COLUMNS)
-        p["ffg_threshold"] = [s.threshold for s in selections]
-        p["ffg_density"] = [None] * len(experts)  # now expressed as exact selections
 
     ref = experts.reference
     ref_dir = None
@@ -218,7 +211,7 @@ def merge(
         for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
                                       dtype=None, desc=f"merge {method}"):
             # a model-wide selection splits the tied scores tensor by tensor
-            pt = p if selections is None else {**p, "ffg_ties": [s.ties(g.name) for s in selections]}
+            pt = p if selections is None else {**p, m.model_wide.ties: [s.ties(g.name) for s in selections]}
             merged, row = _merge_one(m, g, pt, dev, experts.names,
                                      _out_dtype(_stored(experts, g.name), out_dtype))
             rows.append(row)
@@ -235,13 +228,34 @@ def merge(
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None, extra)
 
 
+def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
+    """The method's model-wide selection (:attr:`MergeMethod.model_wide`), made in
+    two streaming passes: one :class:`Selection` per expert, or None. Moves the
+    densities into exact thresholds in ``p``."""
+    spec = m.model_wide
+    if spec is None or all(d is None for d in p[spec.density]):
+        return None
+    densities = p[spec.density]
+    if any(d is None for d in densities):
+        raise CurvlensError(f"{spec.density} must be given for every expert or none; got {densities}")
+    compress = {}
+    for key, param in (("rank1_approx", spec.rank1), ("rank", spec.rank)):
+        values = p[param] if param is not None else [None]
+        if len(set(values)) > 1:
+            raise CurvlensError(f"{spec.density} with per-expert {param} differing is not supported; got {values}")
+        compress[key] = values[0]
+    found = model_selections(experts, densities, [spec.criterion], device=dev, progress=progress, **compress)
+    selections = [found[spec.criterion, e, d] for e, d in zip(experts.names, densities)]
+    p[spec.threshold] = [s.threshold for s in selections]
+    p[spec.density] = [None] * len(experts)  # now expressed as exact selections
+    return selections
+
+
 def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts) -> torch.Tensor:
-    rng = None
-    if m.uses_rng:
-        rng = torch.Generator(device=dev).manual_seed(_tensor_seed(p.get("seed", 0), g.name))
-    extra = {"counts": counts} if m.counts_masks else {}
+    # a generator per tensor, from the seed and the name: the same masks in any order
+    rng = torch.Generator(device=dev).manual_seed(_tensor_seed(p["seed"], g.name)) if m.uses_rng else None
     try:
-        return m.fn(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, **extra, **p)
+        return m(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, counts=counts, **p)
     except CurvlensError as err:
         raise CurvlensError(f"tensor {g.name!r}: {err}") from err
 

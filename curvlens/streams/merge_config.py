@@ -25,7 +25,7 @@ from typing import Any
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import PathLike
-from curvlens.math.merge_methods import get_method
+from curvlens.math.methods import get_method
 from curvlens.streams.experts import Experts, expert_names
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",

@@ -1,4 +1,4 @@
-"""Tests for curvlens.math.merge_methods: registry, parameter resolution, methods.
+"""Tests for curvlens.math.methods: registry, parameter resolution, methods.
 
 Hand-made tensors with answers worked out in the comments; property tests are
 kept small so the file runs in a few seconds.
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlens.errors import CurvlensError
-from curvlens.math import merge_methods as mm
-from curvlens.math.merge_methods import (
+from curvlens.math.methods import registry as mm_registry
+from curvlens.math.methods import (
     ParamSpec,
     get_method,
     list_methods,
@@ -35,7 +35,7 @@ def _call(name, base, experts, moments=None, **params):
 
 
 def test_expected_methods_registered():
-    assert EXPECTED <= set(mm._REGISTRY)
+    assert EXPECTED <= set(mm_registry._REGISTRY)
     assert get_method("ota").needs_moments and not get_method("ota").needs_base
     assert get_method("fisher").needs_moments
     assert get_method("ties").needs_base and get_method("task_arithmetic").needs_base
@@ -53,16 +53,20 @@ def test_unknown_method_lists_known_names():
 
 
 def test_register_returns_function_unchanged_and_rejects_duplicates():
-    def fn(base, experts, moments, *, rng=None, **params):
+    def fn(base, experts, moments, p, *, rng, counts):
         return experts[0]
 
     try:
         assert register("_test_identity", params=(), description="x", needs_base=False)(fn) is fn
-        assert get_method("_test_identity").fn is fn
+        assert get_method("_test_identity").kernel is fn
+        # called through the registry: the shared checks run first
+        assert torch.equal(get_method("_test_identity")(None, [torch.ones(2)]), torch.ones(2))
+        with pytest.raises(CurvlensError, match="experts must be a non-empty sequence"):
+            get_method("_test_identity")(None, [])
         with pytest.raises(CurvlensError, match="already registered"):
             register("_test_identity", params=(), description="x", needs_base=False)(fn)
     finally:
-        mm._REGISTRY.pop("_test_identity", None)
+        mm_registry._REGISTRY.pop("_test_identity", None)
 
 
 def test_register_rejects_duplicate_param_names():
@@ -78,7 +82,7 @@ def test_list_methods_is_tidy():
     assert not df.duplicated(["method", "param"]).any()
     row = df[(df.method == "ties") & (df.param == "density")].iloc[0]
     assert row.default == 1.0 and bool(row.per_expert)
-    n_params = sum(len(m.params) for m in mm._REGISTRY.values())
+    n_params = sum(len(m.params) for m in mm_registry._REGISTRY.values())
     assert len(df) == n_params
 
 
@@ -209,7 +213,7 @@ _IDENTITY_PARAMS = {
 
 
 @pytest.mark.parametrize("shape", [(), (5,), (3, 4)])
-@pytest.mark.parametrize("name", sorted(mm._REGISTRY))
+@pytest.mark.parametrize("name", sorted(mm_registry._REGISTRY))
 def test_copies_of_one_expert_return_it(name, shape):
     n = 3
     g = _gen(0)
@@ -222,7 +226,7 @@ def test_copies_of_one_expert_return_it(name, shape):
     torch.testing.assert_close(out, expert, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(mm._REGISTRY))
+@pytest.mark.parametrize("name", sorted(mm_registry._REGISTRY))
 def test_inputs_are_not_mutated(name):
     g = _gen(1)
     base = torch.randn(4, 3, generator=g)
@@ -238,7 +242,7 @@ def test_inputs_are_not_mutated(name):
     assert all(out.data_ptr() != t.data_ptr() for t in [base, *experts, *moments])
 
 
-@pytest.mark.parametrize("name", sorted(mm._REGISTRY))
+@pytest.mark.parametrize("name", sorted(mm_registry._REGISTRY))
 def test_low_precision_inputs_give_fp32(name):
     g = _gen(2)
     base = torch.randn(6, generator=g).to(torch.bfloat16)
@@ -248,7 +252,7 @@ def test_low_precision_inputs_give_fp32(name):
     assert out.dtype == torch.float32 and out.device == base.device
 
 
-@pytest.mark.parametrize("name", sorted(mm._REGISTRY))
+@pytest.mark.parametrize("name", sorted(mm_registry._REGISTRY))
 def test_bad_inputs_raise(name):
     base, e, v = torch.zeros(3), torch.ones(3), torch.ones(3)
     with pytest.raises(CurvlensError, match="shape"):
@@ -284,25 +288,25 @@ def test_needs_base_and_moments():
 
 def test_linear_weights_normalize_and_ignores_base():
     a, b = torch.tensor([0.0, 4.0]), torch.tensor([4.0, 0.0])
-    out = mm.linear(torch.full((2,), 100.0), [a, b], weight=[1, 3])
+    out = get_method("linear")(torch.full((2,), 100.0), [a, b], weight=[1, 3])
     assert torch.equal(out, torch.tensor([3.0, 1.0]))
-    out = mm.linear(None, [a, b], weight=[1, 3], normalize=False)
+    out = get_method("linear")(None, [a, b], weight=[1, 3], normalize=False)
     assert torch.equal(out, torch.tensor([12.0, 4.0]))
 
 
 def test_linear_zero_weight_sum_raises():
     with pytest.raises(CurvlensError, match="sum to 0"):
-        mm.linear(None, [torch.ones(2), torch.ones(2)], weight=[1, -1])
+        get_method("linear")(None, [torch.ones(2), torch.ones(2)], weight=[1, -1])
 
 
 def test_task_arithmetic_hand_example():
     base = torch.tensor([1.0, 1.0])
     experts = [torch.tensor([2.0, 0.0]), torch.tensor([4.0, 1.0])]  # tau = [1,-1], [3,0]
     # base + lambda * (1*[1,-1] + 2*[3,0]) = [1,1] + 0.5*[7,-1]
-    out = mm.task_arithmetic(base, experts, weight=[1, 2], **{"lambda": 0.5})
+    out = get_method("task_arithmetic")(base, experts, weight=[1, 2], **{"lambda": 0.5})
     torch.testing.assert_close(out, torch.tensor([4.5, 0.5]))
     # normalize divides by sum(w) = 3
-    out = mm.task_arithmetic(base, experts, weight=[1, 2], normalize=True)
+    out = get_method("task_arithmetic")(base, experts, weight=[1, 2], normalize=True)
     torch.testing.assert_close(out, torch.tensor([1 + 7 / 3, 1 - 1 / 3]))
 
 
@@ -314,7 +318,7 @@ def test_task_arithmetic_hand_example():
 def test_ties_density_one_agreeing_signs_is_mean():
     base = torch.tensor([1.0, -1.0, 0.0])
     experts = [base + torch.tensor([1.0, -2.0, 0.5]), base + torch.tensor([3.0, -4.0, 1.5])]
-    out = mm.ties(base, experts)
+    out = get_method("ties")(base, experts)
     torch.testing.assert_close(out, (experts[0] + experts[1]) / 2)
 
 
@@ -324,17 +328,17 @@ def test_ties_sign_conflicts_hand_example():
     e2 = torch.tensor([2.0, 1.0, -1.0, -0.5])
     # sums [3, -1, 2, 0] elect [+, -, +, +] (a zero sum elects +):
     # [ (1+2)/2, -2/1, 3/1, 0.5/1 ]
-    assert torch.equal(mm.ties(base, [e1, e2]), torch.tensor([1.5, -2.0, 3.0, 0.5]))
+    assert torch.equal(get_method("ties")(base, [e1, e2]), torch.tensor([1.5, -2.0, 3.0, 0.5]))
     # weights [1, 3]: weighted deltas [1,-2,3,.5] and [6,3,-3,-1.5], sums [7,1,0,-1]
     # elect [+, +, +, -]: [(1+6)/4, 3/3, 3/1, -1.5/3]
-    out = mm.ties(base, [e1, e2], weight=[1, 3])
+    out = get_method("ties")(base, [e1, e2], weight=[1, 3])
     torch.testing.assert_close(out, torch.tensor([1.75, 1.0, 3.0, -0.5]))
 
 
 def test_ties_zero_entries_do_not_count():
     base = torch.zeros(2)
     # entry 0: e2 has no edit, so the divisor counts only e1
-    out = mm.ties(base, [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 3.0])])
+    out = get_method("ties")(base, [torch.tensor([2.0, 1.0]), torch.tensor([0.0, 3.0])])
     assert torch.equal(out, torch.tensor([2.0, 2.0]))
 
 
@@ -342,16 +346,16 @@ def test_ties_magnitude_trim_hand_example():
     base = torch.zeros(4)
     e1 = torch.tensor([1.0, -2.0, 3.0, 0.5])  # density 0.5 keeps -2 and 3
     e2 = torch.tensor([0.1, 0.2, 0.3, 4.0])   # density 0.25 keeps 4
-    out = mm.ties(base, [e1, e2], density=[0.5, 0.25])
+    out = get_method("ties")(base, [e1, e2], density=[0.5, 0.25])
     assert torch.equal(out, torch.tensor([0.0, -2.0, 3.0, 4.0]))
     # rescale=True restores each trimmed vector's L1 norm: e1 kept 5 of 6.5
-    out = mm.ties(base, [e1], density=0.5, rescale=True)
+    out = get_method("ties")(base, [e1], density=0.5, rescale=True)
     torch.testing.assert_close(out, torch.tensor([0.0, -2.0, 3.0, 0.0]) * 6.5 / 5)
 
 
 def test_ties_all_zero_edits_return_base():
     base = torch.tensor([1.0, 2.0])
-    assert torch.equal(mm.ties(base, [base.clone(), base.clone()]), base)
+    assert torch.equal(get_method("ties")(base, [base.clone(), base.clone()]), base)
 
 
 @settings(max_examples=30, deadline=None)
@@ -363,7 +367,7 @@ def test_ties_all_zero_edits_return_base():
 def test_ties_same_sign_is_weighted_mean(magnitudes, weights, sign):
     base = torch.zeros(3)
     experts = [sign * torch.tensor(magnitudes) * (k + 1) for k in range(len(weights))]
-    out = mm.ties(base, experts, weight=weights)
+    out = get_method("ties")(base, experts, weight=weights)
     expected = sum(w * e for w, e in zip(weights, experts)) / sum(weights)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
@@ -394,19 +398,19 @@ def test_dare_reproducible_per_seed(name):
 
 def test_dare_drops_about_one_minus_density():
     base, experts = _dare_inputs()
-    out = mm.dare_linear(base, experts[:1], density=0.3, rng=_gen(0))
+    out = get_method("dare_linear")(base, experts[:1], density=0.3, rng=_gen(0))
     kept = float((out != base).float().mean())
     assert abs(kept - 0.3) < 0.05
 
 
 def test_dare_unbiased_in_expectation():
     base, experts = _dare_inputs()
-    target = mm.task_arithmetic(base, experts, weight=0.5)
+    target = get_method("task_arithmetic")(base, experts, weight=0.5)
     edit = (target - base).norm()
 
     def mean_over_seeds(rescale):
         draws = [
-            mm.dare_linear(base, experts, density=0.5, weight=0.5, rescale=rescale, rng=_gen(s))
+            get_method("dare_linear")(base, experts, density=0.5, weight=0.5, rescale=rescale, rng=_gen(s))
             for s in range(300)
         ]
         return torch.stack(draws).mean(dim=0)
@@ -427,7 +431,7 @@ def test_dare_density_one_draws_nothing(name, same_as):
 def test_dare_rng_checks():
     base, experts = _dare_inputs()
     with pytest.raises(CurvlensError, match="torch.Generator"):
-        mm.dare_ties(base, experts, density=0.5, rng=42)
+        get_method("dare_ties")(base, experts, density=0.5, rng=42)
 
 
 # --------------------------------------------------------------------------
@@ -438,7 +442,7 @@ def test_dare_rng_checks():
 def test_fisher_hand_example_and_zero_fallback():
     thetas = [torch.tensor([1.0, 1.0, 0.0]), torch.tensor([4.0, 4.0, 2.0])]
     fis = [torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])]
-    out = mm.fisher(None, thetas, fis, weight=[1.0, 2.0])
+    out = get_method("fisher")(None, thetas, fis, weight=[1.0, 2.0])
     # entry 0: (1*2*1 + 2*1*4) / (2 + 2) = 2.5; entry 1: no Fisher -> weighted
     # mean (1 + 8)/3 = 3; entry 2: (0 + 2*3*2) / (1 + 6) = 12/7
     torch.testing.assert_close(out, torch.tensor([2.5, 3.0, 12 / 7]))
@@ -448,12 +452,12 @@ def test_fisher_floor():
     thetas = [torch.tensor([0.0]), torch.tensor([3.0])]
     fis = [torch.tensor([0.0]), torch.tensor([2.0])]
     # F = [1, 2] after flooring at 1 -> (0 + 6) / 3
-    torch.testing.assert_close(mm.fisher(None, thetas, fis, fisher_floor=1.0), torch.tensor([2.0]))
+    torch.testing.assert_close(get_method("fisher")(None, thetas, fis, fisher_floor=1.0), torch.tensor([2.0]))
 
 
 def test_fisher_zero_weights_raise():
     with pytest.raises(CurvlensError, match="must not all be 0"):
-        mm.fisher(None, [torch.ones(1)], [torch.ones(1)], weight=0.0)
+        get_method("fisher")(None, [torch.ones(1)], [torch.ones(1)], weight=0.0)
 
 
 # --------------------------------------------------------------------------
@@ -472,7 +476,7 @@ def _ota_inputs(shape=(4, 3), n=3, seed=4):
 def test_ota_equal_moments_is_plain_mean_of_task_vectors():
     base, experts, _ = _ota_inputs()
     v = torch.rand(4, 3, generator=_gen(9))
-    out = mm.ota(base, experts, [v, v, v])
+    out = get_method("ota")(base, experts, [v, v, v])
     expected = base + sum(e - base for e in experts) / 3
     torch.testing.assert_close(out, expected)
 
@@ -481,19 +485,19 @@ def test_ota_without_base_is_curvature_weighted_average():
     thetas = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])]
     vs = [torch.tensor([4.0, 1.0]), torch.tensor([1.0, 9.0])]
     # W = sqrt(v): [2, 1] and [1, 3] -> [(2 + 3)/3, (2 + 18)/4]
-    out = mm.ota(None, thetas, vs, epsilon=0.0)
+    out = get_method("ota")(None, thetas, vs, epsilon=0.0)
     torch.testing.assert_close(out, torch.tensor([5 / 3, 5.0]))
 
 
 def test_ota_power_one_without_base_equals_fisher():
     base, experts, moments = _ota_inputs()
-    out = mm.ota(None, experts, moments, power=1.0, epsilon=0.0)
-    torch.testing.assert_close(out, mm.fisher(None, experts, moments))
+    out = get_method("ota")(None, experts, moments, power=1.0, epsilon=0.0)
+    torch.testing.assert_close(out, get_method("fisher")(None, experts, moments))
 
 
 def test_ota_with_base_matches_formula():
     base, experts, moments = _ota_inputs()
-    out = mm.ota(base, experts, moments, power=0.25, epsilon=1e-6)
+    out = get_method("ota")(base, experts, moments, power=0.25, epsilon=1e-6)
     w = [v.pow(0.25) + 1e-6 for v in moments]
     expected = base + sum(wi * (e - base) for wi, e in zip(w, experts)) / sum(w)
     torch.testing.assert_close(out, expected)
@@ -505,11 +509,11 @@ def test_ota_ffg_one_expert_full_edit_and_fallback():
     v = [torch.ones(3), torch.ones(3)]
     # saliency: [1, 4, 9] and [9, 16, 25]; thresholds 5 and 10 keep
     # expert 1: [F, F, T], expert 2: [F, T, T]
-    on = mm.ota(base, experts, v, ffg_threshold=[5.0, 10.0], fallback_to_base=True)
+    on = get_method("ota")(base, experts, v, ffg_threshold=[5.0, 10.0], fallback_to_base=True)
     # entry 0 masked by both -> base; entry 1 kept by expert 2 only -> its full
     # edit 4; entry 2 kept by both with equal curvature -> mean 4
     torch.testing.assert_close(on, torch.tensor([0.0, 4.0, 4.0]))
-    off = mm.ota(base, experts, v, ffg_threshold=[5.0, 10.0], fallback_to_base=False)
+    off = get_method("ota")(base, experts, v, ffg_threshold=[5.0, 10.0], fallback_to_base=False)
     torch.testing.assert_close(off, torch.tensor([2.0, 4.0, 4.0]))  # entry 0: plain mean
 
 
@@ -519,7 +523,7 @@ def test_ota_one_expert_gets_full_edit_despite_tiny_curvature():
     v = [torch.tensor([1e-12, 1.0]), torch.tensor([1.0, 1.0])]
     # expert 2 masked on entry 0 (threshold above its saliency 49); expert 1
     # keeps entry 0 with saliency 2.5e-11 >= 1e-11, and its weight 1e-6 >> epsilon
-    out = mm.ota(base, experts, v, ffg_threshold=[1e-11, 100.0], epsilon=1e-26)
+    out = get_method("ota")(base, experts, v, ffg_threshold=[1e-11, 100.0], epsilon=1e-26)
     torch.testing.assert_close(out, torch.tensor([5.0, 1.0]))
 
 
@@ -528,13 +532,13 @@ def test_ota_precond_threshold_follows_the_fork():
     experts = [torch.tensor([1.0, 10.0]), torch.tensor([3.0, 0.0])]
     v = [torch.tensor([4.0, 1.0]), torch.tensor([1.0, 1.0])]
     # with a base: saliency [4, 100] and [9, 0] >= 5 keeps [F, T], [T, F]
-    out = mm.ota(base, experts, v, precond_threshold=5.0)
+    out = get_method("ota")(base, experts, v, precond_threshold=5.0)
     torch.testing.assert_close(out, torch.tensor([3.0, 10.0]))
     # without a base: the raw moments [4, 1] and [1, 1] >= 2 keep [T, F], [F, F]
-    out = mm.ota(None, experts, v, precond_threshold=2.0)
+    out = get_method("ota")(None, experts, v, precond_threshold=2.0)
     torch.testing.assert_close(out, torch.tensor([1.0, 5.0]))  # entry 1 -> plain mean
     # per-expert thresholds, None meaning "no mask for that expert"
-    out = mm.ota(base, experts, v, precond_threshold=[5.0, None], epsilon=0.0)
+    out = get_method("ota")(base, experts, v, precond_threshold=[5.0, None], epsilon=0.0)
     # entry 0: only expert 2 (weight 1) -> 3; entry 1: both, weights 1 and 1 -> 5
     torch.testing.assert_close(out, torch.tensor([3.0, 5.0]))
 
@@ -543,11 +547,11 @@ def test_ota_ffg_density_standalone_is_per_tensor_topk():
     base = torch.zeros(4)
     experts = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([4.0, 3.0, 2.0, 1.0])]
     v = [torch.ones(4), torch.ones(4)]
-    out = mm.ota(base, experts, v, ffg_density=0.5, fallback_to_base=True)
+    out = get_method("ota")(base, experts, v, ffg_density=0.5, fallback_to_base=True)
     # expert 1 keeps entries 2, 3; expert 2 keeps entries 0, 1: each entry one edit
     torch.testing.assert_close(out, torch.tensor([4.0, 3.0, 3.0, 4.0]))
     # the driver's threshold form gives the same merge
-    by_t = mm.ota(base, experts, v, ffg_density=0.5, ffg_threshold=[9.0, 9.0], fallback_to_base=True)
+    by_t = get_method("ota")(base, experts, v, ffg_density=0.5, ffg_threshold=[9.0, 9.0], fallback_to_base=True)
     torch.testing.assert_close(by_t, out)
 
 
@@ -557,26 +561,26 @@ def test_ota_combines():
     v = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([9.0, 1.0, 1.0])]
     t = [0.5, 0.5]  # saliency [4, 1, 9] and [144, 9, 0.01]: expert 2 drops entry 2
     # precond: entry 0 weights 1, 3 -> (2 + 12)/4; entry 1 -> (1 - 3)/2; entry 2 -> 3
-    pre = mm.ota(base, experts, v, ffg_threshold=t, epsilon=0.0)
+    pre = get_method("ota")(base, experts, v, ffg_threshold=t, epsilon=0.0)
     torch.testing.assert_close(pre, torch.tensor([3.5, -1.0, 3.0]))
     # linear: mean over all experts of the masked edits
-    lin = mm.ota(base, experts, v, ffg_threshold=t, combine="linear")
+    lin = get_method("ota")(base, experts, v, ffg_threshold=t, combine="linear")
     torch.testing.assert_close(lin, torch.tensor([3.0, -1.0, 1.5]))
     # ties: entry 1 sums to -2, elects -, keeps only -3
-    ties = mm.ota(base, experts, v, ffg_threshold=t, combine="ties")
+    ties = get_method("ota")(base, experts, v, ffg_threshold=t, combine="ties")
     torch.testing.assert_close(ties, torch.tensor([3.0, -3.0, 3.0]))
 
 
 def test_ota_mask_conflicts_raise():
     base, experts, moments = _ota_inputs()
     with pytest.raises(CurvlensError, match="not both"):
-        mm.ota(base, experts, moments, precond_threshold=1.0, ffg_density=0.5)
+        get_method("ota")(base, experts, moments, precond_threshold=1.0, ffg_density=0.5)
     with pytest.raises(CurvlensError, match="need a base"):
-        mm.ota(None, experts, moments, ffg_density=0.5)
+        get_method("ota")(None, experts, moments, ffg_density=0.5)
     with pytest.raises(CurvlensError, match="needs a base"):
-        mm.ota(None, experts, moments, combine="ties")
+        get_method("ota")(None, experts, moments, combine="ties")
     with pytest.raises(CurvlensError, match="choose one"):
-        mm.ota(base, experts, moments, rank1_approx=True, rank=2)
+        get_method("ota")(base, experts, moments, rank1_approx=True, rank=2)
 
 
 def test_ota_rank1_and_rank_r_exact_cases_change_nothing():
@@ -584,30 +588,30 @@ def test_ota_rank1_and_rank_r_exact_cases_change_nothing():
     g = _gen(5)
     moments = [torch.outer(torch.rand(4, generator=g) + 0.1, torch.rand(3, generator=g) + 0.1)
                for _ in range(3)]
-    plain = mm.ota(base, experts, moments)
-    torch.testing.assert_close(mm.ota(base, experts, moments, rank1_approx=True), plain)
-    torch.testing.assert_close(mm.ota(base, experts, moments, rank=3), plain, atol=1e-4, rtol=1e-4)
+    plain = get_method("ota")(base, experts, moments)
+    torch.testing.assert_close(get_method("ota")(base, experts, moments, rank1_approx=True), plain)
+    torch.testing.assert_close(get_method("ota")(base, experts, moments, rank=3), plain, atol=1e-4, rtol=1e-4)
     # on 1-D and 0-D tensors compression is a no-op
     b1, e1, v1 = _ota_inputs(shape=(5,))
-    torch.testing.assert_close(mm.ota(b1, e1, v1, rank1_approx=True, rank=None), mm.ota(b1, e1, v1))
+    torch.testing.assert_close(get_method("ota")(b1, e1, v1, rank1_approx=True, rank=None), get_method("ota")(b1, e1, v1))
     b0, e0, v0 = _ota_inputs(shape=())
-    torch.testing.assert_close(mm.ota(b0, e0, v0, rank=[1, None, 2]), mm.ota(b0, e0, v0))
+    torch.testing.assert_close(get_method("ota")(b0, e0, v0, rank=[1, None, 2]), get_method("ota")(b0, e0, v0))
 
 
 def test_ota_rank1_changes_a_full_rank_moment():
     base, experts, moments = _ota_inputs()
-    assert not torch.allclose(mm.ota(base, experts, moments, rank1_approx=True),
-                              mm.ota(base, experts, moments))
+    assert not torch.allclose(get_method("ota")(base, experts, moments, rank1_approx=True),
+                              get_method("ota")(base, experts, moments))
 
 
 def test_ota_scaling_and_global_normalise():
     base, experts, moments = _ota_inputs()
-    scaled = mm.ota(base, experts, moments, scaling_factor=[1.0, 50.0, 1.0])
-    assert not torch.allclose(scaled, mm.ota(base, experts, moments))
+    scaled = get_method("ota")(base, experts, moments, scaling_factor=[1.0, 50.0, 1.0])
+    assert not torch.allclose(scaled, get_method("ota")(base, experts, moments))
     # global normalise divides each expert's v**p * scaling by its own mean,
     # which cancels a per-expert scaling factor
-    g1 = mm.ota(base, experts, moments, normalise="global")
-    g2 = mm.ota(base, experts, moments, normalise="global", scaling_factor=[1.0, 50.0, 1.0])
+    g1 = get_method("ota")(base, experts, moments, normalise="global")
+    g2 = get_method("ota")(base, experts, moments, normalise="global", scaling_factor=[1.0, 50.0, 1.0])
     torch.testing.assert_close(g1, g2)
     means = [m.sqrt().mean() for m in moments]
     w = [m.sqrt() / (mu + 1e-8) + 1e-8 for m, mu in zip(moments, means)]
@@ -617,19 +621,19 @@ def test_ota_scaling_and_global_normalise():
 
 def test_ota_zero_weight_without_mask_gives_mean_not_nan():
     thetas = [torch.tensor([1.0]), torch.tensor([3.0])]
-    out = mm.ota(None, thetas, [torch.zeros(1), torch.zeros(1)], epsilon=0.0)
+    out = get_method("ota")(None, thetas, [torch.zeros(1), torch.zeros(1)], epsilon=0.0)
     torch.testing.assert_close(out, torch.tensor([2.0]))
 
 
 def test_ota_zero_d_tensor():
-    out = mm.ota(torch.tensor(0.0), [torch.tensor(1.0), torch.tensor(3.0)],
+    out = get_method("ota")(torch.tensor(0.0), [torch.tensor(1.0), torch.tensor(3.0)],
                  [torch.tensor(1.0), torch.tensor(9.0)], epsilon=0.0)
     # weights 1 and 3 -> (1 + 9) / 4
     torch.testing.assert_close(out, torch.tensor(2.5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", sorted(mm._REGISTRY))
+@pytest.mark.parametrize("name", sorted(mm_registry._REGISTRY))
 def test_cuda_matches_cpu(name):
     base, experts, moments = _ota_inputs()
     params = {"density": 0.5} if name == "ties" else {}
@@ -657,7 +661,7 @@ def test_cuda_matches_cpu(name):
 )
 def test_ota_is_a_convex_combination_of_the_experts(n, seed, power, normalise, with_base):
     base, experts, moments = _ota_inputs(shape=(6,), n=n, seed=seed)
-    out = mm.ota(base if with_base else None, experts, moments, power=power, normalise=normalise)
+    out = get_method("ota")(base if with_base else None, experts, moments, power=power, normalise=normalise)
     stacked = torch.stack(experts)
     assert bool((out >= stacked.min(dim=0).values - 1e-5).all())
     assert bool((out <= stacked.max(dim=0).values + 1e-5).all())
@@ -675,19 +679,20 @@ def test_block_size_does_not_change_the_result(name, params, monkeypatch):
     thresholds, L1 norms and random draws: tiny blocks (with ties at the k-th
     magnitude straddling them) give the whole-tensor answer bit for bit."""
     from curvlens.math import blocks
+    from curvlens.math.methods import sparsify
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(37, 11, generator=g).to(torch.bfloat16)
     experts = [(base.float() + torch.round(torch.randn(37, 11, generator=g) * 3) / 8).to(torch.bfloat16)
                for _ in range(3)]
-    fn = mm.get_method(name).fn
+    fn = get_method(name).fn
     rng = (lambda: torch.Generator().manual_seed(11)) if name.startswith("dare") else (lambda: None)
     whole = fn(base, experts, None, rng=rng(), **params)
     assert whole.dtype == torch.float32
     monkeypatch.setitem(blocks.BLOCK, "cpu", 5)
     assert torch.equal(fn(base, experts, None, rng=rng(), **params), whole)
     if name.startswith("dare"):  # masks redrawn from the saved state, not stored
-        monkeypatch.setattr(mm, "DARE_MASK_BUDGET", 0)
+        monkeypatch.setattr(sparsify, "DARE_MASK_BUDGET", 0)
         assert torch.equal(fn(base, experts, None, rng=rng(), **params), whole)
     # and the bf16 inputs were cast exactly as an fp32 caller would
     f32 = fn(base.float(), [e.float() for e in experts], None, rng=rng(), **params)
@@ -715,9 +720,9 @@ def test_ota_block_size_does_not_change_the_result(params, exact, with_base, mon
     experts = [(base.float() + torch.randn(23, 9, generator=g) / 4).to(torch.bfloat16) for _ in range(3)]
     moments = [torch.rand(23, 9, generator=g) ** 3 for _ in range(3)]
     b = base if with_base else None
-    whole = mm.ota(b, experts, moments, **params)
+    whole = get_method("ota")(b, experts, moments, **params)
     monkeypatch.setitem(blocks.BLOCK, "cpu", 8)
-    blocked = mm.ota(b, experts, moments, **params)
+    blocked = get_method("ota")(b, experts, moments, **params)
     if exact:
         assert torch.equal(blocked, whole)
     else:  # the global mean is summed per block: the same up to rounding
@@ -729,6 +734,6 @@ def test_ota_block_size_does_not_change_the_result(params, exact, with_base, mon
                                           ("ota", {"ffg_density": 0.5}), ("ota", {"normalise": "global"})])
 def test_empty_tensors_merge_to_empty(name, params):
     base, experts, moments = torch.zeros(0, 4), [torch.zeros(0, 4)] * 2, [torch.ones(0, 4)] * 2
-    m = mm.get_method(name)
+    m = get_method(name)
     out = m.fn(base, experts, moments if m.needs_moments else None, **params)
     assert out.shape == (0, 4) and out.dtype == torch.float32

@@ -16,7 +16,7 @@ import torch
 
 mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
 
-from curvlens.math.merge_methods import get_method  # noqa: E402
+from curvlens.math.methods import get_method  # noqa: E402
 
 SHAPES = [(), (7,), (6, 5)]
 

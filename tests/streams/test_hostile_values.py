@@ -259,7 +259,7 @@ def test_merge_and_from_dirs_given_wrong_types(tmp_path):
 
 
 def test_ota_refuses_a_tie_quota_the_scores_cannot_fill():
-    from curvlens.math.merge_methods import get_method
+    from curvlens.math.methods import get_method
 
     ota = get_method("ota").fn
     base, v = torch.zeros(4), [torch.ones(4)]

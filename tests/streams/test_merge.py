@@ -4,7 +4,8 @@ import yaml
 
 from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.cli import main
-from curvlens.math.merge_methods import _REGISTRY, get_method
+from curvlens.math.methods import get_method
+from curvlens.math.methods.registry import _REGISTRY
 from curvlens.streams.merge import merge
 from curvlens.streams.merge_config import load_merge_config
 from curvlens.streams.thresholds import model_thresholds

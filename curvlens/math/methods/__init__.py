@@ -1,0 +1,39 @@
+"""Merge methods: pure per-tensor functions in a registry, one module per family.
+
+==================  =========================================================
+module              what it holds
+==================  =========================================================
+``registry``        :class:`MergeMethod`, :func:`register`, :func:`get_method`,
+                    :func:`list_methods`, :func:`resolve_params`, :class:`MaskCounts`
+``params``          :class:`ParamSpec`, validators, parameters methods share
+``inputs``          the checks every method's inputs get (run by the registry)
+``sparsify``        top-k / random-drop sparsifiers, TIES's disjoint mean
+``linear``          ``linear``
+``task_arithmetic`` ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``
+``fisher``          ``fisher``
+``ota``             ``ota`` (with FFG masks)
+==================  =========================================================
+
+A new method is a new module: a kernel decorated with :func:`register`, imported
+below. The exact semantics, and where they match mergekit 0.1.5 and the OTA
+authors' fork, are in ``docs/merge_methods.md``.
+
+Examples
+--------
+>>> import torch
+>>> base = torch.zeros(3)
+>>> experts = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([3.0, 1.0, -1.0])]
+>>> get_method("ties")(base, experts, None)
+tensor([ 2., -2.,  3.])
+>>> p = resolve_params("linear", {"weight": [1, 3]}, n_experts=2)
+>>> p["weight"], p["normalize"]
+([1.0, 3.0], True)
+"""
+from curvlens.math.methods import fisher, linear, ota, task_arithmetic  # noqa: F401  (they register)
+from curvlens.math.methods.params import ParamSpec
+from curvlens.math.methods.registry import (
+    MaskCounts, MergeMethod, ModelWideSelection, get_method, list_methods, register, resolve_params,
+)
+
+__all__ = ["MaskCounts", "MergeMethod", "ModelWideSelection", "ParamSpec", "get_method", "list_methods",
+           "register", "resolve_params"]
