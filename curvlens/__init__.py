@@ -1,15 +1,59 @@
 """curvlens: see why a model merge works, then run it, using the experts' curvature.
 
-The public surface is small; everything else lives in layered modules:
-``curvlens.io`` (read/write), ``curvlens.math`` (pure tensor functions),
-``curvlens.streams`` (model-wide passes), ``curvlens.views`` (figures),
-``curvlens.zoo`` (the embedded demo experts).
+Everything a notebook needs is here, flat::
+
+    import curvlens as cl
+
+    experts = cl.Experts.from_dirs("base", ["math", "code"])
+    overlap = cl.curvature_overlap(experts)          # a tidy DataFrame
+    cl.aggregate(overlap, by=("role",))              # pooled by role
+    result = cl.merge(experts, "ota", "merged", ffg_density=0.3)
+    cl.views.layer_role_heatmap(overlap, "spearman_log")   # drawing lives in cl.views
+
+=====================  ==========================================================
+open and line up       :class:`Checkpoint`, :class:`Moments`, :class:`Experts`,
+                       :func:`export_moments`
+merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`
+curvature              :func:`curvature_stats`, :func:`curvature_overlap`,
+                       :func:`moment_compression`, :func:`pooled_moments`,
+                       :func:`log10_histogram`
+masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overlap`,
+                       :func:`mask_thresholds`, :func:`graft_sweep`,
+                       :func:`ffg_vs_magnitude_summary`
+interference           :func:`interference`, :func:`predicted_loss`,
+                       :func:`compare_merges`
+pooling                :func:`aggregate`
+drawing                ``cl.views`` (figures and explorers, imported on first use)
+the demo zoo           ``cl.zoo`` (imported on first use; needs ``transformers``)
+=====================  ==========================================================
+
+Internals live in layered modules: ``curvlens.io`` (read/write), ``curvlens.math``
+(pure tensor functions), ``curvlens.streams`` (model-wide passes).
 """
+import importlib
+
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
 from curvlens.math.methods import list_methods
 from curvlens.roles import ROLES, param_role
 from curvlens.streams import Expert, Experts
+from curvlens.streams.analysis import (
+    aggregate,
+    compare_merges,
+    curvature_overlap,
+    curvature_stats,
+    ffg_masks,
+    ffg_vs_magnitude_summary,
+    graft_sweep,
+    interference,
+    log10_histogram,
+    mask_overlap,
+    mask_stats,
+    mask_thresholds,
+    moment_compression,
+    pooled_moments,
+    predicted_loss,
+)
 from curvlens.streams.merge import MergeResult, merge
 from curvlens.streams.merge_config import load_merge_config
 
@@ -17,6 +61,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint", "CurvlensError", "Expert", "Experts", "MergeResult", "Moments", "ROLES",
-    "export_moments", "list_methods", "load_merge_config", "merge", "param_role", "write_model",
-    "__version__",
+    "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "export_moments",
+    "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods",
+    "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
+    "merge", "moment_compression", "param_role", "pooled_moments", "predicted_loss", "views",
+    "write_model", "zoo", "__version__",
 ]
+
+# Heavy or optional: matplotlib/plotly for views, transformers for the zoo.
+_LAZY = ("views", "zoo")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"curvlens.{name}")
+    raise AttributeError(f"module 'curvlens' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

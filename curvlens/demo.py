@@ -39,7 +39,7 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
     Returns
     -------
     dict
-        ``{frame name: DataFrame}`` with the keys of :data:`curvlens.views.FRAME_KEYS`,
+        ``{frame name: DataFrame}`` with the keys of :data:`curvlens.views.figures.FRAME_KEYS`,
         plus ``merge_predicted_loss`` (model-level predicted loss per merge).
     """
     from curvlens import zoo as zoo_mod

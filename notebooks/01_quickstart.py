@@ -34,10 +34,7 @@ import time
 
 import pandas as pd
 
-import curvlens
-import curvlens.zoo
-from curvlens import views as V
-from curvlens.streams import analysis as A
+import curvlens as cl
 
 t_start = time.perf_counter()
 
@@ -50,7 +47,7 @@ t_start = time.perf_counter()
 # `<expert>/export/exp_avg_sq.safetensors`.
 
 # %%
-zoo = curvlens.zoo.build("quick" if QUICK else "default")
+zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
 print(experts)
 print("capabilities:", dict(zoo.capabilities))
@@ -79,8 +76,8 @@ desc.groupby("role", sort=False)["numel"].sum().to_frame("parameters")
 # model-level number per pair, weighting each tensor by its size.
 
 # %%
-overlap = A.curvature_overlap(experts, device=DEVICE)
-model_overlap = A.aggregate(overlap, by=())
+overlap = cl.curvature_overlap(experts, device=DEVICE)
+model_overlap = cl.aggregate(overlap, by=())
 model_overlap.round(3)
 
 # %% [markdown]
@@ -88,7 +85,7 @@ model_overlap.round(3)
 # the value and how many parameters went into it):
 
 # %%
-V.pair_matrix_plotly(overlap, "spearman_log", title="Spearman correlation of v between experts (whole model)")
+cl.views.pair_matrix_plotly(overlap, "spearman_log", title="Spearman correlation of v between experts (whole model)")
 
 # %% [markdown]
 # ## 3. One merge: OTA with Fast Fisher Grafting
@@ -110,7 +107,7 @@ V.pair_matrix_plotly(overlap, "spearman_log", title="Spearman correlation of v b
 # `out=` it is streamed to an HF model dir.
 
 # %%
-result = curvlens.merge(experts, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
+result = cl.merge(experts, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
                         device=DEVICE)
 result
 
@@ -137,7 +134,7 @@ rows = []
 
 def score(label, method, model):
     """Evaluate one model on every capability and append merge-table rows."""
-    df = curvlens.zoo.evaluate(model, zoo=zoo, device=DEVICE)
+    df = cl.zoo.evaluate(model, zoo=zoo, device=DEVICE)
     rows.extend({"model": label, "method": method, "capability": r.capability,
                  "accuracy": r.accuracy, "n": r.n} for r in df.itertuples())
 
@@ -156,7 +153,7 @@ pivot.round(3)
 # negative transfer), computed, not assumed:
 
 # %%
-rel = V.normalized_scores(table, zoo.capabilities)
+rel = cl.views.normalized_scores(table, zoo.capabilities)
 merged_rel = rel[rel["model"] == "OTA+FFG (0.3)"][["capability", "expert", "expert_accuracy", "accuracy", "relative"]]
 merged_rel.round(3)
 
@@ -168,7 +165,7 @@ print(f"OTA+FFG keeps on average {merged_rel['relative'].mean():.0%} of the expe
 # An interactive view of the same table (hover for the numbers):
 
 # %%
-V.merge_scores_plotly(table, zoo.capabilities, normalized=True,
+cl.views.merge_scores_plotly(table, zoo.capabilities, normalized=True,
                       title="Accuracy relative to each capability's expert")
 
 # %%

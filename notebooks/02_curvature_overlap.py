@@ -36,12 +36,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-import curvlens
-import curvlens.zoo
-from curvlens import views as V
-from curvlens.streams import analysis as A
+import curvlens as cl
 
-zoo = curvlens.zoo.build("quick" if QUICK else "default")
+zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
 experts
 
@@ -62,7 +59,7 @@ experts
 # $q / (2 - q)$ (0.005 for the top 1%, 0.053 for the top 10%); identical ones give 1.
 
 # %%
-overlap = A.curvature_overlap(experts, device=DEVICE)
+overlap = cl.curvature_overlap(experts, device=DEVICE)
 overlap.head()
 
 # %% [markdown]
@@ -72,16 +69,16 @@ overlap.head()
 # number per pair, by `("role",)` or `("layer",)` for where the agreement sits.
 
 # %%
-by_model = A.aggregate(overlap, by=())
+by_model = cl.aggregate(overlap, by=())
 by_model.round(3)
 
 # %%
 metrics = ["cosine", "pearson_log", "spearman_log", "jaccard_top1", "jaccard_top10"]
-by_role = A.aggregate(overlap, by=("role",))
+by_role = cl.aggregate(overlap, by=("role",))
 by_role.groupby("role", sort=False)[metrics].mean().round(3)  # mean over pairs
 
 # %%
-by_layer = A.aggregate(overlap, by=("layer",))
+by_layer = cl.aggregate(overlap, by=("layer",))
 by_layer.groupby("layer", sort=False, dropna=False)[metrics].mean().round(3)
 
 # %% [markdown]
@@ -105,7 +102,7 @@ lift.round(1)
 
 # %%
 pairs = overlap.assign(pair=overlap["expert_a"] + " × " + overlap["expert_b"])
-fig = V.layer_role_heatmaps(pairs, "spearman_log", by="pair", vmin=-1, vmax=1,
+fig = cl.views.layer_role_heatmaps(pairs, "spearman_log", by="pair", vmin=-1, vmax=1,
                             title="Spearman correlation of v, per expert pair")
 
 # %% [markdown]
@@ -113,8 +110,8 @@ fig = V.layer_role_heatmaps(pairs, "spearman_log", by="pair", vmin=-1, vmax=1,
 # the experts: the median $\log_{10} v$ per tensor (`curvature_stats`).
 
 # %%
-stats = A.curvature_stats(experts, device=DEVICE)
-fig = V.layer_role_heatmaps(stats, "median_log10", title="median log10 v per tensor")
+stats = cl.curvature_stats(experts, device=DEVICE)
+fig = cl.views.layer_role_heatmaps(stats, "median_log10", title="median log10 v per tensor")
 
 # %% [markdown]
 # ## Pair matrices
@@ -126,14 +123,14 @@ fig = V.layer_role_heatmaps(stats, "median_log10", title="median log10 v per ten
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
 for ax, m in zip(axes, ["spearman_log", "pearson_log", "jaccard_top10"]):
-    V.pair_matrix_heatmap(overlap, m, ax=ax)
+    cl.views.pair_matrix_heatmap(overlap, m, ax=ax)
 
 # %% [markdown]
 # The same for one role only (filters are keyword arguments), e.g. the attention
 # query projections, which the paper singles out:
 
 # %%
-V.pair_matrix(overlap, "spearman_log", role="q", diagonal=1.0).round(3)
+cl.views.pair_matrix(overlap, "spearman_log", role="q", diagonal=1.0).round(3)
 
 # %% [markdown]
 # ## The paper's pair grid: pooled $\log_{10} v$ side by side
@@ -156,22 +153,22 @@ last = int(desc["layer"].dropna().max())
 grid_layers = sorted({0, last})
 grid_roles = ["q", "k", "v", "o"]
 grid_names = desc[desc["layer"].isin(grid_layers) & desc["role"].isin(grid_roles + ["gate", "up", "down"])]["name"]
-pooled = A.pooled_moments(experts, list(grid_names), max_blocks=16, masks_density=0.3, device=DEVICE)
+pooled = cl.pooled_moments(experts, list(grid_names), max_blocks=16, masks_density=0.3, device=DEVICE)
 pooled.head()
 
 # %%
-fig = V.pair_grid(pooled, most, layers=grid_layers, roles=grid_roles,
+fig = cl.views.pair_grid(pooled, most, layers=grid_layers, roles=grid_roles,
                   title=f"log10 v, most similar pair: {most[0]} vs {most[1]}")
 
 # %%
-fig = V.pair_grid(pooled, least, layers=grid_layers, roles=grid_roles,
+fig = cl.views.pair_grid(pooled, least, layers=grid_layers, roles=grid_roles,
                   title=f"log10 v, least similar pair: {least[0]} vs {least[1]}")
 
 # %% [markdown]
 # The MLP roles, interactively (hover for block, value and mask fraction):
 
 # %%
-V.pair_grid_plotly(pooled, most, layers=grid_layers, roles=["gate", "up", "down"])
+cl.views.pair_grid_plotly(pooled, most, layers=grid_layers, roles=["gate", "up", "down"])
 
 # %% [markdown]
 # ## Distributions of $\log_{10} v$
@@ -181,8 +178,8 @@ V.pair_grid_plotly(pooled, most, layers=grid_layers, roles=["gate", "up", "down"
 # spread in each role, even where the entry-by-entry agreement is partial.
 
 # %%
-hist = A.log10_histogram(experts, bins=np.linspace(-22, -2, 81), device=DEVICE)
-fig = V.log10_histogram_grid(hist, by="role")
+hist = cl.log10_histogram(experts, bins=np.linspace(-22, -2, 81), device=DEVICE)
+fig = cl.views.log10_histogram_grid(hist, by="role")
 
 # %% [markdown]
 # ## Explore
@@ -191,7 +188,7 @@ fig = V.log10_histogram_grid(hist, by="role")
 # moment maps follow.
 
 # %%
-V.curvature_explorer(overlap, pooled)
+cl.views.curvature_explorer(overlap, pooled)
 
 # %% [markdown]
 # ## What the overlap means for linear merging
@@ -226,11 +223,11 @@ V.curvature_explorer(overlap, pooled)
 # rank-correlate $d$ with the tensor's overlap (mean over expert pairs).
 
 # %%
-no_base = curvlens.Experts(None, experts.experts)  # base-free: plain averages of the theta_i
-plain = curvlens.merge(no_base, "linear", device=DEVICE)
+no_base = cl.Experts(None, experts.experts)  # base-free: plain averages of the theta_i
+plain = cl.merge(no_base, "linear", device=DEVICE)
 weighted = {
-    "fisher (raw v)": curvlens.merge(no_base, "fisher", device=DEVICE),
-    "fisher (v / mean v per tensor)": curvlens.merge(no_base, "ota", power=1.0, normalise="global",
+    "fisher (raw v)": cl.merge(no_base, "fisher", device=DEVICE),
+    "fisher (v / mean v per tensor)": cl.merge(no_base, "ota", power=1.0, normalise="global",
                                                      epsilon=0.0, device=DEVICE),
 }
 rows = []

@@ -35,11 +35,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-import curvlens.zoo
-from curvlens import views as V
-from curvlens.streams import analysis as A
+import curvlens as cl
 
-zoo = curvlens.zoo.build("quick" if QUICK else "default")
+zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
 capabilities = dict(zoo.capabilities)
 experts
@@ -65,8 +63,8 @@ experts
 
 # %%
 densities = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 1.0) if QUICK else (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-sweep = A.graft_sweep(experts, densities,
-                      evaluate=lambda sd: curvlens.zoo.evaluate(sd, zoo=zoo, device=DEVICE),
+sweep = cl.graft_sweep(experts, densities,
+                      evaluate=lambda sd: cl.zoo.evaluate(sd, zoo=zoo, device=DEVICE),
                       device=DEVICE)
 sweep.head()
 
@@ -75,10 +73,10 @@ sweep.head()
 # dashed.
 
 # %%
-ax = V.density_curves(sweep, capabilities, title="Grafted expert, score on its own capability")
+ax = cl.views.density_curves(sweep, capabilities, title="Grafted expert, score on its own capability")
 
 # %%
-V.density_curves_plotly(sweep, capabilities)
+cl.views.density_curves_plotly(sweep, capabilities)
 
 # %% [markdown]
 # ## Does FFG beat magnitude pruning here?
@@ -88,7 +86,7 @@ V.density_curves_plotly(sweep, capabilities)
 # stays true when the zoo changes.
 
 # %%
-summary = A.ffg_vs_magnitude_summary(sweep, capabilities)
+summary = cl.ffg_vs_magnitude_summary(sweep, capabilities)
 summary.round(3)
 
 # %%
@@ -136,15 +134,15 @@ by_density.round(3)
 
 # %%
 mask_densities = (0.1, 0.3)
-ms = A.mask_stats(experts, densities=mask_densities, device=DEVICE)
+ms = cl.mask_stats(experts, densities=mask_densities, device=DEVICE)
 ms.head()
 
 # %%
-fig = V.layer_role_heatmaps(ms, "kept_frac", criterion="fisher", density=0.1, vmin=0, vmax=1, log=False,
+fig = cl.views.layer_role_heatmaps(ms, "kept_frac", criterion="fisher", density=0.1, vmin=0, vmax=1, log=False,
                             title="FFG kept fraction by layer × role (model-wide density 0.1)")
 
 # %%
-fig = V.layer_role_heatmaps(ms, "kept_frac", criterion="magnitude", density=0.1, vmin=0, vmax=1, log=False,
+fig = cl.views.layer_role_heatmaps(ms, "kept_frac", criterion="magnitude", density=0.1, vmin=0, vmax=1, log=False,
                             title="magnitude kept fraction by layer × role (model-wide density 0.1)")
 
 # %% [markdown]
@@ -153,7 +151,7 @@ fig = V.layer_role_heatmaps(ms, "kept_frac", criterion="magnitude", density=0.1,
 # deviation of the per-role kept fraction says how *localized* each criterion is.
 
 # %%
-role_kept = (A.aggregate(ms, by=("role",))
+role_kept = (cl.aggregate(ms, by=("role",))
              .pivot_table(index=["criterion", "density", "expert"], columns="role", values="kept_frac",
                           sort=False))
 role_kept.round(2)
@@ -199,12 +197,12 @@ mats["cols"] = [desc.loc[n, "shape"][1] for n in mats["name"]]
 mats["random_row_sparsity"] = (1 - mats["kept_frac"]) ** mats["cols"]
 mats["random_col_sparsity"] = (1 - mats["kept_frac"]) ** mats["rows"]
 cols = ["row_sparsity", "random_row_sparsity", "col_sparsity", "random_col_sparsity"]
-empty = (A.aggregate(mats[["expert", "criterion", "density", "name", "layer", "role", "numel", *cols]], by=())
+empty = (cl.aggregate(mats[["expert", "criterion", "density", "name", "layer", "role", "numel", *cols]], by=())
          .groupby(["criterion", "density"])[cols].mean())
 empty.round(3)
 
 # %%
-model_level = A.aggregate(ms, by=())
+model_level = cl.aggregate(ms, by=())
 model_level.groupby(["criterion", "density"])[
     ["kept_frac", "row_sparsity", "col_sparsity", "mask_effective_rank", "saliency_kept"]].mean().round(3)
 
@@ -222,7 +220,7 @@ name = ms.loc[(ms["role"] == "q") & (ms["layer"] == 0), "name"].iloc[0]
 fig, axes = plt.subplots(2, len(experts), figsize=(2.4 * len(experts), 5), squeeze=False,
                          constrained_layout=True)
 for r, crit in enumerate(["fisher", "magnitude"]):
-    masks = A.ffg_masks(experts, density=0.1, criterion=crit, names=[name], device=DEVICE, progress=False)
+    masks = cl.ffg_masks(experts, density=0.1, criterion=crit, names=[name], device=DEVICE, progress=False)
     for c, (e, m) in enumerate(masks[name].items()):
         ax = axes[r, c]
         ax.imshow(m.cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
@@ -240,14 +238,14 @@ _ = fig.suptitle(f"{name}: masks at model-wide density 0.1")
 
 # %%
 overlap_density = 0.1
-mo = pd.concat([A.mask_overlap(experts, overlap_density, criterion=c, device=DEVICE)
+mo = pd.concat([cl.mask_overlap(experts, overlap_density, criterion=c, device=DEVICE)
                 for c in ("fisher", "magnitude")], ignore_index=True)
 chance = overlap_density / (2 - overlap_density)
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
 for ax, crit in zip(axes, ["fisher", "magnitude"]):
-    V.pair_matrix_heatmap(mo, "jaccard", criterion=crit, ax=ax,
+    cl.views.pair_matrix_heatmap(mo, "jaccard", criterion=crit, ax=ax,
                           title=f"Jaccard of masks, {crit}, density {overlap_density}")
-pooled = A.aggregate(mo, by=()).groupby("criterion")["jaccard"].mean()
+pooled = cl.aggregate(mo, by=()).groupby("criterion")["jaccard"].mean()
 print(f"chance level d/(2-d) = {chance:.3f}")
 print("mean Jaccard over pairs, whole model:")
 print((pooled / chance).rename("x chance").to_frame().join(pooled).round(3).to_string())
@@ -266,7 +264,7 @@ kept = ms[ms["density"] == overlap_density].set_index(["criterion", "expert", "n
 pa = kept.reindex(list(zip(mo["criterion"], mo["expert_a"], mo["name"]))).to_numpy()
 pb = kept.reindex(list(zip(mo["criterion"], mo["expert_b"], mo["name"]))).to_numpy()
 mo["chance"] = np.where(pa + pb > 0, pa * pb / np.maximum(pa + pb - pa * pb, 1e-12), 1.0)
-by_role = A.aggregate(mo, by=("role",)).groupby(["criterion", "role"], sort=False)[["jaccard", "chance"]].mean()
+by_role = cl.aggregate(mo, by=("role",)).groupby(["criterion", "role"], sort=False)[["jaccard", "chance"]].mean()
 (by_role["jaccard"] / by_role["chance"]).unstack("criterion").round(2)  # x chance, per role
 
 # %% [markdown]
@@ -276,4 +274,4 @@ by_role = A.aggregate(mo, by=("role",)).groupby(["criterion", "role"], sort=Fals
 # fraction follow.
 
 # %%
-V.mask_explorer(ms)
+cl.views.mask_explorer(ms)

@@ -35,12 +35,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-import curvlens
-import curvlens.zoo
-from curvlens import views as V
-from curvlens.streams import analysis as A
+import curvlens as cl
 
-zoo = curvlens.zoo.build("quick" if QUICK else "default")
+zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
 capabilities = dict(zoo.capabilities)
 experts
@@ -64,14 +61,14 @@ experts
 #   about is cheap (give it to that expert); one where both care forces a trade-off.
 
 # %%
-inter = A.interference(experts, device=DEVICE)
-pairs_model = A.aggregate(inter, by=())
+inter = cl.interference(experts, device=DEVICE)
+pairs_model = cl.aggregate(inter, by=())
 pairs_model.round(3)
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
 for ax, m in zip(axes, ["tv_cosine", "sign_conflict", "curvature_weighted_conflict"]):
-    V.pair_matrix_heatmap(inter, m, ax=ax)
+    cl.views.pair_matrix_heatmap(inter, m, ax=ax)
 
 # %% [markdown]
 # Two random, independent sign patterns conflict on half of the entries both edit.
@@ -88,7 +85,7 @@ ratio[["expert_a", "expert_b", "sign_conflict", "curvature_weighted_conflict", "
 # Where the conflicts sit, by layer × role (mean over expert pairs):
 
 # %%
-fig = V.layer_role_heatmaps(inter, "curvature_weighted_conflict", by="expert_a", vmin=0, vmax=1,
+fig = cl.views.layer_role_heatmaps(inter, "curvature_weighted_conflict", by="expert_a", vmin=0, vmax=1,
                             log=False, title="curvature-weighted conflict, by first expert of each pair")
 
 # %% [markdown]
@@ -114,9 +111,9 @@ MERGES = {
     "OTA+FFG (0.3)": ("ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}),
     "OTA+FFG (0.1)": ("ota", {"epsilon": 1e-26, "ffg_density": 0.1, "fallback_to_base": True}),
 }
-merged = {label: curvlens.merge(experts, method, device=DEVICE, progress=False, **params)
+merged = {label: cl.merge(experts, method, device=DEVICE, progress=False, **params)
           for label, (method, params) in MERGES.items()}
-predicted = A.compare_merges(experts, merged, device=DEVICE)
+predicted = cl.compare_merges(experts, merged, device=DEVICE)
 predicted.pivot_table(index="method", columns="expert", values="predicted_loss_increase", sort=False)
 
 # %% [markdown]
@@ -124,8 +121,8 @@ predicted.pivot_table(index="method", columns="expert", values="predicted_loss_i
 # colour scale: the cost is concentrated in few tensors):
 
 # %%
-per_tensor = A.predicted_loss(experts, merged["OTA+FFG (0.3)"], device=DEVICE)
-fig = V.layer_role_heatmaps(per_tensor, "predicted_loss_increase",
+per_tensor = cl.predicted_loss(experts, merged["OTA+FFG (0.3)"], device=DEVICE)
+fig = cl.views.layer_role_heatmaps(per_tensor, "predicted_loss_increase",
                             title="predicted loss increase under OTA+FFG (0.3), per expert")
 
 # %% [markdown]
@@ -138,7 +135,7 @@ rows = []
 
 
 def score(label, method, model):
-    df = curvlens.zoo.evaluate(model, zoo=zoo, device=DEVICE)
+    df = cl.zoo.evaluate(model, zoo=zoo, device=DEVICE)
     rows.extend({"model": label, "method": method, "capability": r.capability,
                  "accuracy": r.accuracy, "n": r.n} for r in df.itertuples())
 
@@ -161,7 +158,7 @@ pivot.round(3)
 # predicted increases should go with larger drops: a positive rank correlation.
 
 # %%
-rel = V.normalized_scores(table, capabilities)
+rel = cl.views.normalized_scores(table, capabilities)
 own = rel[rel["model"].isin(merged)][["model", "expert", "capability", "expert_accuracy", "accuracy"]]
 own = own.assign(drop=own["expert_accuracy"] - own["accuracy"]).rename(columns={"model": "method"})
 points = own.merge(predicted, on=["method", "expert"])
@@ -180,7 +177,7 @@ points.round(4)
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
 for k, (e, g) in enumerate(points.groupby("expert", sort=False)):
-    ax.scatter(g["predicted_loss_increase"], g["drop"], color=V.OKABE_ITO[k % len(V.OKABE_ITO)],
+    ax.scatter(g["predicted_loss_increase"], g["drop"], color=cl.views.OKABE_ITO[k % len(cl.views.OKABE_ITO)],
                label=f"{e} (ρ={per_expert[e]:+.2f})")
     for m, x, y in zip(g["method"], g["predicted_loss_increase"], g["drop"]):
         ax.annotate(m, (x, y), fontsize=6, alpha=0.7)
@@ -232,7 +229,7 @@ method_level.sort_values("predicted_loss_increase").round({"relative": 3, "drop"
 # expert's salient edit the merge reverses.
 
 # %%
-over = pd.concat([A.aggregate(A.interference(experts, merged=merged[label], merged_label="merged",
+over = pd.concat([cl.aggregate(cl.interference(experts, merged=merged[label], merged_label="merged",
                                              pairs=[(e, "merged") for e in experts.names],
                                              device=DEVICE, progress=False), by=())
                   .assign(method=label)

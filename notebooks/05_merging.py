@@ -38,12 +38,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-import curvlens
-import curvlens.zoo
-from curvlens import views as V
-from curvlens.streams import analysis as A
+import curvlens as cl
 
-zoo = curvlens.zoo.build("quick" if QUICK else "default")
+zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
 capabilities = dict(zoo.capabilities)
 experts
@@ -56,7 +53,7 @@ experts
 # method's exact semantics.)
 
 # %%
-methods = curvlens.list_methods()
+methods = cl.list_methods()
 methods[methods["method"].isin(["ties", "ota"])]
 
 # %% [markdown]
@@ -102,7 +99,7 @@ rows, results, seconds = [], {}, {}
 
 
 def score(label, method, model):
-    df = curvlens.zoo.evaluate(model, zoo=zoo, device=DEVICE)
+    df = cl.zoo.evaluate(model, zoo=zoo, device=DEVICE)
     rows.extend({"model": label, "method": method, "capability": r.capability,
                  "accuracy": r.accuracy, "n": r.n} for r in df.itertuples())
 
@@ -112,7 +109,7 @@ for name, path in zoo.expert_dirs.items():
     score(f"expert: {name}", "expert", path)
 for label, method, params in GRID:
     t0 = time.perf_counter()
-    results[label] = curvlens.merge(experts, method, device=DEVICE, progress=False, **params)
+    results[label] = cl.merge(experts, method, device=DEVICE, progress=False, **params)
     seconds[label] = time.perf_counter() - t0
     score(label, method, results[label].checkpoint)
 table = pd.DataFrame(rows)
@@ -130,14 +127,14 @@ pivot["mean"] = pivot.mean(axis=1)
 pivot.round(3)
 
 # %%
-rel = V.normalized_scores(table, capabilities)
+rel = cl.views.normalized_scores(table, capabilities)
 rel_pivot = rel.pivot_table(index="model", columns="capability", values="relative", sort=False)
 summary = pd.DataFrame({"average": rel_pivot.mean(axis=1), "worst": rel_pivot.min(axis=1)})
 merges_only = summary.drop(index=[m for m in summary.index if m.startswith("expert:") or m == "base"])
 rel_pivot.join(summary).loc[merges_only.index].sort_values("average", ascending=False).round(3)
 
 # %%
-ax = V.merge_scores(table, capabilities, normalized=True,
+ax = cl.views.merge_scores(table, capabilities, normalized=True,
                     models=["base", *merges_only.index], title="Accuracy relative to each expert")
 
 # %% [markdown]
@@ -168,7 +165,7 @@ fig = go.Figure()
 for k, fam in enumerate(dict.fromkeys(family.values())):
     pts = merges_only.loc[[lab for lab in merges_only.index if family[lab] == fam]]
     fig.add_trace(go.Scatter(x=pts["average"], y=pts["worst"], mode="markers", name=fam,
-                             text=list(pts.index), marker={"size": 10, "color": V.OKABE_ITO[k % len(V.OKABE_ITO)]},
+                             text=list(pts.index), marker={"size": 10, "color": cl.views.OKABE_ITO[k % len(cl.views.OKABE_ITO)]},
                              hovertemplate="%{text}<br>average %{x:.3f}<br>worst %{y:.3f}<extra></extra>"))
 fig.add_trace(go.Scatter(x=fr["average"], y=fr["worst"], mode="lines+markers", name="Pareto front",
                          line={"dash": "dash", "color": "black"}, marker={"symbol": "circle-open", "size": 16},
@@ -196,13 +193,13 @@ print(f"best average: {best_avg} ({merges_only.loc[best_avg, 'average']:.3f}); "
 # and the storage.
 
 # %%
-comp = A.moment_compression(experts, rank=1, device=DEVICE)
-comp_role = A.aggregate(comp, by=("role",)).groupby("role", sort=False)[
+comp = cl.moment_compression(experts, rank=1, device=DEVICE)
+comp_role = cl.aggregate(comp, by=("role",)).groupby("role", sort=False)[
     ["rel_error_v", "rel_error_weights", "bytes_full", "bytes_compressed"]].mean()
 comp_role.round(3)
 
 # %%
-total = A.aggregate(comp, by=()).groupby("expert")[["bytes_full", "bytes_compressed"]].sum()
+total = cl.aggregate(comp, by=()).groupby("expert")[["bytes_full", "bytes_compressed"]].sum()
 print(f"moment storage with rank-1 matrices: {total['bytes_compressed'].sum() / total['bytes_full'].sum():.1%} "
       "of full (1-D tensors stay dense)")
 
@@ -215,10 +212,10 @@ print(f"moment storage with rank-1 matrices: {total['bytes_compressed'].sum() / 
 ablation = [("OTA p=0.5", {**OTA, "power": 0.5}), ("OTA+FFG d=0.3", {**FFG, "ffg_density": 0.3})]
 for label, params in ablation:
     r1 = f"{label}, rank-1 v"
-    results[r1] = curvlens.merge(experts, "ota", device=DEVICE, progress=False, rank1_approx=True, **params)
+    results[r1] = cl.merge(experts, "ota", device=DEVICE, progress=False, rank1_approx=True, **params)
     score(r1, "ota", results[r1].checkpoint)
 table = pd.DataFrame(rows)
-rel = V.normalized_scores(table, capabilities)
+rel = cl.views.normalized_scores(table, capabilities)
 rel_pivot = rel.pivot_table(index="model", columns="capability", values="relative", sort=False)
 rows_ab = [m for label, _ in ablation for m in (label, f"{label}, rank-1 v")]
 ab = rel_pivot.loc[rows_ab]
@@ -256,14 +253,14 @@ def run_merge(method, params):
             params["fallback_to_base"] = True
     if method in ("dare_linear", "dare_ties"):
         params["seed"] = 0
-    res = curvlens.merge(experts, method, device=DEVICE, progress=False, **params)
+    res = cl.merge(experts, method, device=DEVICE, progress=False, **params)
     label = method + "(" + ", ".join(f"{k}={v:g}" for k, v in params.items() if k not in ("epsilon", "seed")
                                      and not isinstance(v, bool)) + ")"
-    df = curvlens.zoo.evaluate(res.checkpoint, zoo=zoo, device=DEVICE)
+    df = cl.zoo.evaluate(res.checkpoint, zoo=zoo, device=DEVICE)
     return df.assign(model=label, method=method)[["model", "method", "capability", "accuracy", "n"]]
 
 
-explorer = V.merge_explorer(run_merge, reference=reference, capability_map=capabilities)
+explorer = cl.views.merge_explorer(run_merge, reference=reference, capability_map=capabilities)
 explorer
 
 # %% [markdown]

@@ -41,11 +41,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import curvlens
-import curvlens.zoo
-from curvlens import CurvlensError, Checkpoint, Experts, Moments
+import curvlens as cl
 
-zoo = curvlens.zoo.build("quick" if QUICK else "default")
+zoo = cl.zoo.build("quick" if QUICK else "default")
 work = Path(tempfile.mkdtemp(prefix="curvlens-07-"))  # everything this notebook writes
 print("stand-in checkpoints:", zoo.root)
 print("work dir:", work)
@@ -71,18 +69,18 @@ for p in sorted(expert_dir.rglob("*")):
         print(f"{str(p.relative_to(expert_dir)):40s} {p.stat().st_size / 1024:8.1f} KiB")
 
 # %% [markdown]
-# `Checkpoint.open` is lazy: it reads headers only (shapes, dtypes, which file holds
+# `cl.Checkpoint.open` is lazy: it reads headers only (shapes, dtypes, which file holds
 # which tensor), so `describe()` on an 8B model costs nothing. It opens HF dirs
 # (sharded or single safetensors, `pytorch_model*.bin`), single `.safetensors` /
 # `.pt` files, or an in-memory state dict.
 
 # %%
-ckpt = Checkpoint.open(expert_dir)
+ckpt = cl.Checkpoint.open(expert_dir)
 print(ckpt)
 ckpt.describe().head(8)
 
 # %% [markdown]
-# `Moments.open` finds the moments in the three layouts users have. Given a model
+# `cl.Moments.open` finds the moments in the three layouts users have. Given a model
 # dir it prefers `export/exp_avg_sq.safetensors`, then `optimizer.pt`. A raw
 # `torch.optim` state is keyed by parameter *index*; curvlens maps indices to names
 # through the model's parameter order (also the HF Trainer's two groups, with and
@@ -90,8 +88,8 @@ ckpt.describe().head(8)
 # ambiguous.
 
 # %%
-m_export = Moments.open(expert_dir)                        # export/exp_avg_sq.safetensors
-m_optim = Moments.open(expert_dir / "optimizer.pt")        # torch.optim state, names from config.json order
+m_export = cl.Moments.open(expert_dir)                        # export/exp_avg_sq.safetensors
+m_optim = cl.Moments.open(expert_dir / "optimizer.pt")        # torch.optim state, names from config.json order
 
 # An HF Trainer checkpoint dir: model files and optimizer.pt, no export/ folder.
 trainer_dir = work / "checkpoint-final"
@@ -99,7 +97,7 @@ trainer_dir.mkdir()
 for f in expert_dir.iterdir():
     if f.is_file():
         shutil.copy(f, trainer_dir / f.name)
-m_trainer = Moments.open(trainer_dir)
+m_trainer = cl.Moments.open(trainer_dir)
 
 for label, m in [("export", m_export), ("optimizer.pt", m_optim), ("Trainer dir", m_trainer)]:
     diff = max(float((m[n] - m_export[n]).abs().max()) for n in m_export)
@@ -114,8 +112,8 @@ for label, m in [("export", m_export), ("optimizer.pt", m_optim), ("Trainer dir"
 m_export.validate(expert_dir)
 print("moments of", expert_dir.name, "are valid")
 try:
-    Moments.open(zoo.base_dir)  # the base has no moments
-except CurvlensError as err:
+    cl.Moments.open(zoo.base_dir)  # the base has no moments
+except cl.CurvlensError as err:
     print("CurvlensError:", err)
 
 # %% [markdown]
@@ -125,14 +123,14 @@ except CurvlensError as err:
 # and $\beta_2$ from the file:
 
 # %%
-m_corr = Moments.open(expert_dir, bias_correction=True)
+m_corr = cl.Moments.open(expert_dir, bias_correction=True)
 name = next(iter(m_export))
 factor = float(m_corr[name].sum() / m_export[name].sum())
 print(f"step {m_export.step}, beta2 {m_export.beta2}: 1 / (1 - beta2**step) = "
       f"{1 / (1 - m_export.beta2 ** m_export.step):.3f}; measured factor {factor:.3f}")
 
 # %% [markdown]
-# `Experts.from_dirs` lines up a base and experts, checks every key and shape of
+# `cl.Experts.from_dirs` lines up a base and experts, checks every key and shape of
 # every model and moments file up front (headers only) and reports every difference
 # in one error, before any long computation. Moments can be found in each dir, given
 # explicitly per expert, or left out (`moments=False`) for methods that do not use
@@ -141,10 +139,10 @@ print(f"step {m_export.step}, beta2 {m_export.beta2}: 1 / (1 - beta2**step) = "
 # %%
 names = list(zoo.expert_dirs)
 dirs = [zoo.expert_dirs[n] for n in names]
-experts = Experts.from_dirs(zoo.base_dir, dirs, names=names)
-explicit = Experts.from_dirs(zoo.base_dir, dirs, names=names,
+experts = cl.Experts.from_dirs(zoo.base_dir, dirs, names=names)
+explicit = cl.Experts.from_dirs(zoo.base_dir, dirs, names=names,
                              moments=[d / "export" / "exp_avg_sq.safetensors" for d in dirs])
-weights_only = Experts.from_dirs(zoo.base_dir, dirs, names=names, moments=False)
+weights_only = cl.Experts.from_dirs(zoo.base_dir, dirs, names=names, moments=False)
 print(experts)
 print(weights_only)
 
@@ -230,8 +228,8 @@ print(f"final training loss {loss.item():.3f}; held-out sort accuracy after: {so
 my_dir = work / "sorter"
 model.save_pretrained(my_dir)
 tok.save_pretrained(my_dir)
-written = curvlens.export_moments(optimizer, model, my_dir / "export" / "exp_avg_sq.safetensors")
-mine = Moments.open(my_dir)
+written = cl.export_moments(optimizer, model, my_dir / "export" / "exp_avg_sq.safetensors")
+mine = cl.Moments.open(my_dir)
 mine.validate(my_dir)
 print(written.relative_to(work), mine)
 
@@ -243,14 +241,14 @@ print(written.relative_to(work), mine)
 # the same call; write the weights with `curvlens.write_model(state_dict, dir)`.)
 
 # %%
-pair = Experts.from_dirs(zoo.base_dir, [zoo.expert_dirs["math"], my_dir], names=["math", "sorter"])
-merged_pair = curvlens.merge(pair, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
+pair = cl.Experts.from_dirs(zoo.base_dir, [zoo.expert_dirs["math"], my_dir], names=["math", "sorter"])
+merged_pair = cl.merge(pair, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
                              device=DEVICE, progress=False)
-math_score = curvlens.zoo.evaluate(merged_pair.checkpoint, ["addition"], zoo=zoo, device=DEVICE)
+math_score = cl.zoo.evaluate(merged_pair.checkpoint, ["addition"], zoo=zoo, device=DEVICE)
 net = AutoModelForCausalLM.from_pretrained(zoo.base_dir, dtype=torch.float32)
 net.load_state_dict({n: merged_pair.checkpoint[n].float() for n in merged_pair.checkpoint.keys()})
 print(f"merged math + sorter: addition accuracy {math_score['accuracy'].iloc[0]:.2f} "
-      f"(math expert alone: {curvlens.zoo.evaluate(zoo.expert_dirs['math'], ['addition'], zoo=zoo)['accuracy'].iloc[0]:.2f}), "
+      f"(math expert alone: {cl.zoo.evaluate(zoo.expert_dirs['math'], ['addition'], zoo=zoo)['accuracy'].iloc[0]:.2f}), "
       f"sort accuracy {sort_accuracy(net):.2f} (sorter alone: {sort_accuracy(model):.2f})")
 
 # %% [markdown]
@@ -274,7 +272,7 @@ sorted(p.name for p in work.iterdir())
 # `ffg_density: 0.3` produces and write them into a fork-style config:
 
 # %%
-by_density = curvlens.merge(experts, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
+by_density = cl.merge(experts, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
                             device=DEVICE, progress=False)
 thresholds = dict(zip(by_density.thresholds["expert"], by_density.thresholds["threshold"]))
 models_yaml = "\n".join(
@@ -299,10 +297,10 @@ dtype: bfloat16
 print(fork_yaml)
 
 # %%
-cfg = curvlens.load_merge_config(work / "ota_fork.yml")
+cfg = cl.load_merge_config(work / "ota_fork.yml")
 print("method:", cfg.method, "| experts:", cfg.names, "| dtype:", cfg.dtype)
 print("parameters:", {k: v for k, v in cfg.params.items()})
-by_fork = curvlens.merge(cfg.experts(), cfg.method, device=DEVICE, progress=False, **cfg.params)
+by_fork = cl.merge(cfg.experts(), cfg.method, device=DEVICE, progress=False, **cfg.params)
 diff = max(float((by_fork.checkpoint[n] - by_density.checkpoint[n]).abs().max()) for n in by_density.checkpoint.keys())
 print(f"fork config (precond_threshold) vs ffg_density=0.3: max |difference| = {diff:.1e}")
 
@@ -349,8 +347,8 @@ parameters:
   normalize: true
 dtype: bfloat16
 """)
-cfg = curvlens.load_merge_config(work / "ties.yml")
-result = curvlens.merge(cfg.experts(), cfg.method, work / "merged-ties", dtype=cfg.dtype, config_text=cfg.text,
+cfg = cl.load_merge_config(work / "ties.yml")
+result = cl.merge(cfg.experts(), cfg.method, work / "merged-ties", dtype=cfg.dtype, config_text=cfg.text,
                         device=DEVICE, progress=False, **cfg.params)
 for p in sorted(result.path.iterdir()):
     print(f"{p.name:30s} {p.stat().st_size / 1024:8.1f} KiB")
@@ -363,7 +361,7 @@ for p in sorted(result.path.iterdir()):
 print("stored dtypes:", sorted({str(result.checkpoint.dtype(n)) for n in result.checkpoint.keys()}))
 loaded = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.bfloat16)
 print(type(loaded).__name__, "loaded as", next(loaded.parameters()).dtype)
-curvlens.zoo.evaluate(result.path, zoo=zoo, device=DEVICE)
+cl.zoo.evaluate(result.path, zoo=zoo, device=DEVICE)
 
 # %% [markdown]
 # **From the command line** the same config runs with
@@ -429,9 +427,8 @@ pd.DataFrame({
 }, index=["this zoo", "5 x Llama-3.1-8B"])
 
 # %%
-from curvlens.streams import resolve_device
-
-print("device='auto' resolves to:", resolve_device(DEVICE))
+# device="auto" picks CUDA when present, else the CPU
+print("device='auto' resolves to:", "cuda" if torch.cuda.is_available() else "cpu")
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 

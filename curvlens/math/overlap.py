@@ -12,7 +12,7 @@ and every reduction is accumulated in float64 (in chunks, so the float64 copy of
 50M-entry tensor never exists at once).
 
 The small private helpers at the top (input checks, chunked float64 reductions) are
-shared with the sibling modules :mod:`curvlens.math.mask_stats` and
+shared with the sibling modules :mod:`curvlens.math.mask_structure` and
 :mod:`curvlens.math.interference`.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 
-__all__ = ["curvature_overlap", "log10_stats"]
+__all__ = ["moment_pair_metrics", "log10_stats"]
 
 # Elements per float64 chunk in reductions: 4M entries = 32 MB per float64 copy.
 _CHUNK = 1 << 22
@@ -159,7 +159,7 @@ def _doubled_average_ranks(x: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Te
     return ranks, tops
 
 
-def curvature_overlap(v_a, v_b, top_fracs: Sequence[float] = (0.01, 0.1),
+def moment_pair_metrics(v_a, v_b, top_fracs: Sequence[float] = (0.01, 0.1),
                       log_eps: float = 1e-30) -> dict:
     """Similarity of two second-moment tensors of the same shape.
 
@@ -210,11 +210,11 @@ def curvature_overlap(v_a, v_b, top_fracs: Sequence[float] = (0.01, 0.1),
     --------
     >>> import torch
     >>> v = torch.tensor([1e-12, 1e-9, 1e-6, 1e-3, 0.0])
-    >>> r = curvature_overlap(v, v)
+    >>> r = moment_pair_metrics(v, v)
     >>> r["cosine"], r["pearson_log"], r["spearman_log"], r["jaccard_top10"]
     (1.0, 1.0, 1.0, 1.0)
     >>> w = v[:4]  # strictly increasing; reversed it is perfectly anti-ranked
-    >>> curvature_overlap(w, w.flip(0))["spearman_log"]
+    >>> moment_pair_metrics(w, w.flip(0))["spearman_log"]
     -1.0
     """
     v_a = _as_tensor("v_a", v_a)

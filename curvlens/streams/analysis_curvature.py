@@ -117,7 +117,7 @@ def _dot(x: torch.Tensor, y: torch.Tensor, tmp: torch.Tensor) -> float:
 
 def _top_masks(flat: torch.Tensor, ks: list[int], sorted_sample: torch.Tensor) -> list[torch.Tensor]:
     """Bool masks of the ``k`` largest entries of ``flat`` for each ``k``, ties broken
-    towards the higher index (as :func:`curvlens.math.overlap.curvature_overlap`).
+    towards the higher index (as :func:`curvlens.math.overlap.moment_pair_metrics`).
 
     The k-th largest value is found without sorting ``flat``: a sorted uniform
     sample brackets it, the entries above the lowest bracket are pulled out once
@@ -249,7 +249,7 @@ def curvature_overlap(experts: Experts, pairs=None, names: Sequence[str] | None 
         One row per tensor x pair: ``expert_a, expert_b, name, layer, role, numel,
         cosine, pearson_log, spearman_log, jaccard_top1, jaccard_top10,
         spearman_sampled``. The metrics are those of
-        :func:`curvlens.math.overlap.curvature_overlap` (cosine of ``v``, Pearson
+        :func:`curvlens.math.overlap.moment_pair_metrics` (cosine of ``v``, Pearson
         of ``log10(v + log_eps)``, Spearman of ``v``, Jaccard of the top 1% / 10%
         entry sets, ties broken towards the higher index), computed in float32
         with cascade sums (agreeing with its float64 values to ~1e-6); each

@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.mask_stats import mask_overlap as _jaccard
-from curvlens.math.mask_stats import mask_stats as _mask_stats
+from curvlens.math.mask_structure import mask_jaccard
+from curvlens.math.mask_structure import mask_structure
 from curvlens.math.overlap import as_bytes
 from curvlens.roles import param_role
 from curvlens.streams.analysis_common import (
@@ -233,7 +233,7 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
         Tensors to describe (default: every floating tensor; thresholds are
         always model-wide).
     rank_exact_max, sketch_size, power_iters
-        Rank settings of :func:`curvlens.math.mask_stats.mask_stats`: an exact
+        Rank settings of :func:`curvlens.math.mask_structure.mask_stats`: an exact
         float64 SVD when the mask without its empty rows/columns has at most
         ``rank_exact_max`` entries, else a randomized range finder with
         ``sketch_size`` columns, which is exact for ranks below ``sketch_size`` and
@@ -290,7 +290,7 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
                     m = mask.view(tau.shape)
                     m.copy_(sel[c, e, d].mask(g.name, scores[c]))
                     try:
-                        st = _mask_stats(m, tau=tau, rank_exact_max=rank_exact_max,
+                        st = mask_structure(m, tau=tau, rank_exact_max=rank_exact_max,
                                          rng=tensor_seed(seed, g.name), sketch_size=sketch_size,
                                          power_iters=power_iters)
                     except CurvlensError as err:
@@ -346,7 +346,7 @@ def mask_overlap(experts: Experts, density: float, criterion: str = "fisher", pa
         ident = {"name": name, "layer": layer, "role": role, "numel": next(iter(ms.values())).numel()}
         for a, b in pairs:
             rows.append({"expert_a": a, "expert_b": b, "criterion": criterion, "density": d, **ident,
-                         "jaccard": _jaccard(ms[a], ms[b])})
+                         "jaccard": mask_jaccard(ms[a], ms[b])})
     return frame(rows, MASK_OVERLAP_COLUMNS)
 
 

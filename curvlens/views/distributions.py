@@ -104,7 +104,7 @@ def _draw_steps(ax, hist, hue: str, hues, stat: str, logy: bool, index=None):
 
 
 @styled
-def log10_histogram(hist: pd.DataFrame, *, hue: str = "expert",
+def log10_histogram_plot(hist: pd.DataFrame, *, hue: str = "expert",
                     hues: Sequence[str] | None = None, stat: str = "fraction",
                     logy: bool = False, ax=None, title: str | None = None,
                     legend: bool = True, **filters: Any):
@@ -164,7 +164,7 @@ def log10_histogram_grid(hist: pd.DataFrame, *, by: str = "role",
     hues : sequence of str, optional
         Which lines (default: all).
     stat, logy, title, **filters
-        As :func:`log10_histogram`.
+        As :func:`log10_histogram_plot`.
     ncols : int, optional
         Panels per row (default: up to 5).
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlens.errors import CurvlensError
-from curvlens.math.overlap import curvature_overlap, log10_stats
+from curvlens.math.overlap import log10_stats, moment_pair_metrics
 
 
 def _moments(n, seed, decades=12):
@@ -20,7 +20,7 @@ def _moments(n, seed, decades=12):
 def test_identical_experts_agree_perfectly():
     v = _moments(1000, 0).reshape(10, 100)
     v[0, :7] = 0.0  # zeros (ties) must not break the identity
-    r = curvature_overlap(v, v.clone())
+    r = moment_pair_metrics(v, v.clone())
     assert r["cosine"] == 1.0
     assert r["pearson_log"] == 1.0
     assert r["spearman_log"] == 1.0
@@ -31,7 +31,7 @@ def test_identical_experts_agree_perfectly():
 
 def test_reversed_order_is_perfectly_anti_ranked():
     v = torch.tensor([1e-9, 1e-7, 1e-5, 1e-3])
-    r = curvature_overlap(v, v.flip(0), top_fracs=(0.25,))
+    r = moment_pair_metrics(v, v.flip(0), top_fracs=(0.25,))
     assert r["spearman_log"] == pytest.approx(-1.0, abs=1e-12)
     assert r["pearson_log"] == pytest.approx(-1.0, abs=1e-9)
     assert r["jaccard_top25"] == 0.0
@@ -45,7 +45,7 @@ def test_matches_numpy_and_pandas_references_with_ties():
     b = (10.0 ** torch.round(torch.log10(b.double()), decimals=1)).float()
     a = a.float()
     a[:300] = 0.0
-    r = curvature_overlap(a, b)
+    r = moment_pair_metrics(a, b)
     an, bn = a.double().numpy(), b.double().numpy()
     assert r["cosine"] == pytest.approx(an @ bn / np.linalg.norm(an) / np.linalg.norm(bn), rel=1e-12)
     la, lb = np.log10(an + 1e-30), np.log10(bn + 1e-30)
@@ -59,7 +59,7 @@ def test_jaccard_of_known_top_sets():
     a = torch.arange(1, 101, dtype=torch.float32)  # top 10: indices 90..99
     b = a.clone()
     b[90:95] = 0.0  # b's top 10 are 85..89 and 95..99: 5 shared with a's
-    r = curvature_overlap(a, b, top_fracs=(0.1, 0.01, 0.07))
+    r = moment_pair_metrics(a, b, top_fracs=(0.1, 0.01, 0.07))
     assert r["jaccard_top10"] == pytest.approx(5 / 15)
     assert r["jaccard_top1"] == 1.0  # both tops are index 99
     assert "jaccard_top7" in r  # k = 7 (not 8, despite 0.07 * 100 = 7.000000000000001)
@@ -69,20 +69,20 @@ def test_jaccard_of_known_top_sets():
 def test_constant_and_zero_tensors_give_nan_correlations():
     c = torch.full((50,), 1e-6)
     v = _moments(50, 3)
-    r = curvature_overlap(c, v)
+    r = moment_pair_metrics(c, v)
     assert math.isnan(r["pearson_log"]) and math.isnan(r["spearman_log"])
     assert not math.isnan(r["cosine"])
-    r = curvature_overlap(torch.zeros(50), v)
+    r = moment_pair_metrics(torch.zeros(50), v)
     assert math.isnan(r["cosine"])
 
 
 def test_device_dtype_and_numpy_inputs():
     v = _moments(300, 4)
     w = _moments(300, 5)
-    r32 = curvature_overlap(v, w)
-    r64 = curvature_overlap(v.double().numpy(), w.double().numpy())
+    r32 = moment_pair_metrics(v, w)
+    r64 = moment_pair_metrics(v.double().numpy(), w.double().numpy())
     assert r64["spearman_log"] == pytest.approx(r32["spearman_log"], rel=1e-12)
-    rbf = curvature_overlap(v.bfloat16(), v.bfloat16())
+    rbf = moment_pair_metrics(v.bfloat16(), v.bfloat16())
     assert rbf["spearman_log"] == 1.0
 
 
@@ -92,21 +92,21 @@ def test_device_dtype_and_numpy_inputs():
 ])
 def test_bad_moments_raise(bad, match):
     with pytest.raises(CurvlensError, match=match):
-        curvature_overlap(bad, torch.ones(3))
+        moment_pair_metrics(bad, torch.ones(3))
     with pytest.raises(CurvlensError, match=match):
         log10_stats(bad)
 
 
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(CurvlensError, match=r"v_a \(4, 3\).*v_b \(3, 4\)"):
-        curvature_overlap(torch.ones(4, 3), torch.ones(3, 4))
+        moment_pair_metrics(torch.ones(4, 3), torch.ones(3, 4))
 
 
 def test_bad_parameters_raise():
     with pytest.raises(CurvlensError, match="top_fracs"):
-        curvature_overlap(torch.ones(3), torch.ones(3), top_fracs=(0.0,))
+        moment_pair_metrics(torch.ones(3), torch.ones(3), top_fracs=(0.0,))
     with pytest.raises(CurvlensError, match="empty"):
-        curvature_overlap(torch.ones(0), torch.ones(0))
+        moment_pair_metrics(torch.ones(0), torch.ones(0))
     with pytest.raises(CurvlensError, match="quantiles"):
         log10_stats(torch.ones(3), quantiles=(1.5,))
 
@@ -117,15 +117,15 @@ def test_spearman_is_symmetric_bounded_and_monotone_invariant(vals, seed):
     a = torch.tensor(vals, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     b = a[torch.randperm(a.numel(), generator=g)]
-    r = curvature_overlap(a, b)
+    r = moment_pair_metrics(a, b)
     s = r["spearman_log"]
     if math.isnan(s):
         assert bool((a == a[0]).all())
         return
     assert -1.0 <= s <= 1.0
-    assert curvature_overlap(b, a)["spearman_log"] == pytest.approx(s, abs=1e-12)
+    assert moment_pair_metrics(b, a)["spearman_log"] == pytest.approx(s, abs=1e-12)
     # Squaring is strictly increasing on v >= 0 and exact in float64: same ranks.
-    assert curvature_overlap(a.double() ** 2, b.double() ** 2)["spearman_log"] == \
+    assert moment_pair_metrics(a.double() ** 2, b.double() ** 2)["spearman_log"] == \
         pytest.approx(s, abs=1e-12)
 
 
@@ -167,4 +167,4 @@ def test_spearman_without_ties_matches_reference():
     a = torch.rand(3000, generator=g)
     b = a + 0.3 * torch.rand(3000, generator=g)
     ref = np.corrcoef(pd.Series(a.numpy()).rank(), pd.Series(b.numpy()).rank())[0, 1]
-    assert curvature_overlap(a, b)["spearman_log"] == pytest.approx(ref, rel=1e-12)
+    assert moment_pair_metrics(a, b)["spearman_log"] == pytest.approx(ref, rel=1e-12)

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from curvlens.errors import CurvlensError
-from curvlens.views import density_curves, density_curves_plotly, own_capability_scores
+from curvlens.views import density_curves, density_curves_plotly
+from curvlens.views.curves import own_capability_scores
 
 
 def sweep():

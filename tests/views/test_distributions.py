@@ -3,9 +3,8 @@ import pandas as pd
 import pytest
 
 from curvlens.errors import CurvlensError
-from curvlens.views import (
-    histogram_steps, log10_histogram, log10_histogram_grid, log10_histogram_plotly,
-)
+from curvlens.views import log10_histogram_grid, log10_histogram_plot, log10_histogram_plotly
+from curvlens.views.distributions import histogram_steps
 
 
 def hand_hist():
@@ -32,7 +31,7 @@ def test_histogram_steps_rejects_mixed_binnings():
 
 
 def test_one_axes_one_stairs_per_expert_as_fractions():
-    ax = log10_histogram(hand_hist(), role="q")
+    ax = log10_histogram_plot(hand_hist(), role="q")
     steps = ax.patches
     assert [s.get_label() for s in steps] == ["a", "b"]
     vals, edges = steps[0].get_data().values, steps[0].get_data().edges
@@ -43,7 +42,7 @@ def test_one_axes_one_stairs_per_expert_as_fractions():
 
 
 def test_hue_role_sums_over_experts_and_counts():
-    ax = log10_histogram(hand_hist(), hue="role", stat="count", logy=True)
+    ax = log10_histogram_plot(hand_hist(), hue="role", stat="count", logy=True)
     by = {s.get_label(): s.get_data().values for s in ax.patches}
     np.testing.assert_allclose(by["q"], [3, 5])
     np.testing.assert_allclose(by["down"], [9, 15])

@@ -5,9 +5,8 @@ import pandas as pd
 import pytest
 
 from curvlens.errors import CurvlensError
-from curvlens.views import (
-    curvature_explorer, layer_role_matrix, mask_explorer, merge_explorer, pair_matrix,
-)
+from curvlens.views import curvature_explorer, mask_explorer, merge_explorer, pair_matrix
+from curvlens.views.heatmaps import layer_role_matrix
 
 
 def test_curvature_explorer_follows_pair_metric_layer_and_role(frames):

@@ -3,7 +3,8 @@ import re
 import pytest
 
 from curvlens.errors import CurvlensError
-from curvlens.views import FRAME_KEYS, render_all
+from curvlens.views import render_all
+from curvlens.views.figures import FRAME_KEYS
 
 
 def readme_files(out):

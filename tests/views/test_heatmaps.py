@@ -4,9 +4,8 @@ import pytest
 from matplotlib.colors import LogNorm
 
 from curvlens.errors import CurvlensError
-from curvlens.views import (
-    layer_role_heatmap, layer_role_heatmap_plotly, layer_role_heatmaps, layer_role_matrix,
-)
+from curvlens.views import layer_role_heatmap, layer_role_heatmap_plotly, layer_role_heatmaps
+from curvlens.views.heatmaps import layer_role_matrix
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 

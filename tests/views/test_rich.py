@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from curvlens.errors import CurvlensError
-from curvlens.views import ResultFrame, html_repr, merge_scores, result_html
+from curvlens.views import merge_scores
+from curvlens.views.rich import ResultFrame, html_repr, result_html
 
 
 def table():

@@ -1,7 +1,7 @@
 """Structure of one FFG mask: density, row/column sparsity, rank, effective rank.
 
 The paper finds FFG masks "extremely low-rank, with rows/columns almost entirely on
-or off". :func:`mask_stats` measures exactly those properties for one 2-D mask (and
+or off". :func:`mask_structure` measures exactly those properties for one 2-D mask (and
 the task vector it keeps); :func:`mask_overlap` compares two masks.
 
 Rank needs singular values. Small masks get an exact float64 SVD. Large ones (a
@@ -14,7 +14,7 @@ effective rank come out as in the exact path (same float64 tolerance); above the
 sketch size only "rank >= cap" is known, and that is what is reported.
 
 Measured on the dev box (2 AMD EPYC cores shared with other jobs, load average
-about 5 during the runs, torch 2.13 CPU), ``mask_stats`` on a 128256 x 4096 mask of
+about 5 during the runs, torch 2.13 CPU), ``mask_structure`` on a 128256 x 4096 mask of
 rank 20 with no empty row, defaults:
 
 - mask only: 25 s, peak RSS +0.34 GB above the inputs (two float64 passes);
@@ -34,7 +34,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.overlap import _as_tensor, _check_same_shape, _chunks, _ratio, as_bytes
 
-__all__ = ["mask_stats", "mask_overlap"]
+__all__ = ["mask_structure", "mask_jaccard"]
 
 # Exact float64 SVD up to this many entries (after dropping all-zero rows/columns).
 # A 2048 x 2048 float64 SVD takes a few seconds on 2 CPU cores; 4096 x 4096 takes
@@ -193,7 +193,7 @@ def _rank_and_effective_rank(s: torch.Tensor, tol: float) -> tuple[int, float]:
     return s.numel(), math.exp(float(-(p * torch.log(p)).sum()))
 
 
-def mask_stats(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_MAX,
+def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_MAX,
                rng=None, *, sketch_size: int = 128, power_iters: int = 2) -> dict:
     """Density, row/column sparsity and rank of one mask, and how much it keeps.
 
@@ -278,7 +278,7 @@ def mask_stats(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_M
     >>> import torch
     >>> rows = torch.tensor([True, False, True, True])
     >>> cols = torch.tensor([False, True, True])
-    >>> s = mask_stats(rows[:, None] & cols[None, :])
+    >>> s = mask_structure(rows[:, None] & cols[None, :])
     >>> s["mask_rank"], s["row_sparsity"], s["col_sparsity"], s["rank_method"]
     (1.0, 0.25, 0.3333333333333333, 'exact')
     >>> s["kept_frac"]
@@ -378,7 +378,7 @@ def mask_stats(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_M
     return out
 
 
-def mask_overlap(mask_a, mask_b) -> float:
+def mask_jaccard(mask_a, mask_b) -> float:
     """Jaccard index ``|A & B| / |A | B|`` of two masks of the same shape.
 
     Two empty masks agree perfectly, so the result is 1.0 when both keep nothing.
@@ -386,9 +386,9 @@ def mask_overlap(mask_a, mask_b) -> float:
     Examples
     --------
     >>> import torch
-    >>> mask_overlap(torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 1, 0]))
+    >>> mask_jaccard(torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 1, 0]))
     0.3333333333333333
-    >>> mask_overlap(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))
+    >>> mask_jaccard(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))
     1.0
     """
     a = _as_mask("mask_a", mask_a)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.mask_stats import mask_overlap, mask_stats
+from curvlens.math.mask_structure import mask_jaccard, mask_structure
 
 
 def _low_rank_mask(m, n, r, seed, drop_rows=0.2):
@@ -21,8 +21,8 @@ def test_outer_product_mask_has_rank_one_on_both_paths():
     rows = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
     cols = torch.tensor([0, 1, 1, 0, 1], dtype=torch.bool)
     mask = rows[:, None] & cols[None, :]
-    exact = mask_stats(mask)
-    rand = mask_stats(mask, rank_exact_max=0, sketch_size=4)
+    exact = mask_structure(mask)
+    rand = mask_structure(mask, rank_exact_max=0, sketch_size=4)
     for s, method in ((exact, "exact"), (rand, "randomized")):
         assert s["mask_rank"] == 1.0
         assert s["mask_effective_rank"] == pytest.approx(1.0, abs=1e-5)
@@ -35,7 +35,7 @@ def test_known_row_and_col_sparsity_and_density():
     mask = torch.zeros(4, 5, dtype=torch.bool)
     mask[0, 1:] = True
     mask[2, [1, 3]] = True
-    s = mask_stats(mask)
+    s = mask_structure(mask)
     assert s["kept_frac"] == 6 / 20
     assert s["row_sparsity"] == 2 / 4  # rows 1 and 3 empty
     assert s["col_sparsity"] == 1 / 5  # column 0 empty
@@ -46,20 +46,20 @@ def test_exact_rank_matches_numpy_matrix_rank():
     g = torch.Generator().manual_seed(0)
     for m, n, p in ((30, 20, 0.3), (25, 25, 0.05), (40, 12, 0.9)):
         mask = torch.rand(m, n, generator=g) < p
-        assert mask_stats(mask)["mask_rank"] == np.linalg.matrix_rank(mask.numpy().astype(float))
+        assert mask_structure(mask)["mask_rank"] == np.linalg.matrix_rank(mask.numpy().astype(float))
     lr = _low_rank_mask(60, 40, 5, seed=1)
-    assert mask_stats(lr)["mask_rank"] == np.linalg.matrix_rank(lr.numpy().astype(float)) == 5
+    assert mask_structure(lr)["mask_rank"] == np.linalg.matrix_rank(lr.numpy().astype(float)) == 5
 
 
 def test_effective_rank_of_identity_and_block_masks():
-    s = mask_stats(torch.eye(6, dtype=torch.bool))
+    s = mask_structure(torch.eye(6, dtype=torch.bool))
     assert s["mask_effective_rank"] == pytest.approx(6.0)  # six equal singular values
     # Two disjoint all-ones blocks 2x2 and 4x4: singular values 2 and 4 (p = 1/3, 2/3).
     mask = torch.zeros(6, 6, dtype=torch.bool)
     mask[:2, :2] = True
     mask[2:, 2:] = True
     p = np.array([1 / 3, 2 / 3])
-    assert mask_stats(mask)["mask_effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert mask_structure(mask)["mask_effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
 
 
 def test_randomized_path_agrees_with_exact_on_low_rank_mask():
@@ -67,8 +67,8 @@ def test_randomized_path_agrees_with_exact_on_low_rank_mask():
     g = torch.Generator().manual_seed(3)
     # A task vector dominated by a few directions: the randomized norm is then tight.
     tau = torch.randn(300, 4, generator=g) @ torch.randn(4, 200, generator=g) + 0.01 * torch.randn(300, 200, generator=g)
-    exact = mask_stats(mask, tau)
-    rand = mask_stats(mask, tau, rank_exact_max=100, sketch_size=32, rng=5)
+    exact = mask_structure(mask, tau)
+    rand = mask_structure(mask, tau, rank_exact_max=100, sketch_size=32, rng=5)
     assert exact["rank_method"] == "exact" and rand["rank_method"] == "randomized"
     assert rand["mask_rank"] == exact["mask_rank"] == 7.0
     assert rand["rank_capped"] is False
@@ -82,7 +82,7 @@ def test_randomized_path_agrees_with_exact_on_low_rank_mask():
 def test_randomized_rank_reports_the_cap():
     g = torch.Generator().manual_seed(4)
     mask = torch.rand(120, 80, generator=g) < 0.5  # full rank 80
-    s = mask_stats(mask, rank_exact_max=0, sketch_size=16)
+    s = mask_structure(mask, rank_exact_max=0, sketch_size=16)
     assert s["mask_rank"] == 16.0 and s["rank_cap"] == 16.0 and s["rank_capped"] is True
     assert math.isnan(s["mask_effective_rank"])
 
@@ -90,8 +90,8 @@ def test_randomized_rank_reports_the_cap():
 def test_randomized_path_is_reproducible():
     mask = _low_rank_mask(100, 60, 3, seed=6)
     tau = torch.randn(100, 60, generator=torch.Generator().manual_seed(7))
-    a = mask_stats(mask, tau, rank_exact_max=0, sketch_size=8)
-    b = mask_stats(mask, tau, rank_exact_max=0, sketch_size=8)
+    a = mask_structure(mask, tau, rank_exact_max=0, sketch_size=8)
+    b = mask_structure(mask, tau, rank_exact_max=0, sketch_size=8)
     assert a == b
 
 
@@ -100,16 +100,16 @@ def test_stable_rank_and_saliency_kept_known_values():
     w = torch.tensor([1.0, -1.0, 2.0, 0.5])
     tau = torch.outer(u, w)
     full = torch.ones(3, 4, dtype=torch.bool)
-    assert mask_stats(full, tau)["stable_rank"] == pytest.approx(1.0)
+    assert mask_structure(full, tau)["stable_rank"] == pytest.approx(1.0)
     diag = torch.eye(3, 4, dtype=torch.bool)  # A = diag(1, -2, 6): ||A||_F^2 = 41, ||A||_2 = 6
-    assert mask_stats(diag, tau)["stable_rank"] == pytest.approx(41 / 36)
+    assert mask_structure(diag, tau)["stable_rank"] == pytest.approx(41 / 36)
     sal = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    assert mask_stats(diag, saliency=sal)["saliency_kept"] == pytest.approx((0 + 5 + 10) / 66)
+    assert mask_structure(diag, saliency=sal)["saliency_kept"] == pytest.approx((0 + 5 + 10) / 66)
 
 
 def test_one_dimensional_mask_gets_density_only():
     mask = torch.tensor([True, False, True, True])
-    s = mask_stats(mask, tau=torch.ones(4), saliency=torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    s = mask_structure(mask, tau=torch.ones(4), saliency=torch.tensor([1.0, 1.0, 1.0, 1.0]))
     assert s["kept_frac"] == 0.75 and s["saliency_kept"] == 0.75
     for key in ("row_sparsity", "col_sparsity", "mask_rank", "mask_effective_rank", "stable_rank"):
         assert math.isnan(s[key])
@@ -117,36 +117,36 @@ def test_one_dimensional_mask_gets_density_only():
 
 
 def test_empty_mask_and_higher_dimensional_mask():
-    s = mask_stats(torch.zeros(3, 4, dtype=torch.bool), tau=torch.ones(3, 4))
+    s = mask_structure(torch.zeros(3, 4, dtype=torch.bool), tau=torch.ones(3, 4))
     assert s["mask_rank"] == 0.0 and s["mask_effective_rank"] == 0.0
     assert math.isnan(s["stable_rank"]) and s["row_sparsity"] == 1.0
     conv = torch.zeros(2, 3, 2, dtype=torch.bool)  # viewed as 2 x 6
     conv[0] = True
-    s = mask_stats(conv)
+    s = mask_structure(conv)
     assert s["mask_rank"] == 1.0 and s["row_sparsity"] == 0.5
 
 
 def test_numeric_zero_one_masks_are_accepted_others_rejected():
-    assert mask_stats(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))["mask_rank"] == 2.0
+    assert mask_structure(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))["mask_rank"] == 2.0
     with pytest.raises(CurvlensError, match="0/1"):
-        mask_stats(torch.tensor([[0.5, 1.0]]))
+        mask_structure(torch.tensor([[0.5, 1.0]]))
 
 
 def test_shape_mismatch_names_every_shape():
     with pytest.raises(CurvlensError, match=r"mask \(2, 3\).*tau \(3, 2\)"):
-        mask_stats(torch.ones(2, 3, dtype=torch.bool), tau=torch.ones(3, 2))
+        mask_structure(torch.ones(2, 3, dtype=torch.bool), tau=torch.ones(3, 2))
     with pytest.raises(CurvlensError, match=r"mask_a \(2,\).*mask_b \(3,\)"):
-        mask_overlap(torch.ones(2, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+        mask_jaccard(torch.ones(2, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
 
 
 def test_mask_overlap_known_values():
     a = torch.tensor([[1, 1, 0], [0, 1, 0]], dtype=torch.bool)
     b = torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.bool)
-    assert mask_overlap(a, b) == pytest.approx(2 / 4)
-    assert mask_overlap(a, a) == 1.0
+    assert mask_jaccard(a, b) == pytest.approx(2 / 4)
+    assert mask_jaccard(a, a) == 1.0
     empty = torch.zeros(2, 3, dtype=torch.bool)
-    assert mask_overlap(empty, empty) == 1.0
-    assert mask_overlap(a, empty) == 0.0
+    assert mask_jaccard(empty, empty) == 1.0
+    assert mask_jaccard(a, empty) == 0.0
 
 
 def test_zero_task_vector_on_kept_entries_gives_nan_stable_rank():
@@ -154,5 +154,5 @@ def test_zero_task_vector_on_kept_entries_gives_nan_stable_rank():
     tau = torch.ones(50, 40)
     tau[mask] = 0.0
     for limit in (10**6, 0):  # exact and randomized paths
-        s = mask_stats(mask, tau, rank_exact_max=limit, sketch_size=8)
+        s = mask_structure(mask, tau, rank_exact_max=limit, sketch_size=8)
         assert math.isnan(s["stable_rank"]) and s["mask_rank"] == 3.0

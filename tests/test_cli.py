@@ -1,0 +1,87 @@
+"""Every entry point through ``curvlens.cli.main([...])``: demo, merge, analyze,
+figures, methods, on the quick zoo built once per session."""
+import pandas as pd
+import pytest
+import yaml
+
+from curvlens import Checkpoint
+from curvlens.cli import main
+
+
+@pytest.fixture
+def cached(quick_zoo, monkeypatch):
+    # the CLI finds the session's quick zoo through the cache the zoo reads
+    monkeypatch.setenv("CURVLENS_CACHE", str(quick_zoo.root.parent))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    return quick_zoo
+
+
+def test_methods_lists_every_method_and_one_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "ota"):
+        assert m in out
+    assert main(["methods", "ota"]) == 0
+    out = capsys.readouterr().out
+    assert "ffg_density" in out and "ties" not in out.split("ffg_density")[0].split("\n", 2)[-1]
+
+
+def test_merge_from_yaml_writes_a_loadable_model_and_a_rerunnable_config(cached, tmp_path, capsys):
+    zoo = cached
+    cfg = tmp_path / "ota.yml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "ota", "base_model": str(zoo.base_dir),
+        "models": [{"model": str(d)} for d in zoo.expert_dirs.values()],
+        "parameters": {"ffg_density": 0.3, "epsilon": 1e-26, "fallback_to_base": True}, "dtype": "bfloat16"}))
+    out = tmp_path / "merged"
+    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet"]) == 0
+    assert "merged 4 experts with ota" in capsys.readouterr().out
+    ckpt = Checkpoint.open(out)
+    assert set(ckpt) == set(Checkpoint.open(zoo.base_dir))
+    assert {str(ckpt.dtype(n)) for n in ckpt} == {"torch.bfloat16"}
+    report = pd.read_csv(out / "merge_report.csv")
+    kept = [c for c in report.columns if c.startswith("kept_")]
+    assert len(kept) == 4
+    n = int(report.numel.sum())
+    for c in kept:  # exactly the requested model-wide share: round(0.3 N) entries
+        assert round((report[c] * report.numel).sum()) == int(0.3 * n + 0.5)
+    again = tmp_path / "again"
+    assert main(["merge", str(out / "curvlens_merge.yml"), str(again), "--device", "cpu", "--quiet"]) == 0
+
+
+def test_analyze_writes_every_frame(cached, tmp_path, capsys):
+    zoo = cached
+    out = tmp_path / "analysis"
+    args = ["analyze", *map(str, zoo.expert_dirs.values()), "--base", str(zoo.base_dir), "--out", str(out),
+            "--densities", "0.1", "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    assert "model-level curvature overlap" in capsys.readouterr().out
+    frames = {p.stem: pd.read_csv(p) for p in out.glob("*.csv")}
+    assert set(frames) == {"curvature_stats", "curvature_overlap", "mask_stats", "interference"}
+    assert set(frames["mask_stats"].density) == {0.1}
+    assert main(args) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_demo_quick_and_figures(cached, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy per capability" in text and "report.html" in text
+    table = pd.read_csv(out / "merge_table.csv")
+    assert {"base", "expert", "ota"} <= set(table.method)
+    assert (out / "report.html").stat().st_size > 10_000
+    figs = tmp_path / "figs"
+    assert main(["figures", "--quick", "--out", str(figs), "--formats", "png", "--device", "cpu", "--quiet"]) == 0
+    written = sorted(p.name for p in figs.glob("*.png"))
+    assert written and (figs / "README.md").is_file()
+    assert all(name in (figs / "README.md").read_text() for name in written)
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["merge", str(tmp_path / "missing.yml"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curvlens: error:") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
