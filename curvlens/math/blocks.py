@@ -14,6 +14,7 @@ in a first pass over the same blocks.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Iterator
 
 import torch
@@ -50,3 +51,33 @@ def blocks(n: int, size: int) -> Iterator[slice]:
     """
     for start in range(0, max(n, 1), size):
         yield slice(start, min(n, start + size))
+
+
+class Workspace:
+    """Reusable scratch buffers, so a model-wide pass does not page-fault fresh
+    memory for every temporary of every tensor (on a CPU that costs as much as
+    the arithmetic). Buffers grow to the largest tensor seen and are reused."""
+
+    def __init__(self):
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        k = (key, dtype, device)
+        buf = self._bufs.get(k)
+        if buf is None or buf.numel() < n:
+            self._bufs.pop(k, None)
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._bufs[k] = buf
+        return buf[:n]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed stable across processes (unlike ``hash``): the same seed
+    and tensor name give the same random draws in any order and on any machine.
+
+    Examples
+    --------
+    >>> tensor_seed(0, "a") == tensor_seed(0, "a") != tensor_seed(1, "a")
+    True
+    """
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)

@@ -21,17 +21,9 @@ from typing import Optional, Sequence
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.math.checks import float_tensor
 
 __all__ = ["rank1", "rank_r", "compressed_bytes"]
-
-
-def _check_tensor(param: str, v: object) -> torch.Tensor:
-    """Return ``v`` if it is a floating-point tensor, else raise naming ``param``."""
-    if not isinstance(v, torch.Tensor):
-        raise CurvlensError(f"{param} must be a torch.Tensor; got {type(v).__name__}")
-    if not v.is_floating_point():
-        raise CurvlensError(f"{param} must be a floating-point tensor; got dtype {v.dtype}")
-    return v
 
 
 def rank1(v: torch.Tensor) -> torch.Tensor:
@@ -64,7 +56,7 @@ def rank1(v: torch.Tensor) -> torch.Tensor:
     tensor([[0., 0.],
             [0., 0.]])
     """
-    v = _check_tensor("v", v)
+    v = float_tensor("v", v)
     if v.ndim != 2:
         return v
     v = v.float()
@@ -114,7 +106,7 @@ def rank_r(v: torch.Tensor, r: int) -> torch.Tensor:
     >>> rank_r(torch.tensor([1.0, 2.0]), 1)
     tensor([1., 2.])
     """
-    v = _check_tensor("v", v)
+    v = float_tensor("v", v)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise CurvlensError(f"rank r must be an int >= 1; got {r!r}")
     if v.ndim != 2:

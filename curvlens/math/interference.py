@@ -17,14 +17,14 @@ import math
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.overlap import (
-    _as_tensor,
-    _check_moments_chunk,
-    _check_nonempty,
-    _check_same_shape,
-    _chunks,
-    _corr,
-    _ratio,
+from curvlens.math.checks import (
+    as_tensor,
+    check_moments,
+    check_nonempty,
+    check_same_shape,
+    chunks,
+    corr,
+    ratio,
 )
 
 __all__ = ["pair_interference", "predicted_loss_increase"]
@@ -91,26 +91,26 @@ def pair_interference(tau_a, tau_b, v_a=None, v_b=None) -> dict:
     >>> round(r["curvature_weighted_conflict"], 6)  # conflict w = 2 of total 1 + 2
     0.666667
     """
-    tau_a = _as_tensor("tau_a", tau_a)
-    tau_b = _as_tensor("tau_b", tau_b)
+    tau_a = as_tensor("tau_a", tau_a)
+    tau_b = as_tensor("tau_b", tau_b)
     if (v_a is None) != (v_b is None):
         raise CurvlensError("pass both v_a and v_b or neither; got only "
                             + ("v_a" if v_b is None else "v_b"))
     names, tensors = ["tau_a", "tau_b"], [tau_a, tau_b]
     with_v = v_a is not None
     if with_v:
-        v_a = _as_tensor("v_a", v_a)
-        v_b = _as_tensor("v_b", v_b)
+        v_a = as_tensor("v_a", v_a)
+        v_b = as_tensor("v_b", v_b)
         names += ["v_a", "v_b"]
         tensors += [v_a, v_b]
-    _check_same_shape(names, tensors)
-    _check_nonempty("tau_a", tau_a)
+    check_same_shape(names, tensors)
+    check_nonempty("tau_a", tau_a)
     n = tau_a.numel()
 
     dot = na = nb = 0.0
     n_both = n_conf = 0
     mag_conf = mag_all = curv_conf = curv_all = 0.0
-    for parts in _chunks(*tensors):
+    for parts in chunks(*tensors):
         a, b = parts[0], parts[1]
         dot += float(a @ b)
         na += float(a @ a)
@@ -125,19 +125,19 @@ def pair_interference(tau_a, tau_b, v_a=None, v_b=None) -> dict:
         mag_all += float(mag.sum())
         mag_conf += float(mag[conf].sum())
         if with_v:
-            _check_moments_chunk("v_a", parts[2])
-            _check_moments_chunk("v_b", parts[3])
+            check_moments("v_a", parts[2])
+            check_moments("v_b", parts[3])
             # sqrt of each factor, not of the product: v_a * v_b can underflow.
             w = mag.mul_(parts[2].sqrt()).mul_(parts[3].sqrt())
             curv_all += float(w.sum())
             curv_conf += float(w[conf].sum())
     return {
-        "tv_cosine": _corr(dot, na, nb),
+        "tv_cosine": corr(dot, na, nb),
         "sign_conflict": n_conf / n,
         "both_nonzero_frac": n_both / n,
         "sign_conflict_of_both_nonzero": n_conf / n_both if n_both else math.nan,
-        "magnitude_weighted_conflict": _ratio(mag_conf, mag_all),
-        "curvature_weighted_conflict": _ratio(curv_conf, curv_all) if with_v else math.nan,
+        "magnitude_weighted_conflict": ratio(mag_conf, mag_all),
+        "curvature_weighted_conflict": ratio(curv_conf, curv_all) if with_v else math.nan,
     }
 
 
@@ -175,14 +175,14 @@ def predicted_loss_increase(v, theta_merged, theta_expert) -> float:
     >>> predicted_loss_increase(torch.tensor([1.0, 4.0, 0.5]), theta + 1, theta)
     2.75
     """
-    v = _as_tensor("v", v)
-    theta_merged = _as_tensor("theta_merged", theta_merged)
-    theta_expert = _as_tensor("theta_expert", theta_expert)
-    _check_same_shape(("v", "theta_merged", "theta_expert"), (v, theta_merged, theta_expert))
-    _check_nonempty("v", v)
+    v = as_tensor("v", v)
+    theta_merged = as_tensor("theta_merged", theta_merged)
+    theta_expert = as_tensor("theta_expert", theta_expert)
+    check_same_shape(("v", "theta_merged", "theta_expert"), (v, theta_merged, theta_expert))
+    check_nonempty("v", v)
     total = 0.0
-    for w, tm, te in _chunks(v, theta_merged, theta_expert):
-        _check_moments_chunk("v", w)
+    for w, tm, te in chunks(v, theta_merged, theta_expert):
+        check_moments("v", w)
         d = tm - te  # not in place: a float64 chunk aliases the caller's tensor
         total += float(w @ (d * d))
     return 0.5 * total

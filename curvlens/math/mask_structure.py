@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.overlap import _as_tensor, _check_same_shape, _chunks, _ratio, as_bytes
+from curvlens.math.checks import as_bytes, as_tensor, check_same_shape, chunks, ratio
 
 __all__ = ["mask_structure", "mask_jaccard"]
 
@@ -51,7 +51,7 @@ _NORM_BLOCK = 16
 
 def _as_mask(name: str, mask) -> torch.Tensor:
     """A bool tensor from a bool or 0/1 numeric tensor (anything else is an error)."""
-    mask = _as_tensor(name, mask)
+    mask = as_tensor(name, mask)
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
@@ -287,14 +287,14 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     mask = _as_mask("mask", mask)
     names, tensors = ["mask"], [mask]
     if tau is not None:
-        tau = _as_tensor("tau", tau)
+        tau = as_tensor("tau", tau)
         names.append("tau")
         tensors.append(tau)
     if saliency is not None:
-        saliency = _as_tensor("saliency", saliency)
+        saliency = as_tensor("saliency", saliency)
         names.append("saliency")
         tensors.append(saliency)
-    _check_same_shape(names, tensors)
+    check_same_shape(names, tensors)
     if mask.numel() == 0:
         raise CurvlensError(f"mask is empty (shape {tuple(mask.shape)}); expected at least one entry")
     if int(rank_exact_max) < 0:
@@ -313,10 +313,10 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
 
     if saliency is not None:
         kept = total = 0.0
-        for s, k in _chunks(saliency, mask):
+        for s, k in chunks(saliency, mask):
             total += float(s.sum())
             kept += float(s @ k)
-        out["saliency_kept"] = _ratio(kept, total)
+        out["saliency_kept"] = ratio(kept, total)
 
     if mask.dim() < 2:
         return out
@@ -354,7 +354,7 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
             gram = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
             fro2 = float(a.square().sum())
             del a
-            out["stable_rank"] = _ratio(fro2, float(torch.linalg.eigvalsh(gram)[-1]))
+            out["stable_rank"] = ratio(fro2, float(torch.linalg.eigvalsh(gram)[-1]))
         return out
 
     # Randomized path. No power iterations for the mask: the reported values are
@@ -374,7 +374,7 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
         # so float32 (2-3x faster on CPUs) with Krylov iterations for flat spectra.
         top, fro2 = _krylov_top_sv(_RowBlocks(m2, t2, None, None, torch.float32),
                                    min(_NORM_BLOCK, ell), int(power_iters), gen)
-        out["stable_rank"] = _ratio(fro2, top**2)
+        out["stable_rank"] = ratio(fro2, top**2)
     return out
 
 
@@ -393,7 +393,7 @@ def mask_jaccard(mask_a, mask_b) -> float:
     """
     a = _as_mask("mask_a", mask_a)
     b = _as_mask("mask_b", mask_b)
-    _check_same_shape(("mask_a", "mask_b"), (a, b))
+    check_same_shape(("mask_a", "mask_b"), (a, b))
     union = int(torch.count_nonzero(a | b))
     if union == 0:
         return 1.0

@@ -22,7 +22,7 @@ import numbers
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.overlap import _as_tensor
+from curvlens.math.checks import float_tensor
 
 __all__ = ["TopKSketch", "BinCounts", "top_count"]
 
@@ -94,7 +94,7 @@ class TopKSketch:
         CurvlensError
             If ``values`` holds NaN, +-Inf or negative entries; nothing is added then.
         """
-        values = _as_tensor("values", values)
+        values = float_tensor("values", values)
         flat = values.reshape(-1)
         n = flat.numel()
         if n == 0:

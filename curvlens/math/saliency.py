@@ -14,17 +14,10 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import blocks
+from curvlens.math.checks import float_tensor
 
 __all__ = ["saliency", "fisher_mask", "magnitude_scores", "topk_mask", "select_mask", "kth_largest",
            "kth_largest_blocked", "sample_bracket", "TopKKeeper", "at_least", "above"]
-
-
-def _as_tensor(param: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise CurvlensError(f"{param} must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise CurvlensError(f"{param} must be a floating-point tensor; got dtype {x.dtype}")
-    return x
 
 
 def saliency(v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -47,8 +40,8 @@ def saliency(v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     >>> saliency(torch.tensor([1.0, 4.0]), torch.tensor([3.0, -0.5]))
     tensor([9., 1.])
     """
-    v = _as_tensor("v", v)
-    tau = _as_tensor("tau", tau)
+    v = float_tensor("v", v)
+    tau = float_tensor("tau", tau)
     if v.shape != tau.shape:
         raise CurvlensError(
             f"v and tau must have the same shape; got v {tuple(v.shape)} and tau {tuple(tau.shape)}"
@@ -97,7 +90,7 @@ def magnitude_scores(tau: torch.Tensor) -> torch.Tensor:
     >>> magnitude_scores(torch.tensor([-2.0, 0.5]))
     tensor([2.0000, 0.5000])
     """
-    return _as_tensor("tau", tau).float().abs()
+    return float_tensor("tau", tau).float().abs()
 
 
 def kth_largest(flat: torch.Tensor, k: int, *, sample: int = 1 << 14) -> torch.Tensor:
@@ -391,7 +384,7 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     >>> topk_mask(torch.tensor([0.1, 3.0, 2.0, 0.5]), 0.1)  # int(0.4) = 0, kept 1
     tensor([False,  True, False, False])
     """
-    scores = _as_tensor("scores", scores)
+    scores = float_tensor("scores", scores)
     d = _check_threshold("density", density)
     if not 0.0 <= d <= 1.0:
         raise CurvlensError(f"density must be in [0, 1]; got {density!r}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -179,11 +178,6 @@ def per_expert(value, experts: Experts, param: str) -> list:
     return [value] * n
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed stable across processes (unlike ``hash``)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
-
-
 def open_merged(merged, experts: Experts, label: str = "merged") -> Checkpoint:
     """A merged model as a Checkpoint: from a Checkpoint, a path, a state dict or a
     MergeResult (its ``.checkpoint``), checked to hold every floating tensor of the
@@ -220,24 +214,6 @@ def read_merged(ckpt: Checkpoint, name: str, device, label: str) -> torch.Tensor
 
 def with_context(err: CurvlensError, *parts: str) -> CurvlensError:
     return CurvlensError(", ".join(parts) + f": {err}")
-
-
-class Workspace:
-    """Reusable scratch buffers, so a model-wide pass does not page-fault fresh
-    memory for every temporary of every tensor (on a CPU that costs as much as
-    the arithmetic). Buffers grow to the largest tensor seen and are reused."""
-
-    def __init__(self):
-        self._bufs: dict[tuple, torch.Tensor] = {}
-
-    def get(self, key, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        k = (key, dtype, device)
-        buf = self._bufs.get(k)
-        if buf is None or buf.numel() < n:
-            self._bufs.pop(k, None)
-            buf = torch.empty(n, dtype=dtype, device=device)
-            self._bufs[k] = buf
-        return buf[:n]
 
 
 # ------------------------------------------------------------------- aggregate

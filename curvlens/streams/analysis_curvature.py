@@ -20,8 +20,8 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.compress import compressed_bytes
-from curvlens.math.overlap import _corr, _doubled_average_ranks, log10_stats
-from curvlens.math.saliency import sample_bracket
+from curvlens.math.blocks import Workspace, tensor_seed
+from curvlens.math.overlap import pair_overlaps, log10_stats
 from curvlens.streams.analysis_common import (
     CURVATURE_OVERLAP_COLUMNS,
     CURVATURE_STATS_COLUMNS,
@@ -34,33 +34,11 @@ from curvlens.streams.analysis_common import (
     need_moments,
     resolve_pairs,
     tensor_id,
-    Workspace,
-    tensor_seed,
     with_context,
 )
 from curvlens.streams.experts import Experts, resolve_device
 from curvlens.streams.thresholds import compress_moments, mask_scores, model_selections
 
-#: Fractions of the top-entry Jaccard indices of :func:`curvature_overlap`.
-TOP_FRACS = (0.01, 0.1)
-
-def _check_moment(v: torch.Tensor, expert: str, name: str) -> float:
-    """Moments must be finite and non-negative: one min/max read decides.
-    Returns the maximum."""
-    if v.numel() == 0:
-        raise CurvlensError(f"expert {expert!r}, tensor {name!r}: the moment tensor is empty")
-    lo, hi = (float(x) for x in torch.aminmax(v))
-    if math.isnan(lo) or math.isnan(hi) or math.isinf(hi):
-        n_bad = int((~torch.isfinite(v)).sum())
-        raise CurvlensError(f"expert {expert!r}, tensor {name!r}: second moments hold {n_bad} NaN/Inf "
-                            "entries; expected finite values")
-    if lo < 0:
-        raise CurvlensError(f"expert {expert!r}, tensor {name!r}: second moments hold negative entries "
-                            f"(min {lo:.3g}); expected non-negative values")
-    return hi
-
-
-# -------------------------------------------------------------- curvature_stats
 def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, max_exact: int = 1 << 24,
                     seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
     """Summary of ``log10 v`` for every moment tensor of every expert.
@@ -109,109 +87,6 @@ def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, max
 
 
 # ------------------------------------------------------------ curvature_overlap
-def _dot(x: torch.Tensor, y: torch.Tensor, tmp: torch.Tensor) -> float:
-    """``sum(x * y)`` of float32 tensors with torch's cascade summation (relative
-    error ~1e-8 on 30M entries, where a BLAS float32 dot is off by ~1e-3)."""
-    return float(torch.mul(x, y, out=tmp).sum())
-
-
-def _top_masks(flat: torch.Tensor, ks: list[int], sorted_sample: torch.Tensor) -> list[torch.Tensor]:
-    """Bool masks of the ``k`` largest entries of ``flat`` for each ``k``, ties broken
-    towards the higher index (as :func:`curvlens.math.overlap.moment_pair_metrics`).
-
-    The k-th largest value is found without sorting ``flat``: a sorted uniform
-    sample brackets it, the entries above the lowest bracket are pulled out once
-    (about the largest top fraction of the tensor), and an exact selection runs on
-    them. If a bracket misses (probability ~1e-9), a full ``kthvalue`` decides.
-    """
-    n = flat.numel()
-    br = [sample_bracket(sorted_sample, n, k) for k in ks]
-    floor = min(lo for lo, _ in br)
-    cand = flat[flat >= floor]
-    out = []
-    for k, (lo, hi) in zip(ks, br):
-        t = None
-        n_above = int(torch.count_nonzero(cand > hi))
-        if n_above < k:
-            inner = cand[(cand >= lo) & (cand <= hi)]
-            r = k - n_above  # the threshold is the r-th largest inside the bracket
-            if r <= inner.numel():
-                t = torch.kthvalue(inner, inner.numel() - r + 1).values
-        if t is None:
-            t = torch.kthvalue(flat, n - k + 1).values
-        mask = flat >= t
-        # every entry >= t is >= floor, so the small candidate set counts them
-        if int(torch.count_nonzero(cand >= t)) != k:  # ties at t: keep the highest-index ones
-            mask = flat > t
-            need = k - int(torch.count_nonzero(mask))
-            mask[(flat == t).nonzero().flatten()[-need:]] = True
-        out.append(mask)
-    return out
-
-
-def _overlap_one(name: str, vs: dict[str, torch.Tensor], pairs: list[tuple[str, str]], spearman_max: int | None,
-                 seed: int, log_eps: float, ws: Workspace | None = None) -> tuple[dict[tuple[str, str], dict], bool]:
-    """All pair statistics of one tensor, each expert's heavy work done once.
-
-    Per expert: a validation read, a scaled copy (for the cosine) and a centred
-    log copy (for Pearson), one sort (of the tensor, or of a sample when it is
-    larger than ``spearman_max``) and the top-k masks; per pair only products,
-    sums and mask intersections. Whole-tensor float32 operations with cascade
-    summation: about 1e-7 relative accuracy, at a fraction of a float64 pass.
-    """
-    ws = ws or Workspace()
-    flats = {e: v.reshape(-1).float() for e, v in vs.items()}
-    vmaxes = {e: _check_moment(f, e, name) for e, f in flats.items()}
-    first = next(iter(flats.values()))
-    n, dev = first.numel(), first.device
-    tmp = ws.get("tmp", n, torch.float32, dev)
-    ks = [max(1, math.ceil(round(f * n, 6))) for f in TOP_FRACS]
-    sampled = spearman_max is not None and n > spearman_max
-    idx = None
-    if sampled:
-        gen = torch.Generator().manual_seed(tensor_seed(seed, name))
-        idx = torch.randint(n, (int(spearman_max),), generator=gen).to(dev)
-    scaled, logs, norm2, ssq, resid, ranks, tops = {}, {}, {}, {}, {}, {}, {}
-    for i, (e, f) in enumerate(flats.items()):
-        if sampled:
-            s = f[idx]
-            ranks[e], (perm,) = _doubled_average_ranks(s, [s.numel()])
-            tops[e] = _top_masks(f, ks, s[perm])
-            del s, perm
-        else:
-            ranks[e], ix = _doubled_average_ranks(f, ks)
-            tops[e] = []
-            for j in ix:
-                mk = torch.zeros(n, dtype=torch.bool, device=dev)
-                mk[j] = True
-                tops[e].append(mk)
-        # Cosine on v / max(v): scale-free, and keeps float32 products of tiny
-        # moments (1e-20 ** 2) from underflowing.
-        vmax = vmaxes[e]
-        scaled[e] = torch.mul(f, 1.0 / vmax if vmax > 0 else 0.0, out=ws.get(("s", i), n, torch.float32, dev))
-        norm2[e] = _dot(scaled[e], scaled[e], tmp)
-        lg = torch.add(f, log_eps, out=ws.get(("l", i), n, torch.float32, dev)).log10_()
-        lg.sub_(float(lg.sum()) / n)
-        resid[e] = float(lg.sum()) / n  # what float32 centring left over
-        logs[e] = lg
-        ssq[e] = _dot(lg, lg, tmp) - n * resid[e] ** 2
-    m = ranks[next(iter(ranks))].numel()
-    inter = ws.get("and", n, torch.bool, dev)
-    out = {}
-    for a, b in pairs:
-        sxy = _dot(logs[a], logs[b], tmp) - n * resid[a] * resid[b]
-        # doubled average ranks of m entries have mean m + 1; the sample is small
-        ra, rb = ranks[a].double() - (m + 1), ranks[b].double() - (m + 1)
-        row = {"cosine": _corr(_dot(scaled[a], scaled[b], tmp), norm2[a], norm2[b]),
-               "pearson_log": _corr(sxy, ssq[a], ssq[b]),
-               "spearman_log": _corr(float(ra @ rb), float(ra @ ra), float(rb @ rb))}
-        for f, k, ma, mb in zip(TOP_FRACS, ks, tops[a], tops[b]):
-            both = int(torch.count_nonzero(torch.logical_and(ma, mb, out=inter)))
-            row[f"jaccard_top{round(100 * f):d}"] = both / (2 * k - both)
-        out[a, b] = row
-    return out, sampled
-
-
 def curvature_overlap(experts: Experts, pairs=None, names: Sequence[str] | None = None, *,
                       spearman_max: int | None = 1 << 16, seed: int = 0, log_eps: float = 1e-30,
                       device="auto", progress: bool = True) -> pd.DataFrame:
@@ -275,8 +150,8 @@ def curvature_overlap(experts: Experts, pairs=None, names: Sequence[str] | None 
     rows = []
     for g in sub.iter_tensors(floating_names(experts, names), device=device, base=False, experts=False,
                               progress=progress, desc="curvature overlap"):
-        stats, sampled = _overlap_one(g.name, dict(zip(sub.names, g.moments)), pairs, spearman_max, seed,
-                                      log_eps, ws)
+        stats, sampled = pair_overlaps(g.name, dict(zip(sub.names, g.moments)), pairs, spearman_max,
+                                       tensor_seed(seed, g.name), log_eps, ws)
         for (a, b), s in stats.items():
             rows.append({"expert_a": a, "expert_b": b, **tensor_id(g), **s, "spearman_sampled": sampled})
     return frame(rows, CURVATURE_OVERLAP_COLUMNS)
@@ -321,7 +196,6 @@ def moment_compression(experts: Experts, rank: int = 1, names: Sequence[str] | N
                                   progress=progress, desc=f"rank-{rank} moments"):
         shape = tuple(g.moments[0].shape)
         for e, v in zip(experts.names, g.moments):
-            _check_moment(v, e, g.name)
             row = {"expert": e, **tensor_id(g), "bytes_full": compressed_bytes(shape, None),
                    "bytes_compressed": compressed_bytes(shape, rank)}
             if v.ndim != 2:
@@ -435,7 +309,6 @@ def pooled_moments(experts: Experts, names: Sequence[str] | str | None, *, block
                                   experts=thresholds is not None, progress=progress, desc="pooled moments"):
         scores = mask_scores(g, criterion) if thresholds is not None else None
         for i, (e, v) in enumerate(zip(experts.names, g.moments)):
-            _check_moment(v, e, g.name)
             v2 = _as_2d(v)
             m, n = v2.shape
             bm, bn = block if block is not None else (-(-m // max_blocks), -(-n // max_blocks))
@@ -503,7 +376,6 @@ def log10_histogram(experts: Experts, bins=None, by: str | None = "role", names:
                                   progress=progress, desc="log10 histogram"):
         key = None if by is None else {"role": g.role, "layer": g.layer, "name": g.name}[by]
         for e, v in zip(experts.names, g.moments):
-            _check_moment(v, e, g.name)
             acc = counts.setdefault((e, key), torch.zeros(nb, dtype=torch.int64))
             flat = v.reshape(-1)
             for s in range(0, flat.numel(), 1 << 22):

@@ -22,9 +22,10 @@ import pandas as pd
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.math.blocks import Workspace, tensor_seed
 from curvlens.math.mask_structure import mask_jaccard
 from curvlens.math.mask_structure import mask_structure
-from curvlens.math.overlap import as_bytes
+from curvlens.math.checks import as_bytes
 from curvlens.roles import param_role
 from curvlens.streams.analysis_common import (
     FFG_VS_MAGNITUDE_COLUMNS,
@@ -32,7 +33,6 @@ from curvlens.streams.analysis_common import (
     MASK_OVERLAP_COLUMNS,
     MASK_STATS_COLUMNS,
     THRESHOLD_COLUMNS,
-    Workspace,
     check_criteria,
     check_densities,
     floating_names,
@@ -43,7 +43,6 @@ from curvlens.streams.analysis_common import (
     per_expert,
     resolve_pairs,
     tensor_id,
-    tensor_seed,
     with_context,
 )
 from curvlens.streams.experts import Experts, TensorGroup, _progress, resolve_device

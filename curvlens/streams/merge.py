@@ -10,7 +10,6 @@ reads that declaration, never a method's name.
 from __future__ import annotations
 
 import math
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.writer import ModelWriter
-from curvlens.math.blocks import block_size, blocks
+from curvlens.math.blocks import block_size, blocks, tensor_seed
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
@@ -111,11 +110,6 @@ def _stored(experts: Experts, name: str) -> torch.dtype:
 def _out_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
     # integer/bool tensors keep their dtype whatever the requested float dtype
     return stored if requested is None or not stored.is_floating_point else requested
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    # Stable across processes (unlike hash()): the same seed and name give the same mask.
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
 def merge(
@@ -253,7 +247,7 @@ def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
 
 def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts) -> torch.Tensor:
     # a generator per tensor, from the seed and the name: the same masks in any order
-    rng = torch.Generator(device=dev).manual_seed(_tensor_seed(p["seed"], g.name)) if m.uses_rng else None
+    rng = torch.Generator(device=dev).manual_seed(tensor_seed(p["seed"], g.name)) if m.uses_rng else None
     try:
         return m(g.base, g.experts, g.moments if m.needs_moments else None, rng=rng, counts=counts, **p)
     except CurvlensError as err:

@@ -17,7 +17,7 @@ from curvlens.views._common import (
     require_plotly, role_order, styled,
 )
 
-__all__ = ["histogram_steps", "log10_histogram", "log10_histogram_grid",
+__all__ = ["histogram_steps", "log10_histogram_plot", "log10_histogram_grid",
            "log10_histogram_plotly"]
 
 _COLUMNS = ["expert", "role", "bin_left", "bin_right", "count"]

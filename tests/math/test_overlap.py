@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlens.errors import CurvlensError
-from curvlens.math.overlap import log10_stats, moment_pair_metrics
+from curvlens.math.overlap import log10_stats
+from tests.math.oracles import moment_pair_metrics
 
 
 def _moments(n, seed, decades=12):

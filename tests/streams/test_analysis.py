@@ -8,7 +8,7 @@ import torch
 
 from curvlens import CurvlensError, Experts
 from curvlens.io.moments import Moments
-from curvlens.math.overlap import moment_pair_metrics as pair_overlap
+from tests.math.oracles import moment_pair_metrics as pair_overlap
 from curvlens.streams import analysis as A
 from curvlens.streams.merge import merge
 from curvlens.streams.thresholds import model_thresholds

@@ -1,0 +1,146 @@
+"""The input checks and small numeric helpers every math module shares: one copy.
+
+* :func:`as_tensor` (a tensor, or a numpy array), :func:`float_tensor` (a
+  floating-point tensor), :func:`check_same_shape`, :func:`check_nonempty`;
+* :func:`moment_problems` / :func:`check_moments`: second moments must be finite
+  and non-negative (one min/max reduction decides, NaN propagating through it);
+* float64 reductions in chunks (:func:`chunks`), bool tensors as bytes
+  (:func:`as_bytes`), ratios and correlations guarded against zero denominators.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from curvlens.errors import CurvlensError
+
+# Elements per float64 chunk in reductions: 4M entries = 32 MB per float64 copy.
+CHUNK = 1 << 22
+
+
+def as_tensor(name: str, x) -> torch.Tensor:
+    """Accept a torch tensor (or a numpy array, for notebook convenience)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        try:
+            return torch.from_numpy(x)
+        except TypeError as err:
+            raise CurvlensError(f"{name}: numpy dtype {x.dtype} has no torch equivalent") from err
+    raise CurvlensError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+
+
+def check_same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """Raise a CurvlensError naming every tensor's shape if they differ."""
+    shapes = [tuple(t.shape) for t in tensors]
+    if any(s != shapes[0] for s in shapes[1:]):
+        got = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        raise CurvlensError(f"{', '.join(names)} must have the same shape; got {got}")
+
+
+def check_nonempty(name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        raise CurvlensError(f"{name} is empty (shape {tuple(t.shape)}); expected at least one entry")
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float64 copy of ``t`` on its device (MPS has no float64: fall back to CPU)."""
+    if t.device.type == "mps":
+        t = t.cpu()
+    return as_bytes(t).to(torch.float64)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A bool tensor viewed as uint8 (no copy); other tensors unchanged.
+
+    torch's CPU kernels for bool are scalar loops: converting a bool tensor to
+    float, or reducing it along a dimension, runs ~10x (conversion) to ~100x
+    (``any(dim)``) slower than the same operation on its uint8 view.
+    """
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    # reshape, not view: a non-contiguous input (a transposed weight) is copied once.
+    return t.reshape(-1)
+
+
+def chunks(*tensors: torch.Tensor, chunk: int = CHUNK) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield aligned float64 slices of the flattened tensors, ``chunk`` entries each.
+
+    Chunking keeps float64 accuracy without a full float64 copy of a huge tensor.
+    A float64 input is not copied, so the chunks alias it: never modify them in place.
+    """
+    flats = [flat(t) for t in tensors]
+    n = flats[0].numel()
+    for start in range(0, n, chunk):
+        yield tuple(_wide(f[start:start + chunk]) for f in flats)
+
+
+def float_tensor(param: str, x: object) -> torch.Tensor:
+    """``x`` if it is a floating-point torch tensor, else a CurvlensError naming ``param``."""
+    if not isinstance(x, torch.Tensor):
+        raise CurvlensError(f"{param} must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise CurvlensError(f"{param} must be a floating-point tensor; got dtype {x.dtype}")
+    return x
+
+
+def moment_problems(v: torch.Tensor) -> str | None:
+    """What is wrong with second moments ``v`` (NaN, Inf or negative entries,
+    counted), or None. One min/max reduction when nothing is (NaN propagates)."""
+    if v.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(v)
+    if float(lo) >= 0.0 and math.isfinite(float(hi)):
+        return None
+    return _describe_bad_moments(v)
+
+
+def moments_max(name: str, v: torch.Tensor) -> float:
+    """The largest of the second moments ``v`` (non-empty), checked on the way: a
+    CurvlensError naming ``name`` if any is NaN, Inf or negative."""
+    lo, hi = (float(x) for x in torch.aminmax(v))
+    if not (lo >= 0.0 and math.isfinite(hi)):
+        raise CurvlensError(f"{name}: {_describe_bad_moments(v)}")
+    return hi
+
+
+def _describe_bad_moments(v: torch.Tensor) -> str:
+    counts = {"NaN": int(torch.isnan(v).sum()), "Inf": int(torch.isinf(v).sum()), "negative": int((v < 0).sum())}
+    found = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    return f"{found} second moment value(s); expected finite, non-negative values"
+
+
+def check_moments(name: str, v: torch.Tensor) -> torch.Tensor:
+    """``v`` if its second moments are finite and non-negative, else a CurvlensError
+    naming ``name`` and counting the bad entries."""
+    problem = moment_problems(v)
+    if problem is not None:
+        raise CurvlensError(f"{name}: {problem}")
+    return v
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den, or nan when the denominator is zero (degenerate input)."""
+    return num / den if den > 0 else math.nan
+
+
+def corr(sxy: float, sxx: float, syy: float) -> float:
+    """Correlation from centred sums, clamped to [-1, 1]; nan for a constant input.
+
+    ``sxy / sqrt(sxx * syy)`` (one square root of the product) makes identical inputs
+    give exactly 1.0, since IEEE sqrt(x*x) == x.
+    """
+    den = sxx * syy
+    if not den > 0:
+        return math.nan
+    return max(-1.0, min(1.0, sxy / math.sqrt(den)))
+
+
+def pct_key(prefix: str, frac: float) -> str:
+    """Key for a fraction as a percentage: 0.01 -> 'prefix1', 0.001 -> 'prefix0.1'."""
+    return f"{prefix}{round(100 * frac, 10):g}"
