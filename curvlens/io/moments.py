@@ -26,6 +26,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load, read_safetensor
+from curvlens.io.optimizer_order import name_index_state
 from curvlens.io.paths import contained
 
 EXPORT_RELPATH = Path("export") / "exp_avg_sq.safetensors"
@@ -192,7 +193,7 @@ class Moments(Mapping):
         if keys and all(isinstance(k, str) for k in keys):
             named = dict(state)
         elif all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
-            named = _name_index_state(state, groups, checkpoint, label)
+            named = name_index_state(state, groups, checkpoint, label)
         else:
             raise CurvlensError(f"{label}: optimizer state keys must be all parameter indices (int) or all "
                                 f"names (str); got {sorted({type(k).__name__ for k in keys})}")
@@ -368,118 +369,3 @@ def _beta2_from_groups(groups: list, label: str) -> float | None:
                 raise CurvlensError(f"{label}: param_groups 'betas' must be (beta1, beta2); got {b!r}")
             betas.add(_check_beta2(b[1], label))
     return betas.pop() if len(betas) == 1 else None
-
-
-# -- index -> name mapping for torch.optim state dicts ------------------------------
-
-def _name_index_state(state: Mapping, groups: list, checkpoint, label: str) -> dict[str, dict]:
-    """Map an index-keyed optimizer state to parameter names.
-
-    ``torch.optim`` numbers parameters group by group in the order they were passed.
-    With one group that is the model's parameter order; the HF Trainer passes two
-    groups (with and without weight decay), each in model order. Candidate orders
-    come, in this preference, from the architectures the model's ``config.json``
-    declares, from transformers' other heads for its ``model_type``, and from the
-    checkpoint's own order where files keep it (``.bin``/``.pt``, in-memory; not
-    safetensors, which sorts names). Each is checked against the group sizes and
-    every shape; the first tier with a match wins, and two different matches in
-    it are an error, never a guess.
-    """
-    for gi, g in enumerate(groups):
-        params = g.get("params", [])
-        if not isinstance(params, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                   for i in params):
-            raise CurvlensError(f"{label}: param_groups[{gi}]['params'] must be a list of parameter indices")
-    indices = [i for g in groups for i in g.get("params", [])] or sorted(state)
-    if len(set(indices)) != len(indices):
-        raise CurvlensError(f"{label}: param_groups list a parameter index more than once")
-    stray = sorted(set(state) - set(indices))
-    if stray:
-        raise CurvlensError(f"{label}: state has parameter indices {stray[:5]} that no param_group lists")
-    sizes = [len(g.get("params", [])) for g in groups] or [len(indices)]
-    if checkpoint is None:
-        raise CurvlensError(
-            f"{label}: optimizer state is keyed by parameter index; pass checkpoint= "
-            "(the model, or its parameter names in the optimizer's order) to map indices to names"
-        )
-    shapes, tiers, why = _candidate_orders(checkpoint, sizes, label)
-    errors: list[str] = []
-    for tier in tiers:
-        matches = []
-        for order_name, names in tier:
-            problem = _order_problem(names, indices, state, shapes)
-            if problem is None:
-                matches.append((order_name, names))
-            else:
-                errors.append(f"{order_name}: {problem}")
-        distinct = {tuple(m) for _, m in matches}
-        if len(distinct) > 1:
-            raise CurvlensError(f"{label}: optimizer indices match more than one parameter order "
-                                f"({', '.join(n for n, _ in matches)}); pass checkpoint= as the explicit "
-                                "list of names in optimizer order")
-        if distinct:
-            names = matches[0][1]
-            return {names[k]: state[i] for k, i in enumerate(indices) if i in state}
-    if why:
-        errors.append(why)
-    raise CurvlensError(f"{label}: cannot map optimizer indices to parameter names:\n  " + "\n  ".join(errors)
-                        + "\n  (pass checkpoint= as the list of parameter names in the optimizer's order)")
-
-
-def _candidate_orders(checkpoint, sizes: list[int], label: str):
-    """``(shapes or None, tiers of (label, names), why no architecture order)``."""
-    if isinstance(checkpoint, Sequence) and not isinstance(checkpoint, (str, bytes)):
-        names = list(checkpoint)
-        if not all(isinstance(n, str) for n in names):
-            raise CurvlensError(f"{label}: checkpoint= as a list must hold parameter names (str)")
-        if len(set(names)) != len(names):
-            raise CurvlensError(f"{label}: checkpoint= lists a parameter name more than once")
-        return None, [[("explicit parameter names", names)]], None
-    ckpt = Checkpoint.open(checkpoint)
-    shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
-    declared, fallback, why = [], [], None
-    if ckpt.path is not None:
-        from curvlens.io.architecture import architecture_orders, read_config
-
-        model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-        found, why = architecture_orders(model_dir)
-        archs = (read_config(model_dir) or {}).get("architectures") or []
-        for cls_name, names, no_decay in found:
-            tier = declared if cls_name in archs else fallback
-            tier.extend(_with_decay_split(f"{cls_name} parameter order", names, no_decay, sizes))
-    own = []
-    if ckpt.keeps_order:
-        names = [n for n in ckpt.keys() if ckpt.dtype(n).is_floating_point]
-        own = _with_decay_split("checkpoint's own order", names, {n for n in names if _hf_no_decay(n)}, sizes)
-    return shapes, [t for t in (declared, fallback, own) if t], why
-
-
-def _with_decay_split(what: str, names: list[str], no_decay: set[str], sizes: list[int]):
-    out = [(what, names)]
-    if len(sizes) == 2:
-        decay = [n for n in names if n not in no_decay]
-        if len(decay) == sizes[0]:  # the Trainer's first group is the decayed one
-            out.append((f"{what}, HF Trainer decay/no-decay groups",
-                        decay + [n for n in names if n in no_decay]))
-    return out
-
-
-def _hf_no_decay(name: str) -> bool:
-    # The HF Trainer exempts biases and normalisation weights from weight decay.
-    return name.endswith("bias") or "norm" in name.lower()
-
-
-def _order_problem(names, indices, state, shapes) -> str | None:
-    if len(names) != len(indices):
-        return f"optimizer has {len(indices)} parameters, the model has {len(names)}"
-    for k, i in enumerate(indices):
-        if shapes is not None and names[k] not in shapes:
-            return f"parameter {i} -> {names[k]!r}, which the checkpoint lacks"
-        if i not in state or "exp_avg_sq" not in state[i]:
-            continue  # never-updated parameter: checked later as a missing moment
-        got = tuple(state[i]["exp_avg_sq"].shape)
-        if shapes is not None:
-            want = tuple(shapes[names[k]])
-            if got != want:
-                return f"parameter {i} -> {names[k]!r}: moment shape {got} != weight shape {want}"
-    return None

@@ -22,7 +22,7 @@ from curvlens.math.blocks import Workspace
 from curvlens.math.checks import (
     as_tensor, check_moments, check_nonempty, chunks, corr, flat, moments_max, pct_key,
 )
-from curvlens.math.saliency import sample_bracket
+from curvlens.math.topk import sample_bracket
 
 __all__ = ["pair_overlaps", "log10_stats", "TOP_FRACS"]
 

@@ -31,15 +31,8 @@ from curvlens.streams.analysis_curvature import (
     pooled_moments,
 )
 from curvlens.streams.analysis_interference import compare_merges, interference, predicted_loss
-from curvlens.streams.analysis_masks import (
-    FFGMasks,
-    ffg_masks,
-    ffg_vs_magnitude_summary,
-    graft_sweep,
-    mask_overlap,
-    mask_stats,
-    mask_thresholds,
-)
+from curvlens.streams.analysis_graft import ffg_vs_magnitude_summary, graft_sweep
+from curvlens.streams.analysis_masks import FFGMasks, ffg_masks, mask_overlap, mask_stats, mask_thresholds
 
 __all__ = [
     "FFGMasks", "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks",

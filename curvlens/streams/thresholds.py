@@ -17,7 +17,7 @@ above the threshold" would overshoot the density (0.44 instead of 0.3). A
 selection therefore keeps every entry above the ``k``-th largest score and, of
 the entries equal to it, the first ones in model order (tensors in the
 reference checkpoint's order, entries in flat row-major order) until exactly
-``k`` are kept: :func:`curvlens.math.saliency.select_mask`, the same rule as
+``k`` are kept: :func:`curvlens.math.topk.select_mask`, the same rule as
 every per-tensor top-k. The merge engine (``ota`` with ``ffg_density``) and the
 mask analyses use the same :func:`model_selections`, so a mask analysed is the
 mask merged.
@@ -34,7 +34,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
-from curvlens.math.saliency import select_mask
+from curvlens.math.topk import select_mask
 from curvlens.streams.experts import Experts, TensorGroup
 
 CRITERIA = ("fisher", "magnitude")

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.saliency import fisher_mask, magnitude_scores, saliency, topk_mask
+from curvlens.math.saliency import fisher_mask, magnitude_scores, saliency
+from curvlens.math.topk import topk_mask
 
 
 def test_saliency_hand_values_and_fp32():
@@ -69,7 +70,7 @@ def test_not_mutated():
 @pytest.mark.parametrize("dist", ["normal", "ties", "heavy"])
 @pytest.mark.parametrize("frac", [1e-6, 0.01, 0.3, 0.5, 0.99, 1.0])
 def test_kth_largest_exact_on_large_tensors(dist, frac):
-    from curvlens.math.saliency import kth_largest
+    from curvlens.math.topk import kth_largest
 
     g = torch.Generator().manual_seed(3)
     n = 1_100_000  # above the sample-select size (64 * 2**14)
@@ -82,7 +83,7 @@ def test_kth_largest_exact_on_large_tensors(dist, frac):
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_kth_largest_blocked_matches_kth_largest_through_the_bracket(ties):
-    from curvlens.math.saliency import kth_largest, kth_largest_blocked
+    from curvlens.math.topk import kth_largest, kth_largest_blocked
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(50_000, generator=g)
@@ -107,7 +108,7 @@ def test_kth_largest_blocked_matches_kth_largest_through_the_bracket(ties):
 
 
 def test_topk_keeper_gives_topk_mask_block_by_block():
-    from curvlens.math.saliency import TopKKeeper, kth_largest_blocked
+    from curvlens.math.topk import TopKKeeper, kth_largest_blocked
 
     x = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 2.0, 3.0, 2.0])
     for k in range(1, 9):
@@ -121,7 +122,7 @@ def test_topk_keeper_gives_topk_mask_block_by_block():
 
 
 def test_float_masks_equal_comparisons_at_the_edges():
-    from curvlens.math.saliency import above, at_least
+    from curvlens.math.topk import above, at_least
 
     x = torch.tensor([0.0, 1e-45, 0.5, 1.0, 1.0000001, 3.0, float("inf")])
     for t in [0.0, 1e-45, 0.5, 1.0, 2.0, -1.0, float("inf")]:
@@ -132,7 +133,7 @@ def test_float_masks_equal_comparisons_at_the_edges():
 def test_kth_largest_blocked_with_values_shared_by_many_entries(monkeypatch):
     """bf16-derived scores repeat a few values millions of times: the bracket then
     collapses to one value, or has tied ends, and both are counted, not selected."""
-    from curvlens.math import saliency as S
+    from curvlens.math import topk as S
 
     g = torch.Generator().manual_seed(1)
     x = torch.cat([torch.full((20_000,), 0.5), torch.full((15_000,), 0.25),

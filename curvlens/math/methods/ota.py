@@ -16,7 +16,8 @@ from curvlens.math.methods.params import (
 )
 from curvlens.math.methods.registry import get_method, ModelWideSelection, register
 from curvlens.math.methods.sparsify import disjoint_mean_parts, one_where_zero, topk_keeper
-from curvlens.math.saliency import TopKKeeper, above, at_least, saliency
+from curvlens.math.saliency import saliency
+from curvlens.math.topk import TopKKeeper, above, at_least
 
 Tensor = torch.Tensor
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from curvlens.math.blocks import blocks
-from curvlens.math.saliency import TopKKeeper, kth_largest_blocked
+from curvlens.math.topk import TopKKeeper, kth_largest_blocked
 
 Tensor = torch.Tensor
 
