@@ -21,7 +21,8 @@ expert-pair matrix          ``pair_matrix_heatmap``                 ``pair_matri
 from curvlens.views._common import figure_style
 from curvlens.views.curves import density_curves, density_curves_plotly
 from curvlens.views.distributions import log10_histogram_grid, log10_histogram_plot, log10_histogram_plotly
-from curvlens.views.explorers import curvature_explorer, mask_explorer, merge_explorer
+from curvlens.views.explorers import curvature_explorer, mask_explorer
+from curvlens.views.merge_explorer import merge_explorer
 from curvlens.views.figures import render_all
 from curvlens.views.heatmaps import layer_role_heatmap, layer_role_heatmap_plotly, layer_role_heatmaps
 from curvlens.views.merge_plots import OKABE_ITO, merge_scores_figure
