@@ -79,27 +79,13 @@ def evaluate_and_merge(zoo, experts, *, device="auto", progress=True, echo=lambd
     merges : dict
         label -> :class:`~curvlens.streams.merge.MergeResult` (in memory).
     """
-    import pandas as pd
-
-    from curvlens import zoo as zoo_mod
     from curvlens.streams.merge import merge
 
-    rows = []
-
-    def score(label: str, method: str, model) -> None:
-        df = zoo_mod.evaluate(model, zoo=zoo, device=device)
-        rows.extend([{"model": label, "method": method, "capability": r.capability,
-                     "accuracy": r.accuracy, "n": r.n} for r in df.itertuples()])
-
-    score("base", "base", zoo.base_dir)
-    for name, d in zoo.expert_dirs.items():
-        score(f"expert: {name}", "expert", d)
     merges = {}
     for label, method, params in DEMO_MERGES:
         echo(f"merging: {label} ...")
         merges[label] = merge(experts, method, device=device, progress=progress, **params)
-        score(label, method, merges[label].checkpoint)
-    return pd.DataFrame(rows), merges
+    return zoo.score(merges, device=device), merges
 
 
 def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "auto",

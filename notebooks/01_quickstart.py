@@ -129,21 +129,8 @@ result.report.head(8)
 # answers. A good merge approaches each expert on that expert's own capability.
 
 # %%
-rows = []
-
-
-def score(label, method, model):
-    """Evaluate one model on every capability and append merge-table rows."""
-    df = cl.zoo.evaluate(model, zoo=zoo, device=DEVICE)
-    rows.extend({"model": label, "method": method, "capability": r.capability,
-                 "accuracy": r.accuracy, "n": r.n} for r in df.itertuples())
-
-
-score("base", "base", zoo.base_dir)
-for name, path in zoo.expert_dirs.items():
-    score(f"expert: {name}", "expert", path)
-score("OTA+FFG (0.3)", "ota", result.checkpoint)
-table = pd.DataFrame(rows)
+# the base's and experts' scores are evaluated once and stored with the zoo
+table = zoo.score({"OTA+FFG (0.3)": result}, device=DEVICE)
 pivot = table.pivot_table(index="model", columns="capability", values="accuracy", sort=False)
 pivot["mean"] = pivot.mean(axis=1)
 pivot.round(3)

@@ -131,20 +131,8 @@ fig = cl.views.layer_role_heatmaps(per_tensor, "predicted_loss_increase",
 # Every merge scored on every capability; each expert's own score is the reference.
 
 # %%
-rows = []
-
-
-def score(label, method, model):
-    df = cl.zoo.evaluate(model, zoo=zoo, device=DEVICE)
-    rows.extend({"model": label, "method": method, "capability": r.capability,
-                 "accuracy": r.accuracy, "n": r.n} for r in df.itertuples())
-
-
-for name, path in zoo.expert_dirs.items():
-    score(f"expert: {name}", "expert", path)
-for label, res in merged.items():
-    score(label, res.method, res.checkpoint)
-table = pd.DataFrame(rows)
+table = zoo.score(merged, device=DEVICE)
+table = table[table["method"] != "base"]  # the experts are the reference here
 pivot = table.pivot_table(index="model", columns="capability", values="accuracy", sort=False)
 pivot["mean"] = pivot.mean(axis=1)
 pivot.round(3)

@@ -95,24 +95,12 @@ GRID = [
     ("FFG d=0.3 + linear combine", "ota", {**FFG, "ffg_density": 0.3, "combine": "linear"}),
 ]
 
-rows, results, seconds = [], {}, {}
-
-
-def score(label, method, model):
-    df = cl.zoo.evaluate(model, zoo=zoo, device=DEVICE)
-    rows.extend({"model": label, "method": method, "capability": r.capability,
-                 "accuracy": r.accuracy, "n": r.n} for r in df.itertuples())
-
-
-score("base", "base", zoo.base_dir)
-for name, path in zoo.expert_dirs.items():
-    score(f"expert: {name}", "expert", path)
+results, seconds = {}, {}
 for label, method, params in GRID:
     t0 = time.perf_counter()
     results[label] = cl.merge(experts, method, device=DEVICE, progress=False, **params)
     seconds[label] = time.perf_counter() - t0
-    score(label, method, results[label].checkpoint)
-table = pd.DataFrame(rows)
+table = zoo.score(results, device=DEVICE)  # base and experts first (stored with the zoo)
 print(f"{len(GRID)} merges in {sum(seconds.values()):.1f} s of merging")
 
 # %% [markdown]
@@ -213,8 +201,7 @@ ablation = [("OTA p=0.5", {**OTA, "power": 0.5}), ("OTA+FFG d=0.3", {**FFG, "ffg
 for label, params in ablation:
     r1 = f"{label}, rank-1 v"
     results[r1] = cl.merge(experts, "ota", device=DEVICE, progress=False, rank1_approx=True, **params)
-    score(r1, "ota", results[r1].checkpoint)
-table = pd.DataFrame(rows)
+    table = pd.concat([table, zoo.score({r1: results[r1]}, reference=False, device=DEVICE)], ignore_index=True)
 rel = cl.views.normalized_scores(table, capabilities)
 rel_pivot = rel.pivot_table(index="model", columns="capability", values="relative", sort=False)
 rows_ab = [m for label, _ in ablation for m in (label, f"{label}, rank-1 v")]

@@ -217,6 +217,28 @@ def with_context(err: CurvlensError, *parts: str) -> CurvlensError:
 
 
 # ------------------------------------------------------------------- aggregate
+def pool(metric: str, values, weights=None) -> float:
+    """How one metric pools over tensors (the rule of :func:`aggregate`, for one
+    group): additive metrics (``predicted_loss_increase``, byte counts, histogram
+    counts) sum, every other metric is the ``weights``-weighted mean. Undefined
+    (non-finite) values and non-positive weights are left out; NaN when nothing is
+    left. Views call this for each heatmap or pair-matrix cell.
+
+    Examples
+    --------
+    >>> pool("kept_frac", [0.5, 1.0], [3, 1]), pool("predicted_loss_increase", [0.5, 1.0], [3, 1])
+    (0.625, 1.5)
+    """
+    values = np.asarray(values, dtype="float64")
+    w = np.ones_like(values) if weights is None else np.asarray(weights, dtype="float64")
+    ok = np.isfinite(values) & np.isfinite(w) & (w > 0)
+    if not ok.any():
+        return float("nan")
+    if metric in ADDITIVE_METRICS:
+        return float(np.sum(values[ok]))
+    return float(np.sum(values[ok] * w[ok]) / np.sum(w[ok]))
+
+
 def aggregate(df: pd.DataFrame, by: Sequence[str] = ("layer", "role"), metrics: Sequence[str] | None = None,
               weight: str | None = "numel") -> pd.DataFrame:
     """Pool a per-tensor analysis frame into layer-, role- or model-level numbers.

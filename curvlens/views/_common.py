@@ -301,16 +301,6 @@ def first_seen(values: Iterable[Any]) -> list:
     return [v for v in dict.fromkeys(values) if not missing(v)]
 
 
-def weighted_mean(values: np.ndarray, weights: np.ndarray | None) -> float:
-    """Mean of the finite values weighted by ``weights`` (NaN when nothing is left)."""
-    values = np.asarray(values, dtype="float64")
-    w = np.ones_like(values) if weights is None else np.asarray(weights, dtype="float64")
-    ok = np.isfinite(values) & np.isfinite(w) & (w > 0)
-    if not ok.any():
-        return float("nan")
-    return float(np.sum(values[ok] * w[ok]) / np.sum(w[ok]))
-
-
 def weights_of(df: pd.DataFrame, weight: str | None, what: str) -> np.ndarray | None:
     """The weight column (``numel`` by default) as floats, or None for equal weights."""
     if weight is None:

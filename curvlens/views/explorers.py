@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
+from curvlens.streams.analysis_common import pool
 from curvlens.views._common import (
     NON_LAYER, check_frame, first_seen, layer_label, layer_value, metric_label, require_widgets,
-    role_order, weighted_mean,
+    role_order,
 )
 
 __all__ = ["curvature_explorer", "mask_explorer"]
@@ -163,7 +164,7 @@ def curvature_explorer(overlap_df: pd.DataFrame, pooled_df: pd.DataFrame | None 
                 sub, metric, title=f"{metric_label(metric)}, all pairs"
                 + (f" ({where})" if where else ""))
             pm = sub[(sub["expert_a"] == a) & (sub["expert_b"] == b)]
-            value = weighted_mean(pm[metric].to_numpy(float), pm["numel"].to_numpy(float))
+            value = pool(metric, pm[metric].to_numpy(float), pm["numel"].to_numpy(float))
             note.value = (f"<b>{html.escape(a)} × {html.escape(b)}</b>, "
                           f"{html.escape(where or 'whole model')}: {metric_label(metric)} = "
                           f"{value:.3f} (numel-weighted over {len(pm)} tensors)")
@@ -263,7 +264,7 @@ def mask_explorer(mask_stats_df: pd.DataFrame):
         sel = df[(df["criterion"] == c) & np.isclose(df["density"].astype(float), d)]
         if e != _ALL:
             sel = sel[sel["expert"] == e]
-        kept = weighted_mean(sel["kept_frac"].to_numpy(float), sel["numel"].to_numpy(float))
+        kept = pool("kept_frac", sel["kept_frac"].to_numpy(float), sel["numel"].to_numpy(float))
         summary.value = (f"{html.escape(str(who))}, {html.escape(str(c))} at density {d:g}: "
                          f"model-wide kept fraction {kept:.3f} over {len(sel)} tensors")
         _show(out, fig)

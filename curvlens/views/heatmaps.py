@@ -4,8 +4,10 @@ Rows are transformer layers (layer 0 at the top) plus one row, at the very top,
 for tensors outside the blocks (token embeddings, final norm, LM head); columns
 are roles in curvlens' fixed order (``embed, q, k, v, qkv, o, gate, up, down,
 norm, lm_head, other``). Where several tensors or experts fall in one cell (two
-norms per layer, several experts, several pairs) the cell shows their
-numel-weighted mean.
+norms per layer, several experts, several pairs) the cell pools them by the rule
+of :func:`curvlens.aggregate` (:func:`curvlens.streams.analysis_common.pool`):
+the numel-weighted mean, or the sum for additive metrics such as
+``predicted_loss_increase``.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
+from curvlens.streams.analysis_common import pool
 from curvlens.views._common import (
     DIVERGING, NON_LAYER, SEQUENTIAL, apply_filters, auto_log, check_frame, check_numeric,
     filter_title, first_seen, fmt_value, is_signed, layer_label, layer_value, metric_label,
-    new_axes, plotly_color_kwargs, plotly_scale, require_plotly, role_order, styled, text_color_for, weighted_mean,
+    new_axes, plotly_color_kwargs, plotly_scale, require_plotly, role_order, styled, text_color_for,
     weights_of,
 )
 
@@ -66,7 +69,7 @@ def _grid(df, metric: str, *, weight: str | None, roles, filters: dict, what: st
     out = np.full((len(layers), len(cols)), np.nan)
     cell_names = [[[] for _ in cols] for _ in layers]
     for (i, j), idx in cells.items():
-        out[i, j] = weighted_mean(values[idx], None if w is None else w[idx])
+        out[i, j] = pool(metric, values[idx], None if w is None else w[idx])
         cell_names[i][j] = sorted(set(names[k] for k in idx))
     return _Grid(out, list(layers), cols, cell_names, metric)
 

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError, check_choice
+from curvlens.streams.analysis_common import pool
 from curvlens.views._common import (
     METRIC_RANGES, apply_filters, check_frame, check_numeric, filter_title, first_seen, fmt_value,
-    metric_label, new_axes, plotly_color_kwargs, require_plotly, styled, text_color_for, weighted_mean, weights_of,
+    metric_label, new_axes, plotly_color_kwargs, require_plotly, styled, text_color_for, weights_of,
 )
 from curvlens.views.heatmaps import _color_setup
 
@@ -44,7 +45,7 @@ def _pair_matrix(df, metric, *, weight, experts, diagonal, filters, what):
     count = np.zeros((n, n), dtype=int)
     numel = np.zeros((n, n))
     for (i, j), ks in cells.items():
-        out[i, j] = out[j, i] = weighted_mean(values[ks], None if w is None else w[ks])
+        out[i, j] = out[j, i] = pool(metric, values[ks], None if w is None else w[ks])
         count[i, j] = count[j, i] = len(ks)
         numel[i, j] = numel[j, i] = float(np.nansum(w[ks])) if w is not None else len(ks)
     for i in range(n):

@@ -1,15 +1,16 @@
 """The embedded demo expert zoo: a tiny Llama base, capability experts, evaluation.
 
-``build`` trains (or reuses from the cache) a base model and four experts, math,
+``load`` (or ``build``) trains, or reuses from the cache, a base model and four experts, math,
 code, instruction following and knowledge recall, each saved in the paper's release
 layout with its Adam ``exp_avg_sq``; ``evaluate`` scores any model on the zoo's
-held-out prompts. See ``docs/zoo.md`` for the task designs and measured scores.
+held-out prompts, and ``Zoo.score({label: model})`` makes a merge table (the base's
+and experts' scores are evaluated once and stored with the zoo). See ``docs/zoo.md`` for the task designs and measured scores.
 
 Examples
 --------
->>> import curvlens.zoo as zoo                                 # doctest: +SKIP
->>> z = zoo.build("quick")                                      # doctest: +SKIP
->>> zoo.evaluate(z.expert_dirs["math"], zoo=z)                  # doctest: +SKIP
+>>> import curvlens as cl                                      # doctest: +SKIP
+>>> z = cl.zoo.load("quick")                                    # doctest: +SKIP
+>>> z.score({"math expert": z.expert_dirs["math"]})             # doctest: +SKIP
 """
 import importlib.util
 
@@ -19,8 +20,8 @@ if _missing:  # the zoo trains real HF models; the rest of curvlens does not nee
         f"curvlens.zoo needs {' and '.join(_missing)}; install with: pip install 'curvlens[zoo]'"
     )
 
-from curvlens.zoo.build import Zoo, build
+from curvlens.zoo.build import Zoo, build, load
 from curvlens.zoo.config import EXPERT_CAPABILITIES, PRESETS, ZooConfig
 from curvlens.zoo.evaluate import evaluate
 
-__all__ = ["EXPERT_CAPABILITIES", "PRESETS", "Zoo", "ZooConfig", "build", "evaluate"]
+__all__ = ["EXPERT_CAPABILITIES", "PRESETS", "Zoo", "ZooConfig", "build", "evaluate", "load"]

@@ -107,6 +107,60 @@ class Zoo:
 
         return evaluate(model, capabilities, zoo=self, **kwargs)
 
+    def reference_scores(self, *, device: str = "auto"):
+        """The base's and every expert's scores (merge-table rows), evaluated once
+        and stored beside the zoo (``scores-<device>-<evaluation code hash>.csv``):
+        every later call, in any process, reads them back."""
+        import pandas as pd
+
+        from curvlens.streams.experts import resolve_device
+
+        kind = resolve_device(device).type
+        stored = self.root / f"scores-{kind}-{_evaluation_version()}.csv"
+        if stored.is_file():
+            return pd.read_csv(stored)
+        models = {"base": ("base", self.base_dir),
+                  **{f"expert: {n}": ("expert", d) for n, d in self.expert_dirs.items()}}
+        table = self._rows(models, device)
+        tmp = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
+        try:  # a read-only cache still works: the scores are just not stored
+            table.to_csv(tmp, index=False)
+            os.replace(tmp, stored)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        return table
+
+    def score(self, models, *, reference: bool = True, device: str = "auto"):
+        """One merge table for any models: ``{label: model}`` -> rows ``model,
+        method, capability, accuracy, n``.
+
+        Parameters
+        ----------
+        models : mapping
+            Label -> an HF dir, a state dict, a ``Checkpoint`` or a ``MergeResult``
+            (its method fills the ``method`` column; others read ``"model"``).
+        reference : bool
+            Put the base's and the experts' stored scores first
+            (:meth:`reference_scores`).
+        """
+        import pandas as pd
+
+        rows = {label: (getattr(m, "method", "model"), getattr(m, "checkpoint", m)) for label, m in models.items()}
+        parts = ([self.reference_scores(device=device)] if reference else []) + [self._rows(rows, device)]
+        return pd.concat(parts, ignore_index=True)
+
+    def _rows(self, models, device):
+        import pandas as pd
+
+        from curvlens.zoo.evaluate import evaluate
+
+        rows = []
+        for label, (method, model) in models.items():
+            df = evaluate(model, zoo=self, device=device)
+            rows += [{"model": label, "method": method, "capability": r.capability, "accuracy": r.accuracy,
+                      "n": r.n} for r in df.itertuples()]
+        return pd.DataFrame(rows, columns=["model", "method", "capability", "accuracy", "n"])
+
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else ``$CURVLENS_CACHE``, else ``~/.cache/curvlens``."""
@@ -160,6 +214,30 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
         # Gone after a successful move; otherwise a half-built zoo, never to be reused.
         shutil.rmtree(partial, ignore_errors=True)
     return Zoo.from_dir(root)
+
+
+def _evaluation_version() -> str:
+    """A short hash of the evaluation code: stored scores go stale when it changes."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha1()
+    for name in ("curvlens.zoo.evaluate", "curvlens.zoo.tasks"):
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()[:10]
+
+
+def load(config: str | ZooConfig = "quick", *, seed: int = 0, cache_dir=None, progress: bool = True) -> Zoo:
+    """The zoo ``config`` from the cache, built first when it is not there yet
+    (:func:`build`; the default here is the quick zoo).
+
+    Examples
+    --------
+    >>> import curvlens as cl                                     # doctest: +SKIP
+    >>> zoo = cl.zoo.load("quick")                                # doctest: +SKIP
+    >>> table = zoo.score({"average": cl.merge(zoo.experts(), "linear")})  # doctest: +SKIP
+    """
+    return build(config, seed=seed, cache_dir=cache_dir, progress=progress)
 
 
 def move_into_place(partial: Path, root: Path, *, replace: bool) -> None:

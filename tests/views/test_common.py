@@ -5,7 +5,7 @@ import pytest
 
 from curvlens.errors import CurvlensError
 from curvlens.views._common import (
-    NON_LAYER, apply_filters, auto_log, figure_style, layer_value, role_order, weighted_mean,
+    NON_LAYER, apply_filters, auto_log, figure_style, layer_value, role_order,
 )
 
 
@@ -34,9 +34,31 @@ def test_role_order_is_fixed_and_keeps_unknown_roles():
     assert role_order(["q", "k"], roles=["k", "q", "v"]) == ["k", "q", "v"]
 
 
-def test_weighted_mean_ignores_nan_and_zero_weights():
-    assert weighted_mean(np.array([1.0, 3.0, np.nan]), np.array([1, 3, 5])) == pytest.approx(2.5)
-    assert np.isnan(weighted_mean(np.array([np.nan]), np.array([1.0])))
+def test_pool_ignores_nan_and_zero_weights_and_sums_additive_metrics():
+    from curvlens.streams.analysis_common import pool
+
+    assert pool("kept_frac", np.array([1.0, 3.0, np.nan]), np.array([1, 3, 5])) == pytest.approx(2.5)
+    assert np.isnan(pool("kept_frac", np.array([np.nan]), np.array([1.0])))
+    assert pool("predicted_loss_increase", np.array([1.0, 3.0, np.nan]), np.array([1, 3, 5])) == 4.0
+
+
+def test_heatmap_cells_pool_as_aggregate_does():
+    """One pooling rule: a layer x role cell equals aggregate's number for it,
+    a mean for ratios and a sum for additive metrics (two norms in a layer)."""
+    import pandas as pd
+
+    from curvlens.streams.analysis_common import aggregate
+    from curvlens.views.heatmaps import layer_role_matrix
+
+    df = pd.DataFrame({"expert": "e", "name": ["a.norm1", "a.norm2", "a.q"], "layer": pd.array([0, 0, 0], "Int64"),
+                       "role": ["norm", "norm", "q"], "numel": [8, 24, 64],
+                       "kept_frac": [1.0, 0.0, 0.25], "predicted_loss_increase": [0.5, 1.5, 2.0]})
+    for metric in ("kept_frac", "predicted_loss_increase"):
+        cell = layer_role_matrix(df, metric).loc["0", "norm"]
+        other = "predicted_loss_increase" if metric == "kept_frac" else "kept_frac"
+        agg = aggregate(df.drop(columns=other), by=("layer", "role"))
+        assert cell == pytest.approx(float(agg[agg.role == "norm"][metric].iloc[0])), metric
+    assert layer_role_matrix(df, "predicted_loss_increase").loc["0", "norm"] == 2.0
 
 
 def test_apply_filters_tolerates_float_roundoff_and_lists():

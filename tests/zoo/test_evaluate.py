@@ -76,3 +76,25 @@ def test_bad_inputs(quick_zoo, tmp_path):
         evaluate({"model.norm.weight": torch.ones(4)}, zoo=quick_zoo)
     with pytest.raises(CurvlensError, match="expected an HF model dir"):
         evaluate(42, zoo=quick_zoo)
+
+
+def test_zoo_score_stores_reference_scores_once(quick_zoo, monkeypatch):
+    """zoo.score gives one merge table; the base's and experts' rows are evaluated
+    once and stored with the zoo, not re-evaluated per call."""
+    from curvlens import merge
+    from curvlens.zoo import Zoo
+
+    avg = merge(quick_zoo.experts(), "linear", device="cpu", progress=False)
+    table = quick_zoo.score({"average": avg}, device="cpu")
+    assert list(table.columns) == ["model", "method", "capability", "accuracy", "n"]
+    labels = list(dict.fromkeys(table.model))
+    assert labels == ["base", *[f"expert: {n}" for n in quick_zoo.expert_dirs], "average"]
+    assert set(table[table.model == "average"].method) == {"linear"}
+    assert list(quick_zoo.root.glob("scores-cpu-*.csv"))
+    calls = []
+    real = Zoo._rows
+    monkeypatch.setattr(Zoo, "_rows", lambda self, models, device: calls.append(list(models)) or
+                        real(self, models, device))
+    again = quick_zoo.score({"average": avg}, device="cpu")
+    assert calls == [["average"]]  # the reference rows came from the store
+    assert again.equals(table)
