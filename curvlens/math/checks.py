@@ -115,6 +115,19 @@ def _describe_bad_moments(v: torch.Tensor) -> str:
     return f"{found} second moment value(s); expected finite, non-negative values"
 
 
+def weight_problems(t: torch.Tensor) -> str | None:
+    """What is wrong with weights ``t`` (NaN or Inf entries, counted), or None;
+    integer tensors have nothing to check. One min/max reduction when nothing is."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(t)
+    if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+        return None
+    counts = {"NaN": int(torch.isnan(t).sum()), "Inf": int(torch.isinf(t).sum())}
+    found = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    return f"{found} weight value(s); expected finite weights"
+
+
 def check_moments(name: str, v: torch.Tensor) -> torch.Tensor:
     """``v`` if its second moments are finite and non-negative, else a CurvlensError
     naming ``name`` and counting the bad entries."""

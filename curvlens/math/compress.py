@@ -23,7 +23,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.checks import float_tensor
 
-__all__ = ["rank1", "rank_r", "compressed_bytes"]
+__all__ = ["rank1", "rank_r", "compressed_bytes", "relative_error"]
 
 
 def rank1(v: torch.Tensor) -> torch.Tensor:
@@ -168,3 +168,19 @@ def compressed_bytes(
     m, n = dims
     stored = m + n if rank == 1 else rank * (m + n + 1)
     return min(stored, dense) * itemsize
+
+
+def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||approx - ref|| / ||ref||`` in float64 (0 when both are 0, inf when only
+    ``ref`` is).
+
+    Examples
+    --------
+    >>> relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]))
+    0.1
+    """
+    den = float(torch.linalg.vector_norm(ref, dtype=torch.float64))
+    num = float(torch.linalg.vector_norm(approx.double() - ref.double()))
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den

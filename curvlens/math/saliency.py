@@ -14,7 +14,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.checks import float_tensor
 
-__all__ = ["saliency", "fisher_mask", "magnitude_scores"]
+__all__ = ["saliency", "fisher_mask", "magnitude_scores", "scores_into"]
 
 
 def saliency(v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -88,3 +88,22 @@ def magnitude_scores(tau: torch.Tensor) -> torch.Tensor:
     tensor([2.0000, 0.5000])
     """
     return float_tensor("tau", tau).float().abs()
+
+
+def scores_into(out: torch.Tensor, criterion: str, base: torch.Tensor, expert: torch.Tensor,
+                v: torch.Tensor | None, ix: slice) -> torch.Tensor:
+    """Scores of entries ``ix`` of flat tensors in their stored dtypes, written into
+    the fp32 buffer ``out``: ``v * tau**2`` (``"fisher"``) or ``|tau|``
+    (``"magnitude"``), with ``tau = expert - base``. The same bits as
+    :func:`saliency` / :func:`magnitude_scores` on fp32 copies, without the copies.
+
+    Examples
+    --------
+    >>> out = torch.empty(2)
+    >>> scores_into(out, "fisher", torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]), torch.ones(3), slice(1, 3))
+    tensor([4., 9.])
+    """
+    tau = expert[ix].float() - base[ix].float()
+    if criterion == "magnitude":
+        return torch.abs(tau, out=out)
+    return torch.mul(v[ix].float(), tau.square_(), out=out)

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.compress import compressed_bytes
+from curvlens.math.compress import compressed_bytes, relative_error
+from curvlens.math.moment_maps import as_2d, block_means, log10_bin_counts
 from curvlens.math.blocks import Workspace, tensor_seed
 from curvlens.math.overlap import pair_overlaps, log10_stats
 from curvlens.streams.analysis_common import (
@@ -202,52 +203,14 @@ def moment_compression(experts: Experts, rank: int = 1, names: Sequence[str] | N
                 row.update(rank=math.nan, rel_error_v=0.0, rel_error_weights=0.0)
             else:
                 (approx,) = compress_moments([v], rank1_approx=rank == 1, rank=None if rank == 1 else rank)
-                row.update(rank=float(rank), rel_error_v=_rel_err(v, approx),
-                           rel_error_weights=_rel_err(v.pow(power), approx.pow(power)))
+                row.update(rank=float(rank), rel_error_v=relative_error(v, approx),
+                           rel_error_weights=relative_error(v.pow(power), approx.pow(power)))
                 del approx
             rows.append(row)
     return frame(rows, MOMENT_COMPRESSION_COLUMNS)
 
 
-def _rel_err(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    den = float(torch.linalg.vector_norm(ref, dtype=torch.float64))
-    num = float(torch.linalg.vector_norm(approx.double() - ref.double()))
-    if den == 0:
-        return 0.0 if num == 0 else math.inf
-    return num / den
-
-
 # ------------------------------------------------------------- pooled_moments
-def _as_2d(t: torch.Tensor) -> torch.Tensor:
-    if t.ndim == 0:
-        return t.reshape(1, 1)
-    if t.ndim == 1:
-        return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
-
-
-def _block_means(x: torch.Tensor, bm: int, bn: int, fn) -> torch.Tensor:
-    """Means of ``fn(x)`` over ``bm x bn`` blocks (the last ones may be smaller),
-    computed a band of rows at a time so ``fn(x)`` never exists whole."""
-    m, n = x.shape
-    nb_r, nb_c = -(-m // bm), -(-n // bn)
-    pad_c = nb_c * bn - n
-    out = torch.empty(nb_r, nb_c, dtype=torch.float64, device=x.device)
-    band = max(1, (1 << 22) // max(1, bm * n))  # row blocks per band: ~4M entries
-    for r0 in range(0, nb_r, band):
-        r1 = min(nb_r, r0 + band)
-        rows = x[r0 * bm:min(m, r1 * bm)]
-        y = fn(rows).double()
-        pad_r = (r1 - r0) * bm - y.shape[0]
-        y = torch.nn.functional.pad(y, (0, pad_c, 0, pad_r))
-        out[r0:r1] = y.reshape(r1 - r0, bm, nb_c, bn).sum(dim=(1, 3))
-    rc = torch.full((nb_r,), float(bm), dtype=torch.float64, device=x.device)
-    rc[-1] = m - (nb_r - 1) * bm
-    cc = torch.full((nb_c,), float(bn), dtype=torch.float64, device=x.device)
-    cc[-1] = n - (nb_c - 1) * bn
-    return out / torch.outer(rc, cc)
-
-
 def pooled_moments(experts: Experts, names: Sequence[str] | str | None, *, block: tuple[int, int] | None = None,
                    max_blocks: int = 64, masks_density: float | None = None, criterion: str = "fisher",
                    log_eps: float = 1e-30, device="auto", progress: bool = True) -> pd.DataFrame:
@@ -309,13 +272,13 @@ def pooled_moments(experts: Experts, names: Sequence[str] | str | None, *, block
                                   experts=thresholds is not None, progress=progress, desc="pooled moments"):
         scores = mask_scores(g, criterion) if thresholds is not None else None
         for i, (e, v) in enumerate(zip(experts.names, g.moments)):
-            v2 = _as_2d(v)
+            v2 = as_2d(v)
             m, n = v2.shape
             bm, bn = block if block is not None else (-(-m // max_blocks), -(-n // max_blocks))
-            lg = _block_means(v2, bm, bn, lambda x: torch.log10(x.double() + log_eps))
+            lg = block_means(v2, bm, bn, lambda x: torch.log10(x.double() + log_eps))
             if scores is not None:
                 kept = thresholds[i].mask(g.name, scores[i])
-                frac = _block_means(_as_2d(kept), bm, bn, lambda x: x.double())
+                frac = block_means(as_2d(kept), bm, bn, lambda x: x.double())
                 frac = frac.reshape(-1).cpu().numpy()
             else:
                 frac = np.full(lg.numel(), np.nan)
@@ -377,13 +340,7 @@ def log10_histogram(experts: Experts, bins=None, by: str | None = "role", names:
         key = None if by is None else {"role": g.role, "layer": g.layer, "name": g.name}[by]
         for e, v in zip(experts.names, g.moments):
             acc = counts.setdefault((e, key), torch.zeros(nb, dtype=torch.int64))
-            flat = v.reshape(-1)
-            for s in range(0, flat.numel(), 1 << 22):
-                lg = torch.log10(flat[s:s + (1 << 22)].double())
-                idx = torch.bucketize(lg, edges_t, right=True) - 1
-                idx[lg == edges_t[-1]] = nb - 1  # the last bin is closed
-                idx = idx[(idx >= 0) & (idx < nb)]
-                acc += torch.bincount(idx, minlength=nb).cpu()
+            acc += log10_bin_counts(v, edges_t)
     cols = ["expert"] + ([] if by is None else [by]) + HISTOGRAM_VALUE_COLUMNS
     parts = []
     for (e, key), c in counts.items():

@@ -7,7 +7,6 @@ consumer moves on. Peak memory is a few tensors per expert, whatever the model s
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.moments import Moments
+from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
 
 
@@ -354,26 +354,16 @@ def _read(source, name: str, expert: str | None) -> torch.Tensor:
 
 
 def _checked_weight(t: torch.Tensor, name: str, who: str) -> torch.Tensor:
-    """``t`` unless it holds NaN/Inf (one min/max reduction, which NaN propagates through)."""
-    if t.is_floating_point() and t.numel():
-        lo, hi = torch.aminmax(t)
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            counts = {"NaN": int(torch.isnan(t).sum()), "Inf": int(torch.isinf(t).sum())}
-            found = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-            raise CurvlensError(f"{who}, tensor {name!r}: {found} weight value(s); expected finite weights")
+    problem = weight_problems(t)
+    if problem is not None:
+        raise CurvlensError(f"{who}, tensor {name!r}: {problem}")
     return t
 
 
 def _checked_moment(v: torch.Tensor, name: str, e: Expert) -> torch.Tensor:
-    """``v`` unless it holds NaN/Inf or negative second moments."""
-    if v.numel():
-        lo, hi = torch.aminmax(v)
-        if not (float(lo) >= 0.0 and math.isfinite(float(hi))):
-            counts = {"NaN": int(torch.isnan(v).sum()), "Inf": int(torch.isinf(v).sum()),
-                      "negative": int((v < 0).sum())}
-            found = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-            raise CurvlensError(f"expert {e.name!r}, tensor {name!r}: {found} second moment value(s) in "
-                                f"{e.moments.label}; expected finite, non-negative values")
+    problem = moment_problems(v)
+    if problem is not None:
+        raise CurvlensError(f"expert {e.name!r}, tensor {name!r}: {problem} (in {e.moments.label})")
     return v
 
 

@@ -9,7 +9,6 @@ reads that declaration, never a method's name.
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks, tensor_seed
+from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
@@ -273,47 +273,22 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
     flat_out = out.reshape(-1)
     for sl in blocks(flat_merged.numel(), block_size(dev)):
         block = flat_merged[sl]
-        stats.add(g, sl, block)
+        stats.norms.add(block, reference_block(g.base, g.experts, sl))
         if not keep_as_is:
-            flat_out[sl] = cast = block.to("cpu").to(target)
-            if cast.numel() and target.itemsize < 4 and not _finite(cast):
-                _overflow(g.name, block, target)
-    if not math.isfinite(stats.sq_delta):
+            flat_out[sl] = cast_checked(block, target, g.name)
+    if not stats.norms.finite:
         raise CurvlensError(f"tensor {g.name!r}: the {m.name} merge produced non-finite values "
                             f"({int((~torch.isfinite(merged)).sum())} of {merged.numel()})")
     return out, stats.row(g, names)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    lo, hi = torch.aminmax(t)
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
-
-
-def _overflow(name: str, block: torch.Tensor, target: torch.dtype) -> None:
-    big = float(block.abs().max())
-    raise CurvlensError(f"tensor {name!r}: a merged value ({big:.4g}) overflows the output dtype "
-                        f"{str(target).replace('torch.', '')} (largest {torch.finfo(target).max:.4g}); "
-                        "choose a wider dtype (float32 or bfloat16)")
-
-
 class _Stats:
     """Per-tensor report numbers: mask counts from the method, change norms
-    accumulated over blocks (fp64 sums)."""
+    accumulated over blocks (:mod:`curvlens.math.merge_report`)."""
 
     def __init__(self, n: int):
         self.counts = MaskCounts(n)
-        self.sq_delta = 0.0
-        self.sq_ref = 0.0
-
-    def add(self, g: TensorGroup, sl: slice, merged: torch.Tensor) -> None:
-        """Add block ``sl`` of the merged tensor (fp32, flat); the reference is the
-        base, or the experts' mean without one."""
-        if g.base is not None:
-            ref = g.base.reshape(-1)[sl].float()
-        else:
-            ref = torch.stack([e.reshape(-1)[sl].float() for e in g.experts]).mean(dim=0)
-        self.sq_delta += float(torch.linalg.vector_norm(merged - ref)) ** 2
-        self.sq_ref += float(torch.linalg.vector_norm(ref)) ** 2
+        self.norms = ChangeNorms()
 
     def row(self, g: TensorGroup, names, merged: bool = True) -> dict:
         numel = g.experts[0].numel()
@@ -322,9 +297,8 @@ class _Stats:
         for i, n in enumerate(names):
             row[f"kept_{n}"] = self.counts.kept[i] / numel if masked else 1.0
         row["all_masked"] = 1.0 - self.counts.any_kept / numel if masked else 0.0
-        d = self.sq_delta ** 0.5
-        row["delta_norm"] = d if merged else 0.0
-        row["rel_delta"] = d / max(self.sq_ref ** 0.5, 1e-30) if merged else 0.0
+        row["delta_norm"] = self.norms.delta if merged else 0.0
+        row["rel_delta"] = self.norms.relative() if merged else 0.0
         return row
 
 

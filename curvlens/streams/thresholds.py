@@ -34,6 +34,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
+from curvlens.math.saliency import magnitude_scores, saliency, scores_into
 from curvlens.math.topk import select_mask
 from curvlens.streams.experts import Experts, TensorGroup
 
@@ -68,13 +69,13 @@ def mask_scores(group: TensorGroup, criterion: str = "fisher", moments=None) -> 
     """
     taus = group.task_vectors
     if criterion == "magnitude":
-        return [t.abs() for t in taus]
+        return [magnitude_scores(t) for t in taus]
     if criterion != "fisher":
         raise CurvlensError(f"criterion={criterion!r} is not valid; expected one of {CRITERIA}")
     moments = group.moments if moments is None else moments
     if moments is None:
         raise CurvlensError(f"{group.name}: the fisher criterion needs second moments")
-    return [v * t.square() for v, t in zip(moments, taus)]
+    return [saliency(v, t) for v, t in zip(moments, taus)]
 
 
 def score_chunks(group: TensorGroup, criterion: str = "fisher", *, chunk: int = 1 << 22):
@@ -100,12 +101,7 @@ def score_chunks(group: TensorGroup, criterion: str = "fisher", *, chunk: int = 
         for start in range(0, n, chunk):
             out = buf[: min(n, start + chunk) - start]
             for sl in blocks(out.numel(), size):
-                ix = slice(start + sl.start, start + sl.stop)
-                tau = fe[ix].float() - fb[ix].float()
-                if fv is None:
-                    torch.abs(tau, out=out[sl])
-                else:
-                    torch.mul(fv[ix].float(), tau.square_(), out=out[sl])
+                scores_into(out[sl], criterion, fb, fe, fv, slice(start + sl.start, start + sl.stop))
             yield i, out
 
 
