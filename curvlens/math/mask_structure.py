@@ -34,7 +34,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.checks import as_bytes, as_tensor, check_same_shape, chunks, ratio
 
-__all__ = ["mask_structure", "mask_jaccard"]
+__all__ = ["mask_structure", "mask_jaccard", "saliency_share"]
 
 # Exact float64 SVD up to this many entries (after dropping all-zero rows/columns).
 # A 2048 x 2048 float64 SVD takes a few seconds on 2 CPU cores; 4096 x 4096 takes
@@ -398,3 +398,21 @@ def mask_jaccard(mask_a, mask_b) -> float:
     if union == 0:
         return 1.0
     return int(torch.count_nonzero(a & b)) / union
+
+
+def saliency_share(mask: torch.Tensor, saliency: torch.Tensor, total: float,
+                   buf: torch.Tensor | None = None) -> float:
+    """The share of ``total`` (a tensor's summed saliency) that ``mask`` keeps:
+    ``sum(mask * saliency) / total`` in fp32 cascade sums, NaN when ``total`` is 0.
+    ``buf`` (fp32, ``mask.numel()`` entries) avoids an allocation per call.
+
+    Examples
+    --------
+    >>> saliency_share(torch.tensor([True, False, True]), torch.tensor([1.0, 2.0, 1.0]), 4.0)
+    0.5
+    """
+    flat = as_bytes(mask).reshape(-1)  # 0/1 through the uint8 view: bool kernels are slow
+    buf = torch.empty(flat.numel(), dtype=torch.float32, device=mask.device) if buf is None else buf
+    buf.copy_(flat)
+    kept = float(buf.mul_(saliency.reshape(-1)).sum())
+    return kept / total if total > 0 else math.nan

@@ -22,9 +22,8 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import Workspace, tensor_seed
-from curvlens.math.mask_structure import mask_jaccard
+from curvlens.math.mask_structure import mask_jaccard, saliency_share
 from curvlens.math.mask_structure import mask_structure
-from curvlens.math.checks import as_bytes
 from curvlens.roles import param_role
 from curvlens.streams.analysis_common import (
     MASK_OVERLAP_COLUMNS,
@@ -292,10 +291,7 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
                     except CurvlensError as err:
                         raise with_context(err, f"expert {e!r}", f"tensor {g.name!r}") from err
                     if sal is not None:
-                        # the mask as 0/1 floats through its uint8 view (bool kernels are slow)
-                        tmp.copy_(as_bytes(mask))
-                        kept = float(tmp.mul_(sal.reshape(-1)).sum())
-                        st["saliency_kept"] = kept / sal_total if sal_total > 0 else math.nan
+                        st["saliency_kept"] = saliency_share(m, sal, sal_total, tmp)
                     rows.append({"expert": e, "criterion": c, "density": d, **ident, "threshold": t,
                                  **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}})
             del gi, tau, scores, sal

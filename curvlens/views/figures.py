@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError, check_choice
+from curvlens.io.atomic import make_partial
 from curvlens.views._common import figure_style, first_seen, metric_label
 
 __all__ = ["FRAME_KEYS", "render_all", "save_figure"]
@@ -269,7 +269,9 @@ def render_all(frames: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     # Draw and save everything into a scratch dir first: a failing figure leaves
     # out_dir as it was, never half-updated.
-    tmp = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
+    # a marked partial dir (the one mechanism of curvlens.io.atomic): swept by the
+    # next run if this one is killed outright
+    tmp = make_partial(out, "render")
     names: list[str] = []
     lines = []
     try:
