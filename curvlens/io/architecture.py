@@ -38,9 +38,12 @@ def read_config(model_dir: Path) -> dict | None:
     return cfg
 
 
-def _class_names(cfg: dict) -> list[str]:
+def _class_names(cfg: dict, which: str) -> list[str]:
     archs = cfg.get("architectures")
-    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    declared = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if which == "declared":
+        return declared
+    names: list[str] = []
     from transformers.models.auto import modeling_auto
 
     model_type = cfg.get("model_type")
@@ -48,13 +51,17 @@ def _class_names(cfg: dict) -> list[str]:
         name = getattr(modeling_auto, mapping, {}).get(model_type)
         if isinstance(name, (list, tuple)):
             name = name[0] if name else None
-        if isinstance(name, str) and name not in names:
+        if isinstance(name, str) and name not in names and name not in declared:
             names.append(name)
     return names
 
 
-def architecture_orders(model_dir: Path) -> tuple[list[tuple[str, list[str], set[str]]], str | None]:
-    """Candidate parameter orders of the model in ``model_dir``.
+def architecture_orders(model_dir: Path, which: str = "declared"
+                        ) -> tuple[list[tuple[str, list[str], set[str]]], str | None]:
+    """Candidate parameter orders of the model in ``model_dir``: of the
+    architectures its config declares (``which="declared"``), or of transformers'
+    other heads for its ``model_type`` (``"fallback"``: causal LM, sequence
+    classification, masked LM, seq2seq, token classification, bare model).
 
     Returns
     -------
@@ -85,7 +92,7 @@ def architecture_orders(model_dir: Path) -> tuple[list[tuple[str, list[str], set
     except Exception as err:  # a config transformers cannot parse
         return [], f"{model_dir / 'config.json'}: transformers cannot read it as a {model_type} config ({err})"
     orders, errors = [], []
-    for name in _class_names(cfg):
+    for name in _class_names(cfg, which):
         cls = getattr(transformers, name, None)
         if cls is None or not isinstance(cls, type) or getattr(cls, "config_class", None) is None:
             errors.append(f"{name}: not a transformers class")
@@ -99,8 +106,8 @@ def architecture_orders(model_dir: Path) -> tuple[list[tuple[str, list[str], set
         names = [n for n, _ in model.named_parameters()]
         orders.append((name, names, _no_decay(model)))
         del model
-    why = None if orders else (f"{model_dir / 'config.json'}: no architecture could be built ("
-                               + "; ".join(errors) + ")")
+    why = None if orders else (f"{model_dir / 'config.json'}: no {which} architecture could be built ("
+                               + ("; ".join(errors) or "none named") + ")")
     return orders, why
 
 

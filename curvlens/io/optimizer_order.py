@@ -44,9 +44,10 @@ def name_index_state(state: Mapping, groups: list, checkpoint, label: str) -> di
             f"{label}: optimizer state is keyed by parameter index; pass checkpoint= "
             "(the model, or its parameter names in the optimizer's order) to map indices to names"
         )
-    shapes, tiers, why = _candidate_orders(checkpoint, sizes, label)
+    shapes, tiers, whys = _candidate_orders(checkpoint, sizes, label)
     errors: list[str] = []
-    for tier in tiers:
+    for make_tier in tiers:  # built lazily: transformers classes only while needed
+        tier = make_tier()
         matches = []
         for order_name, names in tier:
             problem = _order_problem(names, indices, state, shapes)
@@ -62,38 +63,43 @@ def name_index_state(state: Mapping, groups: list, checkpoint, label: str) -> di
         if distinct:
             names = matches[0][1]
             return {names[k]: state[i] for k, i in enumerate(indices) if i in state}
-    if why:
-        errors.append(why)
+    errors += whys
     raise CurvlensError(f"{label}: cannot map optimizer indices to parameter names:\n  " + "\n  ".join(errors)
                         + "\n  (pass checkpoint= as the list of parameter names in the optimizer's order)")
 
 
 def _candidate_orders(checkpoint, sizes: list[int], label: str):
-    """``(shapes or None, tiers of (label, names), why no architecture order)``."""
+    """``(shapes or None, tiers, reasons)``: each tier a callable giving candidate
+    ``(label, names)`` orders, tried in turn; reasons say why a tier had none."""
     if isinstance(checkpoint, Sequence) and not isinstance(checkpoint, (str, bytes)):
         names = list(checkpoint)
         if not all(isinstance(n, str) for n in names):
             raise CurvlensError(f"{label}: checkpoint= as a list must hold parameter names (str)")
         if len(set(names)) != len(names):
             raise CurvlensError(f"{label}: checkpoint= lists a parameter name more than once")
-        return None, [[("explicit parameter names", names)]], None
+        return None, [lambda: [("explicit parameter names", names)]], []
     ckpt = Checkpoint.open(checkpoint)
     shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
-    declared, fallback, why = [], [], None
+    whys: list[str] = []
+    tiers = []
     if ckpt.path is not None:
-        from curvlens.io.architecture import architecture_orders, read_config
-
         model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-        found, why = architecture_orders(model_dir)
-        archs = (read_config(model_dir) or {}).get("architectures") or []
-        for cls_name, names, no_decay in found:
-            tier = declared if cls_name in archs else fallback
-            tier.extend(_with_decay_split(f"{cls_name} parameter order", names, no_decay, sizes))
-    own = []
+
+        def architectures(which: str):
+            from curvlens.io.architecture import architecture_orders
+
+            found, why = architecture_orders(model_dir, which)
+            if why:
+                whys.append(why)
+            return [order for cls_name, names, no_decay in found
+                    for order in _with_decay_split(f"{cls_name} parameter order", names, no_decay, sizes)]
+
+        tiers += [lambda: architectures("declared"), lambda: architectures("fallback")]
     if ckpt.keeps_order:
         names = [n for n in ckpt.keys() if ckpt.dtype(n).is_floating_point]
         own = _with_decay_split("checkpoint's own order", names, {n for n in names if _hf_no_decay(n)}, sizes)
-    return shapes, [t for t in (declared, fallback, own) if t], why
+        tiers.append(lambda: own)
+    return shapes, tiers, whys
 
 
 def _with_decay_split(what: str, names: list[str], no_decay: set[str], sizes: list[int]):
