@@ -23,6 +23,7 @@ masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overla
 interference           :func:`interference`, :func:`predicted_loss`,
                        :func:`compare_merges`
 pooling                :func:`aggregate`
+threads                :func:`set_threads` (CPU passes use 1 by default: see ``curvlens.runtime``)
 drawing                ``cl.views`` (figures and explorers, imported on first use)
 the demo zoo           ``cl.zoo`` (imported on first use; needs ``transformers``)
 =====================  ==========================================================
@@ -36,6 +37,7 @@ from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
 from curvlens.math.methods import list_methods
 from curvlens.roles import ROLES, param_role
+from curvlens.runtime import set_threads
 from curvlens.streams import Expert, Experts
 from curvlens.streams.analysis import (
     aggregate,
@@ -64,7 +66,7 @@ __all__ = [
     "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "export_moments",
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
-    "merge", "moment_compression", "param_role", "pooled_moments", "predicted_loss", "views",
+    "merge", "moment_compression", "param_role", "pooled_moments", "predicted_loss", "set_threads", "views",
     "write_model", "zoo", "__version__",
 ]
 

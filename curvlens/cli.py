@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     d.set_defaults(fn=_cmd_demo)
 
     m = sub.add_parser("merge", help="merge models from a mergekit / OTA-fork YAML config")
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     m.add_argument("--max-shard-size", default="1GB")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--threads", type=int, default=None,
+                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     m.set_defaults(fn=_cmd_merge)
 
     f = sub.add_parser("figures", help="regenerate every paper figure from the demo zoo (PDF + PNG)")
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--formats", nargs="+", default=["pdf", "png"])
     f.add_argument("--device", default="auto")
     f.add_argument("--quiet", action="store_true")
+    f.add_argument("--threads", type=int, default=None,
+                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     f.set_defaults(fn=_cmd_figures)
 
     an = sub.add_parser("analyze", help="curvature overlap, masks and interference of your experts (CSV)")
@@ -133,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default="auto")
     an.add_argument("--overwrite", action="store_true")
     an.add_argument("--quiet", action="store_true")
+    an.add_argument("--threads", type=int, default=None,
+                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     an.set_defaults(fn=_cmd_analyze)
 
     s = sub.add_parser("methods", help="list merge methods and their parameters")
@@ -145,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``curvlens`` command."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            from curvlens.runtime import set_threads
+
+            set_threads(args.threads)
         return args.fn(args)
     except CurvlensError as err:
         # one line, whatever the message's layout: scripts grep stderr

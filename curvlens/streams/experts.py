@@ -20,6 +20,7 @@ from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.moments import Moments
 from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
+from curvlens.runtime import threads_for, torch_threads
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -244,6 +245,7 @@ class Experts:
         progress: bool = True,
         desc: str = "tensors",
         prefetch_bytes: int = 1 << 30,
+        threads: int | None = None,
     ) -> Iterator[TensorGroup]:
         """Yield one :class:`TensorGroup` per parameter name.
 
@@ -268,6 +270,10 @@ class Experts:
             Read the next group ahead only when it and the current one together
             take at most this many bytes (default 1 GiB), so peak memory stays about
             one large group plus this budget.
+        threads : int, optional
+            Torch intra-op threads while the pass runs (the consumer's math
+            included); default :func:`curvlens.runtime.get_threads` on a CPU (1:
+            a busy machine makes more threads many times slower).
         """
         dev = resolve_device(device)
         names = list(self.tensor_names() if names is None else names)
@@ -307,7 +313,8 @@ class Experts:
             return n * (item * n_inputs + (4 * len(self.experts) if moments else 0))
 
         bar = _progress(len(names), desc, progress)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlens-read") as pool:
+        with torch_threads(threads_for(dev, threads)), \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlens-read") as pool:
             pending = pool.submit(load, names[0]) if names else None
             for i in range(len(names)):
                 group = pending.result() if pending is not None else load(names[i])

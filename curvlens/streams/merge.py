@@ -21,6 +21,7 @@ from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks, tensor_seed
 from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
+from curvlens.runtime import use_threads
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
@@ -123,6 +124,7 @@ def merge(
     max_shard_size: int | str = "1GB",
     progress: bool = True,
     config_text: str | None = None,
+    threads: int | None = None,
     **params,
 ) -> MergeResult:
     """Merge ``experts`` with ``method``, streaming one tensor at a time.
@@ -147,6 +149,9 @@ def merge(
         error, never an Inf.
     overwrite : bool
         Replace an existing ``out``.
+    threads : int, optional
+        Torch intra-op threads on a CPU for every pass of this merge; default
+        :func:`curvlens.runtime.get_threads` (1: see :mod:`curvlens.runtime`).
     **params
         The method's parameters (per-expert ones as a scalar or a list). A
         method's model-wide parameter (``ota``'s ``ffg_density``) becomes an exact
@@ -156,6 +161,13 @@ def merge(
     -------
     MergeResult
     """
+    with use_threads(threads):
+        return _merge(experts, method, out, device=device, dtype=dtype, overwrite=overwrite,
+                      max_shard_size=max_shard_size, progress=progress, config_text=config_text, **params)
+
+
+def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, progress, config_text,
+           **params) -> MergeResult:
     import pandas as pd
 
     if not isinstance(experts, Experts):
@@ -189,9 +201,7 @@ def merge(
     if out is not None:
         import yaml
 
-        config = config_text or yaml.safe_dump(
-            {"merge_method": method, "parameters": _plain(requested),
-             "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None}, sort_keys=False)
+        config = config_text or yaml.safe_dump(_config(m, experts, requested, out_dtype), sort_keys=False)
         # every output name, shape and dtype is known now: stream the bytes unbuffered
         plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in experts.tensor_names()]
         # transformers reads the weights' dtype from config.json: keep it truthful
@@ -300,6 +310,36 @@ class _Stats:
         row["delta_norm"] = self.norms.delta if merged else 0.0
         row["rel_delta"] = self.norms.relative() if merged else 0.0
         return row
+
+
+def _config(m, experts: Experts, p: dict, out_dtype) -> dict:
+    """The merge as a mergekit-style config that ``curvlens merge`` re-runs: the
+    models by path (when they have one), shared parameters at the top, per-expert
+    values that differ under each model, defaults left out."""
+    defaults = {spec.name: spec.default for spec in m.params}
+    per_expert = {spec.name for spec in m.params if spec.per_expert}
+    top, per_model = {}, [{} for _ in experts.experts]
+    for k, v in _plain(p).items():
+        if k in per_expert and isinstance(v, list):
+            for mp, x in zip(per_model, v):
+                if x != defaults[k]:
+                    mp[k] = x
+        elif v != defaults[k]:
+            top[k] = v
+    cfg = {"merge_method": m.name}
+    paths = [e.path or e.checkpoint.path for e in experts.experts]
+    if all(q is not None for q in paths):
+        if experts.base is not None and experts.base.path is not None:
+            cfg["base_model"] = str(experts.base.path)
+        cfg["models"] = []
+        for e, q, mp in zip(experts.experts, paths, per_model):
+            if m.needs_moments and e.moments is not None and e.moments.path is not None:
+                mp = {**mp, "preconditioner_path": str(e.moments.path)}
+            cfg["models"].append({"model": str(q), **({"parameters": mp} if mp else {})})
+    cfg["parameters"] = top
+    if out_dtype is not None:
+        cfg["dtype"] = str(out_dtype).replace("torch.", "")
+    return cfg
 
 
 def _plain(p: dict) -> dict:

@@ -38,7 +38,8 @@ from curvlens.errors import CurvlensError
 from curvlens.io.atomic import MARKER, make_partial
 from curvlens.zoo import train
 from curvlens.zoo.config import CODE_VERSION, EXPERT_CAPABILITIES, ZooConfig, resolve_config
-from curvlens.zoo.runtime import hf_progress_bars_off, torch_threads
+from curvlens.runtime import torch_threads
+from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
 
@@ -267,7 +268,7 @@ def held_out_prompts(task: Task, config: ZooConfig, seed: int) -> frozenset[str]
 def build_into(path: Path, config: ZooConfig, seed: int, *, progress: bool = True) -> None:
     """Train the base and every expert of ``config`` and save them under ``path``.
 
-    One torch thread is used (see :func:`~curvlens.zoo.runtime.torch_threads`), which
+    One torch thread is used (see :mod:`curvlens.runtime`), which
     also makes the weights independent of the machine's core count.
     """
     tokenizer = make_tokenizer()

@@ -21,7 +21,8 @@ import torch
 
 from curvlens.errors import CurvlensError, check_choice
 from curvlens.zoo.config import ZooConfig, resolve_config
-from curvlens.zoo.runtime import hf_progress_bars_off, torch_threads
+from curvlens.runtime import torch_threads
+from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.tasks import Example, eval_examples, make_tasks
 
 #: A function from a list of prompts to the list of answers a model gives.
@@ -183,7 +184,7 @@ def evaluate(model: Any, capabilities: Iterable[str] | None = None, *, zoo: Any 
             zoo = build(config, seed=seed, progress=False)
         base_dir = zoo.base_dir
     frames = []
-    # One thread on CPU: see runtime.torch_threads (a loaded machine is 10x slower with more).
+    # One thread on CPU: see curvlens.runtime (a loaded machine is 10x slower with more).
     threads = 1 if torch.device(device).type == "cpu" else torch.get_num_threads()
     with torch_threads(threads), hf_progress_bars_off():
         net, tokenizer = load_model(model, base_dir, device)

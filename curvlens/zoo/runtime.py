@@ -4,23 +4,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads, then restore the caller's count.
-
-    The zoo's models are so small that one thread is as fast as two on an idle
-    machine, and on a busy one extra threads mostly wait on each other (measured on
-    a loaded 2-core machine: a training step took 9x longer with two threads).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -219,3 +219,18 @@ def test_blocked_merge_equals_whole_tensor(zoo, monkeypatch, method, params):
     cols = [c for c in whole.report.columns if c != "name"]
     pd_testing = pytest.importorskip("pandas.testing")
     pd_testing.assert_frame_equal(chunked.report[cols], whole.report[cols], rtol=1e-6)
+
+
+def test_the_saved_config_reruns_to_the_same_tensors(tiny_zoo, tmp_path):
+    base_dir, dirs, *_ = tiny_zoo
+    ex = Experts.from_dirs(base_dir, dirs)
+    first = merge(ex, "ota", tmp_path / "a", device="cpu", progress=False, ffg_density=[0.3, 0.5, 0.3],
+                  fallback_to_base=True, dtype="bfloat16")
+    saved = yaml.safe_load((tmp_path / "a" / "curvlens_merge.yml").read_text())
+    assert saved["base_model"] == str(base_dir) and len(saved["models"]) == 3
+    assert saved["models"][1]["parameters"]["ffg_density"] == 0.5 and "ffg_density" not in saved["parameters"]
+    assert main(["merge", str(tmp_path / "a" / "curvlens_merge.yml"), str(tmp_path / "b"), "--device", "cpu",
+                 "--quiet"]) == 0
+    again = Checkpoint.open(tmp_path / "b")
+    for n in first.checkpoint:
+        assert torch.equal(first.checkpoint[n], again[n]), n

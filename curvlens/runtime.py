@@ -1,0 +1,83 @@
+"""How many torch threads curvlens's passes use on a CPU, and a block that sets it.
+
+Measured on the 2-core machine this project runs on (issue 13): with one other
+busy process, torch's default two intra-op threads made ``curvlens analyze``
+6-12x slower than one thread (254-471 s vs 39 s), ``curvature_overlap`` 16x and an
+OTA+FFG merge 2.7x, while on a quiet machine two threads gained 9 %. Threads that
+wait on each other cost far more than a second core gains, so every streaming pass
+runs with ONE intra-op thread on a CPU by default (reading the next tensor still
+overlaps the math, in the stream's prefetch thread). ``set_threads`` or a pass's
+``threads=`` changes it; ``benchmarks/bench_threads.py`` measures both settings.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from curvlens.errors import CurvlensError
+
+__all__ = ["set_threads", "get_threads", "use_threads", "torch_threads"]
+
+_DEFAULT = {"cpu": 1}
+
+
+def set_threads(n: int | None) -> None:
+    """Torch intra-op threads for curvlens's CPU passes from now on (``None``:
+    leave torch's own setting alone).
+
+    Examples
+    --------
+    >>> set_threads(2); get_threads()
+    2
+    >>> set_threads(1)
+    """
+    _DEFAULT["cpu"] = _check(n)
+
+
+def get_threads() -> int | None:
+    """The current default (``None``: torch's own setting)."""
+    return _DEFAULT["cpu"]
+
+
+def _check(n) -> int | None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise CurvlensError(f"threads must be an int >= 1 or None; got {n!r}")
+    return n
+
+
+@contextlib.contextmanager
+def use_threads(n: int | None) -> Iterator[None]:
+    """Within the block, every pass uses ``n`` threads on a CPU (``None``: keep the
+    current default); the default is restored after."""
+    before = _DEFAULT["cpu"]
+    if n is not None:
+        _DEFAULT["cpu"] = _check(n)
+    try:
+        yield
+    finally:
+        _DEFAULT["cpu"] = before
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then
+    restore the caller's count."""
+    n = _check(n)
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def threads_for(device: torch.device, threads: int | None = None) -> int | None:
+    """The thread count a pass on ``device`` uses: ``threads`` if given, else the
+    default on a CPU; GPU passes leave torch's CPU threads alone."""
+    if threads is not None:
+        return _check(threads)
+    return _DEFAULT["cpu"] if device.type == "cpu" else None

@@ -1,0 +1,49 @@
+"""The thread policy: CPU passes run with the default (1) thread count and restore
+the caller's afterwards; merge(threads=) and --threads override it."""
+import pytest
+import torch
+
+import curvlens as cl
+from curvlens.cli import main
+from curvlens.runtime import get_threads, torch_threads, use_threads
+from tests.conftest import make_tiny_zoo
+
+
+@pytest.fixture
+def experts(tmp_path):
+    base, dirs, *_ = make_tiny_zoo(tmp_path, n_experts=2)
+    return cl.Experts.from_dirs(base, dirs)
+
+
+def test_a_pass_runs_with_the_default_and_restores(experts):
+    with torch_threads(3):
+        seen = [torch.get_num_threads() for _ in experts.iter_tensors(device="cpu", progress=False)]
+        assert torch.get_num_threads() == 3
+    assert set(seen) == {1} and get_threads() == 1
+    seen = [torch.get_num_threads() for _ in experts.iter_tensors(device="cpu", progress=False, threads=2)]
+    assert set(seen) == {2}
+
+
+def test_merge_threads_reach_every_pass(experts, monkeypatch):
+    seen = []
+    real = cl.Experts.iter_tensors
+
+    def spy(self, *a, **k):
+        for g in real(self, *a, **k):
+            seen.append(torch.get_num_threads())
+            yield g
+
+    monkeypatch.setattr(cl.Experts, "iter_tensors", spy)
+    cl.merge(experts, "ota", ffg_density=0.5, device="cpu", progress=False, threads=2)
+    assert seen and set(seen) == {2}  # the two selection passes and the merge pass
+    assert get_threads() == 1
+    with use_threads(2):
+        assert get_threads() == 2
+    assert get_threads() == 1
+
+
+def test_bad_thread_counts(capsys, tmp_path):
+    with pytest.raises(cl.CurvlensError, match="threads must be an int >= 1"):
+        cl.set_threads(0)
+    assert main(["merge", str(tmp_path / "c.yml"), str(tmp_path / "o"), "--threads", "0"]) == 2
+    assert "threads must be an int >= 1" in capsys.readouterr().err
