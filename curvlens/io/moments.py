@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class Moments(Mapping):
         self._reader = reader
         self.label = label
         self.path = path
+        #: Parameters the optimizer lists but never updated; their moments read as 0.
+        self.never_updated: tuple[str, ...] = ()
         self.step = step
         self.beta2 = beta2
         self.bias_corrected = bool(bias_correction)
@@ -190,10 +193,11 @@ class Moments(Mapping):
         _require_exp_avg_sq(state, label)
         beta2 = _beta2_from_groups(groups, label)
         keys = list(state)
+        never: dict = {}
         if keys and all(isinstance(k, str) for k in keys):
             named = dict(state)
         elif all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
-            named = name_index_state(state, groups, checkpoint, label)
+            named, never = name_index_state(state, groups, checkpoint, label)
         else:
             raise CurvlensError(f"{label}: optimizer state keys must be all parameter indices (int) or all "
                                 f"names (str); got {sorted({type(k).__name__ for k in keys})}")
@@ -206,8 +210,18 @@ class Moments(Mapping):
         tensors = {n: s["exp_avg_sq"] for n, s in named.items()}
         for n, v in tensors.items():
             _check_float(v.dtype, n, label)
-        return cls({k: v.shape for k, v in tensors.items()}, lambda n: tensors[n].clone(),
-                   label=label, step=step, beta2=beta2, bias_correction=bias_correction, path=file)
+        if never:
+            warnings.warn(f"{label}: {len(never)} parameter(s) the optimizer lists were never updated (no state), "
+                          f"e.g. {list(never)[:3]}; their second moments are taken as 0, as Adam's would be "
+                          "(Moments.never_updated lists them)", stacklevel=3)
+
+        def read(n: str) -> torch.Tensor:
+            return tensors[n].clone() if n in tensors else torch.zeros(never[n])
+
+        shapes = {**{k: v.shape for k, v in tensors.items()}, **{k: torch.Size(v) for k, v in never.items()}}
+        m = cls(shapes, read, label=label, step=step, beta2=beta2, bias_correction=bias_correction, path=file)
+        m.never_updated = tuple(never)
+        return m
 
     # -- mapping interface ---------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -14,8 +14,9 @@ from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint
 
 
-def name_index_state(state: Mapping, groups: list, checkpoint, label: str) -> dict[str, dict]:
-    """Map an index-keyed optimizer state to parameter names.
+def name_index_state(state: Mapping, groups: list, checkpoint, label: str):
+    """Map an index-keyed optimizer state to parameter names: ``(name -> state,
+    name -> shape of the parameters listed but never updated)``.
 
     ``torch.optim`` numbers parameters group by group in the order they were passed.
     With one group that is the model's parameter order; the HF Trainer passes two
@@ -62,7 +63,12 @@ def name_index_state(state: Mapping, groups: list, checkpoint, label: str) -> di
                                 "list of names in optimizer order")
         if distinct:
             names = matches[0][1]
-            return {names[k]: state[i] for k, i in enumerate(indices) if i in state}
+            named = {names[k]: state[i] for k, i in enumerate(indices) if i in state}
+            # listed in a param group but never stepped (no gradient ever reached
+            # it): Adam would hold zeros there; the shape is the model's
+            never = {names[k]: shapes[names[k]] for k, i in enumerate(indices)
+                     if i not in state and shapes is not None}
+            return named, never
     errors += whys
     raise CurvlensError(f"{label}: cannot map optimizer indices to parameter names:\n  " + "\n  ".join(errors)
                         + "\n  (pass checkpoint= as the list of parameter names in the optimizer's order)")

@@ -153,3 +153,20 @@ def test_expert_dir_export_layout(tmp_path):
 def test_dir_without_moments(tmp_path):
     with pytest.raises(CurvlensError, match="no second moments found"):
         Moments.open(tmp_path)
+
+
+def test_parameters_never_updated_read_as_zero_moments_with_a_warning(tmp_path):
+    """A parameter no gradient reached (an unused pooler or head) has no optimizer
+    state; Adam's moment there would be 0: read as 0, said in a warning and listed."""
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.norm(model.l1(torch.randn(5, 4))).pow(2).sum().backward()  # l2 gets no gradient
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    ckpt = Checkpoint.open({n: p.detach() for n, p in model.named_parameters()})
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\) the optimizer lists were never updated"):
+        m = Moments.open(tmp_path / "optimizer.pt", checkpoint=ckpt)
+    assert m.never_updated == ("l2.weight", "l2.bias")
+    assert torch.equal(m["l2.weight"], torch.zeros(2, 3)) and m["l1.weight"].abs().sum() > 0
+    m.validate(ckpt)
