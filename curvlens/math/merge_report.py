@@ -50,8 +50,9 @@ class ChangeNorms:
         return self.sq_delta ** 0.5
 
     def relative(self) -> float:
-        """``delta / ||reference||`` (the reference's norm floored at 1e-30)."""
-        return self.delta / max(self.sq_ref ** 0.5, 1e-30)
+        """``delta / ||reference||``; NaN when the reference is all zero (a bias the
+        base has at 0: a relative change is undefined there, not 1e26)."""
+        return self.delta / self.sq_ref ** 0.5 if self.sq_ref > 0 else math.nan
 
 
 def cast_checked(block: torch.Tensor, target: torch.dtype, name: str) -> torch.Tensor:

@@ -184,6 +184,11 @@ class TopKSketch:
         above = n - int(self._cum[b])
         return b, above, int(self._counts[b])
 
+    def count_below_smallest_normal(self) -> int:
+        """Values seen that are 0 (or subnormal, below ~1.2e-38): the bins under
+        the smallest normal float32. A score there carries no information."""
+        return int(self._counts[: self.bin_of(1.1754944e-38)].sum())
+
     def bin_counts(self, b: int) -> "BinCounts":
         """An exact counter of the distinct float32 values inside bin ``b``."""
         return BinCounts(b << self._shift, 1 << self._shift)

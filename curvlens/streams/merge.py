@@ -50,7 +50,9 @@ class MergeResult:
         The merged weights (on disk when ``out`` was given, else in memory).
     report : pandas.DataFrame
         One row per tensor: ``name, layer, role, numel, kept_<expert>...,
-        all_masked, delta_norm, rel_delta``.
+        all_masked, delta_norm, rel_delta``. ``rel_delta`` is ``delta_norm``
+        over the reference's norm (the base, else the experts' mean), NaN where
+        the reference is all zero (undefined; the views leave such cells empty).
     method : str
     params : dict
         The resolved parameters (defaults filled in, per-expert lists).

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -242,9 +243,15 @@ def model_selections(
     # Which bin holds each k-th largest score; several densities may share one.
     plans = {}
     for (c, i), sk in sketches.items():
+        nonzero = sk.total - sk.count_below_smallest_normal()
         for d in wanted[i]:
             k = math.floor(d * sk.total + 0.5)
             plans[c, i, d] = (k, *sk.locate(k)) if k > 0 else (k, None, 0, 0)
+            if k > nonzero:
+                warnings.warn(f"{c} selection of expert {experts.names[i]!r} at density {d}: only {nonzero} of "
+                              f"{sk.total} entries ({nonzero / sk.total:.3f}) have a non-zero score, so "
+                              f"{k - nonzero} entries scored 0 are kept by position (model order), not by "
+                              "merit", stacklevel=2)
     bins = {(c, i, b): sketches[c, i].bin_counts(b) for (c, i, d), (k, b, *_) in plans.items() if b is not None}
     per_tensor: dict[tuple, list[tuple[str, torch.Tensor]]] = {key: [] for key in bins}
     if bins:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -189,10 +190,14 @@ def test_exact_zeros_beyond_the_nonzero_share(tmp_path):
     (e / "export").mkdir()
     save_file({"w": torch.ones(8)}, str(e / "export" / "exp_avg_sq.safetensors"))
     ex = Experts.from_dirs(base, [e])
-    s = model_selections(ex, 0.75, ["fisher"], **KW)["fisher", "e", 0.75]
+    with pytest.warns(UserWarning, match=r"only 4 of 8 entries \(0.500\) have a non-zero score, so 2 entries"):
+        s = model_selections(ex, 0.75, ["fisher"], **KW)["fisher", "e", 0.75]
     assert (s.threshold, s.k, s.tied, s.ties(("w"))) == (0.0, 6, 4, 2)
-    res = merge(ex, "ota", ffg_density=0.75, **KW)
+    with pytest.warns(UserWarning, match="non-zero score"):
+        res = merge(ex, "ota", ffg_density=0.75, **KW)
     assert res.report["kept_e"].iloc[0] == 0.75
+    # the base is all zero here: a relative change is undefined, not 1e26
+    assert res.report["delta_norm"].iloc[0] > 0 and np.isnan(res.report["rel_delta"].iloc[0])
 
 
 def test_merge_and_analyses_keep_the_same_exact_masks_on_bf16(tmp_path):
