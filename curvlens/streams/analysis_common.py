@@ -28,8 +28,8 @@ CURVATURE_STATS_COLUMNS = ["expert", *TENSOR_ID, "mean_log10", "median_log10", "
 CURVATURE_OVERLAP_COLUMNS = ["expert_a", "expert_b", *TENSOR_ID, "cosine", "pearson_log", "spearman_log",
                              "jaccard_top1", "jaccard_top10", "spearman_sampled"]
 MASK_STATS_COLUMNS = ["expert", "criterion", "density", *TENSOR_ID, "threshold", "kept_frac", "row_sparsity",
-                      "col_sparsity", "mask_rank", "mask_effective_rank", "stable_rank", "saliency_kept",
-                      "rank_method"]
+                      "col_sparsity", "mask_rank", "mask_rank_at_least", "mask_effective_rank", "stable_rank",
+                      "saliency_kept", "rank_method"]
 MASK_OVERLAP_COLUMNS = ["expert_a", "expert_b", "criterion", "density", *TENSOR_ID, "jaccard"]
 INTERFERENCE_COLUMNS = ["expert_a", "expert_b", *TENSOR_ID, "tv_cosine", "sign_conflict",
                         "curvature_weighted_conflict"]

@@ -45,7 +45,9 @@ from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import CRITERIA, Selection, mask_scores, model_selections
 
 #: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
-RANK_EXACT_MAX = 512 * 512
+#: Exact-SVD limit (entries) of mask_stats per device: every 2-D mask of every
+#: expert, criterion and density is ranked, so a CPU affords less than a GPU.
+RANK_EXACT_MAX = {"cpu": 512 * 512, "cuda": 4096 * 4096}
 SKETCH_SIZE = 32
 POWER_ITERS = 1
 
@@ -207,7 +209,7 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
 
 # ------------------------------------------------------------------- mask_stats
 def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, names: Sequence[str] | None = None,
-               *, rank_exact_max: int = RANK_EXACT_MAX, sketch_size: int = SKETCH_SIZE,
+               *, rank_exact_max: int | None = None, sketch_size: int = SKETCH_SIZE,
                power_iters: int = POWER_ITERS, seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
     """Structure of every mask: kept fraction, row/column sparsity, rank.
 
@@ -228,12 +230,15 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
         Tensors to describe (default: every floating tensor; thresholds are
         always model-wide).
     rank_exact_max, sketch_size, power_iters
-        Rank settings of :func:`curvlens.math.mask_structure.mask_stats`: an exact
-        float64 SVD when the mask without its empty rows/columns has at most
-        ``rank_exact_max`` entries, else a randomized range finder with
-        ``sketch_size`` columns, which is exact for ranks below ``sketch_size`` and
-        otherwise reports ``sketch_size`` (a lower bound) with NaN
-        ``mask_effective_rank``; ``power_iters`` tightens its estimate of
+        Rank settings of :func:`curvlens.math.mask_structure.mask_structure`: an
+        exact float64 SVD when the mask without its empty rows/columns has at most
+        ``rank_exact_max`` entries (default 512**2 on a CPU, 4096**2 on a GPU),
+        else a randomized range finder with ``sketch_size`` columns, which is exact
+        for ranks below ``sketch_size``. Above it only a bound is known: then
+        ``mask_rank`` (and ``mask_effective_rank``) are NaN and
+        ``mask_rank_at_least`` holds the bound, never a sketch size shown as a
+        rank (``mask_rank_at_least`` equals ``mask_rank`` wherever the rank is
+        known); ``power_iters`` tightens its estimate of
         ``||mask * tau||_2`` for ``stable_rank``. The rank of every 2-D mask of
         every expert at every density is the dominant cost of this function on a
         CPU, hence the modest defaults (512**2, 32, 1): FFG masks are low-rank,
@@ -261,6 +266,8 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     _check_inputs(experts, criteria, "mask_stats")
     names = floating_names(experts, names)
     dev = resolve_device(device)
+    if rank_exact_max is None:
+        rank_exact_max = RANK_EXACT_MAX.get(dev.type, RANK_EXACT_MAX["cpu"])
     sel = _selections(experts, ds, criteria, dev, progress)
     with_v = "fisher" in criteria
     ws = Workspace()
@@ -292,6 +299,10 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
                         raise with_context(err, f"expert {e!r}", f"tensor {g.name!r}") from err
                     if sal is not None:
                         st["saliency_kept"] = saliency_share(m, sal, sal_total, tmp)
+                    # a capped randomized rank is a bound, not a rank: its own column
+                    st["mask_rank_at_least"] = st["rank_cap"] if st["rank_capped"] else st["mask_rank"]
+                    if st["rank_capped"]:
+                        st["mask_rank"] = math.nan
                     rows.append({"expert": e, "criterion": c, "density": d, **ident, "threshold": t,
                                  **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}})
             del gi, tau, scores, sal

@@ -44,7 +44,7 @@ def test_every_frame_has_its_pinned_columns(zoo):
                                "jaccard_top1", "jaccard_top10", "spearman_sampled"]),
         "mask_stats": (A.mask_stats(ex, densities=(0.3,), **KW),
                        ["expert", "criterion", "density", *ID, "threshold", "kept_frac", "row_sparsity",
-                        "col_sparsity", "mask_rank", "mask_effective_rank", "stable_rank", "saliency_kept",
+                        "col_sparsity", "mask_rank", "mask_rank_at_least", "mask_effective_rank", "stable_rank", "saliency_kept",
                         "rank_method"]),
         "mask_overlap": (A.mask_overlap(ex, 0.3, **KW),
                          ["expert_a", "expert_b", "criterion", "density", *ID, "jaccard"]),

@@ -275,3 +275,19 @@ def test_ota_refuses_a_tie_quota_the_scores_cannot_fill():
         ota(base, ex, v, ffg_threshold=[1.0], ffg_ties=[3])
     with pytest.raises(CurvlensError, match="ffg_ties is given for expert"):
         ota(base, ex, v, ffg_ties=[1])
+
+
+def test_a_capped_rank_is_a_bound_in_its_own_column_never_a_rank(tmp_path):
+    base, dirs, *_ = make_tiny_zoo(tmp_path / "z", n_experts=2)
+    ex = Experts.from_dirs(base, dirs)
+    exact = A.mask_stats(ex, densities=0.5, criteria="fisher", **KW)
+    mats = exact[exact.rank_method == "exact"]
+    assert len(mats) and (mats.mask_rank_at_least == mats.mask_rank).all()
+    capped = A.mask_stats(ex, densities=0.5, criteria="fisher", rank_exact_max=0, sketch_size=2, **KW)
+    big = capped[(capped.rank_method == "randomized") & capped.mask_rank.isna()]
+    assert len(big) and (big.mask_rank_at_least == 2).all()  # "at least 2", not "rank 2"
+    assert big.mask_effective_rank.isna().all()
+    # where the bound is not hit, both columns agree with the exact rank
+    merged = capped.merge(exact, on=["expert", "name"], suffixes=("", "_exact"))
+    known = merged[merged.mask_rank.notna() & (merged.rank_method == "randomized")]
+    assert (known.mask_rank == known.mask_rank_exact).all()
