@@ -197,7 +197,8 @@ class Moments(Mapping):
         if keys and all(isinstance(k, str) for k in keys):
             named = dict(state)
         elif all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
-            named, never = name_index_state(state, groups, checkpoint, label)
+            named, never = name_index_state(state, groups, checkpoint, label,
+                                            beside=file.parent if file is not None else None)
         else:
             raise CurvlensError(f"{label}: optimizer state keys must be all parameter indices (int) or all "
                                 f"names (str); got {sorted({type(k).__name__ for k in keys})}")

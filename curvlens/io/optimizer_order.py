@@ -14,7 +14,7 @@ from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint
 
 
-def name_index_state(state: Mapping, groups: list, checkpoint, label: str):
+def name_index_state(state: Mapping, groups: list, checkpoint, label: str, beside=None):
     """Map an index-keyed optimizer state to parameter names: ``(name -> state,
     name -> shape of the parameters listed but never updated)``.
 
@@ -45,7 +45,7 @@ def name_index_state(state: Mapping, groups: list, checkpoint, label: str):
             f"{label}: optimizer state is keyed by parameter index; pass checkpoint= "
             "(the model, or its parameter names in the optimizer's order) to map indices to names"
         )
-    shapes, tiers, whys = _candidate_orders(checkpoint, sizes, label)
+    shapes, tiers, whys = _candidate_orders(checkpoint, sizes, label, beside)
     errors: list[str] = []
     for make_tier in tiers:  # built lazily: transformers classes only while needed
         tier = make_tier()
@@ -74,7 +74,7 @@ def name_index_state(state: Mapping, groups: list, checkpoint, label: str):
                         + "\n  (pass checkpoint= as the list of parameter names in the optimizer's order)")
 
 
-def _candidate_orders(checkpoint, sizes: list[int], label: str):
+def _candidate_orders(checkpoint, sizes: list[int], label: str, beside=None):
     """``(shapes or None, tiers, reasons)``: each tier a callable giving candidate
     ``(label, names)`` orders, tried in turn; reasons say why a tier had none."""
     if isinstance(checkpoint, Sequence) and not isinstance(checkpoint, (str, bytes)):
@@ -83,7 +83,9 @@ def _candidate_orders(checkpoint, sizes: list[int], label: str):
             raise CurvlensError(f"{label}: checkpoint= as a list must hold parameter names (str)")
         if len(set(names)) != len(names):
             raise CurvlensError(f"{label}: checkpoint= lists a parameter name more than once")
-        return None, [lambda: [("explicit parameter names", names)]], []
+        # the names are checked shape by shape against the model saved beside
+        # the optimizer state, when there is one (a wrong order is caught there)
+        return _shapes_beside(beside), [lambda: [("explicit parameter names", names)]], []
     ckpt = Checkpoint.open(checkpoint)
     shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
     whys: list[str] = []
@@ -106,6 +108,16 @@ def _candidate_orders(checkpoint, sizes: list[int], label: str):
         own = _with_decay_split("checkpoint's own order", names, {n for n in names if _hf_no_decay(n)}, sizes)
         tiers.append(lambda: own)
     return shapes, tiers, whys
+
+
+def _shapes_beside(model_dir) -> dict | None:
+    if model_dir is None:
+        return None
+    try:
+        ckpt = Checkpoint.open(model_dir)
+    except CurvlensError:
+        return None  # no model there: the names cannot be checked
+    return {n: ckpt.shape(n) for n in ckpt.keys()}
 
 
 def _with_decay_split(what: str, names: list[str], no_decay: set[str], sizes: list[int]):

@@ -170,3 +170,16 @@ def test_parameters_never_updated_read_as_zero_moments_with_a_warning(tmp_path):
     assert m.never_updated == ("l2.weight", "l2.bias")
     assert torch.equal(m["l2.weight"], torch.zeros(2, 3)) and m["l1.weight"].abs().sum() > 0
     m.validate(ckpt)
+
+
+def test_an_explicit_name_list_is_checked_against_the_model_beside(tmp_path):
+    """A wrong explicit order is caught by the shapes of the model saved next to
+    the optimizer state, instead of mis-mapping silently."""
+    model, opt = trained()
+    names = [n for n, _ in model.named_parameters()]
+    write_model({n: p.detach() for n, p in model.named_parameters()}, tmp_path / "run")
+    torch.save(opt.state_dict(), tmp_path / "run" / "optimizer.pt")
+    m = Moments.open(tmp_path / "run" / "optimizer.pt", checkpoint=names)
+    assert torch.equal(m["l2.weight"], opt.state[model.l2.weight]["exp_avg_sq"])
+    with pytest.raises(CurvlensError, match=r"moment shape .* != weight shape"):
+        Moments.open(tmp_path / "run" / "optimizer.pt", checkpoint=sorted(names))
