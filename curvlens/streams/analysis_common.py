@@ -19,7 +19,6 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint
 from curvlens.streams.experts import Experts
-from curvlens.streams.thresholds import THRESHOLD_COLUMNS  # noqa: F401  (a schema, re-exported)
 
 # --------------------------------------------------------------------- schemas
 TENSOR_ID = ["name", "layer", "role", "numel"]

@@ -28,7 +28,6 @@ from curvlens.roles import param_role
 from curvlens.streams.analysis_common import (
     MASK_OVERLAP_COLUMNS,
     MASK_STATS_COLUMNS,
-    THRESHOLD_COLUMNS,
     check_criteria,
     check_densities,
     floating_names,
@@ -42,7 +41,7 @@ from curvlens.streams.analysis_common import (
     with_context,
 )
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
-from curvlens.streams.thresholds import CRITERIA, Selection, mask_scores, model_selections
+from curvlens.streams.thresholds import CRITERIA, THRESHOLD_COLUMNS, Selection, mask_scores, model_selections
 
 #: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
 #: Exact-SVD limit (entries) of mask_stats per device: every 2-D mask of every

@@ -8,7 +8,7 @@ from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.methods.inputs import moment_block, per_expert_column
 from curvlens.math.methods.params import ParamSpec, real
-from curvlens.math.methods.registry import get_method, register
+from curvlens.math.methods.registry import register
 from curvlens.math.methods.sparsify import one_where_zero
 
 Tensor = torch.Tensor
@@ -39,6 +39,7 @@ def fisher(base, experts, moments, p, *, rng, counts) -> Tensor:
 
     Examples
     --------
+    >>> from curvlens.math.methods import get_method
     >>> thetas = [torch.tensor([1.0, 1.0]), torch.tensor([4.0, 4.0])]
     >>> get_method("fisher")(None, thetas, [torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])])
     tensor([2.0000, 2.5000])

@@ -6,7 +6,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.methods.params import WEIGHT, ParamSpec, boolean
-from curvlens.math.methods.registry import get_method, register
+from curvlens.math.methods.registry import register
 
 Tensor = torch.Tensor
 
@@ -34,6 +34,7 @@ def linear(base, experts, moments, p, *, rng, counts) -> Tensor:
 
     Examples
     --------
+    >>> from curvlens.math.methods import get_method
     >>> get_method("linear")(None, [torch.tensor([0.0, 4.0]), torch.tensor([4.0, 0.0])], weight=[1, 3])
     tensor([3., 1.])
     """

@@ -14,7 +14,7 @@ from curvlens.math.methods.inputs import moment_block
 from curvlens.math.methods.params import (
     ParamSpec, boolean, false_only, int_at_least, lower_str, path_or_none, real,
 )
-from curvlens.math.methods.registry import get_method, ModelWideSelection, register
+from curvlens.math.methods.registry import ModelWideSelection, register
 from curvlens.math.methods.sparsify import disjoint_mean_parts, one_where_zero, topk_keeper
 from curvlens.math.saliency import saliency
 from curvlens.math.topk import TopKKeeper, above, at_least
@@ -101,6 +101,7 @@ def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
 
     Examples
     --------
+    >>> from curvlens.math.methods import get_method
     >>> base = torch.zeros(3)
     >>> experts = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 4.0, 5.0])]
     >>> v = [torch.ones(3), torch.ones(3)]

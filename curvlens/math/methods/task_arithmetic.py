@@ -15,7 +15,7 @@ from curvlens.math.methods.inputs import per_expert_column
 from curvlens.math.methods.params import (
     DENSITY, INT8_MASK, LAMBDA, SEED, WEIGHT, normalize_param, rescale_param,
 )
-from curvlens.math.methods.registry import get_method, MaskCounts, register
+from curvlens.math.methods.registry import MaskCounts, register
 from curvlens.math.methods import sparsify as _sparsify
 from curvlens.math.methods.sparsify import Magnitude, RandomDrop, Sparsifier, disjoint_mean_parts
 
@@ -105,6 +105,7 @@ def task_arithmetic(base, experts, moments, p, *, rng, counts) -> Tensor:
 
     Examples
     --------
+    >>> from curvlens.math.methods import get_method
     >>> get_method("task_arithmetic")(torch.zeros(2), [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0])])
     tensor([4., 2.])
     """
@@ -127,6 +128,7 @@ def ties(base, experts, moments, p, *, rng, counts) -> Tensor:
 
     Examples
     --------
+    >>> from curvlens.math.methods import get_method
     >>> base = torch.zeros(2)
     >>> get_method("ties")(base, [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])])
     tensor([ 2., -2.])
@@ -154,6 +156,7 @@ def dare_linear(base, experts, moments, p, *, rng, counts) -> Tensor:
 
     Examples
     --------
+    >>> from curvlens.math.methods import get_method
     >>> base, e = torch.zeros(4), torch.ones(4)
     >>> torch.equal(get_method("dare_linear")(base, [e], density=0.5, seed=1),
     ...             get_method("dare_linear")(base, [e], density=0.5, seed=1))
@@ -176,6 +179,7 @@ def dare_ties(base, experts, moments, p, *, rng, counts) -> Tensor:
 
     Examples
     --------
+    >>> from curvlens.math.methods import get_method
     >>> base = torch.zeros(2)
     >>> get_method("dare_ties")(base, [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])])
     tensor([ 4., -2.])
