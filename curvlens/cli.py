@@ -20,7 +20,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     experts = cfg.experts()
     result = merge(experts, cfg.method, a.out, device=a.device, dtype=cfg.dtype, overwrite=a.overwrite,
                    max_shard_size=a.max_shard_size, progress=not a.quiet, config_text=cfg.text,
-                   **cfg.params)
+                   tensors=cfg.tensors, **cfg.params)
     print(f"merged {len(experts)} experts with {cfg.method} -> {result.path}")
     print(result.summary().to_string())
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,18 +251,20 @@ class Moments(Mapping):
         except KeyError:
             raise CurvlensError(f"{self.label}: no moment for tensor {name!r}") from None
 
-    def shape_problems(self, checkpoint: Checkpoint, *, floating_only: bool = True) -> list[str]:
-        """Every key/shape disagreement with ``checkpoint``, without reading data."""
+    def shape_problems(self, checkpoint: Checkpoint, *, floating_only: bool = True,
+                       skip: Callable[[str], bool] | None = None) -> list[str]:
+        """Every key/shape disagreement with ``checkpoint``, without reading data;
+        names ``skip`` returns True for are left out."""
         problems = []
         for name in checkpoint.keys():
-            if floating_only and not checkpoint.dtype(name).is_floating_point:
+            if (floating_only and not checkpoint.dtype(name).is_floating_point) or (skip and skip(name)):
                 continue
             if name not in self._shapes:
                 problems.append(f"{name}: no moment")
             elif self._shapes[name] != checkpoint.shape(name):
                 problems.append(f"{name}: moment shape {tuple(self._shapes[name])} "
                                 f"!= weight shape {tuple(checkpoint.shape(name))}")
-        extra = [n for n in self._shapes if n not in checkpoint]
+        extra = [n for n in self._shapes if n not in checkpoint and not (skip and skip(n))]
         problems += [f"{n}: moment for a tensor the checkpoint lacks" for n in extra]
         return problems
 

@@ -21,6 +21,7 @@ from curvlens.io.moments import Moments
 from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
 from curvlens.runtime import threads_for, torch_threads
+from curvlens.tensor_filter import TensorFilter
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -86,11 +87,19 @@ class Experts:
         OTA as curvature-weighted averaging).
     experts : sequence of Expert
         At least one expert, with unique names.
+    exclude : str or list of str, optional
+        Tensors to leave out of every pass (patterns of
+        :mod:`curvlens.tensor_filter`: ``"classifier"``, ``"*.pooler.*"``,
+        ``"role:lm_head"``, ``"name:<exact>"``). Excluded tensors need not line up
+        across the models (each task's head may have its own shape), and no
+        analysis or merge reads them. See :meth:`without`.
     """
 
-    def __init__(self, base: Checkpoint | PathLike | dict | None, experts: Sequence[Expert]):
+    def __init__(self, base: Checkpoint | PathLike | dict | None, experts: Sequence[Expert], *,
+                 exclude: TensorFilter | str | Sequence[str] | None = None):
         self.base = Checkpoint.open(base) if base is not None else None
         self.experts = list(experts)
+        self.exclude = TensorFilter.of(exclude)
         if not self.experts:
             raise CurvlensError("Experts needs at least one expert")
         bad = [type(e).__name__ for e in self.experts if not isinstance(e, Expert)]
@@ -100,6 +109,11 @@ class Experts:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise CurvlensError(f"expert names must be unique; repeated: {dup}")
+        if self.exclude:
+            every = {n for _, ckpt in self._models() for n in ckpt.keys()}
+            unused = self.exclude.unused(every)
+            if unused:
+                raise CurvlensError(f"exclude: pattern(s) {unused} match no tensor of the models")
         self._check()
 
     # -- construction -------------------------------------------------------------
@@ -112,6 +126,7 @@ class Experts:
         *,
         moments: bool | Sequence[PathLike | None] = True,
         bias_correction: bool = False,
+        exclude: TensorFilter | str | Sequence[str] | None = None,
     ) -> Experts:
         """Open experts laid out as the OTA paper released them.
 
@@ -130,6 +145,8 @@ class Experts:
             moments; a sequence: one moments path (or None) per expert.
         bias_correction : bool
             Apply Adam bias correction to every moments file.
+        exclude : str or list of str, optional
+            Tensors to leave out (see :class:`Experts`).
         """
         if isinstance(dirs, (str, bytes, os.PathLike)) or not isinstance(dirs, Sequence):
             raise CurvlensError(f"dirs must be a list of expert dirs; got {dirs!r}")
@@ -156,31 +173,37 @@ class Experts:
             except CurvlensError as err:
                 raise CurvlensError(f"expert {name!r}: {err}") from err
             experts.append(Expert(name, ckpt, mom, d))
-        return cls(base, experts)
+        return cls(base, experts, exclude=exclude)
+
+    def _models(self) -> list[tuple[str, Checkpoint]]:
+        return ([("base", self.base)] if self.base is not None else []) + \
+               [(f"expert {e.name!r}", e.checkpoint) for e in self.experts]
 
     def _check(self) -> None:
         ref = self.reference
+        kept = self.tensor_names()
         problems: list[str] = []
-        models = ([("base", self.base)] if self.base is not None else []) + \
-                 [(f"expert {e.name!r}", e.checkpoint) for e in self.experts]
+        models = self._models()
         ref_label = models[0][0]
+        hint = " (leave tensors out with exclude= / Experts.without)"
         for label, ckpt in models[1:]:
-            missing = [n for n in ref.keys() if n not in ckpt]
-            extra = [n for n in ckpt.keys() if n not in ref]
+            missing = [n for n in kept if n not in ckpt]
+            extra = [n for n in ckpt.keys() if n not in ref and not self.exclude(n)]
             if missing:
                 problems.append(f"{label} lacks {len(missing)} tensor(s) of {ref_label}: {_head(missing)}")
             if extra:
                 problems.append(f"{label} has {len(extra)} tensor(s) {ref_label} lacks: {_head(extra)}")
-            for n in ref.keys():
+            for n in kept:
                 if n in ckpt and ckpt.shape(n) != ref.shape(n):
                     problems.append(f"{label}: {n} has shape {tuple(ckpt.shape(n))}, "
                                     f"{ref_label} has {tuple(ref.shape(n))}")
         for e in self.experts:
             if e.moments is not None:
                 problems += [f"moments of expert {e.name!r} ({e.moments.label}): {p}"
-                             for p in e.moments.shape_problems(e.checkpoint)]
+                             for p in e.moments.shape_problems(e.checkpoint, skip=self.exclude)]
         if problems:
-            raise CurvlensError("experts do not line up:\n  " + "\n  ".join(problems))
+            raise CurvlensError("experts do not line up" + (hint if not self.exclude else "") + ":\n  "
+                                + "\n  ".join(problems))
 
     # -- information (no tensor data read) ----------------------------------------
     @property
@@ -209,7 +232,8 @@ class Experts:
 
     def __repr__(self) -> str:
         base = self.base.label if self.base is not None else None
-        return f"Experts(base={base!r}, experts={self.names}, moments={self.has_moments})"
+        excl = f", exclude={list(self.exclude.patterns)}" if self.exclude else ""
+        return f"Experts(base={base!r}, experts={self.names}, moments={self.has_moments}{excl})"
 
     def input_paths(self) -> list[Path]:
         """Every file or dir the models and moments are read from (an output must
@@ -220,9 +244,29 @@ class Experts:
         return list(dict.fromkeys(p for p in paths if p is not None))
 
     def tensor_names(self, *, floating_only: bool = False) -> list[str]:
-        """Parameter names in the reference checkpoint's order."""
+        """Parameter names in the reference checkpoint's order, excluded ones left out."""
         ref = self.reference
-        return [n for n in ref.keys() if not floating_only or ref.dtype(n).is_floating_point]
+        return [n for n in ref.keys()
+                if not self.exclude(n) and (not floating_only or ref.dtype(n).is_floating_point)]
+
+    def excluded_names(self) -> list[str]:
+        """The reference's tensors that :attr:`exclude` leaves out."""
+        return self.exclude.select(self.reference.keys())
+
+    def without(self, patterns: TensorFilter | str | Sequence[str]) -> Experts:
+        """The same models with more tensors left out of every pass.
+
+        Examples
+        --------
+        >>> import torch
+        >>> sd = {"body.weight": torch.ones(2, 2), "classifier.weight": torch.ones(3, 2)}
+        >>> other = {"body.weight": torch.ones(2, 2), "classifier.weight": torch.ones(5, 2)}
+        >>> ex = Experts(None, [Expert("a", Checkpoint.open(sd)), Expert("b", Checkpoint.open(other))],
+        ...              exclude="classifier")
+        >>> ex.tensor_names(), ex.without("role:other").excluded_names()
+        (['body.weight'], ['body.weight', 'classifier.weight'])
+        """
+        return Experts(self.base, self.experts, exclude=self.exclude | TensorFilter.of(patterns))
 
     def describe(self):
         """The reference checkpoint's ``describe()`` (no data read)."""
@@ -230,7 +274,7 @@ class Experts:
 
     def subset(self, names: Sequence[str]) -> Experts:
         """The same base with only the named experts, in the given order."""
-        return Experts(self.base, [self[n] for n in names])
+        return Experts(self.base, [self[n] for n in names], exclude=self.exclude)
 
     # -- streaming -----------------------------------------------------------------
     def iter_tensors(

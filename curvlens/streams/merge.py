@@ -25,6 +25,9 @@ from curvlens.runtime import use_threads
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
+from curvlens.math.checks import weight_problems
+from curvlens.roles import param_role
+from curvlens.tensor_filter import TensorFilter, tensor_actions
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -49,10 +52,14 @@ class MergeResult:
     checkpoint : Checkpoint
         The merged weights (on disk when ``out`` was given, else in memory).
     report : pandas.DataFrame
-        One row per tensor: ``name, layer, role, numel, kept_<expert>...,
-        all_masked, delta_norm, rel_delta``. ``rel_delta`` is ``delta_norm``
-        over the reference's norm (the base, else the experts' mean), NaN where
-        the reference is all zero (undefined; the views leave such cells empty).
+        One row per tensor: ``name, layer, role, numel, source, kept_<expert>...,
+        all_masked, delta_norm, rel_delta``. ``source`` says what happened to it:
+        ``merged``, ``drop`` / ``excluded`` (left out of the merged model by a
+        ``tensors`` rule / by the Experts' ``exclude``), or the model it was taken
+        from unchanged (``base`` or an expert's name; mask columns NaN there).
+        ``rel_delta`` is ``delta_norm`` over the reference's norm (the base, else
+        the experts' mean), NaN where the reference is all zero (undefined; the
+        views leave such cells empty) or where a taken tensor has no reference.
     method : str
     params : dict
         The resolved parameters (defaults filled in, per-expert lists).
@@ -77,7 +84,7 @@ class MergeResult:
         """Model-level numbers: numel-weighted kept fraction per expert and change norm."""
         import pandas as pd
 
-        r = self.report
+        r = self.report[self.report["source"] == "merged"]
         w = r["numel"] / r["numel"].sum()
         kept = {c: float((r[c] * w).sum()) for c in r.columns if c.startswith("kept_")}
         return pd.Series({"method": self.method, **kept,
@@ -127,6 +134,7 @@ def merge(
     progress: bool = True,
     config_text: str | None = None,
     threads: int | None = None,
+    tensors=None,
     **params,
 ) -> MergeResult:
     """Merge ``experts`` with ``method``, streaming one tensor at a time.
@@ -154,6 +162,15 @@ def merge(
     threads : int, optional
         Torch intra-op threads on a CPU for every pass of this merge; default
         :func:`curvlens.runtime.get_threads` (1: see :mod:`curvlens.runtime`).
+    tensors : mapping or list of (pattern, action), optional
+        Per-tensor control, first matching pattern first (patterns of
+        :mod:`curvlens.tensor_filter`): ``"drop"`` leaves the tensor out of the
+        merged model, ``"base"`` or an expert's name takes it unchanged from that
+        model, ``"merge"`` merges it. E.g. ``{"classifier": "drop", "*.pooler.*":
+        "base"}`` merges the shared body and keeps no task's head. Tensors the
+        Experts ``exclude`` are left out unless a rule takes them from a model.
+        Neither the model-wide FFG selection nor the report's mask columns see
+        tensors that are not merged.
     **params
         The method's parameters (per-expert ones as a scalar or a list). A
         method's model-wide parameter (``ota``'s ``ffg_density``) becomes an exact
@@ -165,11 +182,12 @@ def merge(
     """
     with use_threads(threads):
         return _merge(experts, method, out, device=device, dtype=dtype, overwrite=overwrite,
-                      max_shard_size=max_shard_size, progress=progress, config_text=config_text, **params)
+                      max_shard_size=max_shard_size, progress=progress, config_text=config_text,
+                      tensors=tensors, **params)
 
 
 def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, progress, config_text,
-           **params) -> MergeResult:
+           tensors, **params) -> MergeResult:
     import pandas as pd
 
     if not isinstance(experts, Experts):
@@ -186,6 +204,8 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
         raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
+    full = experts
+    actions, experts = _plan_tensors(full, tensors)
 
     requested = dict(p)  # what the saved config states (re-runnable), before thresholds
     selections = _model_wide(m, experts, p, dev, progress)
@@ -203,9 +223,11 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     if out is not None:
         import yaml
 
-        config = config_text or yaml.safe_dump(_config(m, experts, requested, out_dtype), sort_keys=False)
+        config = config_text or yaml.safe_dump(_config(m, full, requested, out_dtype, tensors), sort_keys=False)
         # every output name, shape and dtype is known now: stream the bytes unbuffered
         plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in experts.tensor_names()]
+        plan += [(n, _source(full, a).shape(n), _out_dtype(_source(full, a).dtype(n), out_dtype))
+                 for n, a in _taken(actions)]
         # transformers reads the weights' dtype from config.json: keep it truthful
         dtype_name = str(out_dtype).replace("torch.", "") if out_dtype is not None else None
         overrides = {"torch_dtype": dtype_name, "dtype": dtype_name} if dtype_name else None
@@ -225,13 +247,82 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
                 writer.add(g.name, merged)
             else:
                 kept_tensors[g.name] = merged
-        report = pd.DataFrame(rows)
+        for n, a in _taken(actions):
+            taken, row = _take_one(full, n, a, out_dtype)
+            rows.append(row)
+            if writer is not None:
+                writer.add(n, taken)
+            else:
+                kept_tensors[n] = taken
+        rows += [_left_out_row(full, n, a) for n, a in actions.items() if a in ("drop", "excluded")]
+        report = _report_frame(rows, full.names)
         if writer is not None:  # written beside the weights when the writer closes
             writer.extra_files["merge_report.csv"] = report.to_csv(index=False)
     ckpt = Checkpoint.open(out) if out is not None else Checkpoint.open(kept_tensors)
     report["layer"] = report["layer"].astype("Int64")
     extra = {"selections": selections} if selections is not None else {}
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None, extra)
+
+
+def _plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
+    """What happens to every reference tensor (:func:`tensor_actions`, with the
+    Experts' own exclusions as ``"excluded"``), and the Experts restricted to the
+    tensors that are merged."""
+    sources = (["base"] if experts.base is not None else []) + experts.names
+    actions = tensor_actions(rules, experts.reference.keys(), sources)
+    excluded = set(experts.excluded_names())
+    for n in excluded:
+        if actions[n] == "merge":
+            actions[n] = "excluded"
+    not_merged = [n for n, a in actions.items() if a != "merge" and n not in excluded]
+    if not any(a == "merge" for a in actions.values()):
+        raise CurvlensError("tensors: the rules leave no tensor to merge")
+    return actions, (experts.without(TensorFilter.exact(not_merged)) if not_merged else experts)
+
+
+def _taken(actions: dict[str, str]) -> list[tuple[str, str]]:
+    return [(n, a) for n, a in actions.items() if a not in ("merge", "drop", "excluded")]
+
+
+def _source(experts: Experts, action: str) -> Checkpoint:
+    return experts.base if action == "base" else experts[action].checkpoint
+
+
+def _take_one(experts: Experts, name: str, action: str, out_dtype) -> tuple[torch.Tensor, dict]:
+    """Tensor ``name`` copied from the model ``action`` names (checked, cast to the
+    output dtype), with its report row."""
+    src = _source(experts, action)
+    who = "the base model" if action == "base" else f"expert {action!r}"
+    if name not in src:
+        raise CurvlensError(f"tensors: {name!r} is to be taken from {who}, which has no such tensor")
+    t = src[name]
+    problem = weight_problems(t)
+    if problem is not None:
+        raise CurvlensError(f"{who}, tensor {name!r}: {problem}")
+    layer, role = param_role(name)
+    row = {"name": name, "layer": layer, "role": role, "numel": t.numel(), "source": action}
+    if not t.is_floating_point():
+        return t, row
+    base = experts.base
+    if base is not None and name in base and base.shape(name) == t.shape:
+        norms = ChangeNorms()
+        norms.add(t.reshape(-1).float(), base[name].reshape(-1).float())
+        row.update(delta_norm=norms.delta, rel_delta=norms.relative())
+    return cast_checked(t.float(), _out_dtype(t.dtype, out_dtype), name), row
+
+
+def _left_out_row(experts: Experts, name: str, action: str) -> dict:
+    layer, role = param_role(name)
+    return {"name": name, "layer": layer, "role": role, "numel": experts.reference.shape(name).numel(),
+            "source": action}
+
+
+def _report_frame(rows: list[dict], names):
+    import pandas as pd
+
+    cols = ["name", "layer", "role", "numel", "source", *(f"kept_{n}" for n in names),
+            "all_masked", "delta_norm", "rel_delta"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
@@ -304,7 +395,8 @@ class _Stats:
 
     def row(self, g: TensorGroup, names, merged: bool = True) -> dict:
         numel = g.experts[0].numel()
-        row: dict[str, Any] = {"name": g.name, "layer": g.layer, "role": g.role, "numel": numel}
+        row: dict[str, Any] = {"name": g.name, "layer": g.layer, "role": g.role, "numel": numel,
+                               "source": "merged"}
         masked = self.counts.used
         for i, n in enumerate(names):
             row[f"kept_{n}"] = self.counts.kept[i] / numel if masked else 1.0
@@ -314,7 +406,7 @@ class _Stats:
         return row
 
 
-def _config(m, experts: Experts, p: dict, out_dtype) -> dict:
+def _config(m, experts: Experts, p: dict, out_dtype, tensors=None) -> dict:
     """The merge as a mergekit-style config that ``curvlens merge`` re-runs: the
     models by path (when they have one), shared parameters at the top, per-expert
     values that differ under each model, defaults left out."""
@@ -339,6 +431,13 @@ def _config(m, experts: Experts, p: dict, out_dtype) -> dict:
                 mp = {**mp, "preconditioner_path": str(e.moments.path)}
             cfg["models"].append({"model": str(q), **({"parameters": mp} if mp else {})})
     cfg["parameters"] = top
+    rules = list(tensors.items()) if hasattr(tensors, "items") else list(tensors or [])
+    if rules:
+        by_name = {e.name: str(q) for e, q in zip(experts.experts, paths) if q is not None}
+        cfg["tensors"] = [{"filter": pat, "action": by_name.get(a, a)} for pat, a in rules]
+    if experts.exclude:
+        cfg["tensors"] = cfg.get("tensors", []) + [{"filter": pat, "action": "drop"}
+                                                   for pat in experts.exclude.patterns]
     if out_dtype is not None:
         cfg["dtype"] = str(out_dtype).replace("torch.", "")
     return cfg

@@ -14,8 +14,17 @@
 Model-level ``parameters`` become per-expert values; top-level ``parameters`` apply
 to all. Paths are local (relative paths are read relative to the config file). As in
 mergekit, a task-vector method ignores an entry of ``models`` that is the base model.
-Per-layer gradients and ``filter`` lists of mergekit are not supported and are
-refused with a clear error rather than silently flattened.
+Per-layer gradients and ``filter`` lists of mergekit's parameters are not
+supported and are refused with a clear error rather than silently flattened.
+
+curvlens's own ``tensors`` section says per tensor what the merge does, first
+matching ``filter`` first (a substring as in mergekit, or any pattern of
+:mod:`curvlens.tensor_filter`)::
+
+    tensors:
+      - {filter: classifier, action: drop}        # no task's head in the merge
+      - {filter: "*.pooler.*", action: base}      # the base's pooler, unchanged
+      - {filter: "role:embed", action: ./math}    # one model's embeddings (path or name)
 """
 from __future__ import annotations
 
@@ -27,9 +36,10 @@ from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import PathLike
 from curvlens.math.methods import get_method
 from curvlens.streams.experts import Experts, expert_names
+from curvlens.tensor_filter import TensorFilter
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
-             "tokenizer", "chat_template", "out_dtype", "name"}
+             "tokenizer", "chat_template", "out_dtype", "name", "tensors"}
 # Top-level keys that only affect what mergekit copies beside the weights.
 _IGNORED_TOP = {"tokenizer_source", "tokenizer", "chat_template", "name"}
 _CURVLENS_OPTIONS = {"bias_correction"}
@@ -48,6 +58,7 @@ class MergeConfig:
     dtype: str | None
     bias_correction: bool
     text: str
+    tensors: tuple[tuple[str, str], ...] = ()
 
     def experts(self) -> Experts:
         """Open the models (and their moments when the method needs them)."""
@@ -55,8 +66,10 @@ class MergeConfig:
         moments: Any = False
         if needs_moments:
             moments = [m if m is not None else d for m, d in zip(self.moments, self.models)]
+        # tensors the rules do not merge need not line up (each task's own head)
         return Experts.from_dirs(self.base, list(self.models), list(self.names), moments=moments,
-                                 bias_correction=self.bias_correction)
+                                 bias_correction=self.bias_correction,
+                                 exclude=TensorFilter.not_merged(self.tensors))
 
 
 def _scalar(where: str, key: str, value: Any) -> Any:
@@ -165,8 +178,37 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
     out_dtype = cfg.get("out_dtype") if cfg.get("out_dtype") is not None else cfg.get("dtype")
     if out_dtype is not None and not isinstance(out_dtype, str):
         raise CurvlensError(f"{where}: dtype/out_dtype must be a string such as 'bfloat16'; got {out_dtype!r}")
+    tensors = _tensor_rules(cfg.get("tensors"), where, base, dict(zip(dirs, names)), local)
     return MergeConfig(method.name, base, tuple(dirs), tuple(names), tuple(moments), params,
-                       out_dtype, bias_correction, text)
+                       out_dtype, bias_correction, text, tensors)
+
+
+def _tensor_rules(value: Any, where: str, base, names_by_dir: dict, local) -> tuple[tuple[str, str], ...]:
+    """The ``tensors`` section as (pattern, action) pairs, a model given by path
+    turned into its expert name (or ``base``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise CurvlensError(f"{where}: 'tensors' must be a list of {{filter: PATTERN, action: ACTION}}")
+    rules = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"filter", "action"}:
+            raise CurvlensError(f"{where}: tensors[{i}] must be {{filter: PATTERN, action: merge | drop | base "
+                                f"| a model}}; got {item!r}")
+        action = item["action"]
+        if not isinstance(action, str):
+            raise CurvlensError(f"{where}: tensors[{i}].action must be a string; got {action!r}")
+        if action not in ("merge", "drop", "base") and action not in names_by_dir.values():
+            d = local(action, f"tensors[{i}].action")
+            if base is not None and d == base:
+                action = "base"
+            elif d in names_by_dir:
+                action = names_by_dir[d]
+            else:
+                raise CurvlensError(f"{where}: tensors[{i}].action {item['action']!r} is not the base or "
+                                    "one of the models")
+        rules.append((str(item["filter"]), action))
+    return tuple(rules)
 
 
 def _mapping(value: Any, where: str) -> dict:

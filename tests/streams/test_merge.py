@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import yaml
@@ -234,3 +236,100 @@ def test_the_saved_config_reruns_to_the_same_tensors(tiny_zoo, tmp_path):
     again = Checkpoint.open(tmp_path / "b")
     for n in first.checkpoint:
         assert torch.equal(first.checkpoint[n], again[n]), n
+
+
+# ------------------------------------------------------------ per-tensor control
+def _with_heads(tmp_path, head_rows=(2, 2, 2)):
+    """A tiny zoo whose models carry a classifier head (one row count per expert)."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir, dirs, weights, moments = make_tiny_zoo(tmp_path, n_experts=len(head_rows))
+    g = torch.Generator().manual_seed(5)
+    for d, rows, (name, w), m in zip(dirs, head_rows, weights.items(), moments.values()):
+        head = torch.randn(rows, 8, generator=g)
+        save_file({"classifier.weight": head}, str(d / "head.safetensors"))
+        idx = json.loads((d / "model.safetensors.index.json").read_text())
+        idx["weight_map"]["classifier.weight"] = "head.safetensors"
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+        mom = load_file(str(d / "export" / "exp_avg_sq.safetensors"))
+        mom["classifier.weight"] = torch.rand(rows, 8, generator=g)
+        save_file(mom, str(d / "export" / "exp_avg_sq.safetensors"))
+        w["classifier.weight"], m["classifier.weight"] = head, mom["classifier.weight"]
+    base_head = torch.zeros(head_rows[0], 8)
+    save_file({"classifier.weight": base_head}, str(base_dir / "head.safetensors"))
+    idx = json.loads((base_dir / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["classifier.weight"] = "head.safetensors"
+    (base_dir / "model.safetensors.index.json").write_text(json.dumps(idx))
+    return base_dir, dirs, weights, moments
+
+
+def test_tensor_rules_drop_take_and_report(tmp_path):
+    base_dir, dirs, weights, _ = _with_heads(tmp_path)
+    ex = Experts.from_dirs(base_dir, dirs)
+    body = [n for n in ex.tensor_names() if n != "classifier.weight"]
+    full = merge(ex, "ota", device="cpu", progress=False, ffg_density=0.3)
+    res = merge(ex, "ota", tmp_path / "out", device="cpu", progress=False, ffg_density=0.3,
+                tensors={"classifier": "drop"})
+    assert "classifier.weight" not in res.checkpoint
+    row = res.report.set_index("name").loc["classifier.weight"]
+    assert row["source"] == "drop" and row[["kept_expert0", "delta_norm"]].isna().all()
+    # the FFG selection is over the merged tensors only: the head's saliencies no
+    # longer take a share of the density
+    assert not all(torch.equal(res.checkpoint[n], full.checkpoint[n]) for n in body)
+    kept = res.report[res.report.source == "merged"]
+    share = (kept["kept_expert0"] * kept["numel"]).sum() / kept["numel"].sum()
+    assert share == pytest.approx(0.3, abs=1e-3)
+    # taken unchanged from one expert / the base
+    took = merge(ex, "linear", device="cpu", progress=False, tensors={"classifier": "expert1"})
+    assert torch.equal(took.checkpoint["classifier.weight"], weights["expert1"]["classifier.weight"])
+    assert took.report.set_index("name").loc["classifier.weight", "source"] == "expert1"
+    took = merge(ex, "linear", device="cpu", progress=False, tensors=[("classifier", "base")])
+    assert torch.equal(took.checkpoint["classifier.weight"], torch.zeros(2, 8))
+    assert took.report.set_index("name").loc["classifier.weight", "delta_norm"] == 0.0
+    # the saved config re-runs to the same tensors, rules included
+    saved = yaml.safe_load((tmp_path / "out" / "curvlens_merge.yml").read_text())
+    assert saved["tensors"] == [{"filter": "classifier", "action": "drop"}]
+    cfg = load_merge_config(tmp_path / "out" / "curvlens_merge.yml")
+    again = merge(cfg.experts(), cfg.method, device="cpu", progress=False, tensors=cfg.tensors, **cfg.params)
+    for n in body:
+        assert torch.equal(again.checkpoint[n], res.checkpoint[n])
+
+
+def test_heads_of_different_shapes_need_exclusion(tmp_path):
+    base_dir, dirs, weights, _ = _with_heads(tmp_path, head_rows=(2, 3, 5))
+    with pytest.raises(CurvlensError, match=r"classifier.weight has shape \(3, 8\).*\n?.*|exclude="):
+        Experts.from_dirs(base_dir, dirs)
+    ex = Experts.from_dirs(base_dir, dirs, exclude="classifier")
+    assert "classifier.weight" not in ex.tensor_names()
+    assert ex.excluded_names() == ["classifier.weight"]
+    res = merge(ex, "ties", device="cpu", progress=False, density=0.5)
+    assert "classifier.weight" not in res.checkpoint
+    assert res.report.set_index("name").loc["classifier.weight", "source"] == "excluded"
+    # one task's head taken although the heads differ in shape
+    res = merge(ex, "ties", device="cpu", progress=False, density=0.5, tensors={"classifier": "expert2"})
+    assert torch.equal(res.checkpoint["classifier.weight"], weights["expert2"]["classifier.weight"])
+    # the same from YAML: a drop rule is enough for the heads not to line up
+    text = yaml.safe_dump({"merge_method": "ties", "base_model": str(base_dir),
+                           "models": [{"model": str(d)} for d in dirs], "parameters": {"density": 0.5},
+                           "tensors": [{"filter": "classifier", "action": str(dirs[1])}]})
+    cfg = load_merge_config(text=text)
+    assert cfg.tensors == (("classifier", "expert1"),)
+    out = merge(cfg.experts(), cfg.method, device="cpu", progress=False, tensors=cfg.tensors, **cfg.params)
+    assert torch.equal(out.checkpoint["classifier.weight"], weights["expert1"]["classifier.weight"])
+    with pytest.raises(CurvlensError, match="tensors\\[0\\]"):
+        load_merge_config(text=text.replace("action: " + str(dirs[1]), "action: [x]"))
+    # analyses see the same exclusion
+    from curvlens import curvature_overlap
+    ov = curvature_overlap(ex, progress=False)
+    assert len(ov) and "classifier.weight" not in set(ov["name"])
+
+
+def test_tensor_rules_errors(tmp_path):
+    base_dir, dirs, *_ = _with_heads(tmp_path)
+    ex = Experts.from_dirs(base_dir, dirs)
+    with pytest.raises(CurvlensError, match="no tensor to merge"):
+        merge(ex, "linear", device="cpu", progress=False, tensors={"*": "drop"})
+    with pytest.raises(CurvlensError, match="match no tensor"):
+        merge(ex, "linear", device="cpu", progress=False, tensors={"score": "drop"})
+    with pytest.raises(CurvlensError, match="match no tensor"):
+        Experts.from_dirs(base_dir, dirs, exclude="score")
