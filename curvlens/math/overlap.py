@@ -104,20 +104,77 @@ def _top_masks(flat: torch.Tensor, ks: list[int], sorted_sample: torch.Tensor) -
     return out
 
 
+def _top_sets(f: torch.Tensor, ks: list[int], n: int, dev, sorted_sample=None, ix=None) -> list[torch.Tensor]:
+    """Bool masks of the ``k`` largest entries for each ``k`` (0: empty), from the
+    sorted sample (:func:`_top_masks`) or the full sort's index sets ``ix``."""
+    out = []
+    if sorted_sample is not None:
+        found = iter(_top_masks(f, [k for k in ks if k > 0], sorted_sample)) if any(ks) else iter(())
+        for k in ks:
+            out.append(next(found) if k > 0 else torch.zeros(n, dtype=torch.bool, device=dev))
+        return out
+    for j in ix:
+        mk = torch.zeros(n, dtype=torch.bool, device=dev)
+        mk[j] = True
+        out.append(mk)
+    return out
+
+
+def _sample_within(support: torch.Tensor, n_support: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``m`` positions drawn uniformly (with replacement) from the True entries of
+    ``support``, by rejection from uniform draws over the whole tensor in bounded
+    chunks (never an index list of the whole support)."""
+    n = support.numel()
+    got, need = [], m
+    while need > 0:
+        draw = min(max(int(need * n / n_support * 1.25) + 64, 1024), 1 << 22)
+        pos = torch.randint(n, (draw,), generator=gen).to(support.device)
+        pos = pos[support[pos]][:need]
+        got.append(pos)
+        need -= pos.numel()
+    return torch.cat(got)
+
+
+def _log_corr(la: torch.Tensor, lb: torch.Tensor) -> float:
+    """Pearson correlation of two float32 vectors (cascade sums, centred first)."""
+    la = la - float(la.sum()) / la.numel()
+    lb = lb - float(lb.sum()) / lb.numel()
+    tmp = torch.empty_like(la)
+    return corr(_dot(la, lb, tmp), _dot(la, la, tmp), _dot(lb, lb, tmp))
+
+
+def _rank_corr(xa: torch.Tensor, xb: torch.Tensor) -> float:
+    """Spearman correlation (average ranks for ties) of two vectors."""
+    m = xa.numel()
+    ra = _doubled_average_ranks(xa, [])[0].double() - (m + 1)
+    rb = _doubled_average_ranks(xb, [])[0].double() - (m + 1)
+    return corr(float(ra @ rb), float(ra @ ra), float(rb @ rb))
+
+
 def pair_overlaps(name: str, vs: dict[str, torch.Tensor], pairs: list[tuple[str, str]], spearman_max: int | None,
                   seed: int, log_eps: float, ws: Workspace | None = None) -> tuple[dict[tuple[str, str], dict], bool]:
     """All pair statistics of one tensor (``name``, for messages), each expert's
     heavy work done once: ``cosine``, ``pearson_log`` (of ``log10(v + log_eps)``),
     ``spearman_log`` (average ranks for ties; from a sample of ``spearman_max``
     entries drawn with ``seed`` when the tensor is larger, then the second return
-    value is True) and ``jaccard_top1`` / ``jaccard_top10`` (the top
-    ``ceil(f * n)`` entries, ties towards the higher index).
+    value is True), ``jaccard_top1`` / ``jaccard_top10`` and ``excluded_zero``.
+
+    Exact zeros are no curvature: an entry whose moment is 0 in *both* experts
+    (a token neither ever saw, a parameter neither updated) says nothing about how
+    alike their curvature is, yet tied at the bottom it would make any two experts
+    look alike. So ``pearson_log`` and ``spearman_log`` are taken over the entries
+    where either expert's moment is positive, and ``excluded_zero`` counts the
+    entries left out; the Jaccard sets are each expert's top ``ceil(f * n_pos)``
+    entries among its ``n_pos`` positive ones (ties towards the higher index), NaN
+    when neither has a positive entry. ``cosine`` needs no exclusion (zeros add
+    nothing to it). Without zeros all of this is the plain statistic.
 
     Per expert: a validation read, a scaled copy (for the cosine) and a centred
     log copy (for Pearson), one sort (of the tensor, or of a sample when it is
     larger than ``spearman_max``) and the top-k masks; per pair only products,
-    sums and mask intersections. Whole-tensor float32 operations with cascade
-    summation: about 1e-7 relative accuracy, at a fraction of a float64 pass.
+    sums and mask intersections, plus a gather of the pair's support when it
+    excludes zeros. Whole-tensor float32 operations with cascade summation: about
+    1e-7 relative accuracy, at a fraction of a float64 pass.
     """
     ws = ws or Workspace()
     flats = {e: v.reshape(-1).float() for e, v in vs.items()}
@@ -125,26 +182,24 @@ def pair_overlaps(name: str, vs: dict[str, torch.Tensor], pairs: list[tuple[str,
     first = next(iter(flats.values()))
     n, dev = first.numel(), first.device
     tmp = ws.get("tmp", n, torch.float32, dev)
-    ks = [max(1, math.ceil(round(f * n, 6))) for f in TOP_FRACS]
     sampled = spearman_max is not None and n > spearman_max
     idx = None
     if sampled:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randint(n, (int(spearman_max),), generator=gen).to(dev)
-    scaled, logs, norm2, ssq, resid, ranks, tops = {}, {}, {}, {}, {}, {}, {}
+    scaled, logs, norm2, ssq, resid, ranks, tops, positive = {}, {}, {}, {}, {}, {}, {}, {}
     for i, (e, f) in enumerate(flats.items()):
+        positive[e] = torch.gt(f, 0, out=ws.get(("p", i), n, torch.bool, dev))
+        n_pos = int(torch.count_nonzero(positive[e]))
+        ks = [max(1, math.ceil(round(fr * n_pos, 6))) if n_pos else 0 for fr in TOP_FRACS]
         if sampled:
             s = f[idx]
             ranks[e], (perm,) = _doubled_average_ranks(s, [s.numel()])
-            tops[e] = _top_masks(f, ks, s[perm])
+            tops[e] = (ks, _top_sets(f, ks, n, dev, sorted_sample=s[perm]))
             del s, perm
         else:
             ranks[e], ix = _doubled_average_ranks(f, ks)
-            tops[e] = []
-            for j in ix:
-                mk = torch.zeros(n, dtype=torch.bool, device=dev)
-                mk[j] = True
-                tops[e].append(mk)
+            tops[e] = (ks, _top_sets(f, ks, n, dev, ix=ix))
         # Cosine on v / max(v): scale-free, and keeps float32 products of tiny
         # moments (1e-20 ** 2) from underflowing.
         vmax = vmaxes[e]
@@ -159,15 +214,31 @@ def pair_overlaps(name: str, vs: dict[str, torch.Tensor], pairs: list[tuple[str,
     inter = ws.get("and", n, torch.bool, dev)
     out = {}
     for a, b in pairs:
-        sxy = _dot(logs[a], logs[b], tmp) - n * resid[a] * resid[b]
-        # doubled average ranks of m entries have mean m + 1; the sample is small
-        ra, rb = ranks[a].double() - (m + 1), ranks[b].double() - (m + 1)
-        row = {"cosine": corr(_dot(scaled[a], scaled[b], tmp), norm2[a], norm2[b]),
-               "pearson_log": corr(sxy, ssq[a], ssq[b]),
-               "spearman_log": corr(float(ra @ rb), float(ra @ ra), float(rb @ rb))}
-        for f, k, ma, mb in zip(TOP_FRACS, ks, tops[a], tops[b]):
-            both = int(torch.count_nonzero(torch.logical_and(ma, mb, out=inter)))
-            row[f"jaccard_top{round(100 * f):d}"] = both / (2 * k - both)
+        support = torch.logical_or(positive[a], positive[b], out=inter)
+        n_support = int(torch.count_nonzero(support))
+        row = {"cosine": corr(_dot(scaled[a], scaled[b], tmp), norm2[a], norm2[b])}
+        if n_support == n:
+            sxy = _dot(logs[a], logs[b], tmp) - n * resid[a] * resid[b]
+            # doubled average ranks of m entries have mean m + 1; the sample is small
+            ra, rb = ranks[a].double() - (m + 1), ranks[b].double() - (m + 1)
+            row["pearson_log"] = corr(sxy, ssq[a], ssq[b])
+            row["spearman_log"] = corr(float(ra @ rb), float(ra @ ra), float(rb @ rb))
+        elif n_support == 0:
+            row["pearson_log"] = row["spearman_log"] = math.nan
+        else:
+            row["pearson_log"] = _log_corr(logs[a][support], logs[b][support])
+            if sampled:
+                gen = torch.Generator().manual_seed(seed + 1)
+                pos = _sample_within(support, n_support, int(spearman_max), gen)
+                row["spearman_log"] = _rank_corr(flats[a][pos], flats[b][pos])
+            else:
+                row["spearman_log"] = _rank_corr(flats[a][support], flats[b][support])
+        (ka, ma), (kb, mb) = tops[a], tops[b]
+        for f, k_a, k_b, sa, sb in zip(TOP_FRACS, ka, kb, ma, mb):
+            both = int(torch.count_nonzero(torch.logical_and(sa, sb, out=inter)))
+            union = k_a + k_b - both
+            row[f"jaccard_top{round(100 * f):d}"] = both / union if union else math.nan
+        row["excluded_zero"] = n - n_support
         out[a, b] = row
     return out, sampled
 

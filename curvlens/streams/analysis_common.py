@@ -25,7 +25,7 @@ TENSOR_ID = ["name", "layer", "role", "numel"]
 CURVATURE_STATS_COLUMNS = ["expert", *TENSOR_ID, "mean_log10", "median_log10", "q01", "q10", "q50",
                            "q90", "q99", "frac_zero", "bias_corrected", "sampled"]
 CURVATURE_OVERLAP_COLUMNS = ["expert_a", "expert_b", *TENSOR_ID, "cosine", "pearson_log", "spearman_log",
-                             "jaccard_top1", "jaccard_top10", "spearman_sampled"]
+                             "jaccard_top1", "jaccard_top10", "excluded_zero", "spearman_sampled"]
 MASK_STATS_COLUMNS = ["expert", "criterion", "density", *TENSOR_ID, "threshold", "kept_frac", "row_sparsity",
                       "col_sparsity", "mask_rank", "mask_rank_at_least", "mask_effective_rank", "stable_rank",
                       "saliency_kept", "rank_method"]
@@ -49,7 +49,30 @@ _NUMERIC_IDENTITY = {"layer", "numel", "density", "rank", "row_block", "col_bloc
 _PER_TENSOR = {"name", "layer", "role", "numel", "rank_method", "sampled", "spearman_sampled",
                "row_block", "col_block"}
 # Metrics that add up over tensors instead of averaging.
-ADDITIVE_METRICS = ("predicted_loss_increase", "bytes_full", "bytes_compressed", "count")
+ADDITIVE_METRICS = ("predicted_loss_increase", "bytes_full", "bytes_compressed", "count", "excluded_zero")
+# Metrics defined over a tensor's support (entries not zero in both experts):
+# pooled with weight numel - excluded_zero, so the never-seen rows of an embedding
+# do not weigh in a statistic that left them out.
+SUPPORT_METRICS = ("pearson_log", "spearman_log", "jaccard_top1", "jaccard_top10")
+
+
+def metric_weights(df: pd.DataFrame, metric: str, weight: str | None = "numel"):
+    """The weights a metric pools with: the ``weight`` column, except that a
+    support metric of a frame with ``excluded_zero`` is weighted by the entries it
+    was computed on (``numel - excluded_zero``). None for equal weights.
+
+    Examples
+    --------
+    >>> df = pd.DataFrame({"numel": [100, 10], "excluded_zero": [98, 0]})
+    >>> metric_weights(df, "jaccard_top10").tolist(), metric_weights(df, "cosine").tolist()
+    ([2.0, 10.0], [100.0, 10.0])
+    """
+    if weight is None:
+        return None
+    w = df[weight].to_numpy(dtype="float64")
+    if weight == "numel" and metric in SUPPORT_METRICS and "excluded_zero" in df.columns:
+        w = w - df["excluded_zero"].to_numpy(dtype="float64")
+    return w
 
 
 def frame(rows: list[dict], columns: Sequence[str]) -> pd.DataFrame:
@@ -249,11 +272,12 @@ def aggregate(df: pd.DataFrame, by: Sequence[str] = ("layer", "role"), metrics: 
     ``expert, criterion, density`` for :func:`mask_stats`, ``expert`` (and
     ``bias_corrected``) for :func:`curvature_stats`.
 
-    Each metric becomes the ``weight``-weighted mean over the group's tensors,
-    skipping NaN (so a statistic undefined for 1-D tensors, like ``mask_rank``,
+    Each metric becomes the ``weight``-weighted mean over the group's tensors
+    (:func:`metric_weights`: a curvature-overlap statistic is weighted by the
+    entries it was computed on), skipping NaN (so a statistic undefined for 1-D tensors, like ``mask_rank``,
     averages over the matrices only), except the additive metrics
-    (``predicted_loss_increase, bytes_full, bytes_compressed, count``), which are
-    summed. Numel-weighting makes a model-level ``kept_frac`` the model's realised
+    (``predicted_loss_increase, bytes_full, bytes_compressed, count,
+    excluded_zero``), which are summed. Numel-weighting makes a model-level ``kept_frac`` the model's realised
     density and a model-level ``jaccard`` an entry-weighted agreement.
 
     Parameters
@@ -326,7 +350,8 @@ def aggregate(df: pd.DataFrame, by: Sequence[str] = ("layer", "role"), metrics: 
             # a sum over no defined value is NaN, not 0
             out[m] = group(x.fillna(0.0)).where(group(ok.astype("int64")) > 0)
         else:
-            wm = w.where(ok, 0.0)
+            wm = (w if m not in SUPPORT_METRICS or weight is None
+                  else pd.Series(metric_weights(df, m, weight), index=df.index)).where(ok, 0.0)
             num, den = group((x.fillna(0.0) * wm)), group(wm)
             out[m] = (num / den).where(den > 0)
     res = pd.DataFrame(out)

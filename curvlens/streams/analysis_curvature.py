@@ -124,10 +124,15 @@ def curvature_overlap(experts: Experts, pairs=None, names: Sequence[str] | None 
     pandas.DataFrame
         One row per tensor x pair: ``expert_a, expert_b, name, layer, role, numel,
         cosine, pearson_log, spearman_log, jaccard_top1, jaccard_top10,
-        spearman_sampled``. The metrics are those of
-        :func:`curvlens.math.overlap.moment_pair_metrics` (cosine of ``v``, Pearson
-        of ``log10(v + log_eps)``, Spearman of ``v``, Jaccard of the top 1% / 10%
-        entry sets, ties broken towards the higher index), computed in float32
+        excluded_zero, spearman_sampled``. The metrics are those of
+        :func:`curvlens.math.overlap.pair_overlaps` (cosine of ``v``, Pearson of
+        ``log10(v + log_eps)``, Spearman of ``v``, Jaccard of each expert's top 1% /
+        10% of its positive entries, ties broken towards the higher index).
+        ``excluded_zero`` entries, exactly zero in both experts (tokens neither
+        saw, parameters neither updated: most of a real model's word embeddings),
+        are left out of the log, rank and top-set statistics, which would
+        otherwise report the shared zeros as agreement; :func:`aggregate` weights
+        those statistics by ``numel - excluded_zero``. Computed in float32
         with cascade sums (agreeing with its float64 values to ~1e-6); each
         expert's sort, logs and top-k selection are done once per tensor and
         shared by all its pairs. Pool with :func:`aggregate`.

@@ -15,6 +15,7 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError
 from curvlens.roles import ROLES
+from curvlens.streams.analysis_common import metric_weights
 from curvlens.views.merge_plots import OKABE_ITO
 
 #: Label of the heatmap row that holds tensors outside the transformer blocks
@@ -301,14 +302,17 @@ def first_seen(values: Iterable[Any]) -> list:
     return [v for v in dict.fromkeys(values) if not missing(v)]
 
 
-def weights_of(df: pd.DataFrame, weight: str | None, what: str) -> np.ndarray | None:
-    """The weight column (``numel`` by default) as floats, or None for equal weights."""
+def weights_of(df: pd.DataFrame, weight: str | None, what: str, metric: str | None = None) -> np.ndarray | None:
+    """The weight column (``numel`` by default) as floats, or None for equal
+    weights; for ``metric``, the analyses' own rule
+    (:func:`curvlens.streams.analysis_common.metric_weights`)."""
     if weight is None:
         return None
     if weight not in df.columns:
         raise CurvlensError(f"{what}: weight column {weight!r} is not in the frame "
                             f"(columns: {list(df.columns)}); pass weight=None for equal weights")
-    return check_numeric(df, weight, what)
+    check_numeric(df, weight, what)
+    return metric_weights(df, metric, weight) if metric is not None else check_numeric(df, weight, what)
 
 
 def auto_log(values: np.ndarray, log: bool | None, *, decades: float = 2.0) -> bool:

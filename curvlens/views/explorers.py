@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.streams.analysis_common import pool
+from curvlens.streams.analysis_common import metric_weights, pool
 from curvlens.views._common import (
     NON_LAYER, check_frame, first_seen, layer_label, layer_value, metric_label, require_widgets,
     role_order,
@@ -164,7 +164,7 @@ def curvature_explorer(overlap_df: pd.DataFrame, pooled_df: pd.DataFrame | None 
                 sub, metric, title=f"{metric_label(metric)}, all pairs"
                 + (f" ({where})" if where else ""))
             pm = sub[(sub["expert_a"] == a) & (sub["expert_b"] == b)]
-            value = pool(metric, pm[metric].to_numpy(float), pm["numel"].to_numpy(float))
+            value = pool(metric, pm[metric].to_numpy(float), metric_weights(pm, metric))
             note.value = (f"<b>{html.escape(a)} × {html.escape(b)}</b>, "
                           f"{html.escape(where or 'whole model')}: {metric_label(metric)} = "
                           f"{value:.3f} (numel-weighted over {len(pm)} tensors)")

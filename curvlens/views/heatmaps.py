@@ -52,7 +52,7 @@ def _grid(df, metric: str, *, weight: str | None, roles, filters: dict, what: st
     check_frame(df, ["name", "layer", "role", metric], what)
     df = apply_filters(df, filters, what)
     values = check_numeric(df, metric, what)
-    w = weights_of(df, weight, what)
+    w = weights_of(df, weight, what, metric)
     layer_keys = [layer_value(x) for x in df["layer"]]
     role_keys = [str(r) for r in df["role"]]
     names = [str(n) for n in df["name"]]

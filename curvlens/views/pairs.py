@@ -29,7 +29,7 @@ def _pair_matrix(df, metric, *, weight, experts, diagonal, filters, what):
     check_frame(df, ["expert_a", "expert_b", metric], what)
     df = apply_filters(df, filters, what)
     values = check_numeric(df, metric, what)
-    w = weights_of(df, weight, what)
+    w = weights_of(df, weight, what, metric)
     present = first_seen(list(df["expert_a"]) + list(df["expert_b"]))
     if experts is None:
         experts = present

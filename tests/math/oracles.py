@@ -21,9 +21,11 @@ def moment_pair_metrics(v_a, v_b, top_fracs: Sequence[float] = (0.01, 0.1),
     ----------
     v_a, v_b : torch.Tensor
         Non-negative, finite second moments (any float dtype, any device, same shape).
+        Entries that are exactly zero in both are left out of the log and rank
+        statistics (``excluded_zero`` counts them).
     top_fracs : sequence of float
-        Fractions ``f`` in (0, 1] for the top-entry Jaccard indices. The top set has
-        ``k = max(1, ceil(f * numel))`` entries.
+        Fractions ``f`` in (0, 1] for the top-entry Jaccard indices. Each tensor's
+        top set has ``k = max(1, ceil(f * n_positive))`` of its positive entries.
     log_eps : float
         Added before the log so that zero moments stay finite.
 
@@ -84,52 +86,67 @@ def moment_pair_metrics(v_a, v_b, top_fracs: Sequence[float] = (0.01, 0.1),
     if not log_eps > 0:
         raise CurvlensError(f"log_eps must be > 0; got {log_eps!r}")
     n = v_a.numel()
-
-    # Pass 1: raw sums (validation, cosine, log means).
-    dot = na = nb = sla = slb = 0.0
-    for a, b in chunks(v_a, v_b):
+    # Exact zeros in both are no curvature: left out of the log and rank statistics.
+    fa, fb = flat(v_a), flat(v_b)
+    for (a, b) in chunks(v_a, v_b):
         check_moments("v_a", a)
         check_moments("v_b", b)
+    support = (fa > 0) | (fb > 0)
+    sa, sb = fa[support], fb[support]
+    m = sa.numel()
+
+    # Pass 1: raw sums (cosine over everything, log means over the support).
+    dot = na = nb = sla = slb = 0.0
+    for a, b in chunks(v_a, v_b):
         dot += float(a @ b)
         na += float(a @ a)
         nb += float(b @ b)
+    for a, b in chunks(sa, sb):
         sla += float(torch.log10(a + log_eps).sum())
         slb += float(torch.log10(b + log_eps).sum())
     cosine = corr(dot, na, nb)
-    mla, mlb = sla / n, slb / n
-
-    # Pass 2: centred sums for Pearson (two-pass for numerical stability).
-    sxy = sxx = syy = 0.0
-    for a, b in chunks(v_a, v_b):
-        x = torch.log10(a + log_eps) - mla
-        y = torch.log10(b + log_eps) - mlb
-        sxy += float(x @ y)
-        sxx += float(x @ x)
-        syy += float(y @ y)
-    pearson = corr(sxy, sxx, syy)
-
-    # Ranks: exact, by sort. Both rank vectors have mean n+1 (doubled ranks).
-    # Round before ceil: 0.07 * 100 is 7.000000000000001 in binary floating point.
-    ks = [max(1, math.ceil(round(f * n, 6))) for f in fracs]
-    ra, tops_a = _doubled_average_ranks(flat(v_a), ks)
-    rb, tops_b = _doubled_average_ranks(flat(v_b), ks)
-    mean_rank = float(n + 1)
-    sxy = sxx = syy = 0.0
-    for x, y in chunks(ra, rb):
-        x = x - mean_rank
-        y = y - mean_rank
-        sxy += float(x @ y)
-        sxx += float(x @ x)
-        syy += float(y @ y)
-    del ra, rb
-    spearman = corr(sxy, sxx, syy)
+    pearson = spearman = math.nan
+    if m:
+        mla, mlb = sla / m, slb / m
+        # Pass 2: centred sums for Pearson (two-pass for numerical stability).
+        sxy = sxx = syy = 0.0
+        for a, b in chunks(sa, sb):
+            x = torch.log10(a + log_eps) - mla
+            y = torch.log10(b + log_eps) - mlb
+            sxy += float(x @ y)
+            sxx += float(x @ x)
+            syy += float(y @ y)
+        pearson = corr(sxy, sxx, syy)
+        # Ranks: exact, by sort. Both rank vectors have mean m+1 (doubled ranks).
+        ra, _ = _doubled_average_ranks(sa, [])
+        rb, _ = _doubled_average_ranks(sb, [])
+        mean_rank = float(m + 1)
+        sxy = sxx = syy = 0.0
+        for x, y in chunks(ra, rb):
+            x = x - mean_rank
+            y = y - mean_rank
+            sxy += float(x @ y)
+            sxx += float(x @ x)
+            syy += float(y @ y)
+        del ra, rb
+        spearman = corr(sxy, sxx, syy)
 
     out = {"cosine": cosine, "pearson_log": pearson, "spearman_log": spearman}
+    # Top sets among each tensor's positive entries: k = ceil(f * n_positive).
+    # Round before ceil: 0.07 * 100 is 7.000000000000001 in binary floating point.
+    tops = []
+    for v in (fa, fb):
+        n_pos = int((v > 0).sum())
+        ks = [max(1, math.ceil(round(f * n_pos, 6))) if n_pos else 0 for f in fracs]
+        tops.append((ks, _doubled_average_ranks(v, ks)[1]))
     marks = torch.zeros(n, dtype=torch.bool, device=v_a.device)
-    for f, k, ta, tb in zip(fracs, ks, tops_a, tops_b):
+    for j, f in enumerate(fracs):
+        (ka, ta), (kb, tb) = (tops[0][0][j], tops[0][1][j]), (tops[1][0][j], tops[1][1][j])
         marks.zero_()
         marks[ta] = True
         inter = int(marks[tb].sum())
-        out[pct_key("jaccard_top", f)] = inter / (2 * k - inter)
+        union = ka + kb - inter
+        out[pct_key("jaccard_top", f)] = inter / union if union else math.nan
+    out["excluded_zero"] = n - m
     out["numel"] = n
     return out

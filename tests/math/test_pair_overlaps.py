@@ -59,3 +59,44 @@ def test_bad_moments_name_expert_and_tensor():
     b[3] = float("nan")
     with pytest.raises(CurvlensError, match="expert 'b', tensor 't': 1 NaN"):
         _one(a, b)
+
+
+def _mostly_zero(n_rows, dim, seen, seed):
+    """An embedding's moments: only the ``seen`` rows (tokens) got a gradient."""
+    v = torch.zeros(n_rows, dim)
+    g = torch.Generator().manual_seed(seed)
+    v[seen] = 10.0 ** (-8 * torch.rand(len(seen), dim, generator=g))
+    return v
+
+
+@pytest.mark.parametrize("spearman_max", [None, 4096])
+def test_zeros_in_both_are_excluded_not_counted_as_agreement(spearman_max):
+    # 99.8% of the rows never seen by either expert, independent values elsewhere:
+    # the experts' curvature does not agree, and no statistic may say it does.
+    seen = torch.arange(0, 5000, 500)
+    a, b = _mostly_zero(5000, 8, seen, 0), _mostly_zero(5000, 8, seen, 1)
+    r, sampled = _one(a, b, spearman_max)
+    assert sampled == (spearman_max is not None)
+    assert r["excluded_zero"] == 5000 * 8 - 80
+    assert abs(r["spearman_log"]) < 0.35 and abs(r["pearson_log"]) < 0.35
+    # top 10% of the 80 positive entries: 8 each; chance overlap, not the tied zeros
+    assert r["jaccard_top10"] < 0.35 and r["jaccard_top1"] < 1.0
+    want = moment_pair_metrics(a, b)
+    assert want["excluded_zero"] == r["excluded_zero"]
+    for k in ("cosine", "pearson_log", "jaccard_top1", "jaccard_top10"):
+        assert r[k] == pytest.approx(want[k], abs=1e-5), k
+    if spearman_max is None:
+        assert r["spearman_log"] == pytest.approx(want["spearman_log"], abs=1e-6)
+    # the same experts agreeing on their seen rows do get 1
+    r, _ = _one(a, a.clone(), spearman_max)
+    assert (r["pearson_log"], r["spearman_log"], r["jaccard_top10"]) == (1.0, 1.0, 1.0)
+
+
+def test_zero_in_one_expert_only_is_kept():
+    a = _moments(1000, 5)
+    b = a.clone()
+    b[:400] = 0.0  # b never updated these; a did: a real disagreement
+    r, _ = _one(a, b)
+    assert r["excluded_zero"] == 0 and r["spearman_log"] < 0.9
+    r, _ = _one(torch.zeros(100), torch.zeros(100))
+    assert math.isnan(r["pearson_log"]) and math.isnan(r["jaccard_top10"]) and r["excluded_zero"] == 100

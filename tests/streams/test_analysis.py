@@ -41,7 +41,7 @@ def test_every_frame_has_its_pinned_columns(zoo):
                              "frac_zero", "bias_corrected", "sampled"]),
         "curvature_overlap": (A.curvature_overlap(ex, **KW),
                               ["expert_a", "expert_b", *ID, "cosine", "pearson_log", "spearman_log",
-                               "jaccard_top1", "jaccard_top10", "spearman_sampled"]),
+                               "jaccard_top1", "jaccard_top10", "excluded_zero", "spearman_sampled"]),
         "mask_stats": (A.mask_stats(ex, densities=(0.3,), **KW),
                        ["expert", "criterion", "density", *ID, "threshold", "kept_frac", "row_sparsity",
                         "col_sparsity", "mask_rank", "mask_rank_at_least", "mask_effective_rank", "stable_rank", "saliency_kept",
@@ -322,3 +322,16 @@ def test_bad_inputs_name_the_culprit(zoo, tmp_path):
     broken = Experts.from_dirs(base_dir, dirs[:2], moments=[dirs[0], tmp_path / "nan.safetensors"])
     with pytest.raises(CurvlensError, match=r"expert 'expert1', tensor '.*up_proj.weight'.*NaN"):
         A.curvature_overlap(broken, **KW)
+
+
+def test_aggregate_weights_overlap_statistics_by_their_support():
+    # an embedding whose 98 of 100 entries are zero in both experts must weigh
+    # 2 entries, not 100, in a model-level Jaccard; excluded counts add up
+    df = pd.DataFrame({"expert_a": ["a", "a"], "expert_b": ["b", "b"], "name": ["emb", "q"],
+                       "layer": pd.array([None, 0], dtype="Int64"), "role": ["embed", "q"],
+                       "numel": [100, 10], "cosine": [1.0, 0.0], "jaccard_top10": [1.0, 0.0],
+                       "excluded_zero": [98, 0]})
+    row = A.aggregate(df, by=()).iloc[0]
+    assert row["jaccard_top10"] == pytest.approx(2 / 12)
+    assert row["cosine"] == pytest.approx(100 / 110)
+    assert row["excluded_zero"] == 98
