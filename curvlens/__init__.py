@@ -13,7 +13,7 @@ Everything a notebook needs is here, flat::
 =====================  ==========================================================
 open and line up       :class:`Checkpoint`, :class:`Moments`, :class:`Experts`,
                        :func:`export_moments`
-merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`
+merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`
 curvature              :func:`curvature_stats`, :func:`curvature_overlap`,
                        :func:`moment_compression`, :func:`pooled_moments`,
                        :func:`log10_histogram`
@@ -35,7 +35,7 @@ import importlib
 
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
-from curvlens.math.methods import list_methods
+from curvlens.math.methods import list_methods, method_params
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
 from curvlens.streams import Expert, Experts
@@ -64,7 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint", "CurvlensError", "Expert", "Experts", "MergeResult", "Moments", "ROLES",
     "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "export_moments",
-    "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods",
+    "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "moment_compression", "param_role", "pooled_moments", "predicted_loss", "set_threads", "views",
     "write_model", "zoo", "__version__",

@@ -29,11 +29,16 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 def _cmd_methods(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from curvlens.math.methods import list_methods
+    from curvlens.math.methods import get_method, list_methods, method_params
 
     with pd.option_context("display.max_rows", None, "display.max_colwidth", 90, "display.width", 200):
-        df = list_methods()
-        print(df[df.method == a.method].to_string(index=False) if a.method else df.to_string(index=False))
+        if a.method:  # one method: what it does, then its parameters
+            print(f"{a.method}: {get_method(a.method).description}\n")
+            print(method_params(a.method).drop(columns="method").to_string(index=False))
+        else:
+            for row in list_methods().itertuples():
+                print(f"{row.method:<16} {row.description}")
+            print("\n`curvlens methods NAME` lists a method's parameters.")
     return 0
 
 

@@ -48,13 +48,16 @@ experts
 # %% [markdown]
 # ## The methods and their parameters
 #
-# `list_methods()` is the registry: every method, every parameter, its default and
-# whether it takes one value per expert. (`docs/merge_methods.md` states each
-# method's exact semantics.)
+# `list_methods()` is the registry, one line per method; `method_params()` gives
+# every parameter, its default and whether it takes one value per expert.
+# (`docs/merge_methods.md` states each method's exact semantics.)
 
 # %%
-methods = cl.list_methods()
-methods[methods["method"].isin(["ties", "ota"])]
+cl.list_methods()
+
+# %%
+params = cl.method_params()
+params[params["method"].isin(["ties", "ota"])]
 
 # %% [markdown]
 # ## A small grid

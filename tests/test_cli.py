@@ -19,8 +19,9 @@ def cached(quick_zoo, monkeypatch):
 def test_methods_lists_every_method_and_one_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     for m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "ota"):
-        assert m in out
+        assert len(lines[m].split(None, 1)[1]) > 20  # one line on what it does
     assert main(["methods", "ota"]) == 0
     out = capsys.readouterr().out
     assert "ffg_density" in out and "ties" not in out.split("ffg_density")[0].split("\n", 2)[-1]

@@ -14,6 +14,7 @@ from curvlens.math.methods import (
     ParamSpec,
     get_method,
     list_methods,
+    method_params,
     register,
     resolve_params,
 )
@@ -75,9 +76,19 @@ def test_register_rejects_duplicate_param_names():
         register("_test_dup", params=(spec, spec), description="x", needs_base=False)
 
 
-def test_list_methods_is_tidy():
+def test_list_methods_lists_methods():
     df = list_methods()
+    assert list(df.columns) == ["method", "description", "needs_base", "needs_moments", "random", "params"]
+    assert set(df.method) >= EXPECTED and df.method.is_unique
+    assert all(isinstance(d, str) and d and "\n" not in d for d in df.description)
+    row = df.set_index("method").loc["dare_ties"]
+    assert row.needs_base and row.random and not row.needs_moments and "density" in row.params
+
+
+def test_method_params_is_tidy():
+    df = method_params()
     assert list(df.columns) == ["method", "param", "default", "per_expert", "description"]
+    assert set(method_params("ota").method) == {"ota"}
     assert set(df.method) >= EXPECTED
     assert not df.duplicated(["method", "param"]).any()
     row = df[(df.method == "ties") & (df.param == "density")].iloc[0]

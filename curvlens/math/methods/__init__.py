@@ -4,7 +4,7 @@
 module              what it holds
 ==================  =========================================================
 ``registry``        :class:`MergeMethod`, :func:`register`, :func:`get_method`,
-                    :func:`list_methods`, :func:`resolve_params`, :class:`MaskCounts`
+                    :func:`list_methods`, :func:`method_params`, :func:`resolve_params`, :class:`MaskCounts`
 ``params``          :class:`ParamSpec`, validators, parameters methods share
 ``inputs``          the checks every method's inputs get (run by the registry)
 ``sparsify``        top-k / random-drop sparsifiers, TIES's disjoint mean
@@ -32,8 +32,8 @@ tensor([ 2., -2.,  3.])
 from curvlens.math.methods import fisher, linear, ota, task_arithmetic  # noqa: F401  (they register)
 from curvlens.math.methods.params import ParamSpec
 from curvlens.math.methods.registry import (
-    MaskCounts, MergeMethod, ModelWideSelection, get_method, list_methods, register, resolve_params,
+    MaskCounts, MergeMethod, ModelWideSelection, get_method, list_methods, method_params, register, resolve_params,
 )
 
-__all__ = ["MaskCounts", "MergeMethod", "ModelWideSelection", "ParamSpec", "get_method", "list_methods",
+__all__ = ["MaskCounts", "MergeMethod", "ModelWideSelection", "ParamSpec", "get_method", "list_methods", "method_params",
            "register", "resolve_params"]

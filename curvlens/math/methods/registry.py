@@ -217,7 +217,37 @@ def get_method(name: str) -> MergeMethod:
 
 
 def list_methods():
-    """Tidy table of every method's parameters.
+    """Every registered merge method, one row each, with one line on what it does.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``method, description, needs_base, needs_moments, random, params`` (the
+        parameter names, comma-separated; :func:`method_params` has them in full).
+
+    Examples
+    --------
+    >>> df = list_methods()
+    >>> list(df.columns)
+    ['method', 'description', 'needs_base', 'needs_moments', 'random', 'params']
+    >>> bool(df.set_index("method").loc["ota", "needs_moments"])
+    True
+    """
+    import pandas as pd  # only needed here; the math itself is pandas-free
+
+    rows = [{"method": m.name, "description": m.description, "needs_base": m.needs_base,
+             "needs_moments": m.needs_moments, "random": m.uses_rng,
+             "params": ", ".join(p.name for p in m.params)} for m in _REGISTRY.values()]
+    return pd.DataFrame(rows, columns=["method", "description", "needs_base", "needs_moments", "random", "params"])
+
+
+def method_params(method: Optional[str] = None):
+    """Tidy table of the methods' parameters.
+
+    Parameters
+    ----------
+    method : str, optional
+        One method (default: all).
 
     Returns
     -------
@@ -227,14 +257,15 @@ def list_methods():
 
     Examples
     --------
-    >>> df = list_methods()
+    >>> df = method_params()
     >>> list(df.columns)
     ['method', 'param', 'default', 'per_expert', 'description']
     >>> bool(((df.method == "ties") & (df.param == "density")).any())
     True
     """
-    import pandas as pd  # only needed here; the math itself is pandas-free
+    import pandas as pd
 
+    methods = [get_method(method)] if method is not None else list(_REGISTRY.values())
     rows = [
         {
             "method": m.name,
@@ -243,7 +274,7 @@ def list_methods():
             "per_expert": p.per_expert,
             "description": p.description,
         }
-        for m in _REGISTRY.values()
+        for m in methods
         for p in m.params
     ]
     return pd.DataFrame(rows, columns=["method", "param", "default", "per_expert", "description"])
