@@ -8,6 +8,11 @@ norms per layer, several experts, several pairs) the cell pools them by the rule
 of :func:`curvlens.aggregate` (:func:`curvlens.streams.analysis_common.pool`):
 the numel-weighted mean, or the sum for additive metrics such as
 ``predicted_loss_increase``.
+
+A metric that can be only bounded for some tensors (``mask_rank``, NaN where the
+exact SVD was unaffordable, with its lower bound in ``mask_rank_at_least``) is
+drawn from the bound there, and the cell is marked: hatched with a "≥" before its
+number in matplotlib, "≥" and "lower bound" in plotly's text and hover.
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ __all__ = ["layer_role_matrix", "layer_role_heatmap", "layer_role_heatmaps",
 
 _NAN_COLOR = "#e6e6e6"
 
+#: Metrics that are sometimes only bounded: metric -> the column holding the bound.
+BOUND_COLUMNS = {"mask_rank": "mask_rank_at_least"}
+
 
 @dataclass(frozen=True)
 class _Grid:
@@ -41,6 +49,7 @@ class _Grid:
     roles: list                 # role per column
     names: list                 # names[r][c]: sorted tensor names in the cell
     metric: str
+    bounded: np.ndarray | None = None  # (rows, roles) bool: the cell pools a lower bound
 
     @property
     def rows(self) -> list[str]:
@@ -53,6 +62,12 @@ def _grid(df, metric: str, *, weight: str | None, roles, filters: dict, what: st
     df = apply_filters(df, filters, what)
     values = check_numeric(df, metric, what)
     w = weights_of(df, weight, what, metric)
+    bound_col = BOUND_COLUMNS.get(metric)
+    is_bound = np.zeros(len(values), dtype=bool)
+    if bound_col is not None and bound_col in df.columns:
+        bound = df[bound_col].to_numpy(dtype="float64")
+        is_bound = ~np.isfinite(values) & np.isfinite(bound)
+        values = np.where(is_bound, bound, values)
     layer_keys = [layer_value(x) for x in df["layer"]]
     role_keys = [str(r) for r in df["role"]]
     names = [str(n) for n in df["name"]]
@@ -67,11 +82,13 @@ def _grid(df, metric: str, *, weight: str | None, roles, filters: dict, what: st
         if layer in row_of and role in col_of:
             cells.setdefault((row_of[layer], col_of[role]), []).append(k)
     out = np.full((len(layers), len(cols)), np.nan)
+    bounded = np.zeros(out.shape, dtype=bool)
     cell_names = [[[] for _ in cols] for _ in layers]
     for (i, j), idx in cells.items():
         out[i, j] = pool(metric, values[idx], None if w is None else w[idx])
+        bounded[i, j] = bool(is_bound[idx].any())
         cell_names[i][j] = sorted(set(names[k] for k in idx))
-    return _Grid(out, list(layers), cols, cell_names, metric)
+    return _Grid(out, list(layers), cols, cell_names, metric, bounded)
 
 
 def layer_role_matrix(df: pd.DataFrame, metric: str, *, weight: str | None = "numel",
@@ -172,15 +189,27 @@ def _draw_grid(ax, g: _Grid, cm, norm, *, annotate: bool, show_ylabels: bool = T
         ax.axhline(0.5, color="white", lw=2.5)
     ax.set_xlabel("role")
     ax.set_ylabel("layer" if show_ylabels else "")
+    if g.bounded is not None and g.bounded.any():
+        from matplotlib.patches import Rectangle
+
+        # a lower bound is not a value: hatch it so nobody reads it as one
+        for i, j in zip(*np.nonzero(g.bounded)):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                   edgecolor="white", lw=0, label="lower bound"))
     if annotate:
         size = 7 if len(rows) <= 16 and len(g.roles) <= 10 else 5.5
         for i in range(len(rows)):
             for j in range(len(g.roles)):
                 v = g.values[i, j]
                 if np.isfinite(v):
-                    ax.text(j, i, fmt_value(v), ha="center", va="center", fontsize=size,
+                    ax.text(j, i, _cell_text(g, i, j), ha="center", va="center", fontsize=size,
                             color=text_color_for(cm(norm(v))))
     return im
+
+
+def _cell_text(g: _Grid, i: int, j: int) -> str:
+    prefix = "≥" if g.bounded is not None and g.bounded[i, j] else ""
+    return prefix + fmt_value(g.values[i, j])
 
 
 @styled
@@ -346,9 +375,11 @@ def layer_role_heatmap_plotly(df: pd.DataFrame, metric: str, *, log: bool | None
             shown = "<br>".join(names[:4]) + (f"<br>... (+{len(names) - 4} more)"
                                                if len(names) > 4 else "")
             v = g.values[i, j]
-            custom[i, j] = [shown or "(no tensor)", layer, role, fmt_value(v) or "n/a",
-                            len(names)]
-            text[i, j] = fmt_value(v)
+            shown_v = _cell_text(g, i, j) if np.isfinite(v) else "n/a"
+            if g.bounded[i, j]:
+                shown_v += " (lower bound: exact value not computed)"
+            custom[i, j] = [shown or "(no tensor)", layer, role, shown_v, len(names)]
+            text[i, j] = _cell_text(g, i, j) if np.isfinite(v) else ""
     trace = go.Heatmap(
         z=z, x=g.roles, y=rows, customdata=custom, colorbar=colorbar, hoverongaps=False,
         xgap=1, ygap=1,
@@ -359,6 +390,9 @@ def layer_role_heatmap_plotly(df: pd.DataFrame, metric: str, *, log: bool | None
     )
     if annotate:
         trace.update(text=text, texttemplate="%{text}", textfont={"size": 9})
+    elif g.bounded.any():  # bounded cells always say so
+        only = np.where(g.bounded, text, "")
+        trace.update(text=only, texttemplate="%{text}", textfont={"size": 9})
     fig = go.Figure(trace)
     if title is None:
         ft = filter_title(filters)

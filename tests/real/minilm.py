@@ -229,10 +229,10 @@ TASKS: dict[str, str] = {"sentiment": "seqcls", "topic": "seqcls", "question": "
 
 # Trainer recipe per task: steps at batch size 32 (one epoch of N_TRAIN is 15 steps).
 RECIPES: dict[str, dict] = {
-    "sentiment": {"max_steps": 30, "learning_rate": 1e-4},
-    "topic": {"max_steps": 30, "learning_rate": 1e-4},
-    "question": {"max_steps": 45, "learning_rate": 1e-4},
-    "colors": {"max_steps": 30, "learning_rate": 1e-4},
+    "sentiment": {"max_steps": 15, "learning_rate": 1e-4},
+    "topic": {"max_steps": 15, "learning_rate": 1e-4},
+    "question": {"max_steps": 25, "learning_rate": 1e-4},
+    "colors": {"max_steps": 20, "learning_rate": 1e-4},
 }
 BATCH_SIZE = 32
 

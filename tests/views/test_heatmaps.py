@@ -150,3 +150,23 @@ def test_figure_style_keeps_interactive_mode():
         assert mpl.is_interactive()
     finally:
         mpl.interactive(before)
+
+
+def test_bounded_ranks_are_drawn_as_bounds_never_as_values():
+    from curvlens.views.heatmaps import _grid
+
+    df = pd.DataFrame({"name": ["l0.q", "l0.k", "l1.q"], "layer": pd.array([0, 0, 1], dtype="Int64"),
+                       "role": ["q", "k", "q"], "numel": [100, 100, 100],
+                       "mask_rank": [7.0, np.nan, 9.0], "mask_rank_at_least": [np.nan, 50.0, np.nan]})
+    g = _grid(df, "mask_rank", weight="numel", roles=None, filters={}, what="t")
+    assert g.values[0, 1] == 50.0 and g.bounded.tolist() == [[False, True], [False, False]]
+    ax = layer_role_heatmap(df, "mask_rank", annotate=True)
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(hatched) == 1 and hatched[0].get_xy() == (0.5, -0.5)
+    assert sorted(t.get_text() for t in ax.texts) == ["7.00", "9.00", "≥50"]
+    fig = layer_role_heatmap_plotly(df, "mask_rank")
+    text = np.asarray(fig.data[0].text)
+    assert text[0, 1] == "≥50" and text[0, 0] == "" and "lower bound" in fig.data[0].customdata[0][1][3]
+    # without the bound column nothing is invented
+    g = _grid(df.drop(columns="mask_rank_at_least"), "mask_rank", weight="numel", roles=None, filters={}, what="t")
+    assert np.isnan(g.values[0, 1]) and not g.bounded.any()
