@@ -33,7 +33,8 @@ MASK_OVERLAP_COLUMNS = ["expert_a", "expert_b", "criterion", "density", *TENSOR_
 INTERFERENCE_COLUMNS = ["expert_a", "expert_b", *TENSOR_ID, "tv_cosine", "sign_conflict",
                         "curvature_weighted_conflict"]
 PREDICTED_LOSS_COLUMNS = ["expert", *TENSOR_ID, "predicted_loss_increase"]
-COMPARE_MERGES_COLUMNS = ["method", "expert", "predicted_loss_increase"]
+COMPARE_MERGES_COLUMNS = ["method", "expert", "predicted_loss_increase", "predicted_loss_of_base",
+                          "relative_loss"]
 MOMENT_COMPRESSION_COLUMNS = ["expert", *TENSOR_ID, "rank", "rel_error_v", "rel_error_weights", "bytes_full",
                               "bytes_compressed"]
 GRAFT_SWEEP_COLUMNS = ["expert", "criterion", "density", "capability", "score"]

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -161,9 +162,24 @@ def compare_merges(experts: Experts, merges: Mapping[str, object], names: Sequen
     Returns
     -------
     pandas.DataFrame
-        ``method, expert, predicted_loss_increase``: model-level sums of
-        :func:`predicted_loss`, one row per merge x expert. Lower is better; the
-        numbers compare merges of the same experts, before any evaluation.
+        ``method, expert, predicted_loss_increase, predicted_loss_of_base,
+        relative_loss``: model-level sums of :func:`predicted_loss`, one row per
+        merge x expert. Lower is better; the numbers compare merges of the same
+        experts, before any evaluation. ``predicted_loss_of_base`` is the same
+        prediction for the base model (``0.5 * sum v_i tau_i**2``: the loss of
+        undoing the whole fine-tune, when the Experts have a base) and
+        ``relative_loss`` their ratio: the predicted fraction of each expert's
+        fine-tuning a merge gives up, in that expert's own units. Averaged over
+        experts it ranks merges better than the raw sums, which one expert with
+        large moments dominates (see ``docs/predicted_loss.md``). NaN without a
+        base.
+
+    Notes
+    -----
+    Tensors that are not part of the shared model (each task's classifier head,
+    a pooler the loss never used) dominate these sums when merged like any
+    tensor: leave them out with ``experts.without(...)`` (and out of the merge
+    with ``merge(..., tensors=...)``).
     """
     need_moments(experts, "compare_merges")
     if not isinstance(merges, Mapping) or not merges:
@@ -171,12 +187,22 @@ def compare_merges(experts: Experts, merges: Mapping[str, object], names: Sequen
     ckpts = {str(k): open_merged(m, experts, str(k)) for k, m in merges.items()}
     dev = resolve_device(device)
     totals = {(k, e): 0.0 for k in ckpts for e in experts.names}
-    for g in experts.iter_tensors(floating_names(experts, names), device=dev, base=False, progress=progress,
+    undo = {e: 0.0 for e in experts.names}
+    has_base = experts.base is not None
+    for g in experts.iter_tensors(floating_names(experts, names), device=dev, base=has_base, progress=progress,
                                   desc="compare merges"):
         for k, ckpt in ckpts.items():
             m = read_merged(ckpt, g.name, dev, k)
             for e, x, v in zip(experts.names, g.experts, g.moments):
                 totals[k, e] += _loss(v, m, x, e, g.name)
             del m
-    return frame([{"method": k, "expert": e, "predicted_loss_increase": t} for (k, e), t in totals.items()],
-                 COMPARE_MERGES_COLUMNS)
+        if has_base:
+            for e, x, v in zip(experts.names, g.experts, g.moments):
+                undo[e] += _loss(v, g.base, x, e, g.name)
+    rows = []
+    for (k, e), t in totals.items():
+        base_loss = undo[e] if has_base else math.nan
+        rel = t / base_loss if has_base and base_loss > 0 else math.nan
+        rows.append({"method": k, "expert": e, "predicted_loss_increase": t,
+                     "predicted_loss_of_base": base_loss, "relative_loss": rel})
+    return frame(rows, COMPARE_MERGES_COLUMNS)

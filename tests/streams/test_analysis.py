@@ -53,7 +53,8 @@ def test_every_frame_has_its_pinned_columns(zoo):
                           "curvature_weighted_conflict"]),
         "predicted_loss": (A.predicted_loss(ex, merged, **KW), ["expert", *ID, "predicted_loss_increase"]),
         "compare_merges": (A.compare_merges(ex, {"linear": merged}, **KW),
-                           ["method", "expert", "predicted_loss_increase"]),
+                           ["method", "expert", "predicted_loss_increase", "predicted_loss_of_base",
+                            "relative_loss"]),
         "moment_compression": (A.moment_compression(ex, **KW),
                                ["expert", *ID, "rank", "rel_error_v", "rel_error_weights", "bytes_full",
                                 "bytes_compressed"]),
@@ -137,6 +138,13 @@ def test_predicted_loss_is_zero_for_the_expert_itself_and_hand_computed(zoo):
     lin = cm[cm.method == "linear"].set_index("expert")["predicted_loss_increase"]
     np.testing.assert_allclose(lin[per.expert].values, per.predicted_loss_increase.values, rtol=1e-12)
     assert cm.loc[(cm.method == "expert1") & (cm.expert == "expert1"), "predicted_loss_increase"].item() == 0
+    # the base as a "merge" loses the whole fine-tune: relative loss exactly 1
+    cm = A.compare_merges(ex, {"base": ex.base, "linear": res}, **KW)
+    base_rows = cm[cm.method == "base"]
+    np.testing.assert_allclose(base_rows["relative_loss"], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(base_rows["predicted_loss_increase"], base_rows["predicted_loss_of_base"], rtol=1e-12)
+    lin = cm[cm.method == "linear"]
+    np.testing.assert_allclose(lin["relative_loss"], lin["predicted_loss_increase"] / lin["predicted_loss_of_base"])
 
 
 def test_interference_against_a_merged_model(zoo):
