@@ -21,7 +21,10 @@ masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overla
                        :func:`mask_thresholds`, :func:`graft_sweep`,
                        :func:`ffg_vs_magnitude_summary`
 interference           :func:`interference`, :func:`predicted_loss`,
-                       :func:`compare_merges`
+                       :func:`compare_merges`, :func:`prediction_agreement`,
+                       :func:`merge_retention`
+tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
+                       ``merge(..., tensors=)``, :class:`TensorFilter`
 pooling                :func:`aggregate`
 threads                :func:`set_threads` (CPU passes use 1 by default: see ``curvlens.runtime``)
 drawing                ``cl.views`` (figures and explorers, imported on first use)
@@ -58,15 +61,18 @@ from curvlens.streams.analysis import (
 )
 from curvlens.streams.merge import MergeResult, merge
 from curvlens.streams.merge_config import load_merge_config
+from curvlens.streams.prediction import merge_retention, prediction_agreement
+from curvlens.tensor_filter import TensorFilter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpoint", "CurvlensError", "Expert", "Experts", "MergeResult", "Moments", "ROLES",
+    "Checkpoint", "CurvlensError", "Expert", "Experts", "MergeResult", "Moments", "ROLES", "TensorFilter",
     "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "export_moments",
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
-    "merge", "moment_compression", "param_role", "pooled_moments", "predicted_loss", "set_threads", "views",
+    "merge", "merge_retention", "moment_compression", "param_role", "pooled_moments", "predicted_loss",
+    "prediction_agreement", "set_threads", "views",
     "write_model", "zoo", "__version__",
 ]
 

@@ -70,7 +70,8 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
 
     from curvlens.io.atomic import AtomicDir
 
-    experts = Experts.from_dirs(a.base, a.experts, names=a.names, bias_correction=a.bias_correction)
+    experts = Experts.from_dirs(a.base, a.experts, names=a.names, bias_correction=a.bias_correction,
+                                exclude=a.exclude)
     # written beside its place and renamed in when complete; never onto an input
     with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
         results = _analyze_into(tmp, experts, a)
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", type=Path, default=Path("curvlens_analysis"))
     an.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.3])
     an.add_argument("--bias-correction", action="store_true", help="divide moments by 1 - beta2**step")
+    an.add_argument("--exclude", nargs="+", metavar="PATTERN",
+                    help="leave tensors out: a substring ('classifier'), a glob ('*.pooler.*'), "
+                         "'role:lm_head' or 'name:EXACT' (e.g. each task's head)")
     an.add_argument("--device", default="auto")
     an.add_argument("--overwrite", action="store_true")
     an.add_argument("--quiet", action="store_true")

@@ -62,6 +62,10 @@ def test_analyze_writes_every_frame(cached, tmp_path, capsys):
     assert set(frames["mask_stats"].density) == {0.1}
     assert main(args) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+    # the heads left out of every frame
+    assert main(args + ["--overwrite", "--exclude", "role:lm_head", "embed_tokens"]) == 0
+    for key, df in ((p.stem, pd.read_csv(p)) for p in out.glob("*.csv")):
+        assert not set(df.role) & {"lm_head", "embed"}, key
 
 
 def test_demo_quick_and_figures(cached, tmp_path, capsys):

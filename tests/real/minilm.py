@@ -43,7 +43,9 @@ N_TRAIN = 480
 N_EVAL = 200
 HEAD_SEED = 1234  # seeds the random head of each base
 TRAIN_SEED = 0
-THREADS = 2  # measured faster than 1 on the 2-core dev machine (see build_experts)
+# torch threads while building. On an idle 2-core machine 2 threads train ~1.7x faster
+# than 1; with another CPU-bound process beside it, 2 threads are ~2x slower than 1.
+THREADS = int(os.environ.get("CURVLENS_REAL_THREADS", "2"))
 
 # Names that belong to a task head rather than to the shared backbone.
 HEAD_PREFIXES = ("classifier.", "bert.pooler.")
