@@ -17,40 +17,10 @@ import argparse
 import time
 from pathlib import Path
 
-import pandas as pd
 
 import curvlens as cl
-
-#: (label, method, params): wide enough that merges differ in quality.
-GRID = (
-    ("linear", "linear", {}),
-    ("task_arithmetic l=0.3", "task_arithmetic", {"lambda": 0.3}),
-    ("task_arithmetic l=0.5", "task_arithmetic", {"lambda": 0.5}),
-    ("task_arithmetic l=1.0", "task_arithmetic", {"lambda": 1.0}),
-    ("ties d=0.2", "ties", {"density": 0.2}),
-    ("ties d=0.5", "ties", {"density": 0.5}),
-    ("dare_ties d=0.3", "dare_ties", {"density": 0.3, "seed": 0}),
-    ("dare_ties d=0.5", "dare_ties", {"density": 0.5, "seed": 0}),
-    ("fisher", "fisher", {}),
-    ("ota", "ota", {"epsilon": 1e-26}),
-    ("ota+ffg d=0.1", "ota", {"epsilon": 1e-26, "ffg_density": 0.1, "fallback_to_base": True}),
-    ("ota+ffg d=0.3", "ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}),
-)
-
-
-def study(experts, merges: dict, scores: pd.DataFrame, capabilities: dict, heads, *,
-          expert_label: str = "expert: {}") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-merge predictions and the agreement, over all tensors and without ``heads``."""
-    per, agree = [], []
-    for variant, ex in (("all tensors", experts), ("without heads", experts.without(heads))):
-        pred = cl.compare_merges(ex, merges, progress=False)
-        pred["variant"] = variant
-        per.append(pred)
-        a = cl.prediction_agreement(pred, scores, capabilities, expert_label)
-        a.insert(0, "variant", variant)
-        agree.append(a)
-    return pd.concat(per, ignore_index=True), pd.concat(agree, ignore_index=True)
-
+from curvlens.demo import RANKING_GRID
+from curvlens.streams.prediction import prediction_study
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,9 +31,9 @@ def main() -> None:
     t0 = time.perf_counter()
     zoo = cl.zoo.build(a.zoo, progress=False)
     experts = zoo.experts()
-    merges = {label: cl.merge(experts, method, progress=False, **p) for label, method, p in GRID}
+    merges = {label: cl.merge(experts, method, progress=False, **p) for label, method, p in RANKING_GRID}
     scores = zoo.score(merges)
-    per, agree = study(experts, merges, scores, dict(zoo.capabilities), a.heads)
+    per, agree = prediction_study(experts, merges, scores, dict(zoo.capabilities), a.heads)
     a.out.mkdir(parents=True, exist_ok=True)
     ret = cl.merge_retention(scores, dict(zoo.capabilities))
     ret.to_csv(a.out / "retention.csv", index=False)

@@ -21,7 +21,7 @@ masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overla
                        :func:`mask_thresholds`, :func:`graft_sweep`,
                        :func:`ffg_vs_magnitude_summary`
 interference           :func:`interference`, :func:`predicted_loss`,
-                       :func:`compare_merges`, :func:`prediction_agreement`,
+                       :func:`compare_merges`, :func:`prediction_agreement`, :func:`prediction_study`,
                        :func:`merge_retention`
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
                        ``merge(..., tensors=)``, :class:`TensorFilter`
@@ -61,7 +61,7 @@ from curvlens.streams.analysis import (
 )
 from curvlens.streams.merge import MergeResult, merge
 from curvlens.streams.merge_config import load_merge_config
-from curvlens.streams.prediction import merge_retention, prediction_agreement
+from curvlens.streams.prediction import merge_retention, prediction_agreement, prediction_study
 from curvlens.tensor_filter import TensorFilter
 
 __version__ = "0.1.0"
@@ -72,7 +72,7 @@ __all__ = [
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "param_role", "pooled_moments", "predicted_loss",
-    "prediction_agreement", "set_threads", "views",
+    "prediction_agreement", "prediction_study", "set_threads", "views",
     "write_model", "zoo", "__version__",
 ]
 

@@ -25,6 +25,22 @@ DEMO_MERGES: tuple[tuple[str, str, dict], ...] = (
     ("OTA+FFG", "ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}),
 )
 
+#: A wider grid, for studies that need merges of clearly different quality (how
+#: well the predicted loss ranks merges: ``benchmarks/predicted_ranking.py``).
+RANKING_GRID: tuple[tuple[str, str, dict], ...] = (
+    ("linear", "linear", {}),
+    ("task_arithmetic l=0.3", "task_arithmetic", {"lambda": 0.3}),
+    ("task_arithmetic l=0.5", "task_arithmetic", {"lambda": 0.5}),
+    ("task_arithmetic l=1.0", "task_arithmetic", {"lambda": 1.0}),
+    ("ties d=0.2", "ties", {"density": 0.2}),
+    ("ties d=0.5", "ties", {"density": 0.5}),
+    ("dare_ties d=0.3", "dare_ties", {"density": 0.3, "seed": 0}),
+    ("dare_ties d=0.5", "dare_ties", {"density": 0.5, "seed": 0}),
+    ("fisher", "fisher", {}),
+    ("ota", "ota", {"epsilon": 1e-26}),
+    ("ota+ffg d=0.1", "ota", {"epsilon": 1e-26, "ffg_density": 0.1, "fallback_to_base": True}),
+    ("ota+ffg d=0.3", "ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}),
+)
 
 #: Model-wide densities of the FFG-vs-magnitude grafting sweep (the paper reports
 #: FFG densities of 0.2-0.46; lower ones show where magnitude pruning breaks).

@@ -44,9 +44,11 @@ from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import CRITERIA, THRESHOLD_COLUMNS, Selection, mask_scores, model_selections
 
 #: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
-#: Exact-SVD limit (entries) of mask_stats per device: every 2-D mask of every
-#: expert, criterion and density is ranked, so a CPU affords less than a GPU.
-RANK_EXACT_MAX = {"cpu": 512 * 512, "cuda": 4096 * 4096}
+#: Exact-SVD budget of mask_stats per device, in the SVD's work m * n * min(m, n):
+#: every 2-D mask of every expert, criterion and density is ranked, so a CPU
+#: affords less than a GPU. 768**3 is a 0.1-0.3 s float64 SVD on one CPU core
+#: (768 x 768, or a 1536 x 384 FFN matrix: a thin matrix is cheap).
+RANK_EXACT_WORK = {"cpu": 768 ** 3, "cuda": 8192 ** 3}
 SKETCH_SIZE = 32
 POWER_ITERS = 1
 
@@ -207,6 +209,13 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
 
 
 # ------------------------------------------------------------------- mask_stats
+def _short_side(t: torch.Tensor) -> int:
+    """The smaller side of the 2-D view a rank is taken of (rows x the rest)."""
+    if t.dim() < 2 or t.numel() == 0:
+        return 1
+    return max(1, min(t.shape[0], t.numel() // t.shape[0]))
+
+
 def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, names: Sequence[str] | None = None,
                *, rank_exact_max: int | None = None, sketch_size: int = SKETCH_SIZE,
                power_iters: int = POWER_ITERS, seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
@@ -231,8 +240,8 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     rank_exact_max, sketch_size, power_iters
         Rank settings of :func:`curvlens.math.mask_structure.mask_structure`: an
         exact float64 SVD when the mask without its empty rows/columns has at most
-        ``rank_exact_max`` entries (default 512**2 on a CPU, 4096**2 on a GPU),
-        else a randomized range finder with ``sketch_size`` columns, which is exact
+        ``rank_exact_max`` entries (default: when its SVD work ``m * n * min(m,
+        n)`` is at most 768**3 on a CPU, 8192**3 on a GPU), else a randomized range finder with ``sketch_size`` columns, which is exact
         for ranks below ``sketch_size``. Above it only a bound is known: then
         ``mask_rank`` (and ``mask_effective_rank``) are NaN and
         ``mask_rank_at_least`` holds the bound, never a sketch size shown as a
@@ -240,7 +249,7 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
         known); ``power_iters`` tightens its estimate of
         ``||mask * tau||_2`` for ``stable_rank``. The rank of every 2-D mask of
         every expert at every density is the dominant cost of this function on a
-        CPU, hence the modest defaults (512**2, 32, 1): FFG masks are low-rank,
+        CPU, hence the modest defaults (768**3 work, 32, 1): FFG masks are low-rank,
         and a rank of 32 or more already says "not low-rank". Raise them for a
         higher cap.
     seed : int
@@ -265,8 +274,7 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     _check_inputs(experts, criteria, "mask_stats")
     names = floating_names(experts, names)
     dev = resolve_device(device)
-    if rank_exact_max is None:
-        rank_exact_max = RANK_EXACT_MAX.get(dev.type, RANK_EXACT_MAX["cpu"])
+    work = RANK_EXACT_WORK.get(dev.type, RANK_EXACT_WORK["cpu"])
     sel = _selections(experts, ds, criteria, dev, progress)
     with_v = "fisher" in criteria
     ws = Workspace()
@@ -291,7 +299,8 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
                     m = mask.view(tau.shape)
                     m.copy_(sel[c, e, d].mask(g.name, scores[c]))
                     try:
-                        st = mask_structure(m, tau=tau, rank_exact_max=rank_exact_max,
+                        exact = rank_exact_max if rank_exact_max is not None else work // _short_side(tau)
+                        st = mask_structure(m, tau=tau, rank_exact_max=exact,
                                          rng=tensor_seed(seed, g.name), sketch_size=sketch_size,
                                          power_iters=power_iters)
                     except CurvlensError as err:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
+from curvlens.streams.analysis_interference import compare_merges
 
 #: The predictors compared, each pooled over experts to one number per merge
 #: (lower = predicted better): the summed loss increase, and the mean over
@@ -107,3 +108,28 @@ def prediction_agreement(predicted: pd.DataFrame, scores: pd.DataFrame, capabili
         rho = float(x[ok].corr(y[ok], method="spearman")) if ok.sum() >= 3 else float("nan")
         rows.append({"predictor": col, "n_merges": int(ok.sum()), "spearman": rho})
     return pd.DataFrame(rows, columns=["predictor", "n_merges", "spearman"])
+
+
+def prediction_study(experts, merges: Mapping, scores: pd.DataFrame, capabilities: Mapping[str, str],
+                     heads, *, expert_label: str = "expert: {}", progress: bool = False
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The predictions of ``merges`` and their agreement with the scores, over
+    every tensor and without ``heads`` (patterns of :mod:`curvlens.tensor_filter`).
+
+    Returns
+    -------
+    predicted : pandas.DataFrame
+        :func:`compare_merges`'s rows with a ``variant`` column
+        (``"all tensors"`` / ``"without heads"``).
+    agreement : pandas.DataFrame
+        :func:`prediction_agreement`'s rows with the same ``variant`` column.
+    """
+    per, agree = [], []
+    for variant, ex in (("all tensors", experts), ("without heads", experts.without(heads))):
+        pred = compare_merges(ex, merges, progress=progress)
+        pred.insert(0, "variant", variant)
+        per.append(pred)
+        a = prediction_agreement(pred, scores, capabilities, expert_label)
+        a.insert(0, "variant", variant)
+        agree.append(a)
+    return pd.concat(per, ignore_index=True), pd.concat(agree, ignore_index=True)

@@ -101,3 +101,21 @@ def test_evaluate_takes_a_headless_merge_with_the_head_from_the_expert(real_zoo,
     bad["bert.embeddings.word_embeddings.weight"] = bad["bert.embeddings.word_embeddings.weight"][:10]
     with pytest.raises(ValueError, match="shape"):
         minilm.evaluate(bad, task, head_from=ckpt)
+
+
+def test_bases_start_from_the_pretrained_weights_and_experts_moved(real_zoo):
+    import torch
+
+    pretrained = minilm.load_state(minilm.minilm_dir())
+    for arch, base_dir in real_zoo["bases"].items():
+        base = minilm.load_state(base_dir)
+        backbone = [n for n in base if n.startswith("bert.")]
+        assert backbone and all(torch.equal(base[n], pretrained[n[len("bert."):]]) for n in backbone)
+        assert base["classifier.weight"].abs().max() > 0
+    for task, ckpt in real_zoo["experts"].items():
+        base = minilm.load_state(real_zoo["bases"][real_zoo["arch"][task]])
+        expert = minilm.load_state(ckpt)
+        shared = [n for n in base if not minilm.is_head(n)]
+        num = sum(float((expert[n] - base[n]).double().pow(2).sum()) for n in shared) ** 0.5
+        den = sum(float(base[n].double().pow(2).sum()) for n in shared) ** 0.5
+        assert 1e-4 < num / den < 0.1, f"{task}: relative backbone edit {num / den:.2e}"

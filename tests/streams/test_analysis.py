@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from curvlens import CurvlensError, Experts
+from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.io.moments import Moments
 from tests.math.oracles import moment_pair_metrics as pair_overlap
 from curvlens.streams import analysis as A
@@ -343,3 +343,25 @@ def test_aggregate_weights_overlap_statistics_by_their_support():
     assert row["jaccard_top10"] == pytest.approx(2 / 12)
     assert row["cosine"] == pytest.approx(100 / 110)
     assert row["excluded_zero"] == 98
+
+
+def test_thin_ffn_mask_ranks_are_exact_on_a_cpu():
+    """A 1536 x 384 FFN matrix (590k entries) costs one 0.1 s SVD: its rank is
+    computed exactly, not bounded by a sketch (MiniLM's shape, where a sketch of 32
+    once read as the rank)."""
+    from curvlens.streams.experts import Expert
+
+    g = torch.Generator().manual_seed(0)
+    base = {"layer.0.intermediate.dense.weight": torch.zeros(1536, 384)}
+    exs = []
+    for i in range(2):
+        w = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+        v = {k: torch.rand(t.shape, generator=g) for k, t in w.items()}
+        exs.append(Expert(f"e{i}", Checkpoint.open(w), Moments.open(v)))
+    ms = A.mask_stats(Experts(base, exs), densities=[0.3], criteria=["fisher"], device="cpu", progress=False)
+    assert (ms["rank_method"] == "exact").all() and (ms["mask_rank"] == 384).all()
+    assert (ms["mask_rank_at_least"] == 384).all()
+    # an explicit entry limit still bounds it, and says so
+    ms = A.mask_stats(Experts(base, exs), densities=[0.3], criteria=["fisher"], device="cpu", progress=False,
+                      rank_exact_max=1000)
+    assert ms["mask_rank"].isna().all() and (ms["mask_rank_at_least"] == 32).all()
