@@ -23,6 +23,7 @@ imported (e.g. by doctest collection) where they are missing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -510,26 +511,43 @@ def is_head(name: str) -> bool:
     return name.startswith(HEAD_PREFIXES)
 
 
-def _load_model(source, task: str, head_from: PathLike | None):
+def _config_of(task: str, src_dir, head_from):
     from transformers import AutoConfig
 
+    if head_from is not None:
+        return AutoConfig.from_pretrained(head_from)
+    if src_dir is not None and (src_dir / "config.json").is_file():
+        return AutoConfig.from_pretrained(src_dir)
+    return AutoConfig.from_pretrained(minilm_dir(), num_labels=NUM_LABELS)
+
+
+_MODELS: dict = {}
+
+
+def _model_for(arch: str, config):
+    key = (arch, config.to_json_string())
+    if key not in _MODELS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _MODELS[key] = _auto_class(arch).from_config(config).eval()
+    return _MODELS[key]
+
+
+@functools.lru_cache(maxsize=16)
+def _head_state(head_from: str) -> dict:
+    return load_state(head_from)
+
+
+def _load_model(source, task: str, head_from: PathLike | None):
     arch = TASKS[task]
     src_dir = None if isinstance(source, Mapping) else Path(source)
-    if head_from is not None:
-        config = AutoConfig.from_pretrained(head_from)
-    elif src_dir is not None and (src_dir / "config.json").is_file():
-        config = AutoConfig.from_pretrained(src_dir)
-    else:
-        config = AutoConfig.from_pretrained(minilm_dir(), num_labels=NUM_LABELS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = _auto_class(arch).from_config(config)
+    model = _model_for(arch, _config_of(task, src_dir, head_from))
     target = model.state_dict()
     given = dict(source) if src_dir is None else load_state(src_dir)
 
     state = {}
     if head_from is not None:
-        state.update(load_state(head_from))
+        state.update(_head_state(str(Path(head_from).resolve())))
     unknown = [n for n in given if n not in target and not is_head(n)]
     if unknown:
         raise KeyError(f"tensors not in a {arch} model: {unknown[:5]}")
@@ -546,7 +564,19 @@ def _load_model(source, task: str, head_from: PathLike | None):
     if missing:
         raise KeyError(f"head tensors {missing} missing; pass head_from=<the task's expert dir>")
     model.load_state_dict({n: t.to(target[n].dtype) for n, t in state.items()}, strict=True)
-    return model.eval()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_batches(task: str, batch_size: int) -> tuple:
+    """The held-out split, tokenised and collated once per task."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    data = _Encoded(task, "eval", tokenizer)
+    collate = _collator(TASKS[task], tokenizer)
+    return tuple(collate([data[j] for j in range(i, min(i + batch_size, len(data)))])
+                 for i in range(0, len(data), batch_size))
 
 
 @torch.no_grad()
@@ -561,17 +591,11 @@ def evaluate(model_dir_or_state_dict, task: str, head_from: PathLike | None = No
     Tensors present are checked for shape and override ``head_from``'s; an other
     architecture's head tensors are ignored, any other unknown name is an error.
     """
-    from transformers import AutoTokenizer
-
     _quiet_transformers()
-    arch = TASKS[task]
     model = _load_model(model_dir_or_state_dict, task, head_from)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    data = _Encoded(task, "eval", tokenizer)
-    collate = _collator(arch, tokenizer)
     right = total = 0
-    for i in range(0, len(data), batch_size):
-        batch = collate([data[j] for j in range(i, min(i + batch_size, len(data)))])
+    for batch in _eval_batches(task, batch_size):
+        batch = dict(batch)
         labels = batch.pop("labels")
         pred = model(**batch).logits.argmax(-1)
         keep = labels != -100

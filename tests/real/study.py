@@ -71,22 +71,18 @@ def run(zoo: dict, grid=RANKING_GRID, progress: bool = False) -> dict:
         experts = open_experts(zoo, tasks, heads=heads)
         merges = {label: cl.merge(experts, method, progress=progress, **p) for label, method, p in grid}
         scores = score(zoo, merges, tasks, own_heads=not heads)
-        predicted, agreement = cl.prediction_study(
-            open_experts(zoo, tasks, heads=True) if heads else experts, merges, scores, {t: t for t in tasks},
-            list(HEADS) if heads else [], progress=progress) if heads else _without_heads_only(
-            experts, merges, scores, tasks)
+        caps = {t: t for t in tasks}
+        if heads:  # predicted over every tensor and without the heads
+            predicted, agreement = cl.prediction_study(experts, merges, scores, caps, list(HEADS),
+                                                       progress=progress)
+        else:  # the heads are in neither the Experts nor the merges
+            predicted = cl.compare_merges(experts, merges, progress=progress)
+            predicted.insert(0, "variant", "without heads")
+            agreement = cl.prediction_agreement(predicted, scores, caps)
+            agreement.insert(0, "variant", "without heads")
         out[name] = {"scores": scores, "predicted": predicted, "agreement": agreement,
                      "seconds": time.perf_counter() - t0}
     return out
-
-
-def _without_heads_only(experts, merges, scores, tasks):
-    # the heads are not in these Experts at all: one variant
-    pred = cl.compare_merges(experts, merges, progress=False)
-    pred.insert(0, "variant", "without heads")
-    agree = cl.prediction_agreement(pred, scores, {t: t for t in tasks})
-    agree.insert(0, "variant", "without heads")
-    return pred, agree
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def test_trainer_dirs_of_two_architectures_open_with_readable_names(tier):
     assert len(set(ex.names)) == len(dirs)
     # the token-classification expert has no pooler: without exclusion the models
     # do not line up, and the error says how to leave tensors out
-    with pytest.raises(cl.CurvlensError, match="bert.pooler.*exclude"):
+    with pytest.raises(cl.CurvlensError, match="(?s)exclude.*lacks 2 tensor.*bert.pooler"):
         cl.Experts.from_dirs(zoo["bases"]["seqcls"], dirs)
 
 
@@ -86,7 +86,8 @@ def test_optimizer_order_comes_from_each_declared_architecture(tier):
 
 
 def test_validate_and_analyze_from_the_shell(tier, tmp_path, capsys):
-    zoo, tasks, _ = tier
+    zoo, all_tasks, _ = tier
+    tasks = [next(t for t in all_tasks if zoo["arch"][t] == a) for a in ("seqcls", "tokcls")]  # one of each
     out = tmp_path / "analysis"
     args = ["analyze", *(str(zoo["experts"][t]) for t in tasks), "--base", str(zoo["bases"]["seqcls"]),
             "--names", *tasks, "--out", str(out), "--densities", "0.1", "--device", "cpu", "--quiet",
@@ -176,14 +177,21 @@ def test_one_tasks_head_taken_and_the_base_pooler(tier):
     zoo, tasks, _ = tier
     seq = [t for t in tasks if zoo["arch"][t] == "seqcls"]
     ex = open_experts(zoo, seq, heads=True)
-    res = cl.merge(ex, "ties", **KW, density=0.5, tensors={"classifier": seq[1], "*.pooler.*": "base"})
+    # one task's whole head (classifier and pooler) taken unchanged: the merged
+    # model then serves that task by itself, as its expert does
+    one = seq[1]
+    res = cl.merge(ex, "linear", **KW, tensors={"classifier": one, "*.pooler.*": one})
     src = res.report.set_index("name")["source"]
-    assert src["classifier.weight"] == seq[1] and src["bert.pooler.dense.weight"] == "base"
-    assert torch.equal(res.checkpoint["classifier.weight"], ex[seq[1]].checkpoint["classifier.weight"])
+    assert src["classifier.weight"] == one and src["bert.pooler.dense.weight"] == one
+    assert src[~src.index.str.contains("classifier|pooler")].eq("merged").all()
+    assert torch.equal(res.checkpoint["classifier.weight"], ex[one].checkpoint["classifier.weight"])
+    assert evaluate(dict(res.checkpoint.items()), one) >= 0.9
+    # the base's pooler, unchanged (delta 0 in the report)
+    res = cl.merge(ex, "ties", **KW, density=0.5, tensors={"classifier": "drop", "*.pooler.*": "base"})
+    rep = res.report.set_index("name")
     assert torch.equal(res.checkpoint["bert.pooler.dense.bias"], ex.base["bert.pooler.dense.bias"])
-    # that task is then scored with its own head by the merged model itself
-    acc = evaluate(dict(res.checkpoint.items()), seq[1])
-    assert acc > 0.8
+    assert rep.loc["bert.pooler.dense.weight", "delta_norm"] == 0.0
+    assert "classifier.weight" not in res.checkpoint and rep.loc["classifier.weight", "source"] == "drop"
 
 
 def test_predicted_loss_ranks_real_merges(tier, merged):
