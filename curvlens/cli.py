@@ -76,9 +76,12 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
     with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
         results = _analyze_into(tmp, experts, a)
     print("model-level curvature overlap:")
+    from curvlens.demo import regime_lines
     from curvlens.streams import analysis as A
 
     print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
+    for line in regime_lines(results):
+        print(line)
     return 0
 
 
@@ -94,7 +97,12 @@ def _analyze_into(tmp: Path, experts, a: argparse.Namespace) -> dict:
     }
     results = {}
     for key, compute in frames.items():
-        results[key] = df = compute()
+        results[key] = compute()
+    from curvlens.demo import regime_frames
+
+    # the findings that need no scores (masks, overlap), and the regime
+    results.update(regime_frames(experts, results, **kw))
+    for key, df in results.items():
         df.to_csv(tmp / f"{key}.csv", index=False)
         print(f"{key}: {len(df)} rows -> {a.out / (key + '.csv')}")
     return results

@@ -82,7 +82,36 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
     echo(f"analysis: grafting sweep at densities {list(graft_densities)} (FFG vs magnitude) ...")
     frames["graft_sweep"] = A.graft_sweep(
         experts, graft_densities, evaluate=lambda sd: zoo_mod.evaluate(sd, zoo=zoo, device=device), **kw)
+    frames.update(regime_frames(experts, frames, zoo.capabilities, **kw))
     return frames
+
+
+def regime_frames(experts, frames: dict, capabilities=None, *, device="auto", progress=True) -> dict:
+    """``edit_norms``, ``regime`` and ``findings`` from the experts and the frames
+    already computed (what ``curvlens demo`` and ``curvlens analyze`` report)."""
+    from curvlens.streams.findings import findings
+    from curvlens.streams.regime import edit_norms, regime_table
+
+    out = {"edit_norms": edit_norms(experts, device=device, progress=progress)}
+    table = frames.get("merge_table")
+    out["regime"] = regime_table(out["edit_norms"], interference=frames.get("interference"),
+                                 overlap=frames.get("curvature_overlap"),
+                                 scores=table if capabilities else None, capabilities=capabilities)
+    shapes = {n: tuple(experts.reference.shape(n)) for n in experts.tensor_names(floating_only=True)}
+    out["findings"] = findings(frames, capabilities=capabilities, shapes=shapes)
+    return out
+
+
+def regime_lines(frames: dict) -> list[str]:
+    """The regime table and the findings as text (printed by the demo and analyze)."""
+    from curvlens.streams.findings import findings_lines
+    from curvlens.streams.regime import regime_verdict
+
+    reg = frames["regime"]
+    lines = [f"\nregime: {regime_verdict(reg)}"]
+    wide = reg.pivot_table(index=["scope", "subject"], columns="metric", values="value", sort=False)
+    lines.append(wide.round(4).to_string())
+    return lines + findings_lines(frames["findings"])
 
 
 def evaluate_and_merge(zoo, experts, *, device="auto", progress=True, echo=lambda s: None):
@@ -143,7 +172,7 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
     frames = {"merge_table": table}
     if analyses:
         frames = analysis_frames(zoo, experts, merges, table, device=device, progress=progress, echo=echo)
-        for line in summary_lines(frames, zoo):
+        for line in summary_lines(frames, zoo) + regime_lines(frames):
             echo(line)
 
     # the zoo is an input too: the report never goes into it
@@ -196,7 +225,10 @@ def demo_sections(zoo, experts, frames: dict, merges: dict, config: str) -> list
     merge_summary = merge_summary.drop(columns=["method"], errors="ignore").astype(float)
     figs = [V.merge_scores_plotly(table, kind="bars"),
             V.merge_scores_plotly(table, zoo.capabilities, normalized=True)]
-    sections = [
+    sections = []
+    if "findings" in frames:
+        sections += findings_sections(frames)
+    sections += [
         ("The zoo", f"<p>{html.escape(repr(experts))}</p><p class='note'>config {config!r}; "
                     f"capabilities: {html.escape(str(zoo.capabilities))}; "
                     f"{int(desc.numel.sum()):,} parameters per model.</p>"
@@ -234,6 +266,30 @@ def demo_sections(zoo, experts, frames: dict, merges: dict, config: str) -> list
         body += figure_html(V.pair_matrix_plotly(frames["interference"], "sign_conflict"), first=False)
         sections.append(("Interference", body))
     return sections
+
+
+def findings_sections(frames: dict) -> list[tuple[str, str]]:
+    """The report's first sections: the paper's claims checked on these experts,
+    and the regime they are in."""
+    import html
+
+    from curvlens.streams.regime import regime_verdict
+    from curvlens.views.report import table_html
+
+    f = frames["findings"]
+    items = "".join(
+        f"<li><b>({html.escape(r.claim)}) {html.escape(r.statement)}: {html.escape(r.verdict)}</b><br>"
+        f"{html.escape(r.evidence)}<br><span class='note'>rule: {html.escape(r.rule)}</span></li>"
+        for r in f.itertuples())
+    reg = frames["regime"]
+    wide = reg.pivot_table(index=["scope", "subject"], columns="metric", values="value", sort=False)
+    body = (f"<p>{html.escape(regime_verdict(reg))}.</p>"
+            + table_html(wide, "relative edit ||theta_i - theta_0|| / ||theta_0|| per expert and role, model-level "
+                               "task-vector cosine and curvature overlap per pair, retention (score / the "
+                               "expert's own) per merge", "{:.4g}"))
+    return [("Findings", f"<p class='note'>Each claim of the paper, decided by the rule shown from the numbers "
+                         f"of this run (computed, not written by hand).</p><ul>{items}</ul>"),
+            ("Regime", body)]
 
 
 def _slug(label: str) -> str:

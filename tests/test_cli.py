@@ -58,14 +58,21 @@ def test_analyze_writes_every_frame(cached, tmp_path, capsys):
     assert main(args) == 0
     assert "model-level curvature overlap" in capsys.readouterr().out
     frames = {p.stem: pd.read_csv(p) for p in out.glob("*.csv")}
-    assert set(frames) == {"curvature_stats", "curvature_overlap", "mask_stats", "interference"}
+    assert set(frames) == {"curvature_stats", "curvature_overlap", "mask_stats", "interference", "edit_norms",
+                           "regime", "findings"}
     assert set(frames["mask_stats"].density) == {0.1}
     assert main(args) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
     # the heads left out of every frame
     assert main(args + ["--overwrite", "--exclude", "role:lm_head", "embed_tokens"]) == 0
     for key, df in ((p.stem, pd.read_csv(p)) for p in out.glob("*.csv")):
-        assert not set(df.role) & {"lm_head", "embed"}, key
+        if "role" in df and key != "regime":
+            assert not set(df.role) & {"lm_head", "embed"}, key
+    out_text = capsys.readouterr().out
+    assert "regime:" in out_text and "(c) the experts' curvature overlaps strongly" in out_text
+    f = pd.read_csv(out / "findings.csv")
+    # without scores, (a) and (d) are not measured; (b) and (c) are decided
+    assert list(f.verdict[[0, 3]]) == ["not measured"] * 2 and "not measured" not in set(f.verdict[[1, 2]])
 
 
 def test_demo_quick_and_figures(cached, tmp_path, capsys):
@@ -76,6 +83,13 @@ def test_demo_quick_and_figures(cached, tmp_path, capsys):
     table = pd.read_csv(out / "merge_table.csv")
     assert {"base", "expert", "ota"} <= set(table.method)
     assert (out / "report.html").stat().st_size > 10_000
+    # the findings: printed, computed into a frame, and the report's first section
+    assert "findings (the paper's claims" in text and "regime:" in text
+    f = pd.read_csv(out / "findings.csv")
+    assert list(f.claim) == ["a", "b", "c", "d"]
+    assert set(f.verdict) <= {"holds", "partly", "does not hold"}  # the demo measures every claim
+    page = (out / "report.html").read_text()
+    assert page.index(">Findings<") < page.index(">Regime<") < page.index(">The zoo<")
     figs = tmp_path / "figs"
     assert main(["figures", "--quick", "--out", str(figs), "--formats", "png", "--device", "cpu", "--quiet"]) == 0
     written = sorted(p.name for p in figs.glob("*.png"))

@@ -50,7 +50,8 @@ _NUMERIC_IDENTITY = {"layer", "numel", "density", "rank", "row_block", "col_bloc
 _PER_TENSOR = {"name", "layer", "role", "numel", "rank_method", "sampled", "spearman_sampled",
                "row_block", "col_block"}
 # Metrics that add up over tensors instead of averaging.
-ADDITIVE_METRICS = ("predicted_loss_increase", "bytes_full", "bytes_compressed", "count", "excluded_zero")
+ADDITIVE_METRICS = ("predicted_loss_increase", "bytes_full", "bytes_compressed", "count", "excluded_zero",
+                    "delta_sq", "base_sq")
 # Metrics defined over a tensor's support (entries not zero in both experts):
 # pooled with weight numel - excluded_zero, so the never-seen rows of an embedding
 # do not weigh in a statistic that left them out.

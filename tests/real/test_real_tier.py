@@ -94,9 +94,14 @@ def test_validate_and_analyze_from_the_shell(tier, tmp_path, capsys):
             "--exclude", *HEADS]
     assert main(args) == 0, capsys.readouterr().err
     frames = {p.stem: pd.read_csv(p) for p in out.glob("*.csv")}
-    assert set(frames) == {"curvature_stats", "curvature_overlap", "mask_stats", "interference"}
+    assert set(frames) == {"curvature_stats", "curvature_overlap", "mask_stats", "interference", "edit_norms",
+                           "regime", "findings"}
     for key, df in frames.items():
-        assert not df["name"].str.contains("classifier|pooler").any(), key
+        if "name" in df:
+            assert not df["name"].str.contains("classifier|pooler").any(), key
+    # real fine-tunes are small edits: the regime says so
+    edits = frames["regime"].query("scope == 'expert' and metric == 'relative_edit'")["value"]
+    assert len(edits) == 2 and (edits < 0.03).all()
 
 
 def test_overlap_is_not_made_of_shared_zeros(tier):
