@@ -383,6 +383,27 @@ assert proc.returncode == 0, proc.stderr
 print((work / "merged-ota" / "curvlens_merge.yml").read_text())
 
 # %% [markdown]
+# ## Task heads, poolers: tensors that are not part of the shared model
+#
+# Experts fine-tuned as classifiers each carry their own head (`classifier.*`, and a
+# pooler only the sequence-classification head reads); a token-classification
+# expert has no pooler at all. Merged like any tensor, heads are mixed across tasks
+# and dominate every model-level number. Leave them out of every pass with
+# `exclude=` (they then need not line up across the models), or say per tensor
+# what a merge does with `tensors=` — `"drop"`, `"base"`, an expert's name, or
+# `"merge"`; the YAML form is a `tensors:` list of `{filter, action}`. The zoo's
+# experts are causal LMs with a shared `lm_head`; here we keep the base's `lm_head`
+# and leave the embeddings out of an analysis, the same calls a classifier user
+# makes with `"classifier"` and `"*.pooler.*"`:
+
+# %%
+kept = cl.merge(experts, "ota", ffg_density=0.3, epsilon=1e-26, fallback_to_base=True,
+                tensors={"role:lm_head": "base"}, device=DEVICE, progress=False)
+print(kept.report.groupby("source")["numel"].sum())
+body = experts.without("role:embed")
+print(body, "\n", len(body.tensor_names()), "of", len(experts.tensor_names()), "tensors in every pass")
+
+# %% [markdown]
 # ## 4. Memory and GPU
 #
 # * **Streaming.** Every pass (analysis or merge) reads one tensor name at a time from
