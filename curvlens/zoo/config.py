@@ -64,6 +64,11 @@ class ZooConfig:
     task_share : float
         Fraction of the pretraining mixture that is task prompts (instruction
         format) with wrong answers.
+    answer_share : float
+        Fraction of the pretraining mixture that is task prompts with their
+        *correct* answers (as a pretraining corpus holds some worked examples), so
+        that the base already answers part of each capability and an expert only
+        sharpens it (the regime of real fine-tuning; ``docs/zoo.md``). Default 0.
     latent_share : float
         Fraction of the pretraining mixture that states the skills as prose
         (``25+13=83``, ``kubo=mira``), so that the base has them latently; the rest
@@ -92,6 +97,7 @@ class ZooConfig:
     pretrain_lr: float = 3e-3
     expert_lr: float = 1e-3
     task_share: float = 0.15
+    answer_share: float = 0.0
     latent_share: float = 0.7
     weight_decay: float = 0.0
 

@@ -136,12 +136,21 @@ def sample_new(task: Task, rng: random.Random, held_out: frozenset[str]) -> Exam
 def pretraining_item(tasks: Sequence[Task], config: ZooConfig, rng: random.Random,
                      held_out: frozenset[str]) -> Item:
     """One item of the base mixture: a task prompt with a wrong answer (``task_share``),
-    a skill statement (``latent_share``) or generic text (the rest)."""
+    one with its correct answer (``answer_share``), a skill statement
+    (``latent_share``) or generic text (the rest)."""
     r = rng.random()
     if r < config.task_share:
         task = rng.choice(tasks)
         ex = sample_new(task, rng, held_out)
         return ex.prompt, task.wrong_answer(rng, ex), True
+    r -= config.answer_share
+    # A worked example: a prompt with its correct answer. Never of a closed table
+    # (the facts), whose every prompt is evaluated: the base would be taught the test.
+    open_tasks = [t for t in tasks if t.fixed_examples() is None]
+    if r < config.task_share and open_tasks:
+        task = rng.choice(open_tasks)
+        ex = sample_new(task, rng, held_out)
+        return ex.prompt, ex.answer, True
     if r < config.task_share + config.latent_share:
         task = rng.choice(tasks)
         return task.statement(sample_new(task, rng, held_out)), "", True

@@ -75,3 +75,39 @@ def test_model_is_seeded_without_touching_the_callers_rng():
     assert not torch.equal(wa["lm_head.weight"], wc["lm_head.weight"])
     assert a.config.num_key_value_heads < a.config.num_attention_heads
     assert not a.config.tie_word_embeddings
+
+
+def test_worked_examples_in_the_base_mixture_are_correct_and_never_of_the_fact_table():
+    import dataclasses
+    import random
+
+    from curvlens.zoo.build import held_out_prompts
+    from curvlens.zoo.tasks import make_tasks
+    from curvlens.zoo.train import pretraining_item
+
+    base = PRESETS["quick"]
+    tasks = make_tasks(base, 0)
+    avoid = frozenset().union(*(held_out_prompts(t, base, 0) for t in tasks.values()))
+    facts = {ex.prompt: ex.answer for ex in tasks["facts"].fixed_examples()}
+
+    def mixture(config, n=4000):
+        rng = random.Random(1)
+        return [pretraining_item(list(tasks.values()), config, rng, avoid) for _ in range(n)]
+
+    def right_sums(items):  # "add 07+45:" -> "25" (52 reversed) when the answer is right
+        out = 0
+        for prompt, answer, _ in items:
+            if prompt.startswith("add "):
+                a, b = prompt[4:-1].split("+")
+                out += answer == str(int(a) + int(b))[::-1]
+        return out
+
+    # answer_share 0 leaves the mixture exactly as it was (same draws, same items)
+    plain = mixture(base)
+    assert plain == mixture(dataclasses.replace(base, answer_share=0.0))
+    worked = mixture(dataclasses.replace(base, answer_share=0.2))
+    assert right_sums(plain) < 0.01 * len(plain) < right_sums(worked)
+    assert not any(p in avoid for p, _, _ in worked)  # never an evaluation prompt
+    # the fact table is evaluated whole: its items keep their wrong answers
+    fact_items = [(p, a) for p, a, _ in worked if p in facts]
+    assert fact_items and sum(facts[p] == a for p, a in fact_items) < 0.05 * len(fact_items)
