@@ -146,11 +146,12 @@ def pretraining_item(tasks: Sequence[Task], config: ZooConfig, rng: random.Rando
     r -= config.answer_share
     # A worked example: a prompt with its correct answer. Never of a closed table
     # (the facts), whose every prompt is evaluated: the base would be taught the test.
-    open_tasks = [t for t in tasks if t.fixed_examples() is None]
-    if r < config.task_share and open_tasks:
-        task = rng.choice(open_tasks)
-        ex = sample_new(task, rng, held_out)
-        return ex.prompt, ex.answer, True
+    if r < config.task_share:
+        open_tasks = [t for t in tasks if t.fixed_examples() is None]
+        if open_tasks:
+            task = rng.choice(open_tasks)
+            ex = sample_new(task, rng, held_out)
+            return ex.prompt, ex.answer, True
     if r < config.task_share + config.latent_share:
         task = rng.choice(tasks)
         return task.statement(sample_new(task, rng, held_out)), "", True
