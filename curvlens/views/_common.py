@@ -312,7 +312,7 @@ def weights_of(df: pd.DataFrame, weight: str | None, what: str, metric: str | No
         raise CurvlensError(f"{what}: weight column {weight!r} is not in the frame "
                             f"(columns: {list(df.columns)}); pass weight=None for equal weights")
     check_numeric(df, weight, what)
-    return metric_weights(df, metric, weight) if metric is not None else check_numeric(df, weight, what)
+    return metric_weights(df, metric, weight)
 
 
 def auto_log(values: np.ndarray, log: bool | None, *, decades: float = 2.0) -> bool:
