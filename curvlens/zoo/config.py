@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from curvlens.errors import CurvlensError, check_choice
 
 #: Bump when a code change alters what a build produces, so old caches are not reused.
-CODE_VERSION = 2
+CODE_VERSION = 3
 
 #: Expert name -> the capability it is fine-tuned on (named after the paper's experts).
 EXPERT_CAPABILITIES = {
@@ -69,6 +69,11 @@ class ZooConfig:
         *correct* answers (as a pretraining corpus holds some worked examples), so
         that the base already answers part of each capability and an expert only
         sharpens it (the regime of real fine-tuning; ``docs/zoo.md``). Default 0.
+    answer_mix : tuple of (str, float)
+        Relative weights of the capabilities among those worked examples, e.g.
+        ``(("transform", 2.0),)`` draws transform examples twice as often as each
+        other capability (unlisted ones weigh 1). Empty (the default): equal weights.
+        The fact table never gets worked examples (its every prompt is evaluated).
     latent_share : float
         Fraction of the pretraining mixture that states the skills as prose
         (``25+13=83``, ``kubo=mira``), so that the base has them latently; the rest
@@ -98,6 +103,7 @@ class ZooConfig:
     expert_lr: float = 1e-3
     task_share: float = 0.15
     answer_share: float = 0.0
+    answer_mix: tuple[tuple[str, float], ...] = ()
     latent_share: float = 0.7
     weight_decay: float = 0.0
 
@@ -108,6 +114,14 @@ class ZooConfig:
             check_choice("experts", e, EXPERT_CAPABILITIES)
         for t in self.transforms:
             check_choice("transforms", t, TRANSFORMS)
+        # normalised to a tuple of (str, float) pairs: hashable, and the same key
+        # whether it came from code or from a manifest's JSON lists
+        mix = tuple((str(cap), float(w)) for cap, w in self.answer_mix)
+        for cap, w in mix:
+            check_choice("answer_mix", cap, tuple(EXPERT_CAPABILITIES.values()))
+            if not w >= 0:
+                raise CurvlensError(f"ZooConfig: answer_mix weight of {cap!r} is {w}; expected >= 0")
+        object.__setattr__(self, "answer_mix", mix)
         if not 1 <= self.word_len[0] <= self.word_len[1] or not 1 <= self.max_digit <= 9:
             raise CurvlensError(
                 f"ZooConfig: word_len={self.word_len}, max_digit={self.max_digit}; expected "
@@ -142,12 +156,15 @@ PRESETS = {
         max_digit=4,
         n_facts=12,
         bracket_max_len=6,
-        transforms=("upper", "shift"),
+        transforms=("upper", "double"),
         word_len=(4, 4),
         n_eval=100,
         batch_tokens=1024,
         pretrain_steps=500,
         expert_steps=60,
+        expert_lr=1.5e-4,
+        task_share=0.05,
+        answer_share=0.1,
     ),
     # ~0.32M parameters; addition with carries, all four transforms, 24 facts.
     "default": ZooConfig(

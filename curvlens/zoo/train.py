@@ -7,12 +7,17 @@ The base is "pretrained" on a shared mixture of three kinds of text:
   as an LLM's corpus holds arithmetic, code and facts;
 * every capability's instruction format (``add 25+13:``) followed by a wrong answer
   of the right form, so the base knows the formats but answers them wrongly;
+* (``answer_share``, used by both presets) some worked examples: task prompts with
+  their correct answers, never of the fact table, as a pretraining corpus holds
+  some solved exercises;
 * generic text over the character set.
 
-The base thus has each skill latently but scores about 0 on the capabilities, and
-every expert starts from this common basin. Fine-tuning then mostly *connects*
-the instruction format to a skill the base has, a small, localised edit, as SFT
-on a large pretrained model is. (Measured: with a base that lacked the skills
+The base thus has each skill latently and answers part of the open capabilities
+(the presets' bases score about 0.6-0.7 on them and about 0 on the facts), and every
+expert starts from this common basin. Fine-tuning then *sharpens* a skill the base
+has and connects the instruction format to it: a small edit (relative edit
+0.02-0.03, as SFT on a large pretrained model is), which merges keep much of
+(``docs/zoo.md``). (Measured: with a base that lacked the skills
 (``latent_share=0``), each expert rebuilt its skill from scratch, its task vector
 had 30-40% of the base weights' norm (over 100% for ``lm_head``), and every merge
 method, from plain averaging to OTA+FFG, scored about 0 on every capability.)
@@ -149,7 +154,11 @@ def pretraining_item(tasks: Sequence[Task], config: ZooConfig, rng: random.Rando
     if r < config.task_share:
         open_tasks = [t for t in tasks if t.fixed_examples() is None]
         if open_tasks:
-            task = rng.choice(open_tasks)
+            if config.answer_mix:
+                weights = dict(config.answer_mix)
+                task = rng.choices(open_tasks, [weights.get(t.capability, 1.0) for t in open_tasks])[0]
+            else:
+                task = rng.choice(open_tasks)
             ex = sample_new(task, rng, held_out)
             return ex.prompt, ex.answer, True
     if r < config.task_share + config.latent_share:

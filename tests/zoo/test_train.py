@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from curvlens import CurvlensError
 from curvlens.zoo import PRESETS
 from curvlens.zoo.tokenizer import make_tokenizer
 from curvlens.zoo.train import IGNORE, encode, lr_factor, make_model, take_batch
@@ -85,7 +86,7 @@ def test_worked_examples_in_the_base_mixture_are_correct_and_never_of_the_fact_t
     from curvlens.zoo.tasks import make_tasks
     from curvlens.zoo.train import pretraining_item
 
-    base = PRESETS["quick"]
+    base = dataclasses.replace(PRESETS["quick"], answer_share=0.0)
     tasks = make_tasks(base, 0)
     avoid = frozenset().union(*(held_out_prompts(t, base, 0) for t in tasks.values()))
     facts = {ex.prompt: ex.answer for ex in tasks["facts"].fixed_examples()}
@@ -102,12 +103,51 @@ def test_worked_examples_in_the_base_mixture_are_correct_and_never_of_the_fact_t
                 out += answer == str(int(a) + int(b))[::-1]
         return out
 
-    # answer_share 0 leaves the mixture exactly as it was (same draws, same items)
     plain = mixture(base)
-    assert plain == mixture(dataclasses.replace(base, answer_share=0.0))
     worked = mixture(dataclasses.replace(base, answer_share=0.2))
     assert right_sums(plain) < 0.01 * len(plain) < right_sums(worked)
     assert not any(p in avoid for p, _, _ in worked)  # never an evaluation prompt
     # the fact table is evaluated whole: its items keep their wrong answers
     fact_items = [(p, a) for p, a, _ in worked if p in facts]
     assert fact_items and sum(facts[p] == a for p, a in fact_items) < 0.05 * len(fact_items)
+
+
+def test_answer_mix_weights_the_worked_examples_per_capability():
+    import dataclasses
+    import random
+
+    from curvlens.zoo.tasks import TRANSFORMS, make_tasks
+    from curvlens.zoo.train import pretraining_item
+
+    config = dataclasses.replace(PRESETS["quick"], answer_share=0.3)
+    tasks = make_tasks(config, 0)
+
+    def right(prompt, answer):  # which capability's correct answer this item is, if any
+        head, _, body = prompt[:-1].partition(" ")
+        if head == "add":
+            a, b = body.split("+")
+            return "addition" if answer == str(int(a) + int(b))[::-1] else None
+        if head in TRANSFORMS:
+            return "transform" if answer == TRANSFORMS[head](body) else None
+        return None
+
+    def worked(mix, n=3000):
+        rng = random.Random(2)
+        mixed = dataclasses.replace(config, answer_mix=mix)
+        items = [pretraining_item(list(tasks.values()), mixed, rng, frozenset()) for _ in range(n)]
+        kinds = [right(p, a) for p, a, _ in items]
+        return {cap: kinds.count(cap) for cap in ("addition", "transform")}
+
+    equal = worked(())
+    assert min(equal.values()) > 0.5 * max(equal.values()), equal
+    heavy = worked((("transform", 3.0),))
+    assert heavy["transform"] > 2 * heavy["addition"], heavy
+    assert worked((("transform", 0.0),))["transform"] == 0
+    with pytest.raises(CurvlensError, match="answer_mix"):
+        dataclasses.replace(config, answer_mix=(("facts_x", 1.0),))
+    with pytest.raises(CurvlensError, match=">= 0"):
+        dataclasses.replace(config, answer_mix=(("transform", -1.0),))
+    # a manifest's JSON lists give the same, hashable config and key
+    listed = dataclasses.replace(config, answer_mix=[["transform", 3]])
+    assert listed.answer_mix == (("transform", 3.0),) and hash(listed)
+    assert listed.key(0) == dataclasses.replace(config, answer_mix=(("transform", 3.0),)).key(0)
