@@ -69,3 +69,24 @@ def test_slerp_end_to_end_and_model_counts(tmp_path):
         merge(ex, "slerp", device="cpu", progress=False)
     with pytest.raises(CurvlensError, match="passthrough: takes no base"):
         merge(ex, "passthrough", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("method, params", [("karcher", {}), ("multislerp", {}), ("nuslerp", {}),
+                                            ("slerp", {"t": 0.4})])
+def test_a_base_listed_under_models_is_the_base_only(tmp_path, method, params):
+    # mergekit flags the base_model among its inputs; these methods use it as the
+    # base (karcher: as one more model), never also as an expert
+    from curvlens.streams.merge_config import load_merge_config
+
+    n = 1 if method == "slerp" else 2
+    base_dir, dirs, weights, _ = make_tiny_zoo(tmp_path / "zoo", n_experts=n)
+    cfg = {"merge_method": method, "base_model": str(base_dir),
+           "models": [{"model": str(base_dir)}] + [{"model": str(d)} for d in dirs], "parameters": params}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    mc = load_merge_config(tmp_path / "m.yml")
+    assert mc.base == base_dir.resolve() and len(mc.models) == n
+    ex = mc.experts()
+    res = merge(ex, mc.method, device="cpu", progress=False, **mc.params)
+    name = "model.layers.0.mlp.up_proj.weight"
+    want = get_method(method)(ex.base[name], [weights[e][name] for e in ex.names], **params)
+    assert torch.equal(res.checkpoint[name], want)

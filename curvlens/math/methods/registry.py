@@ -85,6 +85,10 @@ class MergeMethod:
         exactly 1 (besides its base), ``nuslerp`` exactly 2.
     allows_base : bool
         False: the method refuses a base tensor (``passthrough``).
+    separate_base : bool
+        True: a config's base model listed under ``models`` is the base only, not
+        also an expert (mergekit's base-aware methods, e.g. ``nuslerp``,
+        ``karcher``). Defaults to ``needs_base``.
     """
 
     name: str
@@ -98,6 +102,7 @@ class MergeMethod:
     min_experts: int = 1
     max_experts: Optional[int] = None
     allows_base: bool = True
+    separate_base: bool = False
 
     def __call__(self, base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
         b, xs, vs = check_inputs(self.name, base, experts, moments, needs_base=self.needs_base,
@@ -175,6 +180,7 @@ def register(
     min_experts: int = 1,
     max_experts: Optional[int] = None,
     allows_base: bool = True,
+    separate_base: Optional[bool] = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator registering a kernel under ``name``; returns the kernel unchanged.
 
@@ -201,7 +207,8 @@ def register(
         _REGISTRY[name] = MergeMethod(name=name, kernel=kernel, params=params, description=description,
                                       needs_base=needs_base, needs_moments=needs_moments, uses_rng=uses_rng,
                                       model_wide=model_wide, min_experts=min_experts,
-                                      max_experts=max_experts, allows_base=allows_base)
+                                      max_experts=max_experts, allows_base=allows_base,
+                                      separate_base=needs_base if separate_base is None else separate_base)
         return kernel
 
     return decorate
