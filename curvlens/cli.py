@@ -34,7 +34,8 @@ def _cmd_methods(a: argparse.Namespace) -> int:
     with pd.option_context("display.max_rows", None, "display.max_colwidth", 90, "display.width", 200):
         if a.method:  # one method: what it does, then its parameters
             print(f"{a.method}: {get_method(a.method).description}\n")
-            print(method_params(a.method).drop(columns="method").to_string(index=False))
+            table = method_params(a.method).drop(columns="method")
+            print(table.to_string(index=False) if len(table) else "(no parameters)")
         else:
             for row in list_methods().itertuples():
                 print(f"{row.method:<16} {row.description}")

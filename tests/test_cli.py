@@ -20,8 +20,12 @@ def test_methods_lists_every_method_and_one_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    for m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "ota"):
+    for m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "ota",
+              "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "nuslerp",
+              "multislerp", "karcher", "sce", "arcee_fusion", "passthrough"):
         assert len(lines[m].split(None, 1)[1]) > 20  # one line on what it does
+    assert main(["methods", "arcee_fusion"]) == 0
+    assert "(no parameters)" in capsys.readouterr().out
     assert main(["methods", "ota"]) == 0
     out = capsys.readouterr().out
     assert "ffg_density" in out and "ties" not in out.split("ffg_density")[0].split("\n", 2)[-1]

@@ -23,6 +23,7 @@ from curvlens.math.blocks import block_size, blocks, tensor_seed
 from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
 from curvlens.runtime import use_threads
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
+from curvlens.math.methods.inputs import check_arity
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.math.checks import weight_problems
@@ -199,6 +200,7 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     p = resolve_params(m, params, len(experts))
     if m.needs_base and experts.base is None:
         raise CurvlensError(f"merge method {method!r} needs a base model; the Experts have none")
+    check_arity(m, experts.base is not None, len(experts))  # e.g. slerp: one expert
     if m.needs_moments and not experts.has_moments:
         lacking = [e.name for e in experts.experts if e.moments is None]
         raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")

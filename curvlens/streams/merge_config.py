@@ -13,7 +13,9 @@
 
 Model-level ``parameters`` become per-expert values; top-level ``parameters`` apply
 to all. Paths are local (relative paths are read relative to the config file). As in
-mergekit, a task-vector method ignores an entry of ``models`` that is the base model.
+mergekit, a method that uses a base (the task-vector methods, ``slerp``, ``nuslerp``,
+``multislerp``, ``karcher``, ...: ``MergeMethod.separate_base``) ignores an entry of
+``models`` that is the base model.
 Per-layer gradients and ``filter`` lists of mergekit's parameters are not
 supported and are refused with a clear error rather than silently flattened.
 
@@ -152,8 +154,8 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         if not isinstance(entry, dict) or "model" not in entry:
             raise CurvlensError(f"{where}: models[{i}] must be a mapping with a 'model' path")
         d = local(entry["model"], f"models[{i}].model")
-        if base is not None and d == base and method.needs_base:
-            continue  # as mergekit: the base contributes no task vector
+        if base is not None and d == base and method.separate_base:
+            continue  # as mergekit: the base contributes no task vector / is not one more input
         if d in seen:
             raise CurvlensError(f"{where}: models[{seen[d]}] and models[{i}] are the same model ({d}); "
                                 "list each model once (give it a larger weight instead)")

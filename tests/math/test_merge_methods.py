@@ -19,7 +19,22 @@ from curvlens.math.methods import (
     resolve_params,
 )
 
-EXPECTED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "ota"}
+EXPECTED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "ota",
+            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "nuslerp",
+            "multislerp", "karcher", "sce", "arcee_fusion", "passthrough"}
+
+# Parameters a method cannot run without (mergekit has no default for slerp's t).
+_REQUIRED = {"slerp": {"t": 0.5}}
+
+
+def _fit(name, base, experts, moments=None):
+    """The inputs cut to what the method takes: at most ``max_experts`` experts
+    (and moments), no base where it refuses one."""
+    m = get_method(name)
+    hi = m.max_experts or len(experts)
+    if moments is not None:
+        moments = moments[:hi]
+    return (base if m.allows_base else None), experts[:hi], moments
 
 
 def _gen(seed):
@@ -89,7 +104,7 @@ def test_method_params_is_tidy():
     df = method_params()
     assert list(df.columns) == ["method", "param", "default", "per_expert", "description"]
     assert set(method_params("ota").method) == {"ota"}
-    assert set(df.method) >= EXPECTED
+    assert set(df.method) >= {m for m in EXPECTED if get_method(m).params}  # arcee_fusion has none
     assert not df.duplicated(["method", "param"]).any()
     row = df[(df.method == "ties") & (df.param == "density")].iloc[0]
     assert row.default == 1.0 and bool(row.per_expert)
@@ -220,7 +235,15 @@ _IDENTITY_PARAMS = {
     "task_arithmetic": lambda n: {"weight": 1.0 / n},
     "dare_linear": lambda n: {"weight": 1.0 / n},
     "dare_ties": lambda n: {"weight": 1.0 / n},
+    "breadcrumbs": lambda n: {"weight": 1.0 / n},
+    "breadcrumbs_ties": lambda n: {"weight": 1.0 / n},
+    "della_linear": lambda n: {"weight": 1.0 / n},
+    "slerp": lambda n: {"t": 1.0},  # one expert: t = 1 is the expert
 }
+# Methods that are not averages of their experts (karcher also averages the base
+# in; arcee_fusion keeps only the expert's important edits).
+_NOT_AN_AVERAGE = {"karcher": "with a base, the base is one more model in the mean",
+                   "arcee_fusion": "keeps only the expert's important edits"}
 
 
 @pytest.mark.parametrize("shape", [(), (5,), (3, 4)])
@@ -232,7 +255,12 @@ def test_copies_of_one_expert_return_it(name, shape):
     expert = base + torch.randn(shape, generator=g)
     moments = [torch.rand(shape, generator=g) + 0.1 for _ in range(n)]
     params = _IDENTITY_PARAMS.get(name, lambda n: {})(n)
-    out = _call(name, base, [expert] * n, moments, **params)
+    if name == "karcher":  # without a base, copies of one model average to it
+        base = None
+    elif name in _NOT_AN_AVERAGE:
+        pytest.skip(_NOT_AN_AVERAGE[name])
+    base, experts, moments = _fit(name, base, [expert] * n, moments)
+    out = _call(name, base, experts, moments, **params)
     assert out.dtype == torch.float32 and out.shape == expert.shape
     torch.testing.assert_close(out, expert, atol=1e-5, rtol=1e-5)
 
@@ -244,10 +272,14 @@ def test_inputs_are_not_mutated(name):
     experts = [base + torch.randn(4, 3, generator=g) for _ in range(3)]
     moments = [torch.rand(4, 3, generator=g) for _ in range(3)]
     copies = [t.clone() for t in [base, *experts, *moments]]
-    params = {"density": 0.5} if name in ("ties", "dare_linear", "dare_ties") else {}
+    params = dict(_REQUIRED.get(name, {}))
+    if name in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+        params["density"] = 0.5
+    if name == "sce":
+        params["select_topk"] = 0.5
     if name == "ota":
         params = {"ffg_density": 0.5, "rank1_approx": True, "normalise": "global"}
-    out = _call(name, base, experts, moments, **params)
+    out = _call(name, *_fit(name, base, experts, moments), **params)
     for before, after in zip(copies, [base, *experts, *moments]):
         assert torch.equal(before, after)
     assert all(out.data_ptr() != t.data_ptr() for t in [base, *experts, *moments])
@@ -259,7 +291,7 @@ def test_low_precision_inputs_give_fp32(name):
     base = torch.randn(6, generator=g).to(torch.bfloat16)
     experts = [(base.float() + torch.randn(6, generator=g)).to(torch.bfloat16) for _ in range(2)]
     moments = [torch.rand(6, generator=g).to(torch.bfloat16) for _ in range(2)]
-    out = _call(name, base, experts, moments)
+    out = _call(name, *_fit(name, base, experts, moments), **_REQUIRED.get(name, {}))
     assert out.dtype == torch.float32 and out.device == base.device
 
 
@@ -647,12 +679,14 @@ def test_ota_zero_d_tensor():
 @pytest.mark.parametrize("name", sorted(mm_registry._REGISTRY))
 def test_cuda_matches_cpu(name):
     base, experts, moments = _ota_inputs()
-    params = {"density": 0.5} if name == "ties" else {}
+    params = {"density": 0.5} if name == "ties" else dict(_REQUIRED.get(name, {}))
     if name == "ota":
         params = {"ffg_density": 0.5, "rank1_approx": True, "normalise": "global"}
+    base, experts, moments = _fit(name, base, experts, moments)
     cpu = _call(name, base, experts, moments, **params)
     cuda = _call(
-        name, base.cuda(), [e.cuda() for e in experts], [v.cuda() for v in moments], **params
+        name, None if base is None else base.cuda(), [e.cuda() for e in experts],
+        [v.cuda() for v in moments], **params
     )
     assert cuda.device.type == "cuda" and cuda.dtype == torch.float32
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,13 @@ module              what it holds
 ``sparsify``        top-k / random-drop sparsifiers, TIES's disjoint mean
 ``linear``          ``linear``
 ``task_arithmetic`` ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``
+``breadcrumbs``     ``breadcrumbs``, ``breadcrumbs_ties`` (outlier-band sparsification)
+``della``           ``della``, ``della_linear`` (magnitude-ranked random drop)
+``model_stock``     ``model_stock``
+``spherical``       ``slerp``, ``nuslerp``, ``multislerp``, ``karcher``
+``sce``             ``sce``
+``fusion``          ``arcee_fusion``
+``passthrough``     ``passthrough``
 ``fisher``          ``fisher``
 ``ota``             ``ota`` (with FFG masks)
 ==================  =========================================================
@@ -29,11 +36,17 @@ tensor([ 2., -2.,  3.])
 >>> p["weight"], p["normalize"]
 ([1.0, 3.0], True)
 """
-from curvlens.math.methods import fisher, linear, ota, task_arithmetic  # noqa: F401  (they register)
+from curvlens.math.methods import (
+    breadcrumbs, della, fisher, fusion, linear, model_stock, ota, passthrough, sce, spherical, task_arithmetic,
+)
 from curvlens.math.methods.params import ParamSpec
 from curvlens.math.methods.registry import (
     MaskCounts, MergeMethod, ModelWideSelection, get_method, list_methods, method_params, register, resolve_params,
 )
+
+#: The modules whose kernels register on import (named so the imports are used).
+FAMILIES = (task_arithmetic, breadcrumbs, della, linear, model_stock, spherical, sce, fusion, passthrough,
+            fisher, ota)
 
 __all__ = ["MaskCounts", "MergeMethod", "ModelWideSelection", "ParamSpec", "get_method", "list_methods", "method_params",
            "register", "resolve_params"]

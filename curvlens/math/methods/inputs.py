@@ -49,6 +49,23 @@ def check_inputs(
     return base, list(experts), list(moments)
 
 
+def check_arity(method, has_base: bool, n_experts: int) -> None:
+    """Check the number of experts and the presence of a base against what
+    ``method`` (a :class:`~curvlens.math.methods.registry.MergeMethod`) takes."""
+    lo, hi = method.min_experts, method.max_experts
+    if n_experts < lo or (hi is not None and n_experts > hi):
+        if lo == hi:
+            want = f"exactly {lo} expert{'s' if lo != 1 else ''}"
+        elif hi is None:
+            want = f"at least {lo} experts"
+        else:
+            want = f"{lo} to {hi} experts"
+        base = " besides the base" if method.needs_base else ""
+        raise CurvlensError(f"{method.name}: takes {want}{base}; got {n_experts}")
+    if has_base and not method.allows_base:
+        raise CurvlensError(f"{method.name}: takes no base tensor (list the model as the one expert); got a base")
+
+
 def _check_float(method: str, label: str, t: Any) -> None:
     if not isinstance(t, Tensor):
         raise CurvlensError(f"{method}: {label} must be a torch.Tensor; got {type(t).__name__}")

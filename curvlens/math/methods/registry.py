@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from curvlens.errors import CurvlensError, check_choice
-from curvlens.math.methods.inputs import check_inputs, generator
+from curvlens.math.methods.inputs import check_arity, check_inputs, generator
 from curvlens.math.methods.params import ParamSpec
 
 Tensor = torch.Tensor
@@ -80,6 +80,15 @@ class MergeMethod:
         True: the method draws random masks (from ``rng``, else from its ``seed``).
     model_wide : ModelWideSelection or None
         A parameter the driver turns into a model-wide selection first.
+    min_experts, max_experts : int, int or None
+        How many experts the method takes (None: no upper bound), e.g. ``slerp``
+        exactly 1 (besides its base), ``nuslerp`` exactly 2.
+    allows_base : bool
+        False: the method refuses a base tensor (``passthrough``).
+    separate_base : bool
+        True: a config's base model listed under ``models`` is the base only, not
+        also an expert (mergekit's base-aware methods, e.g. ``nuslerp``,
+        ``karcher``). Defaults to ``needs_base``.
     """
 
     name: str
@@ -90,11 +99,16 @@ class MergeMethod:
     needs_moments: bool = False
     uses_rng: bool = False
     model_wide: Optional[ModelWideSelection] = None
+    min_experts: int = 1
+    max_experts: Optional[int] = None
+    allows_base: bool = True
+    separate_base: bool = False
 
     def __call__(self, base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
         b, xs, vs = check_inputs(self.name, base, experts, moments, needs_base=self.needs_base,
                                  needs_moments=self.needs_moments)
         p = resolve_params(self, params, len(xs))
+        check_arity(self, b is not None, len(xs))
         if self.uses_rng:
             rng = generator(rng, p["seed"], xs[0].device)
         return self.kernel(b, xs, vs, p, rng=rng, counts=counts)
@@ -163,6 +177,10 @@ def register(
     needs_moments: bool = False,
     uses_rng: bool = False,
     model_wide: Optional[ModelWideSelection] = None,
+    min_experts: int = 1,
+    max_experts: Optional[int] = None,
+    allows_base: bool = True,
+    separate_base: Optional[bool] = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator registering a kernel under ``name``; returns the kernel unchanged.
 
@@ -188,7 +206,9 @@ def register(
             raise CurvlensError(f"merge method {name!r} is already registered")
         _REGISTRY[name] = MergeMethod(name=name, kernel=kernel, params=params, description=description,
                                       needs_base=needs_base, needs_moments=needs_moments, uses_rng=uses_rng,
-                                      model_wide=model_wide)
+                                      model_wide=model_wide, min_experts=min_experts,
+                                      max_experts=max_experts, allows_base=allows_base,
+                                      separate_base=needs_base if separate_base is None else separate_base)
         return kernel
 
     return decorate

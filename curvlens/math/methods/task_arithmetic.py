@@ -27,7 +27,7 @@ def _core(
     experts: Sequence[Tensor],
     p: dict,
     *,
-    sparsify: Optional[str],
+    sparsify,
     consensus: bool,
     gen: Optional[torch.Generator] = None,
     counts: Optional[MaskCounts] = None,
@@ -37,6 +37,11 @@ def _core(
     Inputs may be in any float dtype; they are read and cast to fp32 one block at
     a time (:mod:`curvlens.math.blocks`), so no fp32 copy of a whole tensor is
     made. Sparsification needs whole-tensor quantities, found in a first pass.
+
+    ``sparsify`` is None (keep everything), ``"magnitude"`` (TIES), ``"random"``
+    (DARE) or a callable ``make(i, delta_at, shape, density, size, gen, budget)``
+    returning expert ``i``'s :class:`Sparsifier` (breadcrumbs, DELLA); random
+    sparsifiers draw from ``gen`` expert by expert, as mergekit does.
     """
     fb = base.reshape(-1)
     flats = [e.reshape(-1) for e in experts]
@@ -55,8 +60,11 @@ def _core(
 
         if sparsify == "magnitude":
             sparsifiers.append(Magnitude(delta_at, n, density, p["rescale"], size, dev))
-        else:
+        elif sparsify == "random":
             sparsifiers.append(RandomDrop(delta_at, n, density, p["rescale"], size, gen, budget, dev))
+            budget -= n
+        else:
+            sparsifiers.append(sparsify(i, delta_at, base.shape, density, size, gen, budget))
             budget -= n
     weights = per_expert_column(p["weight"], fb[:1])
     unit = all(w == 1.0 for w in p["weight"])
