@@ -67,7 +67,7 @@ def estimate_fisher(
     out: PathLike | None = None,
     *,
     loss: str | Callable = "causal_lm",
-    chunk_size: int = 8,
+    chunk_size: int = 16,
     max_examples: int | None = None,
     device: str | torch.device | None = "auto",
     model_class=None,
@@ -173,7 +173,7 @@ def estimate_fisher(
     dev = resolve_device(device)
     start = time.perf_counter()
     with torch_threads(threads_for(dev, threads)):
-        module = _load(model_dir, model_class) if model_dir is not None else model
+        module = _load(model_dir, model_class, progress) if model_dir is not None else model
         was_training = module.training
         module.eval()
         try:
@@ -217,7 +217,7 @@ def _check_out(file: Path, model_dir: Path | None, overwrite: bool) -> None:
         raise CurvlensError(f"{file} already exists; pass overwrite=True to replace it")
 
 
-def _load(model_dir: Path, model_class) -> torch.nn.Module:
+def _load(model_dir: Path, model_class, progress: bool = True) -> torch.nn.Module:
     if not model_dir.is_dir():
         raise CurvlensError(f"{model_dir}: not a dir; expected an HF model dir (or pass a built model)")
     import transformers
@@ -227,12 +227,20 @@ def _load(model_dir: Path, model_class) -> torch.nn.Module:
         if not cls.startswith("AutoModel") or not hasattr(transformers, cls):
             raise CurvlensError(f"model_class={cls!r} is not a transformers AutoModel class name")
         cls = getattr(transformers, cls)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         return cls.from_pretrained(model_dir, trust_remote_code=False, use_safetensors=True,
                                    dtype=torch.float32)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise CurvlensError(f"{model_dir}: could not load the model with {cls.__name__} (safetensors "
                             f"only, no remote code): {err}") from err
+    finally:
+        if bars and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
 
 
 def _rows(batches, max_examples: int | None) -> Iterable[dict[str, torch.Tensor]]:
@@ -310,7 +318,9 @@ def _accumulate(module, batches, loss, chunk_size, max_examples, dev, vectorize,
     sums = SquaredGradSum()
     mode = "vmap" if vectorize in (True, "auto") else "loop"
     bar = tqdm(total=max_examples, desc="empirical fisher", unit="ex", disable=not progress, leave=False)
-    with bar:
+    with bar, warnings.catch_warnings():
+        # torch.func runs SDPA one row at a time under vmap and says so on every call
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
         for batch in _rows(batches, max_examples):
             b = _prepare(batch, loss, dev)
             n = next(iter(b.values())).shape[0]
