@@ -10,7 +10,7 @@ by the existing analyses on an :class:`Experts` holding every expert twice
   alike?), pooled to model level by :func:`aggregate`;
 * ``mask_jaccard`` -- the Jaccard of each expert's FFG masks (model-wide density)
   built from Adam v and from the Fisher;
-* ``merge_score`` -- an OTA+FFG merge with each curvature, scored by ``evaluate``.
+* ``merge_score`` -- merges (OTA+FFG by default) with each curvature, scored by ``evaluate``.
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from curvlens.streams.analysis import aggregate, curvature_overlap, mask_overlap
 from curvlens.streams.experts import Expert, Experts
 
 #: Columns of :func:`fisher_vs_adam`.
-FISHER_VS_ADAM_COLUMNS = ["analysis", "curvature", "expert_a", "expert_b", "metric", "value"]
+FISHER_VS_ADAM_COLUMNS = ["analysis", "curvature", "expert_a", "expert_b", "method", "metric", "value"]
 #: The OTA+FFG merge compared (the demo's).
 OTA_FFG = {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}
+#: The merges made with each curvature by default: label -> (method, parameters).
+DEFAULT_MERGES = {"OTA+FFG": ("ota", OTA_FFG)}
 _OVERLAP_METRICS = ("cosine", "pearson_log", "spearman_log", "jaccard_top1", "jaccard_top10")
 
 
@@ -54,7 +56,8 @@ def paired_experts(experts: Experts, fisher: Mapping[str, object] | Sequence[obj
 
 def fisher_vs_adam(experts: Experts, fisher: Mapping[str, object] | Sequence[object], *,
                    density: float = 0.3, evaluate: Callable | None = None,
-                   merge_params: Mapping | None = None, device="auto", progress: bool = True) -> pd.DataFrame:
+                   merges: Mapping[str, tuple[str, Mapping]] | None = None, device="auto",
+                   progress: bool = True) -> pd.DataFrame:
     """Compare each expert's Adam ``exp_avg_sq`` with its data Fisher.
 
     Parameters
@@ -69,15 +72,17 @@ def fisher_vs_adam(experts: Experts, fisher: Mapping[str, object] | Sequence[obj
     evaluate : callable, optional
         ``evaluate(checkpoint) -> DataFrame`` with ``capability`` and ``accuracy``
         (or ``score``), e.g. ``zoo.evaluate``. Without it no merge is made.
-    merge_params : mapping, optional
-        Parameters of the ``ota`` merge (default :data:`OTA_FFG`, the demo's OTA+FFG).
+    merges : mapping, optional
+        The merges made with each curvature, label -> (method, parameters); default
+        :data:`DEFAULT_MERGES`, the demo's OTA+FFG (``ffg_density`` 0.3); e.g. add
+        ``{"Fisher": ("fisher", {})}`` for Fisher-weighted averaging.
     device, progress
         As everywhere.
 
     Returns
     -------
     pandas.DataFrame
-        ``analysis, curvature, expert_a, expert_b, metric, value``:
+        ``analysis, curvature, expert_a, expert_b, method, metric, value``:
 
         * ``curvature_overlap`` rows: ``curvature`` ``"adam~fisher"`` (expert_a's Adam v
           against its own Fisher, expert_b empty) or ``"adam"`` / ``"fisher"`` (the
@@ -85,7 +90,8 @@ def fisher_vs_adam(experts: Experts, fisher: Mapping[str, object] | Sequence[obj
           :func:`curvature_overlap` pooled over the model by :func:`aggregate`;
         * ``mask_jaccard`` rows: ``"adam~fisher"``, metric ``jaccard@<density>``;
         * ``merge_score`` rows (with ``evaluate``): ``curvature`` ``"adam"`` or
-          ``"fisher"``, ``expert_a`` the capability, metric ``accuracy``.
+          ``"fisher"``, ``expert_a`` the capability, ``method`` the merge's label,
+          metric ``accuracy``.
 
     Notes
     -----
@@ -114,12 +120,13 @@ def fisher_vs_adam(experts: Experts, fisher: Mapping[str, object] | Sequence[obj
         rows.append({"analysis": "mask_jaccard", "curvature": "adam~fisher", "expert_a": r.expert_a.rsplit("|", 1)[0],
                      "expert_b": None, "metric": f"jaccard@{density:g}", "value": float(r.jaccard)})
     if evaluate is not None:
-        params = dict(OTA_FFG if merge_params is None else merge_params)
-        for curv in ("adam", "fisher"):
-            sub = both.subset([f"{n}|{curv}" for n in names])
-            result = merge(sub, "ota", device=device, progress=progress, **params)
-            scores = evaluate(result.checkpoint)
-            col = "accuracy" if "accuracy" in scores else "score"
-            rows += [{"analysis": "merge_score", "curvature": curv, "expert_a": s.capability, "expert_b": None,
-                      "metric": "accuracy", "value": float(getattr(s, col))} for s in scores.itertuples()]
+        for label, (method, params) in (DEFAULT_MERGES if merges is None else merges).items():
+            for curv in ("adam", "fisher"):
+                sub = both.subset([f"{n}|{curv}" for n in names])
+                result = merge(sub, method, device=device, progress=progress, **dict(params))
+                scores = evaluate(result.checkpoint)
+                col = "accuracy" if "accuracy" in scores else "score"
+                rows += [{"analysis": "merge_score", "curvature": curv, "expert_a": s.capability,
+                          "expert_b": None, "method": label, "metric": "accuracy", "value": float(getattr(s, col))}
+                         for s in scores.itertuples()]
     return pd.DataFrame(rows, columns=FISHER_VS_ADAM_COLUMNS)

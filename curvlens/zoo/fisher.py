@@ -59,7 +59,8 @@ def training_batches(zoo: Zoo, expert: str, n_examples: int = 256, batch_size: i
 
 
 def fisher_study(zoo: Zoo, out, *, n_examples: int = 256, chunk_size: int = 16, density: float = 0.3,
-                 evaluate: bool = True, device="auto", overwrite: bool = False, progress: bool = True):
+                 evaluate: bool = True, fisher_merge: bool = True, device="auto", overwrite: bool = False,
+                 progress: bool = True):
     """Estimate every expert's Fisher on its training prompts and compare it with Adam v.
 
     Parameters
@@ -73,7 +74,10 @@ def fisher_study(zoo: Zoo, out, *, n_examples: int = 256, chunk_size: int = 16, 
     density : float
         FFG density of the masks and of the OTA+FFG merges compared.
     evaluate : bool
-        Score an OTA+FFG merge with each curvature on the zoo's tasks.
+        Score an OTA+FFG merge (``ffg_density=density``) with each curvature on the
+        zoo's tasks.
+    fisher_merge : bool
+        Also score Fisher-weighted averaging (``fisher``) with each curvature.
 
     Returns
     -------
@@ -98,8 +102,11 @@ def fisher_study(zoo: Zoo, out, *, n_examples: int = 256, chunk_size: int = 16, 
                                         progress=progress)
         seconds[name] = round(time.perf_counter() - start, 2)
     experts = zoo.experts()
+    merges = {"OTA+FFG": ("ota", {**OTA_FFG, "ffg_density": density})}
+    if fisher_merge:
+        merges["Fisher"] = ("fisher", {})
     df = fisher_vs_adam(experts, fishers, density=density,
                         evaluate=(lambda m: zoo.evaluate(m, device=device)) if evaluate else None,
-                        merge_params={**OTA_FFG, "ffg_density": density}, device=device, progress=progress)
+                        merges=merges, device=device, progress=progress)
     df.attrs["fisher_seconds"] = seconds
     return df

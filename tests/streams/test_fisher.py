@@ -138,3 +138,29 @@ def test_zoo_output_never_beside_the_weights(quick_zoo, tmp_path):
         cl.estimate_fisher(d, [], d / "fisher.safetensors", device="cpu", progress=False)
     with pytest.raises(CurvlensError, match="already exists"):  # the Adam moments stay
         cl.estimate_fisher(d, [], d, device="cpu", progress=False)
+
+
+def test_fisher_vs_adam_known_answers(quick_zoo, tmp_path):
+    experts = quick_zoo.experts().subset(["math", "code"])
+    # Adam v given as the "Fisher": every same-expert agreement is exact
+    same = {n: quick_zoo.expert_dirs[n] for n in experts.names}
+    seen = []
+
+    def evaluate(ckpt):
+        seen.append(float(sum(ckpt[n].double().sum() for n in ckpt.keys())))
+        return __import__("pandas").DataFrame({"capability": ["addition"], "accuracy": [0.5]})
+
+    df = cl.fisher_vs_adam(experts, same, density=0.2, evaluate=evaluate, device="cpu", progress=False)
+    assert list(df.columns) == ["analysis", "curvature", "expert_a", "expert_b", "method", "metric", "value"]
+    ident = df[df["curvature"] == "adam~fisher"]
+    assert set(ident["expert_a"]) == {"math", "code"}
+    for m in ("cosine", "pearson_log", "spearman_log", "jaccard_top1", "jaccard_top10", "jaccard@0.2"):
+        assert ident.loc[ident["metric"] == m, "value"].tolist() == pytest.approx([1.0, 1.0], abs=1e-5), m
+    pairs = df[df["curvature"].isin(["adam", "fisher"]) & (df["analysis"] == "curvature_overlap")]
+    a = pairs[pairs["curvature"] == "adam"]["value"].to_numpy()
+    f = pairs[pairs["curvature"] == "fisher"]["value"].to_numpy()
+    assert len(a) == 5 and a == pytest.approx(f)
+    assert seen[0] == seen[1]  # the same curvature gives the same OTA+FFG merge
+    assert len(df[df["analysis"] == "merge_score"]) == 2
+    with pytest.raises(CurvlensError, match="no Fisher"):
+        cl.fisher_vs_adam(experts, {"math": same["math"]}, device="cpu", progress=False)
