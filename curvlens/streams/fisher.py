@@ -253,7 +253,10 @@ def _rows(batches, max_examples: int | None) -> Iterable[dict[str, torch.Tensor]
         b = {}
         for key, v in batch.items():
             if not isinstance(v, torch.Tensor):
-                v = torch.as_tensor(v)
+                try:
+                    v = torch.as_tensor(v)
+                except (TypeError, ValueError, RuntimeError) as err:
+                    raise CurvlensError(f"batch {k}: {key!r} is not a tensor or array of numbers ({err})") from err
             if v.dim() == 0:
                 raise CurvlensError(f"batch {k}: {key!r} is a scalar; every value needs a leading example dim")
             b[key] = v
@@ -309,8 +312,7 @@ def _prepare(batch: dict[str, torch.Tensor], loss, dev) -> dict[str, torch.Tenso
 def _accumulate(module, batches, loss, chunk_size, max_examples, dev, vectorize, progress):
     from tqdm.auto import tqdm
 
-    params = {n: p.detach().to(dev, torch.float32 if not p.is_floating_point() else p.dtype)
-              for n, p in module.named_parameters() if p.requires_grad}
+    params = {n: p.detach().to(dev) for n, p in module.named_parameters() if p.requires_grad}
     if not params:
         raise CurvlensError("the model has no trainable parameters (requires_grad=True) to take a Fisher of")
     buffers = {n: b.detach().to(dev) for n, b in module.named_buffers()}
