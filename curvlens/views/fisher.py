@@ -1,4 +1,10 @@
-"""Adam ``exp_avg_sq`` against a data Fisher, drawn from :func:`curvlens.fisher_vs_adam`'s frame."""
+"""Adam ``exp_avg_sq`` against a data Fisher, drawn from :func:`curvlens.fisher_vs_adam`'s frame.
+
+Three panels: per expert, how Adam v agrees with the Fisher (overlap metrics and the
+FFG-mask Jaccard); per expert pair, the overlap under Adam v against that under the
+Fisher; the merge scores with each curvature. Panels whose rows the frame lacks (no
+merges evaluated, one expert only) are left out.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,20 +13,57 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.views._common import check_frame, check_numeric, color, first_seen, metric_label, styled
+from curvlens.views._common import (
+    check_frame, check_numeric, color, first_seen, metric_label, require_plotly, styled,
+)
 
 _COLUMNS = ("analysis", "curvature", "expert_a", "expert_b", "method", "metric", "value")
+_TITLES = {"same": "Adam v vs data Fisher, same expert", "pairs": "Between experts",
+           "scores": "Merge scores by curvature"}
+
+
+def _panels(df: pd.DataFrame, metrics: Sequence[str], pair_metric: str, what: str) -> list[tuple[str, dict]]:
+    """(panel, data) for each panel the frame has rows for: bar panels give
+    ``groups`` and ``series`` [(label, {group: value})]; the pair panel ``labels, x, y``."""
+    check_frame(df, _COLUMNS, what)
+    df = df.assign(value=check_numeric(df, "value", what))
+    out = []
+    same = df[df["curvature"] == "adam~fisher"]
+    if len(same):
+        series = []
+        for m in metrics:
+            rows = same[(same["analysis"] == "curvature_overlap") & (same["metric"] == m)]
+            if len(rows):
+                series.append((metric_label(m), dict(zip(rows["expert_a"], rows["value"]))))
+        masks = same[same["analysis"] == "mask_jaccard"]
+        for m in first_seen(masks["metric"]):
+            rows = masks[masks["metric"] == m]
+            series.append((f"FFG mask Jaccard ({m.split('@')[-1]})", dict(zip(rows["expert_a"], rows["value"]))))
+        out.append(("same", {"groups": first_seen(same["expert_a"]), "series": series}))
+    pairs = df[(df["analysis"] == "curvature_overlap") & (df["metric"] == pair_metric)
+               & df["curvature"].isin(["adam", "fisher"])]
+    if len(pairs):
+        key = pairs["expert_a"].astype(str) + " / " + pairs["expert_b"].astype(str)
+        by = {c: dict(zip(key[pairs["curvature"] == c], pairs.loc[pairs["curvature"] == c, "value"]))
+              for c in ("adam", "fisher")}
+        labels = [k for k in by["adam"] if k in by["fisher"]]
+        out.append(("pairs", {"labels": labels, "x": [by["adam"][k] for k in labels],
+                              "y": [by["fisher"][k] for k in labels], "metric": pair_metric}))
+    scores = df[df["analysis"] == "merge_score"]
+    if len(scores):
+        labels = scores["method"].fillna("merge").astype(str) + " with " + scores["curvature"].astype(str)
+        series = [(lab, dict(zip(scores.loc[labels == lab, "expert_a"], scores.loc[labels == lab, "value"])))
+                  for lab in first_seen(labels)]
+        out.append(("scores", {"groups": first_seen(scores["expert_a"]), "series": series}))
+    if not out:
+        raise CurvlensError(f"{what}: the frame has no rows of fisher_vs_adam's analyses")
+    return out
 
 
 @styled
 def fisher_vs_adam_plot(df: pd.DataFrame, *, metrics: Sequence[str] = ("cosine", "spearman_log", "jaccard_top10"),
                         pair_metric: str = "spearman_log", figsize=None):
-    """Three panels: per expert, how Adam v agrees with the Fisher (overlap metrics
-    and FFG-mask Jaccard); per expert pair, the overlap under Adam v against that
-    under the Fisher; the OTA+FFG merge scores with each curvature.
-
-    Panels whose rows the frame lacks (no merges evaluated, one expert only) are
-    left out.
+    """Adam v against the data Fisher in up to three panels (see the module docstring).
 
     Parameters
     ----------
@@ -30,6 +73,7 @@ def fisher_vs_adam_plot(df: pd.DataFrame, *, metrics: Sequence[str] = ("cosine",
         Overlap metrics of the first panel (the mask Jaccard is always added).
     pair_metric : str
         Overlap metric of the between-expert panel.
+    figsize : (float, float), optional
 
     Returns
     -------
@@ -37,24 +81,52 @@ def fisher_vs_adam_plot(df: pd.DataFrame, *, metrics: Sequence[str] = ("cosine",
     """
     import matplotlib.pyplot as plt
 
-    what = "fisher_vs_adam_plot"
-    check_frame(df, _COLUMNS, what)
-    df = df.assign(value=check_numeric(df, "value", what))
-    same = df[(df["curvature"] == "adam~fisher")]
-    pairs = df[(df["analysis"] == "curvature_overlap") & (df["metric"] == pair_metric)
-               & df["curvature"].isin(["adam", "fisher"])]
-    scores = df[df["analysis"] == "merge_score"]
-    panels = [p for p, rows in (("same", same), ("pairs", pairs), ("scores", scores)) if len(rows)]
-    if not panels:
-        raise CurvlensError(f"{what}: the frame has no rows of fisher_vs_adam's analyses")
+    panels = _panels(df, metrics, pair_metric, "fisher_vs_adam_plot")
     fig, axes = plt.subplots(1, len(panels), figsize=figsize or (4.6 * len(panels), 3.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        if panel == "same":
-            _same_panel(ax, same, metrics)
-        elif panel == "pairs":
-            _pairs_panel(ax, pairs, pair_metric)
+    for ax, (panel, data) in zip(axes[0], panels):
+        if panel == "pairs":
+            _pairs(ax, data)
         else:
-            _scores_panel(ax, scores)
+            _bars(ax, data["groups"], data["series"])
+            if panel == "scores":
+                ax.set_ylabel("accuracy")
+        ax.set_title(_TITLES[panel])
+    return fig
+
+
+def fisher_vs_adam_plotly(df: pd.DataFrame, *, metrics: Sequence[str] = ("cosine", "spearman_log", "jaccard_top10"),
+                          pair_metric: str = "spearman_log"):
+    """Interactive twin of :func:`fisher_vs_adam_plot`. Hover: expert (or pair or
+    capability), series and value.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    go = require_plotly()
+    from plotly.subplots import make_subplots
+
+    panels = _panels(df, metrics, pair_metric, "fisher_vs_adam_plotly")
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[_TITLES[p] for p, _ in panels])
+    for col, (panel, data) in enumerate(panels, start=1):
+        if panel == "pairs":
+            fig.add_trace(go.Scatter(x=data["x"], y=data["y"], mode="markers", text=data["labels"],
+                                     marker={"color": color(0), "size": 9}, showlegend=False,
+                                     hovertemplate="<b>%{text}</b><br>Adam v: %{x:.3f}<br>Fisher: %{y:.3f}"
+                                                   "<extra></extra>"), row=1, col=col)
+            hi = max([1e-9, *data["x"], *data["y"]]) * 1.1
+            fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", showlegend=False, hoverinfo="skip",
+                                     line={"color": "#999", "dash": "dash", "width": 1}), row=1, col=col)
+            fig.update_xaxes(title_text=f"{metric_label(data['metric'])}, Adam v", row=1, col=col)
+            fig.update_yaxes(title_text=f"{metric_label(data['metric'])}, Fisher", row=1, col=col)
+            continue
+        for i, (label, values) in enumerate(data["series"]):
+            fig.add_trace(go.Bar(x=data["groups"], y=[values.get(g, np.nan) for g in data["groups"]], name=label,
+                                 marker={"color": color(i)},
+                                 hovertemplate="<b>%{x}</b><br>" + label + ": %{y:.3f}<extra></extra>"),
+                          row=1, col=col)
+        fig.update_yaxes(range=[0, 1.05], row=1, col=col)
+    fig.update_layout(barmode="group", height=420, width=430 * len(panels))
     return fig
 
 
@@ -70,43 +142,13 @@ def _bars(ax, groups: list, series: list[tuple[str, dict]]) -> None:
     ax.legend(fontsize="small", frameon=False, ncol=2, loc="upper center")
 
 
-def _same_panel(ax, same: pd.DataFrame, metrics) -> None:
-    experts = first_seen(same["expert_a"])
-    series = []
-    for m in metrics:
-        rows = same[same["metric"] == m]
-        if len(rows):
-            series.append((metric_label(m), dict(zip(rows["expert_a"], rows["value"]))))
-    masks = same[same["analysis"] == "mask_jaccard"]
-    for m in first_seen(masks["metric"]):
-        rows = masks[masks["metric"] == m]
-        series.append((f"FFG mask Jaccard ({m.split('@')[-1]})", dict(zip(rows["expert_a"], rows["value"]))))
-    _bars(ax, experts, series)
-    ax.set_title("Adam v vs data Fisher, same expert")
-
-
-def _pairs_panel(ax, pairs: pd.DataFrame, metric: str) -> None:
-    key = pairs["expert_a"] + " / " + pairs["expert_b"].astype(str)
-    adam = dict(zip(key[pairs["curvature"] == "adam"], pairs.loc[pairs["curvature"] == "adam", "value"]))
-    fisher = dict(zip(key[pairs["curvature"] == "fisher"], pairs.loc[pairs["curvature"] == "fisher", "value"]))
-    both = [k for k in adam if k in fisher]
-    xs, ys = [adam[k] for k in both], [fisher[k] for k in both]
+def _pairs(ax, data: dict) -> None:
+    xs, ys = data["x"], data["y"]
     ax.scatter(xs, ys, color=color(0))
-    for k, x, y in zip(both, xs, ys):
+    for k, x, y in zip(data["labels"], xs, ys):
         ax.annotate(k, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
     lo = min([0.0, *xs, *ys])
     hi = max([1e-9, *xs, *ys]) * 1.1
     ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--")
-    ax.set_xlabel(f"{metric_label(metric)}, Adam v")
-    ax.set_ylabel(f"{metric_label(metric)}, Fisher")
-    ax.set_title("Between experts")
-
-
-def _scores_panel(ax, scores: pd.DataFrame) -> None:
-    caps = first_seen(scores["expert_a"])
-    labels = scores["method"].fillna("merge").astype(str) + " with " + scores["curvature"].astype(str)
-    series = [(lab, dict(zip(scores.loc[labels == lab, "expert_a"], scores.loc[labels == lab, "value"])))
-              for lab in first_seen(labels)]
-    _bars(ax, caps, series)
-    ax.set_ylabel("accuracy")
-    ax.set_title("Merge scores by curvature")
+    ax.set_xlabel(f"{metric_label(data['metric'])}, Adam v")
+    ax.set_ylabel(f"{metric_label(data['metric'])}, Fisher")

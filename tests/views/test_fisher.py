@@ -5,7 +5,7 @@ import pytest
 
 from curvlens.errors import CurvlensError
 from curvlens.streams.fisher_compare import FISHER_VS_ADAM_COLUMNS
-from curvlens.views import fisher_vs_adam_plot
+from curvlens.views import fisher_vs_adam_plot, fisher_vs_adam_plotly
 
 
 def _frame(merges=True):
@@ -26,6 +26,9 @@ def test_three_panels_or_fewer():
     assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 3
     assert [a.get_title() for a in fig.axes][2] == "Merge scores by curvature"
     assert len(fisher_vs_adam_plot(_frame(merges=False)).axes) == 2
+    fig = fisher_vs_adam_plotly(_frame())
+    names = {t.name for t in fig.data if t.name}
+    assert {"OTA+FFG with adam", "OTA+FFG with fisher", "FFG mask Jaccard (0.3)"} <= names
 
 
 def test_bad_frames():
