@@ -115,7 +115,9 @@ def sparse_soup(experts: Experts, out: PathLike | None = None, *, mask: str = "a
     ----------
     experts : Experts
         The ingredients (a base, when present, is not read; moments are not needed:
-        ``Experts.from_dirs(None, dirs, moments=False)``).
+        ``Experts.from_dirs(None, dirs, moments=False)``). Tensors the Experts
+        ``exclude`` are left out of the soup. Integer tensors are taken from the
+        first expert.
     out : path, optional
         Write the soup here as an HF dir (config/tokenizer of the first expert,
         plus ``sparsity_report.csv``), atomically; else keep it in memory.
