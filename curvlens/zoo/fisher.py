@@ -68,7 +68,8 @@ def fisher_study(zoo: Zoo, out, *, n_examples: int = 256, chunk_size: int = 16, 
     zoo : Zoo
     out : path
         Dir receiving one Fisher per expert, ``out/<expert>/export/exp_avg_sq.safetensors``
-        (an existing one is reused unless ``overwrite``).
+        (an existing Fisher of ``n_examples`` examples is reused unless ``overwrite``;
+        any other file there is an error).
     n_examples, chunk_size
         Examples per expert, and examples per vmapped chunk.
     density : float
@@ -94,7 +95,13 @@ def fisher_study(zoo: Zoo, out, *, n_examples: int = 256, chunk_size: int = 16, 
     for name, d in zoo.expert_dirs.items():
         target = out / name
         if fisher_path(target).is_file() and not overwrite:
-            fishers[name] = Moments.open(target)
+            found = Moments.open(target)
+            meta = found.metadata
+            if meta.get("kind") != "empirical_fisher" or meta.get("n_examples") != str(n_examples):
+                raise CurvlensError(f"{fisher_path(target)} exists but is not a Fisher of {n_examples} examples "
+                                    f"(kind={meta.get('kind')!r}, n_examples={meta.get('n_examples')!r}); "
+                                    "pass overwrite=True to replace it")
+            fishers[name] = found
             continue
         start = time.perf_counter()
         fishers[name] = estimate_fisher(d, training_batches(zoo, name, n_examples), target,
