@@ -12,11 +12,13 @@ Everything a notebook needs is here, flat::
 
 =====================  ==========================================================
 open and line up       :class:`Checkpoint`, :class:`Moments`, :class:`Experts`,
-                       :func:`export_moments`
-merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`
+                       :func:`export_moments`, :func:`estimate_fisher` (a data Fisher
+                       in the moments layout)
+merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`,
+                       :func:`sparse_soup` / :func:`sparsity_check` (sparse experts keep their mask)
 curvature              :func:`curvature_stats`, :func:`curvature_overlap`,
                        :func:`moment_compression`, :func:`pooled_moments`,
-                       :func:`log10_histogram`
+                       :func:`log10_histogram`, :func:`fisher_vs_adam`
 masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overlap`,
                        :func:`mask_thresholds`, :func:`graft_sweep`,
                        :func:`ffg_vs_magnitude_summary`
@@ -61,7 +63,10 @@ from curvlens.streams.analysis import (
     pooled_moments,
     predicted_loss,
 )
+from curvlens.streams.fisher import estimate_fisher
+from curvlens.streams.fisher_compare import fisher_vs_adam
 from curvlens.streams.merge import MergeResult, merge
+from curvlens.streams.sparse_soup import SoupResult, sparse_soup, sparsity_check
 from curvlens.streams.merge_config import load_merge_config
 from curvlens.streams.findings import findings
 from curvlens.streams.prediction import merge_retention, prediction_agreement, prediction_study
@@ -71,12 +76,12 @@ from curvlens.tensor_filter import TensorFilter
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpoint", "CurvlensError", "Expert", "Experts", "MergeResult", "Moments", "ROLES", "TensorFilter",
-    "aggregate", "compare_merges", "edit_norms", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
+    "Checkpoint", "CurvlensError", "Expert", "Experts", "MergeResult", "Moments", "ROLES", "SoupResult", "TensorFilter",
+    "aggregate", "compare_merges", "edit_norms", "estimate_fisher", "fisher_vs_adam", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "param_role", "pooled_moments", "predicted_loss",
-    "prediction_agreement", "prediction_study", "set_threads", "views",
+    "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "views",
     "write_model", "zoo", "__version__",
 ]
 

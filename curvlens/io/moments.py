@@ -47,6 +47,9 @@ class Moments(Mapping):
         Adam's beta2, when the source records it.
     bias_corrected : bool
         Whether reads are divided by ``1 - beta2**step``.
+    metadata : dict
+        A safetensors source's metadata (``kind``, ``n_examples``, ``loss`` for a
+        data Fisher written by :func:`curvlens.estimate_fisher`).
     """
 
     def __init__(self, shapes: dict[str, torch.Size], reader, *, label: str,
@@ -56,6 +59,9 @@ class Moments(Mapping):
         self._reader = reader
         self.label = label
         self.path = path
+        #: The safetensors file's metadata (strings), e.g. ``kind=empirical_fisher``
+        #: for a Fisher from :func:`curvlens.estimate_fisher`; empty for other sources.
+        self.metadata: dict[str, str] = {}
         #: Parameters the optimizer lists but never updated; their moments read as 0.
         self.never_updated: tuple[str, ...] = ()
         self.step = step
@@ -154,8 +160,10 @@ class Moments(Mapping):
             return read_safetensor(file, keymap[name])
 
         shapes = {n: infos[k].shape for n, k in keymap.items()}
-        return cls(shapes, read, label=str(file), step=step, beta2=beta2,
-                   bias_correction=bias_correction, path=file)
+        m = cls(shapes, read, label=str(file), step=step, beta2=beta2,
+                bias_correction=bias_correction, path=file)
+        m.metadata = dict(meta)
+        return m
 
     @classmethod
     def _from_mapping(cls, obj: Any, label: str, checkpoint, bias_correction: bool,

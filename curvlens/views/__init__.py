@@ -16,6 +16,7 @@ log10 v histograms          ``log10_histogram_plot`` / ``_grid``    ``log10_hist
 score vs density            ``density_curves``                      ``density_curves_plotly``
 merge comparison            ``merge_scores``                        ``merge_scores_plotly``
 expert-pair matrix          ``pair_matrix_heatmap``                 ``pair_matrix_plotly``
+Adam v vs data Fisher       ``fisher_vs_adam_plot``                 ``fisher_vs_adam_plotly``
 ==========================  ======================================  =========================
 """
 from curvlens.views._common import figure_style
@@ -24,6 +25,7 @@ from curvlens.views.distributions import log10_histogram_grid, log10_histogram_p
 from curvlens.views.explorers import curvature_explorer, mask_explorer
 from curvlens.views.merge_explorer import merge_explorer
 from curvlens.views.figures import render_all
+from curvlens.views.fisher import fisher_vs_adam_plot, fisher_vs_adam_plotly
 from curvlens.views.heatmaps import layer_role_heatmap, layer_role_heatmap_plotly, layer_role_heatmaps
 from curvlens.views.merge_plots import OKABE_ITO, merge_scores_figure
 from curvlens.views.merges import merge_scores, merge_scores_plotly, normalized_scores
@@ -35,7 +37,7 @@ from curvlens.views.pairs import pair_matrix, pair_matrix_heatmap, pair_matrix_p
 # layer_role_matrix, histogram_steps or the rich-display hooks stay in their modules.
 __all__ = [
     "OKABE_ITO", "curvature_explorer", "density_curves", "density_curves_plotly", "figure_style",
-    "layer_role_heatmap", "layer_role_heatmap_plotly", "layer_role_heatmaps", "log10_histogram_grid",
+    "fisher_vs_adam_plot", "fisher_vs_adam_plotly", "layer_role_heatmap", "layer_role_heatmap_plotly", "layer_role_heatmaps", "log10_histogram_grid",
     "log10_histogram_plot", "log10_histogram_plotly", "mask_explorer", "merge_explorer", "merge_scores",
     "merge_scores_figure", "merge_scores_plotly", "normalized_scores", "pair_grid", "pair_grid_plotly",
     "pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly", "render_all",
