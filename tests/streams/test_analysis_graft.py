@@ -39,7 +39,16 @@ def test_graft_sweep_on_the_quick_zoo(request):
     print(summary.to_string())  # the paper's claim, for the record (pytest -s)
     low = summary[summary.density == 0.2]
     # The paper: FFG keeps the expert's skill at densities where magnitude pruning
-    # loses it (measured on the quick zoo, seed 0: fisher 0.94/0.82/0.02/1.00 against
-    # magnitude 0.03/0.18/0.00/0.08 for math/code/instruct/knowledge).
+    # loses it. Pruned entries fall back to the base, which already answers part of
+    # each open capability (docs/zoo.md), so the claim is measured on the expert's
+    # gain over the base. Quick zoo, seed 0, density 0.2: FFG keeps 0.86/1.00/0.94/1.00
+    # of the gain, magnitude 0.32/0.68/0.74/0.54 (math/code/instruct/knowledge).
     assert low["fisher_ge_magnitude"].all()
-    assert low["fisher"].mean() > low["magnitude"].mean() + 0.3
+    base = zoo_mod.evaluate(zoo.base_dir, zoo=zoo).set_index("capability")["accuracy"]
+    caps = _capabilities(zoo, ex, sweep)
+    own = {e: sweep[(sweep.expert == e) & (sweep.density == 1.0) & (sweep.criterion == "fisher")
+                    & (sweep.capability == caps[e])]["score"].item() for e in ex.names}
+    low = low.set_index("expert")
+    kept = {c: [(low.loc[e, c] - base[caps[e]]) / (own[e] - base[caps[e]]) for e in ex.names]
+            for c in ("fisher", "magnitude")}
+    assert sum(kept["fisher"]) / len(ex.names) > sum(kept["magnitude"]) / len(ex.names) + 0.25, kept
