@@ -18,9 +18,10 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 
     cfg = load_merge_config(a.config)
     experts = cfg.experts()
-    result = merge(experts, cfg.method, a.out, device=a.device, dtype=cfg.dtype, overwrite=a.overwrite,
-                   max_shard_size=a.max_shard_size, progress=not a.quiet, config_text=cfg.text,
-                   tensors=cfg.tensors, **cfg.params)
+    for note in cfg.notes:
+        print(f"note: {note}")
+    result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite,
+                   max_shard_size=a.max_shard_size, progress=not a.quiet, **cfg.merge_kwargs())
     print(f"merged {len(experts)} experts with {cfg.method} -> {result.path}")
     print(result.summary().to_string())
     return 0

@@ -80,6 +80,14 @@ class MergeMethod:
         True: the method draws random masks (from ``rng``, else from its ``seed``).
     model_wide : ModelWideSelection or None
         A parameter the driver turns into a model-wide selection first.
+    name_param : str or None
+        A parameter the driver sets to each tensor's name (for rules that depend
+        on what a tensor is, such as the OTA fork's treatment of embeddings).
+    base_role : str
+        What a config's ``base_model`` is to the method: ``"reference"`` (the
+        point task vectors start from; a base listed under ``models`` is left
+        out, as mergekit and the OTA fork do), ``"input"`` (one more model
+        averaged, as mergekit's ``linear`` includes it) or ``"ignored"``.
     """
 
     name: str
@@ -90,6 +98,8 @@ class MergeMethod:
     needs_moments: bool = False
     uses_rng: bool = False
     model_wide: Optional[ModelWideSelection] = None
+    name_param: Optional[str] = None
+    base_role: str = "reference"
 
     def __call__(self, base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
         b, xs, vs = check_inputs(self.name, base, experts, moments, needs_base=self.needs_base,
@@ -163,6 +173,8 @@ def register(
     needs_moments: bool = False,
     uses_rng: bool = False,
     model_wide: Optional[ModelWideSelection] = None,
+    name_param: Optional[str] = None,
+    base_role: str = "reference",
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator registering a kernel under ``name``; returns the kernel unchanged.
 
@@ -182,13 +194,16 @@ def register(
         raise CurvlensError(f"method {name!r} declares a parameter name twice: {names}")
     if uses_rng and "seed" not in names:
         raise CurvlensError(f"method {name!r} draws random masks but has no 'seed' parameter")
+    if name_param is not None and name_param not in names:
+        raise CurvlensError(f"method {name!r}: name_param {name_param!r} is not one of its parameters")
+    check_choice(f"method {name!r} base_role", base_role, ("reference", "input", "ignored"))
 
     def decorate(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in _REGISTRY:
             raise CurvlensError(f"merge method {name!r} is already registered")
         _REGISTRY[name] = MergeMethod(name=name, kernel=kernel, params=params, description=description,
                                       needs_base=needs_base, needs_moments=needs_moments, uses_rng=uses_rng,
-                                      model_wide=model_wide)
+                                      model_wide=model_wide, name_param=name_param, base_role=base_role)
         return kernel
 
     return decorate
