@@ -275,8 +275,11 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
             # a model-wide selection splits the tied scores tensor by tensor
             if selections is not None:
                 pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
-            merged, row = _merge_one(m, g, pt, dev, experts.names,
-                                     _out_dtype(_stored(experts, g.name), out_dtype))
+            target = _out_dtype(_stored(experts, g.name), out_dtype)
+            # as mergekit: a method's result is in the input dtype, then cast to out_dtype
+            merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target)
+            if merged.is_floating_point() and merged.dtype != target:
+                merged = merged.to(target)
             rows.append(row)
             if writer is not None:
                 writer.add(g.name, merged)

@@ -68,7 +68,12 @@ def _model_dirs(experts) -> list[tuple[str, Path]]:
         path = e.path or e.checkpoint.path
         if path is not None:
             out.append((f"expert {e.name!r}", _dir(Path(path))))
-    return out
+    seen, unique = set(), []
+    for who, d in out:  # a base averaged as a model (linear) is one model
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            unique.append((who, d))
+    return unique
 
 
 def _dir(p: Path) -> Path:
