@@ -17,6 +17,10 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     from curvlens.streams.merge_config import load_merge_config
 
     cfg = load_merge_config(a.config)
+    if cfg.stack is not None:
+        path = cfg.stack.run(a.out, overwrite=a.overwrite, max_shard_size=a.max_shard_size, progress=not a.quiet)
+        print(f"stacked {cfg.stack.n_layers} layers from {len(cfg.models)} model(s) -> {path}")
+        return 0
     experts = cfg.experts()
     for note in cfg.notes:
         print(f"note: {note}")

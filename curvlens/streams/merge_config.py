@@ -96,6 +96,9 @@ class MergeConfig:
 
     def experts(self) -> Experts:
         """Open the models (and their moments when the method needs them)."""
+        if self.stack is not None:
+            raise CurvlensError("a passthrough 'slices' config stacks layers: run it with "
+                                "cfg.stack.run(out) (or `curvlens merge`), not as a merge of Experts")
         needs_moments = get_method(self.method).needs_moments
         moments: Any = False
         if needs_moments:
