@@ -47,6 +47,12 @@ def make_llama_zoo(root, n_experts: int = 3, layers: int = 5, seed: int = 0, nam
     return root / "base", dirs, out
 
 
+def has_mergekit() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mergekit") is not None
+
+
 def run_mergekit(cfg: dict, out) -> dict:
     """mergekit's own merge of ``cfg`` (paths as given); returns its tensors."""
     import logging

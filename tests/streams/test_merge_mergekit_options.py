@@ -11,7 +11,7 @@ from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.cli import main
 from curvlens.streams.merge import merge
 from curvlens.streams.merge_config import load_merge_config
-from tests.streams.mergekit_zoo import make_llama_zoo, run_mergekit
+from tests.streams.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
 
 KW = dict(device="cpu", progress=False)
 
@@ -45,9 +45,7 @@ def test_linear_averages_an_unlisted_base_as_mergekit(llama, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     want = (weights["expert0"][name] + 2 * weights["expert1"][name] + 0.5 * weights["base"][name]) / 3.5
     torch.testing.assert_close(res.checkpoint[name], want)
-    try:
-        import mergekit  # noqa: F401
-    except ImportError:
+    if not has_mergekit():
         return
     for n, t in run_mergekit(cfg, tmp_path / "mk").items():
         assert torch.equal(res.checkpoint[n], t), n
@@ -83,9 +81,7 @@ def test_dtype_is_read_and_out_dtype_written_as_mergekit(llama, tmp_path):
     # inputs read in bf16, merged in fp32, the result in bf16 (as mergekit's methods return it), written fp32
     a, b = (weights[e][name].to(torch.bfloat16).float() for e in ("expert0", "expert1"))
     assert torch.equal(got, ((a * 1.0 + b * 3.0) / 4.0).to(torch.bfloat16).float())
-    try:
-        import mergekit  # noqa: F401
-    except ImportError:
+    if not has_mergekit():
         return
     for n, t in run_mergekit(cfg, tmp_path / "mk").items():
         assert t.dtype == torch.float32 and torch.equal(res.checkpoint[n], t), n

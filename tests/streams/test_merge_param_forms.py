@@ -9,7 +9,7 @@ from curvlens import CurvlensError
 from curvlens.streams.merge import merge
 from curvlens.streams.merge_config import load_merge_config
 from curvlens.streams.param_settings import UNSET, evaluate, layer_fraction
-from tests.streams.mergekit_zoo import make_llama_zoo, run_mergekit
+from tests.streams.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
 
 KW = dict(device="cpu", progress=False)
 
@@ -55,7 +55,6 @@ def test_evaluate_follows_mergekits_rules():
 def test_resolution_matches_mergekits_resolver(llama):
     mk_config = pytest.importorskip("mergekit.config")
     from mergekit.common import ModelReference
-    from mergekit.merge_methods.base import ParameterSpec  # noqa: F401 (mergekit's own resolver below)
     from mergekit.parameter_resolver import resolve_parameter
 
     root, base, dirs, _ = llama
@@ -105,9 +104,7 @@ def test_ties_yml_in_float16_runs_and_is_close_to_mergekit(llama, tmp_path):
     mc, res = _run(tmp_path, cfg)
     assert mc.tensor_params is not None and mc.input_dtype == "float16"
     assert {str(res.checkpoint.dtype(n)) for n in res.checkpoint} == {"torch.float16"}
-    try:
-        import mergekit  # noqa: F401
-    except ImportError:
+    if not has_mergekit():
         return
     want = run_mergekit(cfg, tmp_path / "mk16")
     # mergekit computes in fp16, curvlens in fp32 from the same fp16 inputs: equal up to
