@@ -329,7 +329,8 @@ class _TensorParams:
                     full = resolve_params(self.m, {**self.params, **over}, self.n)
                 except CurvlensError as err:
                     raise CurvlensError(f"tensor {name!r}: {err}") from err
-                self._cache[key] = {k: full[k] for k in over}
+                canon = {a: spec.name for spec in self.m.params for a in (spec.name, *spec.aliases)}
+                self._cache[key] = {canon[k]: full[canon[k]] for k in over}
             out = {**p, **self._cache[key]}
         if self.m.name_param is not None:
             out = {**out, self.m.name_param: name}
