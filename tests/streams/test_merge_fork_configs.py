@@ -224,3 +224,16 @@ def test_tokenizer_source_union_of_one_vocabulary(zoo, tmp_path):
     path = _config(root, base, dirs, {"epsilon": 1e-24}, tokenizer_source="union")
     assert main(["merge", str(path), str(tmp_path / "o"), "--device", "cpu", "--quiet"]) == 0
     assert json.loads((tmp_path / "o" / "tokenizer.json").read_text())["model"]["vocab"] == vocab
+
+
+def test_model_wide_density_with_rank_skips_embeddings_in_both_passes(zoo):
+    # the selection pass and the merge must see the same (uncompressed) embedding moments,
+    # else the merge's tie quotas do not add up and it raises
+    root, base, dirs, *_ = zoo
+    cfg = load_merge_config(_config(root, base, dirs, {"ffg_density": 0.3, "fallback_to_base": True},
+                                    [{"rank": 1}, {"rank": 1}]))
+    res = merge(cfg.experts(), "ota", **KW, **cfg.params)
+    assert list(res.thresholds.kept) == [int(0.3 * n + 0.5) for n in res.thresholds.total]
+    r = res.report
+    for e, k in zip(res.thresholds.expert, res.thresholds.kept):  # the merge's masks keep exactly those
+        assert round((r[f"kept_{e}"] * r.numel).sum()) == k
