@@ -179,9 +179,15 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
     if cfg.get("slices") is not None:
         if cfg.get("models") is not None:
             raise CurvlensError(f"{where}: give exactly one of 'models' and 'slices' (as mergekit)")
-        from curvlens.streams.stack import load_stack
+        from curvlens.streams.stack import load_stack, slices_as_models
 
-        return load_stack(cfg, where, text, local)
+        if str(cfg["merge_method"]) == "passthrough":
+            return load_stack(cfg, where, text, local)
+        # one slice over every model's whole layer range is the `models` form
+        cfg = slices_as_models(cfg, where, local, _n_layers)
+        from_slices = True
+    else:
+        from_slices = False
     if str(cfg["merge_method"]) == "passthrough":
         raise CurvlensError(f"{where}: merge_method 'passthrough' takes 'slices' (layer ranges to stack); "
                             "with 'models' mergekit copies a single model, use that model instead")
@@ -233,7 +239,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         moments.append(local(pre, f"models[{i}].parameters.preconditioner_path") if pre else None)
         dirs.append(d)
         per_model.append(mp)
-    if base is not None and not base_listed and method.base_role == "input":
+    if base is not None and not base_listed and method.base_role == "input" and not from_slices:
         # mergekit adds an unlisted base model as one more input (top-level parameters only)
         notes.append(f"base_model is averaged as one more model, as mergekit's {method.name} does")
         dirs.append(base)

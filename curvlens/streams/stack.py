@@ -214,6 +214,60 @@ def load_stack(cfg: dict, where: str, text: str, local):
                        out_dtype, False, text, input_dtype=input_dtype, stack=plan)
 
 
+def slices_as_models(cfg: dict, where: str, local, n_layers) -> dict:
+    """A ``slices`` config of a merge method as the equivalent ``models`` config,
+    where it has one: a single slice whose every source spans its model's whole
+    layer range (mergekit's planner then does exactly what it does for
+    ``models``, whose t runs over the same layers; only an unlisted base is not
+    added). Anything else is refused by name."""
+    method = cfg["merge_method"]
+    slices = cfg["slices"]
+    why = (f"{where}: 'slices' with merge_method {method!r} (a merge per layer range) is not supported; curvlens "
+           "stacks slices with 'passthrough' and merges whole models (one slice spanning every model's layers, "
+           "or 'models')")
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        raise CurvlensError(why)
+    sl = slices[0]
+    for key, what in _REFUSED_SLICE.items():
+        if key in sl:
+            raise CurvlensError(f"{where}: slices[0]: {key!r} ({what}) is not supported")
+    extra = sorted(map(str, set(sl) - _SLICE_KEYS))
+    if extra:
+        raise CurvlensError(f"{where}: slices[0]: unknown key(s) {extra}; expected {sorted(_SLICE_KEYS)}")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise CurvlensError(f"{where}: slices[0].sources must be a non-empty list")
+    models = []
+    for j, src in enumerate(sources):
+        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+            raise CurvlensError(f"{where}: slices[0].sources[{j}] must be {{model: PATH, layer_range: [START, END]}}")
+        extra = sorted(map(str, set(src) - _SOURCE_KEYS))
+        if extra:
+            raise CurvlensError(f"{where}: slices[0].sources[{j}]: unknown key(s) {extra}; "
+                                f"expected {sorted(_SOURCE_KEYS)}")
+        n = n_layers(local(src["model"], f"slices[0].sources[{j}].model"))
+        if src["layer_range"] != [0, n]:
+            raise CurvlensError(why + f" (slices[0].sources[{j}].layer_range is {src['layer_range']!r}, "
+                                f"the model has [0, {n}])")
+        models.append({"model": src["model"], **({"parameters": src["parameters"]}
+                                                 if src.get("parameters") is not None else {})})
+    top = cfg.get("parameters")
+    slice_params = sl.get("parameters")
+    if slice_params is not None:
+        if not isinstance(slice_params, dict) or not isinstance(top or {}, dict):
+            raise CurvlensError(f"{where}: slices[0].parameters must be a mapping of parameter name -> value")
+        both = sorted(set(slice_params) & set(top or {}))
+        if both:
+            raise CurvlensError(f"{where}: parameter(s) {both} given both for the slice and at the top level; "
+                                "give each once")
+        top = {**(top or {}), **slice_params}
+    out = {k: v for k, v in cfg.items() if k != "slices"}
+    out["models"] = models
+    if top is not None:
+        out["parameters"] = top
+    return out
+
+
 def run_stack(plan: StackPlan, out, **kw) -> Path:
     """Write a passthrough stack (:meth:`StackPlan.run`)."""
     return plan.run(out, **kw)

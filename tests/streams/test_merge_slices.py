@@ -9,7 +9,7 @@ import yaml
 from curvlens import Checkpoint, CurvlensError
 from curvlens.cli import main
 from curvlens.streams.merge_config import load_merge_config
-from tests.streams.mergekit_zoo import make_llama_zoo, run_mergekit
+from tests.streams.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,10 @@ def test_stack_with_scale_matches_mergekit(llama, tmp_path):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.update(merge_method="linear"), "a merge per layer range"),
+    (lambda c: c.update(merge_method="linear", slices=[{"sources": [
+        {"model": s["model"], "layer_range": [0, 4]} for s in (c["slices"][0]["sources"][0],
+                                                               c["slices"][1]["sources"][0])]}]),
+     r"layer_range is \[0, 4\], the model has \[0, 5\]"),
     (lambda c: c["slices"][0]["sources"].append(dict(c["slices"][0]["sources"][0])), "exactly one source"),
     (lambda c: c["slices"][0].update(base_model="x"), "per-slice base model"),
     (lambda c: c["slices"][0]["sources"][0].update(layer_range=[3, 2]), "0 <= START < END"),
@@ -81,3 +85,24 @@ def test_slice_errors(llama, tmp_path, edit, match):
         mc = load_merge_config(tmp_path / "c.yml")
         mc.stack.run(tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_one_slice_over_all_layers_is_the_models_form(llama, tmp_path):
+    # the shape of mergekit's examples/gradient-slerp.yml, with a method curvlens has
+    root, base, dirs, w = llama
+    cfg = {"slices": [{"sources": [{"model": str(d), "layer_range": [0, 5],
+                                    "parameters": {"weight": [1, 0] if i == 0 else [0, 1]}}
+                                   for i, d in enumerate(dirs)],
+                       "parameters": {"normalize": True}}],
+           "merge_method": "linear", "base_model": str(base), "dtype": "float32"}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    mc = load_merge_config(tmp_path / "c.yml")
+    assert mc.names == ("expert0", "expert1")  # slices never add the base (mergekit adds it only for models)
+    from curvlens.streams.merge import merge
+
+    res = merge(mc.experts(), mc.method, device="cpu", progress=False, **mc.merge_kwargs())
+    n = "model.layers.4.mlp.up_proj.weight"
+    assert torch.equal(res.checkpoint[n], w["expert1"][n])
+    if has_mergekit():
+        for name, t in run_mergekit(cfg, tmp_path / "mk").items():
+            assert torch.equal(res.checkpoint[name], t), name
