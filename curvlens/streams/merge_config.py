@@ -40,7 +40,7 @@ matching ``filter`` first (a substring as in mergekit, or any pattern of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,6 @@ class MergeConfig:
     pad_to_multiple_of: int | None = None
     notes: tuple[str, ...] = ()
     stack: Any = None
-    extra: dict = field(default_factory=dict)
 
     def experts(self) -> Experts:
         """Open the models (and their moments when the method needs them)."""

@@ -268,9 +268,4 @@ def slices_as_models(cfg: dict, where: str, local, n_layers) -> dict:
     return out
 
 
-def run_stack(plan: StackPlan, out, **kw) -> Path:
-    """Write a passthrough stack (:meth:`StackPlan.run`)."""
-    return plan.run(out, **kw)
-
-
-__all__ = ["StackPlan", "Slice", "load_stack", "run_stack"]
+__all__ = ["StackPlan", "Slice", "load_stack", "slices_as_models"]
