@@ -17,10 +17,15 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     from curvlens.streams.merge_config import load_merge_config
 
     cfg = load_merge_config(a.config)
+    if cfg.stack is not None:
+        path = cfg.stack.run(a.out, overwrite=a.overwrite, max_shard_size=a.max_shard_size, progress=not a.quiet)
+        print(f"stacked {cfg.stack.n_layers} layers from {len(cfg.models)} model(s) -> {path}")
+        return 0
     experts = cfg.experts()
-    result = merge(experts, cfg.method, a.out, device=a.device, dtype=cfg.dtype, overwrite=a.overwrite,
-                   max_shard_size=a.max_shard_size, progress=not a.quiet, config_text=cfg.text,
-                   tensors=cfg.tensors, **cfg.params)
+    for note in cfg.notes:
+        print(f"note: {note}")
+    result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite,
+                   max_shard_size=a.max_shard_size, progress=not a.quiet, **cfg.merge_kwargs())
     print(f"merged {len(experts)} experts with {cfg.method} -> {result.path}")
     print(result.summary().to_string())
     return 0

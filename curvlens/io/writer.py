@@ -33,6 +33,7 @@ REFERENCE_FILES = (
     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
     "chat_template.jinja",
 )
+_MODEL_FILES = ("config.json", "generation_config.json")  # the rest are the tokenizer's
 
 
 def parse_size(size: int | str) -> int:
@@ -77,6 +78,9 @@ class ModelWriter:
     inputs : sequence of path, optional
         The models (and moments) the written tensors come from: ``out`` may not
         be, contain or lie inside any of them, even with ``overwrite``.
+    tokenizer_dir : path, optional
+        Dir whose tokenizer files are copied instead of ``reference_dir``'s
+        (a merge's ``tokenizer_source``).
 
     Examples
     --------
@@ -91,8 +95,9 @@ class ModelWriter:
     def __init__(self, out: PathLike, reference_dir: PathLike | None = None, *,
                  max_shard_size: int | str = "1GB", overwrite: bool = False,
                  extra_files: dict[str, str] | None = None, plan=None,
-                 config_overrides: dict | None = None, inputs=()):
+                 config_overrides: dict | None = None, inputs=(), tokenizer_dir: PathLike | None = None):
         self.out = Path(out)
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self._plan = _shard_plan(plan, parse_size(max_shard_size)) if plan is not None else None
         self._pos = 0
         self._fh = None
@@ -184,12 +189,16 @@ class ModelWriter:
             weight_map.update({k: final for k in names})
         index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
         (self._tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
-        if self.reference_dir is not None:
-            for fname in REFERENCE_FILES:
-                # a symlinked tokenizer.json must not smuggle an outside file into the output
-                src = contained(self.reference_dir, fname, source=self.reference_dir)
-                if src.is_file():
-                    shutil.copyfile(src, self._tmp / fname)
+        for fname in REFERENCE_FILES:
+            d = self.reference_dir
+            if self.tokenizer_dir is not None and fname not in _MODEL_FILES:
+                d = self.tokenizer_dir
+            if d is None:
+                continue
+            # a symlinked tokenizer.json must not smuggle an outside file into the output
+            src = contained(d, fname, source=d)
+            if src.is_file():
+                shutil.copyfile(src, self._tmp / fname)
         cfg = self._tmp / "config.json"
         if self.config_overrides and cfg.is_file():
             try:

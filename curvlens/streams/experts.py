@@ -100,6 +100,7 @@ class Experts:
         self.base = Checkpoint.open(base) if base is not None else None
         self.experts = list(experts)
         self.exclude = TensorFilter.of(exclude)
+        self.round_to: torch.dtype | None = None  # see rounded()
         if not self.experts:
             raise CurvlensError("Experts needs at least one expert")
         bad = [type(e).__name__ for e in self.experts if not isinstance(e, Expert)]
@@ -266,7 +267,17 @@ class Experts:
         >>> ex.tensor_names(), ex.without("role:other").excluded_names()
         (['body.weight'], ['body.weight', 'classifier.weight'])
         """
-        return Experts(self.base, self.experts, exclude=self.exclude | TensorFilter.of(patterns))
+        out = Experts(self.base, self.experts, exclude=self.exclude | TensorFilter.of(patterns))
+        out.round_to = self.round_to
+        return out
+
+    def rounded(self, dtype: torch.dtype | None) -> Experts:
+        """The same models, every pass reading their floating weights (not the
+        moments) rounded to ``dtype`` first, as mergekit reads inputs in its
+        config's ``dtype``. None: as stored."""
+        out = Experts(self.base, self.experts, exclude=self.exclude)
+        out.round_to = dtype
+        return out
 
     def describe(self):
         """The reference checkpoint's ``describe()`` (no data read)."""
@@ -331,6 +342,8 @@ class Experts:
 
         def place(t: torch.Tensor) -> torch.Tensor:
             t = t.to(dev, non_blocking=True)
+            if self.round_to is not None and t.is_floating_point():
+                t = t.to(self.round_to)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         def load(name: str) -> TensorGroup:

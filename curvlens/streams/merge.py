@@ -28,6 +28,7 @@ from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.math.checks import weight_problems
 from curvlens.roles import param_role
+from curvlens.streams.merge_tokenizer import tokenizer_files
 from curvlens.tensor_filter import TensorFilter, tensor_actions
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -136,6 +137,11 @@ def merge(
     config_text: str | None = None,
     threads: int | None = None,
     tensors=None,
+    input_dtype: str | torch.dtype | None = None,
+    tensor_params=None,
+    tokenizer_source=None,
+    chat_template: str | None = None,
+    pad_to_multiple_of: int | None = None,
     **params,
 ) -> MergeResult:
     """Merge ``experts`` with ``method``, streaming one tensor at a time.
@@ -172,6 +178,22 @@ def merge(
         Experts ``exclude`` are left out unless a rule takes them from a model.
         Neither the model-wide FFG selection nor the report's mask columns see
         tensors that are not merged.
+    input_dtype : str or torch.dtype, optional
+        Round every floating input (base and experts, not moments) to this dtype
+        before merging, as mergekit reads inputs in its config's ``dtype``.
+    tensor_params : callable, optional
+        ``tensor_params(name) -> {param: value}``: parameters that vary by tensor
+        (mergekit's gradients and filters,
+        :class:`curvlens.streams.param_settings.TensorParams`), resolved with
+        ``params`` for each tensor.
+    tokenizer_source : None, "base", "union" or path, optional
+        Which tokenizer to write beside the weights (mergekit's
+        ``tokenizer_source``; :mod:`curvlens.streams.merge_tokenizer`).
+    chat_template : str, optional
+        A template name, ``"auto"`` or a Jinja template, written into the
+        output's ``tokenizer_config.json``.
+    pad_to_multiple_of : int, optional
+        mergekit's ``tokenizer.pad_to_multiple_of``.
     **params
         The method's parameters (per-expert ones as a scalar or a list). A
         method's model-wide parameter (``ota``'s ``ffg_density``) becomes an exact
@@ -184,11 +206,12 @@ def merge(
     with use_threads(threads):
         return _merge(experts, method, out, device=device, dtype=dtype, overwrite=overwrite,
                       max_shard_size=max_shard_size, progress=progress, config_text=config_text,
-                      tensors=tensors, **params)
+                      tensors=tensors, input_dtype=input_dtype, tensor_params=tensor_params,
+                      tokenizer=(tokenizer_source, chat_template, pad_to_multiple_of), **params)
 
 
 def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, progress, config_text,
-           tensors, **params) -> MergeResult:
+           tensors, input_dtype, tensor_params, tokenizer, **params) -> MergeResult:
     import pandas as pd
 
     if not isinstance(experts, Experts):
@@ -205,7 +228,11 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
         lacking = [e.name for e in experts.experts if e.moments is None]
         raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")
     out_dtype = parse_dtype(dtype)
+    in_dtype = parse_dtype(input_dtype)
     dev = resolve_device(device)
+    per_tensor = _TensorParams(m, params, p, tensor_params, len(experts))
+    if in_dtype is not None:
+        experts = experts.rounded(in_dtype)
     full = experts
     actions, experts = _plan_tensors(full, tensors)
 
@@ -225,7 +252,9 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     if out is not None:
         import yaml
 
-        config = config_text or yaml.safe_dump(_config(m, full, requested, out_dtype, tensors), sort_keys=False)
+        config = config_text or yaml.safe_dump(_config(m, full, requested, out_dtype, tensors, in_dtype),
+                                               sort_keys=False)
+        tok_dir, tok_files = tokenizer_files(full, ref_dir, *tokenizer)
         # every output name, shape and dtype is known now: stream the bytes unbuffered
         plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in experts.tensor_names()]
         plan += [(n, _source(full, a).shape(n), _out_dtype(_source(full, a).dtype(n), out_dtype))
@@ -234,16 +263,25 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
         dtype_name = str(out_dtype).replace("torch.", "") if out_dtype is not None else None
         overrides = {"torch_dtype": dtype_name, "dtype": dtype_name} if dtype_name else None
         writer_cm = ModelWriter(out, ref_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-                                extra_files={"curvlens_merge.yml": config}, plan=plan,
-                                config_overrides=overrides, inputs=experts.input_paths())
+                                extra_files={**tok_files, "curvlens_merge.yml": config}, plan=plan,
+                                config_overrides=overrides, inputs=experts.input_paths(),
+                                tokenizer_dir=tok_dir)
+    elif any(t is not None for t in tokenizer):
+        raise CurvlensError("tokenizer_source, chat_template and pad_to_multiple_of concern the written "
+                            "model's tokenizer: give an output directory")
     with writer_cm as writer:
         # methods cast block by block, so they get the stored dtype
         for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
                                       dtype=None, desc=f"merge {method}"):
+            pt = per_tensor(g.name, p)
             # a model-wide selection splits the tied scores tensor by tensor
-            pt = p if selections is None else {**p, m.model_wide.ties: [s.ties(g.name) for s in selections]}
-            merged, row = _merge_one(m, g, pt, dev, experts.names,
-                                     _out_dtype(_stored(experts, g.name), out_dtype))
+            if selections is not None:
+                pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
+            target = _out_dtype(_stored(experts, g.name), out_dtype)
+            # as mergekit: a method's result is in the input dtype, then cast to out_dtype
+            merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target)
+            if merged.is_floating_point() and merged.dtype != target:
+                merged = merged.to(target)
             rows.append(row)
             if writer is not None:
                 writer.add(g.name, merged)
@@ -264,6 +302,41 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     report["layer"] = report["layer"].astype("Int64")
     extra = {"selections": selections} if selections is not None else {}
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None, extra)
+
+
+class _TensorParams:
+    """Each tensor's resolved parameters: the constant ones, with those that vary
+    by tensor (``tensor_params``) resolved for its name and the method's
+    ``name_param`` set to it."""
+
+    def __init__(self, m, params: dict, resolved: dict, tensor_params, n: int):
+        self.m, self.params, self.tensor_params, self.n = m, params, tensor_params, n
+        self._cache: dict = {}
+        if tensor_params is not None and m.model_wide is not None:
+            spec = m.model_wide
+            fixed = {spec.density, spec.rank1, spec.rank} if any(d is not None for d in resolved[spec.density]) \
+                else {spec.density}
+            both = sorted(fixed & set(getattr(tensor_params, "keys", ())))
+            if both:
+                raise CurvlensError(f"parameter(s) {both} set the model-wide selection: one value per expert, "
+                                    "not varying by tensor")
+
+    def __call__(self, name: str, p: dict) -> dict:
+        out = p
+        if self.tensor_params is not None:
+            over = self.tensor_params(name)
+            key = repr(sorted(over.items()))
+            if key not in self._cache:
+                try:
+                    full = resolve_params(self.m, {**self.params, **over}, self.n)
+                except CurvlensError as err:
+                    raise CurvlensError(f"tensor {name!r}: {err}") from err
+                canon = {a: spec.name for spec in self.m.params for a in (spec.name, *spec.aliases)}
+                self._cache[key] = {canon[k]: full[canon[k]] for k in over}
+            out = {**p, **self._cache[key]}
+        if self.m.name_param is not None:
+            out = {**out, self.m.name_param: name}
+        return out
 
 
 def _plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
@@ -408,7 +481,7 @@ class _Stats:
         return row
 
 
-def _config(m, experts: Experts, p: dict, out_dtype, tensors=None) -> dict:
+def _config(m, experts: Experts, p: dict, out_dtype, tensors=None, in_dtype=None) -> dict:
     """The merge as a mergekit-style config that ``curvlens merge`` re-runs: the
     models by path (when they have one), shared parameters at the top, per-expert
     values that differ under each model, defaults left out."""
@@ -440,8 +513,14 @@ def _config(m, experts: Experts, p: dict, out_dtype, tensors=None) -> dict:
     if experts.exclude:
         cfg["tensors"] = cfg.get("tensors", []) + [{"filter": pat, "action": "drop"}
                                                    for pat in experts.exclude.patterns]
+    # mergekit reads inputs in `dtype` and writes `out_dtype`: curvlens computes
+    # in fp32 from the stored (or input_dtype-rounded) inputs
+    if in_dtype is not None:
+        cfg["dtype"] = str(in_dtype).replace("torch.", "")
+    elif out_dtype is not None:
+        cfg["dtype"] = "float32"
     if out_dtype is not None:
-        cfg["dtype"] = str(out_dtype).replace("torch.", "")
+        cfg["out_dtype"] = str(out_dtype).replace("torch.", "")
     return cfg
 
 

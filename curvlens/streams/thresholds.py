@@ -119,7 +119,9 @@ def score_stream(experts: Experts, criteria: Sequence[str], *, rank1_approx: boo
                                   dtype=torch.float32 if compressed else None, progress=progress, desc=desc):
         for c in criteria:
             if compressed:
-                v = compress_moments(g.moments, rank1_approx, rank) if c == "fisher" else None
+                # as the OTA fork (and its merge): no low-rank step for embeddings and LM heads
+                r = None if g.role in ("embed", "lm_head") else rank
+                v = compress_moments(g.moments, rank1_approx, r) if c == "fisher" else None
                 for i, sc in enumerate(mask_scores(g, c, v)):
                     yield g.name, c, i, sc.reshape(-1)
             else:

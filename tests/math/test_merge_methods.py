@@ -182,7 +182,8 @@ def test_bad_choice_lists_valid_options():
         ("ota", {"epsilon": -1e-8}, "epsilon must be >="),
         ("ota", {"rank": 0}, "rank[0] must be an int >= 1"),
         ("ota", {"scaling_factor": 0}, "scaling_factor[0] must be >"),
-        ("ota", {"rescale": True}, "not implemented"),
+        ("ota", {"rescale": "yes"}, "rescale must be true or false"),
+        ("ota", {"masked_task_vector_merge_method": "mean"}, "masked_task_vector_merge_method"),
         ("ota", {"preconditioner_path": 3}, "path string"),
         ("fisher", {"weight": -1.0}, "weight[0] must be >= 0"),
     ],
@@ -199,11 +200,11 @@ def test_numeric_strings_from_yaml_are_accepted():
     assert p["epsilon"] == 1e-26 and p["precond_threshold"] == [2.6e-19, None]
 
 
-def test_aliases_and_case():
-    p = resolve_params("ota", {"masked_task_vector_merge_method": "linear", "normalise": "Global"}, 2)
-    assert p["combine"] == "linear" and p["normalise"] == "global"
-    with pytest.raises(CurvlensError, match="given twice"):
-        resolve_params("ota", {"masked_task_vector_merge_method": "linear", "combine": "ties"}, 2)
+def test_fork_combine_is_its_own_parameter_and_case():
+    # the fork's masked_task_vector_merge_method computes as the fork does: not an alias of combine
+    p = resolve_params("ota", {"masked_task_vector_merge_method": "Linear", "normalise": "Global"}, 2)
+    assert p["combine"] == "precond" and p["masked_task_vector_merge_method"] == "linear"
+    assert p["normalise"] == "global"
 
 
 def test_resolve_is_idempotent_and_does_not_mutate():

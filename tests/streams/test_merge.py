@@ -185,10 +185,10 @@ def test_ota_fork_config_with_preconditioner_paths(zoo, tmp_path):
 @pytest.mark.parametrize("cfg,match", [
     ({"merge_method": "ties", "models": [{"model": "nope"}]}, "'nope' not found"),
     ({"merge_method": "ties", "modles": []}, "unknown key\\(s\\) \\['modles'\\]"),
-    ({"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": [0, 1]}}]},
-     "per-layer gradient"),
-    ({"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]},
-     "filter syntax"),
+    ({"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": []}}]},
+     "must be a value, a list of values"),
+    ({"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": [{"filtr": "mlp", "value": 1}]}}]},
+     r"must be \{filter: SUBSTRING"),
     ({"merge_method": "lineaar", "models": [{"model": "base"}]}, "unknown merge method 'lineaar'"),
     ({"merge_method": "ties", "base_model": "base", "models": [{"model": "base"}]}, "no models left"),
 ])

@@ -28,6 +28,7 @@ Tensor = torch.Tensor
     ),
     description="Fisher merging: sum_i w_i F_i theta_i / sum_i w_i F_i with F_i the moments.",
     needs_base=False,
+    base_role="ignored",
     needs_moments=True,
 )
 def fisher(base, experts, moments, p, *, rng, counts) -> Tensor:

@@ -19,6 +19,7 @@ Tensor = torch.Tensor
     ),
     description="Weighted average of the experts (model soup); the base is ignored.",
     needs_base=False,
+    base_role="input",
 )
 def linear(base, experts, moments, p, *, rng, counts) -> Tensor:
     """Linear merge ``sum_i w_i theta_i`` (divided by ``sum_i w_i`` if ``normalize``).

@@ -7,20 +7,37 @@ from typing import Optional, Sequence
 
 import torch
 
-from curvlens.errors import CurvlensError
+from curvlens.errors import CurvlensError, check_choice
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
 from curvlens.math.methods.inputs import moment_block
 from curvlens.math.methods.params import (
-    ParamSpec, boolean, false_only, int_at_least, lower_str, path_or_none, real,
+    ParamSpec, boolean, int_at_least, lower_str, path_or_none, real,
 )
 from curvlens.math.methods.registry import ModelWideSelection, register
 from curvlens.math.methods.sparsify import disjoint_mean_parts, one_where_zero, topk_keeper
 from curvlens.math.saliency import saliency
+from curvlens.roles import param_role
 from curvlens.math.topk import TopKKeeper, above, at_least
 
 Tensor = torch.Tensor
 
+
+def _fork_choice(label: str, value):
+    if value is None:
+        return None
+    value = lower_str(label, value)
+    check_choice(label, value, _FORK_COMBINES)
+    return value
+
+
+def _name_or_none(label: str, value):
+    if value is not None and not isinstance(value, str):
+        raise CurvlensError(f"{label} must be a tensor name (str) or None; got {value!r}")
+    return value
+
+
+_FORK_COMBINES = ("precond", "linear", "ties")
 
 _OTA_PARAMS = (
     ParamSpec("power", 0.5, "Exponent p of the curvature weight v**p, > 0.",
@@ -54,19 +71,32 @@ _OTA_PARAMS = (
     ParamSpec("scaling_factor", 1.0, "Multiplies the expert's v**p, > 0.",
               per_expert=True, validate=real(lo=0.0, lo_open=True)),
     ParamSpec("combine", "precond",
-              "How masked task vectors are combined (with a base): precond | linear | ties.",
-              choices=("precond", "linear", "ties"), validate=lower_str,
-              aliases=("masked_task_vector_merge_method",)),
+              "curvlens's combine of masked task vectors (with a base): precond | linear | ties.",
+              choices=("precond", "linear", "ties"), validate=lower_str),
+    ParamSpec("masked_task_vector_merge_method", None,
+              "The fork's combine, computed as the fork does (precond | linear | ties; linear and ties "
+              "see unmasked task vectors unless rescale); None: use combine.",
+              validate=_fork_choice),
+    ParamSpec("ties_density", None,
+              "The fork's TIES trim (masked_task_vector_merge_method: ties): keep |tau| >= its "
+              "int(density * numel)-th largest value; None or >= 1 keeps all.",
+              validate=real(lo=0.0, allow_none=True)),
     ParamSpec("preconditioner_path", None,
               "Path of the expert's exp_avg_sq file; read by the driver, ignored here.",
               per_expert=True, validate=path_or_none),
-    ParamSpec("rescale", False, "The fork's hybrid-norm rescaling; only false is supported.",
-              validate=false_only),
-    ParamSpec("approximate_norm", False, "Fork option of rescale; no effect since rescale is false.",
+    ParamSpec("rescale", False,
+              "The fork's rescaling of each masked task vector to its unmasked hybrid norm (needs a base).",
+              validate=boolean),
+    ParamSpec("approximate_norm", False,
+              "With rescale: spectral norms by 10 power iterations (from a fixed seed) instead of exactly.",
               validate=boolean),
     ParamSpec("rescale_relative_threshold", 1e-6,
-              "Fork option of rescale; no effect since rescale is false.",
+              "With rescale: a masked norm at or below this share of the unmasked one zeroes the task vector.",
               validate=real(lo=0.0)),
+    ParamSpec("tensor_name", None,
+              "The tensor's name, set by the driver: the fork skips rank for embeddings and LM heads and "
+              "takes a different rescale norm for lm_head.weight / model.embed_tokens.weight.",
+              validate=_name_or_none),
 )
 
 
@@ -78,6 +108,7 @@ _OTA_PARAMS = (
     needs_moments=True,
     model_wide=ModelWideSelection(density="ffg_density", threshold="ffg_threshold", ties="ffg_ties",
                                   criterion="fisher", rank1="rank1_approx", rank="rank"),
+    name_param="tensor_name",
 )
 def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
     """Optimization-Trajectory-Aware merge, with optional FFG masks.
@@ -114,13 +145,19 @@ def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
     n = len(thetas)
     _check_ota_masks(p, has_base=b is not None)
     shape, dev = thetas[0].shape, thetas[0].device
+    fork = _fork_combine_name(p)
+    # The fork takes no low-rank step for embeddings and LM heads (is_embed)
+    ranks = [None] * n if _is_embedding(p["tensor_name"]) else p["rank"]
     # Compression needs each v whole (a 2-D factorisation); everything else runs
     # in cache-sized blocks, with whole-tensor quantities found in a first pass.
     vs = [_compressed_moment(v.float(), r1, r) if (r1 or r is not None) else v
-          for v, r1, r in zip(vs, p["rank1_approx"], p["rank"])]
+          for v, r1, r in zip(vs, p["rank1_approx"], ranks)]
     fb = None if b is None else b.reshape(-1)
     flats, vflats = [t.reshape(-1) for t in thetas], [v.reshape(-1) for v in vs]
     numel, size = flats[0].numel(), block_size(dev)
+    if fork is not None:
+        # the fork's rescale and its linear/ties combines need whole task vectors
+        size = max(numel, 1)
     means = [_ota_weight_mean(vflats[i], p, i, size) if p["normalise"] == "global" else None
              for i in range(n)]
     keepers = [None] * n
@@ -155,6 +192,8 @@ def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
         safe_den = one_where_zero(den) if any_zero else den
         if taus is None:
             merged = (W * stacked).sum(dim=0) / safe_den
+        elif fork is not None:
+            merged = bb + _fork_combine(fork, W, safe_den, taus, masks, p, shape)
         else:
             merged = bb + _ota_combine(p["combine"], W, safe_den, taus, masks)
         if any(m is not None for m in masks):
@@ -228,6 +267,21 @@ def _check_ota_masks(p: dict, *, has_base: bool) -> None:
             f"ota: combine={p['combine']!r} combines task vectors and needs a base tensor; "
             "got base=None (use combine='precond')"
         )
+    fork_given = p["masked_task_vector_merge_method"] is not None
+    if fork_given and p["combine"] != "precond":
+        raise CurvlensError(
+            f"ota: give either combine (curvlens's) or masked_task_vector_merge_method (the fork's), not both; "
+            f"got combine={p['combine']!r}, masked_task_vector_merge_method={p['masked_task_vector_merge_method']!r}")
+    if (fork_given or p["rescale"]) and not has_base:
+        raise CurvlensError(
+            "ota: masked_task_vector_merge_method and rescale act on task vectors and need a base tensor "
+            "(the fork ignores them without one); got base=None")
+    if p["rescale"] and p["combine"] != "precond":
+        raise CurvlensError(f"ota: rescale is the fork's option; use it with masked_task_vector_merge_method, "
+                            f"not combine={p['combine']!r}")
+    if p["ties_density"] is not None and p["masked_task_vector_merge_method"] != "ties":
+        raise CurvlensError("ota: ties_density is the fork's TIES trim and needs "
+                            f"masked_task_vector_merge_method: ties; got {p['masked_task_vector_merge_method']!r}")
     for i, (r1, r) in enumerate(zip(p["rank1_approx"], p["rank"])):
         if r1 and r is not None:
             raise CurvlensError(
@@ -279,3 +333,102 @@ def _ota_combine(
     # TIES's disjoint mean with unit weights: the divisor counts agreeing experts
     mixed, divisor = disjoint_mean_parts(taus, None)
     return mixed / divisor
+
+
+# The fork's is_embed (mergekit's architecture files mark the input embedding and
+# the LM head) and its name list for the l1->RMS rescale norm.
+_FORK_EMBED_NAMES = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def _is_embedding(name: Optional[str]) -> bool:
+    return name is not None and param_role(name)[1] in ("embed", "lm_head")
+
+
+def _fork_combine_name(p: dict) -> Optional[str]:
+    """The fork's combine when the fork's whole-tensor path is needed, else None
+    (its ``precond`` without rescale is curvlens's ``precond``, computed in blocks)."""
+    how = p["masked_task_vector_merge_method"]
+    if p["rescale"]:
+        return how or "precond"
+    return how if how in ("linear", "ties") else None
+
+
+def _fork_combine(how: str, W: Tensor, safe_den: Tensor, taus: Tensor, masks: Sequence[Optional[Tensor]],
+                  p: dict, shape) -> Tensor:
+    """The fork's merged task vector from the whole (N, numel) stack ``taus``
+    (overwritten): rescale (masks applied, hybrid norm restored), then
+    ``precond`` (weighted mean), ``linear`` (mean of the N) or ``ties`` (trim by
+    ``ties_density``, sign election, mean of the agreeing entries over N)."""
+    n = taus.shape[0]
+    if p["rescale"]:
+        for i in range(n):
+            taus[i] = _fork_rescaled(taus[i], masks[i], p, shape)
+    if how == "precond":
+        return (W * taus).sum(dim=0) / safe_den
+    if how == "linear":
+        return taus.mean(dim=0)
+    density = p["ties_density"]
+    if density is not None and density < 1.0:
+        for i in range(n):
+            k = int(density * taus.shape[1])
+            if k == 0:
+                taus[i] = 0.0
+                continue
+            mag = taus[i].abs()
+            kth = torch.kthvalue(mag, mag.numel() - k + 1).values
+            taus[i] = taus[i] * (mag >= kth)
+    elected = torch.sign(taus.sum(dim=0))
+    elected[elected == 0] = 1.0
+    taus *= torch.sign(taus) == elected
+    return taus.mean(dim=0)
+
+
+def _fork_rescaled(tau: Tensor, mask: Optional[Tensor], p: dict, shape) -> Tensor:
+    """One task vector masked and scaled back to its unmasked hybrid norm, as the fork."""
+    masked = tau if mask is None else tau * mask
+    whole = _hybrid_norm(tau.reshape(shape), p)
+    if whole != whole:  # NaN: no norm for this shape, the mask only
+        return masked
+    part = _hybrid_norm(masked.reshape(shape), p)
+    if part == part and part > whole * p["rescale_relative_threshold"]:
+        return masked * (whole / part)
+    return torch.zeros_like(tau)
+
+
+def _hybrid_norm(t: Tensor, p: dict) -> float:
+    """The fork's "hybrid norm": l1->RMS operator norm for its two embedding names,
+    RMS->RMS operator norm for 2-D tensors, RMS for vectors, NaN otherwise."""
+    if t.numel() == 0:
+        return 0.0
+    nan = float("nan")
+    if p["tensor_name"] in _FORK_EMBED_NAMES:
+        if t.ndim != 2:
+            return nan
+        # max column 2-norm over sqrt(rows)
+        cols = torch.linalg.vector_norm(t, ord=2, dim=0).max()
+        return float((1 / torch.sqrt(torch.tensor(t.shape[0]))) * cols)
+    if t.ndim >= 2:
+        if t.ndim != 2:
+            return nan
+        rows, cols = t.shape
+        spectral = _power_iteration(t) if p["approximate_norm"] else torch.linalg.matrix_norm(t, ord=2)
+        return float(torch.sqrt(torch.tensor(cols / rows)) * spectral)
+    if t.ndim == 1:
+        return float(torch.sqrt(torch.mean(t.pow(2))))
+    return nan
+
+
+def _power_iteration(w: Tensor, steps: int = 10) -> Tensor:
+    """Largest singular value by ``steps`` power iterations on w.T w. The fork
+    starts from an unseeded random vector; curvlens from a fixed seed, so its
+    results repeat (and agree with the fork's only approximately)."""
+    g = torch.Generator(device=w.device).manual_seed(0)
+    x = torch.randn(w.shape[1], generator=g, device=w.device, dtype=w.dtype)
+    x = x / torch.linalg.vector_norm(x)
+    for _ in range(steps):
+        x = w.T @ (w @ x)
+        size = torch.linalg.vector_norm(x)
+        if float(size) == 0.0:
+            return torch.zeros((), device=w.device)
+        x = x / size
+    return torch.linalg.vector_norm(w @ x)

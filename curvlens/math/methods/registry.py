@@ -85,10 +85,14 @@ class MergeMethod:
         exactly 1 (besides its base), ``nuslerp`` exactly 2.
     allows_base : bool
         False: the method refuses a base tensor (``passthrough``).
-    separate_base : bool
-        True: a config's base model listed under ``models`` is the base only, not
-        also an expert (mergekit's base-aware methods, e.g. ``nuslerp``,
-        ``karcher``). Defaults to ``needs_base``.
+    name_param : str or None
+        A parameter the driver sets to each tensor's name (for rules that depend
+        on what a tensor is, such as the OTA fork's treatment of embeddings).
+    base_role : str
+        What a config's ``base_model`` is to the method: ``"reference"`` (the
+        point task vectors start from; a base listed under ``models`` is left
+        out, as mergekit and the OTA fork do), ``"input"`` (one more model
+        averaged, as mergekit's ``linear`` includes it) or ``"ignored"``.
     """
 
     name: str
@@ -102,7 +106,8 @@ class MergeMethod:
     min_experts: int = 1
     max_experts: Optional[int] = None
     allows_base: bool = True
-    separate_base: bool = False
+    name_param: Optional[str] = None
+    base_role: str = "reference"
 
     def __call__(self, base, experts, moments=None, *, rng=None, counts=None, **params) -> Tensor:
         b, xs, vs = check_inputs(self.name, base, experts, moments, needs_base=self.needs_base,
@@ -180,7 +185,8 @@ def register(
     min_experts: int = 1,
     max_experts: Optional[int] = None,
     allows_base: bool = True,
-    separate_base: Optional[bool] = None,
+    name_param: Optional[str] = None,
+    base_role: str = "reference",
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator registering a kernel under ``name``; returns the kernel unchanged.
 
@@ -200,6 +206,9 @@ def register(
         raise CurvlensError(f"method {name!r} declares a parameter name twice: {names}")
     if uses_rng and "seed" not in names:
         raise CurvlensError(f"method {name!r} draws random masks but has no 'seed' parameter")
+    if name_param is not None and name_param not in names:
+        raise CurvlensError(f"method {name!r}: name_param {name_param!r} is not one of its parameters")
+    check_choice(f"method {name!r} base_role", base_role, ("reference", "input", "ignored"))
 
     def decorate(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in _REGISTRY:
@@ -208,7 +217,7 @@ def register(
                                       needs_base=needs_base, needs_moments=needs_moments, uses_rng=uses_rng,
                                       model_wide=model_wide, min_experts=min_experts,
                                       max_experts=max_experts, allows_base=allows_base,
-                                      separate_base=needs_base if separate_base is None else separate_base)
+                                      name_param=name_param, base_role=base_role)
         return kernel
 
     return decorate

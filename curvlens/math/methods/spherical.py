@@ -107,7 +107,6 @@ def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, flatten: bool, row_wise: boo
     ),
     description="SLERP of two experts (or their task vectors, with a base) at t = w_2 / (w_1 + w_2).",
     needs_base=False,
-    separate_base=True,
     min_experts=2,
     max_experts=2,
 )
@@ -141,7 +140,6 @@ def nuslerp(base, experts, moments, p, *, rng, counts) -> Tensor:
     ),
     description="Barycentric SLERP of N experts (or task vectors, with a base) via the tangent space.",
     needs_base=False,
-    separate_base=True,
 )
 def multislerp(base, experts, moments, p, *, rng, counts) -> Tensor:
     """mergekit's ``multislerp`` (see docs/merge_methods.md for the exact steps).
@@ -203,7 +201,6 @@ def multislerp(base, experts, moments, p, *, rng, counts) -> Tensor:
     ),
     description="Karcher (Riemannian) mean of the models' directions on the sphere, times their mean norm.",
     needs_base=False,
-    separate_base=True,
 )
 def karcher(base, experts, moments, p, *, rng, counts) -> Tensor:
     """mergekit's ``karcher``: the equal-weight Karcher mean of the models' unit
