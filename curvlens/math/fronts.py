@@ -24,7 +24,8 @@ from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 
 __all__ = ["fit_quadratic", "front_distance", "non_dominated", "predict_quadratic", "quadratic_features",
-           "quadratic_losses", "sample_coefficients", "tensor_grams"]
+           "quadratic_losses", "quadratic_parts", "sample_coefficients", "scalarized_minimisers", "simplex_weights",
+           "tensor_grams"]
 
 
 def tensor_grams(moments, task_vectors) -> torch.Tensor:
@@ -174,6 +175,66 @@ def fit_quadratic(coefficients, values) -> np.ndarray:
 def predict_quadratic(weights, coefficients) -> np.ndarray:
     """The fitted quadratic at every row of ``coefficients``."""
     return quadratic_features(coefficients) @ np.asarray(weights, dtype=np.float64)
+
+
+def quadratic_parts(weights, k: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(a, b, H)`` with ``f(c) = a + bᵀc + ½ cᵀHc`` for :func:`quadratic_features` weights.
+
+    Examples
+    --------
+    >>> a, b, h = quadratic_parts([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2)
+    >>> float(a), b.tolist(), h.tolist()
+    (1.0, [2.0, 3.0], [[8.0, 5.0], [5.0, 12.0]])
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != 1 + k + k * (k + 1) // 2:
+        raise CurvlensError(f"{len(w)} weights are not a full quadratic in {k} coefficients")
+    h = np.zeros((k, k))
+    i = 1 + k
+    for j in range(k):
+        for l in range(j, k):
+            h[j, l] += w[i] if j != l else 2 * w[i]
+            if j != l:
+                h[l, j] += w[i]
+            i += 1
+    return float(w[0]), w[1:1 + k].copy(), h
+
+
+def simplex_weights(n: int, m: int, seed: int = 0) -> np.ndarray:
+    """``n`` weight vectors on the (m-1)-simplex: its m vertices first, then
+    uniform (Dirichlet(1)) draws.
+
+    Examples
+    --------
+    >>> simplex_weights(3, 2)[:2].tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    rng = np.random.default_rng(seed)
+    first = np.eye(m)[:n]
+    return np.concatenate([first, rng.dirichlet(np.ones(m), size=max(0, n - m))])
+
+
+def scalarized_minimisers(hessians, linears, weights, low: float = -np.inf, high: float = np.inf) -> np.ndarray:
+    """For each weight vector w, the stationary point of ``Σₘ wₘ (½ cᵀHₘc + bₘᵀc)``,
+    clipped to ``[low, high]``.
+
+    With positive semi-definite Hₘ (convex objectives) every unclipped point is
+    Pareto-optimal, and sweeping w over the simplex traces the whole front: the
+    candidates that make a sampled front sharp. A singular weighted Hessian gets
+    the minimum-norm solution (``numpy.linalg.lstsq``).
+
+    Examples
+    --------
+    >>> scalarized_minimisers([np.eye(1), np.eye(1)], [[-1.0], [-3.0]], [[0.5, 0.5], [1.0, 0.0]]).tolist()
+    [[2.0], [1.0]]
+    """
+    h = np.asarray(hessians, dtype=np.float64)
+    b = np.asarray(linears, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    hw = np.einsum("nm,mjl->njl", w, h)
+    bw = np.einsum("nm,mj->nj", w, b)
+    out = np.stack([np.linalg.lstsq(hw[i], -bw[i], rcond=None)[0] for i in range(len(w))])
+    return np.clip(out, low, high)
 
 
 def sample_coefficients(n: int, k: int, low: float = 0.0, high: float = 1.0, seed: int = 0,
