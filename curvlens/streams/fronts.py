@@ -240,8 +240,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
             grams = gram_matrices(experts, device=device, progress=progress)
             objectives = [f"loss_{n}" for n in names]
 
-            def predict(c):
-                return quadratic_losses(grams, c)
+            predict = _Predict(grams=grams)
             sense_max = False
             hessians, linears = grams, -np.stack([grams[i] @ np.eye(k)[i] for i in range(k)])
         if n_samples:
@@ -261,8 +260,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
             surrogates = {m: fit_quadratic(ok[coef_cols].to_numpy(), ok[m].to_numpy()) for m in metrics}
             objectives = [f"pred_{m}" for m in metrics]
 
-            def predict(c):
-                return np.stack([predict_quadratic(surrogates[m], c) for m in metrics], axis=1)
+            predict = _Predict(surrogates=[surrogates[m] for m in metrics])
             sense_max = True
             parts_ = [quadratic_parts(surrogates[m], k) for m in metrics]   # minimise -score
             hessians, linears = -np.stack([h for _, _, h in parts_]), -np.stack([b for _, b, _ in parts_])
@@ -298,6 +296,19 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
     agreement, summary = _agreement(evaluated, pairs, predictor, coef_cols, dense, sense_max)
     return FrontResult(predictor, list(names), objectives, dense, evaluated, agreement, summary, grams, surrogates,
                        pd.concat(sweeps, ignore_index=True) if sweeps else None)
+
+
+@dataclass
+class _Predict:
+    """The predicted objectives at coefficients c: curvature losses or surrogate scores."""
+
+    grams: np.ndarray | None = None
+    surrogates: list | None = None
+
+    def __call__(self, c) -> np.ndarray:
+        if self.grams is not None:
+            return quadratic_losses(self.grams, c)
+        return np.stack([predict_quadratic(w, c) for w in self.surrogates], axis=1)
 
 
 def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str) -> pd.DataFrame:

@@ -60,7 +60,6 @@ def soup_curve(curve: pd.DataFrame, *, title: str | None = None, figsize=(6.4, 3
     ax.set_ylabel("held-out score (objective)")
     ax.legend(loc="best", fontsize="small")
     ax.set_title(title or "Greedy soup")
-    fig.tight_layout()
     return fig
 
 
@@ -147,5 +146,4 @@ def front_plot(dense: pd.DataFrame, evaluated: pd.DataFrame | None = None, *, co
         ax.set_title("measured scores")
         ax.legend(fontsize="x-small", loc="best")
     fig.suptitle(title or "Pareto front of task-arithmetic coefficients")
-    fig.tight_layout()
     return fig
