@@ -125,14 +125,17 @@ def non_dominated(objectives, maximize: bool = False) -> np.ndarray:
         f = -f
     if not np.isfinite(f).all():
         raise CurvlensError("non_dominated: objectives must be finite")
-    n = len(f)
-    keep = np.ones(n, dtype=bool)
-    step = max(1, 4_000_000 // max(1, n * f.shape[1]))             # bound the (step, n, m) temporary
-    for start in range(0, n, step):
-        a = f[start:start + step, None, :]                         # rows being tested
-        le = (f[None, :, :] <= a).all(-1)
-        lt = (f[None, :, :] < a).any(-1)
-        keep[start:start + step] = ~(le & lt).any(1)
+    keep = np.ones(len(f), dtype=bool)
+    # Each still-undominated point, best sum first, strikes out the points it
+    # dominates. A dominated point's victims are also its dominator's, so only
+    # the front (plus points not yet struck) ever has to be compared.
+    for i in np.argsort(f.sum(1), kind="stable"):
+        if not keep[i]:
+            continue
+        rest = np.flatnonzero(keep)
+        g = f[rest]
+        beaten = (f[i] <= g).all(1) & (f[i] < g).any(1)
+        keep[rest[beaten]] = False
     return keep
 
 

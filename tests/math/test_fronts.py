@@ -82,3 +82,13 @@ def test_sampling_and_front_distance():
     assert front_distance([[0.0]], [[2.0]]) == 2.0
     with pytest.raises(CurvlensError):
         sample_coefficients(3, 2, low=1.0, high=1.0)
+
+
+def test_non_dominated_equals_the_brute_force_definition():
+    rng = np.random.default_rng(3)
+    for n, m in ((300, 2), (400, 4)):
+        f = rng.integers(0, 6, size=(n, m)).astype(float)          # many ties and duplicates
+        f[: n // 2] = rng.normal(size=(n // 2, m)) @ np.eye(m)[::-1]
+        le = (f[None, :, :] <= f[:, None, :]).all(-1)
+        lt = (f[None, :, :] < f[:, None, :]).any(-1)
+        np.testing.assert_array_equal(non_dominated(f), ~(le & lt).any(1))
