@@ -162,9 +162,9 @@ def _jobs(coefs: np.ndarray, names: Sequence[str], role: str) -> list[dict]:
 def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]] | None = None, *,
                  predictor: str | None = None, capabilities: Mapping[str, str] | None = None,
                  metrics: Sequence[str] | None = None, n_samples: int | None = None, n_checks: int | None = None,
-                 n_dense: int = 4000, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
-                 client=None, n_workers: int = 2, work_dir=None, device="auto", progress: bool = True,
-                 **merge_kwargs) -> FrontResult:
+                 n_dense: int = 2000, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+                 grams=None, client=None, n_workers: int = 2, work_dir=None, device="auto",
+                 progress: bool = True, **merge_kwargs) -> FrontResult:
     """The predicted Pareto front of task-arithmetic merges θ₀ + Σⱼ cⱼ τⱼ over c.
 
     Parameters
@@ -197,6 +197,9 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         front itself where the objectives are convex.
     bounds : (low, high)
         The box each coefficient is sampled in.
+    grams : array (k, k, k), optional
+        The curvature predictor's :func:`gram_matrices` of these experts, when
+        already computed (e.g. ``result.grams`` of an earlier call): no pass then.
     client, n_workers, work_dir, **merge_kwargs
         As :func:`curvlens.streams.sweep.sweep` (every evaluation is a sweep job).
 
@@ -222,6 +225,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         n_checks = 4 if evaluate is not None else 0
     if evaluate is None and (n_samples or n_checks):
         raise CurvlensError("n_samples / n_checks evaluate merges: pass evaluate")
+    if grams is not None and predictor != "curvature":
+        raise CurvlensError("grams are the curvature predictor's; pass predictor='curvature'")
     if predictor == "surrogate" and n_samples < 2:
         raise CurvlensError(f"the surrogate needs n_samples >= 2 evaluations; got {n_samples}")
     coef_cols = [f"c_{n}" for n in names]
@@ -234,10 +239,14 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
     try:
         dense_c = sample_coefficients(n_dense, k, low, high, seed=seed + 1)
         sweeps = []
-        grams = surrogates = None
+        surrogates = None
         sampled = None
         if predictor == "curvature":
-            grams = gram_matrices(experts, device=device, progress=progress)
+            if grams is None:
+                grams = gram_matrices(experts, device=device, progress=progress)
+            grams = np.asarray(grams, dtype=np.float64)
+            if grams.shape != (k, k, k):
+                raise CurvlensError(f"grams must have shape {(k, k, k)} for {k} experts; got {grams.shape}")
             objectives = [f"loss_{n}" for n in names]
 
             predict = _Predict(grams=grams)

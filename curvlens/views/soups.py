@@ -106,12 +106,15 @@ def front_plot(dense: pd.DataFrame, evaluated: pd.DataFrame | None = None, *, co
     cx, cy = _pick(coef_cols, coefficients, 2, "coefficient")
     ox, oy = _pick(obj_cols, objectives, 2, "objective")
     on = dense["on_front"].astype(bool).to_numpy()
+    # the grey background needs no more than a few thousand points
+    cloud = dense[~on].iloc[:: max(1, int((~on).sum()) // 1500)]
     has_eval = evaluated is not None and len(evaluated) and "status" in evaluated.columns
     n = 3 if has_eval else 2
     fig, axes = plt.subplots(1, n, figsize=figsize or (4.2 * n, 3.8))
     ax = axes[0]
-    ax.scatter(dense[cx], dense[cy], s=3, color=_GREY, label="sampled c")
-    ax.scatter(dense.loc[on, cx], dense.loc[on, cy], s=5, color=color(4), label="predicted front")
+    ax.scatter(cloud[cx], cloud[cy], s=3, color=_GREY, label="sampled c", rasterized=True)
+    ax.scatter(dense.loc[on, cx], dense.loc[on, cy], s=5, color=color(4), label="predicted front",
+               rasterized=True)
     if has_eval:
         ev = evaluated[evaluated["status"] == "ok"]
         ax.scatter(ev[cx], ev[cy], s=28, facecolors="none", edgecolors=color(5), label="evaluated")
@@ -120,8 +123,8 @@ def front_plot(dense: pd.DataFrame, evaluated: pd.DataFrame | None = None, *, co
     ax.set_title("coefficients")
     ax.legend(fontsize="x-small", loc="best")
     ax = axes[1]
-    ax.scatter(dense[ox], dense[oy], s=3, color=_GREY)
-    ax.scatter(dense.loc[on, ox], dense.loc[on, oy], s=5, color=color(4))
+    ax.scatter(cloud[ox], cloud[oy], s=3, color=_GREY, rasterized=True)
+    ax.scatter(dense.loc[on, ox], dense.loc[on, oy], s=5, color=color(4), rasterized=True)
     ax.set_xlabel(ox + (" (lower is better)" if ox.startswith("loss_") else ""))
     ax.set_ylabel(oy + (" (lower is better)" if oy.startswith("loss_") else ""))
     ax.set_title("predicted objectives")
@@ -134,7 +137,8 @@ def front_plot(dense: pd.DataFrame, evaluated: pd.DataFrame | None = None, *, co
         mx, my = _pick(metric_cols, metrics, 2, "measured metric")
         ax = axes[2]
         if ox.startswith("pred_") and [ox[5:], oy[5:]] == [mx, my]:
-            ax.scatter(dense.loc[on, ox], dense.loc[on, oy], s=5, color=color(4), label="predicted front")
+            ax.scatter(dense.loc[on, ox], dense.loc[on, oy], s=5, color=color(4), label="predicted front",
+                       rasterized=True)
         pf = ev["predicted_front"].astype(bool) if "predicted_front" in ev else pd.Series(False, index=ev.index)
         mf = ev["measured_front"].astype(bool) if "measured_front" in ev else pd.Series(False, index=ev.index)
         ax.scatter(ev.loc[~pf, mx], ev.loc[~pf, my], s=22, color=_GREY, label="evaluated")

@@ -55,6 +55,10 @@ def test_curvature_front_is_the_segment_between_the_experts(square):
     off = res.dense[~res.dense["on_front"]]
     assert (np.abs(off[["c_x", "c_y"]].sum(axis=1) - 1) > 0).all() and len(res.evaluated) == 0
     assert res.predictor == "curvature" and res.objectives == ["loss_x", "loss_y"]
+    again = pareto_front(square, grams=res.grams, n_dense=3000, progress=False)   # no second pass
+    assert again.dense.equals(res.dense)
+    with pytest.raises(CurvlensError, match="shape"):
+        pareto_front(square, grams=np.eye(3)[None], progress=False)
 
 
 def test_map_surrogate_is_exact_on_quadratic_scores_and_checks_agree(square):
