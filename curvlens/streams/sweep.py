@@ -91,11 +91,19 @@ class ExpertsSpec:
         return cls(base, tuple(rows), tuple(experts.exclude.patterns) if experts.exclude else ())
 
     def open(self) -> Experts:
-        return _open_spec(self)
+        # reopened per worker process and cached, unless a file changed since
+        paths = [self.base] + [p for _, path, mom, _ in self.experts for p in (path, mom)]
+        return _open_spec(self, tuple(_stamp(p) for p in paths if p is not None))
+
+
+def _stamp(path: str) -> int:
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.iterdir()) if p.is_dir() else []
+    return hash(tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
 
 
 @functools.lru_cache(maxsize=4)
-def _open_spec(spec: ExpertsSpec) -> Experts:
+def _open_spec(spec: ExpertsSpec, stamp: tuple) -> Experts:
     from curvlens.io.checkpoint import Checkpoint
     from curvlens.io.moments import Moments
 
