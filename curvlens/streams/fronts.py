@@ -137,14 +137,20 @@ class FrontResult:
                 f"evaluations={len(self.evaluated)})")
 
 
-def _spread(points: np.ndarray, n: int) -> list[int]:
-    """Indices of ``n`` rows of ``points`` spread out by farthest-point sampling,
-    starting from the row nearest their centroid (deterministic)."""
+def _spread(points: np.ndarray, n: int, avoid: np.ndarray | None = None) -> list[int]:
+    """Indices of ``n`` rows of ``points`` spread out by farthest-point sampling:
+    each next row is the one farthest from those chosen and from ``avoid`` (the c
+    already evaluated); without ``avoid`` it starts nearest the centroid.
+    Deterministic."""
     if n <= 0 or not len(points):
         return []
-    first = int(np.argmin(((points - points.mean(0)) ** 2).sum(1)))
-    chosen = [first]
-    dist = ((points - points[first]) ** 2).sum(1)
+    if avoid is not None and len(avoid):
+        dist = ((points[:, None, :] - avoid[None, :, :]) ** 2).sum(-1).min(1)
+        chosen = []
+    else:
+        first = int(np.argmin(((points - points.mean(0)) ** 2).sum(1)))
+        chosen = [first]
+        dist = ((points - points[first]) ** 2).sum(1)
     while len(chosen) < min(n, len(points)):
         nxt = int(np.argmax(dist))
         if dist[nxt] == 0:
@@ -189,7 +195,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         first when the bounds contain them.
     n_checks : int, optional
         Points of the predicted front evaluated afterwards (default 4 with
-        ``evaluate``), spread out over the front.
+        ``evaluate``), spread out over the front and away from the c already
+        evaluated (farthest-point sampling).
     n_dense : int
         Size of the dense sample of c the front is read from: ``n_dense`` random
         points in the box plus ``n_dense`` minimisers of weighted sums of the
@@ -287,7 +294,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         parts = [sampled] if sampled is not None else []
         if n_checks:
             front_c = dense_c[dense["on_front"].to_numpy()]
-            picks = front_c[_spread(front_c, n_checks)]
+            done = sampled[coef_cols].to_numpy(dtype=float) if sampled is not None else None
+            picks = front_c[_spread(front_c, n_checks, done)]  # away from what was evaluated
             df = sweep(experts, _jobs(picks, names, "check"), evaluate, **kw)
             sweeps.append(df.assign(role="check"))
             parts.append(_measured(df, picks, coef_cols, "check"))

@@ -74,6 +74,10 @@ def test_map_surrogate_is_exact_on_quadratic_scores_and_checks_agree(square):
     np.testing.assert_allclose(checks["pred_x"], checks["x"], atol=1e-6)
     assert res.agreement["mae"].max() < 1e-6 and (res.agreement["spearman"] > 0.99).all()
     assert checks["measured_front"].all()
+    # the checks are spread over the front, away from the points already evaluated
+    sampled = res.evaluated[res.evaluated["role"] == "sample"][["c_x", "c_y"]].to_numpy()
+    gaps = np.sqrt(((checks[["c_x", "c_y"]].to_numpy()[:, None] - sampled[None]) ** 2).sum(-1)).min(1)
+    assert (gaps > 0.05).all()
 
 
 def test_curvature_front_checked_against_evaluations(square):
