@@ -307,23 +307,23 @@ def _on_cluster(experts, jobs, evaluate, client, n_workers, out, keep, merge_kwa
         raise CurvlensError(f"client must be None, 'local' or a dask.distributed.Client; got a "
                             f"{type(client).__name__}")
     try:
-        futures = {client.submit(run_job, spec, i, job, evaluate, out_dir=out, keep=keep,
-                                 merge_kwargs=dict(merge_kwargs), pure=False): i
-                   for i, job in enumerate(jobs)}
-        rows = []
+        rows, futures = [], {}
+        for i, job in enumerate(jobs):
+            try:  # the job is pickled here: an unpicklable evaluate fails at submit
+                fut = client.submit(run_job, spec, i, job, evaluate, out_dir=out, keep=keep,
+                                    merge_kwargs=dict(merge_kwargs), pure=False)
+            except Exception as err:  # noqa: BLE001
+                rows.append(_lost(i, job, f"could not send the job to the cluster: {_root(err)}"))
+            else:
+                futures[fut] = i
         bar = _progress(len(jobs), "sweep", progress)
+        bar.update(len(rows))
         for fut in as_completed(list(futures)):
             i = futures[fut]
             try:
                 rows += fut.result()
-            except Exception as err:  # noqa: BLE001 - a lost worker, an unpicklable evaluate
-                job = jobs[i]
-                rows.append({"job": i, "label": _label(job), "method": job["method"],
-                             "experts": job.get("experts"), "metric": None, "value": float("nan"),
-                             "status": "error", "error": f"{type(err).__name__}: {err}",
-                             "merge_s": float("nan"), "eval_s": float("nan"), "seconds": float("nan"),
-                             "worker": None, "model_dir": None,
-                             "_params": {k: v for k, v in job.items() if k not in _RESERVED}})
+            except Exception as err:  # noqa: BLE001 - a lost worker (KilledWorker), a cancelled job
+                rows.append(_lost(i, jobs[i], f"{type(err).__name__}: {err}"))
             bar.update(1)
         bar.close()
         return rows
@@ -332,6 +332,24 @@ def _on_cluster(experts, jobs, evaluate, client, n_workers, out, keep, merge_kwa
             cluster = owned.cluster
             owned.close()
             cluster.close()
+
+
+def _root(err: BaseException) -> str:
+    """``Type: message`` of the innermost cause (dask wraps a pickling error twice)."""
+    seen = [err]
+    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+    inner = seen[-1]
+    text = f"{type(inner).__name__}: {inner}"
+    return text if inner is err else f"{text} (raised as {type(err).__name__})"
+
+
+def _lost(i: int, job: Mapping, error: str) -> dict:
+    """The error row of a job that never ran to its end on the cluster."""
+    return {"job": i, "label": _label(job), "method": job["method"], "experts": job.get("experts"),
+            "metric": None, "value": float("nan"), "status": "error", "error": error,
+            "merge_s": float("nan"), "eval_s": float("nan"), "seconds": float("nan"), "worker": None,
+            "model_dir": None, "_params": {k: v for k, v in job.items() if k not in _RESERVED}}
 
 
 def local_client(n_workers: int = 2):

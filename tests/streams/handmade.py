@@ -51,3 +51,27 @@ class FailsAbove:
         if w0 > self.limit:
             raise ValueError(f"w0={w0} above {self.limit}")
         return {"w0": w0}
+
+
+class KillsWorkerOnJob0:
+    """Ends its process (as a crash or the OOM killer would) when scoring job 0;
+    ``{"x": 1.0}`` otherwise. Cluster tests only: in-process it ends the test run."""
+
+    def __call__(self, model_dir: str) -> dict[str, float]:
+        import os
+
+        if "job000-" in model_dir:
+            os._exit(3)
+        return {"x": 1.0}
+
+
+class Unpicklable:
+    """Holds a lock, so it cannot be sent to a worker."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+
+    def __call__(self, model_dir: str) -> dict[str, float]:
+        return {"x": 1.0}

@@ -6,7 +6,7 @@ import pytest
 
 from curvlens import CurvlensError, Experts
 from curvlens.streams.sweep import ExpertsSpec, local_client, sweep, sweep_grid, wide_scores
-from tests.streams.handmade import DistanceScore, FailsAbove, write_experts
+from tests.streams.handmade import DistanceScore, FailsAbove, KillsWorkerOnJob0, Unpicklable, write_experts
 
 
 @pytest.fixture
@@ -64,15 +64,21 @@ def test_spec_reopens_the_same_experts(line):
     assert again.names == line.names and again.has_moments and again.base.path == line.base.path
 
 
-def test_local_cluster_of_two_processes_gives_the_serial_answer(line):
+def test_local_cluster_of_two_processes_gives_the_serial_answer_and_reports_lost_jobs(line):
     # no skip: the dask extra is part of the test install (README, .ci/run); without it this fails
     # with local_client's install hint
+    import dask
+    import distributed  # noqa: F401 - its config must be loaded before the override below
+
     grid = sweep_grid("task_arithmetic", **{"lambda": [0.25, 0.5, 1.0]}) + [{"method": "ties", "density": 7.0}]
     serial = sweep(line, grid, FailsAbove(6.0), progress=False)
-    client = local_client(2)  # what client="local" starts: 2 single-threaded worker processes
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # a dead worker fails its job at once
+        client = local_client(2)  # what client="local" starts: 2 single-threaded worker processes
     try:
         assert len(client.scheduler_info()["workers"]) == 2
         par = sweep(line, grid, FailsAbove(6.0), client=client, progress=False)
+        unsent = sweep(line, grid[:2], Unpicklable(), client=client, progress=False)
+        killed = sweep(line, grid[:2], KillsWorkerOnJob0(), client=client, progress=False)
     finally:
         cluster = client.cluster
         client.close()
@@ -82,5 +88,9 @@ def test_local_cluster_of_two_processes_gives_the_serial_answer(line):
     pids = {int(w.rsplit(":", 1)[1]) for w in par["worker"].dropna()}
     assert pids and os.getpid() not in pids                        # ran in the worker processes
     assert par.loc[3, "status"] == "error" and "density" in par.loc[3, "error"]
+    assert unsent["status"].tolist() == ["error", "error"]
+    assert "could not send the job to the cluster: TypeError" in unsent["error"][0]
+    assert "lock" in unsent["error"][0]
+    assert killed["status"].tolist() == ["error", "ok"] and "KilledWorker" in killed["error"][0]
     with pytest.raises(CurvlensError, match="client must be"):
         sweep(line, grid, FailsAbove(6.0), client="remote", progress=False)
