@@ -49,6 +49,11 @@ zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
 capabilities = dict(zoo.capabilities)
 evaluate = zoo.evaluator()   # picklable: evaluate(model_dir) -> {capability: accuracy}
+STARTED_HERE = CLIENT == "local"
+if STARTED_HERE:             # one cluster for the whole notebook, not one per call
+    from curvlens.streams.sweep import local_client
+
+    CLIENT = local_client(n_workers=2)
 capabilities
 
 # %% [markdown]
@@ -146,3 +151,8 @@ surrogate.evaluated.drop(columns=["error"]).round(3)
 
 # %%
 fig = cl.views.front_plot(surrogate.dense, surrogate.evaluated, title="MAP surrogate front (math, knowledge)")
+
+# %%
+if STARTED_HERE:  # close the cluster this notebook started (a Client of yours stays open)
+    CLIENT.close()
+    CLIENT.cluster.close()
