@@ -68,14 +68,14 @@ def test_local_cluster_of_two_processes_gives_the_serial_answer_and_reports_lost
     # no skip: the dask extra is part of the test install (README, .ci/run); without it this fails
     # with local_client's install hint
     import dask
-    import distributed  # noqa: F401 - its config must be loaded before the override below
+    import distributed  # its config must be loaded before the override below
 
     grid = sweep_grid("task_arithmetic", **{"lambda": [0.25, 0.5, 1.0]}) + [{"method": "ties", "density": 7.0}]
     serial = sweep(line, grid, FailsAbove(6.0), progress=False)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # a dead worker fails its job at once
         client = local_client(2)  # what client="local" starts: 2 single-threaded worker processes
     try:
-        assert len(client.scheduler_info()["workers"]) == 2
+        assert isinstance(client, distributed.Client) and len(client.scheduler_info()["workers"]) == 2
         par = sweep(line, grid, FailsAbove(6.0), client=client, progress=False)
         unsent = sweep(line, grid[:2], Unpicklable(), client=client, progress=False)
         killed = sweep(line, grid[:2], KillsWorkerOnJob0(), client=client, progress=False)
