@@ -25,6 +25,8 @@ masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overla
 interference           :func:`interference`, :func:`predicted_loss`,
                        :func:`compare_merges`, :func:`prediction_agreement`, :func:`prediction_study`,
                        :func:`merge_retention`
+sweeps, soups, fronts  :func:`sweep`, :func:`sweep_grid` (many merge + evaluate jobs, serially or on
+                       a dask cluster), :func:`greedy_soup`, :func:`pareto_front`, :func:`gram_matrices`
 regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_table`,
                        :func:`findings` (the paper's claims, decided from the frames)
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
@@ -66,9 +68,12 @@ from curvlens.streams.analysis import (
 from curvlens.streams.fisher import estimate_fisher
 from curvlens.streams.fisher_compare import fisher_vs_adam
 from curvlens.streams.merge import MergeResult, merge
-from curvlens.streams.sparse_soup import SoupResult, sparse_soup, sparsity_check
+from curvlens.streams.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
 from curvlens.streams.merge_config import load_merge_config
 from curvlens.streams.findings import findings
+from curvlens.streams.fronts import FrontResult, gram_matrices, pareto_front
+from curvlens.streams.soup import SoupResult, greedy_soup
+from curvlens.streams.sweep import sweep, sweep_grid
 from curvlens.streams.prediction import merge_retention, prediction_agreement, prediction_study
 from curvlens.streams.regime import edit_norms, regime_table, relative_edit
 from curvlens.tensor_filter import TensorFilter
@@ -76,7 +81,8 @@ from curvlens.tensor_filter import TensorFilter
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpoint", "CurvlensError", "Expert", "Experts", "MergeResult", "Moments", "ROLES", "SoupResult", "TensorFilter",
+    "Checkpoint", "CurvlensError", "Expert", "Experts", "FrontResult", "MergeResult", "Moments", "ROLES",
+    "SoupResult", "SparseSoupResult", "TensorFilter", "gram_matrices", "greedy_soup", "pareto_front", "sweep", "sweep_grid",
     "aggregate", "compare_merges", "edit_norms", "estimate_fisher", "fisher_vs_adam", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",

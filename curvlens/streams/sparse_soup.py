@@ -42,7 +42,7 @@ def _columns(names: Sequence[str]) -> list[str]:
 
 
 @dataclass
-class SoupResult:
+class SparseSoupResult:
     """A sparse soup and its per-tensor sparsity report.
 
     Attributes
@@ -84,7 +84,7 @@ def sparsity_check(experts: Experts, names: Sequence[str] | None = None, *, devi
     -------
     pandas.DataFrame
         ``name, layer, role, numel, shared_zeros, disagreeing, agree,
-        zeros_<expert>...`` (see :class:`SoupResult`).
+        zeros_<expert>...`` (see :class:`SparseSoupResult`).
 
     Examples
     --------
@@ -108,7 +108,7 @@ def sparsity_check(experts: Experts, names: Sequence[str] | None = None, *, devi
 def sparse_soup(experts: Experts, out: PathLike | None = None, *, mask: str = "agree",
                 weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = None,
                 device="auto", overwrite: bool = False, max_shard_size: int | str = "1GB",
-                threads: int | None = None, progress: bool = True) -> SoupResult:
+                threads: int | None = None, progress: bool = True) -> SparseSoupResult:
     """Average sparse experts into a soup whose zeros are exactly their shared mask.
 
     Parameters
@@ -138,7 +138,7 @@ def sparse_soup(experts: Experts, out: PathLike | None = None, *, mask: str = "a
 
     Returns
     -------
-    SoupResult
+    SparseSoupResult
 
     Examples
     --------
@@ -207,13 +207,13 @@ def sparse_soup(experts: Experts, out: PathLike | None = None, *, mask: str = "a
                 err.report = report
                 raise err
             warnings.warn(f"sparse_soup: the experts' zero patterns disagree in {len(bad)} tensors ({listing}"
-                          f"{more}); mask={mask!r} decides them (SoupResult.disagreements lists them)",
+                          f"{more}); mask={mask!r} decides them (SparseSoupResult.disagreements lists them)",
                           stacklevel=2)
         if writer is not None:
             writer.extra_files["sparsity_report.csv"] = report.to_csv(index=False)
     ckpt = Checkpoint.open(out) if out is not None else Checkpoint.open(kept)
     report["layer"] = report["layer"].astype("Int64")
-    return SoupResult(ckpt, report, mask, weights, Path(out) if out is not None else None)
+    return SparseSoupResult(ckpt, report, mask, weights, Path(out) if out is not None else None)
 
 
 def _row(g, names, pattern: dict) -> dict:

@@ -108,6 +108,13 @@ class Zoo:
 
         return evaluate(model, capabilities, zoo=self, **kwargs)
 
+    def evaluator(self, capabilities=None, *, device: str = "cpu"):
+        """A picklable ``evaluate(model_dir) -> {capability: accuracy}`` on this zoo
+        (:class:`curvlens.zoo.ZooEvaluator`), for ``cl.sweep`` and friends."""
+        from curvlens.zoo.evaluate import ZooEvaluator
+
+        return ZooEvaluator(self, capabilities, device=device)
+
     def reference_scores(self, *, device: str = "auto"):
         """The base's and every expert's scores (merge-table rows), evaluated once
         and stored beside the zoo (``scores-<device>-<evaluation code hash>.csv``):

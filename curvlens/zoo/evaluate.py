@@ -198,3 +198,46 @@ def evaluate(model: Any, capabilities: Iterable[str] | None = None, *, zoo: Any 
                 {capability: examples},
             ))
     return pd.concat(frames, ignore_index=True)
+
+
+class ZooEvaluator:
+    """A picklable ``evaluate(model_dir) -> {capability: accuracy}`` for the zoo,
+    as :func:`curvlens.sweep`, :func:`curvlens.greedy_soup` and
+    :func:`curvlens.pareto_front` take it (also on dask workers, which reopen
+    the zoo from ``root``).
+
+    Parameters
+    ----------
+    zoo : Zoo or path
+        A built zoo, or its directory.
+    capabilities : iterable of str, optional
+        Which capabilities to score (default all).
+    device : str
+        Where the model runs (``"auto"``: CUDA when present).
+    batch_size : int
+        Prompts decoded together.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> ev = ZooEvaluator("/zoos/quick", ["addition"])
+    >>> pickle.loads(pickle.dumps(ev))
+    ZooEvaluator(root='/zoos/quick', capabilities=('addition',), device='cpu')
+    """
+
+    def __init__(self, zoo: Any, capabilities: Iterable[str] | None = None, *, device: str = "cpu",
+                 batch_size: int = 256):
+        self.root = str(getattr(zoo, "root", zoo))
+        self.capabilities = tuple(capabilities) if capabilities is not None else None
+        self.device = device
+        self.batch_size = batch_size
+
+    def __call__(self, model_dir) -> dict[str, float]:
+        from curvlens.zoo.build import Zoo
+
+        df = evaluate(model_dir, self.capabilities, zoo=Zoo.from_dir(self.root), device=self.device,
+                      batch_size=self.batch_size)
+        return {str(r.capability): float(r.accuracy) for r in df.itertuples()}
+
+    def __repr__(self) -> str:
+        return f"ZooEvaluator(root={self.root!r}, capabilities={self.capabilities!r}, device={self.device!r})"

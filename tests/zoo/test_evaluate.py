@@ -98,3 +98,16 @@ def test_zoo_score_stores_reference_scores_once(quick_zoo, monkeypatch):
     again = quick_zoo.score({"average": avg}, device="cpu")
     assert calls == [["average"]]  # the reference rows came from the store
     assert again.equals(table)
+
+
+def test_zoo_evaluator_is_picklable_and_scores_like_evaluate(quick_zoo):
+    import pickle
+
+    from curvlens.zoo import ZooEvaluator
+
+    ev = pickle.loads(pickle.dumps(quick_zoo.evaluator(["addition", "facts"])))
+    assert isinstance(ev, ZooEvaluator) and ev.root == str(quick_zoo.root)
+    d = quick_zoo.expert_dirs["knowledge"]
+    got = ev(str(d))
+    want = quick_zoo.evaluate(d, ["addition", "facts"], device="cpu")
+    assert got == dict(zip(want["capability"], want["accuracy"]))
