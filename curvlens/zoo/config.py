@@ -166,7 +166,7 @@ PRESETS = {
         task_share=0.05,
         answer_share=0.1,
     ),
-    # ~0.32M parameters; addition with carries, all four transforms, 24 facts.
+    # ~0.32M parameters; addition with carries, three transforms, 24 facts.
     "default": ZooConfig(
         name="default",
         hidden_size=96,
@@ -175,10 +175,14 @@ PRESETS = {
         num_kv_heads=2,
         intermediate_size=256,
         max_digit=7,
+        transforms=("upper", "double", "reverse"),
         word_len=(4, 4),
         batch_tokens=2048,
         pretrain_steps=800,
         expert_steps=150,
+        expert_lr=8e-5,
+        task_share=0.05,
+        answer_share=0.15,
     ),
 }
 
