@@ -660,7 +660,7 @@ merged = toy_merge(h1, h2, m1, m2)
 assert np.isclose(0.5 * np.sum(h1[only2] * (merged[only2] - t1[only2]) ** 2), merge_cost)
 FACTS.update(bridge_only2_share=float(only2.mean()), bridge_merge_over_revert=float(merge_cost / revert_price))
 display(Markdown(
-    f"With exact curvature weights ($p = 1$) the FFG masks **raise** $L_1 + L_2$ at every density: "
+    "With exact curvature weights ($p = 1$) the FFG masks **raise** $L_1 + L_2$ at every density: "
     + ", ".join(f"{bridge.loc[1.0, c]:.0f} at {c.removeprefix('FFG ')}" for c in mask_cols)
     + f", against {bridge.loc[1.0, 'no mask']:.0f} without masks. With a plain average of the kept edits "
     f"($p = 0$, the 'linear combine') the masks **lower** it where the table shows it "

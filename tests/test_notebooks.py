@@ -7,6 +7,7 @@ with the parameter cell's ``QUICK`` forced to True.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,65 @@ def test_notebook_executes(src, quick_zoo, tmp_path):
     # displays into an Output widget (the explorers, interact) took the full 600 s.
     # Without it the widget's outputs simply land in the cell's outputs.
     client.widget_registry = {}
+    # read the notebook's computed facts back: the last cell prints FACTS as one JSON line
+    nb.cells.append(jupytext.reads(
+        "# %%\nimport json as _json\n"
+        f"print({FACTS_TAG!r} + _json.dumps(globals().get('FACTS', {{}}), default=float))\n",
+        fmt="py:percent").cells[0])
     client.execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    facts = read_facts(nb)
+    check = FACT_CHECKS.get(src.stem)
+    if check is not None:
+        check(facts)
+
+
+FACTS_TAG = "CURVLENS_FACTS="
+
+
+def read_facts(nb) -> dict:
+    """The FACTS dict a notebook printed in its appended last cell."""
+    for out in nb.cells[-1].get("outputs", []):
+        for line in out.get("text", "").splitlines():
+            if line.startswith(FACTS_TAG):
+                return json.loads(line[len(FACTS_TAG):])
+    raise AssertionError("the notebook did not print its FACTS")
+
+
+# Each notebook's text states facts that its cells compute (and assert) into the dict
+# FACTS; these checks say, per notebook, which facts the text relies on, so that a
+# change of the zoo or of the code that makes a sentence false fails here.
+
+def check_06_teaching(f):
+    # (1) the level of v is not sigma^2/B alone: at sigma = 0.1 it is a memory of the early phase
+    assert f["level_sigma01_min"] > 5 and abs(f["level_sigma10_median"] - 1) < 0.2
+    assert f["level_mean_v_spread"] > 10 and f["level_slope_min"] > 0.9 and f["level_slope_max"] < 1.3
+    # ... and the level matters to a merge (normalise none vs global)
+    assert f["level_merge_c32_none"] > 1.5 * f["level_merge_c1"]
+    assert abs(f["level_merge_c32_global"] / f["level_merge_c1"] - 1) < 0.05
+    # (2) early v: every coordinate above its floor; the flattest's E[g^2] is noise (2 Delta L), not mean gradient
+    assert f["step100_over_floor_min"] > 1 and f["step1_noise_share_flattest"] > 0.5
+    assert f["v_over_eg2_step1"] < 0.01 and f["v_over_eg2_step100"] > 1 and f["v_over_eg2_final"] > 1
+    # (3) magnitude close to FFG at alpha = -1 but not equal; worse than random near alpha = 0.5
+    assert f["graft_m1_ffg"] < f["graft_m1_mag"] < 1.5 * f["graft_m1_ffg"]
+    assert 0 < f["graft_worst_alpha"] < 1 and 0.5 in f["graft_mag_worse_than_random_alphas"]
+    # (4) |tau| and h anti-correlated exactly for alpha > 0; at alpha = 0 the gap grows with the spread of h
+    assert all((r < 0) == (float(a) > 0) for a, r in f["graft_spearman_by_alpha"].items() if float(a) != 0)
+    gaps = list(f["spread_gap_by_decades"].values())
+    assert gaps[0] == 0 and all(b > a for a, b in zip(gaps, gaps[1:]))
+    # (5) a perfect overlap (scaled copy) still leaves a gain for curvature weighting
+    assert f["scaled_copy_excess_rel_c5"] > 0.1
+    # (6) FFG masks raise L1 + L2 of the p = 1 merge at every density and lower the p = 0 one
+    assert f["bridge_masks_hurt_p1"] and all(x > f["bridge_p1_nomask"] for x in f["bridge_p1_masked"].values())
+    assert f["bridge_masks_help_p0"] and f["bridge_merge_over_revert"] > 1
+    # caveats: p = 1/2 hedges noisy curvature; diagonal weights lose the gain as H rotates; EF vs Hessian
+    best = list(f["best_p_by_noise"].values())
+    assert best[0] == 1.0 and all(b <= a for a, b in zip(best, best[1:])) and best[-1] < 0.5
+    share = list(f["diag_share_of_gain"].values())
+    assert abs(share[0] - 1) < 1e-9 and share[-1] < 0.5
+    assert f["ef_opt_spread"] < 1.1 and f["ef_mis_last_over_median"] > 1.5
+    assert f["adam_vs_torch_rel"] < 1e-8 and f["eg2_formula_vs_mc_median_rel"] < 0.1
+
+
+FACT_CHECKS = {"06_teaching": check_06_teaching}
