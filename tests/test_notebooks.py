@@ -116,4 +116,46 @@ def check_06_teaching(f):
     assert f["adam_vs_torch_rel"] < 1e-8 and f["eg2_formula_vs_mc_median_rel"] < 0.1
 
 
-FACT_CHECKS = {"06_teaching": check_06_teaching}
+VERDICTS = {"holds", "partly", "does not hold", "not measured"}
+
+
+def check_03_ffg_masks(f):
+    # the verdict follows the counts it is computed from
+    w, l_ = f["ffg_wins"], f["ffg_losses"]
+    assert f["verdict"].startswith("FFG beats" if w > l_ else "magnitude pruning beats" if w < l_ else "FFG and")
+    # (7) the random-mask reference for empty rows is computed, for both criteria and every density
+    assert any(k.startswith("random_empty_rows_fisher_") for k in f)
+    assert all(0 <= v <= 1 for k, v in f.items() if k.startswith(("empty_rows_", "random_empty_rows_")))
+    # (4) the zoo's |tau|-v correlation and the spread of v, per expert
+    assert f["spearman_tau_v"] and all(-1 <= r <= 1 for r in f["spearman_tau_v"].values())
+    assert all(d > 0 for d in f["v_decades"].values())
+    assert set(f["claims"]) == {"a", "b"} and set(f["claims"].values()) <= VERDICTS
+    assert f["eval_n_min"] > 0
+
+
+def check_02_curvature_overlap(f):
+    # (8) the verdict is read from Spearman, the headline metric, whatever the other metrics say
+    for label, v in f["gap_vs_overlap"].items():
+        r = v["spearman"]
+        assert v["verdict"].startswith("more overlap, smaller" if r < -0.3 else "more overlap, *larger*" if r > 0.3
+                                       else "no clear link"), (label, v)
+    assert f["mean_v_max_over_min"] >= 1 and len(f["mean_v"]) >= 2
+    assert set(f["claims"]) == {"c"} and set(f["claims"].values()) <= VERDICTS
+
+
+def check_05_merging(f):
+    assert f["noise_se_mean_accuracy"] > 0 and f["mean_v_max_over_min"] >= 1
+    readings = set(f["comparisons"].values())
+    assert readings <= {"within noise", "better", "worse"}
+    assert "linear -> FFG d=0.3 + linear combine" in f["comparisons"]
+    assert "OTA p=0.5 -> OTA p=0.5, normalise global" in f["comparisons"]
+    assert set(f["claims"]) == {"d"} and set(f["claims"].values()) <= VERDICTS
+
+
+def test_03_drops_the_false_random_mask_claim():
+    text = (ROOT / "notebooks" / "03_ffg_masks.py").read_text()
+    assert "almost no empty rows" not in text
+
+
+FACT_CHECKS = {"06_teaching": check_06_teaching, "03_ffg_masks": check_03_ffg_masks,
+               "02_curvature_overlap": check_02_curvature_overlap, "05_merging": check_05_merging}
