@@ -2,12 +2,17 @@
 
 The jupytext percent-format ``notebooks/NN_name.py`` is the one source of truth
 (reviewable as text); the paired ``.ipynb`` is generated from it without outputs
-(``jupytext --sync notebooks/*.py``). Execution uses nbclient on the .py source,
-with the parameter cell's ``QUICK`` forced to True.
+(``jupytext --sync notebooks/*.py``). Execution uses ``curvlens.notebooks.execute_notebook``
+(what ``curvlens notebooks`` runs) on the .py source, with the parameter cell's ``QUICK``
+forced to True.
+
+Facts: every number or comparison a notebook's text states is computed by a cell,
+asserted there, and stored in the notebook's dict ``FACTS``; the executor appends a
+cell that prints ``FACTS`` as one JSON line and reads it back, and ``FACT_CHECKS``
+below checks, per notebook, the facts its text relies on.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -35,50 +40,23 @@ def test_ipynb_is_in_sync_and_clean(src):
 
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.stem)
 def test_notebook_executes(src, quick_zoo, tmp_path):
-    jupytext = pytest.importorskip("jupytext")
-    from nbclient import NotebookClient
+    pytest.importorskip("jupytext")
+    from curvlens.notebooks import execute_notebook
 
-    nb = jupytext.read(src)
-    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert params, f"{src.name} has no cell tagged 'parameters'"
-    # the session's quick zoo cache, so notebooks reuse it instead of rebuilding
-    env_cell = jupytext.reads(
-        "# %%\nimport os\n"
-        f"os.environ['CURVLENS_CACHE'] = {str(quick_zoo.root.parent)!r}\n"
-        "os.environ['TQDM_DISABLE'] = '1'\nQUICK = True\n", fmt="py:percent").cells[0]
-    nb.cells.insert(nb.cells.index(params[0]) + 1, env_cell)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
-    # No front-end mimic of ipywidgets.Output: nbclient's mimic (nbclient 0.11) sends
-    # comm messages on the shell socket while it awaits the execute reply on that same
-    # socket, and the reply then goes unnoticed until the cell timeout: every cell that
-    # displays into an Output widget (the explorers, interact) took the full 600 s.
-    # Without it the widget's outputs simply land in the cell's outputs.
-    client.widget_registry = {}
-    # read the notebook's computed facts back: the last cell prints FACTS as one JSON line
-    nb.cells.append(jupytext.reads(
-        "# %%\nimport json as _json\n"
-        f"print({FACTS_TAG!r} + _json.dumps(globals().get('FACTS', {{}}), default=float))\n",
-        fmt="py:percent").cells[0])
-    client.execute()
+    nb = __import__("jupytext").read(src)
+    assert [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])], \
+        f"{src.name} has no cell tagged 'parameters'"
+    # the session's quick zoo cache, so notebooks reuse it instead of rebuilding. execute_notebook
+    # runs without nbclient's front-end mimic of ipywidgets.Output (see curvlens/notebooks.py: with
+    # it, nbclient 0.11 sends comm messages on the shell socket while it awaits the execute reply
+    # on that same socket, and cells that display into an Output widget took the full timeout).
+    nb, facts = execute_notebook(src, quick=True, cwd=tmp_path, timeout=600,
+                                 extra_env={"CURVLENS_CACHE": quick_zoo.root.parent, "TQDM_DISABLE": "1"})
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    facts = read_facts(nb)
     check = FACT_CHECKS.get(src.stem)
     if check is not None:
         check(facts)
-
-
-FACTS_TAG = "CURVLENS_FACTS="
-
-
-def read_facts(nb) -> dict:
-    """The FACTS dict a notebook printed in its appended last cell."""
-    for out in nb.cells[-1].get("outputs", []):
-        for line in out.get("text", "").splitlines():
-            if line.startswith(FACTS_TAG):
-                return json.loads(line[len(FACTS_TAG):])
-    raise AssertionError("the notebook did not print its FACTS")
 
 
 # Each notebook's text states facts that its cells compute (and assert) into the dict
