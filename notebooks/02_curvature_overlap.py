@@ -264,14 +264,15 @@ for g in experts.iter_tensors(experts.tensor_names(floating_only=True), device="
 mean_v = pd.Series({e: v_sum[e] / v_n[e] for e in v_sum}, name="mean v")
 level_ratio = float(mean_v.max() / mean_v.min())
 FACTS.update(mean_v={e: float(x) for e, x in mean_v.items()}, mean_v_max_over_min=level_ratio)
-weighted_gap = {label: float(np.average(dist[label], weights=dist["numel"])) for label in weighted}
-FACTS["gap_d_by_weighting"] = weighted_gap
+raw, nrm = (weighted[k].checkpoint for k in weighted)
+moved = sum(float((raw[n].float() - plain.checkpoint[n].float()).pow(2).sum()) for n in raw.keys()) ** 0.5
+between = sum(float((raw[n].float() - nrm[n].float()).pow(2).sum()) for n in raw.keys()) ** 0.5
+FACTS["normalise_moves_merge_rel"] = between / moved
 display(Markdown(
     f"The experts' mean $v$ differ by a factor {level_ratio:.1f} ({mean_v.idxmin()} lowest, {mean_v.idxmax()} "
-    f"highest). OTA's default `normalise: none` compares these raw levels, so the expert with the larger $v$ "
-    f"pulls every entry towards itself. The size-weighted mean gap $d$ to the plain average is "
-    + " and ".join(f"{d_:.3f} for {lab}" for lab, d_ in weighted_gap.items())
-    + ": normalising changes the merge."))
+    f"highest). OTA's default `normalise: none` compares these raw levels, so an expert with a larger $v$ "
+    f"pulls every entry towards itself. Here, normalising per tensor moves the Fisher merge by "
+    f"{between / moved:.1%} of the distance the raw curvature weights moved it away from the plain average."))
 mean_v.to_frame().assign(**{"/ min": mean_v / mean_v.min()}).round(6)
 
 # %%

@@ -228,7 +228,8 @@ display(Markdown(
     f"(evaluation sets of {int(n_eval.min())} to {int(n_eval.max())} examples). **Masks on OTA** "
     f"($p = 0.5$): over {len(ffg_labels)} densities the masked merge is "
     + ", ".join(f"{k} {v}×" for k, v in masks_read.items())
-    + f". **Masks on the plain average** (linear, $\\theta_0 + \\frac1N \\sum_i \\tau_i$, against "
+    + " (" + ", ".join(f"{r['to'].split()[-1]}: {r['difference']:+.3f}" for r in pairs_cmp[:len(ffg_labels)])
+    + f"). **Masks on the plain average** (linear, $\\theta_0 + \\frac1N \\sum_i \\tau_i$, against "
     f"$\\theta_0 + \\frac1N \\sum_i m_i \\tau_i$ at density 0.3): {lin['reading']} ({lin['difference']:+.3f}). **The level of $v$**: the experts' mean $v$ differ by a factor "
     f"{FACTS['mean_v_max_over_min']:.1f}, and `normalise: global` instead of `none` is {nrm['reading']} "
     f"({nrm['difference']:+.3f})."))

@@ -117,7 +117,7 @@ def check_02_curvature_overlap(f):
         r = v["spearman"]
         assert v["verdict"].startswith("more overlap, smaller" if r < -0.3 else "more overlap, *larger*" if r > 0.3
                                        else "no clear link"), (label, v)
-    assert f["mean_v_max_over_min"] >= 1 and len(f["mean_v"]) >= 2
+    assert f["mean_v_max_over_min"] >= 1 and len(f["mean_v"]) >= 2 and f["normalise_moves_merge_rel"] >= 0
     assert set(f["claims"]) == {"c"} and set(f["claims"].values()) <= VERDICTS
 
 
@@ -130,10 +130,20 @@ def check_05_merging(f):
     assert set(f["claims"]) == {"d"} and set(f["claims"].values()) <= VERDICTS
 
 
+def check_04_interference(f):
+    assert len(f["mask_effect"]) == 2 and all(r["predicted loss, ratio"] > 0 for r in f["mask_effect"])
+    assert set(f["claims"]) == {"d"} and set(f["claims"].values()) <= VERDICTS
+
+
+def check_01_quickstart(f):
+    assert set(f["claims"]) == {"c"} and set(f["claims"].values()) <= VERDICTS
+
+
 def test_03_drops_the_false_random_mask_claim():
     text = (ROOT / "notebooks" / "03_ffg_masks.py").read_text()
     assert "almost no empty rows" not in text
 
 
 FACT_CHECKS = {"06_teaching": check_06_teaching, "03_ffg_masks": check_03_ffg_masks,
-               "02_curvature_overlap": check_02_curvature_overlap, "05_merging": check_05_merging}
+               "02_curvature_overlap": check_02_curvature_overlap, "05_merging": check_05_merging,
+               "04_interference": check_04_interference, "01_quickstart": check_01_quickstart}
