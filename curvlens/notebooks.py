@@ -5,13 +5,14 @@
 and writes ``NN_name.md`` (text, tables and figures) beside a folder of its
 figures, so that the notebooks can be read without running them.
 
-Why not plain ``jupyter nbconvert --execute`` or ``jupytext --execute``: both use
-nbclient, whose mimic of the ``ipywidgets.Output`` front-end (nbclient 0.11) sends
-comm messages on the shell socket while it awaits the execute reply on that same
-socket; the reply then goes unnoticed until the cell timeout, so every cell that
-displays an interactive widget waits the full timeout (600 s by default). Here the
-client has no widget mimic (``widget_registry = {}``): widget outputs simply land in
-the cell's outputs, and the run takes as long as the computation.
+``jupyter nbconvert --execute`` and ``jupytext --execute`` work too. They use
+nbclient with its mimic of the ``ipywidgets.Output`` front-end (nbclient 0.11), which
+answers output *captured* into an Output widget with comm messages on the shell
+socket while it awaits the execute reply on that same socket; such cells used to
+stall (the explorers now set their figure as the widget's state instead, see
+``curvlens.views.explorers._show``). Here the client has no widget mimic at all
+(``widget_registry = {}``): what ``interact`` draws lands in the cell's outputs, so
+that the rendered pages show it.
 """
 from __future__ import annotations
 
