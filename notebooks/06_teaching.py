@@ -506,9 +506,11 @@ levels.round(3)
 # saliency is $h^{1-\alpha} z^2$ and the magnitude $h^{-\alpha/2} |z|$. Both increase with $h$
 # when $\alpha < 0$ and both decrease when $\alpha > 1$: then the two criteria rank the
 # entries alike *in expectation* (not exactly: the draw $z$ enters them with
-# different weights). For $0 < \alpha < 1$ they pull in opposite directions, $|\tau|$
-# and $h$ are anti-correlated, and magnitude prefers exactly the flat entries FFG
-# drops. At $\alpha = 0$ magnitude is blind to the curvature.
+# different weights). For $0 < \alpha < 1$ they pull in opposite directions:
+# magnitude prefers the flat entries FFG drops. ($|\tau|$ and $h$ are anti-correlated
+# for every $\alpha > 0$, but that alone does not make magnitude wrong: for $\alpha > 1$
+# the flat entries are also the salient ones.) At $\alpha = 0$ magnitude is blind to
+# the curvature.
 
 # %%
 def graft_curves(alpha=0.5, decades=4.0, n=20000, seed=1):
@@ -571,11 +573,12 @@ display(widgets.interactive(graft_picture,
                                                         description="decades of h")))
 
 # %% [markdown]
-# **Spread, not anti-correlation.** On the demo zoo (notebook `03`) $|\tau|$ and $v$ are
-# only weakly anti-correlated, i.e. $\alpha$ near 0 in this toy. There FFG's advantage
-# over magnitude comes from how widely the curvature is spread: with $\alpha = 0$ the
-# two criteria coincide when $h$ is constant, and the gap opens with the number of
-# decades $h$ spans (the second slider):
+# **Spread, not anti-correlation.** Notebook `03` measures the rank correlation of
+# $|\tau|$ and $v$ on the demo zoo. Where it is weak ($\alpha$ near 0 in this toy), FFG's
+# advantage over magnitude cannot come from anti-correlation; it comes from how
+# widely the curvature is spread: with $\alpha = 0$ the two criteria coincide when $h$
+# is constant, and the gap opens with the number of decades $h$ spans (the second
+# slider):
 
 # %%
 spread_rows = []
@@ -674,9 +677,10 @@ bridge.round(1)
 # %% [markdown]
 # **When masking helps a merge, and when it hurts.** In the toy the masks act as a
 # crude curvature weighting: an entry an expert drops is one where it is flat or
-# barely moved, so the other expert takes it over. That helps exactly when the
-# combine weights do *not* already price the curvature (a plain average, $p = 0$)
-# and hurts when they do ($p = 1$ with exact $h$). A real merge is in between and has
+# barely moved, so the other expert takes it over. That can only help where the
+# combine weights do *not* already price the curvature: above, it helped the plain
+# average ($p = 0$) and hurt the exact curvature weights ($p = 1$). A real merge is in
+# between and has
 # what the toy lacks: losses that are not quadratic (large edits of two experts do
 # not add their costs independently), curvature that is not diagonal (an entry's
 # cost depends on the others, section 5), and a $v$ that is a noisy, mis-leveled
@@ -827,10 +831,10 @@ diag.round(3)
 # %% [markdown]
 # **Error bars on small evaluation sets.** An accuracy measured on $n$ examples has a
 # standard error $\sqrt{a(1-a)/n}$; the difference of two merges scored on the same
-# examples has a smaller (paired) one, but not zero. The quick zoo evaluates on a
-# few dozen to a few hundred examples per capability, so differences of a few points
-# between merges are within noise there (notebooks `03` and `05` print the size of
-# their evaluation sets). At accuracy 0.5:
+# examples has a smaller (paired) one, but not zero. The demo zoo's evaluation sets
+# are small (notebooks `03` and `05` print their sizes and the resulting noise
+# scale), so differences of a few points between merges can be noise. At accuracy
+# 0.5:
 
 # %%
 se = pd.DataFrame({"n": [25, 50, 100, 200, 1000]})
