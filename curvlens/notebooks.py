@@ -90,6 +90,8 @@ def render_markdown(nb, name: str, out_dir: str | Path) -> Path:
         for out in cell.get("outputs", []):
             kind = out.get("output_type")
             if kind == "stream":
+                if out.get("name") == "stderr":  # warnings and progress: not part of the page
+                    continue
                 text = "".join(out.get("text", ""))
                 text = "\n".join(x for x in text.splitlines() if "\x1b" not in x and "\r" not in x)
                 if text.strip():
@@ -116,7 +118,7 @@ def render_markdown(nb, name: str, out_dir: str | Path) -> Path:
                     parts.append(_text("".join(data["text/plain"])))
     out_dir.mkdir(parents=True, exist_ok=True)
     page = out_dir / f"{name}.md"
-    page.write_text("\n".join(parts))
+    page.write_text("\n".join(parts).replace(str(Path.home()), "~"))  # no local home dir in the pages
     return page
 
 

@@ -18,6 +18,7 @@ def test_page_keeps_text_tables_figures_and_names_widgets(tmp_path):
     code = nbformat.v4.new_code_cell("x = 1")
     code.outputs = [
         nbformat.v4.new_output("stream", name="stdout", text="hello\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="FutureWarning: noise\n"),
         nbformat.v4.new_output("display_data", data={"text/markdown": "**computed** 0.5"}),
         nbformat.v4.new_output("display_data", data={"image/png": PNG}),
         nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "a"},
@@ -29,7 +30,7 @@ def test_page_keeps_text_tables_figures_and_names_widgets(tmp_path):
     page = render_markdown(nb, "00_demo", tmp_path)
     text = page.read_text()
     assert text.startswith("# Title") and "QUICK = True" not in text
-    assert "hello" in text and "**computed** 0.5" in text and "<table>" in text
+    assert "hello" in text and "FutureWarning" not in text and "**computed** 0.5" in text and "<table>" in text
     assert "(00_demo_files/figure-01.png)" in text and (tmp_path / "00_demo_files" / "figure-01.png").exists()
     assert "interactive widget" in text and "interactive(...)" not in text
 
