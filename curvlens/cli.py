@@ -114,6 +114,18 @@ def _analyze_into(tmp: Path, experts, a: argparse.Namespace) -> dict:
     return results
 
 
+def _cmd_notebooks(a) -> int:
+    from curvlens.notebooks import render_notebooks
+
+    sources = sorted(a.dir.glob("[0-9][0-9]_*.py"))
+    if a.which:
+        sources = [s for s in sources if any(s.stem == w or s.stem.startswith(w + "_") for w in a.which)]
+    if not sources:
+        raise CurvlensError(f"no notebook sources matching {a.which or 'NN_*.py'} in {a.dir}")
+    render_notebooks(sources, a.out, quick=not a.full, timeout=a.timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvlens", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -165,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--threads", type=int, default=None,
                    help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     an.set_defaults(fn=_cmd_analyze)
+
+    nbk = sub.add_parser("notebooks", help="execute the notebooks (no widget hang) and write readable pages")
+    nbk.add_argument("which", nargs="*", help="notebook numbers or stems, e.g. 06 (default: all)")
+    nbk.add_argument("--dir", type=Path, default=Path("notebooks"), help="where the NN_name.py sources are")
+    nbk.add_argument("--out", type=Path, default=Path("docs/notebooks"), help="where the pages go")
+    nbk.add_argument("--full", action="store_true", help="QUICK = False (the default zoo); default: the quick zoo")
+    nbk.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    nbk.set_defaults(fn=_cmd_notebooks)
 
     s = sub.add_parser("methods", help="list merge methods and their parameters")
     s.add_argument("method", nargs="?")

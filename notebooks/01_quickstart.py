@@ -159,6 +159,24 @@ cl.views.merge_scores_plotly(table, zoo.capabilities, normalized=True,
 print(f"notebook ran in {time.perf_counter() - t_start:.0f} s")
 
 # %% [markdown]
+# ## Which of the paper's claims this zoo reproduces
+#
+# This notebook measures one of them, the curvature overlap (claim (c)), decided by
+# the rule of `curvlens.findings` from the overlap computed in section 2; the others
+# are decided in `03_ffg_masks` (FFG against magnitude, mask structure) and
+# `05_merging` (merges), and all four by `curvlens demo` in its report.
+
+# %%
+from IPython.display import Markdown, display  # noqa: E402
+
+from curvlens.streams.findings import finding_overlap  # noqa: E402
+
+claim = finding_overlap(overlap)
+FACTS = {"claims": {claim["claim"]: claim["verdict"]}}
+display(Markdown(f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. "
+                 f"(Rule: {claim['rule']}.)"))
+
+# %% [markdown]
 # ## Where next
 #
 # * `02_curvature_overlap` — curvature similarity by layer and role, the paper's pair grids.

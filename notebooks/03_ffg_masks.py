@@ -34,9 +34,13 @@ DEVICE = "auto"   # "auto": CUDA when present, else CPU
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
+
+from IPython.display import Markdown, display
 
 import curvlens as cl
 
+FACTS = {}  # the computed facts the text relies on (read back by the tests)
 zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
 capabilities = dict(zoo.capabilities)
@@ -122,7 +126,60 @@ elif wins < losses:
 else:
     verdict = "FFG and magnitude pruning are tied on this zoo"
 print(f"\nverdict: {verdict}.")
+FACTS.update(ffg_wins=wins, ffg_ties=ties, ffg_losses=losses, verdict=verdict)
 by_density.round(3)
+
+# %% [markdown]
+# These scores come from small evaluation sets; a difference between two grafts is
+# only worth reading if it is larger than the sampling error of an accuracy,
+# $\sqrt{a(1-a)/n}$ (notebook `06`, section 5):
+
+# %%
+n_eval = zoo.reference_scores(device=DEVICE).groupby("capability")["n"].first()  # stored, not re-scored
+se_eval = np.sqrt(0.25 / n_eval.astype(float))
+FACTS["eval_n_min"] = int(n_eval.min())
+display(Markdown(f"Evaluation set sizes: {', '.join(f'{c} n = {n}' for c, n in n_eval.items())}; at accuracy 0.5 "
+                 f"the standard error is {se_eval.min():.3f} to {se_eval.max():.3f}, so differences below about "
+                 f"{2 * se_eval.max():.2f} between two grafts are within noise."))
+
+# %% [markdown]
+# ## Why the two criteria differ here
+#
+# Notebook `06` (section 3) shows that magnitude pruning prefers the wrong entries
+# only when $|\tau|$ and the curvature are anti-correlated, and that with no
+# correlation FFG's advantage grows with how widely the curvature is spread. Both
+# are measurable on the zoo: per expert, the rank correlation of $|\tau|$ with $v$
+# and the spread of $\log_{10} v$ (on a fixed random sample of up to 4,096 entries per
+# tensor, the same entries for every expert).
+
+# %%
+gen = torch.Generator().manual_seed(0)
+samples = {e: {"tau": [], "v": []} for e in experts.names}
+for g in experts.iter_tensors(experts.tensor_names(floating_only=True), device="cpu", desc="sample"):
+    n = g.base.numel()
+    idx = torch.randperm(n, generator=gen)[:4096]
+    for e, tau, v in zip(g.expert_names, g.task_vectors, g.moments):
+        samples[e]["tau"].append(tau.reshape(-1)[idx].abs().double())
+        samples[e]["v"].append(v.reshape(-1)[idx].double())
+rows = []
+for e, d in samples.items():
+    tau, v = torch.cat(d["tau"]).numpy(), torch.cat(d["v"]).numpy()
+    pos = v[v > 0]
+    rows.append({"expert": e, "Spearman(|τ|, v)": pd.Series(tau).rank().corr(pd.Series(v).rank()),
+                 "decades of v (5-95%)": float(np.log10(np.quantile(pos, 0.95) / np.quantile(pos, 0.05)))})
+tau_v = pd.DataFrame(rows).set_index("expert")
+rho_lo, rho_hi = tau_v["Spearman(|τ|, v)"].min(), tau_v["Spearman(|τ|, v)"].max()
+FACTS.update(spearman_tau_v={e: float(r) for e, r in tau_v["Spearman(|τ|, v)"].items()},
+             v_decades={e: float(r) for e, r in tau_v["decades of v (5-95%)"].items()})
+strength = "weak" if max(abs(rho_lo), abs(rho_hi)) < 0.3 else "moderate" if max(abs(rho_lo), abs(rho_hi)) < 0.6 else "strong"
+sign = "negative" if rho_hi < 0 else "positive" if rho_lo > 0 else "mixed-sign"
+display(Markdown(
+    f"Spearman$(|\\tau|, v)$ per expert ranges from {rho_lo:+.2f} to {rho_hi:+.2f}: a {strength}, {sign} "
+    f"correlation" + (" (in the toy of `06`, $\\alpha$ near 0), so magnitude pruning here is mostly *blind* to the "
+                      "curvature rather than anti-aligned with it; " if strength == "weak" else "; ")
+    + f"$v$ spans {tau_v['decades of v (5-95%)'].min():.1f} to {tau_v['decades of v (5-95%)'].max():.1f} decades "
+    "(5th to 95th percentile), which is where FFG's advantage, if any, comes from."))
+tau_v.round(3)
 
 # %% [markdown]
 # ## Where the masks keep entries: layer × role
@@ -169,8 +226,9 @@ spread.round(3)
 # $M$ (a mask made of whole rows and columns has rank 1 or 2, however large), and
 # `mask_effective_rank` is $\exp$ of the entropy of its normalized singular values.
 # The tables pool the matrices by role, weighted by size; `full rank` is the mean
-# $\min(m, n)$ for reference. A random mask of the same density has essentially
-# full rank and almost no empty rows or columns.
+# $\min(m, n)$ for reference. How many empty rows and columns a *random* mask of the
+# same density would have is not "almost none" in general: at low density a short
+# row is empty by chance quite often. The reference is computed further below.
 
 # %%
 mats = ms[ms["rank_method"] != "none"].copy()
@@ -199,6 +257,14 @@ mats["random_col_sparsity"] = (1 - mats["kept_frac"]) ** mats["rows"]
 cols = ["row_sparsity", "random_row_sparsity", "col_sparsity", "random_col_sparsity"]
 empty = (cl.aggregate(mats[["expert", "criterion", "density", "name", "layer", "role", "numel", *cols]], by=())
          .groupby(["criterion", "density"])[cols].mean())
+lines = []
+for (crit, dn), r in empty.iterrows():
+    FACTS[f"empty_rows_{crit}_{dn:g}"] = float(r["row_sparsity"])
+    FACTS[f"random_empty_rows_{crit}_{dn:g}"] = float(r["random_row_sparsity"])
+    lines.append(f"{crit} at density {dn:g}: empty rows {r['row_sparsity']:.3f} (random mask of the same per-tensor "
+                 f"density: {r['random_row_sparsity']:.3f}), empty columns {r['col_sparsity']:.3f} "
+                 f"(random: {r['random_col_sparsity']:.3f})")
+display(Markdown("Observed against a random mask's expectation:\n\n" + "\n".join(f"- {x}" for x in lines)))
 empty.round(3)
 
 # %%
@@ -266,6 +332,24 @@ pb = kept.reindex(list(zip(mo["criterion"], mo["expert_b"], mo["name"]))).to_num
 mo["chance"] = np.where(pa + pb > 0, pa * pb / np.maximum(pa + pb - pa * pb, 1e-12), 1.0)
 by_role = cl.aggregate(mo, by=("role",)).groupby(["criterion", "role"], sort=False)[["jaccard", "chance"]].mean()
 (by_role["jaccard"] / by_role["chance"]).unstack("criterion").round(2)  # x chance, per role
+
+# %% [markdown]
+# ## Which of the paper's claims this zoo reproduces
+#
+# Claims (a) and (b) of the paper, decided by the rules of `curvlens.findings` from
+# this notebook's sweep and mask statistics (the expert's own score is its score at
+# density 1.0):
+
+# %%
+from curvlens.streams.findings import finding_grafting, finding_masks  # noqa: E402
+
+own = {e: float(g.loc[g["density"] == 1.0, "fisher"].iloc[0]) for e, g in summary.groupby("expert", sort=False)}
+shapes = {n: tuple(desc.loc[n, "shape"]) for n in desc.index}
+claims = pd.DataFrame([finding_grafting(sweep, own, capabilities), finding_masks(ms, shapes, density=0.3)])
+FACTS["claims"] = dict(zip(claims["claim"], claims["verdict"]))
+display(Markdown(" ".join(f"**({r.claim}) {r.statement}: {r.verdict}.** {r.evidence}." for r in claims.itertuples())
+                 + f" (Rules: {' / '.join(claims['rule'])}.) With evaluation sets of {FACTS['eval_n_min']} examples "
+                 "or more per capability, verdicts that hinge on one density step are fragile."))
 
 # %% [markdown]
 # ## Explore

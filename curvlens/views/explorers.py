@@ -48,14 +48,25 @@ def _in_kernel() -> bool:
 
 
 def _show(out, fig) -> None:
-    """Replace what ``out`` shows by ``fig`` (only inside a kernel; headless no-op)."""
+    """Replace what ``out`` shows by ``fig`` (only inside a kernel; headless no-op).
+
+    The figure is set as the Output widget's ``outputs`` state, not captured with
+    ``with out: display(fig)``: capture routes the cell's output messages through the
+    front-end, and nbclient's front-end mimic (what ``jupyter nbconvert --execute``
+    and ``jupytext --execute`` run) answers captured output with comm messages on the
+    shell socket while it waits for the cell's reply there, which stalled those runs.
+    A state update is what every front-end renders the same way.
+    """
     if not _in_kernel():
         return
-    from IPython.display import display
+    from IPython import get_ipython
 
-    out.clear_output(wait=True)
-    with out:
-        display(fig)
+    data, metadata = {}, {}
+    if hasattr(fig, "_repr_mimebundle_"):  # plotly: its bundle as the current renderer builds it
+        data = fig._repr_mimebundle_(include=None, exclude=None) or {}
+    if not data:
+        data, metadata = get_ipython().display_formatter.format(fig)
+    out.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata},)
 
 
 def _assemble(widgets, rows, controls, update, figures) -> Any:

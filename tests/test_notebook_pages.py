@@ -1,0 +1,40 @@
+"""curvlens.notebooks: the rendered page of an executed notebook (no kernel needed here)."""
+from __future__ import annotations
+
+import base64
+
+import nbformat
+
+from curvlens.cli import build_parser
+from curvlens.notebooks import render_markdown
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 16).decode()
+
+
+def test_page_keeps_text_tables_figures_and_names_widgets(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    inj = nbformat.v4.new_code_cell("QUICK = True")
+    inj.metadata["tags"] = ["injected-parameters"]
+    code = nbformat.v4.new_code_cell("x = 1")
+    code.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="hello\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="FutureWarning: noise\n"),
+        nbformat.v4.new_output("display_data", data={"text/markdown": "**computed** 0.5"}),
+        nbformat.v4.new_output("display_data", data={"image/png": PNG}),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "a"},
+                                                     "text/plain": "interactive(...)"}),
+        nbformat.v4.new_output("execute_result", data={"text/html": "<table><tr><td>1</td></tr></table>",
+                                                       "text/plain": "df"}, execution_count=1),
+    ]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), inj, code]
+    page = render_markdown(nb, "00_demo", tmp_path)
+    text = page.read_text()
+    assert text.startswith("# Title") and "QUICK = True" not in text
+    assert "hello" in text and "FutureWarning" not in text and "**computed** 0.5" in text and "<table>" in text
+    assert "(00_demo_files/figure-01.png)" in text and (tmp_path / "00_demo_files" / "figure-01.png").exists()
+    assert "interactive widget" in text and "interactive(...)" not in text
+
+
+def test_cli_has_the_notebooks_command():
+    a = build_parser().parse_args(["notebooks", "06", "--out", "x"])
+    assert a.which == ["06"] and str(a.out) == "x" and not a.full
