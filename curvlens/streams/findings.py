@@ -46,31 +46,46 @@ def _row(claim: str, verdict: str, evidence: str, rule: str) -> dict:
 
 
 def finding_grafting(sweep: pd.DataFrame | None, own_scores: Mapping[str, float] | None,
-                     capabilities: Mapping[str, str] | None) -> dict:
+                     capabilities: Mapping[str, str] | None,
+                     base_scores: Mapping[str, float] | None = None) -> dict:
     """(a): per expert, the lowest density at which each criterion keeps KEEP of
-    the expert's own score."""
+    the expert's gain over the base on its capability.
+
+    A grafted expert falls back to the base where its mask is off, so where the base
+    already answers part of a capability, "keeps 90% of the score" would be met by
+    the base alone; the gain ``own - base`` is what grafting can keep or lose.
+    ``base_scores`` (capability -> the base's score) defaults to 0 for every
+    capability (a base that cannot do any of them).
+    """
     rule = (f"per expert: the lowest swept density at which a grafted expert keeps >= {KEEP:.0%} of its "
-            "own score; holds if FFG's is lower than magnitude's for every expert, partly for some")
+            "gain over the base (own score - base score; the base's score is where a graft falls back to); "
+            "holds if FFG's is lower than magnitude's for every expert, partly for some")
     if sweep is None or not capabilities or not own_scores:
         return _row("a", UNTESTED, "needs a grafting sweep with scores", rule)
     from curvlens.streams.analysis_graft import ffg_vs_magnitude_summary
 
     s = ffg_vs_magnitude_summary(sweep, capabilities)
-    wins, parts = 0, []
+    base_scores = base_scores or {}
+    wins, parts, skipped = 0, [], []
     for e, grp in s.groupby("expert", sort=False):
         own = own_scores.get(e)
-        if own is None or not own > 0:
+        base = float(base_scores.get(capabilities.get(e), 0.0))
+        if own is None or not own - base > 0:
+            skipped.append(e)
             continue
         lowest = {}
         for c in ("fisher", "magnitude"):
-            ok = grp[grp[c] >= KEEP * own]["density"]
+            ok = grp[grp[c] - base >= KEEP * (own - base)]["density"]
             lowest[c] = float(ok.min()) if len(ok) else np.inf
         wins += lowest["fisher"] < lowest["magnitude"]
         parts.append(f"{e}: FFG {_dens(lowest['fisher'])} vs magnitude {_dens(lowest['magnitude'])}")
     if not parts:
-        return _row("a", UNTESTED, "no expert with a positive own score", rule)
+        return _row("a", UNTESTED, "no expert scores above the base on its own capability", rule)
     verdict = HOLDS if wins == len(parts) else PARTLY if wins else NOT
-    return _row("a", verdict, "; ".join(parts), rule)
+    evidence = "; ".join(parts)
+    if skipped:
+        evidence += f" (not above the base, left out: {', '.join(skipped)})"
+    return _row("a", verdict, evidence, rule)
 
 
 def _dens(d: float) -> str:
@@ -197,7 +212,11 @@ def findings(frames: Mapping[str, pd.DataFrame], *, capabilities: Mapping[str, s
             r = table[(table["model"] == f"expert: {e}") & (table["capability"] == cap)]
             if len(r):
                 own[e] = float(r["accuracy"].iloc[0])
-    rows = [finding_grafting(frames.get("graft_sweep"), own, capabilities),
+    base = None
+    if table is not None:
+        rows_b = table[table["model"] == "base"]
+        base = dict(zip(rows_b["capability"], rows_b["accuracy"].astype(float))) if len(rows_b) else None
+    rows = [finding_grafting(frames.get("graft_sweep"), own, capabilities, base),
             finding_masks(frames.get("mask_stats"), shapes, density),
             finding_overlap(frames.get("curvature_overlap")),
             finding_merges(table, capabilities, labels)]

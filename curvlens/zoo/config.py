@@ -1,8 +1,8 @@
 """Zoo configurations: model size, task sizes and training schedules.
 
 Two presets are tuned to time budgets on a 2-core laptop CPU (one thread is used,
-see :mod:`curvlens.runtime`): ``"quick"`` (about 30 s: tests,
-CI, notebooks) and ``"default"`` (about 4 min: the demo); ``docs/zoo.md`` has the
+see :mod:`curvlens.runtime`): ``"quick"`` (about 50 s: tests,
+CI, notebooks) and ``"default"`` (about 7 min: the demo); ``docs/zoo.md`` has the
 measurements. Any field can be changed with :func:`dataclasses.replace`; the cache
 key covers every field.
 """

@@ -83,6 +83,23 @@ def test_grafting_finding(ffg, mag, verdict):
     assert finding_grafting(None, None, None)["verdict"] == UNTESTED
 
 
+def test_grafting_finding_measures_the_gain_over_the_base():
+    from curvlens.streams.analysis_graft import GRAFT_SWEEP_COLUMNS
+
+    # the base scores 0.8: magnitude's 0.9 at density 0.1 is 90% of the score but only
+    # 50% of the expert's gain (1.0 - 0.8); FFG keeps the gain from 0.1, magnitude from 0.5
+    sweep = _sweep((0.99, 1.0, 1.0), (0.9, 0.92, 0.99))
+    for c in GRAFT_SWEEP_COLUMNS:
+        if c not in sweep:
+            sweep[c] = 0
+    assert finding_grafting(sweep, {"a": 1.0}, {"a": "x"})["verdict"] == NOT  # without the base: a tie at 0.1
+    r = finding_grafting(sweep, {"a": 1.0}, {"a": "x"}, {"x": 0.8})
+    assert r["verdict"] == HOLDS and "FFG 0.1 vs magnitude 0.5" in r["evidence"], r["evidence"]
+    # an expert no better than its base is left out, and says so
+    r = finding_grafting(sweep, {"a": 0.8}, {"a": "x"}, {"x": 0.8})
+    assert r["verdict"] == UNTESTED and "above the base" in r["evidence"]
+
+
 def _masks(rank, row_sp, kept_early, kept_late):
     rows = []
     for layer, kept in ((0, kept_early), (3, kept_late)):
