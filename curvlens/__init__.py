@@ -16,7 +16,7 @@ open and line up       :class:`Checkpoint`, :class:`Moments`, :class:`Experts`,
                        in the moments layout)
 merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`,
                        :func:`sparse_soup` / :func:`sparsity_check` (sparse experts keep their mask)
-curvature              :func:`curvature_stats`, :func:`curvature_overlap`,
+curvature              :func:`curvature_stats`, :func:`curvature_overlap`, :func:`moment_levels`,
                        :func:`moment_compression`, :func:`pooled_moments`,
                        :func:`log10_histogram`, :func:`fisher_vs_adam`
 masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overlap`,
@@ -62,6 +62,7 @@ from curvlens.streams.analysis import (
     mask_stats,
     mask_thresholds,
     moment_compression,
+    moment_levels,
     pooled_moments,
     predicted_loss,
 )
@@ -86,7 +87,7 @@ __all__ = [
     "aggregate", "compare_merges", "edit_norms", "estimate_fisher", "fisher_vs_adam", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
-    "merge", "merge_retention", "moment_compression", "param_role", "pooled_moments", "predicted_loss",
+    "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",
     "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "views",
     "write_model", "zoo", "__version__",
 ]

@@ -255,13 +255,7 @@ dist.round(3)
 # expert (entries weighted equally):
 
 # %%
-v_sum, v_n = {}, {}
-for g in experts.iter_tensors(experts.tensor_names(floating_only=True), device="cpu", base=False, experts=False,
-                              desc="mean v"):
-    for e, v in zip(g.expert_names, g.moments):
-        v_sum[e] = v_sum.get(e, 0.0) + float(v.double().sum())
-        v_n[e] = v_n.get(e, 0) + v.numel()
-mean_v = pd.Series({e: v_sum[e] / v_n[e] for e in v_sum}, name="mean v")
+mean_v = cl.moment_levels(experts, device="cpu").set_index("expert")["mean_v"].rename("mean v")
 level_ratio = float(mean_v.max() / mean_v.min())
 FACTS.update(mean_v={e: float(x) for e, x in mean_v.items()}, mean_v_max_over_min=level_ratio)
 raw, nrm = (weighted[k].checkpoint for k in weighted)

@@ -212,13 +212,7 @@ cmp = pd.DataFrame(pairs_cmp)
 FACTS["noise_se_mean_accuracy"] = noise
 FACTS["comparisons"] = {f"{r['from']} -> {r['to']}": r["reading"] for r in pairs_cmp}
 
-v_sum, v_n = {}, {}
-for g in experts.iter_tensors(experts.tensor_names(floating_only=True), device="cpu", base=False, experts=False,
-                              desc="mean v"):
-    for e, v in zip(g.expert_names, g.moments):
-        v_sum[e] = v_sum.get(e, 0.0) + float(v.double().sum())
-        v_n[e] = v_n.get(e, 0) + v.numel()
-mean_v = pd.Series({e: v_sum[e] / v_n[e] for e in v_sum})
+mean_v = cl.moment_levels(experts, device="cpu", progress=False).set_index("expert")["mean_v"]
 FACTS["mean_v_max_over_min"] = float(mean_v.max() / mean_v.min())
 masks_read = cmp.iloc[:len(ffg_labels)]["reading"].value_counts().to_dict()
 lin = pairs_cmp[len(ffg_labels)]

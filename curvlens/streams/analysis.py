@@ -10,7 +10,7 @@ x criterion, x density), identity columns first. Only scalars go to the CPU.
 =========================  ======================================================
 curvature                  :func:`curvature_stats`, :func:`curvature_overlap`,
                            :func:`moment_compression`, :func:`pooled_moments`,
-                           :func:`log10_histogram`
+                           :func:`log10_histogram`, :func:`moment_levels`
 masks                      :func:`ffg_masks`, :func:`mask_stats`,
                            :func:`mask_overlap`, :func:`mask_thresholds`
 interference               :func:`interference`, :func:`predicted_loss`,
@@ -28,6 +28,7 @@ from curvlens.streams.analysis_curvature import (
     curvature_stats,
     log10_histogram,
     moment_compression,
+    moment_levels,
     pooled_moments,
 )
 from curvlens.streams.analysis_interference import compare_merges, interference, predicted_loss
@@ -35,7 +36,7 @@ from curvlens.streams.analysis_graft import ffg_vs_magnitude_summary, graft_swee
 from curvlens.streams.analysis_masks import FFGMasks, ffg_masks, mask_overlap, mask_stats, mask_thresholds
 
 __all__ = [
-    "FFGMasks", "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks",
+    "FFGMasks", "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks", "moment_levels",
     "ffg_vs_magnitude_summary", "graft_sweep", "interference", "log10_histogram", "mask_overlap",
     "mask_stats", "mask_thresholds", "moment_compression", "pooled_moments", "predicted_loss",
 ]

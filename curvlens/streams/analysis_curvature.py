@@ -2,6 +2,8 @@
 
 * :func:`curvature_stats` -- log10 summary of every moment tensor of every expert;
 * :func:`curvature_overlap` -- how similar two experts' curvature is, tensor by tensor;
+* :func:`moment_levels` -- each expert's mean v over the whole model (the *level* a
+  merge compares with ``normalise: none``);
 * :func:`moment_compression` -- what a rank-1 / rank-r moment costs in accuracy;
 * :func:`pooled_moments` -- block-pooled ``log10 v`` maps for the paper's heatmap grids;
 * :func:`log10_histogram` -- histograms of ``log10 v`` per role (or layer).
@@ -88,6 +90,38 @@ def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, max
 
 
 # ------------------------------------------------------------ curvature_overlap
+def moment_levels(experts: Experts, names: Sequence[str] | None = None, *, device="auto",
+                  progress: bool = True) -> pd.DataFrame:
+    """Each expert's mean second moment over the model, every entry weighted equally.
+
+    Merges that weight experts by v (``fisher``, ``ota`` with ``normalise: none``,
+    the default) compare the experts' v entry by entry, so a difference of *level*
+    between experts (from noise, batch size, learning rate, run length, bias
+    correction) moves the merge as much as a difference of shape; this is the number
+    to look at before choosing ``normalise``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``expert, numel, mean_v, level_ratio`` (``mean_v`` summed in float64;
+        ``level_ratio``: ``mean_v`` over the smallest expert's).
+    """
+    need_moments(experts, "moment_levels")
+    names = floating_names(experts, names)
+    dev = resolve_device(device)
+    sums = {e: 0.0 for e in experts.names}
+    counts = {e: 0 for e in experts.names}
+    for g in experts.iter_tensors(names, device=dev, base=False, experts=False, desc="mean v", progress=progress):
+        for e, v in zip(g.expert_names, g.moments):
+            sums[e] += float(v.double().sum())
+            counts[e] += v.numel()
+    rows = [{"expert": e, "numel": counts[e], "mean_v": sums[e] / counts[e] if counts[e] else float("nan")}
+            for e in experts.names]
+    df = pd.DataFrame(rows, columns=["expert", "numel", "mean_v"])
+    df["level_ratio"] = df["mean_v"] / df["mean_v"].min()
+    return df
+
+
 def curvature_overlap(experts: Experts, pairs=None, names: Sequence[str] | None = None, *,
                       spearman_max: int | None = 1 << 16, seed: int = 0, log_eps: float = 1e-30,
                       device="auto", progress: bool = True) -> pd.DataFrame:

@@ -121,6 +121,23 @@ def test_curvature_stats_match_numpy(zoo):
     assert r.frac_zero == 0 and not r.sampled and not r.bias_corrected and r.numel == 96
 
 
+def test_moment_levels_are_each_experts_mean_v_over_every_entry(zoo):
+    ex, (_, _, _, moments) = zoo
+    lv = A.moment_levels(ex, **KW).set_index("expert")
+    assert list(lv.index) == ex.names
+    for e in ex.names:
+        vs = [v.double() for n, v in moments[e].items() if n in ex.tensor_names(floating_only=True)]
+        numel = sum(v.numel() for v in vs)
+        assert lv.loc[e, "numel"] == numel
+        assert lv.loc[e, "mean_v"] == pytest.approx(float(sum(v.sum() for v in vs)) / numel, rel=1e-12)
+    assert lv["level_ratio"].min() == 1.0 and (lv["level_ratio"] >= 1).all()
+    # names= restricts the pass: one tensor gives that tensor's mean
+    one = A.moment_levels(ex, names=[UP], **KW).set_index("expert")
+    for e in ex.names:
+        assert one.loc[e, "mean_v"] == pytest.approx(float(moments[e][UP].double().mean()), rel=1e-12)
+        assert one.loc[e, "numel"] == moments[e][UP].numel()
+
+
 def test_predicted_loss_is_zero_for_the_expert_itself_and_hand_computed(zoo):
     ex, (_, dirs, weights, moments) = zoo
     pl = A.predicted_loss(ex, dirs[1], **KW)
