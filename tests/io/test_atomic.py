@@ -118,6 +118,10 @@ def test_disk_full_and_read_only_targets_are_curvlens_errors(tmp_path, monkeypat
 WRITER = """
 import sys, time, torch
 from curvlens.io.writer import ModelWriter
+# Python ignores SIGINT when its parent did (a job started with '&' by a non-interactive
+# shell, as CI scripts do); restore the interactive default so SIGINT means Ctrl-C here
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with ModelWriter(sys.argv[1], plan=[("a", (1000,), torch.float32), ("b", (1000,), torch.float32)]) as w:
     w.add("a", torch.ones(1000))
     print("writing", flush=True)
