@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 
-from curvlens.math.blocks import blocks
 from curvlens.math.methods.params import (
     DENSITY, INT8_MASK, LAMBDA, WEIGHT, ParamSpec, normalize_param, real, rescale_param,
 )
@@ -49,15 +48,7 @@ class OutlierBand(Sparsifier):
         self.upper = topk_keeper(score, n, skip + keep, size) if keep > 0 else None
         self.lower = topk_keeper(score, n, skip, size) if keep > 0 and skip > 0 else None
         if rescale:
-            before = after = 0.0
-            for sl in blocks(n, size):
-                d = delta_at(sl)
-                before += float(d.abs().sum())
-                after += float((d * self.keep(d)).abs().sum())
-            for k in (self.upper, self.lower):
-                if k is not None:
-                    k.reset()
-            self._set_factor(before, after, device)
+            self._rescale_from_pass(delta_at, n, size, device, [self.upper, self.lower])
 
     def keep(self, delta: Tensor) -> Tensor:
         if self.upper is None:

@@ -42,6 +42,20 @@ class Sparsifier:
     def keep(self, delta: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _rescale_from_pass(self, delta_at, n: int, size: int, device, keepers) -> None:
+        """Set ``factor`` from a first pass over the blocks with this sparsifier's own
+        deterministic :meth:`keep`, then rewind ``keepers`` (its top-k keepers, which
+        count their tie quota as they go) for :meth:`apply`'s pass."""
+        before = after = 0.0
+        for sl in blocks(n, size):
+            d = delta_at(sl)
+            before += float(d.abs().sum())
+            after += float((d * self.keep(d)).abs().sum())
+        for k in keepers:
+            if k is not None:
+                k.reset()
+        self._set_factor(before, after, device)
+
     def _set_factor(self, before: float, after: float, device) -> None:
         # Per-block fp32 sums added in double: one block (small tensors) gives
         # exactly torch's whole-tensor fp32 sum, which is mergekit's.
@@ -57,13 +71,7 @@ class Magnitude(Sparsifier):
         k = max(1, int(density * n))
         self.keeper = topk_keeper(lambda ix: delta_at(ix).abs(), n, k, size)
         if rescale:
-            before = after = 0.0
-            for sl in blocks(n, size):
-                d = delta_at(sl)
-                before += float(d.abs().sum())
-                after += float((d * self.keep(d)).abs().sum())
-            self.keeper.reset()
-            self._set_factor(before, after, device)
+            self._rescale_from_pass(delta_at, n, size, device, [self.keeper])
 
     def keep(self, delta: Tensor) -> Tensor:
         return self.keeper(delta.abs())
