@@ -12,26 +12,8 @@ import torch
 
 mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
 
-from curvlens.math.methods import get_method  # noqa: E402
-
-SHAPES = [(), (7,), (6, 5)]
-
-
-def _inputs(shape, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    experts = [base + torch.randn(shape, generator=g) for _ in range(n)]
-    return base, experts
-
-
-def _mergekit(method, base, experts, params):
-    tensors = experts if base is None else [base, *experts]
-    return mergekit_api.merge_tensors(tensors, method, parameters=params,
-                                      base_index=None if base is None else 0)
-
-
-def _ours(method, base, experts, params, rng=None):
-    return get_method(method).fn(base, experts, None, rng=rng, **params)
+# the same inputs and calls as the parity tests of the methods both had before
+from tests.math.test_mergekit_parity import SHAPES, _inputs, _mergekit, _ours  # noqa: E402
 
 
 def _exact(a, b):
