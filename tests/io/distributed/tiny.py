@@ -46,7 +46,8 @@ def param_groups(m: torch.nn.Module) -> list[dict]:
             {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
 
 
-def batch(step: int) -> torch.Tensor:
-    """The same token batch on every rank (so data-parallel averaging is exact)."""
-    g = torch.Generator().manual_seed(1000 + step)
+def batch(step: int, data_seed: int = 0) -> torch.Tensor:
+    """The same token batch on every rank (so data-parallel averaging is exact);
+    ``data_seed`` makes a different expert."""
+    g = torch.Generator().manual_seed(1000 * (data_seed + 1) + step)
     return torch.randint(0, 33, (BATCH, SEQ), generator=g)
