@@ -187,7 +187,7 @@ def _header(rank: int, file: Path) -> dict[str, Any]:
                          "elastic": False}
     pc = _get(osd, "partition_count", file)
     counts = [pc] if stage == 3 else _ints(pc, "partition_count", file)
-    if len(set(counts)) != 1 or not isinstance(counts[0], int):
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts) or len(set(counts)) != 1:
         raise CurvlensError(f"{file}: partition_count {pc!r}; expected one world size for every group")
     h["world"] = counts[0]
     if stage == 3:
@@ -295,11 +295,12 @@ def _zero12_pieces(groups, headers, world) -> dict[str, list[Piece]]:
             raise CurvlensError(f"{h0['file']}: param_alignment_paddings of group {g} do not fit its "
                                 f"{len(shapes)} parameters (or the ranks disagree)")
         # every rank's flat partition: its stored entries plus the padding stripped from them
-        part = {h["sizes"][g] + (h["paddings"][g] if h["elastic"] else 0) for h in headers}
-        if len(part) != 1:
-            raise CurvlensError(f"{headers[0]['file']}: group {g} partitions differ in size across ranks "
-                                f"({sorted(part)}); expected equal partitions")
-        p = part.pop()
+        part = [h["sizes"][g] + (h["paddings"][g] if h["elastic"] else 0) for h in headers]
+        odd = next((h for h, n in zip(headers, part) if n != part[0]), None)
+        if odd is not None:
+            raise CurvlensError(f"{odd['file']}: group {g} partitions differ in size across ranks "
+                                f"({part}); expected equal partitions")
+        p = part[0]
         starts, off = [], 0
         for (name, shape), pad in zip(shapes.items(), pads):
             starts.append(off)
