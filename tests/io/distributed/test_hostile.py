@@ -7,16 +7,44 @@ import pytest
 import torch
 
 from curvlens import CurvlensError, Moments
-from curvlens.io.dcp import DCP_CLASSES
-from curvlens.io.deepspeed import DEEPSPEED_CLASSES
-from curvlens.io.safe_unpickle import load_pickle, load_torch_file
 
 R0, R1 = "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 
+@pytest.fixture
+def ds_classes(monkeypatch):
+    """Plain local classes under DeepSpeed's module paths (fake modules), so a test can
+    rewrite a DeepSpeed file without DeepSpeed installed."""
+    import enum
+    import sys
+    import types
+
+    def module(path):
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            if not isinstance(sys.modules.get(name), _Fake):
+                monkeypatch.setitem(sys.modules, name, _Fake(name))
+        return sys.modules[path]
+
+    def plain(path):
+        mod, name = path.rsplit(".", 1)
+        setattr(module(mod), name, type(name, (), {"__module__": mod, "__qualname__": name}))
+
+    plain("deepspeed.runtime.fp16.loss_scaler.LossScaler")
+    plain("deepspeed.utils.tensor_fragment.fragment_address")
+    cfg = module("deepspeed.runtime.zero.config")
+    cfg.ZeroStageEnum = enum.IntEnum("ZeroStageEnum", {"disabled": 0, "optimizer_states": 1, "gradients": 2,
+                                                       "weights": 3}, module=cfg.__name__)
+
+
+class _Fake(__import__("types").ModuleType):
+    pass
+
+
 def _edit(file, change):
-    """Rewrite a DeepSpeed file with ``change(obj)`` applied (stand-ins pickled back as
-    plain objects of this module: the reader refuses nothing it admitted before)."""
+    """Rewrite one of our own fixture copies with ``change(obj)`` applied (a trusted
+    test file, so a plain torch.load; DeepSpeed's classes come from ``ds_classes``)."""
     obj = torch.load(file, weights_only=False)
     change(obj)
     torch.save(obj, file)
@@ -24,11 +52,6 @@ def _edit(file, change):
 
 def _osd(obj):
     return obj["optimizer_state_dict"]
-
-
-needs_deepspeed_classes = pytest.mark.skipif(
-    pytest.importorskip("importlib.util").find_spec("deepspeed") is None,
-    reason="editing a DeepSpeed file in place unpickles its DeepSpeed objects, which needs deepspeed installed")
 
 
 # ------------------------------------------------------------------ missing / extra shards
@@ -98,7 +121,6 @@ def test_several_tags_and_no_latest_is_not_guessed(fixture_copy):
 
 
 # ------------------------------------------------------------------ ranks that disagree
-@needs_deepspeed_classes
 @pytest.mark.parametrize("change,match", [
     (lambda o: _osd(o).__setitem__("partition_count", [3, 3]), "says the run had 3 data-parallel ranks"),
     (lambda o: [s.__setitem__("step", torch.tensor(7.0)) for s in _osd(o)["base_optimizer_state"]["state"].values()],
@@ -117,7 +139,7 @@ def test_several_tags_and_no_latest_is_not_guessed(fixture_copy):
     (lambda o: _osd(o).__setitem__("zero_stage", 2), "records stage 2, rank 0 1"),
     (lambda o: _osd(o).__setitem__("zero_stage", 3), "partition_count .*expected one world size"),
 ])
-def test_ranks_that_disagree_are_refused_naming_the_rank_file(fixture_copy, change, match):
+def test_ranks_that_disagree_are_refused_naming_the_rank_file(fixture_copy, ds_classes, change, match):
     d = fixture_copy("zero1")
     _edit(d / "global_step3" / R1, change)
     with pytest.raises(CurvlensError, match=match) as err:
@@ -125,11 +147,10 @@ def test_ranks_that_disagree_are_refused_naming_the_rank_file(fixture_copy, chan
     assert R1 in str(err.value) or "rank 1" in str(err.value)
 
 
-@needs_deepspeed_classes
-def test_zero3_sub_group_sizes_that_do_not_fit_the_shapes_are_refused(fixture_copy):
+def test_zero3_sub_group_sizes_that_do_not_fit_the_shapes_are_refused(fixture_copy, ds_classes):
     d = fixture_copy("zero3")
     _edit(d / "global_step3" / R0, lambda o: _osd(o)["optimizer_state_dict"]["state"][1].__setitem__(
-        "exp_avg_sq", torch.ones(121)))
+        "exp_avg_sq", torch.ones(121)))  # noqa: E128
     with pytest.raises(CurvlensError, match=r"rank_0_.*sub-group 1 holds 121 .* need 120; padding/numel mismatch"):
         Moments.open(d)
 
@@ -155,9 +176,8 @@ def test_shapes_that_do_not_fit_the_flat_partitions_are_refused(fixture_copy):
 
 
 # ------------------------------------------------------------------ values
-@needs_deepspeed_classes
 @pytest.mark.parametrize("value,what", [(float("nan"), "1 non-finite"), (-1.0, "1 negative")])
-def test_non_finite_or_negative_moments_name_the_rank_file_and_tensor(fixture_copy, value, what):
+def test_non_finite_or_negative_moments_name_the_rank_file_and_tensor(fixture_copy, ds_classes, value, what):
     d = fixture_copy("zero1")
 
     def poison(o):
@@ -171,15 +191,6 @@ def test_non_finite_or_negative_moments_name_the_rank_file_and_tensor(fixture_co
 
 
 # ------------------------------------------------------------------ DCP
-def _dcp_meta(d):
-    f = d / ".metadata"
-    return f, load_pickle(f.read_bytes(), DCP_CLASSES, str(f))
-
-
-def _resave(f, md):
-    f.write_bytes(pickle.dumps(md))  # stand-ins pickle back as curvlens' own (admitted nowhere)
-
-
 def test_a_missing_dcp_shard_is_named(fixture_copy):
     d = fixture_copy("fsdp2")
     (d / "dcp" / "__1_0.distcp").unlink()
