@@ -54,7 +54,10 @@ class Moments(Mapping):
         Whether reads are divided by ``1 - beta2**step``.
     metadata : dict
         A safetensors source's metadata (``kind``, ``n_examples``, ``loss`` for a
-        data Fisher written by :func:`curvlens.estimate_fisher`).
+        data Fisher written by :func:`curvlens.estimate_fisher`); for a sharded
+        source its description (``format``: ``deepspeed`` or
+        ``torch.distributed.checkpoint``, ``zero_stage``, ``world_size``, ``step``,
+        ``betas``, ...).
     """
 
     def __init__(self, shapes: dict[str, torch.Size], reader, *, label: str,
