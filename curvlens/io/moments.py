@@ -9,7 +9,9 @@ Sources, in the layouts users actually have:
   *index*: indices are mapped to names through the order in which the optimizer saw
   the parameters, and every shape is checked;
 * a state dict whose state is keyed by name (``{"state": {name: {"exp_avg_sq": ...}}}``);
-* an HF Trainer checkpoint dir (``optimizer.pt`` beside the model files).
+* an HF Trainer checkpoint dir (``optimizer.pt`` beside the model files);
+* DeepSpeed ZeRO 1/2/3 and ``torch.distributed.checkpoint`` (FSDP) dirs, read shard
+  by shard (:mod:`curvlens.io.distributed`).
 
 Adam's ``exp_avg_sq`` is biased towards zero early in training; the paper uses it
 raw. ``bias_correction=True`` divides by ``1 - beta2**step`` when both are known.
@@ -27,6 +29,9 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load, read_safetensor
+from curvlens.io.distributed import LAYOUTS as SHARDED_LAYOUTS
+from curvlens.io.distributed import find_sharded
+from curvlens.io.moment_source import MomentSource
 from curvlens.io.optimizer_order import name_index_state
 from curvlens.io.paths import contained
 
@@ -49,7 +54,10 @@ class Moments(Mapping):
         Whether reads are divided by ``1 - beta2**step``.
     metadata : dict
         A safetensors source's metadata (``kind``, ``n_examples``, ``loss`` for a
-        data Fisher written by :func:`curvlens.estimate_fisher`).
+        data Fisher written by :func:`curvlens.estimate_fisher`); for a sharded
+        source its description (``format``: ``deepspeed`` or
+        ``torch.distributed.checkpoint``, ``zero_stage``, ``world_size``, ``step``,
+        ``betas``, ...).
     """
 
     def __init__(self, shapes: dict[str, torch.Size], reader, *, label: str,
@@ -127,9 +135,13 @@ class Moments(Mapping):
                     checkpoint = path  # HF Trainer layout: model files beside optimizer.pt
                 path = path / "optimizer.pt"
             else:
-                raise CurvlensError(
-                    f"{path}: no second moments found; expected {EXPORT_RELPATH} or optimizer.pt"
-                )
+                sharded = find_sharded(path)
+                if sharded is None:
+                    raise CurvlensError(f"{path}: no second moments found; expected {EXPORT_RELPATH}, "
+                                        f"optimizer.pt, {' or '.join(SHARDED_LAYOUTS)}")
+                return cls._from_source(sharded, bias_correction)
+        elif path.is_file() and path.name == "latest":  # DeepSpeed's pointer to its tag dir
+            return cls._from_source(find_sharded(path), bias_correction)
         elif not path.exists():
             raise CurvlensError(f"{path}: no such moments file or dir")
         if path.suffix == ".safetensors":
@@ -140,6 +152,14 @@ class Moments(Mapping):
                 checkpoint = path.parent
             return cls._from_mapping(obj, str(path), checkpoint, bias_correction, file=path)
         raise CurvlensError(f"{path}: unknown moments file type; expected .safetensors or .pt")
+
+    @classmethod
+    def _from_source(cls, source: MomentSource, bias_correction: bool) -> Moments:
+        """Moments over a sharded layout (DeepSpeed ZeRO, torch.distributed.checkpoint)."""
+        m = cls(source.shapes, source.read, label=source.label, step=source.step, beta2=source.beta2,
+                bias_correction=bias_correction, path=source.path)
+        m.metadata = dict(source.metadata)
+        return m
 
     @classmethod
     def _from_safetensors(cls, file: Path, bias_correction: bool) -> Moments:
