@@ -64,7 +64,7 @@ class TaskIndex:
 
     roots: tuple[Path, ...]
     files: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # task -> (file, its root)
-    problems: dict[Path, str] = field(default_factory=dict)            # unreadable files -> why
+    broken: dict[str, str] = field(default_factory=dict)               # task of a refused file -> why
 
     @classmethod
     def scan(cls, include_path) -> TaskIndex:
@@ -84,23 +84,39 @@ class TaskIndex:
                 try:
                     cfg = _read(root, f.relative_to(root).as_posix(), source=f"include_path {root}", seen=())
                 except CurvlensError as err:
-                    index.problems[f] = str(err)
+                    name = _own_task_name(f)  # a refused file's task is an error, not lm-eval's task
+                    if name is not None:
+                        index.broken[name] = str(err)
+                        index.files.pop(name, None)
                     continue
                 name = cfg.get("task")
                 if isinstance(name, str) and "group" not in cfg:
                     index.files[name] = (f, root)
+                    index.broken.pop(name, None)
         return index
 
     def __contains__(self, task: object) -> bool:
-        return task in self.files
+        return task in self.files or task in self.broken
 
     def config(self, task: str) -> dict:
         """The checked config dict of ``task``, paths made absolute."""
+        if task in self.broken:
+            raise CurvlensError(self.broken[task])
         if task not in self.files:
             raise CurvlensError(f"no local task {task!r} under {', '.join(map(str, self.roots))}")
         f, root = self.files[task]
         cfg = _read(root, f.relative_to(root).as_posix(), source=f"include_path {root}", seen=())
         return _checked(cfg, f, root)
+
+
+def _own_task_name(f: Path) -> str | None:
+    """The ``task:`` a file names itself, read without following anything."""
+    try:
+        cfg = yaml.load(f.read_text(encoding="utf-8"), Loader=_TaskLoader)  # noqa: S506 - a SafeLoader
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    name = cfg.get("task") if isinstance(cfg, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _read(root: Path, name: str, *, source: str, seen: tuple[Path, ...]) -> dict:

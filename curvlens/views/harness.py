@@ -49,7 +49,7 @@ def harness_scores(df: pd.DataFrame, *, ax=None, title: str | None = None):
     --------
     >>> df = pd.DataFrame({"model": ["a", "b"], "task": "t", "metric": "acc", "value": [0.5, 0.7],
     ...                    "stderr": [0.05, 0.04], "selected": True, "status": "ok"})
-    >>> [round(b.get_height(), 2) for b in harness_scores(df).patches]
+    >>> [round(float(b.get_height()), 2) for b in harness_scores(df).patches]
     [0.5, 0.7]
     """
     models, tasks, value, err, labels = _pivot(df, "harness_scores")
