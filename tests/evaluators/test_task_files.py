@@ -98,3 +98,15 @@ def test_index_reads_tasks_and_refuses_what_is_not_a_dir(harness, task_dir, tmp_
         TaskIndex.scan(tmp_path / "secret.jsonl")
     with pytest.raises(CurvlensError, match="no local task"):
         index.config("nope")
+
+
+def test_lm_evals_own_tasks_run_offline_and_fail_as_rows(harness, quick_zoo, no_network):
+    # a hub dataset that is not in the local cache: an error row saying offline, no connection tried
+    ev = lm_eval(["arc_easy", "facts", "no_such_task"], include_path=zoo_tasks(quick_zoo), device="cpu")
+    rows = ev.scores(quick_zoo.expert_dirs["knowledge"]).set_index("task")
+    knowledge = str(quick_zoo.expert_dirs["knowledge"])
+    assert rows.loc["facts", "status"] == "ok"
+    assert rows.loc["facts", "value"] == quick_zoo.evaluator(["facts"])(knowledge)["facts"]
+    assert rows.loc["arc_easy", "status"] == "error" and "Offline" in rows.loc["arc_easy", "error"]
+    assert rows.loc["no_such_task", "status"] == "error" and "no_such_task" in rows.loc["no_such_task", "error"]
+    assert no_network == []
