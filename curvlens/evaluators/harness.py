@@ -220,7 +220,7 @@ class LmEvalEvaluator:
     def _run(self, lm, specs: dict[str, object]) -> list[dict]:
         """Score every task in one harness run; if that fails, task by task, so one
         broken task is one error row."""
-        manager = _task_manager(all(isinstance(s, dict) for s in specs.values()))
+        manager = task_manager(all(isinstance(s, dict) for s in specs.values()))
         loaded_tasks, rows = {}, []
         for task, spec in specs.items():
             try:
@@ -350,7 +350,7 @@ def run_harness(lm, manager, tasks: list, *, num_fewshot: int | None, limit) -> 
 _MANAGERS: dict[bool, object] = {}
 
 
-def _task_manager(local_only: bool):
+def task_manager(local_only: bool):
     """lm-eval's TaskManager, one per process: without lm-eval's own task index when
     every task is local (indexing its thousands of YAMLs costs seconds)."""
     if local_only not in _MANAGERS:

@@ -50,8 +50,9 @@ def score_models(models: Sequence, evaluator: LmEvalEvaluator, *, names: Sequenc
     for name, model in zip(names, models):
         try:
             df = evaluator.scores(model)
-        except CurvlensError as err:
-            df = pd.DataFrame({"task": list(evaluator.tasks), "status": "error", "error": str(err),
+        except Exception as err:  # noqa: BLE001 - one model that cannot be scored is rows, not the end
+            text = str(err) if isinstance(err, CurvlensError) else f"{type(err).__name__}: {err}"
+            df = pd.DataFrame({"task": list(evaluator.tasks), "status": "error", "error": text,
                                "value": np.nan, "stderr": np.nan, "selected": False}, columns=SCORE_COLUMNS)
         df.insert(0, "model", name)
         frames.append(df)

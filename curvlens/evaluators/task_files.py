@@ -220,7 +220,7 @@ def _data_files(spec, root: Path, base: Path, f: Path):
     """``data_files`` in any of its forms, every entry checked and absolute."""
     def one(name, key):
         if isinstance(name, str) and any(c in name for c in "*?["):
-            if not isinstance(name, str) or Path(name).is_absolute() or name.startswith(("~", "\\")):
+            if Path(name).is_absolute() or name.startswith(("~", "\\")):
                 raise CurvlensError(f"{f}: {key} names {name!r}; expected a pattern relative to {base}")
             matches = sorted(glob.glob(str(base / name), recursive=True))
             if not matches:

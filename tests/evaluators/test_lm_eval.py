@@ -55,7 +55,7 @@ def test_the_harness_run_gives_simple_evaluates_results(zoo_harness, quick_zoo):
     configs = [tasks.config(t) for t in ("brackets", "transform")]
     with LOCK:
         lm, _ = harness_model(quick_zoo.expert_dirs["code"], spec)
-        manager = H._task_manager(True)
+        manager = H.task_manager(True)
         ours = H.run_harness(lm, manager, configs, num_fewshot=None, limit=30)["results"]
         theirs = harness.simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=30,
                                          log_samples=False)["results"]
