@@ -35,6 +35,8 @@ pooling                :func:`aggregate`
 threads                :func:`set_threads` (CPU passes use 1 by default: see ``curvlens.runtime``)
 drawing                ``cl.views`` (figures and explorers, imported on first use)
 the demo zoo           ``cl.zoo`` (imported on first use; needs ``transformers``)
+evaluators             ``cl.evaluators`` (``lm_eval(...)``: lm-evaluation-harness for sweeps; the
+                       ``eval`` extra)
 =====================  ==========================================================
 
 Internals live in layered modules: ``curvlens.io`` (read/write), ``curvlens.math``
@@ -89,11 +91,11 @@ __all__ = [
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",
     "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "views",
-    "write_model", "zoo", "__version__",
+    "write_model", "zoo", "evaluators", "__version__",
 ]
 
-# Heavy or optional: matplotlib/plotly for views, transformers for the zoo.
-_LAZY = ("views", "zoo")
+# Heavy or optional: matplotlib/plotly for views, transformers for the zoo, lm-eval for evaluators.
+_LAZY = ("views", "zoo", "evaluators")
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``figures``, ``methods``.
+"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``eval``, ``figures``, ``methods``.
 
 Each subcommand is a thin wrapper over the library; everything it does can be done
 from Python (see the notebooks).
@@ -126,6 +126,25 @@ def _cmd_notebooks(a) -> int:
     return 0
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from curvlens.evaluators import lm_eval, score_models, zoo_tasks
+    from curvlens.io.atomic import AtomicDir
+    from curvlens.views.figures import save_figure
+    from curvlens.views.harness import harness_scores
+
+    include = list(a.include_path or []) + ([zoo_tasks(a.zoo_tasks)] if a.zoo_tasks else [])
+    ev = lm_eval(a.tasks, metric=a.metric, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+                 device=a.device, model_args=a.model_args, include_path=include or None, quiet=not a.verbose)
+    # written beside its place and renamed in when complete; never onto a model or a task dir
+    with AtomicDir(a.out, overwrite=a.overwrite, inputs=[*a.models, *include]) as tmp:
+        df = score_models(a.models, ev, progress=print)
+        df.to_csv(tmp / "scores.csv", index=False)
+        if (df["status"] == "ok").any():
+            save_figure(harness_scores(df).figure, tmp / "scores.png")
+    print(f"{len(df)} rows -> {a.out / 'scores.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvlens", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     nbk.add_argument("--full", action="store_true", help="QUICK = False (the default zoo); default: the quick zoo")
     nbk.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     nbk.set_defaults(fn=_cmd_notebooks)
+
+    ev = sub.add_parser("eval", help="score model dirs with lm-evaluation-harness (CSV + figure; the eval extra)")
+    ev.add_argument("models", nargs="+", type=Path, help="HF model dirs (merges, experts, ...)")
+    ev.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    ev.add_argument("--out", type=Path, required=True, help="output dir: scores.csv, scores.png")
+    ev.add_argument("--include-path", type=Path, action="append", help="a dir of local task YAMLs (repeatable)")
+    ev.add_argument("--zoo-tasks", choices=["quick", "default"], help="the demo zoo's capabilities as tasks")
+    ev.add_argument("--metric", help="a task's score: 'acc', 'exact_match,strict-match' (default: its only one)")
+    ev.add_argument("--limit", type=float, help="first N examples per task (a fraction below 1)")
+    ev.add_argument("--num-fewshot", type=int)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--model-args", help="'dtype=bfloat16,max_length=2048' (lm-eval's HFLM options)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--verbose", action="store_true", help="lm-eval's progress bars and warnings")
+    ev.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("methods", help="list merge methods and their parameters")
     s.add_argument("method", nargs="?")

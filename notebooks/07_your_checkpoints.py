@@ -444,6 +444,46 @@ for layout in ["trainer", "deepspeed", "dcp"]:
     same = all(torch.equal(m[n], reference[n]) for n in reference)
     print(f"{layout:9s} {m.metadata.get('format', 'torch.optim'):29s} identical to the export: {same}")
     assert same
+# ## Score your merges with lm-eval
+#
+# Merges of real LLMs are scored with lm-evaluation-harness. `cl.evaluators.lm_eval(tasks)`
+# is an evaluator with the zoo evaluator's contract, `evaluate(model_dir) -> {task:
+# score, task_stderr: its standard error}`: pass it to `cl.sweep` (serially or on a
+# dask cluster), `cl.greedy_soup`, `cl.pareto_front`, or `cl.graft_sweep` (with
+# `base=`). It runs lm-eval's Python API in this process, offline, with one model kept
+# loaded per process across a sweep; a task that cannot be scored is an error row,
+# never the end of the sweep. Local task files (`include_path=`) are read as untrusted
+# input: data files stay inside the task dir, no `!function` Python runs, templates
+# render sandboxed. For a real model, e.g.
+# `cl.evaluators.lm_eval(["arc_easy", "gsm8k"], metric={"arc_easy": "acc_norm",
+# "gsm8k": "exact_match,strict-match"}, model_args="dtype=bfloat16")` (lm-eval's task
+# data must be in the local `datasets` cache). From the shell:
+# `curvlens eval MERGED_DIR... --tasks arc_easy --out scores/`.
+#
+# curvlens ships the demo zoo's four capabilities as local lm-eval tasks
+# (`cl.evaluators.zoo_tasks(zoo)`), so the zoo can be scored through the harness too;
+# here the OTA+FFG merge written above (stored in bf16, scored in fp32 as the zoo
+# evaluator scores it), against the base:
+
+# %%
+import importlib.util
+
+from IPython.display import display
+
+if importlib.util.find_spec("lm_eval") is None:
+    print("lm-eval is not installed (pip install 'curvlens[eval]'); this section is skipped")
+else:
+    # the merge is stored in bf16; the zoo evaluator computes in fp32, and so does this
+    harness = cl.evaluators.lm_eval(list(zoo.capabilities.values()), include_path=cl.evaluators.zoo_tasks(zoo),
+                                    device=DEVICE, model_args={"dtype": "float32"})
+    scores = cl.evaluators.score_models([zoo.base_dir, work / "merged-ota"], harness, names=["base", "OTA+FFG"])
+    merged_scores = harness(str(work / "merged-ota"))
+    zoo_scores = zoo.evaluator(device=DEVICE)(str(work / "merged-ota"))
+    # the harness's task files reproduce the zoo evaluator item for item
+    assert {k: v for k, v in merged_scores.items() if not k.endswith("_stderr")} == zoo_scores
+    print("harness == zoo evaluator on the merge:", zoo_scores)
+    cl.views.harness_scores(scores, title="lm-eval scores (± standard error)")
+    display(scores[scores["selected"]][["model", "task", "metric", "value", "stderr", "n", "load"]])
 
 # %% [markdown]
 # ## 4. Memory and GPU

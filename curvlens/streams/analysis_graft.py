@@ -20,6 +20,7 @@ from curvlens.streams.analysis_common import (
 )
 from curvlens.streams.analysis_masks import _check_inputs, _selections
 from curvlens.streams.experts import Experts, _progress, resolve_device
+from curvlens.streams.sweep import score_metrics
 from curvlens.streams.thresholds import CRITERIA, Selection, mask_scores
 
 
@@ -44,9 +45,14 @@ def _graft(sub: Experts, selection: Selection | None, criterion: str, device) ->
 
 def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[str, float]]:
     where = f"evaluate() for expert {expert!r}, criterion {criterion!r}, density {density}"
+    if isinstance(result, Mapping):  # the sweep contract, {metric: value}; standard errors are not scores
+        try:
+            return [(str(m), float(result[m])) for m in score_metrics(result)]
+        except (TypeError, ValueError):
+            raise CurvlensError(f"{where} returned {dict(result)!r}; expected numbers") from None
     if not isinstance(result, pd.DataFrame):
         raise CurvlensError(f"{where} returned a {type(result).__name__}; expected a DataFrame with columns "
-                            "capability and score (or accuracy)")
+                            "capability and score (or accuracy), or a dict metric -> score")
     col = "score" if "score" in result.columns else "accuracy" if "accuracy" in result.columns else None
     if "capability" not in result.columns or col is None:
         raise CurvlensError(f"{where} returned columns {list(result.columns)}; expected capability and "
@@ -78,7 +84,10 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
     evaluate : callable
         ``evaluate(state_dict) -> DataFrame`` with columns ``capability`` and
         ``score`` or ``accuracy`` (as ``curvlens.zoo.evaluate`` returns), e.g.
-        ``lambda sd: zoo.evaluate(sd, zoo=zoo)``.
+        ``lambda sd: zoo.evaluate(sd, zoo=zoo)``; or ``-> {metric: score}`` as
+        sweeps take it (``zoo.evaluator()``, ``cl.evaluators.lm_eval(..., base=DIR)``),
+        each metric a capability row (its ``<m>_stderr`` companion is not a score
+        and has no row).
     device, progress
         ``progress`` shows one bar over the grafted models.
 

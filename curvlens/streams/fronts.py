@@ -38,7 +38,7 @@ from curvlens.math.fronts import (
     tensor_grams,
 )
 from curvlens.streams.experts import Experts, resolve_device
-from curvlens.streams.sweep import sweep, wide_scores
+from curvlens.streams.sweep import score_metrics, sweep, wide_scores
 
 PREDICTORS = ("surrogate", "curvature")
 
@@ -187,7 +187,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         pairs each curvature loss with a measured metric. Default: the metric of
         the expert's own name, when the evaluator has one.
     metrics : list of str, optional
-        The evaluator's metrics the surrogate fits (default all).
+        The evaluator's metrics the surrogate fits (default all but the
+        ``<m>_stderr`` standard errors).
     n_samples : int, optional
         Evaluated c: the surrogate's fitting set (default twice the quadratic's
         ``1 + k + k(k+1)/2`` weights), or the curvature predictor's rank check
@@ -267,7 +268,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         if predictor == "surrogate":
             ok = sampled[sampled["status"] == "ok"]
             if metrics is None:
-                metrics = [m for m in sampled.columns if m not in ("job", "label", "status", "role", "error", *coef_cols)]
+                metrics = score_metrics(m for m in sampled.columns
+                                        if m not in ("job", "label", "status", "role", "error", *coef_cols))
             missing = [m for m in metrics if m not in ok.columns]
             if missing or len(ok) < 2:
                 raise CurvlensError(f"the surrogate has {len(ok)} successful evaluations"

@@ -17,7 +17,7 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError
 from curvlens.streams.experts import Experts
-from curvlens.streams.sweep import sweep, wide_scores
+from curvlens.streams.sweep import score_metrics, sweep, wide_scores
 
 OBJECTIVES = ("mean", "worst")
 
@@ -79,7 +79,8 @@ def greedy_soup(experts: Experts, evaluate: Callable[[str], Mapping[str, float]]
     out : path, optional
         Write the final soup here (a merged HF dir); without it nothing is kept.
     metrics : list of str, optional
-        Which of the evaluator's metrics the objective pools (default all).
+        Which of the evaluator's metrics the objective pools (default all but the
+        ``<m>_stderr`` standard errors).
     client, n_workers, work_dir
         As :func:`sweep` (``work_dir`` is its ``out_dir``): the ranking evaluations
         run in parallel on a cluster; the soup steps are sequential by nature.
@@ -126,7 +127,7 @@ def _greedy(experts, evaluate, objective, out, metrics, overwrite, progress, kw,
     ranked_df.insert(0, "step", 0)
     wide = wide_scores(ranked_df)
     if metrics is None:
-        metrics = [c for c in wide.columns if c not in ("job", "label", "status")]
+        metrics = score_metrics(c for c in wide.columns if c not in ("job", "label", "status"))
     else:
         metrics = list(metrics)
         missing = [m for m in metrics if m not in wide.columns]

@@ -44,6 +44,21 @@ _RESERVED = {"method", "label", "experts"}
 
 Evaluate = Callable[[str], Mapping[str, float]]
 
+#: A metric named ``<m>_stderr`` is the standard error of metric ``<m>`` (as
+#: lm-eval reports it), not a score: kept in the frame, left out of objectives.
+STDERR_SUFFIX = "_stderr"
+
+
+def score_metrics(metrics) -> list[str]:
+    """The metrics that are scores: all but the ``<m>_stderr`` companions.
+
+    Examples
+    --------
+    >>> score_metrics(["addition", "addition_stderr", "facts"])
+    ['addition', 'facts']
+    """
+    return [m for m in metrics if not str(m).endswith(STDERR_SUFFIX)]
+
 
 def sweep_grid(method: str, **axes) -> list[dict]:
     """Jobs for every combination of ``axes`` (a product grid) of one method.

@@ -15,6 +15,7 @@ pair grid of log10 v        ``pair_grid``                           ``pair_grid_
 log10 v histograms          ``log10_histogram_plot`` / ``_grid``    ``log10_histogram_plotly``
 score vs density            ``density_curves``                      ``density_curves_plotly``
 merge comparison            ``merge_scores``                        ``merge_scores_plotly``
+lm-eval scores ± stderr     ``harness_scores``                      ``harness_scores_plotly``
 expert-pair matrix          ``pair_matrix_heatmap``                 ``pair_matrix_plotly``
 Adam v vs data Fisher       ``fisher_vs_adam_plot``                 ``fisher_vs_adam_plotly``
 greedy soup path            ``soup_curve`` (a Figure)               –
@@ -28,6 +29,7 @@ from curvlens.views.explorers import curvature_explorer, mask_explorer
 from curvlens.views.merge_explorer import merge_explorer
 from curvlens.views.figures import render_all
 from curvlens.views.fisher import fisher_vs_adam_plot, fisher_vs_adam_plotly
+from curvlens.views.harness import harness_scores, harness_scores_plotly
 from curvlens.views.heatmaps import layer_role_heatmap, layer_role_heatmap_plotly, layer_role_heatmaps
 from curvlens.views.merge_plots import OKABE_ITO, merge_scores_figure
 from curvlens.views.merges import merge_scores, merge_scores_plotly, normalized_scores
@@ -40,7 +42,8 @@ from curvlens.views.soups import front_plot, soup_curve
 # layer_role_matrix, histogram_steps or the rich-display hooks stay in their modules.
 __all__ = [
     "OKABE_ITO", "curvature_explorer", "density_curves", "density_curves_plotly", "figure_style",
-    "fisher_vs_adam_plot", "fisher_vs_adam_plotly", "front_plot", "layer_role_heatmap", "layer_role_heatmap_plotly",
+    "fisher_vs_adam_plot", "fisher_vs_adam_plotly", "front_plot", "harness_scores", "harness_scores_plotly",
+    "layer_role_heatmap", "layer_role_heatmap_plotly",
     "layer_role_heatmaps", "log10_histogram_grid",
     "log10_histogram_plot", "log10_histogram_plotly", "mask_explorer", "merge_explorer", "merge_scores",
     "merge_scores_figure", "merge_scores_plotly", "normalized_scores", "pair_grid", "pair_grid_plotly",

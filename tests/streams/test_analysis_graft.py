@@ -2,6 +2,7 @@
 import pandas as pd
 import pytest
 
+from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.streams import analysis as A
 
 
@@ -52,3 +53,21 @@ def test_graft_sweep_on_the_quick_zoo(request):
     kept = {c: [(low.loc[e, c] - base[caps[e]]) / (own[e] - base[caps[e]]) for e in ex.names]
             for c in ("fisher", "magnitude")}
     assert sum(kept["fisher"]) / len(ex.names) > sum(kept["magnitude"]) / len(ex.names) + 0.25, kept
+
+
+def test_graft_sweep_takes_the_sweep_contract_too(tiny_zoo):
+    # an evaluator returning {metric: score} (zoo.evaluator(), cl.evaluators.lm_eval(base=...)):
+    # each metric a capability row; a metric's <m>_stderr companion is not a score
+    base, dirs, _, _ = tiny_zoo
+    ex = Experts.from_dirs(base, dirs[:1])
+
+    def evaluate(state_dict):
+        w = float(state_dict["model.norm.weight"].sum())
+        return {"norm": w, "norm_stderr": 0.5}
+
+    df = A.graft_sweep(ex, (1.0,), criteria=("magnitude",), evaluate=evaluate, device="cpu", progress=False)
+    assert df["capability"].tolist() == ["norm"]
+    assert df["score"].iloc[0] == pytest.approx(float(Checkpoint.open(dirs[0])["model.norm.weight"].sum()))
+    with pytest.raises(CurvlensError, match="expected numbers"):
+        A.graft_sweep(ex, (1.0,), criteria=("magnitude",), evaluate=lambda sd: {"x": "high"}, device="cpu",
+                      progress=False)

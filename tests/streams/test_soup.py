@@ -48,3 +48,21 @@ def test_worst_objective_and_an_ingredient_that_fails(ingredients):
     assert res.ingredients == ["b"] and res.path is None
     with pytest.raises(CurvlensError, match="objective"):
         greedy_soup(ingredients, Flaky({"t0": [0.0]}), objective="median")
+
+
+class WithStderr(DistanceScore):
+    """Each score with an ``<m>_stderr`` companion, as lm-eval's evaluator returns;
+    the companion is large where the score is bad, so pooling it would change the soup."""
+
+    def __call__(self, model_dir):
+        out = super().__call__(model_dir)
+        return {**out, **{f"{k}_stderr": -100.0 * v for k, v in out.items()}}
+
+
+def test_standard_errors_are_kept_but_not_pooled_into_the_objective(ingredients):
+    res = greedy_soup(ingredients, WithStderr({"fit": [0.0]}), progress=False)
+    assert res.ingredients == ["b", "d"]                          # as with the plain scores
+    assert "fit_stderr" not in res.curve.columns and "fit" in res.curve.columns
+    assert "fit_stderr" in set(res.sweeps["metric"])              # kept in the sweep rows
+    assert greedy_soup(ingredients, WithStderr({"fit": [0.0]}), metrics=["fit_stderr"],
+                       progress=False).ingredients != ["b", "d"]  # asked for, it is pooled
