@@ -47,8 +47,8 @@ from curvlens.io import Checkpoint, Moments, export_moments, write_model
 from curvlens.math.methods import list_methods, method_params
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
-from curvlens.streams import Expert, Experts
-from curvlens.streams.analysis import (
+from curvlens.passes import Expert, Experts
+from curvlens.passes.analysis import (
     aggregate,
     compare_merges,
     curvature_overlap,
@@ -66,17 +66,17 @@ from curvlens.streams.analysis import (
     pooled_moments,
     predicted_loss,
 )
-from curvlens.streams.fisher import estimate_fisher
-from curvlens.streams.fisher_compare import fisher_vs_adam
-from curvlens.streams.merge import MergeResult, merge
-from curvlens.streams.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
-from curvlens.streams.merge_config import load_merge_config
-from curvlens.streams.findings import findings
-from curvlens.streams.fronts import FrontResult, gram_matrices, pareto_front
-from curvlens.streams.soup import SoupResult, greedy_soup
-from curvlens.streams.sweep import sweep, sweep_grid
-from curvlens.streams.prediction import merge_retention, prediction_agreement, prediction_study
-from curvlens.streams.regime import edit_norms, regime_table, relative_edit
+from curvlens.passes.fisher_estimate import estimate_fisher
+from curvlens.studies.fisher_vs_adam import fisher_vs_adam
+from curvlens.passes.merge import MergeResult, merge
+from curvlens.passes.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
+from curvlens.config.merge_config import load_merge_config
+from curvlens.studies.findings import findings
+from curvlens.studies.fronts import FrontResult, gram_matrices, pareto_front
+from curvlens.studies.soup import SoupResult, greedy_soup
+from curvlens.studies.sweep import sweep, sweep_grid
+from curvlens.studies.prediction import merge_retention, prediction_agreement, prediction_study
+from curvlens.studies.regime import edit_norms, regime_table, relative_edit
 from curvlens.tensor_filter import TensorFilter
 
 __version__ = "0.1.0"

@@ -13,8 +13,8 @@ from curvlens.errors import CurvlensError
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
-    from curvlens.streams.merge import merge
-    from curvlens.streams.merge_config import load_merge_config
+    from curvlens.passes.merge import merge
+    from curvlens.config.merge_config import load_merge_config
 
     cfg = load_merge_config(a.config)
     if cfg.stack is not None:
@@ -72,7 +72,7 @@ def _cmd_figures(a: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(a: argparse.Namespace) -> int:
-    from curvlens.streams.experts import Experts
+    from curvlens.passes.experts import Experts
 
     from curvlens.io.atomic import AtomicDir
 
@@ -83,7 +83,7 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
         results = _analyze_into(tmp, experts, a)
     print("model-level curvature overlap:")
     from curvlens.demo import regime_lines
-    from curvlens.streams import analysis as A
+    from curvlens.passes import analysis as A
 
     print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
     for line in regime_lines(results):
@@ -92,7 +92,7 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def _analyze_into(tmp: Path, experts, a: argparse.Namespace) -> dict:
-    from curvlens.streams import analysis as A
+    from curvlens.passes import analysis as A
 
     kw = {"device": a.device, "progress": not a.quiet}
     frames = {

@@ -27,7 +27,7 @@ from curvlens.views.distributions import log10_histogram_grid, log10_histogram_p
 from curvlens.views.explorers import curvature_explorer, mask_explorer
 from curvlens.views.merge_explorer import merge_explorer
 from curvlens.views.figures import render_all
-from curvlens.views.fisher import fisher_vs_adam_plot, fisher_vs_adam_plotly
+from curvlens.views.fisher_vs_adam import fisher_vs_adam_plot, fisher_vs_adam_plotly
 from curvlens.views.heatmaps import layer_role_heatmap, layer_role_heatmap_plotly, layer_role_heatmaps
 from curvlens.views.merge_plots import OKABE_ITO, merge_scores_figure
 from curvlens.views.merges import merge_scores, merge_scores_plotly, normalized_scores

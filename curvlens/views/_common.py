@@ -15,7 +15,7 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError
 from curvlens.roles import ROLES
-from curvlens.streams.analysis_common import metric_weights
+from curvlens.passes.analysis_common import metric_weights
 from curvlens.views.merge_plots import OKABE_ITO
 
 #: Label of the heatmap row that holds tensors outside the transformer blocks
@@ -305,7 +305,7 @@ def first_seen(values: Iterable[Any]) -> list:
 def weights_of(df: pd.DataFrame, weight: str | None, what: str, metric: str | None = None) -> np.ndarray | None:
     """The weight column (``numel`` by default) as floats, or None for equal
     weights; for ``metric``, the analyses' own rule
-    (:func:`curvlens.streams.analysis_common.metric_weights`)."""
+    (:func:`curvlens.passes.analysis_common.metric_weights`)."""
     if weight is None:
         return None
     if weight not in df.columns:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.streams.analysis_common import metric_weights, pool
+from curvlens.passes.analysis_common import metric_weights, pool
 from curvlens.views._common import (
     NON_LAYER, check_frame, first_seen, layer_label, layer_value, metric_label, require_widgets,
     role_order,

@@ -5,7 +5,7 @@ for tensors outside the blocks (token embeddings, final norm, LM head); columns
 are roles in curvlens' fixed order (``embed, q, k, v, qkv, o, gate, up, down,
 norm, lm_head, other``). Where several tensors or experts fall in one cell (two
 norms per layer, several experts, several pairs) the cell pools them by the rule
-of :func:`curvlens.aggregate` (:func:`curvlens.streams.analysis_common.pool`):
+of :func:`curvlens.aggregate` (:func:`curvlens.passes.analysis_common.pool`):
 the numel-weighted mean, or the sum for additive metrics such as
 ``predicted_loss_increase``.
 
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.streams.analysis_common import pool
+from curvlens.passes.analysis_common import pool
 from curvlens.views._common import (
     DIVERGING, NON_LAYER, SEQUENTIAL, apply_filters, auto_log, check_frame, check_numeric,
     filter_title, first_seen, fmt_value, is_signed, layer_label, layer_value, metric_label,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError, check_choice
-from curvlens.streams.analysis_common import pool
+from curvlens.passes.analysis_common import pool
 from curvlens.views._common import (
     METRIC_RANGES, apply_filters, check_frame, check_numeric, filter_title, first_seen, fmt_value,
     metric_label, new_axes, plotly_color_kwargs, require_plotly, styled, text_color_for, weights_of,

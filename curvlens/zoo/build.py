@@ -121,7 +121,7 @@ class Zoo:
         every later call, in any process, reads them back."""
         import pandas as pd
 
-        from curvlens.streams.experts import resolve_device
+        from curvlens.passes.experts import resolve_device
 
         kind = resolve_device(device).type
         stored = self.root / f"scores-{kind}-{_evaluation_version()}.csv"
