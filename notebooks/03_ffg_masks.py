@@ -341,7 +341,7 @@ by_role = cl.aggregate(mo, by=("role",)).groupby(["criterion", "role"], sort=Fal
 # density 1.0):
 
 # %%
-from curvlens.streams.findings import finding_grafting, finding_masks  # noqa: E402
+from curvlens.studies.findings import finding_grafting, finding_masks  # noqa: E402
 
 own = {e: float(g.loc[g["density"] == 1.0, "fisher"].iloc[0]) for e, g in summary.groupby("expert", sort=False)}
 shapes = {n: tuple(desc.loc[n, "shape"]) for n in desc.index}

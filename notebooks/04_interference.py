@@ -280,7 +280,7 @@ mask_effect.round(3)
 # notebook `05` decides it on a larger grid.
 
 # %%
-from curvlens.streams.findings import finding_merges  # noqa: E402
+from curvlens.studies.findings import finding_merges  # noqa: E402
 
 claim = finding_merges(table, capabilities,  # the scores above (experts included)
                        {"ota_ffg": "OTA+FFG (0.3)", "linear": "linear", "ties": "TIES (0.5)",

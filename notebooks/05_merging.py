@@ -237,7 +237,7 @@ cmp.round(3)
 # DARE-TIES):
 
 # %%
-from curvlens.streams.findings import finding_merges  # noqa: E402
+from curvlens.studies.findings import finding_merges  # noqa: E402
 
 claim = finding_merges(table, capabilities, {"ota_ffg": "OTA+FFG d=0.3", "linear": "linear",
                                              "ties": "TIES d=0.3", "dare": "DARE-TIES d=0.5"})

@@ -51,7 +51,7 @@ capabilities = dict(zoo.capabilities)
 evaluate = zoo.evaluator()   # picklable: evaluate(model_dir) -> {capability: accuracy}
 STARTED_HERE = CLIENT == "local"
 if STARTED_HERE:             # one cluster for the whole notebook, not one per call
-    from curvlens.streams.sweep import local_client
+    from curvlens.studies.sweep import local_client
 
     CLIENT = local_client(n_workers=2)
 capabilities
