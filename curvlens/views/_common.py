@@ -16,11 +16,13 @@ import pandas as pd
 from curvlens.errors import CurvlensError
 from curvlens.roles import ROLES
 from curvlens.passes.analysis_common import metric_weights
-from curvlens.views.merge_plots import OKABE_ITO
 
 #: Label of the heatmap row that holds tensors outside the transformer blocks
 #: (token embeddings, final norm, LM head).
 NON_LAYER = "non-layer"
+
+#: Okabe-Ito: distinguishable with the common colour-vision deficiencies.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
 
 #: Okabe-Ito reordered for lines and markers on white: the yellow, hard to see on
 #: a white background, comes last.
