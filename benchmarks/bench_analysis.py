@@ -62,7 +62,7 @@ def main(argv=None):
     baseline = rss_mb()
     from curvlens import Experts
     from curvlens.passes.analysis import curvature_overlap, mask_stats
-    from curvlens.passes.experts import resolve_device
+    from curvlens.runtime import resolve_device
 
     dev = resolve_device(a.device)
     dirs = sorted(p for p in a.zoo.iterdir() if p.name.startswith("expert"))

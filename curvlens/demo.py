@@ -60,6 +60,7 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
     """
     from curvlens import zoo as zoo_mod
     from curvlens.passes import analysis as A
+    from curvlens.studies.graft import graft_sweep
 
     kw = {"device": device, "progress": progress}
     frames = {"merge_table": table}
@@ -80,7 +81,7 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
     grid = [n for n in names if (".layers.0." in n or f".layers.{last}." in n) and n.endswith("proj.weight")]
     frames["pooled_moments"] = A.pooled_moments(experts, grid, masks_density=0.3, **kw)
     echo(f"analysis: grafting sweep at densities {list(graft_densities)} (FFG vs magnitude) ...")
-    frames["graft_sweep"] = A.graft_sweep(
+    frames["graft_sweep"] = graft_sweep(
         experts, graft_densities, evaluate=lambda sd: zoo_mod.evaluate(sd, zoo=zoo, device=device), **kw)
     frames.update(regime_frames(experts, frames, zoo.capabilities, **kw))
     return frames
@@ -122,9 +123,9 @@ def evaluate_and_merge(zoo, experts, *, device="auto", progress=True, echo=lambd
     table : pandas.DataFrame
         ``model, method, capability, accuracy, n`` (``merge_table.csv``).
     merges : dict
-        label -> :class:`~curvlens.passes.merge.MergeResult` (in memory).
+        label -> :class:`~curvlens.passes.merge_result.MergeResult` (in memory).
     """
-    from curvlens.passes.merge import merge
+    from curvlens.config.merge import merge
 
     merges = {}
     for label, method, params in DEMO_MERGES:
@@ -197,7 +198,8 @@ def score_pivot(table):
 
 def summary_lines(frames: dict, zoo) -> list[str]:
     """The headline numbers: model-level curvature overlap, FFG vs magnitude."""
-    from curvlens.passes.analysis import aggregate, ffg_vs_magnitude_summary
+    from curvlens.passes.analysis import aggregate
+    from curvlens.studies.graft import ffg_vs_magnitude_summary
 
     lines = ["\nmodel-level curvature overlap between experts (numel-weighted over tensors):"]
     model = aggregate(frames["curvature_overlap"], by=())
@@ -239,7 +241,8 @@ def demo_sections(zoo, experts, frames: dict, merges: dict, config: str) -> list
                               "fraction masked by every expert, norm of the change")),
     ]
     if "curvature_overlap" in frames:
-        from curvlens.passes.analysis import aggregate, ffg_vs_magnitude_summary
+        from curvlens.passes.analysis import aggregate
+        from curvlens.studies.graft import ffg_vs_magnitude_summary
 
         ov = frames["curvature_overlap"]
         pair = tuple(ov[["expert_a", "expert_b"]].iloc[0])

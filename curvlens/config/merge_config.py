@@ -37,6 +37,9 @@ matching ``filter`` first (a substring as in mergekit, or any pattern of
       - {filter: classifier, action: drop}        # no task's head in the merge
       - {filter: "*.pooler.*", action: base}      # the base's pooler, unchanged
       - {filter: "role:embed", action: ./math}    # one model's embeddings (path or name)
+
+The same format is written back: :func:`merge_yaml` states a merge as a config
+that ``curvlens merge`` re-runs (saved beside every merged model).
 """
 from __future__ import annotations
 
@@ -44,11 +47,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curvlens.config.keys import check_keys, config_dtypes, parameter_mapping
+from curvlens.config.options import TokenizerOptions, WriteOptions
+from curvlens.config.param_settings import VaryingParams, check_setting, is_constant, number_converter
+from curvlens.config.stack import StackPlan, load_stack, slices_as_models
+from curvlens.config.tokenizer import tokenizer_options
 from curvlens.errors import CurvlensError
+from curvlens.io.architecture import layer_count
 from curvlens.io.checkpoint import PathLike
-from curvlens.math.methods import get_method
+from curvlens.io.dtypes import dtype_name
+from curvlens.math.methods import MergeMethod, get_method
 from curvlens.passes.experts import Experts, expert_names
-from curvlens.config.param_settings import TensorParams, check_setting, is_constant, number_converter
 from curvlens.tensor_filter import TensorFilter
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source",
@@ -58,14 +67,11 @@ _REFUSED_TOP = {
     "modules": "mergekit's per-module configs (multimodal models with several modules) are not supported",
 }
 _MODEL_KEYS = {"model", "parameters"}
-_TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
-_CURVLENS_OPTIONS = {"bias_correction"}
-_PATH_PARAMS = {"preconditioner_path"}
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """A parsed merge config, ready for :func:`curvlens.passes.merge.merge`
+    """A parsed merge config, ready for :func:`curvlens.merge`
     (:meth:`merge_kwargs` gives its keyword arguments).
 
     ``dtype`` is the written dtype (mergekit's ``out_dtype``, else ``dtype``),
@@ -86,12 +92,10 @@ class MergeConfig:
     text: str
     tensors: tuple[tuple[str, str], ...] = ()
     input_dtype: str | None = None
-    tensor_params: TensorParams | None = None
-    tokenizer_source: Any = None
-    chat_template: str | None = None
-    pad_to_multiple_of: int | None = None
+    tensor_params: VaryingParams | None = None
+    tokenizer: TokenizerOptions = TokenizerOptions()
     notes: tuple[str, ...] = ()
-    stack: Any = None
+    stack: StackPlan | None = None
 
     def experts(self) -> Experts:
         """Open the models (and their moments when the method needs them)."""
@@ -107,12 +111,12 @@ class MergeConfig:
                                  bias_correction=self.bias_correction,
                                  exclude=TensorFilter.not_merged(self.tensors))
 
-    def merge_kwargs(self) -> dict:
-        """Keyword arguments of :func:`curvlens.passes.merge.merge` for this config
-        (with the method's parameters)."""
-        kw = dict(dtype=self.dtype, input_dtype=self.input_dtype, config_text=self.text, tensors=self.tensors,
-                  tensor_params=self.tensor_params, tokenizer_source=self.tokenizer_source,
-                  chat_template=self.chat_template, pad_to_multiple_of=self.pad_to_multiple_of)
+    def merge_kwargs(self, *, max_shard_size: int | str = "1GB") -> dict:
+        """Keyword arguments of :func:`curvlens.merge` for this config (with the
+        method's parameters; the config's text is what the output saves)."""
+        kw = dict(dtype=self.dtype, input_dtype=self.input_dtype, tensors=self.tensors,
+                  tensor_params=self.tensor_params, tokenizer=self.tokenizer,
+                  writing=WriteOptions(max_shard_size=max_shard_size, config_text=self.text))
         return {**kw, **self.params}
 
 
@@ -150,12 +154,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         raise CurvlensError(f"{where}: not valid YAML ({err})") from err
     if not isinstance(cfg, dict):
         raise CurvlensError(f"{where}: expected a mapping with merge_method and models")
-    for key, why in _REFUSED_TOP.items():
-        if key in cfg:
-            raise CurvlensError(f"{where}: {key!r}: {why}")
-    unknown = sorted(map(str, set(cfg) - _TOP_KEYS))
-    if unknown:
-        raise CurvlensError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(_TOP_KEYS)}")
+    check_keys(cfg, _TOP_KEYS, where, refused=_REFUSED_TOP, optional=True)
     if "merge_method" not in cfg:
         raise CurvlensError(f"{where}: missing 'merge_method'")
 
@@ -178,12 +177,13 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
     if cfg.get("slices") is not None:
         if cfg.get("models") is not None:
             raise CurvlensError(f"{where}: give exactly one of 'models' and 'slices' (as mergekit)")
-        from curvlens.config.stack import load_stack, slices_as_models
-
         if str(cfg["merge_method"]) == "passthrough":
-            return load_stack(cfg, where, text, local)
+            plan = load_stack(cfg, where, text, local)
+            models = tuple(dict.fromkeys(s.model for s in plan.slices))
+            return MergeConfig("passthrough", None, models, tuple(dict.fromkeys(m.name for m in models)), None, {},
+                               plan.dtype, False, text, input_dtype=plan.input_dtype, stack=plan)
         # one slice over every model's whole layer range is the `models` form
-        cfg = slices_as_models(cfg, where, local, _n_layers)
+        cfg = slices_as_models(cfg, where, local, layer_count)
         from_slices = True
     else:
         from_slices = False
@@ -197,7 +197,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
 
     base = local(cfg["base_model"], "base_model") if cfg.get("base_model") else None
     notes: list[str] = []
-    top = _mapping(cfg.get("parameters"), f"{where}: 'parameters'")
+    top = parameter_mapping(cfg.get("parameters"), f"{where}: 'parameters'")
     bias_correction = top.pop("bias_correction", False)
     if not isinstance(bias_correction, bool):
         raise CurvlensError(f"{where}: parameter 'bias_correction' must be true or false; got {bias_correction!r}")
@@ -210,11 +210,9 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or "model" not in entry:
             raise CurvlensError(f"{where}: models[{i}] must be a mapping with a 'model' path")
-        extra = sorted(map(str, set(entry) - _MODEL_KEYS))
-        if extra:
-            raise CurvlensError(f"{where}: models[{i}]: unknown key(s) {extra}; expected {sorted(_MODEL_KEYS)}")
+        check_keys(entry, _MODEL_KEYS, f"{where}: models[{i}]")
         d = local(entry["model"], f"models[{i}].model")
-        mp = _mapping(entry.get("parameters"), f"{where}: models[{i}].parameters")
+        mp = parameter_mapping(entry.get("parameters"), f"{where}: models[{i}].parameters")
         if base is not None and d == base:
             base_listed = True
             if method.base_role == "reference":
@@ -251,19 +249,14 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
     names = expert_names(dirs)
 
     params, tensor_params = _params(method, top, per_model, where, base or dirs[0])
-    out_dtype, input_dtype = _dtypes(cfg, where)
+    out_dtype, input_dtype = config_dtypes(cfg, where)
     tensors = _tensor_rules(cfg.get("tensors"), where, base, dict(zip(dirs, names)), local)
-    tok_source, pad = _tokenizer(cfg, where, base, local)
-    chat = cfg.get("chat_template")
-    if chat is not None and not isinstance(chat, str):
-        raise CurvlensError(f"{where}: chat_template must be a string (a template name, 'auto' or Jinja); "
-                            f"got {chat!r}")
+    tokenizer = tokenizer_options(cfg, where, base, local)
     if notes:
         text = "".join(f"# curvlens: {n}\n" for n in notes) + text
     return MergeConfig(method.name, base, tuple(dirs), tuple(names), tuple(moments), params,
                        out_dtype, bias_correction, text, tensors, input_dtype=input_dtype,
-                       tensor_params=tensor_params, tokenizer_source=tok_source, chat_template=chat,
-                       pad_to_multiple_of=pad, notes=tuple(notes))
+                       tensor_params=tensor_params, tokenizer=tokenizer, notes=tuple(notes))
 
 
 def _has_param(method, key: str) -> bool:
@@ -279,7 +272,7 @@ def _spec(method, key: str):
 
 def _params(method, top: dict, per_model: list, where: str, ref_dir: Path):
     """Constant parameters (per-expert lists where models differ) and the
-    :class:`TensorParams` of those that vary by tensor (None if none do)."""
+    :class:`VaryingParams` of those that vary by tensor (None if none do)."""
     keys = set(top) | {k for mp in per_model for k in mp}
     for k in keys:
         _default(method, k, where)
@@ -303,75 +296,16 @@ def _params(method, top: dict, per_model: list, where: str, ref_dir: Path):
     if stray:
         raise CurvlensError(f"{where}: parameter(s) {stray} of {method.name!r} take one value for all models; "
                             "give them under the top-level 'parameters'")
-    tp = TensorParams(top={k: top[k] for k in varying if k in top},
+    tp = VaryingParams(top={k: top[k] for k in varying if k in top},
                       per_model=[{k: mp[k] for k in varying if k in mp} for mp in per_model],
                       per_expert=per_expert,
                       defaults={k: _default(method, k, where) for k in varying},
-                      n_layers=_n_layers(ref_dir),
+                      n_layers=layer_count(ref_dir),
                       convert={k: number_converter(_spec(method, k).validate, k) for k in varying})
     return params, tp
 
 
-def _n_layers(model_dir: Path) -> int:
-    """Layers of a model: ``num_hidden_layers`` of its config.json, else one more
-    than the largest layer index among its tensor names."""
-    import json
 
-    from curvlens.io.checkpoint import Checkpoint
-    from curvlens.roles import param_role
-
-    cfg = model_dir / "config.json"
-    if cfg.is_file():
-        try:
-            n = json.loads(cfg.read_text()).get("num_hidden_layers")
-        except (ValueError, AttributeError):
-            n = None
-        if isinstance(n, int) and n > 0:
-            return n
-    layers = [param_role(k)[0] for k in Checkpoint.open(model_dir).keys()]
-    layers = [x for x in layers if x is not None]
-    return max(layers) + 1 if layers else 0
-
-
-def _dtypes(cfg: dict, where: str) -> tuple[str | None, str | None]:
-    """(written dtype, input dtype): mergekit reads inputs in ``dtype`` and writes
-    ``out_dtype`` (default ``dtype``)."""
-    for key in ("dtype", "out_dtype"):
-        v = cfg.get(key)
-        if v is not None and not isinstance(v, str):
-            raise CurvlensError(f"{where}: dtype/out_dtype must be a string such as 'bfloat16'; got {v!r}")
-    out_dtype = cfg.get("out_dtype") if cfg.get("out_dtype") is not None else cfg.get("dtype")
-    return out_dtype, cfg.get("dtype")
-
-
-def _tokenizer(cfg: dict, where: str, base, local):
-    """(tokenizer source: None, "base", "union" or a model path; pad_to_multiple_of)."""
-    source = cfg.get("tokenizer_source")
-    tok = cfg.get("tokenizer")
-    pad = None
-    if tok is not None:
-        if source is not None:
-            raise CurvlensError(f"{where}: give tokenizer_source or tokenizer, not both (as mergekit)")
-        if not isinstance(tok, dict):
-            raise CurvlensError(f"{where}: tokenizer must be a mapping {{source:, tokens:, pad_to_multiple_of:}}")
-        extra = sorted(map(str, set(tok) - _TOKENIZER_KEYS))
-        if extra:
-            raise CurvlensError(f"{where}: tokenizer: unknown key(s) {extra}; expected some of "
-                                f"{sorted(_TOKENIZER_KEYS)}")
-        if tok.get("tokens"):
-            raise CurvlensError(f"{where}: tokenizer.tokens (embeddings of chosen tokens from chosen models) "
-                                "is not supported: curvlens merges embedding rows as they are")
-        source = tok.get("source", "union")
-        pad = tok.get("pad_to_multiple_of")
-        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
-            raise CurvlensError(f"{where}: tokenizer.pad_to_multiple_of must be an int >= 1; got {pad!r}")
-    if source is None:
-        return None, pad
-    if source in ("base", "union"):
-        if source == "base" and base is None:
-            raise CurvlensError(f"{where}: tokenizer source 'base' needs a base_model")
-        return source, pad
-    return local(source, "tokenizer source"), pad
 
 
 def _tensor_rules(value: Any, where: str, base, names_by_dir: dict, local) -> tuple[tuple[str, str], ...]:
@@ -402,13 +336,6 @@ def _tensor_rules(value: Any, where: str, base, names_by_dir: dict, local) -> tu
     return tuple(rules)
 
 
-def _mapping(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise CurvlensError(f"{where} must be a mapping of parameter name -> value; got {value!r}")
-    return dict(value)
-
 
 def _default(method, key: str, where: str) -> Any:
     for spec in method.params:
@@ -419,3 +346,80 @@ def _default(method, key: str, where: str) -> Any:
                         f"expected one of {valid}")
 
 
+
+
+def merge_yaml(m: MergeMethod, experts: Experts, params: dict, out_dtype=None, tensors=None,
+               in_dtype=None) -> str:
+    """A merge as the YAML :func:`load_merge_config` reads back (and ``curvlens
+    merge`` re-runs): the models by path (when they have one), shared parameters
+    at the top, per-expert values that differ under each model, defaults left out.
+
+    Parameters
+    ----------
+    m : MergeMethod
+    experts : Experts
+        The models merged (their exclusions become ``drop`` rules).
+    params : dict
+        The method's resolved parameters (per-expert lists), as requested.
+    out_dtype, in_dtype : torch.dtype, optional
+        The written dtype and the one inputs were rounded to.
+    tensors : mapping or list of (pattern, action), optional
+        The merge's ``tensors`` rules.
+    """
+    import yaml
+
+    return yaml.safe_dump(_config(m, experts, params, out_dtype, tensors, in_dtype), sort_keys=False)
+
+
+def _config(m: MergeMethod, experts: Experts, p: dict, out_dtype, tensors, in_dtype) -> dict:
+    defaults = {spec.name: spec.default for spec in m.params}
+    per_expert = {spec.name for spec in m.params if spec.per_expert}
+    top, per_model = {}, [{} for _ in experts.experts]
+    for k, v in _plain(p).items():
+        if k in per_expert and isinstance(v, list):
+            for mp, x in zip(per_model, v):
+                if x != defaults[k]:
+                    mp[k] = x
+        elif v != defaults[k]:
+            top[k] = v
+    cfg = {"merge_method": m.name}
+    paths = [e.path or e.checkpoint.path for e in experts.experts]
+    if all(q is not None for q in paths):
+        if experts.base is not None and experts.base.path is not None:
+            cfg["base_model"] = str(experts.base.path)
+        cfg["models"] = []
+        for e, q, mp in zip(experts.experts, paths, per_model):
+            if m.needs_moments and e.moments is not None and e.moments.path is not None:
+                mp = {**mp, "preconditioner_path": str(e.moments.path)}
+            cfg["models"].append({"model": str(q), **({"parameters": mp} if mp else {})})
+    cfg["parameters"] = top
+    rules = list(tensors.items()) if hasattr(tensors, "items") else list(tensors or [])
+    if rules:
+        by_name = {e.name: str(q) for e, q in zip(experts.experts, paths) if q is not None}
+        cfg["tensors"] = [{"filter": pat, "action": by_name.get(a, a)} for pat, a in rules]
+    if experts.exclude:
+        cfg["tensors"] = cfg.get("tensors", []) + [{"filter": pat, "action": "drop"}
+                                                   for pat in experts.exclude.patterns]
+    # mergekit reads inputs in `dtype` and writes `out_dtype`: curvlens computes
+    # in fp32 from the stored (or input_dtype-rounded) inputs
+    if in_dtype is not None:
+        cfg["dtype"] = dtype_name(in_dtype)
+    elif out_dtype is not None:
+        cfg["dtype"] = "float32"
+    if out_dtype is not None:
+        cfg["out_dtype"] = dtype_name(out_dtype)
+    return cfg
+
+
+def _plain(p: dict) -> dict:
+    """Resolved params as YAML-safe plain values."""
+    out = {}
+    for k, v in p.items():
+        if isinstance(v, (list, tuple)):
+            v = [x if isinstance(x, (int, float, str, bool, type(None))) else str(x) for x in v]
+            if len(set(map(repr, v))) == 1:
+                v = v[0]
+        elif not isinstance(v, (int, float, str, bool, type(None))):
+            v = str(v)
+        out[k] = v
+    return out

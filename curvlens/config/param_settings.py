@@ -80,7 +80,7 @@ def is_constant(value: Any) -> bool:
     return value is None or isinstance(value, _SCALARS)
 
 
-def evaluate(value: Any, name: str, t: float, convert: Callable[[Any], Any] = lambda x: x) -> Any:
+def setting_value(value: Any, name: str, t: float, convert: Callable[[Any], Any] = lambda x: x) -> Any:
     """The value of one setting for tensor ``name`` at layer fraction ``t``.
 
     ``convert`` turns one scalar into the parameter's type (a numeric string
@@ -89,9 +89,9 @@ def evaluate(value: Any, name: str, t: float, convert: Callable[[Any], Any] = la
 
     Examples
     --------
-    >>> evaluate([0, 0.3, 0.7, 1], "model.layers.1.mlp.up_proj.weight", 0.5)
+    >>> setting_value([0, 0.3, 0.7, 1], "model.layers.1.mlp.up_proj.weight", 0.5)
     0.5
-    >>> evaluate([{"filter": "mlp", "value": 0.5}, {"value": 0}], "model.layers.0.self_attn.q_proj.weight", 0.0)
+    >>> setting_value([{"filter": "mlp", "value": 0.5}, {"value": 0}], "model.layers.0.self_attn.q_proj.weight", 0.0)
     0
     """
     if value is None or isinstance(value, _SCALARS):
@@ -110,7 +110,7 @@ def evaluate(value: Any, name: str, t: float, convert: Callable[[Any], Any] = la
     for cond in value:
         f = cond.get("filter")
         if f is None or f == "*" or (name and f in name):
-            return evaluate(cond["value"], name, t, convert)
+            return setting_value(cond["value"], name, t, convert)
     return UNSET
 
 
@@ -126,7 +126,7 @@ def layer_fraction(name: str, n_layers: int) -> float:
 
 
 @dataclass(frozen=True)
-class TensorParams:
+class VaryingParams:
     """A merge config's parameters that vary by tensor, resolved per name.
 
     Calling it with a tensor name returns ``{param: value}`` for the varying
@@ -165,11 +165,11 @@ class TensorParams:
         out = {}
         for k in self.keys:
             conv = self.convert.get(k, lambda x: x)
-            shared = evaluate(self.top.get(k), name, t, conv)
+            shared = setting_value(self.top.get(k), name, t, conv)
             if k in self.per_expert:
                 values = []
                 for mp in self.per_model:
-                    v = evaluate(mp.get(k), name, t, conv)
+                    v = setting_value(mp.get(k), name, t, conv)
                     values.append(self._or_default(k, shared if v is UNSET else v))
                 out[k] = values
             else:
@@ -181,7 +181,7 @@ class TensorParams:
 
 
 def number_converter(validate: Optional[Callable[[str, Any], Any]], key: str) -> Callable[[Any], Any]:
-    """A converter for :func:`evaluate`: numeric strings become floats (as
+    """A converter for :func:`setting_value`: numeric strings become floats (as
     mergekit's validation does before interpolating), other values pass."""
     def convert(x: Any) -> Any:
         if isinstance(x, str) and validate is not None:

@@ -17,6 +17,11 @@ per-source ``scale`` parameter multiplies a tensor (in the dtype it is read in),
 in any of mergekit's forms (:mod:`curvlens.config.param_settings`; ``t`` runs
 over the layers of each slice). Slices with several sources (a merge per layer
 range) are refused: curvlens merges whole models with ``models``.
+
+A stack is written by the merge driver like any merge: every output tensor is a
+:class:`~curvlens.passes.merge.Take` of one input tensor, renamed and scaled
+(:meth:`StackPlan.job`), and the output gets a ``merge_report.csv`` saying which
+model each tensor came from.
 """
 from __future__ import annotations
 
@@ -25,13 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curvlens.config.keys import check_keys, config_dtypes, parameter_mapping
+from curvlens.config.param_settings import UNSET, check_setting, number_converter, setting_value
 from curvlens.errors import CurvlensError
+from curvlens.io.checkpoint import Checkpoint
+from curvlens.io.dtypes import parse_dtype
+from curvlens.passes.merge import MergeJob, OutputFiles, Take, run_merge
 from curvlens.roles import param_role
-from curvlens.config.param_settings import UNSET, check_setting, evaluate, number_converter
 
 _SLICE_KEYS = {"sources", "parameters"}
 _SOURCE_KEYS = {"model", "layer_range", "parameters"}
-_REFUSED_SLICE = {"base_model": "a per-slice base model", "residual_weight": "a per-slice residual weight"}
+_WITHIN = "only matters for a merge within a slice, which curvlens does not support"
+_REFUSED_SLICE = {"base_model": f"a per-slice base model {_WITHIN}",
+                  "residual_weight": f"a per-slice residual weight {_WITHIN}"}
 _LAYER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)(\d+)(\.|$)")
 
 
@@ -59,9 +70,8 @@ class StackPlan:
         return sum(s.end - s.start for s in self.slices)
 
     def tensors(self):
-        """``(output name, model dir, input name, scale)`` of every output tensor, in order."""
-        from curvlens.io.checkpoint import Checkpoint
-
+        """``(output name, slice, input name, t)`` of every output tensor, in order, and
+        the slices' models by dir."""
         first, last = self.slices[0], self.slices[-1]
         out = []
         ckpts = {s.model: Checkpoint.open(s.model) for s in self.slices}
@@ -93,48 +103,26 @@ class StackPlan:
     def scale(self, s: Slice, name: str, t: float):
         conv = number_converter(_real, "scale")
         for scope in (s.params, s.slice_params, self.top):
-            v = evaluate(scope.get("scale"), name, t, conv)
+            v = setting_value(scope.get("scale"), name, t, conv)
             if v is not UNSET:
                 return float(v)
         return None
 
-    def run(self, out, *, overwrite: bool = False, max_shard_size="1GB", progress: bool = True) -> Path:
-        """Write the stacked model to ``out``; returns its path."""
-        from curvlens.io.writer import ModelWriter
-        from curvlens.math.checks import weight_problems
-        from curvlens.math.merge_report import cast_checked
-        from curvlens.passes.merge import parse_dtype
-
-        out_dtype, in_dtype = parse_dtype(self.dtype), parse_dtype(self.input_dtype)
+    def job(self) -> MergeJob:
+        """The driver's job: every output tensor taken from its slice's model."""
+        out_dtype, read_dtype = parse_dtype(self.dtype), parse_dtype(self.input_dtype)
         items, ckpts = self.tensors()
+        takes = [Take(o, ckpts[sl.model], i, sl.model.name, str(sl.model), scale=self.scale(sl, i, t),
+                      read_dtype=read_dtype) for o, sl, i, t in items]
+        return MergeJob("passthrough", takes=takes, out_dtype=out_dtype)
 
-        def target(ckpt, name):
-            dt = ckpt.dtype(name)
-            return out_dtype if out_dtype is not None and dt.is_floating_point else dt
-
-        plan = [(o, ckpts[s.model].shape(i), target(ckpts[s.model], i)) for o, s, i, _ in items]
-        overrides = {"num_hidden_layers": self.n_layers}
-        if out_dtype is not None:
-            name = str(out_dtype).replace("torch.", "")
-            overrides.update(torch_dtype=name, dtype=name)
-        inputs = sorted({s.model for s in self.slices})
-        with ModelWriter(out, self.slices[0].model, max_shard_size=max_shard_size, overwrite=overwrite,
-                         extra_files={"curvlens_merge.yml": self.text}, plan=plan,
-                         config_overrides=overrides, inputs=inputs) as w:
-            for o, s, i, t in items:
-                x = ckpts[s.model][i]
-                problem = weight_problems(x)
-                if problem is not None:
-                    raise CurvlensError(f"{s.model}, tensor {i!r}: {problem}")
-                if x.is_floating_point():
-                    if in_dtype is not None:
-                        x = x.to(in_dtype)
-                    scale = self.scale(s, i, t)
-                    if scale is not None:
-                        x = x * scale
-                    x = cast_checked(x, target(ckpts[s.model], i), o)
-                w.add(o, x)
-        return Path(out)
+    def run(self, out, *, overwrite: bool = False, max_shard_size="1GB", progress: bool = True) -> Path:
+        """Write the stacked model to ``out`` (config and tokenizer from the first
+        slice's model, with the new ``num_hidden_layers``); returns its path."""
+        files = OutputFiles(self.slices[0].model, self.text, max_shard_size,
+                            config_overrides={"num_hidden_layers": self.n_layers},
+                            inputs=sorted({s.model for s in self.slices}))
+        return run_merge(self.job(), out, files, device="cpu", progress=progress, overwrite=overwrite).path
 
 
 def _real(label: str, value: Any) -> Any:
@@ -151,10 +139,7 @@ def _renamed(name: str, k: int) -> str:
 
 
 def _params(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise CurvlensError(f"{where} must be a mapping of parameter name -> value; got {value!r}")
+    value = parameter_mapping(value, where)
     extra = sorted(map(str, set(value) - {"scale"}))
     if extra:
         raise CurvlensError(f"{where}: unknown parameter(s) {extra} for merge method 'passthrough'; "
@@ -162,11 +147,9 @@ def _params(value: Any, where: str) -> dict:
     return {k: check_setting(where, k, v) for k, v in value.items()}
 
 
-def load_stack(cfg: dict, where: str, text: str, local):
-    """The :class:`~curvlens.config.merge_config.MergeConfig` of a ``slices``
-    config (its ``stack`` the :class:`StackPlan`)."""
-    from curvlens.config.merge_config import MergeConfig, _dtypes
-
+def load_stack(cfg: dict, where: str, text: str, local) -> StackPlan:
+    """The :class:`StackPlan` of a passthrough ``slices`` config (models given by
+    path through ``local``)."""
     if str(cfg["merge_method"]) != "passthrough":
         raise CurvlensError(f"{where}: 'slices' with merge_method {cfg['merge_method']!r} (a merge per layer "
                             "range) is not supported; curvlens stacks slices with 'passthrough' and merges "
@@ -183,22 +166,14 @@ def load_stack(cfg: dict, where: str, text: str, local):
         w = f"{where}: slices[{i}]"
         if not isinstance(sl, dict):
             raise CurvlensError(f"{w} must be a mapping with 'sources'")
-        for key, what in _REFUSED_SLICE.items():
-            if key in sl:
-                raise CurvlensError(f"{w}: {key!r} ({what}) only matters for a merge within a slice, which "
-                                    "curvlens does not support")
-        extra = sorted(map(str, set(sl) - _SLICE_KEYS))
-        if extra:
-            raise CurvlensError(f"{w}: unknown key(s) {extra}; expected {sorted(_SLICE_KEYS)}")
+        check_keys(sl, _SLICE_KEYS, w, refused=_REFUSED_SLICE)
         sources = sl.get("sources")
         if not isinstance(sources, list) or len(sources) != 1:
             raise CurvlensError(f"{w}: passthrough takes exactly one source per slice; got {sources!r}")
         src = sources[0]
         if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
             raise CurvlensError(f"{w}.sources[0] must be {{model: PATH, layer_range: [START, END]}}")
-        extra = sorted(map(str, set(src) - _SOURCE_KEYS))
-        if extra:
-            raise CurvlensError(f"{w}.sources[0]: unknown key(s) {extra}; expected {sorted(_SOURCE_KEYS)}")
+        check_keys(src, _SOURCE_KEYS, f"{w}.sources[0]")
         lr = src["layer_range"]
         if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                 for x in lr) or not 0 <= lr[0] < lr[1]):
@@ -207,11 +182,8 @@ def load_stack(cfg: dict, where: str, text: str, local):
                          _params(src.get("parameters"), f"{w}.sources[0].parameters"),
                          _params(sl.get("parameters"), f"{w}.parameters")))
     top = _params(cfg.get("parameters"), f"{where}: 'parameters'")
-    out_dtype, input_dtype = _dtypes(cfg, where)
-    plan = StackPlan(tuple(out), top, out_dtype, input_dtype, text)
-    names = tuple(dict.fromkeys(s.model.name for s in out))
-    return MergeConfig("passthrough", None, tuple(dict.fromkeys(s.model for s in out)), names, None, {},
-                       out_dtype, False, text, input_dtype=input_dtype, stack=plan)
+    out_dtype, input_dtype = config_dtypes(cfg, where)
+    return StackPlan(tuple(out), top, out_dtype, input_dtype, text)
 
 
 def slices_as_models(cfg: dict, where: str, local, n_layers) -> dict:
@@ -228,12 +200,7 @@ def slices_as_models(cfg: dict, where: str, local, n_layers) -> dict:
     if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
         raise CurvlensError(why)
     sl = slices[0]
-    for key, what in _REFUSED_SLICE.items():
-        if key in sl:
-            raise CurvlensError(f"{where}: slices[0]: {key!r} ({what}) is not supported")
-    extra = sorted(map(str, set(sl) - _SLICE_KEYS))
-    if extra:
-        raise CurvlensError(f"{where}: slices[0]: unknown key(s) {extra}; expected {sorted(_SLICE_KEYS)}")
+    check_keys(sl, _SLICE_KEYS, f"{where}: slices[0]", refused=_REFUSED_SLICE)
     sources = sl.get("sources")
     if not isinstance(sources, list) or not sources:
         raise CurvlensError(f"{where}: slices[0].sources must be a non-empty list")
@@ -241,10 +208,7 @@ def slices_as_models(cfg: dict, where: str, local, n_layers) -> dict:
     for j, src in enumerate(sources):
         if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
             raise CurvlensError(f"{where}: slices[0].sources[{j}] must be {{model: PATH, layer_range: [START, END]}}")
-        extra = sorted(map(str, set(src) - _SOURCE_KEYS))
-        if extra:
-            raise CurvlensError(f"{where}: slices[0].sources[{j}]: unknown key(s) {extra}; "
-                                f"expected {sorted(_SOURCE_KEYS)}")
+        check_keys(src, _SOURCE_KEYS, f"{where}: slices[0].sources[{j}]")
         n = n_layers(local(src["model"], f"slices[0].sources[{j}].model"))
         if src["layer_range"] != [0, n]:
             raise CurvlensError(why + f" (slices[0].sources[{j}].layer_range is {src['layer_range']!r}, "

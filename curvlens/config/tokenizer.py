@@ -22,8 +22,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from curvlens.config.keys import check_keys
+from curvlens.config.options import TokenizerOptions
 from curvlens.errors import CurvlensError
 from curvlens.roles import param_role
+
+#: The keys of a config's ``tokenizer:`` section.
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 
 # tensors indexed by token id (mergekit's vocabulary_axis 0)
 _VOCAB_TENSORS = ("embed_tokens", "lm_head", "wte", "word_embeddings")
@@ -81,7 +86,39 @@ def _dir(p: Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def tokenizer_files(experts, ref_dir, source=None, chat_template=None, pad_to_multiple_of=None):
+def tokenizer_options(cfg: dict, where: str, base, local) -> TokenizerOptions:
+    """A config's ``tokenizer_source`` / ``tokenizer:`` and ``chat_template``
+    (a model given by path through ``local``)."""
+    source = cfg.get("tokenizer_source")
+    tok = cfg.get("tokenizer")
+    pad = None
+    if tok is not None:
+        if source is not None:
+            raise CurvlensError(f"{where}: give tokenizer_source or tokenizer, not both (as mergekit)")
+        if not isinstance(tok, dict):
+            raise CurvlensError(f"{where}: tokenizer must be a mapping {{source:, tokens:, pad_to_multiple_of:}}")
+        check_keys(tok, TOKENIZER_KEYS, f"{where}: tokenizer", optional=True)
+        if tok.get("tokens"):
+            raise CurvlensError(f"{where}: tokenizer.tokens (embeddings of chosen tokens from chosen models) "
+                                "is not supported: curvlens merges embedding rows as they are")
+        source = tok.get("source", "union")
+        pad = tok.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise CurvlensError(f"{where}: tokenizer.pad_to_multiple_of must be an int >= 1; got {pad!r}")
+    if source is not None:
+        if source in ("base", "union"):
+            if source == "base" and base is None:
+                raise CurvlensError(f"{where}: tokenizer source 'base' needs a base_model")
+        else:
+            source = local(source, "tokenizer source")
+    chat = cfg.get("chat_template")
+    if chat is not None and not isinstance(chat, str):
+        raise CurvlensError(f"{where}: chat_template must be a string (a template name, 'auto' or Jinja); "
+                            f"got {chat!r}")
+    return TokenizerOptions(source, chat, pad)
+
+
+def tokenizer_files(experts, ref_dir, options: TokenizerOptions):
     """(dir to copy the tokenizer files from, or None for the reference's;
     ``{filename: text}`` written over them).
 
@@ -93,12 +130,12 @@ def tokenizer_files(experts, ref_dir, source=None, chat_template=None, pad_to_mu
         be found or written.
     """
     tok_dir = None
-    if source is not None or pad_to_multiple_of is not None:
-        tok_dir = _check_source(experts, ref_dir, source or "union", pad_to_multiple_of)
+    if options.source is not None or options.pad_to_multiple_of is not None:
+        tok_dir = _check_source(experts, ref_dir, options.source or "union", options.pad_to_multiple_of)
     files = {}
-    if chat_template is not None:
+    if options.chat_template is not None:
         src = tok_dir or (Path(ref_dir) if ref_dir is not None else None)
-        template = _template(chat_template, experts)
+        template = _template(options.chat_template, experts)
         if template is not None:
             if src is None or not (src / "tokenizer_config.json").is_file():
                 raise CurvlensError(f"chat_template: the tokenizer copied to the output ({src}) has no "

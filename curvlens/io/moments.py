@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.checkpoint import Checkpoint, PathLike, safetensors_infos, torch_load, read_safetensor
+from curvlens.io.checkpoint import Checkpoint, PathLike, read_safetensor, safetensors_infos, torch_load
 from curvlens.io.lazy import LazyTensors
 from curvlens.io.optimizer_order import name_index_state
 from curvlens.io.paths import contained

@@ -5,7 +5,8 @@ Each function here is one or two streaming passes over the models
 needs), does its tensor math on the analysis device (``device="auto"``: CUDA when
 present) and returns a tidy pandas DataFrame, one row per tensor (x expert, x pair,
 x criterion, x density), identity columns first. Only scalars go to the CPU.
-:func:`aggregate` pools any of them by layer, role or the whole model.
+:func:`aggregate` pools any of them by layer, role or the whole model. (Grafting
+masks into models and scoring them is a study: :mod:`curvlens.studies.graft`.)
 
 =========================  ======================================================
 curvature                  :func:`curvature_stats`, :func:`curvature_overlap`,
@@ -15,7 +16,6 @@ masks                      :func:`ffg_masks`, :func:`mask_stats`,
                            :func:`mask_overlap`, :func:`mask_thresholds`
 interference               :func:`interference`, :func:`predicted_loss`,
                            :func:`compare_merges`
-grafting                   :func:`graft_sweep`, :func:`ffg_vs_magnitude_summary`
 pooling                    :func:`aggregate`
 =========================  ======================================================
 
@@ -32,11 +32,10 @@ from curvlens.passes.analysis_curvature import (
     pooled_moments,
 )
 from curvlens.passes.analysis_interference import compare_merges, interference, predicted_loss
-from curvlens.studies.graft import ffg_vs_magnitude_summary, graft_sweep
 from curvlens.passes.analysis_masks import FFGMasks, ffg_masks, mask_overlap, mask_stats, mask_thresholds
 
 __all__ = [
     "FFGMasks", "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks", "moment_levels",
-    "ffg_vs_magnitude_summary", "graft_sweep", "interference", "log10_histogram", "mask_overlap",
+    "interference", "log10_histogram", "mask_overlap",
     "mask_stats", "mask_thresholds", "moment_compression", "pooled_moments", "predicted_loss",
 ]

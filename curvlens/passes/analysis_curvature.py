@@ -39,7 +39,8 @@ from curvlens.passes.analysis_common import (
     tensor_id,
     with_context,
 )
-from curvlens.passes.experts import Experts, resolve_device
+from curvlens.passes.experts import Experts
+from curvlens.runtime import resolve_device
 from curvlens.passes.thresholds import compress_moments, mask_scores, model_selections
 
 def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, max_exact: int = 1 << 24,

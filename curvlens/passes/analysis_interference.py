@@ -29,7 +29,8 @@ from curvlens.passes.analysis_common import (
     tensor_id,
     with_context,
 )
-from curvlens.passes.experts import Experts, resolve_device
+from curvlens.passes.experts import Experts
+from curvlens.runtime import resolve_device
 
 
 def interference(experts: Experts, merged=None, pairs=None, names: Sequence[str] | None = None, *,

@@ -40,7 +40,8 @@ from curvlens.passes.analysis_common import (
     tensor_id,
     with_context,
 )
-from curvlens.passes.experts import Experts, TensorGroup, resolve_device
+from curvlens.passes.experts import Experts, TensorGroup
+from curvlens.runtime import resolve_device
 from curvlens.passes.thresholds import CRITERIA, THRESHOLD_COLUMNS, Selection, mask_scores, model_selections
 
 #: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
@@ -53,7 +54,8 @@ SKETCH_SIZE = 32
 POWER_ITERS = 1
 
 
-def _check_inputs(experts: Experts, criteria: Sequence[str], what: str) -> None:
+def check_mask_inputs(experts: Experts, criteria: Sequence[str], what: str) -> None:
+    """A base, and moments when a criterion is ``fisher``: what a mask needs."""
     need_base(experts, what)
     if "fisher" in criteria:
         need_moments(experts, f"{what} with the fisher criterion")
@@ -73,12 +75,12 @@ def mask_thresholds(experts: Experts, densities, criterion: str = "fisher", *, d
     """
     (criterion,) = check_criteria([criterion])
     ds = check_densities(densities)
-    _check_inputs(experts, [criterion], "mask thresholds")
-    sel = _selections(experts, ds, [criterion], device, progress)
+    check_mask_inputs(experts, [criterion], "mask thresholds")
+    sel = selections_at(experts, ds, [criterion], device, progress)
     return frame([sel[criterion, e, d].row() for e in experts.names for d in ds], THRESHOLD_COLUMNS)
 
 
-def _selections(experts: Experts, ds: Sequence[float], criteria: Sequence[str], device,
+def selections_at(experts: Experts, ds: Sequence[float], criteria: Sequence[str], device,
                 progress: bool) -> dict[tuple[str, str, float], Selection]:
     """Every expert's selection at every density and criterion, in two passes."""
     return model_selections(experts, [list(ds)] * len(experts), criteria, device=device, progress=progress)
@@ -184,7 +186,7 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
         tensor; ``masks.thresholds`` for the thresholds.
     """
     (criterion,) = check_criteria([criterion])
-    _check_inputs(experts, [criterion], "ffg_masks")
+    check_mask_inputs(experts, [criterion], "ffg_masks")
     if (density is None) == (threshold is None):
         raise CurvlensError("ffg_masks needs exactly one of density= and threshold=; got "
                             + ("both" if density is not None else "neither"))
@@ -271,11 +273,11 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     """
     criteria = check_criteria(criteria)
     ds = check_densities(densities)
-    _check_inputs(experts, criteria, "mask_stats")
+    check_mask_inputs(experts, criteria, "mask_stats")
     names = floating_names(experts, names)
     dev = resolve_device(device)
     work = RANK_EXACT_WORK.get(dev.type, RANK_EXACT_WORK["cpu"])
-    sel = _selections(experts, ds, criteria, dev, progress)
+    sel = selections_at(experts, ds, criteria, dev, progress)
     with_v = "fisher" in criteria
     ws = Workspace()
     rows = []

@@ -20,27 +20,8 @@ from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.moments import Moments
 from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
-from curvlens.runtime import threads_for, torch_threads
+from curvlens.runtime import progress_bar, resolve_device, threads_for, torch_threads
 from curvlens.tensor_filter import TensorFilter
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as torch reads it.
-
-    Examples
-    --------
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise CurvlensError(f"device={device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1')") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CurvlensError(f"device={device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -212,6 +193,32 @@ class Experts:
         """The checkpoint defining names, shapes and order: the base, else the first expert."""
         return self.base if self.base is not None else self.experts[0].checkpoint
 
+    def model(self, source: str) -> Checkpoint:
+        """The checkpoint ``source`` names: ``"base"`` or an expert's name (as a
+        merge's ``tensors`` actions do)."""
+        return self.base if source == "base" else self[source].checkpoint
+
+    def model_dir(self, source: str | None = None) -> Path | None:
+        """The dir of model ``source`` (default: the reference), whose config and
+        tokenizer files a written model copies; None for an in-memory model."""
+        path = (self.reference if source is None else self.model(source)).path
+        return None if path is None else (path if path.is_dir() else path.parent)
+
+    def shape(self, name: str) -> torch.Size:
+        """Shape of tensor ``name`` (the reference's; no data read)."""
+        return self.reference.shape(name)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The experts' dtype of tensor ``name``, promoted across experts (bf16 and
+        fp32 give fp32); integer tensors, carried from the reference, keep its dtype."""
+        ref = self.reference.dtype(name)
+        if not ref.is_floating_point:
+            return ref
+        out = self.experts[0].checkpoint.dtype(name)
+        for e in self.experts[1:]:
+            out = torch.promote_types(out, e.checkpoint.dtype(name))
+        return out
+
     @property
     def names(self) -> list[str]:
         """Expert names, in order."""
@@ -369,7 +376,7 @@ class Experts:
             n = ref.shape(name).numel()
             return n * (item * n_inputs + (4 * len(self.experts) if moments else 0))
 
-        bar = _progress(len(names), desc, progress)
+        bar = progress_bar(len(names), desc, progress)
         with torch_threads(threads_for(dev, threads)), \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlens-read") as pool:
             pending = pool.submit(load, names[0]) if names else None
@@ -434,11 +441,3 @@ def _checked_moment(v: torch.Tensor, name: str, e: Expert) -> torch.Tensor:
 def _head(items: list[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    # TQDM_DISABLE is honoured although disable= is passed explicitly
-    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    return tqdm(total=total, desc=desc, unit="tensor", disable=off, leave=False)

@@ -38,7 +38,7 @@ from curvlens.math.empirical_fisher import (
     per_example_grads,
 )
 from curvlens.runtime import threads_for, torch_threads
-from curvlens.passes.experts import resolve_device
+from curvlens.runtime import resolve_device
 
 #: ``kind`` in the metadata of a file written by :func:`estimate_fisher`.
 FISHER_KIND = "empirical_fisher"

@@ -1,14 +1,21 @@
-"""``merge``: run a registered merge method over whole models, tensor by tensor.
+"""The merge driver: one loop that writes every merged model, tensor by tensor.
 
-For each parameter name: read base, experts and moments (on the device), call the
-method's pure per-tensor function, cast to the output dtype, hand the result to the
-writer (or keep it, for small in-memory merges) and add one row to the report.
+A :class:`MergeJob` says what each output tensor is: merged from the experts by a
+registered method (read, call the method's pure per-tensor function, cast to the
+output dtype), or taken from one model (a ``tensors`` action of a merge, or a
+layer of a passthrough ``slices`` stack, renamed and scaled), or left out (a row
+of the report only). :func:`run_merge` streams them into one writer (or keeps
+them, for small in-memory merges) and adds one row per tensor to the report.
 A method that declares a model-wide selection (OTA's ``ffg_density``) first gets
 it from two streaming passes (:mod:`curvlens.passes.thresholds`); the driver
 reads that declaration, never a method's name.
+
+Who builds jobs: :func:`curvlens.config.merge.merge` (the public ``merge``) and
+:class:`curvlens.config.stack.StackPlan`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,298 +25,177 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
+from curvlens.io.dtypes import dtype_overrides, output_dtype
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks, tensor_seed
-from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
-from curvlens.runtime import use_threads
-from curvlens.math.methods import MaskCounts, get_method, resolve_params
-from curvlens.math.methods.inputs import check_arity
-from curvlens.passes.experts import Experts, TensorGroup, resolve_device
-from curvlens.passes.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.math.checks import weight_problems
+from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
+from curvlens.math.methods import MaskCounts, MergeMethod, resolve_params
+from curvlens.passes.experts import Experts, TensorGroup
+from curvlens.passes.merge_result import MergeResult
+from curvlens.passes.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.roles import param_role
-from curvlens.config.tokenizer import tokenizer_files
+from curvlens.runtime import resolve_device
 from curvlens.tensor_filter import TensorFilter, tensor_actions
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+#: The actions of :func:`plan_tensors` that write no tensor taken from a model.
+NOT_TAKEN = ("merge", "drop", "excluded")
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower().replace("torch.", "")]
-    except KeyError:
-        raise CurvlensError(f"dtype={dtype!r} is not valid; expected one of {sorted(_DTYPES)}") from None
-
-
-@dataclass
-class MergeResult:
-    """A merged model and what happened to each tensor.
+@dataclass(frozen=True)
+class Take:
+    """One output tensor copied from one model: unchanged (a ``tensors`` action),
+    or renamed and scaled (a passthrough layer).
 
     Attributes
     ----------
-    checkpoint : Checkpoint
-        The merged weights (on disk when ``out`` was given, else in memory).
-    report : pandas.DataFrame
-        One row per tensor: ``name, layer, role, numel, source, kept_<expert>...,
-        all_masked, delta_norm, rel_delta``. ``source`` says what happened to it:
-        ``merged``, ``drop`` / ``excluded`` (left out of the merged model by a
-        ``tensors`` rule / by the Experts' ``exclude``), or the model it was taken
-        from unchanged (``base`` or an expert's name; mask columns NaN there).
-        ``rel_delta`` is ``delta_norm`` over the reference's norm (the base, else
-        the experts' mean), NaN where the reference is all zero (undefined; the
-        views leave such cells empty) or where a taken tensor has no reference.
-    method : str
-    params : dict
-        The resolved parameters (defaults filled in, per-expert lists).
-    thresholds : pandas.DataFrame or None
-        The model-wide FFG selection per expert, when ``ffg_density`` was used
-        (:func:`curvlens.passes.thresholds.model_thresholds`'s columns).
-    path : Path or None
-    extra : dict
-        ``"selections"``: the :class:`~curvlens.passes.thresholds.Selection` per
-        expert behind ``thresholds`` (with the per-tensor tie quotas).
+    name : str
+        Its name in the output.
+    source : Checkpoint
+        The model it is read from, as ``source_name``.
+    source_name : str
+    label : str
+        The report's ``source`` (``base``, an expert's name, a model dir's name).
+    who : str
+        The model as an error names it (``"the base model"``, a path).
+    reference : Checkpoint, optional
+        Change norms are measured against its tensor ``name`` (the base).
+    scale : float, optional
+        Multiply a floating tensor by this, in the dtype it is read in.
+    read_dtype : torch.dtype, optional
+        Round a floating tensor to this first (a config's ``dtype``).
     """
 
-    checkpoint: Checkpoint
-    report: Any
-    method: str
-    params: dict
-    thresholds: Any = None
-    path: Path | None = None
-    extra: dict = field(default_factory=dict)
+    name: str
+    source: Checkpoint
+    source_name: str
+    label: str
+    who: str
+    reference: Checkpoint | None = None
+    scale: float | None = None
+    read_dtype: torch.dtype | None = None
 
-    def summary(self):
-        """Model-level numbers: numel-weighted kept fraction per expert and change norm."""
-        import pandas as pd
+    def shape(self) -> torch.Size:
+        return self.source.shape(self.source_name)
 
-        r = self.report[self.report["source"] == "merged"]
-        w = r["numel"] / r["numel"].sum()
-        kept = {c: float((r[c] * w).sum()) for c in r.columns if c.startswith("kept_")}
-        return pd.Series({"method": self.method, **kept,
-                          "all_masked": float((r["all_masked"] * w).sum()),
-                          "delta_norm": float((r["delta_norm"] ** 2).sum() ** 0.5)})
-
-    def _repr_html_(self) -> str:
-        # Presentation hook: views sit above streams, so they are imported only
-        # when a notebook asks for the HTML, never at import time.
-        from curvlens.views import layer_role_heatmap
-        from curvlens.views.rich import result_html
-
-        table = self.summary().to_frame("value")
-        return result_html(
-            table, lambda _: layer_role_heatmap(self.report, "rel_delta",
-                                                title=f"{self.method}: relative change by layer x role"),
-            title=f"MergeResult: {self.method}, {len(self.report)} tensors"
-                  + (f", saved to {self.path}" if self.path else ""))
+    def stored_dtype(self) -> torch.dtype:
+        return self.source.dtype(self.source_name)
 
 
-def _stored(experts: Experts, name: str) -> torch.dtype:
-    """The experts' dtype of tensor ``name`` (promoted across experts); integer
-    tensors, carried from the reference, keep the reference's."""
-    ref = experts.reference.dtype(name)
-    if not ref.is_floating_point:
-        return ref
-    out = experts.experts[0].checkpoint.dtype(name)
-    for e in experts.experts[1:]:
-        out = torch.promote_types(out, e.checkpoint.dtype(name))
-    return out
+@dataclass(frozen=True)
+class OutputFiles:
+    """What a written merge puts beside its tensors (its config and tokenizer files
+    are copied from ``reference_dir``)."""
+
+    reference_dir: Path | None
+    config_text: str                       # saved as curvlens_merge.yml
+    max_shard_size: int | str = "1GB"
+    files: Mapping[str, str] = field(default_factory=dict)   # written over the copied ones
+    tokenizer_dir: Path | None = None      # tokenizer files copied from here instead
+    config_overrides: Mapping[str, Any] = field(default_factory=dict)   # besides the dtype
+    inputs: Sequence[Path] = ()            # the output may not touch any of them
 
 
-def _out_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    # integer/bool tensors keep their dtype whatever the requested float dtype
-    return stored if requested is None or not stored.is_floating_point else requested
+@dataclass
+class MergeJob:
+    """Every output tensor of a merge, in order: the merged ones (``experts``
+    with ``method``; none when ``method`` is None), then ``takes``; then the
+    report rows of tensors left out.
+
+    ``params`` are the method's resolved parameters (a model-wide density becomes
+    exact thresholds when the job runs); ``per_tensor(name, params)`` gives a
+    tensor's own (see :class:`PerTensorParams`); ``names`` label the report's
+    ``kept_<name>`` columns; ``label`` is the result's method.
+    """
+
+    label: str
+    method: MergeMethod | None = None
+    experts: Experts | None = None
+    params: dict = field(default_factory=dict)
+    per_tensor: Callable[[str, dict], dict] | None = None
+    takes: Sequence[Take] = ()
+    left_out: Sequence[dict] = ()
+    names: Sequence[str] = ()
+    out_dtype: torch.dtype | None = None
+    in_dtype: torch.dtype | None = None
 
 
-def merge(
-    experts: Experts,
-    method: str,
-    out: PathLike | None = None,
-    *,
-    device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
-    max_shard_size: int | str = "1GB",
-    progress: bool = True,
-    config_text: str | None = None,
-    threads: int | None = None,
-    tensors=None,
-    input_dtype: str | torch.dtype | None = None,
-    tensor_params=None,
-    tokenizer_source=None,
-    chat_template: str | None = None,
-    pad_to_multiple_of: int | None = None,
-    **params,
-) -> MergeResult:
-    """Merge ``experts`` with ``method``, streaming one tensor at a time.
-
-    Parameters
-    ----------
-    experts : Experts
-        Base (if the method uses one), experts and (for fisher/ota) moments.
-    method : str
-        A registered method: see :func:`curvlens.math.methods.list_methods`.
-    out : path, optional
-        Write the merged model here as an HF dir (config/tokenizer copied from the
-        base or first expert, plus ``merge_report.csv`` and the merge config). Without
-        it the merged tensors are kept in memory (fine for small models only).
-    device : str
-        ``"auto"``: CUDA when present. The math is fp32 on this device.
-    dtype : str or torch.dtype, optional
-        Output dtype of floating tensors; default: each tensor's dtype in the
-        experts (promoted when experts store it differently, e.g. bf16 and fp32
-        give fp32), whatever the base's. Integer and bool tensors keep theirs.
-        A merged value the output dtype cannot hold (beyond fp16's 65504) is an
-        error, never an Inf.
-    overwrite : bool
-        Replace an existing ``out``.
-    threads : int, optional
-        Torch intra-op threads on a CPU for every pass of this merge; default
-        :func:`curvlens.runtime.get_threads` (1: see :mod:`curvlens.runtime`).
-    tensors : mapping or list of (pattern, action), optional
-        Per-tensor control, first matching pattern first (patterns of
-        :mod:`curvlens.tensor_filter`): ``"drop"`` leaves the tensor out of the
-        merged model, ``"base"`` or an expert's name takes it unchanged from that
-        model, ``"merge"`` merges it. E.g. ``{"classifier": "drop", "*.pooler.*":
-        "base"}`` merges the shared body and keeps no task's head. Tensors the
-        Experts ``exclude`` are left out unless a rule takes them from a model.
-        Neither the model-wide FFG selection nor the report's mask columns see
-        tensors that are not merged.
-    input_dtype : str or torch.dtype, optional
-        Round every floating input (base and experts, not moments) to this dtype
-        before merging, as mergekit reads inputs in its config's ``dtype``.
-    tensor_params : callable, optional
-        ``tensor_params(name) -> {param: value}``: parameters that vary by tensor
-        (mergekit's gradients and filters,
-        :class:`curvlens.config.param_settings.TensorParams`), resolved with
-        ``params`` for each tensor.
-    tokenizer_source : None, "base", "union" or path, optional
-        Which tokenizer to write beside the weights (mergekit's
-        ``tokenizer_source``; :mod:`curvlens.config.tokenizer`).
-    chat_template : str, optional
-        A template name, ``"auto"`` or a Jinja template, written into the
-        output's ``tokenizer_config.json``.
-    pad_to_multiple_of : int, optional
-        mergekit's ``tokenizer.pad_to_multiple_of``.
-    **params
-        The method's parameters (per-expert ones as a scalar or a list). A
-        method's model-wide parameter (``ota``'s ``ffg_density``) becomes an exact
-        selection per expert in two streaming passes first.
+def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | None = None, *,
+              device: str | torch.device = "auto", progress: bool = True,
+              overwrite: bool = False) -> MergeResult:
+    """Run ``job``: write its tensors to ``out`` (an HF dir with ``files``), or keep
+    them in memory when ``out`` is None.
 
     Returns
     -------
     MergeResult
     """
-    with use_threads(threads):
-        return _merge(experts, method, out, device=device, dtype=dtype, overwrite=overwrite,
-                      max_shard_size=max_shard_size, progress=progress, config_text=config_text,
-                      tensors=tensors, input_dtype=input_dtype, tensor_params=tensor_params,
-                      tokenizer=(tokenizer_source, chat_template, pad_to_multiple_of), **params)
-
-
-def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, progress, config_text,
-           tensors, input_dtype, tensor_params, tokenizer, **params) -> MergeResult:
     import pandas as pd
 
-    if not isinstance(experts, Experts):
-        raise CurvlensError(f"merge takes an Experts (e.g. Experts.from_dirs(base, [dirs])); "
-                            f"got a {type(experts).__name__}")
-    if not isinstance(method, str):
-        raise CurvlensError(f"method must be a method name (str); got {method!r}")
-    m = get_method(method)
-    p = resolve_params(m, params, len(experts))
-    if m.needs_base and experts.base is None:
-        raise CurvlensError(f"merge method {method!r} needs a base model; the Experts have none")
-    check_arity(m, experts.base is not None, len(experts))  # e.g. slerp: one expert
-    if m.needs_moments and not experts.has_moments:
-        lacking = [e.name for e in experts.experts if e.moments is None]
-        raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")
-    out_dtype = parse_dtype(dtype)
-    in_dtype = parse_dtype(input_dtype)
+    m, experts, p = job.method, job.experts, job.params
     dev = resolve_device(device)
-    per_tensor = _TensorParams(m, params, p, tensor_params, len(experts))
-    if in_dtype is not None:
-        experts = experts.rounded(in_dtype)
-    full = experts
-    actions, experts = _plan_tensors(full, tensors)
-
-    requested = dict(p)  # what the saved config states (re-runnable), before thresholds
-    selections = _model_wide(m, experts, p, dev, progress)
+    selections = _model_wide(m, experts, p, dev, progress) if m is not None else None
     thresholds = None
     if selections is not None:
         thresholds = pd.DataFrame([s.row() for s in selections], columns=THRESHOLD_COLUMNS)
-
-    ref = experts.reference
-    ref_dir = None
-    if ref.path is not None:
-        ref_dir = ref.path if ref.path.is_dir() else ref.path.parent
+    merged_names = experts.tensor_names() if m is not None else []
     rows: list[dict] = []
     kept_tensors: dict[str, torch.Tensor] = {}
     writer_cm = nullcontext()
     if out is not None:
-        import yaml
-
-        config = config_text or yaml.safe_dump(_config(m, full, requested, out_dtype, tensors, in_dtype),
-                                               sort_keys=False)
-        tok_dir, tok_files = tokenizer_files(full, ref_dir, *tokenizer)
+        if files is None:
+            raise CurvlensError("run_merge: an output dir needs its OutputFiles")
         # every output name, shape and dtype is known now: stream the bytes unbuffered
-        plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in experts.tensor_names()]
-        plan += [(n, _source(full, a).shape(n), _out_dtype(_source(full, a).dtype(n), out_dtype))
-                 for n, a in _taken(actions)]
+        plan = [(n, experts.shape(n), output_dtype(experts.stored_dtype(n), job.out_dtype)) for n in merged_names]
+        plan += [(t.name, t.shape(), output_dtype(t.stored_dtype(), job.out_dtype)) for t in job.takes]
         # transformers reads the weights' dtype from config.json: keep it truthful
-        dtype_name = str(out_dtype).replace("torch.", "") if out_dtype is not None else None
-        overrides = {"torch_dtype": dtype_name, "dtype": dtype_name} if dtype_name else None
-        writer_cm = ModelWriter(out, ref_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-                                extra_files={**tok_files, "curvlens_merge.yml": config}, plan=plan,
-                                config_overrides=overrides, inputs=experts.input_paths(),
-                                tokenizer_dir=tok_dir)
-    elif any(t is not None for t in tokenizer):
-        raise CurvlensError("tokenizer_source, chat_template and pad_to_multiple_of concern the written "
-                            "model's tokenizer: give an output directory")
+        overrides = {**files.config_overrides, **dtype_overrides(job.out_dtype)}
+        writer_cm = ModelWriter(out, files.reference_dir, max_shard_size=files.max_shard_size, overwrite=overwrite,
+                                extra_files={**files.files, "curvlens_merge.yml": files.config_text}, plan=plan,
+                                config_overrides=overrides, inputs=files.inputs, tokenizer_dir=files.tokenizer_dir)
     with writer_cm as writer:
-        # methods cast block by block, so they get the stored dtype
-        for g in experts.iter_tensors(device=dev, moments=m.needs_moments, progress=progress,
-                                      dtype=None, desc=f"merge {method}"):
-            pt = per_tensor(g.name, p)
-            # a model-wide selection splits the tied scores tensor by tensor
-            if selections is not None:
-                pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
-            target = _out_dtype(_stored(experts, g.name), out_dtype)
-            # as mergekit: a method's result is in the input dtype, then cast to out_dtype
-            merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target)
-            if merged.is_floating_point() and merged.dtype != target:
-                merged = merged.to(target)
-            rows.append(row)
+        def emit(name: str, t: torch.Tensor) -> None:
             if writer is not None:
-                writer.add(g.name, merged)
+                writer.add(name, t)
             else:
-                kept_tensors[g.name] = merged
-        for n, a in _taken(actions):
-            taken, row = _take_one(full, n, a, out_dtype)
+                kept_tensors[name] = t
+
+        if m is not None:
+            # methods cast block by block, so they get the stored dtype
+            for g in experts.iter_tensors(merged_names, device=dev, moments=m.needs_moments, progress=progress,
+                                          dtype=None, desc=f"merge {job.label}"):
+                pt = job.per_tensor(g.name, p) if job.per_tensor is not None else p
+                # a model-wide selection splits the tied scores tensor by tensor
+                if selections is not None:
+                    pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
+                target = output_dtype(experts.stored_dtype(g.name), job.out_dtype)
+                # as mergekit: a method's result is in the input dtype, then cast to out_dtype
+                merged, row = _merge_one(m, g, pt, dev, job.names, job.in_dtype or target)
+                if merged.is_floating_point() and merged.dtype != target:
+                    merged = merged.to(target)
+                rows.append(row)
+                emit(g.name, merged)
+        for take in job.takes:
+            taken, row = _take_one(take, job.out_dtype)
             rows.append(row)
-            if writer is not None:
-                writer.add(n, taken)
-            else:
-                kept_tensors[n] = taken
-        rows += [_left_out_row(full, n, a) for n, a in actions.items() if a in ("drop", "excluded")]
-        report = _report_frame(rows, full.names)
+            emit(take.name, taken)
+        rows += list(job.left_out)
+        report = _report_frame(rows, job.names)
         if writer is not None:  # written beside the weights when the writer closes
             writer.extra_files["merge_report.csv"] = report.to_csv(index=False)
     ckpt = Checkpoint.open(out) if out is not None else Checkpoint.open(kept_tensors)
     report["layer"] = report["layer"].astype("Int64")
     extra = {"selections": selections} if selections is not None else {}
-    return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None, extra)
+    return MergeResult(ckpt, report, job.label, p, thresholds, Path(out) if out is not None else None, extra)
 
 
-class _TensorParams:
+class PerTensorParams:
     """Each tensor's resolved parameters: the constant ones, with those that vary
-    by tensor (``tensor_params``) resolved for its name and the method's
-    ``name_param`` set to it."""
+    by tensor (``tensor_params(name)``, e.g. a config's
+    :class:`~curvlens.config.param_settings.VaryingParams`) resolved for its name
+    and the method's ``name_param`` set to it."""
 
-    def __init__(self, m, params: dict, resolved: dict, tensor_params, n: int):
+    def __init__(self, m: MergeMethod, params: dict, resolved: dict, tensor_params, n: int):
         self.m, self.params, self.tensor_params, self.n = m, params, tensor_params, n
         self._cache: dict = {}
         if tensor_params is not None and m.model_wide is not None:
@@ -339,7 +225,7 @@ class _TensorParams:
         return out
 
 
-def _plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
+def plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
     """What happens to every reference tensor (:func:`tensor_actions`, with the
     Experts' own exclusions as ``"excluded"``), and the Experts restricted to the
     tensors that are merged."""
@@ -355,41 +241,46 @@ def _plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
     return actions, (experts.without(TensorFilter.exact(not_merged)) if not_merged else experts)
 
 
-def _taken(actions: dict[str, str]) -> list[tuple[str, str]]:
-    return [(n, a) for n, a in actions.items() if a not in ("merge", "drop", "excluded")]
+def taken_from(experts: Experts, actions: dict[str, str]) -> list[Take]:
+    """The tensors ``actions`` take unchanged from one model (the base or an expert)."""
+    return [Take(n, experts.model(a), n, a, "the base model" if a == "base" else f"expert {a!r}",
+                 reference=experts.base) for n, a in actions.items() if a not in NOT_TAKEN]
 
 
-def _source(experts: Experts, action: str) -> Checkpoint:
-    return experts.base if action == "base" else experts[action].checkpoint
+def left_out_rows(experts: Experts, actions: dict[str, str]) -> list[dict]:
+    """Report rows of the tensors ``actions`` leave out of the merged model."""
+    rows = []
+    for n, a in actions.items():
+        if a in ("drop", "excluded"):
+            layer, role = param_role(n)
+            rows.append({"name": n, "layer": layer, "role": role, "numel": experts.shape(n).numel(), "source": a})
+    return rows
 
 
-def _take_one(experts: Experts, name: str, action: str, out_dtype) -> tuple[torch.Tensor, dict]:
-    """Tensor ``name`` copied from the model ``action`` names (checked, cast to the
-    output dtype), with its report row."""
-    src = _source(experts, action)
-    who = "the base model" if action == "base" else f"expert {action!r}"
-    if name not in src:
-        raise CurvlensError(f"tensors: {name!r} is to be taken from {who}, which has no such tensor")
-    t = src[name]
+def _take_one(take: Take, out_dtype) -> tuple[torch.Tensor, dict]:
+    """Tensor ``take`` read from its model (checked, cast to the output dtype), with its report row."""
+    src = take.source
+    if take.source_name not in src:
+        raise CurvlensError(f"tensors: {take.source_name!r} is to be taken from {take.who}, which has no such tensor")
+    t = src[take.source_name]
     problem = weight_problems(t)
     if problem is not None:
-        raise CurvlensError(f"{who}, tensor {name!r}: {problem}")
-    layer, role = param_role(name)
-    row = {"name": name, "layer": layer, "role": role, "numel": t.numel(), "source": action}
+        raise CurvlensError(f"{take.who}, tensor {take.source_name!r}: {problem}")
+    layer, role = param_role(take.name)
+    row = {"name": take.name, "layer": layer, "role": role, "numel": t.numel(), "source": take.label}
     if not t.is_floating_point():
         return t, row
-    base = experts.base
-    if base is not None and name in base and base.shape(name) == t.shape:
+    target = output_dtype(t.dtype, out_dtype)
+    if take.read_dtype is not None:
+        t = t.to(take.read_dtype)
+    if take.scale is not None:
+        t = t * take.scale
+    ref = take.reference
+    if ref is not None and take.name in ref and ref.shape(take.name) == t.shape:
         norms = ChangeNorms()
-        norms.add(t.reshape(-1).float(), base[name].reshape(-1).float())
+        norms.add(t.reshape(-1).float(), ref[take.name].reshape(-1).float())
         row.update(delta_norm=norms.delta, rel_delta=norms.relative())
-    return cast_checked(t.float(), _out_dtype(t.dtype, out_dtype), name), row
-
-
-def _left_out_row(experts: Experts, name: str, action: str) -> dict:
-    layer, role = param_role(name)
-    return {"name": name, "layer": layer, "role": role, "numel": experts.reference.shape(name).numel(),
-            "source": action}
+    return cast_checked(t, target, take.name), row
 
 
 def _report_frame(rows: list[dict], names):
@@ -479,60 +370,3 @@ class _Stats:
         row["delta_norm"] = self.norms.delta if merged else 0.0
         row["rel_delta"] = self.norms.relative() if merged else 0.0
         return row
-
-
-def _config(m, experts: Experts, p: dict, out_dtype, tensors=None, in_dtype=None) -> dict:
-    """The merge as a mergekit-style config that ``curvlens merge`` re-runs: the
-    models by path (when they have one), shared parameters at the top, per-expert
-    values that differ under each model, defaults left out."""
-    defaults = {spec.name: spec.default for spec in m.params}
-    per_expert = {spec.name for spec in m.params if spec.per_expert}
-    top, per_model = {}, [{} for _ in experts.experts]
-    for k, v in _plain(p).items():
-        if k in per_expert and isinstance(v, list):
-            for mp, x in zip(per_model, v):
-                if x != defaults[k]:
-                    mp[k] = x
-        elif v != defaults[k]:
-            top[k] = v
-    cfg = {"merge_method": m.name}
-    paths = [e.path or e.checkpoint.path for e in experts.experts]
-    if all(q is not None for q in paths):
-        if experts.base is not None and experts.base.path is not None:
-            cfg["base_model"] = str(experts.base.path)
-        cfg["models"] = []
-        for e, q, mp in zip(experts.experts, paths, per_model):
-            if m.needs_moments and e.moments is not None and e.moments.path is not None:
-                mp = {**mp, "preconditioner_path": str(e.moments.path)}
-            cfg["models"].append({"model": str(q), **({"parameters": mp} if mp else {})})
-    cfg["parameters"] = top
-    rules = list(tensors.items()) if hasattr(tensors, "items") else list(tensors or [])
-    if rules:
-        by_name = {e.name: str(q) for e, q in zip(experts.experts, paths) if q is not None}
-        cfg["tensors"] = [{"filter": pat, "action": by_name.get(a, a)} for pat, a in rules]
-    if experts.exclude:
-        cfg["tensors"] = cfg.get("tensors", []) + [{"filter": pat, "action": "drop"}
-                                                   for pat in experts.exclude.patterns]
-    # mergekit reads inputs in `dtype` and writes `out_dtype`: curvlens computes
-    # in fp32 from the stored (or input_dtype-rounded) inputs
-    if in_dtype is not None:
-        cfg["dtype"] = str(in_dtype).replace("torch.", "")
-    elif out_dtype is not None:
-        cfg["dtype"] = "float32"
-    if out_dtype is not None:
-        cfg["out_dtype"] = str(out_dtype).replace("torch.", "")
-    return cfg
-
-
-def _plain(p: dict) -> dict:
-    """Resolved params as YAML-safe plain values."""
-    out = {}
-    for k, v in p.items():
-        if isinstance(v, (list, tuple)):
-            v = [x if isinstance(x, (int, float, str, bool, type(None))) else str(x) for x in v]
-            if len(set(map(repr, v))) == 1:
-                v = v[0]
-        elif not isinstance(v, (int, float, str, bool, type(None))):
-            v = str(v)
-        out[k] = v
-    return out

@@ -25,13 +25,14 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
+from curvlens.io.dtypes import output_dtype, parse_dtype
 from curvlens.io.writer import ModelWriter
 from curvlens.math.merge_report import cast_checked
 from curvlens.math.sparse_soup import MASK_RULES, soup_support, sparse_average, zero_pattern
 from curvlens.runtime import use_threads
 from curvlens.passes.analysis_common import need_experts
-from curvlens.passes.experts import Experts, resolve_device
-from curvlens.passes.merge import _out_dtype, _stored, parse_dtype
+from curvlens.passes.experts import Experts
+from curvlens.runtime import resolve_device
 
 _BASE_COLUMNS = ["name", "layer", "role", "numel", "shared_zeros", "disagreeing", "agree"]
 _TAIL_COLUMNS = ["soup_zeros", "cancelled"]
@@ -162,21 +163,18 @@ def sparse_soup(experts: Experts, out: PathLike | None = None, *, mask: str = "a
         raise CurvlensError(f"weights must be >= 0 and not all 0; got {weights}")
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
-    ref = experts.experts[0].checkpoint
-    ref_dir = None
-    if ref.path is not None:
-        ref_dir = ref.path if ref.path.is_dir() else ref.path.parent
     order = experts.tensor_names()
     writer_cm = nullcontext()
     if out is not None:
-        plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in order]
-        writer_cm = ModelWriter(out, ref_dir, max_shard_size=max_shard_size, overwrite=overwrite, plan=plan,
-                                inputs=experts.input_paths())
+        plan = [(n, experts.shape(n), output_dtype(experts.stored_dtype(n), out_dtype)) for n in order]
+        # config and tokenizer of the first expert (a base, when present, is not read)
+        writer_cm = ModelWriter(out, experts.model_dir(names[0]), max_shard_size=max_shard_size,
+                                overwrite=overwrite, plan=plan, inputs=experts.input_paths())
     rows, kept = [], {}
     with use_threads(threads), writer_cm as writer:
         for g in experts.iter_tensors(order, device=dev, dtype=None, moments=False, base=False,
                                       progress=progress, desc=f"sparse soup ({mask})"):
-            target = _out_dtype(_stored(experts, g.name), out_dtype)
+            target = output_dtype(experts.stored_dtype(g.name), out_dtype)
             if not g.experts[0].is_floating_point():
                 t = g.experts[0].to("cpu")
                 rows.append({"name": g.name, "layer": g.layer, "role": g.role, "numel": t.numel(), "agree": True})

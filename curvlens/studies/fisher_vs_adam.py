@@ -99,7 +99,7 @@ def fisher_vs_adam(experts: Experts, fisher: Mapping[str, object] | Sequence[obj
     parameter each), and the merges are made in memory: meant for the zoo and
     models of a few hundred million parameters.
     """
-    from curvlens.passes.merge import merge
+    from curvlens.config.merge import merge
 
     both = paired_experts(experts, fisher)
     names = experts.names

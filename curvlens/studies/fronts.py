@@ -37,7 +37,8 @@ from curvlens.math.fronts import (
     simplex_weights,
     tensor_grams,
 )
-from curvlens.passes.experts import Experts, resolve_device
+from curvlens.passes.experts import Experts
+from curvlens.runtime import resolve_device
 from curvlens.studies.sweep import sweep, wide_scores
 
 PREDICTORS = ("surrogate", "curvature")

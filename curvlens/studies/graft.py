@@ -18,8 +18,9 @@ from curvlens.errors import CurvlensError
 from curvlens.passes.analysis_common import (
     FFG_VS_MAGNITUDE_COLUMNS, GRAFT_SWEEP_COLUMNS, check_criteria, check_densities, frame,
 )
-from curvlens.passes.analysis_masks import _check_inputs, _selections
-from curvlens.passes.experts import Experts, _progress, resolve_device
+from curvlens.passes.analysis_masks import check_mask_inputs, selections_at
+from curvlens.passes.experts import Experts
+from curvlens.runtime import progress_bar, resolve_device
 from curvlens.passes.thresholds import CRITERIA, Selection, mask_scores
 
 
@@ -92,11 +93,11 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
         raise CurvlensError(f"evaluate must be a callable state_dict -> DataFrame; got {evaluate!r}")
     criteria = check_criteria(criteria)
     ds = check_densities(densities)
-    _check_inputs(experts, criteria, "graft_sweep")
+    check_mask_inputs(experts, criteria, "graft_sweep")
     dev = resolve_device(device)
     partial = [d for d in ds if d < 1.0]
-    sel = _selections(experts, partial, criteria, dev, progress) if partial else {}
-    bar = _progress(len(experts) * (len(criteria) * len(partial) + (1.0 in ds)), "graft sweep", progress)
+    sel = selections_at(experts, partial, criteria, dev, progress) if partial else {}
+    bar = progress_bar(len(experts) * (len(criteria) * len(partial) + (1.0 in ds)), "graft sweep", progress)
     rows = []
     for e in experts.names:
         sub = experts.subset([e])

@@ -18,7 +18,8 @@ from curvlens.errors import CurvlensError
 from curvlens.passes.analysis_common import (
     aggregate, floating_names, frame, need_base, tensor_id,
 )
-from curvlens.passes.experts import Experts, resolve_device
+from curvlens.passes.experts import Experts
+from curvlens.runtime import resolve_device
 
 EDIT_NORMS_COLUMNS = ["expert", "name", "layer", "role", "numel", "delta_sq", "base_sq"]
 REGIME_COLUMNS = ["scope", "subject", "metric", "value"]

@@ -118,8 +118,8 @@ def greedy_soup(experts: Experts, evaluate: Callable[[str], Mapping[str, float]]
 
 
 def _greedy(experts, evaluate, objective, out, metrics, overwrite, progress, kw, merge_kwargs) -> SoupResult:
-    from curvlens.passes.experts import _progress
-    from curvlens.passes.merge import merge
+    from curvlens.runtime import progress_bar
+    from curvlens.config.merge import merge
 
     names = experts.names
     ranked_df = sweep(experts, [{"method": "linear", "experts": [n], "label": n} for n in names], evaluate, **kw)
@@ -149,7 +149,7 @@ def _greedy(experts, evaluate, objective, out, metrics, overwrite, progress, kw,
                  "kept": True, "best": best, "status": "ok", "error": None,
                  **{m: float(wide.set_index("label").loc[order[0], m]) for m in metrics}})
     frames = [ranked_df]
-    bar = _progress(len(order) - 1, "greedy soup", progress)
+    bar = progress_bar(len(order) - 1, "greedy soup", progress)
     for step, cand in enumerate(order[1:], start=2):
         trial = soup + [cand]
         label = "+".join(trial)

@@ -2,7 +2,7 @@
 
 A job is a dict ``{"method": ..., **params}`` (optionally ``"label"`` and
 ``"experts"``, a subset of the experts by name). Each job streams as every merge
-does: :func:`curvlens.passes.merge.merge` writes the merged model into a fresh
+does: :func:`curvlens.config.merge.merge` writes the merged model into a fresh
 temporary dir, ``evaluate(model_dir)`` scores it, and the dir is deleted unless
 the job is kept. A job that fails (a bad parameter, an evaluator error, a worker
 that died) becomes a row with ``status == "error"`` and the error's text; it
@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.passes.experts import Expert, Experts, _progress
+from curvlens.passes.experts import Expert, Experts
+from curvlens.runtime import progress_bar
 
 #: Columns every sweep frame has, in order; the jobs' parameters come between
 #: ``experts`` and ``metric``.
@@ -163,7 +164,7 @@ def run_job(source: Experts | ExpertsSpec, index: int, job: Mapping, evaluate: E
     ``keep`` and the job succeeded. Runs wherever it is called: in this process
     or on a dask worker (``source`` is then an :class:`ExpertsSpec`).
     """
-    from curvlens.passes.merge import merge
+    from curvlens.config.merge import merge
 
     start = time.perf_counter()
     info = {"job": index, "label": _label(job), "method": job["method"],
@@ -279,7 +280,7 @@ def sweep(experts: Experts, grid: Sequence[Mapping], evaluate: Evaluate, out_dir
     t0 = time.perf_counter()
     if client is None:
         rows = []
-        bar = _progress(len(jobs), "sweep", progress)
+        bar = progress_bar(len(jobs), "sweep", progress)
         for i, job in enumerate(jobs):
             rows += run_job(experts, i, job, evaluate, out_dir=out, keep=keep, merge_kwargs=merge_kwargs)
             bar.update(1)
@@ -316,7 +317,7 @@ def _on_cluster(experts, jobs, evaluate, client, n_workers, out, keep, merge_kwa
                 rows.append(_lost(i, job, f"could not send the job to the cluster: {_root(err)}"))
             else:
                 futures[fut] = i
-        bar = _progress(len(jobs), "sweep", progress)
+        bar = progress_bar(len(jobs), "sweep", progress)
         bar.update(len(rows))
         for fut in as_completed(list(futures)):
             i = futures[fut]

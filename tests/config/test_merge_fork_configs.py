@@ -16,7 +16,7 @@ import yaml
 
 from curvlens import Checkpoint, CurvlensError
 from curvlens.cli import main
-from curvlens.passes.merge import merge
+from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
 from tests.conftest import make_tiny_zoo
 

@@ -9,7 +9,7 @@ import yaml
 
 from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.cli import main
-from curvlens.passes.merge import merge
+from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
 from tests.passes.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
 

@@ -6,9 +6,9 @@ import torch
 import yaml
 
 from curvlens import CurvlensError
-from curvlens.passes.merge import merge
+from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
-from curvlens.config.param_settings import UNSET, evaluate, layer_fraction
+from curvlens.config.param_settings import UNSET, setting_value, layer_fraction
 from tests.passes.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
 
 KW = dict(device="cpu", progress=False)
@@ -38,15 +38,15 @@ def _run(root, cfg, name="c.yml"):
     return mc, merge(mc.experts(), mc.method, **KW, **mc.merge_kwargs())
 
 
-def test_evaluate_follows_mergekits_rules():
-    assert evaluate([0, 0.3, 0.7, 1], "x", 0.5) == pytest.approx(0.5)
-    assert evaluate([1, 0.7, 0.1], "x", 0.25) == pytest.approx(0.85)
-    assert evaluate([0, 1], "x", 1.0) == 1
-    assert evaluate([True, False], "x", 0.4) is True and evaluate([True, False], "x", 1.0) is False
+def test_setting_value_follows_mergekits_rules():
+    assert setting_value([0, 0.3, 0.7, 1], "x", 0.5) == pytest.approx(0.5)
+    assert setting_value([1, 0.7, 0.1], "x", 0.25) == pytest.approx(0.85)
+    assert setting_value([0, 1], "x", 1.0) == 1
+    assert setting_value([True, False], "x", 0.4) is True and setting_value([True, False], "x", 1.0) is False
     conds = [{"filter": "mlp", "value": [0, 1]}, {"filter": "self_attn", "value": 2}]
-    assert evaluate(conds, "model.layers.1.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
-    assert evaluate(conds, "model.norm.weight", 0.0) is UNSET  # falls through to the next scope
-    assert evaluate({"filter": "*", "value": 3}, "anything", 0.0) == 3
+    assert setting_value(conds, "model.layers.1.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
+    assert setting_value(conds, "model.norm.weight", 0.0) is UNSET  # falls through to the next scope
+    assert setting_value({"filter": "*", "value": 3}, "anything", 0.0) == 3
     assert layer_fraction("model.layers.2.mlp.up_proj.weight", 5) == 0.5
     assert layer_fraction("model.embed_tokens.weight", 5) == 0.0 == layer_fraction("lm_head.weight", 5)
     assert layer_fraction("model.layers.0.mlp.up_proj.weight", 1) == 1.0

@@ -98,7 +98,7 @@ def test_one_slice_over_all_layers_is_the_models_form(llama, tmp_path):
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     mc = load_merge_config(tmp_path / "c.yml")
     assert mc.names == ("expert0", "expert1")  # slices never add the base (mergekit adds it only for models)
-    from curvlens.passes.merge import merge
+    from curvlens.config.merge import merge
 
     res = merge(mc.experts(), mc.method, device="cpu", progress=False, **mc.merge_kwargs())
     n = "model.layers.4.mlp.up_proj.weight"

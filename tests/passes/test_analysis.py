@@ -10,7 +10,8 @@ from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.io.moments import Moments
 from tests.math.oracles import moment_pair_metrics as pair_overlap
 from curvlens.passes import analysis as A
-from curvlens.passes.merge import merge
+from curvlens.studies import graft as G
+from curvlens.config.merge import merge
 from curvlens.passes.thresholds import model_thresholds
 
 ID = ["name", "layer", "role", "numel"]
@@ -58,7 +59,7 @@ def test_every_frame_has_its_pinned_columns(zoo):
         "moment_compression": (A.moment_compression(ex, **KW),
                                ["expert", *ID, "rank", "rel_error_v", "rel_error_weights", "bytes_full",
                                 "bytes_compressed"]),
-        "graft_sweep": (A.graft_sweep(ex, (0.5,), evaluate=lambda sd: pd.DataFrame(
+        "graft_sweep": (G.graft_sweep(ex, (0.5,), evaluate=lambda sd: pd.DataFrame(
             {"capability": ["x"], "accuracy": [1.0]}), **KW),
                         ["expert", "criterion", "density", "capability", "score"]),
         "pooled_moments": (A.pooled_moments(ex, [UP], **KW),
@@ -78,7 +79,7 @@ def test_every_frame_has_its_pinned_columns(zoo):
     assert len(frames["curvature_overlap"][0]) == 3 * n_float  # 3 pairs
     assert len(frames["mask_stats"][0]) == 3 * 2 * n_float  # experts x criteria x 1 density
     assert list(A.log10_histogram(ex, by=None, **KW).columns) == ["expert", "bin_left", "bin_right", "count"]
-    assert list(A.ffg_vs_magnitude_summary(frames["graft_sweep"][0], {e: "x" for e in ex.names}).columns) == \
+    assert list(G.ffg_vs_magnitude_summary(frames["graft_sweep"][0], {e: "x" for e in ex.names}).columns) == \
         ["expert", "capability", "density", "fisher", "magnitude", "fisher_ge_magnitude"]
 
 
@@ -229,7 +230,7 @@ def test_magnitude_reads_no_moments(tiny_zoo, monkeypatch):
     monkeypatch.setattr(Moments, "__getitem__", lambda self, n: reads.append(n) or orig(self, n))
     same = A.mask_stats(ex, densities=(0.3,), criteria=("magnitude",), **KW)
     list(A.ffg_masks(ex, density=0.3, criterion="magnitude", **KW))
-    A.graft_sweep(ex, (0.3,), criteria="magnitude", evaluate=lambda sd: pd.DataFrame(
+    G.graft_sweep(ex, (0.3,), criteria="magnitude", evaluate=lambda sd: pd.DataFrame(
         {"capability": ["x"], "score": [0.0]}), **KW)
     assert reads == []
     pd.testing.assert_frame_equal(same, ms)
@@ -245,7 +246,7 @@ def test_graft_is_base_plus_masked_edit_and_density_one_is_the_expert(zoo):
         d = sum(float((sd[n].float() - weights["expert1"][n]).abs().sum()) for n in sd)
         return pd.DataFrame({"capability": ["dist", "const"], "accuracy": [d, 1.0]})
 
-    sw = A.graft_sweep(ex.subset(["expert1"]), (0.4, 1.0), evaluate=evaluate, **KW)
+    sw = G.graft_sweep(ex.subset(["expert1"]), (0.4, 1.0), evaluate=evaluate, **KW)
     assert len(seen) == 3  # the expert once, then one graft per criterion
     assert sw[sw.density == 1.0].score.tolist() == [0.0, 1.0, 0.0, 1.0]
     mask = A.ffg_masks(ex.subset(["expert1"]), density=0.4, **KW)[UP]["expert1"]
@@ -254,7 +255,7 @@ def test_graft_is_base_plus_masked_edit_and_density_one_is_the_expert(zoo):
     assert torch.equal(seen[1][UP], want)
     assert set(seen[0]) == set(ex.tensor_names()) and all(torch.equal(seen[0][n], weights["expert1"][n])
                                                          for n in seen[0])
-    summ = A.ffg_vs_magnitude_summary(sw, {"expert1": "const"})
+    summ = G.ffg_vs_magnitude_summary(sw, {"expert1": "const"})
     assert summ.fisher_ge_magnitude.all() and summ.density.tolist() == [0.4, 1.0]
 
 
@@ -330,7 +331,7 @@ def test_bad_inputs_name_the_culprit(zoo, tmp_path):
     with pytest.raises(CurvlensError, match="criterion='l1'"):
         A.mask_stats(ex, criteria=("l1",), **KW)
     with pytest.raises(CurvlensError, match="evaluate must be a callable"):
-        A.graft_sweep(ex, (0.5,), **KW)
+        G.graft_sweep(ex, (0.5,), **KW)
     with pytest.raises(CurvlensError, match="exactly one of density= and threshold="):
         A.ffg_masks(ex, **KW)
     bad = dict(weights["expert0"])
@@ -338,7 +339,7 @@ def test_bad_inputs_name_the_culprit(zoo, tmp_path):
     with pytest.raises(CurvlensError, match=r"merged model 'merged'.*up_proj.*shape \(3, 3\)"):
         A.predicted_loss(ex, bad, **KW)
     with pytest.raises(CurvlensError, match="evaluate.*expert 'expert0'.*capability"):
-        A.graft_sweep(ex, (1.0,), criteria="magnitude", evaluate=lambda sd: pd.DataFrame({"x": [1]}), **KW)
+        G.graft_sweep(ex, (1.0,), criteria="magnitude", evaluate=lambda sd: pd.DataFrame({"x": [1]}), **KW)
     nan_m = {n: t.clone() for n, t in moments["expert1"].items()}
     nan_m[UP][0, 0] = float("nan")
     from safetensors.torch import save_file

@@ -4,7 +4,7 @@ from safetensors.torch import save_file
 
 from curvlens import CurvlensError, Experts
 from curvlens.io.writer import write_model
-from curvlens.passes.experts import resolve_device
+from curvlens.runtime import resolve_device
 
 
 def test_from_dirs_streams_every_tensor(tiny_zoo):

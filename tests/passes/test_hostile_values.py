@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from curvlens import CurvlensError, Experts
 from curvlens.cli import main
 from curvlens.passes import analysis as A
-from curvlens.passes.merge import merge
+from curvlens.studies import graft as G
+from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
 from curvlens.passes.thresholds import model_selections
 from tests.conftest import make_tiny_zoo
@@ -260,7 +261,7 @@ def test_merge_and_from_dirs_given_wrong_types(tmp_path):
     with pytest.raises(CurvlensError, match="dirs must be a list of expert dirs"):
         Experts.from_dirs(base, str(dirs[0]))
     with pytest.raises(CurvlensError, match="sweep must be a graft_sweep DataFrame"):
-        A.ffg_vs_magnitude_summary("x", {})
+        G.ffg_vs_magnitude_summary("x", {})
 
 
 def test_ota_refuses_a_tie_quota_the_scores_cannot_fill():

@@ -8,7 +8,7 @@ from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.cli import main
 from curvlens.math.methods import get_method
 from curvlens.math.methods.registry import _REGISTRY
-from curvlens.passes.merge import merge
+from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
 from curvlens.passes.thresholds import model_thresholds
 from tests.conftest import make_tiny_zoo

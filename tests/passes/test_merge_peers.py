@@ -9,7 +9,7 @@ import yaml
 from curvlens import CurvlensError, Experts
 from curvlens.math.blocks import tensor_seed
 from curvlens.math.methods import get_method
-from curvlens.passes.merge import merge
+from curvlens.config.merge import merge
 from tests.conftest import make_tiny_zoo
 
 

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from curvlens.passes import analysis as A
+from curvlens.studies import graft as G
 
 
 def _capabilities(zoo, experts, sweep) -> dict:
@@ -26,7 +26,7 @@ def test_graft_sweep_on_the_quick_zoo(request):
     def evaluate(state_dict):
         return zoo_mod.evaluate(state_dict, zoo=zoo)
 
-    sweep = A.graft_sweep(ex, (0.2, 1.0), evaluate=evaluate, device="cpu", progress=False)
+    sweep = G.graft_sweep(ex, (0.2, 1.0), evaluate=evaluate, device="cpu", progress=False)
     assert list(sweep.columns) == ["expert", "criterion", "density", "capability", "score"]
     # density 1.0 is the expert itself: the same scores as evaluating the expert
     for e in ex.names:
@@ -35,7 +35,7 @@ def test_graft_sweep_on_the_quick_zoo(request):
         for c in ("fisher", "magnitude"):
             got = sweep[(sweep.expert == e) & (sweep.criterion == c) & (sweep.density == 1.0)]
             pd.testing.assert_series_equal(got.set_index("capability")["score"], own, check_names=False)
-    summary = A.ffg_vs_magnitude_summary(sweep, _capabilities(zoo, ex, sweep))
+    summary = G.ffg_vs_magnitude_summary(sweep, _capabilities(zoo, ex, sweep))
     print(summary.to_string())  # the paper's claim, for the record (pytest -s)
     low = summary[summary.density == 0.2]
     # The paper: FFG keeps the expert's skill at densities where magnitude pruning
