@@ -44,6 +44,14 @@ def test_layers_are_stacked_and_renamed(llama, tmp_path):
     assert torch.equal(got["model.layers.6.self_attn.q_proj.weight"], e1["model.layers.4.self_attn.q_proj.weight"])
     assert {n for n in got if ".layers.7." in n} == set()
     assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == 7
+    # written by the merge driver like any merge: its report says where each tensor came from
+    import pandas as pd
+
+    report = pd.read_csv(tmp_path / "o" / "merge_report.csv").set_index("name")
+    assert set(report.index) == set(got) and len(report) == len(got)
+    assert report.loc["model.embed_tokens.weight", "source"] == dirs[0].name
+    assert report.loc["model.layers.3.mlp.up_proj.weight", "source"] == dirs[1].name
+    assert report.loc["lm_head.weight", "source"] == dirs[1].name
 
 
 def test_stack_with_scale_matches_mergekit(llama, tmp_path):

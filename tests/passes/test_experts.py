@@ -96,3 +96,21 @@ def test_dtype_kept_when_asked(tmp_path):
     ex = Experts.from_dirs(base_dir, dirs)
     g = next(ex.iter_tensors(dtype=None, progress=False, device="cpu"))
     assert g.base.dtype == torch.bfloat16 and g.moments[0].dtype == torch.float32
+
+
+def test_experts_answer_storage_questions(tmp_path):
+    # the dtype and storage questions a writer asks, answered without reading data
+    from curvlens import Checkpoint, Expert
+
+    base = {"w": torch.zeros(2, 3, dtype=torch.bfloat16), "ids": torch.arange(3)}
+    a = {"w": torch.ones(2, 3, dtype=torch.bfloat16), "ids": torch.arange(3)}
+    b = {"w": torch.ones(2, 3, dtype=torch.float16), "ids": torch.arange(3, dtype=torch.int32)}
+    d = write_model(b, tmp_path / "b")
+    ex = Experts(base, [Expert("a", Checkpoint.open(a)), Expert("b", Checkpoint.open(d), path=d)])
+    assert ex.stored_dtype("w") == torch.float32  # bf16 and fp16 promote to fp32
+    assert ex.stored_dtype("ids") == torch.int64  # integer tensors keep the reference's
+    assert ex.shape("w") == torch.Size([2, 3])
+    assert ex.model("base") is ex.base and ex.model("b") is ex["b"].checkpoint
+    assert ex.model_dir() is None and ex.model_dir("b") == d  # in memory: no dir to copy files from
+    with pytest.raises(CurvlensError, match="no expert named 'c'"):
+        ex.model("c")
