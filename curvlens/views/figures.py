@@ -70,11 +70,11 @@ def _pair_metrics_spec(stem: str, frame: str, table, lead: str, metrics) -> _Spe
                                  metrics))
 
 
-def _pair_mean_spec(stem: str, frame: str, table, metric: str, what: str, title: str) -> _Spec:
+def _pair_mean_spec(stem: str, frame: str, table, metric: str, caption: str, title: str) -> _Spec:
     """A layer x role heatmap of ``metric``, the numel-weighted mean over expert pairs."""
     from curvlens.views.heatmaps import layer_role_heatmap
 
-    return _Spec(stem, frame, f"{what}, per layer and role (mean over expert pairs).",
+    return _Spec(stem, frame, caption,
                  lambda: layer_role_heatmap(table, metric, annotate=True,
                                             title=f"{title} (mean over expert pairs)").figure)
 
@@ -119,8 +119,8 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts)
     if "curvature_overlap" in f:
         ov = f["curvature_overlap"]
         specs.append(_pair_mean_spec("overlap_pearson_by_layer_role", "curvature_overlap", ov, "pearson_log",
-                                     "Pearson correlation of log10 v between experts (numel-weighted)",
-                                     "Curvature overlap"))
+                                     "Pearson correlation of log10 v between experts per layer and role "
+                                     "(numel-weighted mean over expert pairs).", "Curvature overlap"))
         specs.append(_pair_metrics_spec(
             "overlap_pairs", "curvature_overlap", ov,
             "Curvature overlap between expert pairs, numel-weighted over all tensors",
@@ -167,7 +167,8 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts)
             present("interference", ["tv_cosine", "sign_conflict", "curvature_weighted_conflict"])))
         if "sign_conflict" in it.columns:
             specs.append(_pair_mean_spec("sign_conflict_by_layer_role", "interference", it, "sign_conflict",
-                                         "Fraction of entries whose task-vector signs disagree", "Sign conflict"))
+                                         "Fraction of entries whose task-vector signs disagree, per layer and "
+                                         "role (mean over expert pairs).", "Sign conflict"))
     if "predicted_loss" in f:
         specs.append(_Spec(
             "predicted_loss_by_layer_role", "predicted_loss",
