@@ -61,8 +61,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     baseline = rss_mb()
     from curvlens import Experts
-    from curvlens.streams.analysis import curvature_overlap, mask_stats
-    from curvlens.streams.experts import resolve_device
+    from curvlens.passes.analysis import curvature_overlap, mask_stats
+    from curvlens.runtime import resolve_device
 
     dev = resolve_device(a.device)
     dirs = sorted(p for p in a.zoo.iterdir() if p.name.startswith("expert"))

@@ -82,7 +82,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     baseline = rss_mb()
     from curvlens import Experts
-    from curvlens.streams.merge import merge
+    from curvlens.config.merge import merge
 
     dirs = sorted(p for p in a.zoo.iterdir() if p.name.startswith("expert"))
     ex = Experts.from_dirs(a.zoo / "base", dirs)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import curvlens as cl
 from curvlens.demo import RANKING_GRID
-from curvlens.streams.prediction import prediction_study
+from curvlens.studies.prediction import prediction_study
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

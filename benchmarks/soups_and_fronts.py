@@ -42,7 +42,7 @@ def part_sweep(zoo, experts, ev, out: Path, n_workers: int) -> dict:
     par = cl.sweep(experts, GRID, ev, client="local", n_workers=n_workers, progress=False)
     res["cluster_s"] = time.perf_counter() - t0  # starting and closing the cluster included
     # the same on a cluster started beforehand: cold workers (first imports), then warm
-    from curvlens.streams.sweep import local_client
+    from curvlens.studies.sweep import local_client
 
     t0 = time.perf_counter()
     client = local_client(n_workers)

@@ -14,7 +14,8 @@ Everything a notebook needs is here, flat::
 open and line up       :class:`Checkpoint`, :class:`Moments`, :class:`Experts`,
                        :func:`export_moments`, :func:`estimate_fisher` (a data Fisher
                        in the moments layout)
-merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`,
+merge                  :func:`merge` (:class:`WriteOptions`, :class:`TokenizerOptions`),
+                       :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`,
                        :func:`sparse_soup` / :func:`sparsity_check` (sparse experts keep their mask)
 curvature              :func:`curvature_stats`, :func:`curvature_overlap`, :func:`moment_levels`,
                        :func:`moment_compression`, :func:`pooled_moments`,
@@ -26,9 +27,12 @@ interference           :func:`interference`, :func:`predicted_loss`,
                        :func:`compare_merges`, :func:`prediction_agreement`, :func:`prediction_study`,
                        :func:`merge_retention`
 sweeps, soups, fronts  :func:`sweep`, :func:`sweep_grid` (many merge + evaluate jobs, serially or on
-                       a dask cluster), :func:`greedy_soup`, :func:`pareto_front`, :func:`gram_matrices`
+                       a dask cluster, :func:`local_client`), :func:`greedy_soup`, :func:`pareto_front`,
+                       :func:`gram_matrices`, :func:`front_distance`
 regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_table`,
-                       :func:`findings` (the paper's claims, decided from the frames)
+                       :func:`findings` (the paper's claims, decided from the frames; one claim:
+                       :func:`finding_grafting`, :func:`finding_masks`, :func:`finding_overlap`,
+                       :func:`finding_merges`)
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
                        ``merge(..., tensors=)``, :class:`TensorFilter`
 pooling                :func:`aggregate`
@@ -39,25 +43,28 @@ evaluators             ``cl.evaluators`` (``lm_eval(...)``: lm-evaluation-harnes
                        ``eval`` extra)
 =====================  ==========================================================
 
-Internals live in layered modules: ``curvlens.io`` (read/write), ``curvlens.math``
-(pure tensor functions), ``curvlens.streams`` (model-wide passes).
+Internals live in rooms that import only the rooms below them (``docs/architecture.md``):
+``curvlens.io`` (read/write), ``curvlens.math`` (pure tensor functions),
+``curvlens.passes`` (streaming loops over the experts), ``curvlens.config`` (merge
+configs, parameter forms, slices, tokenizer), ``curvlens.studies`` (sweeps, soups,
+fronts, findings), ``curvlens.views`` (drawing).
 """
 import importlib
 
+from curvlens.config.merge import merge
+from curvlens.config.merge_config import load_merge_config
+from curvlens.config.options import TokenizerOptions, WriteOptions
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
+from curvlens.math.fronts import front_distance
 from curvlens.math.methods import list_methods, method_params
-from curvlens.roles import ROLES, param_role
-from curvlens.runtime import set_threads
-from curvlens.streams import Expert, Experts
-from curvlens.streams.analysis import (
+from curvlens.passes import Expert, Experts
+from curvlens.passes.analysis import (
     aggregate,
     compare_merges,
     curvature_overlap,
     curvature_stats,
     ffg_masks,
-    ffg_vs_magnitude_summary,
-    graft_sweep,
     interference,
     log10_histogram,
     mask_overlap,
@@ -68,31 +75,47 @@ from curvlens.streams.analysis import (
     pooled_moments,
     predicted_loss,
 )
-from curvlens.streams.fisher import estimate_fisher
-from curvlens.streams.fisher_compare import fisher_vs_adam
-from curvlens.streams.merge import MergeResult, merge
-from curvlens.streams.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
-from curvlens.streams.merge_config import load_merge_config
-from curvlens.streams.findings import findings
-from curvlens.streams.fronts import FrontResult, gram_matrices, pareto_front
-from curvlens.streams.soup import SoupResult, greedy_soup
-from curvlens.streams.sweep import sweep, sweep_grid
-from curvlens.streams.prediction import merge_retention, prediction_agreement, prediction_study
-from curvlens.streams.regime import edit_norms, regime_table, relative_edit
+from curvlens.passes.fisher_estimate import estimate_fisher
+from curvlens.passes.merge_result import MergeResult
+from curvlens.passes.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
+from curvlens.roles import ROLES, param_role
+from curvlens.runtime import set_threads
+from curvlens.studies.findings import finding_grafting, finding_masks, finding_merges, finding_overlap, findings
+from curvlens.studies.fisher_vs_adam import fisher_vs_adam
+from curvlens.studies.fronts import FrontResult, gram_matrices, pareto_front
+from curvlens.studies.graft import ffg_vs_magnitude_summary, graft_sweep
+from curvlens.studies.prediction import merge_retention, prediction_agreement, prediction_study
+from curvlens.studies.regime import edit_norms, regime_table, relative_edit
+from curvlens.studies.soup import SoupResult, greedy_soup
+from curvlens.studies.sweep import local_client, sweep, sweep_grid
 from curvlens.tensor_filter import TensorFilter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint", "CurvlensError", "Expert", "Experts", "FrontResult", "MergeResult", "Moments", "ROLES",
-    "SoupResult", "SparseSoupResult", "TensorFilter", "gram_matrices", "greedy_soup", "pareto_front", "sweep", "sweep_grid",
-    "aggregate", "compare_merges", "edit_norms", "estimate_fisher", "fisher_vs_adam", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
-    "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
-    "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
-    "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",
-    "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "views",
-    "write_model", "zoo", "evaluators", "__version__",
+    "SoupResult", "SparseSoupResult", "TensorFilter", "TokenizerOptions", "WriteOptions",
+    "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "edit_norms", "estimate_fisher",
+    "export_moments", "ffg_masks", "ffg_vs_magnitude_summary", "finding_grafting", "finding_masks",
+    "finding_merges", "finding_overlap", "findings", "fisher_vs_adam", "front_distance", "graft_sweep",
+    "gram_matrices", "greedy_soup", "interference", "list_methods", "load_merge_config", "local_client",
+    "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds", "merge", "merge_retention",
+    "method_params", "moment_compression", "moment_levels", "param_role", "pareto_front", "pooled_moments",
+    "predicted_loss", "prediction_agreement", "prediction_study", "regime_table", "relative_edit",
+    "set_threads", "sparse_soup", "sparsity_check", "sweep", "sweep_grid", "views", "write_model", "zoo",
+    "evaluators", "__version__",
 ]
+
+
+def _merge_result_html(result: MergeResult) -> str:
+    # Views sit above every other room and import matplotlib: the entry layer
+    # wires them into the result's notebook display, imported on first display.
+    from curvlens.views.rich import merge_result_html
+
+    return merge_result_html(result)
+
+
+MergeResult.html_renderer = _merge_result_html
 
 # Heavy or optional: matplotlib/plotly for views, transformers for the zoo, lm-eval for evaluators.
 _LAZY = ("views", "zoo", "evaluators")

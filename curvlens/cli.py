@@ -1,5 +1,7 @@
 """The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``eval``, ``figures``, ``methods``.
 
+Run as ``curvlens ...`` or ``python -m curvlens ...``.
+
 Each subcommand is a thin wrapper over the library; everything it does can be done
 from Python (see the notebooks).
 """
@@ -13,8 +15,8 @@ from curvlens.errors import CurvlensError
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
-    from curvlens.streams.merge import merge
-    from curvlens.streams.merge_config import load_merge_config
+    from curvlens.config.merge import merge
+    from curvlens.config.merge_config import load_merge_config
 
     cfg = load_merge_config(a.config)
     if cfg.stack is not None:
@@ -24,8 +26,8 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     experts = cfg.experts()
     for note in cfg.notes:
         print(f"note: {note}")
-    result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite,
-                   max_shard_size=a.max_shard_size, progress=not a.quiet, **cfg.merge_kwargs())
+    result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
+                   **cfg.merge_kwargs(max_shard_size=a.max_shard_size))
     print(f"merged {len(experts)} experts with {cfg.method} -> {result.path}")
     print(result.summary().to_string())
     return 0
@@ -72,9 +74,8 @@ def _cmd_figures(a: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(a: argparse.Namespace) -> int:
-    from curvlens.streams.experts import Experts
-
     from curvlens.io.atomic import AtomicDir
+    from curvlens.passes.experts import Experts
 
     experts = Experts.from_dirs(a.base, a.experts, names=a.names, bias_correction=a.bias_correction,
                                 exclude=a.exclude)
@@ -83,7 +84,7 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
         results = _analyze_into(tmp, experts, a)
     print("model-level curvature overlap:")
     from curvlens.demo import regime_lines
-    from curvlens.streams import analysis as A
+    from curvlens.passes import analysis as A
 
     print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
     for line in regime_lines(results):
@@ -92,7 +93,7 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def _analyze_into(tmp: Path, experts, a: argparse.Namespace) -> dict:
-    from curvlens.streams import analysis as A
+    from curvlens.passes import analysis as A
 
     kw = {"device": a.device, "progress": not a.quiet}
     frames = {
@@ -145,42 +146,42 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_options() -> argparse.ArgumentParser:
+    """--device, --quiet and --threads: what every subcommand that runs passes takes."""
+    r = argparse.ArgumentParser(add_help=False)
+    r.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
+    return r
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvlens", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    runtime = [_runtime_options()]
 
-    d = sub.add_parser("demo", help="build the demo zoo, evaluate, analyse, merge, write a report")
+    d = sub.add_parser("demo", parents=runtime, help="build the demo zoo, evaluate, analyse, merge, write a report")
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="output dir (default: demo_out)")
     d.add_argument("--quick", action="store_true", help="the small zoo (about a minute)")
-    d.add_argument("--device", default="auto")
     d.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.add_argument("--threads", type=int, default=None,
-                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     d.set_defaults(fn=_cmd_demo)
 
-    m = sub.add_parser("merge", help="merge models from a mergekit / OTA-fork YAML config")
+    m = sub.add_parser("merge", parents=runtime, help="merge models from a mergekit / OTA-fork YAML config")
     m.add_argument("config", type=Path)
     m.add_argument("out", type=Path)
-    m.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     m.add_argument("--max-shard-size", default="1GB")
-    m.add_argument("--quiet", action="store_true", help="no progress bars")
-    m.add_argument("--threads", type=int, default=None,
-                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     m.set_defaults(fn=_cmd_merge)
 
-    f = sub.add_parser("figures", help="regenerate every paper figure from the demo zoo (PDF + PNG)")
+    f = sub.add_parser("figures", parents=runtime, help="regenerate every paper figure from the demo zoo (PDF + PNG)")
     f.add_argument("--out", type=Path, default=Path("figures"))
     f.add_argument("--quick", action="store_true", help="the small zoo")
     f.add_argument("--formats", nargs="+", default=["pdf", "png"])
-    f.add_argument("--device", default="auto")
-    f.add_argument("--quiet", action="store_true")
-    f.add_argument("--threads", type=int, default=None,
-                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     f.set_defaults(fn=_cmd_figures)
 
-    an = sub.add_parser("analyze", help="curvature overlap, masks and interference of your experts (CSV)")
+    an = sub.add_parser("analyze", parents=runtime,
+                        help="curvature overlap, masks and interference of your experts (CSV)")
     an.add_argument("experts", nargs="+", type=Path, help="expert dirs (paper layout: export/exp_avg_sq.safetensors)")
     an.add_argument("--base", type=Path, required=True, help="base model dir")
     an.add_argument("--names", nargs="+", help="expert names (default: dir names)")
@@ -190,11 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--exclude", nargs="+", metavar="PATTERN",
                     help="leave tensors out: a substring ('classifier'), a glob ('*.pooler.*'), "
                          "'role:lm_head' or 'name:EXACT' (e.g. each task's head)")
-    an.add_argument("--device", default="auto")
     an.add_argument("--overwrite", action="store_true")
-    an.add_argument("--quiet", action="store_true")
-    an.add_argument("--threads", type=int, default=None,
-                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
     an.set_defaults(fn=_cmd_analyze)
 
     nbk = sub.add_parser("notebooks", help="execute the notebooks (no widget hang) and write readable pages")

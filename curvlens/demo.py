@@ -59,7 +59,8 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
         plus ``merge_predicted_loss`` (model-level predicted loss per merge).
     """
     from curvlens import zoo as zoo_mod
-    from curvlens.streams import analysis as A
+    from curvlens.passes import analysis as A
+    from curvlens.studies.graft import graft_sweep
 
     kw = {"device": device, "progress": progress}
     frames = {"merge_table": table}
@@ -80,7 +81,7 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
     grid = [n for n in names if (".layers.0." in n or f".layers.{last}." in n) and n.endswith("proj.weight")]
     frames["pooled_moments"] = A.pooled_moments(experts, grid, masks_density=0.3, **kw)
     echo(f"analysis: grafting sweep at densities {list(graft_densities)} (FFG vs magnitude) ...")
-    frames["graft_sweep"] = A.graft_sweep(
+    frames["graft_sweep"] = graft_sweep(
         experts, graft_densities, evaluate=lambda sd: zoo_mod.evaluate(sd, zoo=zoo, device=device), **kw)
     frames.update(regime_frames(experts, frames, zoo.capabilities, **kw))
     return frames
@@ -89,8 +90,8 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
 def regime_frames(experts, frames: dict, capabilities=None, *, device="auto", progress=True) -> dict:
     """``edit_norms``, ``regime`` and ``findings`` from the experts and the frames
     already computed (what ``curvlens demo`` and ``curvlens analyze`` report)."""
-    from curvlens.streams.findings import findings
-    from curvlens.streams.regime import edit_norms, regime_table
+    from curvlens.studies.findings import findings
+    from curvlens.studies.regime import edit_norms, regime_table
 
     out = {"edit_norms": edit_norms(experts, device=device, progress=progress)}
     table = frames.get("merge_table")
@@ -104,8 +105,8 @@ def regime_frames(experts, frames: dict, capabilities=None, *, device="auto", pr
 
 def regime_lines(frames: dict) -> list[str]:
     """The regime table and the findings as text (printed by the demo and analyze)."""
-    from curvlens.streams.findings import findings_lines
-    from curvlens.streams.regime import regime_verdict
+    from curvlens.studies.findings import findings_lines
+    from curvlens.studies.regime import regime_verdict
 
     reg = frames["regime"]
     lines = [f"\nregime: {regime_verdict(reg)}"]
@@ -122,9 +123,9 @@ def evaluate_and_merge(zoo, experts, *, device="auto", progress=True, echo=lambd
     table : pandas.DataFrame
         ``model, method, capability, accuracy, n`` (``merge_table.csv``).
     merges : dict
-        label -> :class:`~curvlens.streams.merge.MergeResult` (in memory).
+        label -> :class:`~curvlens.passes.merge_result.MergeResult` (in memory).
     """
-    from curvlens.streams.merge import merge
+    from curvlens.config.merge import merge
 
     merges = {}
     for label, method, params in DEMO_MERGES:
@@ -197,7 +198,8 @@ def score_pivot(table):
 
 def summary_lines(frames: dict, zoo) -> list[str]:
     """The headline numbers: model-level curvature overlap, FFG vs magnitude."""
-    from curvlens.streams.analysis import aggregate, ffg_vs_magnitude_summary
+    from curvlens.passes.analysis import aggregate
+    from curvlens.studies.graft import ffg_vs_magnitude_summary
 
     lines = ["\nmodel-level curvature overlap between experts (numel-weighted over tensors):"]
     model = aggregate(frames["curvature_overlap"], by=())
@@ -239,7 +241,8 @@ def demo_sections(zoo, experts, frames: dict, merges: dict, config: str) -> list
                               "fraction masked by every expert, norm of the change")),
     ]
     if "curvature_overlap" in frames:
-        from curvlens.streams.analysis import aggregate, ffg_vs_magnitude_summary
+        from curvlens.passes.analysis import aggregate
+        from curvlens.studies.graft import ffg_vs_magnitude_summary
 
         ov = frames["curvature_overlap"]
         pair = tuple(ov[["expert_a", "expert_b"]].iloc[0])
@@ -273,7 +276,7 @@ def findings_sections(frames: dict) -> list[tuple[str, str]]:
     and the regime they are in."""
     import html
 
-    from curvlens.streams.regime import regime_verdict
+    from curvlens.studies.regime import regime_verdict
     from curvlens.views.report import table_html
 
     f = frames["findings"]

@@ -1,4 +1,5 @@
-"""How many torch threads curvlens's passes use on a CPU, and a block that sets it.
+"""Where and how curvlens's passes run: the device, how many torch threads they use
+on a CPU (and a block that sets it), the progress bar.
 
 Measured on the 2-core machine this project runs on (issue 13): with one other
 busy process, torch's default two intra-op threads made ``curvlens analyze``
@@ -12,13 +13,15 @@ overlaps the math, in the stream's prefetch thread). ``set_threads`` or a pass's
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
 
 from curvlens.errors import CurvlensError
 
-__all__ = ["set_threads", "get_threads", "use_threads", "torch_threads"]
+__all__ = ["set_threads", "get_threads", "use_threads", "torch_threads", "threads_for", "resolve_device",
+           "progress_bar"]
 
 _DEFAULT = {"cpu": 1}
 
@@ -81,3 +84,32 @@ def threads_for(device: torch.device, threads: int | None = None) -> int | None:
     if threads is not None:
         return _check(threads)
     return _DEFAULT["cpu"] if device.type == "cpu" else None
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as torch reads it.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CurvlensError(f"device={device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1')") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CurvlensError(f"device={device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    return dev
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over ``total`` tensors (off when ``enabled`` is False or
+    ``TQDM_DISABLE`` is set)."""
+    from tqdm.auto import tqdm
+
+    # TQDM_DISABLE is honoured although disable= is passed explicitly
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(total=total, desc=desc, unit="tensor", disable=off, leave=False)

@@ -169,9 +169,7 @@ print(f"notebook ran in {time.perf_counter() - t_start:.0f} s")
 # %%
 from IPython.display import Markdown, display  # noqa: E402
 
-from curvlens.streams.findings import finding_overlap  # noqa: E402
-
-claim = finding_overlap(overlap)
+claim = cl.finding_overlap(overlap)
 FACTS = {"claims": {claim["claim"]: claim["verdict"]}}
 display(Markdown(f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. "
                  f"(Rule: {claim['rule']}.)"))

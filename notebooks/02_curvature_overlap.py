@@ -326,9 +326,7 @@ print(f"model-level mean overlap over all pairs: Spearman {by_model['spearman_lo
 # overlap table above:
 
 # %%
-from curvlens.streams.findings import finding_overlap  # noqa: E402
-
-claim = finding_overlap(overlap)
+claim = cl.finding_overlap(overlap)
 FACTS["claims"] = {claim["claim"]: claim["verdict"]}
 link = verdicts["fisher (v / mean v per tensor)"]
 display(Markdown(

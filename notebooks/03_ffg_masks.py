@@ -341,11 +341,9 @@ by_role = cl.aggregate(mo, by=("role",)).groupby(["criterion", "role"], sort=Fal
 # density 1.0):
 
 # %%
-from curvlens.streams.findings import finding_grafting, finding_masks  # noqa: E402
-
 own = {e: float(g.loc[g["density"] == 1.0, "fisher"].iloc[0]) for e, g in summary.groupby("expert", sort=False)}
 shapes = {n: tuple(desc.loc[n, "shape"]) for n in desc.index}
-claims = pd.DataFrame([finding_grafting(sweep, own, capabilities), finding_masks(ms, shapes, density=0.3)])
+claims = pd.DataFrame([cl.finding_grafting(sweep, own, capabilities), cl.finding_masks(ms, shapes, density=0.3)])
 FACTS["claims"] = dict(zip(claims["claim"], claims["verdict"]))
 display(Markdown(" ".join(f"**({r.claim}) {r.statement}: {r.verdict}.** {r.evidence}." for r in claims.itertuples())
                  + f" (Rules: {' / '.join(claims['rule'])}.) With evaluation sets of {FACTS['eval_n_min']} examples "

@@ -280,11 +280,9 @@ mask_effect.round(3)
 # notebook `05` decides it on a larger grid.
 
 # %%
-from curvlens.streams.findings import finding_merges  # noqa: E402
-
-claim = finding_merges(table, capabilities,  # the scores above (experts included)
-                       {"ota_ffg": "OTA+FFG (0.3)", "linear": "linear", "ties": "TIES (0.5)",
-                        "dare": "DARE-TIES (0.5)"})
+claim = cl.finding_merges(table, capabilities,  # the scores above (experts included)
+                          {"ota_ffg": "OTA+FFG (0.3)", "linear": "linear", "ties": "TIES (0.5)",
+                           "dare": "DARE-TIES (0.5)"})
 FACTS["claims"] = {claim["claim"]: claim["verdict"]}
 display(Markdown(f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. "
                  f"(Rule: {claim['rule']}.)"))

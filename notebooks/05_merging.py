@@ -237,10 +237,8 @@ cmp.round(3)
 # DARE-TIES):
 
 # %%
-from curvlens.streams.findings import finding_merges  # noqa: E402
-
-claim = finding_merges(table, capabilities, {"ota_ffg": "OTA+FFG d=0.3", "linear": "linear",
-                                             "ties": "TIES d=0.3", "dare": "DARE-TIES d=0.5"})
+claim = cl.finding_merges(table, capabilities, {"ota_ffg": "OTA+FFG d=0.3", "linear": "linear",
+                                                "ties": "TIES d=0.3", "dare": "DARE-TIES d=0.5"})
 FACTS["claims"] = {claim["claim"]: claim["verdict"]}
 display(Markdown(f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. "
                  f"(Rule: {claim['rule']}.) With a noise scale of {noise:.3f} on a mean accuracy, differences of "

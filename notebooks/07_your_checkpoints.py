@@ -348,8 +348,8 @@ parameters:
 dtype: bfloat16
 """)
 cfg = cl.load_merge_config(work / "ties.yml")
-result = cl.merge(cfg.experts(), cfg.method, work / "merged-ties", dtype=cfg.dtype, config_text=cfg.text,
-                        device=DEVICE, progress=False, **cfg.params)
+result = cl.merge(cfg.experts(), cfg.method, work / "merged-ties", dtype=cfg.dtype, device=DEVICE, progress=False,
+                  writing=cl.WriteOptions(config_text=cfg.text), **cfg.params)
 for p in sorted(result.path.iterdir()):
     print(f"{p.name:30s} {p.stat().st_size / 1024:8.1f} KiB")
 
@@ -375,7 +375,7 @@ cl.zoo.evaluate(result.path, zoo=zoo, device=DEVICE)
 # above:
 
 # %%
-cmd = [sys.executable, "-m", "curvlens.cli", "merge", "ota_ffg.yml", "merged-ota", "--device", DEVICE, "--quiet"]
+cmd = [sys.executable, "-m", "curvlens", "merge", "ota_ffg.yml", "merged-ota", "--device", DEVICE, "--quiet"]
 proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
 print("$ curvlens merge ota_ffg.yml merged-ota --device", DEVICE, "--quiet")
 print(proc.stdout or proc.stderr)

@@ -43,7 +43,6 @@ CLIENT = None     # None: jobs run here, one after another; "local": a 2-worker 
 import time
 
 import curvlens as cl
-from curvlens.math.fronts import front_distance
 
 zoo = cl.zoo.build("quick" if QUICK else "default")
 experts = zoo.experts()
@@ -51,9 +50,7 @@ capabilities = dict(zoo.capabilities)
 evaluate = zoo.evaluator()   # picklable: evaluate(model_dir) -> {capability: accuracy}
 STARTED_HERE = CLIENT == "local"
 if STARTED_HERE:             # one cluster for the whole notebook, not one per call
-    from curvlens.streams.sweep import local_client
-
-    CLIENT = local_client(n_workers=2)
+    CLIENT = cl.local_client(n_workers=2)
 capabilities
 
 # %% [markdown]
@@ -146,7 +143,7 @@ curvature = cl.pareto_front(pair, progress=False)
 coef = ["c_math", "c_knowledge"]
 print(surrogate.summary)
 print("distance in c between the MAP and the curvature front:",
-      round(front_distance(surrogate.front[coef], curvature.front[coef]), 3))
+      round(cl.front_distance(surrogate.front[coef], curvature.front[coef]), 3))
 surrogate.evaluated.drop(columns=["error"]).round(3)
 
 # %%

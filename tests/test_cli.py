@@ -108,3 +108,26 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2
+
+
+def test_python_dash_m_curvlens_runs_the_cli():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "curvlens", "methods", "passthrough"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("passthrough:") and "scale" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "curvlens", "merge", "no-such.yml", "out"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no-such.yml" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "merge", "figures", "analyze"])
+def test_runtime_options_are_shared_by_the_subcommands_that_run_passes(command):
+    from curvlens.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if a.dest == "command").choices[command]
+    options = {s for a in sub._actions for s in a.option_strings}
+    assert {"--device", "--quiet", "--threads"} <= options

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.io.checkpoint import Checkpoint
 from curvlens.io.paths import contained
+from curvlens.roles import param_role
 
 # Auto mappings tried when a config names no (known) architecture, most common first.
 _AUTO_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
@@ -36,6 +38,21 @@ def read_config(model_dir: Path) -> dict | None:
     if not isinstance(cfg, dict):
         raise CurvlensError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
+
+
+def layer_count(model_dir: Path) -> int:
+    """Layers of a model: ``num_hidden_layers`` of its config.json, else one more
+    than the largest layer index among its tensor names (0 without layers)."""
+    try:
+        cfg = read_config(model_dir)
+    except CurvlensError:  # unreadable: the tensor names still tell
+        cfg = None
+    n = cfg.get("num_hidden_layers") if cfg else None
+    if isinstance(n, int) and n > 0:
+        return n
+    layers = [param_role(k)[0] for k in Checkpoint.open(model_dir).keys()]
+    layers = [x for x in layers if x is not None]
+    return max(layers) + 1 if layers else 0
 
 
 def _class_names(cfg: dict, which: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -17,6 +17,7 @@ from typing import Any, Callable, Union
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.io.lazy import LazyTensors
 from curvlens.io.paths import contained
 from curvlens.roles import param_role
 
@@ -28,7 +29,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
 # safetensors' dtype codes -> torch dtypes (the codes safe_open reports).
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
@@ -45,7 +46,7 @@ class TensorInfo:
     file: Path | None  # None for in-memory tensors
 
 
-def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
+def safetensors_infos(file: Path) -> dict[str, TensorInfo]:
     """Read one safetensors header; raise CurvlensError if the file is unusable."""
     from safetensors import safe_open
 
@@ -57,7 +58,7 @@ def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
             for name in f.keys():
                 sl = f.get_slice(name)
                 code = sl.get_dtype()
-                dtype = _ST_DTYPES.get(code)
+                dtype = SAFETENSORS_DTYPES.get(code)
                 if dtype is None:
                     raise CurvlensError(f"{file}: tensor {name!r} has unsupported dtype {code}")
                 infos[name] = TensorInfo(torch.Size(sl.get_shape()), dtype, file)
@@ -100,7 +101,7 @@ def read_safetensor(file: Path, key: str) -> torch.Tensor:
         raise CurvlensError(f"{file}: could not read tensor {key!r} ({err})") from err
 
 
-def _torch_load(file: Path) -> dict[str, Any]:
+def torch_load(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CurvlensError(f"{file}: file not found")
     try:
@@ -123,7 +124,7 @@ def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-class Checkpoint(Mapping):
+class Checkpoint(LazyTensors):
     """A lazy, read-only mapping ``name -> torch.Tensor`` over a model's weights.
 
     Use :meth:`open`; do not construct directly.
@@ -147,8 +148,8 @@ class Checkpoint(Mapping):
         label: str | None = None,
         keeps_order: bool = True,
     ):
+        super().__init__(infos, reader)
         self._infos = infos
-        self._reader = reader
         self.path = path
         self.label = label or (str(path) if path is not None else "<in-memory state dict>")
         #: Whether iteration follows the order the tensors were saved in (a state
@@ -239,7 +240,7 @@ class Checkpoint(Mapping):
     def _from_safetensors(cls, files: dict[str | None, Path], path: Path) -> Checkpoint:
         infos: dict[str, TensorInfo] = {}
         for file in dict.fromkeys(files.values()):
-            _add_unique(infos, _safetensors_infos(file), file)
+            _add_unique(infos, safetensors_infos(file), file)
         _check_index_agrees(files, infos, path)
 
         def read(name: str) -> torch.Tensor:
@@ -254,7 +255,7 @@ class Checkpoint(Mapping):
         tensors: dict[str, torch.Tensor] = {}
         owner: dict[str, Path] = {}
         for file in dict.fromkeys(files.values()):
-            for k, v in _tensor_dict(_torch_load(file), file).items():
+            for k, v in _tensor_dict(torch_load(file), file).items():
                 if k in owner:
                     raise CurvlensError(f"tensor {k!r} is stored twice, in {owner[k]} and in {file}; "
                                         "expected each tensor in one shard")
@@ -263,21 +264,6 @@ class Checkpoint(Mapping):
         infos = {k: TensorInfo(v.shape, v.dtype, owner[k]) for k, v in tensors.items()}
         _check_index_agrees(files, infos, path)
         return cls(infos, lambda name: tensors[name].clone(), path=path)
-
-    # -- mapping interface ---------------------------------------------------------
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._infos:
-            raise KeyError(name)
-        return self._reader(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
 
     def __repr__(self) -> str:
         n = sum(i.shape.numel() for i in self._infos.values())

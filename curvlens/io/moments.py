@@ -21,14 +21,15 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load, read_safetensor
+from curvlens.io.checkpoint import Checkpoint, PathLike, read_safetensor, safetensors_infos, torch_load
+from curvlens.io.lazy import LazyTensors
 from curvlens.io.distributed import LAYOUTS as SHARDED_LAYOUTS
 from curvlens.io.distributed import find_sharded
 from curvlens.io.moment_source import MomentSource
@@ -39,7 +40,7 @@ EXPORT_RELPATH = Path("export") / "exp_avg_sq.safetensors"
 _SUFFIX = ".exp_avg_sq"
 
 
-class Moments(Mapping):
+class Moments(LazyTensors):
     """Lazy, read-only mapping ``name -> exp_avg_sq`` (fp32), optionally bias-corrected.
 
     Use :meth:`open`.
@@ -63,8 +64,8 @@ class Moments(Mapping):
     def __init__(self, shapes: dict[str, torch.Size], reader, *, label: str,
                  step: int | None = None, beta2: float | None = None,
                  bias_correction: bool = False, path: Path | None = None):
+        super().__init__(shapes, reader)
         self._shapes = shapes
-        self._reader = reader
         self.label = label
         self.path = path
         #: The safetensors file's metadata (strings), e.g. ``kind=empirical_fisher``
@@ -147,7 +148,7 @@ class Moments(Mapping):
         if path.suffix == ".safetensors":
             return cls._from_safetensors(path, bias_correction)
         if path.suffix in (".pt", ".pth", ".bin"):
-            obj = _torch_load(path)
+            obj = torch_load(path)
             if checkpoint is None and (path.parent / "config.json").is_file():
                 checkpoint = path.parent
             return cls._from_mapping(obj, str(path), checkpoint, bias_correction, file=path)
@@ -165,7 +166,7 @@ class Moments(Mapping):
     def _from_safetensors(cls, file: Path, bias_correction: bool) -> Moments:
         from safetensors import safe_open
 
-        infos = _safetensors_infos(file)
+        infos = safetensors_infos(file)
         if not infos:
             raise CurvlensError(f"{file}: holds no tensors; expected one second moment per parameter")
         keymap = _keymap(infos, str(file))
@@ -252,21 +253,9 @@ class Moments(Mapping):
         m.never_updated = tuple(never)
         return m
 
-    # -- mapping interface ---------------------------------------------------------
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._shapes:
-            raise KeyError(name)
+    def _load(self, name: str) -> torch.Tensor:
         v = self._reader(name).float()
         return v * self._scale if self._scale != 1.0 else v
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._shapes
 
     def __repr__(self) -> str:
         return (f"Moments({self.label!r}, tensors={len(self)}, step={self.step}, "

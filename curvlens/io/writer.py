@@ -22,10 +22,10 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.atomic import AtomicDir, os_error
-from curvlens.io.checkpoint import _ST_DTYPES, SAFETENSORS_INDEX, PathLike
+from curvlens.io.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, PathLike
 from curvlens.io.paths import contained
 
-_ST_CODES = {dt: code for code, dt in _ST_DTYPES.items() if dt is not None}
+_ST_CODES = {dt: code for code, dt in SAFETENSORS_DTYPES.items() if dt is not None}
 
 # Files a user expects beside the weights so that transformers can load the model.
 REFERENCE_FILES = (

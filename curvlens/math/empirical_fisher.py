@@ -1,7 +1,7 @@
 """The diagonal empirical Fisher: the mean over examples of squared per-example gradients.
 
 Pure tensor functions (tensors and functions in, tensors out), used by
-:func:`curvlens.streams.fisher.estimate_fisher`:
+:func:`curvlens.passes.fisher_estimate.estimate_fisher`:
 
 * :func:`per_example_grads` -- the gradient of a per-example loss for every row of a
   chunk, with ``torch.func`` (``vmap(grad)``) or one row at a time;

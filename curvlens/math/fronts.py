@@ -6,7 +6,7 @@ puts every capability's curvature-predicted loss on an exact quadratic in c::
     Lᵢ(c) = ½ Σ vᵢ (θ(c) − θᵢ)² = ½ (c − eᵢ)ᵀ Gᵢ (c − eᵢ),   Gᵢ[j, l] = Σ vᵢ τⱼ τₗ
 
 (θ(c) − θᵢ = Σⱼ (cⱼ − δᵢⱼ) τⱼ). :func:`tensor_grams` is one tensor's share of the
-Gram matrices Gᵢ (summed over tensors by :func:`curvlens.streams.fronts.gram_matrices`);
+Gram matrices Gᵢ (summed over tensors by :func:`curvlens.studies.fronts.gram_matrices`);
 :func:`quadratic_losses` evaluates the Lᵢ at many c. :func:`fit_quadratic` /
 :func:`predict_quadratic` are MAP's surrogate (Li et al.): a full quadratic in c
 fitted by least squares to measured scores. :func:`non_dominated` finds the

@@ -344,7 +344,7 @@ def select_mask(scores: torch.Tensor, kth, ties: int | None) -> torch.Tensor:
     This is the one tie rule of every selection in curvlens: per tensor
     (:func:`topk_mask`) and model-wide, where ``ties`` is the tensor's share of
     the model's tied entries in tensor order
-    (:func:`curvlens.streams.thresholds.model_selections`).
+    (:func:`curvlens.passes.thresholds.model_selections`).
 
     Examples
     --------

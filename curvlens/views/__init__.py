@@ -22,17 +22,16 @@ greedy soup path            ``soup_curve`` (a Figure)               –
 Pareto fronts               ``front_plot`` (a Figure)               –
 ==========================  ======================================  =========================
 """
-from curvlens.views._common import figure_style
+from curvlens.views._common import OKABE_ITO, figure_style
 from curvlens.views.curves import density_curves, density_curves_plotly
 from curvlens.views.distributions import log10_histogram_grid, log10_histogram_plot, log10_histogram_plotly
 from curvlens.views.explorers import curvature_explorer, mask_explorer
 from curvlens.views.merge_explorer import merge_explorer
 from curvlens.views.figures import render_all
-from curvlens.views.fisher import fisher_vs_adam_plot, fisher_vs_adam_plotly
+from curvlens.views.fisher_vs_adam import fisher_vs_adam_plot, fisher_vs_adam_plotly
 from curvlens.views.harness import harness_scores, harness_scores_plotly
 from curvlens.views.heatmaps import layer_role_heatmap, layer_role_heatmap_plotly, layer_role_heatmaps
-from curvlens.views.merge_plots import OKABE_ITO, merge_scores_figure
-from curvlens.views.merges import merge_scores, merge_scores_plotly, normalized_scores
+from curvlens.views.merges import merge_scores, merge_scores_figure, merge_scores_plotly, normalized_scores
 from curvlens.views.pair_grid import pair_grid, pair_grid_plotly
 from curvlens.views.pairs import pair_matrix, pair_matrix_heatmap, pair_matrix_plotly
 from curvlens.views.soups import front_plot, soup_curve

@@ -15,12 +15,14 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError
 from curvlens.roles import ROLES
-from curvlens.streams.analysis_common import metric_weights
-from curvlens.views.merge_plots import OKABE_ITO
+from curvlens.passes.analysis_common import metric_weights
 
 #: Label of the heatmap row that holds tensors outside the transformer blocks
 #: (token embeddings, final norm, LM head).
 NON_LAYER = "non-layer"
+
+#: Okabe-Ito: distinguishable with the common colour-vision deficiencies.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
 
 #: Okabe-Ito reordered for lines and markers on white: the yellow, hard to see on
 #: a white background, comes last.
@@ -305,7 +307,7 @@ def first_seen(values: Iterable[Any]) -> list:
 def weights_of(df: pd.DataFrame, weight: str | None, what: str, metric: str | None = None) -> np.ndarray | None:
     """The weight column (``numel`` by default) as floats, or None for equal
     weights; for ``metric``, the analyses' own rule
-    (:func:`curvlens.streams.analysis_common.metric_weights`)."""
+    (:func:`curvlens.passes.analysis_common.metric_weights`)."""
     if weight is None:
         return None
     if weight not in df.columns:

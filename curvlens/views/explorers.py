@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.streams.analysis_common import metric_weights, pool
+from curvlens.passes.analysis_common import metric_weights, pool
 from curvlens.views._common import (
     NON_LAYER, check_frame, first_seen, layer_label, layer_value, metric_label, require_widgets,
     role_order,
@@ -47,7 +47,7 @@ def _in_kernel() -> bool:
     return ip is not None and getattr(ip, "kernel", None) is not None
 
 
-def _show(out, fig) -> None:
+def show_figure(out, fig) -> None:
     """Replace what ``out`` shows by ``fig`` (only inside a kernel; headless no-op).
 
     The figure is set as the Output widget's ``outputs`` state, not captured with
@@ -69,7 +69,9 @@ def _show(out, fig) -> None:
     out.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata},)
 
 
-def _assemble(widgets, rows, controls, update, figures) -> Any:
+def assemble(widgets, rows, controls, update, figures) -> Any:
+    """An explorer's box: ``rows`` stacked, with its controls, figures and
+    ``update`` attached (what the tests and notebooks drive headless)."""
     box = widgets.VBox(rows)
     box.controls = controls
     box.figures = figures
@@ -191,14 +193,14 @@ def curvature_explorer(overlap_df: pd.DataFrame, pooled_df: pd.DataFrame | None 
         box.figure = figures["heatmap"]
         for k, out in outs.items():
             if k in figures:
-                _show(out, figures[k])
+                show_figure(out, figures[k])
 
     row = widgets.HBox([controls["pair"], controls["metric"], controls["layer"],
                         controls["role"]])
     body = [row, note, widgets.HBox([outs["heatmap"], outs["matrix"]])]
     if "grid" in outs:
         body.append(outs["grid"])
-    box = _assemble(widgets, body, controls, update, figures)
+    box = assemble(widgets, body, controls, update, figures)
     box.note = note
     for c in controls.values():
         c.observe(update, names="value")
@@ -278,9 +280,9 @@ def mask_explorer(mask_stats_df: pd.DataFrame):
         kept = pool("kept_frac", sel["kept_frac"].to_numpy(float), sel["numel"].to_numpy(float))
         summary.value = (f"{html.escape(str(who))}, {html.escape(str(c))} at density {d:g}: "
                          f"model-wide kept fraction {kept:.3f} over {len(sel)} tensors")
-        _show(out, fig)
+        show_figure(out, fig)
 
-    box = _assemble(widgets, [widgets.HBox([controls["expert"], controls["criterion"],
+    box = assemble(widgets, [widgets.HBox([controls["expert"], controls["criterion"],
                                             controls["metric"]]),
                               controls["density"], summary, out], controls, update, figures)
     box.summary = summary

@@ -70,6 +70,15 @@ def _pair_metrics_spec(stem: str, frame: str, table, lead: str, metrics) -> _Spe
                                  metrics))
 
 
+def _pair_mean_spec(stem: str, frame: str, table, metric: str, caption: str, title: str) -> _Spec:
+    """A layer x role heatmap of ``metric``, the numel-weighted mean over expert pairs."""
+    from curvlens.views.heatmaps import layer_role_heatmap
+
+    return _Spec(stem, frame, caption,
+                 lambda: layer_role_heatmap(table, metric, annotate=True,
+                                            title=f"{title} (mean over expert pairs)").figure)
+
+
 def _panels(draw_one, items, ncols: int = 3, size=(3.7, 3.0)):
     """One figure with a panel per item; ``draw_one(item, ax)`` draws each."""
     import matplotlib.pyplot as plt
@@ -109,13 +118,9 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts)
                                         title="Median log10 v by layer and role")))
     if "curvature_overlap" in f:
         ov = f["curvature_overlap"]
-        specs.append(_Spec(
-            "overlap_pearson_by_layer_role", "curvature_overlap",
-            "Pearson correlation of log10 v between experts per layer and role "
-            "(numel-weighted mean over expert pairs).",
-            lambda: layer_role_heatmap(ov, "pearson_log", annotate=True,
-                                       title="Curvature overlap (mean over expert pairs)"
-                                       ).figure))
+        specs.append(_pair_mean_spec("overlap_pearson_by_layer_role", "curvature_overlap", ov, "pearson_log",
+                                     "Pearson correlation of log10 v between experts per layer and role "
+                                     "(numel-weighted mean over expert pairs).", "Curvature overlap"))
         specs.append(_pair_metrics_spec(
             "overlap_pairs", "curvature_overlap", ov,
             "Curvature overlap between expert pairs, numel-weighted over all tensors",
@@ -161,13 +166,9 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts)
             "Task interference between expert pairs, numel-weighted over tensors",
             present("interference", ["tv_cosine", "sign_conflict", "curvature_weighted_conflict"])))
         if "sign_conflict" in it.columns:
-            specs.append(_Spec(
-                "sign_conflict_by_layer_role", "interference",
-                "Fraction of entries whose task-vector signs disagree, per layer and role "
-                "(mean over expert pairs).",
-                lambda: layer_role_heatmap(it, "sign_conflict", annotate=True,
-                                           title="Sign conflict (mean over expert pairs)"
-                                           ).figure))
+            specs.append(_pair_mean_spec("sign_conflict_by_layer_role", "interference", it, "sign_conflict",
+                                         "Fraction of entries whose task-vector signs disagree, per layer and "
+                                         "role (mean over expert pairs).", "Sign conflict"))
     if "predicted_loss" in f:
         specs.append(_Spec(
             "predicted_loss_by_layer_role", "predicted_loss",

@@ -5,7 +5,7 @@ for tensors outside the blocks (token embeddings, final norm, LM head); columns
 are roles in curvlens' fixed order (``embed, q, k, v, qkv, o, gate, up, down,
 norm, lm_head, other``). Where several tensors or experts fall in one cell (two
 norms per layer, several experts, several pairs) the cell pools them by the rule
-of :func:`curvlens.aggregate` (:func:`curvlens.streams.analysis_common.pool`):
+of :func:`curvlens.aggregate` (:func:`curvlens.passes.analysis_common.pool`):
 the numel-weighted mean, or the sum for additive metrics such as
 ``predicted_loss_increase``.
 
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.streams.analysis_common import pool
+from curvlens.passes.analysis_common import pool
 from curvlens.views._common import (
     DIVERGING, NON_LAYER, SEQUENTIAL, apply_filters, auto_log, check_frame, check_numeric,
     filter_title, first_seen, fmt_value, is_signed, layer_label, layer_value, metric_label,
@@ -135,7 +135,7 @@ def layer_role_matrix(df: pd.DataFrame, metric: str, *, weight: str | None = "nu
     return pd.DataFrame(g.values, index=pd.Index(g.rows, name=None), columns=g.roles)
 
 
-def _color_setup(values: np.ndarray, metric: str, *, log, cmap, vmin, vmax, center):
+def color_setup(values: np.ndarray, metric: str, *, log, cmap, vmin, vmax, center):
     """Colour map and norm for a heatmap: log, diverging (signed) or sequential."""
     import matplotlib as mpl
     from matplotlib import colors
@@ -249,7 +249,7 @@ def layer_role_heatmap(df: pd.DataFrame, metric: str, *, ax=None, log: bool | No
     """
     g = _grid(df, metric, weight=weight, roles=roles, filters=filters, what="layer_role_heatmap")
     ax = new_axes(ax, (1.0 + 0.55 * len(g.roles), 1.2 + 0.26 * len(g.layers)))
-    cm, norm, use_log = _color_setup(g.values, metric, log=log, cmap=cmap, vmin=vmin,
+    cm, norm, use_log = color_setup(g.values, metric, log=log, cmap=cmap, vmin=vmin,
                                      vmax=vmax, center=center)
     im = _draw_grid(ax, g, cm, norm, annotate=annotate)
     if colorbar:
@@ -299,7 +299,7 @@ def layer_role_heatmaps(df: pd.DataFrame, metric: str, *, by: str = "expert",
     grids = [_grid(df[df[by] == k], metric, weight=weight, roles=cols, filters={}, what=what,
                    layers=layers) for k in keys]
     allv = np.concatenate([g.values.ravel() for g in grids])
-    cm, norm, use_log = _color_setup(allv, metric, log=log, cmap=cmap, vmin=vmin, vmax=vmax,
+    cm, norm, use_log = color_setup(allv, metric, log=log, cmap=cmap, vmin=vmin, vmax=vmax,
                                      center=center)
     n = len(grids)
     ncols = (n if n <= 3 else 2 if n == 4 else 3) if ncols is None else max(1, int(ncols))

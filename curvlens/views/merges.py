@@ -198,6 +198,23 @@ def _limits(ax, vals, normalized, axis):
     (ax.set_xlim if axis == "x" else ax.set_ylim)(0, _top(vals, normalized))
 
 
+def merge_scores_figure(table: pd.DataFrame, *, title: str = "Held-out accuracy per capability"):
+    """Grouped bars: one group per capability, one bar per model/method (plotly);
+    :func:`merge_scores_plotly` with ``kind="bars"`` (``report.html``'s figure).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Columns ``model, capability, accuracy`` (as ``merge_table.csv``).
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Hover shows model, capability and accuracy.
+    """
+    return merge_scores_plotly(table, kind="bars", title=title)
+
+
 def merge_scores_plotly(table: pd.DataFrame, capability_map: Mapping[str, str] | None = None,
                         *, normalized: bool = False, kind: str = "dots",
                         models: Sequence[str] | None = None,

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 
 from curvlens.errors import CurvlensError, check_choice
-from curvlens.streams.analysis_common import pool
+from curvlens.passes.analysis_common import pool
 from curvlens.views._common import (
     METRIC_RANGES, apply_filters, check_frame, check_numeric, filter_title, first_seen, fmt_value,
     metric_label, new_axes, plotly_color_kwargs, require_plotly, styled, text_color_for, weights_of,
 )
-from curvlens.views.heatmaps import _color_setup
+from curvlens.views.heatmaps import color_setup
 
 __all__ = ["pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly"]
 
@@ -134,7 +134,7 @@ def pair_matrix_heatmap(df: pd.DataFrame, metric: str, *, ax=None, cmap: str | N
     vmin, vmax, center = _natural(metric, limits, vmin, vmax, center)
     n = len(experts)
     ax = new_axes(ax, (1.6 + 0.75 * n, 1.0 + 0.65 * n))
-    cm, norm, use_log = _color_setup(out, metric, log=log, cmap=cmap, vmin=vmin, vmax=vmax,
+    cm, norm, use_log = color_setup(out, metric, log=log, cmap=cmap, vmin=vmin, vmax=vmax,
                                      center=center)
     im = ax.imshow(np.ma.masked_invalid(out), cmap=cm, norm=norm, interpolation="nearest")
     ax.set_xticks(range(n), experts, rotation=30 if max(map(len, map(str, experts))) > 6 else 0,

@@ -17,6 +17,7 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError
 from curvlens.views._common import figure_style
+from curvlens.views.heatmaps import layer_role_heatmap
 
 __all__ = ["figure_png", "result_html", "html_repr", "ResultFrame"]
 
@@ -128,6 +129,18 @@ def html_repr(frame_of: Callable[[Any], pd.DataFrame], figure: FigureFn | None =
         return result_html(frame_of(self), figure, title=t, **kwargs)
 
     return _repr_html_
+
+
+def merge_result_html(result) -> str:
+    """A :class:`~curvlens.passes.merge_result.MergeResult` in a notebook: its
+    summary and the relative change by layer x role (what
+    ``MergeResult.html_renderer`` is set to)."""
+    table = result.summary().to_frame("value")
+    return result_html(
+        table, lambda _: layer_role_heatmap(result.report, "rel_delta",
+                                            title=f"{result.method}: relative change by layer x role"),
+        title=f"MergeResult: {result.method}, {len(result.report)} tensors"
+              + (f", saved to {result.path}" if result.path else ""))
 
 
 class ResultFrame:

@@ -20,10 +20,9 @@ if _missing:  # the zoo trains real HF models; the rest of curvlens does not nee
         f"curvlens.zoo needs {' and '.join(_missing)}; install with: pip install 'curvlens[zoo]'"
     )
 
-from curvlens.zoo.build import Zoo, build, load
+from curvlens.zoo.build import Zoo, ZooEvaluator, build, evaluate, load
 from curvlens.zoo.config import EXPERT_CAPABILITIES, PRESETS, ZooConfig
-from curvlens.zoo.evaluate import ZooEvaluator, evaluate
-from curvlens.zoo.fisher import fisher_study, training_batches
+from curvlens.zoo.fisher_study import fisher_study, training_batches
 
 __all__ = ["EXPERT_CAPABILITIES", "PRESETS", "Zoo", "ZooConfig", "ZooEvaluator", "build", "evaluate", "fisher_study",
            "load", "training_batches"]

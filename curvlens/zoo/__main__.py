@@ -13,14 +13,13 @@ import time
 
 import pandas as pd
 
-from curvlens.zoo.build import build
+from curvlens.zoo.build import build, evaluate
 from curvlens.zoo.config import PRESETS
-from curvlens.zoo.evaluate import evaluate
 
 
 def score_table(zoo) -> pd.DataFrame:
     """Accuracy of base, experts and the experts' weight average (rows) per capability."""
-    from curvlens import merge
+    from curvlens.config.merge import merge
 
     models = {"base": zoo.base_dir, **{f"expert: {n}": d for n, d in zoo.expert_dirs.items()}}
     models["average of experts"] = merge(zoo.experts(), "linear", device="cpu",

@@ -28,9 +28,10 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -40,8 +41,13 @@ from curvlens.zoo import train
 from curvlens.zoo.config import CODE_VERSION, EXPERT_CAPABILITIES, ZooConfig, resolve_config
 from curvlens.runtime import torch_threads
 from curvlens.zoo.runtime import hf_progress_bars_off
+from curvlens.zoo.evaluate import evaluate_model
 from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 MANIFEST = "zoo.json"
 
@@ -97,22 +103,18 @@ class Zoo:
 
     def experts(self):
         """The base and experts as a ``curvlens.Experts`` (with their second moments)."""
-        from curvlens import Experts
+        from curvlens.passes.experts import Experts
 
         names = list(self.expert_dirs)
         return Experts.from_dirs(self.base_dir, [self.expert_dirs[n] for n in names], names=names)
 
     def evaluate(self, model, capabilities=None, **kwargs):
         """Score ``model`` on this zoo's capabilities; see :func:`curvlens.zoo.evaluate`."""
-        from curvlens.zoo.evaluate import evaluate
-
         return evaluate(model, capabilities, zoo=self, **kwargs)
 
     def evaluator(self, capabilities=None, *, device: str = "cpu"):
         """A picklable ``evaluate(model_dir) -> {capability: accuracy}`` on this zoo
         (:class:`curvlens.zoo.ZooEvaluator`), for ``cl.sweep`` and friends."""
-        from curvlens.zoo.evaluate import ZooEvaluator
-
         return ZooEvaluator(self, capabilities, device=device)
 
     def reference_scores(self, *, device: str = "auto"):
@@ -121,7 +123,7 @@ class Zoo:
         every later call, in any process, reads them back."""
         import pandas as pd
 
-        from curvlens.streams.experts import resolve_device
+        from curvlens.runtime import resolve_device
 
         kind = resolve_device(device).type
         stored = self.root / f"scores-{kind}-{_evaluation_version()}.csv"
@@ -159,8 +161,6 @@ class Zoo:
 
     def _rows(self, models, device):
         import pandas as pd
-
-        from curvlens.zoo.evaluate import evaluate
 
         rows = []
         for label, (method, model) in models.items():
@@ -230,7 +230,7 @@ def _evaluation_version() -> str:
     import importlib
 
     h = hashlib.sha1()
-    for name in ("curvlens.zoo.evaluate", "curvlens.zoo.tasks"):
+    for name in ("curvlens.zoo.evaluate", "curvlens.zoo.tasks", "curvlens.zoo.config"):
         h.update(Path(importlib.import_module(name).__file__).read_bytes())
     return h.hexdigest()[:10]
 
@@ -312,3 +312,86 @@ def build_into(path: Path, config: ZooConfig, seed: int, *, progress: bool = Tru
     }
     # Written last: its presence marks the directory complete.
     (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def evaluate(model: Any, capabilities: Iterable[str] | None = None, *, zoo: Any = None,
+             config: str | ZooConfig = "quick", batch_size: int = 256,
+             device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Exact-match accuracy of ``model`` on the zoo's held-out prompts.
+
+    Parameters
+    ----------
+    model : str, Path or mapping
+        An HF model dir, or weights with the zoo's parameter names (a
+        ``curvlens.Checkpoint``, a state dict, anything with ``keys()`` and
+        ``[name]``), laid onto the architecture and tokenizer of the zoo's base.
+    capabilities : iterable of str, optional
+        Which capabilities to score (default: all of the zoo's), e.g.
+        ``["addition", "facts"]``.
+    zoo : Zoo, optional
+        The zoo whose evaluation sets (and base, for weights) to use. Default: the
+        cached zoo of ``config`` with seed 0, built if weights need its base.
+    config : {"quick", "default"} or ZooConfig
+        Used only when ``zoo`` is not given.
+    batch_size : int
+        Prompts decoded together.
+    device : str or torch.device
+        Where to run the model; ``"auto"`` picks CUDA when available.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``capability, accuracy, n``: one row per capability, accuracy in
+        [0, 1] over ``n`` prompts.
+    """
+    if zoo is None:
+        config, seed = resolve_config(config), 0
+    else:
+        config, seed = zoo.config, zoo.seed
+    base_dir = None
+    if not isinstance(model, (str, Path)):
+        if zoo is None:
+            zoo = build(config, seed=seed, progress=False)
+        base_dir = zoo.base_dir
+    return evaluate_model(model, capabilities, config, seed, base_dir, batch_size=batch_size, device=device)
+
+
+class ZooEvaluator:
+    """A picklable ``evaluate(model_dir) -> {capability: accuracy}`` for the zoo,
+    as :func:`curvlens.sweep`, :func:`curvlens.greedy_soup` and
+    :func:`curvlens.pareto_front` take it (also on dask workers, which reopen
+    the zoo from ``root``).
+
+    Parameters
+    ----------
+    zoo : Zoo or path
+        A built zoo, or its directory.
+    capabilities : iterable of str, optional
+        Which capabilities to score (default all).
+    device : str
+        Where the model runs (``"auto"``: CUDA when present).
+    batch_size : int
+        Prompts decoded together.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> ev = ZooEvaluator("/zoos/quick", ["addition"])
+    >>> pickle.loads(pickle.dumps(ev))
+    ZooEvaluator(root='/zoos/quick', capabilities=('addition',), device='cpu')
+    """
+
+    def __init__(self, zoo: Any, capabilities: Iterable[str] | None = None, *, device: str = "cpu",
+                 batch_size: int = 256):
+        self.root = str(getattr(zoo, "root", zoo))
+        self.capabilities = tuple(capabilities) if capabilities is not None else None
+        self.device = device
+        self.batch_size = batch_size
+
+    def __call__(self, model_dir) -> dict[str, float]:
+        df = evaluate(model_dir, self.capabilities, zoo=Zoo.from_dir(self.root), device=self.device,
+                      batch_size=self.batch_size)
+        return {str(r.capability): float(r.accuracy) for r in df.itertuples()}
+
+    def __repr__(self) -> str:
+        return f"ZooEvaluator(root={self.root!r}, capabilities={self.capabilities!r}, device={self.device!r})"

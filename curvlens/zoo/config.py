@@ -27,6 +27,15 @@ EXPERT_CAPABILITIES = {
 }
 
 
+#: The transform task's string transforms, by the name its prompts use.
+TRANSFORMS = {
+    "upper": str.upper,
+    "shift": lambda s: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s),
+    "double": lambda s: "".join(c + c for c in s),
+    "reverse": lambda s: s[::-1],
+}
+
+
 @dataclass(frozen=True)
 class ZooConfig:
     """Everything that determines a zoo's weights (with the seed).
@@ -108,8 +117,6 @@ class ZooConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        from curvlens.zoo.tasks import TRANSFORMS  # tasks imports this module
-
         for e in self.experts:
             check_choice("experts", e, EXPERT_CAPABILITIES)
         for t in self.transforms:

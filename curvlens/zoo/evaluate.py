@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from curvlens.errors import CurvlensError, check_choice
-from curvlens.zoo.config import ZooConfig, resolve_config
+from curvlens.zoo.config import ZooConfig
 from curvlens.runtime import torch_threads
 from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.tasks import Example, eval_examples, make_tasks
@@ -139,50 +139,15 @@ def load_model(model: Any, base_dir: Path | None, device: str | torch.device = "
     return net.to(device=device, dtype=torch.float32).eval(), tokenizer
 
 
-def evaluate(model: Any, capabilities: Iterable[str] | None = None, *, zoo: Any = None,
-             config: str | ZooConfig = "quick", batch_size: int = 256,
-             device: str | torch.device = "cpu") -> pd.DataFrame:
-    """Exact-match accuracy of ``model`` on the zoo's held-out prompts.
-
-    Parameters
-    ----------
-    model : str, Path or mapping
-        An HF model dir, or weights with the zoo's parameter names (a
-        ``curvlens.Checkpoint``, a state dict, anything with ``keys()`` and
-        ``[name]``), laid onto the architecture and tokenizer of the zoo's base.
-    capabilities : iterable of str, optional
-        Which capabilities to score (default: all of the zoo's), e.g.
-        ``["addition", "facts"]``.
-    zoo : Zoo, optional
-        The zoo whose evaluation sets (and base, for weights) to use. Default: the
-        cached zoo of ``config`` with seed 0, built if weights need its base.
-    config : {"quick", "default"} or ZooConfig
-        Used only when ``zoo`` is not given.
-    batch_size : int
-        Prompts decoded together.
-    device : str or torch.device
-        Where to run the model; ``"auto"`` picks CUDA when available.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``capability, accuracy, n``: one row per capability, accuracy in
-        [0, 1] over ``n`` prompts.
-    """
-    if zoo is None:
-        config, seed = resolve_config(config), 0
-    else:
-        config, seed = zoo.config, zoo.seed
+def evaluate_model(model: Any, capabilities: Iterable[str] | None, config: ZooConfig, seed: int,
+                   base_dir: Path | None, *, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Exact-match accuracy of ``model`` on the held-out prompts of the zoo of
+    ``config`` and ``seed`` (:func:`curvlens.zoo.evaluate` with the zoo resolved):
+    weights are laid onto the architecture and tokenizer in ``base_dir``."""
     sets = eval_sets(config, seed, capabilities)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_dir = None
-    if not isinstance(model, (str, Path)):
-        if zoo is None:
-            from curvlens.zoo.build import build
-
-            zoo = build(config, seed=seed, progress=False)
-        base_dir = zoo.base_dir
     frames = []
     # One thread on CPU: see curvlens.runtime (a loaded machine is 10x slower with more).
     threads = 1 if torch.device(device).type == "cpu" else torch.get_num_threads()
@@ -198,46 +163,3 @@ def evaluate(model: Any, capabilities: Iterable[str] | None = None, *, zoo: Any 
                 {capability: examples},
             ))
     return pd.concat(frames, ignore_index=True)
-
-
-class ZooEvaluator:
-    """A picklable ``evaluate(model_dir) -> {capability: accuracy}`` for the zoo,
-    as :func:`curvlens.sweep`, :func:`curvlens.greedy_soup` and
-    :func:`curvlens.pareto_front` take it (also on dask workers, which reopen
-    the zoo from ``root``).
-
-    Parameters
-    ----------
-    zoo : Zoo or path
-        A built zoo, or its directory.
-    capabilities : iterable of str, optional
-        Which capabilities to score (default all).
-    device : str
-        Where the model runs (``"auto"``: CUDA when present).
-    batch_size : int
-        Prompts decoded together.
-
-    Examples
-    --------
-    >>> import pickle
-    >>> ev = ZooEvaluator("/zoos/quick", ["addition"])
-    >>> pickle.loads(pickle.dumps(ev))
-    ZooEvaluator(root='/zoos/quick', capabilities=('addition',), device='cpu')
-    """
-
-    def __init__(self, zoo: Any, capabilities: Iterable[str] | None = None, *, device: str = "cpu",
-                 batch_size: int = 256):
-        self.root = str(getattr(zoo, "root", zoo))
-        self.capabilities = tuple(capabilities) if capabilities is not None else None
-        self.device = device
-        self.batch_size = batch_size
-
-    def __call__(self, model_dir) -> dict[str, float]:
-        from curvlens.zoo.build import Zoo
-
-        df = evaluate(model_dir, self.capabilities, zoo=Zoo.from_dir(self.root), device=self.device,
-                      batch_size=self.batch_size)
-        return {str(r.capability): float(r.accuracy) for r in df.itertuples()}
-
-    def __repr__(self) -> str:
-        return f"ZooEvaluator(root={self.root!r}, capabilities={self.capabilities!r}, device={self.device!r})"

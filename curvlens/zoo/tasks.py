@@ -42,7 +42,7 @@ import string
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
-from curvlens.zoo.config import EXPERT_CAPABILITIES, ZooConfig
+from curvlens.zoo.config import EXPERT_CAPABILITIES, TRANSFORMS, ZooConfig
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -143,12 +143,6 @@ class Brackets(Task):
         return example.prompt[6:-1] + example.answer
 
 
-TRANSFORMS = {
-    "upper": str.upper,
-    "shift": lambda s: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s),
-    "double": lambda s: "".join(c + c for c in s),
-    "reverse": lambda s: s[::-1],
-}
 
 
 @dataclass(frozen=True)

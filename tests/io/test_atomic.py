@@ -16,7 +16,7 @@ from curvlens import CurvlensError, Experts
 from curvlens.cli import main
 from curvlens.io.atomic import MARKER, AtomicDir, sweep_stale
 from curvlens.io.writer import ModelWriter, write_model
-from curvlens.streams.merge import merge
+from curvlens.config.merge import merge
 from tests.conftest import make_tiny_zoo
 
 ROOT = Path(__file__).parents[2]

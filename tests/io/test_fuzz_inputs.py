@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from curvlens import Checkpoint, CurvlensError, Moments
-from curvlens.streams.merge_config import load_merge_config
+from curvlens.config.merge_config import load_merge_config
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -112,7 +112,7 @@ PARAMS = ["weight", "density", "lambda", "normalize", "rescale", "epsilon", "pow
        per=st.dictionaries(st.sampled_from(PARAMS), json_values, max_size=2),
        dtype=st.one_of(st.none(), st.sampled_from(["float16", "bfloat16", "float32", "int8"]), json_values))
 def test_any_parameters_on_real_models(small_zoo, method, top, per, dtype):
-    from curvlens.streams.merge import merge
+    from curvlens.config.merge import merge
 
     base, dirs, *_ = small_zoo
     cfg = {"merge_method": method, "base_model": str(base), "parameters": top, "dtype": dtype,

@@ -75,7 +75,7 @@ def test_hub_cache_snapshot_symlinks_into_blobs_are_allowed(tmp_path):
 
 
 def test_moments_and_tokenizer_symlinks_outside_are_refused(tmp_path):
-    from curvlens.streams.merge import merge
+    from curvlens.config.merge import merge
 
     secret = tmp_path / "secret.json"
     secret.write_text('{"secret": 1}')

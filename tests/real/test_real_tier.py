@@ -48,7 +48,7 @@ def merged(tier):
     params = {"task_arithmetic": {"lambda": 0.5}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
               "dare_ties": {"density": 0.5}, "ota": {"epsilon": 1e-26}}
     # every method that merges four experts over a base (slerp, nuslerp, arcee_fusion and
-    # passthrough take one or two models: tests/streams/test_merge_peers.py)
+    # passthrough take one or two models: tests/passes/test_merge_peers.py)
     fits = [m for m in cl.list_methods().method if _takes(get_method(m), len(tasks))]
     merges = {m: cl.merge(experts, m, **KW, **params.get(m, {})) for m in fits}
     merges["ota+ffg"] = cl.merge(experts, "ota", **KW, epsilon=1e-26, ffg_density=0.3, fallback_to_base=True)

@@ -1,4 +1,4 @@
-"""Hand-made analysis frames with the exact columns of ``curvlens.streams.analysis``.
+"""Hand-made analysis frames with the exact columns of ``curvlens.passes.analysis``.
 
 Values are synthetic but shaped like the real thing (curvature decades apart by
 role, FFG keeping early q/k and the embeddings, FFG beating magnitude pruning),

@@ -35,7 +35,7 @@ def test_role_order_is_fixed_and_keeps_unknown_roles():
 
 
 def test_pool_ignores_nan_and_zero_weights_and_sums_additive_metrics():
-    from curvlens.streams.analysis_common import pool
+    from curvlens.passes.analysis_common import pool
 
     assert pool("kept_frac", np.array([1.0, 3.0, np.nan]), np.array([1, 3, 5])) == pytest.approx(2.5)
     assert np.isnan(pool("kept_frac", np.array([np.nan]), np.array([1.0])))
@@ -47,7 +47,7 @@ def test_heatmap_cells_pool_as_aggregate_does():
     a mean for ratios and a sum for additive metrics (two norms in a layer)."""
     import pandas as pd
 
-    from curvlens.streams.analysis_common import aggregate
+    from curvlens.passes.analysis_common import aggregate
     from curvlens.views.heatmaps import layer_role_matrix
 
     df = pd.DataFrame({"expert": "e", "name": ["a.norm1", "a.norm2", "a.q"], "layer": pd.array([0, 0, 0], "Int64"),

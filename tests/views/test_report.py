@@ -4,7 +4,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from curvlens.views.merge_plots import merge_scores_figure
+from curvlens.views.merges import merge_scores_figure
 from curvlens.views.report import figure_html, table_html, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -43,7 +43,7 @@ def test_merge_scores_figure_data():
     fig = merge_scores_figure(table())
     assert [t.name for t in fig.data] == ["base", "expert: math", "OTA+FFG"]
     assert list(fig.data[2].y) == [0.7, 0.6] and list(fig.data[2].x) == ["math", "facts"]
-    assert "OTA+FFG" in fig.data[2].hovertemplate
+    assert fig.data[2].customdata[0][0] == "OTA+FFG" and "customdata[0]" in fig.data[2].hovertemplate
     assert fig.layout.yaxis.title.text == "exact-match accuracy"
 
 

@@ -9,7 +9,7 @@ that slides it back into the large-edit regime (where every merge fails) fails h
 import pytest
 
 import curvlens as cl
-from curvlens.streams.regime import regime_verdict
+from curvlens.studies.regime import regime_verdict
 from curvlens.zoo import evaluate
 
 MAX_RELATIVE_EDIT = 0.03

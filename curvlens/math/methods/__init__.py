@@ -17,7 +17,7 @@ module              what it holds
 ``sce``             ``sce``
 ``fusion``          ``arcee_fusion``
 ``passthrough``     ``passthrough``
-``fisher``          ``fisher``
+``fisher_merge``    ``fisher``
 ``ota``             ``ota`` (with FFG masks)
 ==================  =========================================================
 
@@ -37,7 +37,7 @@ tensor([ 2., -2.,  3.])
 ([1.0, 3.0], True)
 """
 from curvlens.math.methods import (
-    breadcrumbs, della, fisher, fusion, linear, model_stock, ota, passthrough, sce, spherical, task_arithmetic,
+    breadcrumbs, della, fisher_merge, fusion, linear, model_stock, ota, passthrough, sce, spherical, task_arithmetic,
 )
 from curvlens.math.methods.params import ParamSpec
 from curvlens.math.methods.registry import (
@@ -46,7 +46,7 @@ from curvlens.math.methods.registry import (
 
 #: The modules whose kernels register on import (named so the imports are used).
 FAMILIES = (task_arithmetic, breadcrumbs, della, linear, model_stock, spherical, sce, fusion, passthrough,
-            fisher, ota)
+            fisher_merge, ota)
 
 __all__ = ["MaskCounts", "MergeMethod", "ModelWideSelection", "ParamSpec", "get_method", "list_methods", "method_params",
            "register", "resolve_params"]

@@ -17,7 +17,7 @@ from curvlens.math.methods.params import (
 )
 from curvlens.math.methods.registry import register
 from curvlens.math.methods.sparsify import Sparsifier, topk_keeper
-from curvlens.math.methods.task_arithmetic import _core
+from curvlens.math.methods.task_arithmetic import generalized_task_arithmetic
 
 Tensor = torch.Tensor
 
@@ -84,7 +84,8 @@ def breadcrumbs(base, experts, moments, p, *, rng, counts) -> Tensor:
     >>> get_method("breadcrumbs")(torch.zeros(5), [tau], density=0.4, gamma=0.2)
     tensor([ 0., -4.,  3.,  0.,  0.])
     """
-    return _core(base, experts, p, sparsify=_outliers(p, base.device), consensus=False, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify=_outliers(p, base.device),
+                                       consensus=False, counts=counts)
 
 
 @register(
@@ -104,4 +105,5 @@ def breadcrumbs_ties(base, experts, moments, p, *, rng, counts) -> Tensor:
     >>> get_method("breadcrumbs_ties")(base, [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])])
     tensor([ 4., -2.])
     """
-    return _core(base, experts, p, sparsify=_outliers(p, base.device), consensus=True, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify=_outliers(p, base.device),
+                                       consensus=True, counts=counts)

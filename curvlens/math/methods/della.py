@@ -19,7 +19,7 @@ from curvlens.math.methods.params import (
 )
 from curvlens.math.methods.registry import register
 from curvlens.math.methods.sparsify import Sparsifier
-from curvlens.math.methods.task_arithmetic import _core
+from curvlens.math.methods.task_arithmetic import generalized_task_arithmetic
 
 Tensor = torch.Tensor
 
@@ -156,7 +156,8 @@ def della(base, experts, moments, p, *, rng, counts) -> Tensor:
     ...             get_method("della")(base, [e], density=0.5, epsilon=0.2, seed=3))
     True
     """
-    return _core(base, experts, p, sparsify=_ranked(p, base.device), consensus=True, gen=rng, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify=_ranked(p, base.device),
+                                       consensus=True, gen=rng, counts=counts)
 
 
 @register(
@@ -175,4 +176,5 @@ def della_linear(base, experts, moments, p, *, rng, counts) -> Tensor:
     >>> get_method("della_linear")(torch.zeros(2), [torch.tensor([1.0, -2.0])])  # density 1: unchanged
     tensor([ 1., -2.])
     """
-    return _core(base, experts, p, sparsify=_ranked(p, base.device), consensus=False, gen=rng, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify=_ranked(p, base.device),
+                                       consensus=False, gen=rng, counts=counts)

@@ -33,7 +33,7 @@ class ModelWideSelection:
     *whole model* (e.g. OTA's ``ffg_density``).
 
     A per-tensor function cannot see the whole model, so the streaming driver
-    makes the selection first (:func:`curvlens.streams.thresholds.model_selections`)
+    makes the selection first (:func:`curvlens.passes.thresholds.model_selections`)
     and hands every tensor its part: the k-th largest score in ``threshold`` and
     that tensor's share of the entries tied with it in ``ties``. The driver reads
     only this declaration, never a method's name.

@@ -22,7 +22,7 @@ from curvlens.math.methods.sparsify import Magnitude, RandomDrop, Sparsifier, di
 Tensor = torch.Tensor
 
 
-def _core(
+def generalized_task_arithmetic(
     base: Tensor,
     experts: Sequence[Tensor],
     p: dict,
@@ -117,7 +117,7 @@ def task_arithmetic(base, experts, moments, p, *, rng, counts) -> Tensor:
     >>> get_method("task_arithmetic")(torch.zeros(2), [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0])])
     tensor([4., 2.])
     """
-    return _core(base, experts, p, sparsify=None, consensus=False, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify=None, consensus=False, counts=counts)
 
 
 @register(
@@ -141,7 +141,7 @@ def ties(base, experts, moments, p, *, rng, counts) -> Tensor:
     >>> get_method("ties")(base, [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])])
     tensor([ 2., -2.])
     """
-    return _core(base, experts, p, sparsify="magnitude", consensus=True, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify="magnitude", consensus=True, counts=counts)
 
 
 _DARE_PARAMS = (WEIGHT, DENSITY, normalize_param(False), LAMBDA, rescale_param(True), SEED, INT8_MASK)
@@ -170,7 +170,7 @@ def dare_linear(base, experts, moments, p, *, rng, counts) -> Tensor:
     ...             get_method("dare_linear")(base, [e], density=0.5, seed=1))
     True
     """
-    return _core(base, experts, p, sparsify="random", consensus=False, gen=rng, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify="random", consensus=False, gen=rng, counts=counts)
 
 
 @register(
@@ -192,4 +192,4 @@ def dare_ties(base, experts, moments, p, *, rng, counts) -> Tensor:
     >>> get_method("dare_ties")(base, [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])])
     tensor([ 4., -2.])
     """
-    return _core(base, experts, p, sparsify="random", consensus=True, gen=rng, counts=counts)
+    return generalized_task_arithmetic(base, experts, p, sparsify="random", consensus=True, gen=rng, counts=counts)

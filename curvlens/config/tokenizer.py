@@ -1,0 +1,234 @@
+"""The tokenizer written beside merged weights: mergekit's ``tokenizer_source``,
+``tokenizer: {source, pad_to_multiple_of, tokens}`` and ``chat_template``.
+
+With a tokenizer source, mergekit builds the output vocabulary (``base``, one
+model's, or the ``union`` of all) and re-indexes every model's embedding and LM
+head rows by token, resized to the vocabulary's length (rows of tokens a model
+lacks are taken from the one model that has them, else the base, else averaged).
+curvlens merges rows as they are, so it accepts a tokenizer source exactly where
+that re-indexing changes nothing: every model has the same vocabulary as the
+source and its vocabulary-indexed tensors have one row per token (and
+``pad_to_multiple_of`` adds no rows). Anything else is refused by name. The
+source's tokenizer files are then copied beside the weights.
+
+``chat_template`` is, as in mergekit, ``auto`` (the template most of the models
+share), the name of a template mergekit ships (read from an installed mergekit),
+or a Jinja template; it is written into the output's ``tokenizer_config.json``
+(and ``chat_template.jinja`` when the source has one, which transformers prefers).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from curvlens.config.keys import check_keys
+from curvlens.config.options import TokenizerOptions
+from curvlens.errors import CurvlensError
+from curvlens.roles import param_role
+
+#: The keys of a config's ``tokenizer:`` section.
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+
+# tensors indexed by token id (mergekit's vocabulary_axis 0)
+_VOCAB_TENSORS = ("embed_tokens", "lm_head", "wte", "word_embeddings")
+
+
+def read_vocab(model_dir: Path) -> dict | None:
+    """``{token: id}`` of a model's tokenizer (``tokenizer.json``, else
+    ``vocab.json`` with ``added_tokens.json``), or None when it has neither."""
+    tj = model_dir / "tokenizer.json"
+    if tj.is_file():
+        data = _json(tj)
+        model = data.get("model") or {}
+        vocab = model.get("vocab", {})
+        if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+        out = dict(vocab)
+        for tok in data.get("added_tokens") or []:
+            out[tok["content"]] = tok["id"]
+        return out
+    vj = model_dir / "vocab.json"
+    if vj.is_file():
+        out = dict(_json(vj))
+        added = model_dir / "added_tokens.json"
+        if added.is_file():
+            out.update(_json(added))
+        return out
+    return None
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CurvlensError(f"{path}: cannot read ({err})") from err
+
+
+def _model_dirs(experts) -> list[tuple[str, Path]]:
+    out = []
+    if experts.base is not None and experts.base.path is not None:
+        out.append(("base", _dir(experts.base.path)))
+    for e in experts.experts:
+        path = e.path or e.checkpoint.path
+        if path is not None:
+            out.append((f"expert {e.name!r}", _dir(Path(path))))
+    seen, unique = set(), []
+    for who, d in out:  # a base averaged as a model (linear) is one model
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            unique.append((who, d))
+    return unique
+
+
+def _dir(p: Path) -> Path:
+    p = Path(p)
+    return p if p.is_dir() else p.parent
+
+
+def tokenizer_options(cfg: dict, where: str, base, local) -> TokenizerOptions:
+    """A config's ``tokenizer_source`` / ``tokenizer:`` and ``chat_template``
+    (a model given by path through ``local``)."""
+    source = cfg.get("tokenizer_source")
+    tok = cfg.get("tokenizer")
+    pad = None
+    if tok is not None:
+        if source is not None:
+            raise CurvlensError(f"{where}: give tokenizer_source or tokenizer, not both (as mergekit)")
+        if not isinstance(tok, dict):
+            raise CurvlensError(f"{where}: tokenizer must be a mapping {{source:, tokens:, pad_to_multiple_of:}}")
+        check_keys(tok, TOKENIZER_KEYS, f"{where}: tokenizer", optional=True)
+        if tok.get("tokens"):
+            raise CurvlensError(f"{where}: tokenizer.tokens (embeddings of chosen tokens from chosen models) "
+                                "is not supported: curvlens merges embedding rows as they are")
+        source = tok.get("source", "union")
+        pad = tok.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise CurvlensError(f"{where}: tokenizer.pad_to_multiple_of must be an int >= 1; got {pad!r}")
+    if source is not None:
+        if source in ("base", "union"):
+            if source == "base" and base is None:
+                raise CurvlensError(f"{where}: tokenizer source 'base' needs a base_model")
+        else:
+            source = local(source, "tokenizer source")
+    chat = cfg.get("chat_template")
+    if chat is not None and not isinstance(chat, str):
+        raise CurvlensError(f"{where}: chat_template must be a string (a template name, 'auto' or Jinja); "
+                            f"got {chat!r}")
+    return TokenizerOptions(source, chat, pad)
+
+
+def tokenizer_files(experts, ref_dir, options: TokenizerOptions):
+    """(dir to copy the tokenizer files from, or None for the reference's;
+    ``{filename: text}`` written over them).
+
+    Raises
+    ------
+    CurvlensError
+        Where mergekit would re-index embedding rows (vocabularies that differ,
+        rows that are not one per token, padding rows) or a chat template cannot
+        be found or written.
+    """
+    tok_dir = None
+    if options.source is not None or options.pad_to_multiple_of is not None:
+        tok_dir = _check_source(experts, ref_dir, options.source or "union", options.pad_to_multiple_of)
+    files = {}
+    if options.chat_template is not None:
+        src = tok_dir or (Path(ref_dir) if ref_dir is not None else None)
+        template = _template(options.chat_template, experts)
+        if template is not None:
+            if src is None or not (src / "tokenizer_config.json").is_file():
+                raise CurvlensError(f"chat_template: the tokenizer copied to the output ({src}) has no "
+                                    "tokenizer_config.json to write it into")
+            cfg = _json(src / "tokenizer_config.json")
+            cfg["chat_template"] = template
+            files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False)
+            if (src / "chat_template.jinja").is_file():
+                files["chat_template.jinja"] = template
+    return tok_dir, files
+
+
+def _check_source(experts, ref_dir, source, pad) -> Path:
+    models = _model_dirs(experts)
+    if source == "base":
+        if experts.base is None:
+            raise CurvlensError("tokenizer source 'base' needs a base model")
+        src = models[0][1]
+    elif source == "union":
+        src = Path(ref_dir) if ref_dir is not None else models[0][1]
+    else:
+        src = Path(source)
+    want = read_vocab(src)
+    if want is None:
+        raise CurvlensError(f"tokenizer source {source!r}: {src} has no tokenizer.json or vocab.json to read "
+                            "its vocabulary from")
+    for who, d in models:
+        got = read_vocab(d)
+        if got is None:
+            raise CurvlensError(f"tokenizer source {source!r}: {who} ({d}) has no tokenizer.json or vocab.json; "
+                                "curvlens cannot check that its embedding rows line up with the source's tokens")
+        if got != want:
+            only = sorted(set(got) ^ set(want))[:5]
+            raise CurvlensError(
+                f"tokenizer source {source!r}: {who}'s vocabulary differs from {src}'s (e.g. tokens {only} or "
+                "their ids): mergekit would re-index embedding rows by token; curvlens does not (merge models "
+                "that share a vocabulary, or align them with mergekit-tokensurgeon first)")
+    size = len(want)
+    if pad is not None and size % pad:
+        raise CurvlensError(f"tokenizer.pad_to_multiple_of: {pad}: the vocabulary has {size} tokens, so mergekit "
+                            "would add padding rows (set to the mean embedding); curvlens does not resize "
+                            "embeddings")
+    ref = experts.reference
+    for name in ref.keys():
+        if param_role(name)[1] in ("embed", "lm_head") and any(k in name for k in _VOCAB_TENSORS):
+            rows = ref.shape(name)[0]
+            if rows != size:
+                raise CurvlensError(
+                    f"tokenizer source {source!r}: {name!r} has {rows} rows but the vocabulary {size} tokens: "
+                    "mergekit would resize it to one row per token; curvlens does not resize embeddings "
+                    "(leave tokenizer_source out to keep the rows as they are)")
+    return src
+
+
+def _template(value: str, experts) -> str | None:
+    """mergekit's reading of ``chat_template``: ``auto``, a shipped name, or Jinja."""
+    if value == "auto":
+        found = []
+        for _, d in _model_dirs(experts):
+            t = _model_template(d)
+            if t:
+                found.append(t.strip())
+        return Counter(found).most_common(1)[0][0] if found else None
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        text = _shipped_template(value)
+        if text is not None:
+            return text
+    if len(value) < 20 or "{" not in value:
+        raise CurvlensError(f"chat_template {value!r} is neither 'auto', a template name mergekit ships "
+                            "(read from an installed mergekit) nor a Jinja template")
+    return value
+
+
+def _model_template(d: Path) -> str | None:
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    tc = d / "tokenizer_config.json"
+    if tc.is_file():
+        t = _json(tc).get("chat_template")
+        if isinstance(t, dict):
+            t = t.get("default")
+        if isinstance(t, list):  # transformers' list of {name, template}
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+    return None
+
+
+def _shipped_template(name: str) -> str | None:
+    try:
+        import importlib.resources
+
+        f = importlib.resources.files("mergekit._data.chat_templates").joinpath(name + ".jinja")
+        return f.read_text() if f.is_file() else None
+    except (ImportError, ModuleNotFoundError):
+        return None

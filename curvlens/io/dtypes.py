@@ -1,0 +1,60 @@
+"""dtypes as users name them, and the dtype every written tensor gets.
+
+One rule for every writer of model weights (a merge, a passthrough stack, a sparse
+soup): a requested output dtype applies to floating tensors only; integer and bool
+tensors (position ids, masks) keep their own. ``config.json`` then states the
+written dtype, as transformers reads the weights' dtype from it.
+"""
+from __future__ import annotations
+
+import torch
+
+from curvlens.errors import CurvlensError
+
+__all__ = ["DTYPES", "parse_dtype", "output_dtype", "dtype_name", "dtype_overrides"]
+
+#: The names a config or a call may give a floating dtype by.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None stays None.
+
+    Examples
+    --------
+    >>> parse_dtype("bf16"), parse_dtype("torch.float16"), parse_dtype(None)
+    (torch.bfloat16, torch.float16, None)
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower().replace("torch.", "")]
+    except KeyError:
+        raise CurvlensError(f"dtype={dtype!r} is not valid; expected one of {sorted(DTYPES)}") from None
+
+
+def output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is written in: ``requested`` for a
+    floating tensor (when given), its own otherwise.
+
+    Examples
+    --------
+    >>> output_dtype(torch.float32, torch.bfloat16), output_dtype(torch.int64, torch.bfloat16)
+    (torch.bfloat16, torch.int64)
+    """
+    return stored if requested is None or not stored.is_floating_point else requested
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (as configs write it)."""
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_overrides(dtype: torch.dtype | None) -> dict:
+    """The ``config.json`` keys that state a written dtype (none when the
+    tensors keep their stored dtypes)."""
+    if dtype is None:
+        return {}
+    name = dtype_name(dtype)
+    return {"torch_dtype": name, "dtype": name}

@@ -1,0 +1,389 @@
+"""Pareto fronts of task-arithmetic merges θ(c) = θ₀ + Σⱼ cⱼ τⱼ over the coefficients c.
+
+Two ways to predict the front, both ending in a dense sample of c and its
+non-dominated set (:mod:`curvlens.math.fronts`):
+
+- ``"surrogate"`` (MAP, Li et al.): merge and evaluate a few sampled c
+  (:func:`curvlens.studies.sweep.sweep`), fit one quadratic in c per capability by
+  least squares, and take the front of the fitted scores.
+- ``"curvature"``: no evaluation at all. Expert i's curvature-predicted loss
+  Lᵢ(c) = ½ Σ vᵢ (θ(c) − θᵢ)² is exactly quadratic in c with Gram matrices
+  Gᵢ[j, l] = Σ vᵢ τⱼ τₗ, which :func:`gram_matrices` sums in one streaming pass,
+  tensor by tensor; the front is that of the Lᵢ.
+
+Either front can be checked by evaluating some of its points (and, for the
+curvature front, a sample of c, to measure how well the prediction ranks them).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.math.fronts import (
+    fit_quadratic,
+    front_distance,
+    non_dominated,
+    predict_quadratic,
+    quadratic_features,
+    quadratic_losses,
+    quadratic_parts,
+    sample_coefficients,
+    scalarized_minimisers,
+    simplex_weights,
+    tensor_grams,
+)
+from curvlens.passes.experts import Experts
+from curvlens.runtime import resolve_device
+from curvlens.studies.sweep import score_metrics, sweep, wide_scores
+
+PREDICTORS = ("surrogate", "curvature")
+
+
+def gram_matrices(experts: Experts, *, device="auto", progress: bool = True) -> np.ndarray:
+    """Every expert's Gram matrix of the task vectors under its curvature, in one pass.
+
+    ``G[i, j, l] = Σ vᵢ τⱼ τₗ`` summed over every (floating, not excluded) tensor,
+    with τⱼ = θⱼ − θ₀ and vᵢ expert i's second moments; so expert i's predicted
+    loss of the task-arithmetic merge θ₀ + Σ cⱼ τⱼ is ``½ (c − eᵢ)ᵀ G[i] (c − eᵢ)``
+    (:func:`curvlens.math.fronts.quadratic_losses`). Streams one tensor at a time;
+    sums in float64.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(k, k, k)`` for k experts, in ``experts.names`` order.
+    """
+    if experts.base is None:
+        raise CurvlensError("gram_matrices needs a base model (task vectors are theta_i - theta_0)")
+    if not experts.has_moments:
+        lacking = [e.name for e in experts.experts if e.moments is None]
+        raise CurvlensError(f"gram_matrices needs second moments; expert(s) {lacking} have none")
+    k = len(experts)
+    total = torch.zeros(k, k, k, dtype=torch.float64)
+    for g in experts.iter_tensors(device=resolve_device(device), progress=progress, desc="gram matrices"):
+        if g.moments is None or not g.experts[0].is_floating_point():
+            continue
+        total += tensor_grams(g.moments, g.task_vectors)
+    return total.numpy()
+
+
+@dataclass
+class FrontResult:
+    """A predicted Pareto front over task-arithmetic coefficients, and its checks.
+
+    Attributes
+    ----------
+    predictor : {"surrogate", "curvature"}
+    experts : list of str
+        The coefficients' experts; coefficient columns are ``c_<expert>``.
+    objectives : list of str
+        The predicted objective columns of ``dense`` (``pred_<metric>``, higher is
+        better, for the surrogate; ``loss_<expert>``, lower is better, for the
+        curvature prediction).
+    dense : pandas.DataFrame
+        The dense sample of c: ``source`` (``"random"`` in the box, or
+        ``"scalarized"``: the minimiser of a weighted sum of the objectives,
+        clipped to the box), coefficient columns, objective columns, ``on_front``.
+    evaluated : pandas.DataFrame
+        Every evaluated c: ``role`` (``"sample"``: fitted or rank-checked,
+        ``"check"``: a point of the predicted front), ``label``, ``status``,
+        ``error``, coefficient columns, measured metric columns, the predicted
+        objective columns at that c, ``measured_front`` (non-dominated among the
+        evaluated points on the measured metrics) and ``predicted_front``.
+    agreement : pandas.DataFrame
+        One row per objective: the metric it is compared with, ``n``,
+        ``spearman`` (predicted against measured, over the evaluated points; the
+        curvature losses enter negated), and for the surrogate ``mae`` on the
+        checks. Empty without evaluations.
+    summary : dict
+        ``front_distance`` (mean nearest-neighbour distance in coefficient space
+        between the predicted front and the measured non-dominated points),
+        ``n_evaluations``, ``n_front``, ``front_share``.
+    grams : numpy.ndarray or None
+        The curvature predictor's Gram matrices.
+    surrogates : dict or None
+        Metric -> least-squares weights of :func:`~curvlens.math.fronts.quadratic_features`.
+    sweeps : pandas.DataFrame
+        Every underlying :func:`sweep` row.
+    """
+
+    predictor: str
+    experts: list
+    objectives: list
+    dense: pd.DataFrame
+    evaluated: pd.DataFrame
+    agreement: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+    grams: np.ndarray | None = None
+    surrogates: dict | None = None
+    sweeps: pd.DataFrame | None = None
+
+    @property
+    def coefficient_columns(self) -> list[str]:
+        return [f"c_{n}" for n in self.experts]
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """The dense sample's non-dominated rows."""
+        return self.dense[self.dense["on_front"]]
+
+    def __repr__(self) -> str:
+        return (f"FrontResult(predictor={self.predictor!r}, experts={self.experts}, "
+                f"front={int(self.dense['on_front'].sum())} of {len(self.dense)} sampled c, "
+                f"evaluations={len(self.evaluated)})")
+
+
+def _spread(points: np.ndarray, n: int, avoid: np.ndarray | None = None) -> list[int]:
+    """Indices of ``n`` rows of ``points`` spread out by farthest-point sampling:
+    each next row is the one farthest from those chosen and from ``avoid`` (the c
+    already evaluated); without ``avoid`` it starts nearest the centroid.
+    Deterministic."""
+    if n <= 0 or not len(points):
+        return []
+    if avoid is not None and len(avoid):
+        dist = ((points[:, None, :] - avoid[None, :, :]) ** 2).sum(-1).min(1)
+        chosen = []
+    else:
+        first = int(np.argmin(((points - points.mean(0)) ** 2).sum(1)))
+        chosen = [first]
+        dist = ((points - points[first]) ** 2).sum(1)
+    while len(chosen) < min(n, len(points)):
+        nxt = int(np.argmax(dist))
+        if dist[nxt] == 0:
+            break
+        chosen.append(nxt)
+        dist = np.minimum(dist, ((points - points[nxt]) ** 2).sum(1))
+    return chosen
+
+
+def _jobs(coefs: np.ndarray, names: Sequence[str], role: str) -> list[dict]:
+    return [{"method": "task_arithmetic", "weight": [float(x) for x in c],
+             "label": f"{role} c=[" + ", ".join(f"{x:.3f}" for x in c) + "]"} for c in coefs]
+
+
+def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]] | None = None, *,
+                 predictor: str | None = None, capabilities: Mapping[str, str] | None = None,
+                 metrics: Sequence[str] | None = None, n_samples: int | None = None, n_checks: int | None = None,
+                 n_dense: int = 2000, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+                 grams=None, client=None, n_workers: int = 2, work_dir=None, device="auto",
+                 progress: bool = True, **merge_kwargs) -> FrontResult:
+    """The predicted Pareto front of task-arithmetic merges θ₀ + Σⱼ cⱼ τⱼ over c.
+
+    Parameters
+    ----------
+    experts : Experts
+        Base and experts (and moments, for the curvature predictor).
+    evaluate : callable, optional
+        ``evaluate(model_dir) -> {metric: float}``, higher is better. Without it
+        the front is the curvature-predicted one, with no evaluation at all.
+    predictor : {"surrogate", "curvature"}, optional
+        Default ``"surrogate"`` (MAP) with ``evaluate``, else ``"curvature"``.
+    capabilities : mapping, optional
+        Expert -> the metric that measures its capability (``zoo.capabilities``);
+        pairs each curvature loss with a measured metric. Default: the metric of
+        the expert's own name, when the evaluator has one.
+    metrics : list of str, optional
+        The evaluator's metrics the surrogate fits (default all but the
+        ``<m>_stderr`` standard errors).
+    n_samples : int, optional
+        Evaluated c: the surrogate's fitting set (default twice the quadratic's
+        ``1 + k + k(k+1)/2`` weights), or the curvature predictor's rank check
+        (default 8 when ``evaluate`` is given). The experts alone (unit c) come
+        first when the bounds contain them.
+    n_checks : int, optional
+        Points of the predicted front evaluated afterwards (default 4 with
+        ``evaluate``), spread out over the front and away from the c already
+        evaluated (farthest-point sampling).
+    n_dense : int
+        Size of the dense sample of c the front is read from: ``n_dense`` random
+        points in the box plus ``n_dense`` minimisers of weighted sums of the
+        predicted objectives (weights spread over the simplex), which lie on the
+        front itself where the objectives are convex.
+    bounds : (low, high)
+        The box each coefficient is sampled in.
+    grams : array (k, k, k), optional
+        The curvature predictor's :func:`gram_matrices` of these experts, when
+        already computed (e.g. ``result.grams`` of an earlier call): no pass then.
+    client, n_workers, work_dir, **merge_kwargs
+        As :func:`curvlens.studies.sweep.sweep` (every evaluation is a sweep job).
+
+    Returns
+    -------
+    FrontResult
+    """
+    names = experts.names
+    k = len(names)
+    if predictor is None:
+        predictor = "surrogate" if evaluate is not None else "curvature"
+    if predictor not in PREDICTORS:
+        raise CurvlensError(f"predictor must be one of {PREDICTORS}; got {predictor!r}")
+    if predictor == "surrogate" and evaluate is None:
+        raise CurvlensError("the surrogate (MAP) predictor needs evaluate")
+    if experts.base is None:
+        raise CurvlensError("pareto_front needs a base model: theta(c) = theta_0 + sum_j c_j tau_j")
+    low, high = (float(b) for b in bounds)
+    n_feat = quadratic_features(np.zeros((1, k))).shape[1]
+    if n_samples is None:
+        n_samples = 2 * n_feat if predictor == "surrogate" else (8 if evaluate is not None else 0)
+    if n_checks is None:
+        n_checks = 4 if evaluate is not None else 0
+    if evaluate is None and (n_samples or n_checks):
+        raise CurvlensError("n_samples / n_checks evaluate merges: pass evaluate")
+    if grams is not None and predictor != "curvature":
+        raise CurvlensError("grams are the curvature predictor's; pass predictor='curvature'")
+    if predictor == "surrogate" and n_samples < 2:
+        raise CurvlensError(f"the surrogate needs n_samples >= 2 evaluations; got {n_samples}")
+    coef_cols = [f"c_{n}" for n in names]
+    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, device=device, **merge_kwargs)
+    own = client == "local"
+    if own:  # one cluster for both rounds
+        from curvlens.studies.sweep import local_client
+
+        kw["client"] = local_client(n_workers)
+    try:
+        dense_c = sample_coefficients(n_dense, k, low, high, seed=seed + 1)
+        sweeps = []
+        surrogates = None
+        sampled = None
+        if predictor == "curvature":
+            if grams is None:
+                grams = gram_matrices(experts, device=device, progress=progress)
+            grams = np.asarray(grams, dtype=np.float64)
+            if grams.shape != (k, k, k):
+                raise CurvlensError(f"grams must have shape {(k, k, k)} for {k} experts; got {grams.shape}")
+            objectives = [f"loss_{n}" for n in names]
+
+            predict = _Predict(grams=grams)
+            sense_max = False
+            hessians, linears = grams, -np.stack([grams[i] @ np.eye(k)[i] for i in range(k)])
+        if n_samples:
+            c = sample_coefficients(n_samples, k, low, high, seed=seed)
+            df = sweep(experts, _jobs(c, names, "sample"), evaluate, **kw)
+            sweeps.append(df.assign(role="sample"))
+            sampled = _measured(df, c, coef_cols, "sample")
+        if predictor == "surrogate":
+            ok = sampled[sampled["status"] == "ok"]
+            if metrics is None:
+                metrics = score_metrics(m for m in sampled.columns
+                                        if m not in ("job", "label", "status", "role", "error", *coef_cols))
+            missing = [m for m in metrics if m not in ok.columns]
+            if missing or len(ok) < 2:
+                raise CurvlensError(f"the surrogate has {len(ok)} successful evaluations"
+                                    + (f" and lacks metrics {missing}" if missing else "") + "; errors: "
+                                    + "; ".join(sampled["error"].dropna().unique()[:3]))
+            surrogates = {m: fit_quadratic(ok[coef_cols].to_numpy(), ok[m].to_numpy()) for m in metrics}
+            objectives = [f"pred_{m}" for m in metrics]
+
+            predict = _Predict(surrogates=[surrogates[m] for m in metrics])
+            sense_max = True
+            parts_ = [quadratic_parts(surrogates[m], k) for m in metrics]   # minimise -score
+            hessians, linears = -np.stack([h for _, _, h in parts_]), -np.stack([b for _, b, _ in parts_])
+        # the weighted-sum minimisers lie on the front (exactly, for convex objectives):
+        # with them the front read from the sample is sharp, not a cloud near it
+        scal = scalarized_minimisers(hessians, linears, simplex_weights(n_dense, len(objectives), seed + 2),
+                                     low, high)
+        dense_c = np.concatenate([dense_c, scal])
+        pred = predict(dense_c)
+        dense = pd.DataFrame(dense_c, columns=coef_cols)
+        dense.insert(0, "source", ["random"] * n_dense + ["scalarized"] * len(scal))
+        for j, o in enumerate(objectives):
+            dense[o] = pred[:, j]
+        dense["on_front"] = non_dominated(pred, maximize=sense_max)
+        parts = [sampled] if sampled is not None else []
+        if n_checks:
+            front_c = dense_c[dense["on_front"].to_numpy()]
+            done = sampled[coef_cols].to_numpy(dtype=float) if sampled is not None else None
+            picks = front_c[_spread(front_c, n_checks, done)]  # away from what was evaluated
+            df = sweep(experts, _jobs(picks, names, "check"), evaluate, **kw)
+            sweeps.append(df.assign(role="check"))
+            parts.append(_measured(df, picks, coef_cols, "check"))
+    finally:
+        if own:
+            cluster = kw["client"].cluster
+            kw["client"].close()
+            cluster.close()
+    evaluated = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["role", "label", "status"])
+    if len(evaluated):
+        p = predict(evaluated[coef_cols].to_numpy(dtype=float))
+        for j, o in enumerate(objectives):
+            evaluated[o] = p[:, j]
+    pairs = _pairs(predictor, names, objectives, metrics, capabilities, evaluated)
+    agreement, summary = _agreement(evaluated, pairs, predictor, coef_cols, dense, sense_max)
+    return FrontResult(predictor, list(names), objectives, dense, evaluated, agreement, summary, grams, surrogates,
+                       pd.concat(sweeps, ignore_index=True) if sweeps else None)
+
+
+@dataclass
+class _Predict:
+    """The predicted objectives at coefficients c: curvature losses or surrogate scores."""
+
+    grams: np.ndarray | None = None
+    surrogates: list | None = None
+
+    def __call__(self, c) -> np.ndarray:
+        if self.grams is not None:
+            return quadratic_losses(self.grams, c)
+        return np.stack([predict_quadratic(w, c) for w in self.surrogates], axis=1)
+
+
+def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str) -> pd.DataFrame:
+    wide = wide_scores(df)
+    errors = df.drop_duplicates("job").set_index("job")["error"]
+    wide.insert(0, "role", role)
+    wide.insert(3, "error", wide["job"].map(errors))
+    c = pd.DataFrame(coefs[wide["job"].to_numpy()], columns=coef_cols)
+    return pd.concat([wide.drop(columns="job").reset_index(drop=True), c], axis=1)
+
+
+def _pairs(predictor, names, objectives, metrics, capabilities, evaluated) -> list[tuple[str, str]]:
+    """(predicted objective, measured metric) pairs to compare."""
+    if not len(evaluated):
+        return []
+    if predictor == "surrogate":
+        return [(o, m) for o, m in zip(objectives, metrics)]
+    caps = dict(capabilities) if capabilities is not None else {n: n for n in names}
+    unknown = [n for n in caps if n not in names]
+    if unknown:
+        raise CurvlensError(f"capabilities names experts {unknown}; the experts are {names}")
+    return [(f"loss_{n}", caps[n]) for n in names if n in caps and caps[n] in evaluated.columns]
+
+
+def _agreement(evaluated, pairs, predictor, coef_cols, dense, sense_max):
+    cols = ["objective", "metric", "n", "spearman", "mae"]
+    summary = {"n_evaluations": int(len(evaluated)), "n_front": int(dense["on_front"].sum()),
+               "front_share": float(dense["on_front"].mean())}
+    if not len(evaluated) or not pairs:
+        summary["front_distance"] = float("nan")
+        return pd.DataFrame(columns=cols), summary
+    ok = evaluated[evaluated["status"] == "ok"]
+    rows = []
+    for o, m in pairs:
+        x = ok[o].astype(float) * (1.0 if sense_max else -1.0)
+        y = ok[m].astype(float)
+        good = np.isfinite(x) & np.isfinite(y)
+        rho = float(x[good].corr(y[good], method="spearman")) if good.sum() >= 3 else float("nan")
+        chk = ok[(ok["role"] == "check") & good]
+        mae = float((chk[o] - chk[m]).abs().mean()) if predictor == "surrogate" and len(chk) else float("nan")
+        rows.append({"objective": o, "metric": m, "n": int(good.sum()), "spearman": rho, "mae": mae})
+    measured = ok[[m for _, m in pairs]].to_numpy(dtype=float)
+    fin = np.isfinite(measured).all(1)
+    evaluated["measured_front"] = False
+    evaluated["predicted_front"] = False
+    if fin.any():
+        idx = ok.index[fin]
+        evaluated.loc[idx, "measured_front"] = non_dominated(measured[fin], maximize=True)
+        predicted = ok.loc[idx, [o for o, _ in pairs]].to_numpy(dtype=float)
+        evaluated.loc[idx, "predicted_front"] = non_dominated(predicted, maximize=sense_max)
+        mf = evaluated.loc[evaluated["measured_front"], coef_cols].to_numpy(dtype=float)
+        summary["front_distance"] = front_distance(dense.loc[dense["on_front"], coef_cols].to_numpy(), mf)
+        both = (evaluated["measured_front"] & evaluated["predicted_front"]).sum()
+        either = (evaluated["measured_front"] | evaluated["predicted_front"]).sum()
+        summary["front_jaccard"] = float(both / either) if either else float("nan")
+    else:
+        summary["front_distance"] = float("nan")
+    return pd.DataFrame(rows, columns=cols), summary
