@@ -74,6 +74,12 @@ def quick_zoo(tmp_path_factory):
     return zoo.build("quick", cache_dir=cache, progress=False)
 
 
+def pytest_runtest_setup(item):
+    # one rule for every CUDA test: marked `cuda`, skipped (with the reason) without a device
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (benchmarks/gpu_check.py runs these on a GPU machine)")
+
+
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield

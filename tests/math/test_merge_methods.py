@@ -676,7 +676,7 @@ def test_ota_zero_d_tensor():
     torch.testing.assert_close(out, torch.tensor(2.5))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(mm_registry._REGISTRY))
 def test_cuda_matches_cpu(name):
     base, experts, moments = _ota_inputs()
