@@ -9,6 +9,7 @@ reads that declaration, never a method's name.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.math.checks import weight_problems
 from curvlens.roles import param_role
 from curvlens.streams.merge_tokenizer import tokenizer_files
+from curvlens.streams.preflight import level_warning, preflight, untrained_names
 from curvlens.tensor_filter import TensorFilter, tensor_actions
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -227,6 +229,10 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     if m.needs_moments and not experts.has_moments:
         lacking = [e.name for e in experts.experts if e.moments is None]
         raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")
+    if m.needs_moments:  # experts trained differently: say so before their levels decide the merge
+        warn = level_warning(preflight(experts), m, p)
+        if warn:
+            warnings.warn(warn, stacklevel=3)
     out_dtype = parse_dtype(dtype)
     in_dtype = parse_dtype(input_dtype)
     dev = resolve_device(device)
@@ -349,6 +355,9 @@ def _plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
     for n in excluded:
         if actions[n] == "merge":
             actions[n] = "excluded"
+    for n in untrained_names(experts) if experts.base is not None else ():
+        if actions.get(n) == "merge":  # a buffer no optimizer trained: the base's
+            actions[n] = "base"
     not_merged = [n for n, a in actions.items() if a != "merge" and n not in excluded]
     if not any(a == "merge" for a in actions.values()):
         raise CurvlensError("tensors: the rules leave no tensor to merge")
