@@ -13,7 +13,8 @@ Everything a notebook needs is here, flat::
 =====================  ==========================================================
 open and line up       :class:`Checkpoint`, :class:`Moments`, :class:`Experts`,
                        :func:`export_moments`, :func:`estimate_fisher` (a data Fisher
-                       in the moments layout)
+                       in the moments layout), :func:`inspect` (what dirs hold, headers only),
+                       :func:`preflight` (each expert's moments source and level)
 merge                  :func:`merge`, :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`,
                        :func:`sparse_soup` / :func:`sparsity_check` (sparse experts keep their mask)
 curvature              :func:`curvature_stats`, :func:`curvature_overlap`, :func:`moment_levels`,
@@ -44,6 +45,7 @@ import importlib
 
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
+from curvlens.io.inspection import inspect
 from curvlens.math.methods import list_methods, method_params
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
@@ -75,6 +77,7 @@ from curvlens.streams.findings import findings
 from curvlens.streams.fronts import FrontResult, gram_matrices, pareto_front
 from curvlens.streams.soup import SoupResult, greedy_soup
 from curvlens.streams.sweep import sweep, sweep_grid
+from curvlens.streams.preflight import preflight
 from curvlens.streams.prediction import merge_retention, prediction_agreement, prediction_study
 from curvlens.streams.regime import edit_norms, regime_table, relative_edit
 from curvlens.tensor_filter import TensorFilter
@@ -85,10 +88,10 @@ __all__ = [
     "Checkpoint", "CurvlensError", "Expert", "Experts", "FrontResult", "MergeResult", "Moments", "ROLES",
     "SoupResult", "SparseSoupResult", "TensorFilter", "gram_matrices", "greedy_soup", "pareto_front", "sweep", "sweep_grid",
     "aggregate", "compare_merges", "edit_norms", "estimate_fisher", "fisher_vs_adam", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
-    "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
+    "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "inspect", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",
-    "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "views",
+    "prediction_agreement", "prediction_study", "preflight", "set_threads", "sparse_soup", "sparsity_check", "views",
     "write_model", "zoo", "__version__",
 ]
 
