@@ -29,7 +29,7 @@ LEVEL_ENTRIES = 1 << 24
 
 PREFLIGHT_COLUMNS = ["expert", "moments_format", "moments_file", "names_from", "moment_dtypes", "step", "beta1",
                      "beta2", "bias_factor", "bias_corrected", "v_level", "level_ratio", "level_entries",
-                     "untrained", "never_updated"]
+                     "relative_edit", "edit_ratio", "untrained", "never_updated"]
 
 
 def level_names(experts, max_entries: int = LEVEL_ENTRIES) -> list[str]:
@@ -87,14 +87,20 @@ def preflight(experts, *, max_entries: int = LEVEL_ENTRIES) -> pd.DataFrame:
         (``1 / (1 - beta2**step)``, what ``bias_correction`` multiplies by),
         ``bias_corrected, v_level`` (mean v as the merge reads it),
         ``level_ratio`` (over the smallest expert's), ``level_entries``,
-        ``untrained`` (saved tensors without optimizer state), ``never_updated``.
-        Experts without moments get a row with the moment columns empty.
+        ``relative_edit`` (``||theta_i - theta_0|| / ||theta_0||`` on the same
+        tensors, with a base), ``edit_ratio`` (over the smallest), ``untrained``
+        (saved tensors without optimizer state), ``never_updated``. Experts
+        without moments get a row with the moment columns empty.
     """
-    names = level_names(experts, max_entries) if experts.has_moments else []
+    names = level_names(experts, max_entries)
+    base_sq = sum(float(experts.base[n].double().pow(2).sum()) for n in names) if experts.base is not None else 0.0
     rows = []
     for e in experts.experts:
         m = e.moments
         row = {"expert": e.name}
+        if base_sq > 0:  # ||theta_i - theta_0|| / ||theta_0|| on the same tensors
+            edit = sum(float((e.checkpoint[n].double() - experts.base[n].double()).pow(2).sum()) for n in names)
+            row["relative_edit"] = math.sqrt(edit / base_sq)
         if m is not None:
             src = m.source
             betas = src.betas or (None, m.beta2)
@@ -111,8 +117,9 @@ def preflight(experts, *, max_entries: int = LEVEL_ENTRIES) -> pd.DataFrame:
             row["bias_factor"] = bias_factor(row["beta2"], m.step)
         rows.append(row)
     df = pd.DataFrame(rows, columns=PREFLIGHT_COLUMNS)
-    level = pd.to_numeric(df["v_level"], errors="coerce")
-    df["level_ratio"] = level / level.min() if level.notna().any() and level.min() > 0 else math.nan
+    for col, ratio in (("v_level", "level_ratio"), ("relative_edit", "edit_ratio")):
+        x = pd.to_numeric(df[col], errors="coerce")
+        df[ratio] = x / x.min() if x.notna().any() and x.min() > 0 else math.nan
     df["step"] = df["step"].astype("Int64")
     return df
 
@@ -174,10 +181,18 @@ def level_warning(frame: pd.DataFrame, method=None, params: dict | None = None) 
         fixes.append("bias_correction=True (Experts.from_dirs / Moments.open; divides v by 1 - beta2**step)")
     who = method.name if method is not None else "a curvature-weighted merge (" + ", ".join(
         m for m in list_methods()["method"] if get_method(m).needs_moments) + ")"
+    edits = ""
+    big = frame.dropna(subset=["relative_edit"]) if "relative_edit" in frame else frame.iloc[:0]
+    if len(big) >= 2 and big["relative_edit"].min() > 0:
+        e_hi, e_lo = big.loc[big["relative_edit"].idxmax()], big.loc[big["relative_edit"].idxmin()]
+        if e_hi["relative_edit"] / e_lo["relative_edit"] > LEVEL_RATIO:
+            edits = (f" Their edits also differ in size by {e_hi.relative_edit / e_lo.relative_edit:.1f}x (relative "
+                     f"edit {e_hi.relative_edit:.3g} for {e_hi.expert!r}, {e_lo.relative_edit:.3g} for "
+                     f"{e_lo.expert!r}): no weighting of the moments makes up for that.")
     return (f"{who}: the experts' second moments differ in level by {ratio:.1f}x (expert {hi.expert!r} "
             f"mean v {hi.v_level:.3g}, expert {lo.expert!r} {lo.v_level:.3g}; {steps}): the curvature weights "
             f"will follow the level, not the shape, and {hi.expert!r}'s edit will dominate. Consider "
-            + " or ".join(fixes) + "; curvlens.preflight(experts) shows the levels")
+            + " or ".join(fixes) + "; curvlens.preflight(experts) shows the levels." + edits)
 
 
 def untrained_names(experts) -> list[str]:
@@ -206,6 +221,6 @@ def preflight_html(experts) -> str:
 def preflight_text(frame: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
     """The preflight frame as plain text for a terminal."""
     cols = list(columns or ["expert", "moments_format", "names_from", "step", "beta2", "bias_factor",
-                            "bias_corrected", "v_level", "level_ratio", "untrained"])
+                            "bias_corrected", "v_level", "level_ratio", "relative_edit", "untrained"])
     with pd.option_context("display.max_colwidth", 70, "display.width", 250):
         return frame[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")
