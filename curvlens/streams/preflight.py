@@ -130,7 +130,7 @@ def bias_factor(beta2: float | None, step: int | None) -> float:
     Examples
     --------
     >>> round(bias_factor(0.999, 150), 2), round(bias_factor(0.999, 60), 2)
-    (7.18, 17.17)
+    (7.18, 17.16)
     """
     if beta2 is None or step is None or step < 1 or not 0 <= beta2 < 1:
         return math.nan
