@@ -250,13 +250,13 @@ class Moments(Mapping):
             return v.float() / (1.0 - beta2 ** steps[n]) if uneven and steps.get(n) else v
 
         shapes = {**{k: v.shape for k, v in tensors.items()}, **{k: torch.Size(v) for k, v in never.items()}}
-        untrained: tuple = ()
+        untrained, never_names = (), tuple(never)
         if found is not None and found.layout is not None:  # names in memory -> the saved ones
-            shapes, read, untrained, never = found.layout.saved_moments(read, shapes, never, found.saved, label)
+            shapes, read, untrained, never_names = found.layout.saved_moments(read, shapes, never, found.saved, label)
             warn_untrained(label, untrained)
         m = cls(shapes, read, label=label, step=step, beta2=beta2, bias_correction=bias_correction and not uneven,
                 path=file)
-        m.never_updated, m.untrained, m.bias_corrected = tuple(never), untrained, bool(bias_correction)
+        m.never_updated, m.untrained, m.bias_corrected = never_names, untrained, bool(bias_correction)
         m.source = MomentsSource("torch.optim state dict" + (f" ({file.name})" if file is not None else ""), file,
                                  found.order if found is not None else "state keyed by parameter name",
                                  dtype_names(v.dtype for v in tensors.values()), group_betas(groups))

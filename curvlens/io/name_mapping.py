@@ -142,6 +142,23 @@ class SavedLayout:
         never_saved = tuple(k for k in shapes if set(self.sources[self.aliases.get(k, k)]) <= never)
         return {**shapes, **untrained}, reader, tuple(untrained), never_saved
 
+    def renamed(self, rename: Callable[[str], str], label: str) -> SavedLayout | None:
+        """The same layout with every saved name passed through ``rename`` (None
+        when two names would become one)."""
+        names = [*self.shapes, *self.buffers, *self.aliases]
+        if len({rename(n) for n in names}) != len(set(names)):
+            return None
+        inner = self.split
+
+        def split(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = inner(tensors) if inner is not None else tensors
+            return {rename(k): v for k, v in out.items()}
+
+        return SavedLayout(label, {rename(k): v for k, v in self.sources.items()},
+                           {rename(k): v for k, v in self.shapes.items()},
+                           {rename(k): v for k, v in self.buffers.items()},
+                           {rename(k): rename(v) for k, v in self.aliases.items()}, split)
+
     def reader(self, read: Callable[[str], torch.Tensor], label: str) -> Callable[[str], torch.Tensor]:
         """A reader of saved names over ``read`` (in-memory name -> moment).
 
@@ -204,7 +221,9 @@ def saved_layouts(model: torch.nn.Module) -> tuple[list[SavedLayout], list[str]]
     layouts : list of SavedLayout
         First the names as in memory; then, when transformers' conversion
         mapping changes any name for this model, the layout ``save_pretrained``
-        writes through it.
+        writes through it; then each of those with transformers' legacy names
+        (``LayerNorm.gamma``, ``weight_g``), which ``save_pretrained`` writes back
+        for a model loaded from a checkpoint that had them.
     notes : list of str
         Why the conversion layout is not offered (an operation that does more
         than move entries, a transformers without conversion mappings).
@@ -224,7 +243,29 @@ def saved_layouts(model: torch.nn.Module) -> tuple[list[SavedLayout], list[str]]
                            buffers, aliases)
     notes: list[str] = []
     converted = _conversion_layout(model, params, buffers, aliases, notes)
-    return [identity] + ([converted] if converted is not None else []), notes
+    layouts = [identity] + ([converted] if converted is not None else [])
+    return layouts + _legacy_layouts(layouts), notes
+
+
+def _legacy_layouts(layouts: list[SavedLayout]) -> list[SavedLayout]:
+    """Each layout with transformers' legacy renamings reverted, where they change a name."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return []
+    legacy = [c.reverse_transform() for c in (get_checkpoint_conversion_mapping("legacy") or [])[::-1]]
+    renamings = [c for c in legacy if isinstance(c, WeightRenaming)]
+    out = []
+
+    def rename(name: str) -> str:
+        return apply_renamings(name, renamings)
+
+    for layout in layouts:
+        new = layout.renamed(rename, f"{layout.label}, with transformers' legacy names")
+        if new is not None and (set(new.shapes) != set(layout.shapes) or set(new.buffers) != set(layout.buffers)):
+            out.append(new)
+    return out
 
 
 def _conversion_layout(model, params, buffers, aliases, notes: list[str]) -> SavedLayout | None:

@@ -67,14 +67,20 @@ def test_layouts_split_group_by_group_as_transformers_splits_the_whole_model(fam
     g = torch.Generator().manual_seed(0)
     tensors = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
     whole = revert_weight_conversion(model, dict(tensors))
-    for layout in layouts[1:]:
+    converted = [lay for lay in layouts if "conversion mapping" in lay.label and "legacy" not in lay.label]
+    for layout in converted:
         assert layout.renames
         read = layout.reader(tensors.__getitem__, fam)
         assert set(layout.shapes) <= set(whole)
         for name in sorted(layout.shapes):  # the order a safetensors file lists them
             assert torch.equal(read(name), whole[name]), (fam, name)
     # a family with a conversion layout is exactly one whose saved names differ
-    assert (len(layouts) > 1) == (set(whole) != set(tensors)), fam
+    assert len(converted) == (set(whole) != set(tensors)), fam
+    # the legacy variants rename without moving any entry
+    for layout in layouts:
+        if "legacy" in layout.label:
+            read = layout.reader(tensors.__getitem__, fam)
+            assert all(read(n).shape == layout.shapes[n] for n in layout.shapes)
 
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
@@ -112,6 +118,54 @@ def test_a_fused_moment_is_split_as_the_weights_in_one_optimizer_step(tmp_path):
     for n, v in saved.items():
         assert torch.equal(m[n], v), n
     m.validate(tmp_path)
+
+
+LEGACY = {
+    "bert": (lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=64)),
+        [("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta")],
+        lambda m: {"input_ids": torch.randint(3, 64, (2, 8)), "labels": torch.tensor([0, 1])}),
+    "wav2vec2": (lambda: transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, conv_dim=(8, 8),
+        conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        vocab_size=16, pad_token_id=0)),
+        [("parametrizations.weight.original0", "weight_g"), ("parametrizations.weight.original1", "weight_v")],
+        lambda m: {"input_values": torch.randn(2, 400), "labels": torch.randint(3, 16, (2, 4))}),
+}
+
+
+@pytest.mark.parametrize("fam", list(LEGACY))
+def test_a_model_loaded_from_legacy_names_saves_them_back_and_opens(tmp_path, fam):
+    """A transformers 4 checkpoint (``LayerNorm.gamma``, weight-norm ``weight_g``)
+    loaded, fine-tuned and saved by transformers 5 keeps its old names."""
+    from safetensors.torch import load_file, save_file
+
+    build, renames, batch = LEGACY[fam]
+    torch.manual_seed(0)
+    build().save_pretrained(tmp_path / "v4")
+    old = {}
+    for k, v in load_file(str(tmp_path / "v4" / "model.safetensors")).items():
+        for new, legacy in renames:
+            k = k.replace(new, legacy)
+        old[k] = v
+    save_file(old, str(tmp_path / "v4" / "model.safetensors"), metadata={"format": "pt"})
+    model = type(build()).from_pretrained(tmp_path / "v4")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**batch(model)).loss.backward()
+    opt.step()
+    model.save_pretrained(tmp_path / "ft")
+    torch.save(opt.state_dict(), tmp_path / "ft" / "optimizer.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Wav2Vec2's masked_spec_embed gets no gradient: never updated
+        m = Moments.open(tmp_path / "ft")
+    assert "legacy names" in m.source.names and any(legacy in n for n in m for _, legacy in renames)
+    live = {n: opt.state[p]["exp_avg_sq"] for n, p in model.named_parameters() if p in opt.state}
+    want = revert_weight_conversion(model, live)
+    assert sorted(m) == sorted([*want, *m.never_updated])
+    for n, v in want.items():
+        assert torch.equal(m[n], v), n
+    assert all(not m[n].any() for n in m.never_updated)
+    m.validate(tmp_path / "ft")
 
 
 def test_no_layout_that_checks_out_is_refused_naming_every_layout_tried(tmp_path):
