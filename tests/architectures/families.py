@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MANIFEST = "families.json"
 LIVE = "live_exp_avg_sq.safetensors"
 LIVE_SAVED = "live_exp_avg_sq_saved.safetensors"
@@ -42,16 +42,16 @@ T = 8   # sequence length
 THREADS = int(os.environ.get("CURVLENS_REAL_THREADS", "1"))
 
 _TEXT = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_LM = dict(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+_LM = dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
            max_position_embeddings=32, **_TEXT)
-_ENC = dict(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+_ENC = dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
             max_position_embeddings=32, **_TEXT)
 _S2S = dict(encoder_layers=1, decoder_layers=1, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32,
             encoder_attention_heads=2, decoder_attention_heads=2, max_position_embeddings=32,
             decoder_start_token_id=1, forced_eos_token_id=2, **_TEXT)
 _CONV = dict(conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=8,
              num_conv_pos_embedding_groups=2, vocab_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-             num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+             num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("decoder-only", "GPT2Config", "GPT2LMHeadModel", "causal",
-                   dict(n_layer=2, n_embd=16, n_head=2, n_positions=32, **_TEXT),
+                   dict(n_layer=1, n_embd=16, n_head=2, n_positions=32, **_TEXT),
                    "tied embeddings; Conv1D weights stored transposed"),
     "gemma": Family("decoder-only", "GemmaConfig", "GemmaForCausalLM", "causal",
                     dict(_LM, num_key_value_heads=1, head_dim=8), "tied embeddings"),
@@ -91,7 +91,7 @@ FAMILIES: dict[str, Family] = {
     "roberta": Family("encoder-only", "RobertaConfig", "RobertaForMaskedLM", "mlm",
                       dict(_ENC, max_position_embeddings=40), "tied lm_head.decoder"),
     "distilbert": Family("encoder-only", "DistilBertConfig", "DistilBertForSequenceClassification", "seqcls",
-                         dict(n_layers=2, dim=16, hidden_dim=32, n_heads=2, max_position_embeddings=32,
+                         dict(n_layers=1, dim=16, hidden_dim=32, n_heads=2, max_position_embeddings=32,
                               vocab_size=V, pad_token_id=0)),
     "deberta-v2": Family("encoder-only", "DebertaV2Config", "DebertaV2ForSequenceClassification", "seqcls",
                          dict(_ENC, relative_attention=True, position_buckets=8, max_relative_positions=16,
@@ -99,7 +99,7 @@ FAMILIES: dict[str, Family] = {
     "electra": Family("encoder-only", "ElectraConfig", "ElectraForTokenClassification", "tokcls",
                       dict(_ENC, embedding_size=8), "embeddings projected to the hidden size"),
     "t5": Family("encoder-decoder", "T5Config", "T5ForConditionalGeneration", "seq2seq",
-                 dict(num_layers=2, num_decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8,
+                 dict(num_layers=1, num_decoder_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8,
                       decoder_start_token_id=0, vocab_size=V, pad_token_id=0, eos_token_id=2),
                  "tied shared/encoder/decoder embeddings; relative attention bias"),
     "bart": Family("encoder-decoder", "BartConfig", "BartForConditionalGeneration", "seq2seq", dict(_S2S),
@@ -108,7 +108,7 @@ FAMILIES: dict[str, Family] = {
                      dict(_S2S, decoder_start_token_id=0, decoder_vocab_size=V),
                      "final_logits_bias buffer; sinusoidal positions"),
     "vit": Family("vision", "ViTConfig", "ViTForImageClassification", "image",
-                  dict(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                  dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
                        image_size=16, patch_size=8, num_channels=3),
                   "in memory layers.N.q_proj, saved encoder.layer.N.attention.attention.query"),
     "swin": Family("vision", "SwinConfig", "SwinForImageClassification", "image",

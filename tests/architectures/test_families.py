@@ -74,10 +74,11 @@ def test_moments_equal_the_live_optimizers_bitwise_by_saved_name(families, fam):
         assert set(m.untrained) == set(floating) - set(live_saved)
         if m.untrained:
             assert any("no optimizer state" in w and m.untrained[0] in w for w in caught), caught
-        # where the names came from: the declared class's order in the Trainer's two groups,
-        # saved through transformers' conversion mapping exactly when the names differ
+        # where the names came from: the declared class's order (in the Trainer's two groups,
+        # where they differ from it), saved through transformers' conversion mapping exactly
+        # when the names differ
         src = m.source
-        assert src.names.startswith(f"{FAMILIES[fam].model} parameter order, HF Trainer decay/no-decay groups")
+        assert src.names.startswith(f"{FAMILIES[fam].model} parameter order")
         renamed = set(live) - set(live_saved)  # names save_pretrained changes
         assert ("conversion mapping" in src.names) == bool(renamed), src.names
         assert ("fused" in src.names) == any(live[n].dim() == 3 for n in renamed), src.names
