@@ -27,7 +27,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load, read_safetensor
-from curvlens.io.moments_source import MomentsSource, dtype_names, group_betas, warn_untrained
+from curvlens.io.moments_source import MomentsSource, dtype_names, group_betas, meta_betas, warn_untrained
 from curvlens.io.optimizer_order import name_index_state
 from curvlens.io.paths import contained
 
@@ -175,7 +175,7 @@ class Moments(Mapping):
                 bias_correction=bias_correction, path=file)
         m.metadata = dict(meta)
         m.source = MomentsSource("exported exp_avg_sq (safetensors)", file,
-                                 dtypes=dtype_names(i.dtype for i in infos.values()), betas=(None, beta2))
+                                 dtypes=dtype_names(i.dtype for i in infos.values()), betas=meta_betas(meta, beta2))
         return m
 
     @classmethod

@@ -7,6 +7,7 @@ facts, so a summary before a merge (:func:`curvlens.preflight`) and
 """
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,22 @@ def group_betas(groups: list) -> tuple | None:
     pairs = {tuple(g["betas"]) for g in groups
              if isinstance(g, dict) and isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2}
     return tuple(float(b) for b in pairs.pop()) if len(pairs) == 1 else None
+
+
+def meta_betas(meta: dict, beta2: float | None) -> tuple | None:
+    """``(beta1, beta2)`` from a safetensors file's metadata (``betas`` as a JSON
+    list, checked by the reader), beta1 None when only beta2 is recorded.
+
+    Examples
+    --------
+    >>> meta_betas({"betas": "[0.9, 0.999]"}, 0.999), meta_betas({}, 0.99), meta_betas({}, None)
+    ((0.9, 0.999), (None, 0.99), None)
+    """
+    try:
+        b1 = float(json.loads(meta["betas"])[0]) if "betas" in meta else None
+    except (ValueError, TypeError, IndexError, KeyError):
+        b1 = None
+    return None if b1 is None and beta2 is None else (b1, beta2)
 
 
 def warn_untrained(label: str, untrained: Sequence[str]) -> None:
