@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from curvlens.errors import CurvlensError
 from curvlens.math.methods import get_method, list_methods
 
 #: The level ratio (largest expert's mean v over the smallest's) above which a
@@ -211,7 +212,10 @@ def preflight_html(experts) -> str:
     head = f"<p><code>{html.escape(repr(experts))}</code></p>"
     if not experts.has_moments:
         return head
-    frame = preflight(experts)
+    try:
+        frame = preflight(experts)
+    except CurvlensError as err:  # a bad moment: say so where the table would be
+        return head + f"<p><b>preflight failed:</b> {html.escape(str(err))}</p>"
     warn = level_warning(frame)
     shown = frame.drop(columns=["moments_file"])
     note = f"<p><b>warning:</b> {html.escape(warn)}</p>" if warn else ""
