@@ -208,7 +208,9 @@ def _hf_no_decay(name: str) -> bool:
 
 def _order_problem(names, indices, state, shapes) -> str | None:
     if len(names) != len(indices):
-        return f"optimizer has {len(indices)} parameters, the model has {len(names)}"
+        frozen = (" (fewer: parameters frozen with requires_grad=False, e.g. by freeze_feature_encoder(), are in "
+                  "no optimizer; which ones is not recorded)") if len(indices) < len(names) else ""
+        return f"optimizer has {len(indices)} parameters, the model has {len(names)}{frozen}"
     for k, i in enumerate(indices):
         if shapes is not None and names[k] not in shapes:
             return f"parameter {i} -> {names[k]!r}, which the checkpoint lacks"

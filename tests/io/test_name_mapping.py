@@ -217,3 +217,21 @@ def test_architecture_orders_offer_the_conversion_layout_only_when_names_differ(
     assert arch.name == "MixtralForCausalLM" and [lay.label.split(" (")[0] for lay in arch.layouts] == [
         IDENTITY, "transformers conversion mapping of MixtralForCausalLM"]
     assert Checkpoint.open(tmp_path).keys() >= set(arch.layouts[1].shapes)
+
+
+def test_frozen_parameters_are_refused_with_the_reason(tmp_path):
+    """A speech fine-tune with its feature encoder frozen: the optimizer lacks those
+    parameters, and nothing records which; refused, never guessed."""
+    build, _, batch = LEGACY["wav2vec2"]
+    torch.manual_seed(0)
+    model = build()
+    model.freeze_feature_encoder()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(**batch(model)).loss.backward()
+    opt.step()
+    model.save_pretrained(tmp_path)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    with pytest.raises(CurvlensError, match=r"(?s)cannot map optimizer indices.*Wav2Vec2ForCTC parameter order: "
+                                            r"optimizer has \d+ parameters, the model has \d+ \(fewer: parameters "
+                                            r"frozen"):
+        Moments.open(tmp_path)
