@@ -1,4 +1,4 @@
-"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``eval``, ``figures``, ``methods``.
+"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``inspect``, ``eval``, ``figures``, ``methods``.
 
 Run as ``curvlens ...`` or ``python -m curvlens ...``.
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from curvlens.errors import CurvlensError
@@ -17,6 +18,7 @@ from curvlens.errors import CurvlensError
 def _cmd_merge(a: argparse.Namespace) -> int:
     from curvlens.config.merge import merge
     from curvlens.config.merge_config import load_merge_config
+    from curvlens.passes.preflight import preflight, preflight_text
 
     cfg = load_merge_config(a.config)
     if cfg.stack is not None:
@@ -26,11 +28,38 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     experts = cfg.experts()
     for note in cfg.notes:
         print(f"note: {note}")
-    result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
-                   **cfg.merge_kwargs(max_shard_size=a.max_shard_size))
+    if experts.has_moments:  # where each expert's moments come from, and their levels
+        print(preflight_text(preflight(experts)))
+    with warnings.catch_warnings():  # a warning is one line on stderr, as it happens
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
+                       **cfg.merge_kwargs(max_shard_size=a.max_shard_size))
     print(f"merged {len(experts)} experts with {cfg.method} -> {result.path}")
     print(result.summary().to_string())
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"curvlens: warning: {_one_line(str(message))}", file=sys.stderr)
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from curvlens.io.inspection import inspect
+
+    df = inspect(a.paths)
+    for row in df.to_dict("records"):
+        print(f"== {row.pop('path')}")
+        for key, value in row.items():
+            if value is not None and not (isinstance(value, float) and value != value) and value is not pd.NA:
+                print(f"  {key:<15} {value}")
+    # a path with neither weights nor moments is an input error
+    unreadable = df[df["tensors"].isna() & df["moments"].isna()]
+    for row in unreadable.itertuples():
+        print(f"curvlens: error: {row.path}: {_one_line(str(row.note))}", file=sys.stderr)
+    return 2 if len(unreadable) else 0
 
 
 def _cmd_methods(a: argparse.Namespace) -> int:
@@ -193,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "'role:lm_head' or 'name:EXACT' (e.g. each task's head)")
     an.add_argument("--overwrite", action="store_true")
     an.set_defaults(fn=_cmd_analyze)
+
+    ins = sub.add_parser("inspect", help="what model dirs, Trainer checkpoints and moments files hold (headers only)")
+    ins.add_argument("paths", nargs="+", type=Path, help="model dirs, checkpoint-N dirs, Trainer run dirs, files")
+    ins.set_defaults(fn=_cmd_inspect)
 
     nbk = sub.add_parser("notebooks", help="execute the notebooks (no widget hang) and write readable pages")
     nbk.add_argument("which", nargs="*", help="notebook numbers or stems, e.g. 06 (default: all)")

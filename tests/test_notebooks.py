@@ -144,6 +144,20 @@ def test_03_drops_the_false_random_mask_claim():
     assert "almost no empty rows" not in text
 
 
-FACT_CHECKS = {"06_teaching": check_06_teaching, "03_ffg_masks": check_03_ffg_masks,
+def check_07_your_checkpoints(f):
+    # a Trainer-trained MoE: the fused expert moments are split into the saved tensors
+    assert f["moe_fused_split"]
+    # experts trained differently: levels differ many times over, raw and bias-corrected,
+    # and the edits differ by more than 10x ...
+    assert f["level_ratio_raw"] > 3 and f["level_ratio_corrected"] > 3 and f["edit_ratio"] > 10
+    r = f["remedies"]
+    # ... the warning fires unless normalise: global divides the levels out ...
+    assert r["raw moments"]["level warning"] and r["bias_correction"]["level warning"]
+    assert not r["normalise: global"]["level warning"] and not r["both"]["level warning"]
+    # ... and no remedy gives the math expert's addition back
+    assert f["math_alone"] > 0.8 and all(row["addition"] < 0.5 * f["math_alone"] for row in r.values())
+
+
+FACT_CHECKS = {"07_your_checkpoints": check_07_your_checkpoints, "06_teaching": check_06_teaching, "03_ffg_masks": check_03_ffg_masks,
                "02_curvature_overlap": check_02_curvature_overlap, "05_merging": check_05_merging,
                "04_interference": check_04_interference, "01_quickstart": check_01_quickstart}

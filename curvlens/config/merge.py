@@ -10,6 +10,8 @@ files (:mod:`curvlens.config.tokenizer`), and hands the
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from curvlens.config.merge_config import merge_yaml
@@ -25,6 +27,7 @@ from curvlens.passes.merge import (
     MergeJob, OutputFiles, PerTensorParams, left_out_rows, plan_tensors, run_merge, taken_from,
 )
 from curvlens.passes.merge_result import MergeResult
+from curvlens.passes.preflight import level_warning, preflight
 from curvlens.runtime import resolve_device, use_threads
 
 __all__ = ["merge"]
@@ -119,6 +122,10 @@ def merge(
         if m.needs_moments and not experts.has_moments:
             lacking = [e.name for e in experts.experts if e.moments is None]
             raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")
+        if m.needs_moments:  # experts trained differently: say so before their levels decide the merge
+            warn = level_warning(preflight(experts), m, p)
+            if warn:
+                warnings.warn(warn, stacklevel=2)
         out_dtype, in_dtype = parse_dtype(dtype), parse_dtype(input_dtype)
         dev = resolve_device(device)
         per_tensor = PerTensorParams(m, params, p, tensor_params, len(experts))

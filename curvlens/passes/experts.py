@@ -21,6 +21,7 @@ from curvlens.io.moments import Moments
 from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
 from curvlens.runtime import progress_bar, resolve_device, threads_for, torch_threads
+from curvlens.passes.preflight import preflight_html
 from curvlens.tensor_filter import TensorFilter
 
 
@@ -285,6 +286,9 @@ class Experts:
         out = Experts(self.base, self.experts, exclude=self.exclude)
         out.round_to = dtype
         return out
+
+    def _repr_html_(self) -> str:
+        return preflight_html(self)  # the moments' sources and levels, before any merge
 
     def describe(self):
         """The reference checkpoint's ``describe()`` (no data read)."""

@@ -33,6 +33,7 @@ from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_bloc
 from curvlens.math.methods import MaskCounts, MergeMethod, resolve_params
 from curvlens.passes.experts import Experts, TensorGroup
 from curvlens.passes.merge_result import MergeResult
+from curvlens.passes.preflight import untrained_names
 from curvlens.passes.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.roles import param_role
 from curvlens.runtime import resolve_device
@@ -235,6 +236,9 @@ def plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
     for n in excluded:
         if actions[n] == "merge":
             actions[n] = "excluded"
+    for n in untrained_names(experts) if experts.base is not None else ():
+        if actions.get(n) == "merge":  # a buffer no optimizer trained: the base's
+            actions[n] = "base"
     not_merged = [n for n, a in actions.items() if a != "merge" and n not in excluded]
     if not any(a == "merge" for a in actions.values()):
         raise CurvlensError("tensors: the rules leave no tensor to merge")
