@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,9 +39,11 @@ DEVICE = "auto"   # unused here
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 import pandas as pd
+import torch
 from IPython.display import Markdown, display
+
+import curvlens as cl  # only for its sliders (cl.views.figure_sliders); no zoo here
 
 rng = np.random.default_rng(0)
 torch.manual_seed(0)
@@ -186,12 +188,12 @@ def two_expert_picture(log10_ratio=1.0):
     ax.set_ylabel("θ₂")
     ax.set_title(f"curvature ratio r = {r:.2g}", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
-    plt.show()
+    return fig
 
 
-display(widgets.interactive(two_expert_picture,
-                            log10_ratio=widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1,
-                                                            description="log10 r")))
+display(cl.views.figure_sliders(two_expert_picture,
+                               log10_ratio=widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1,
+                                                               description="log10 r")))
 
 # %% [markdown]
 # **The power $p$ in OTA.** OTA weights expert $i$ by $v_i^{p}$ rather than $v_i$. If
@@ -438,10 +440,10 @@ def adam_picture(sigma=1.0, log2_batch=5, log10_lr=-1.3):
     ax.set_title(f"σ = {sigma:.2g}, B = {batch}, lr = {lr:.2g}: slope {slope:.2f}, "
                  f"v/(σ²h/B) = {np.min(v / floor):.2f} .. {np.max(v / floor):.2f}", fontsize=9)
     ax.legend(fontsize=8)
-    plt.show()
+    return fig
 
 
-display(widgets.interactive(
+display(cl.views.figure_sliders(
     adam_picture,
     sigma=widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.1, description="noise σ"),
     log2_batch=widgets.IntSlider(value=5, min=0, max=8, description="log2 B"),
@@ -564,13 +566,13 @@ def graft_picture(alpha=0.5, decades=4.0):
     ax.set_ylabel("loss increase / full revert cost")
     ax.set_title(f"α = {alpha:.2f}, h over {decades:g} decades: Spearman(|τ|, h) = {rho:+.2f}", fontsize=9)
     ax.legend(fontsize=8)
-    plt.show()
+    return fig
 
 
-display(widgets.interactive(graft_picture,
-                            alpha=widgets.FloatSlider(value=0.5, min=-1.0, max=1.5, step=0.1, description="α"),
-                            decades=widgets.FloatSlider(value=4.0, min=0.0, max=8.0, step=0.5,
-                                                        description="decades of h")))
+display(cl.views.figure_sliders(graft_picture,
+                               alpha=widgets.FloatSlider(value=0.5, min=-1.0, max=1.5, step=0.1, description="α"),
+                               decades=widgets.FloatSlider(value=4.0, min=0.0, max=8.0, step=0.5,
+                                                           description="decades of h")))
 
 # %% [markdown]
 # **Spread, not anti-correlation.** Notebook `03` measures the rank correlation of
@@ -702,13 +704,13 @@ def bridge_picture(p=1.0, density=0.3):
     ax.set_ylabel("L1 + L2 at the merge")
     ax.set_title(f"p = {p:.2f}", fontsize=10)
     ax.legend(fontsize=8)
-    plt.show()
+    return fig
 
 
-display(widgets.interactive(bridge_picture,
-                            p=widgets.FloatSlider(value=1.0, min=0.0, max=1.5, step=0.1, description="power p"),
-                            density=widgets.FloatSlider(value=0.3, min=0.05, max=1.0, step=0.05,
-                                                        description="density")))
+display(cl.views.figure_sliders(bridge_picture,
+                               p=widgets.FloatSlider(value=1.0, min=0.0, max=1.5, step=0.1, description="power p"),
+                               density=widgets.FloatSlider(value=0.3, min=0.05, max=1.0, step=0.05,
+                                                           description="density")))
 
 # %% [markdown]
 # **The level of $v$ is a merge issue.** OTA compares $v_1^p$ with $v_2^p$ entry by entry,

@@ -3,7 +3,8 @@
 Every figure comes twice: a static matplotlib function (``ax=None`` in, the Axes
 or Figure out; never shows, never saves) and a ``*_plotly`` function returning an
 interactive ``plotly.graph_objects.Figure`` whose hover names the tensor, layer,
-role and value. The explorers compose the plotly figures with ipywidgets;
+role and value. The explorers compose the plotly figures with ipywidgets, and
+:func:`figure_sliders` redraws any figure from sliders;
 :func:`render_all` writes every static figure for a paper; ``curvlens.views.rich``
 makes results render themselves in a notebook.
 
@@ -33,13 +34,14 @@ from curvlens.views.merge_plots import OKABE_ITO, merge_scores_figure
 from curvlens.views.merges import merge_scores, merge_scores_plotly, normalized_scores
 from curvlens.views.pair_grid import pair_grid, pair_grid_plotly
 from curvlens.views.pairs import pair_matrix, pair_matrix_heatmap, pair_matrix_plotly
+from curvlens.views.sliders import figure_sliders
 from curvlens.views.soups import front_plot, soup_curve
 
 # Drawing functions and explorers, the palette they share, and the two frame
 # shapers notebooks draw from (normalized_scores, pair_matrix). Helpers such as
 # layer_role_matrix, histogram_steps or the rich-display hooks stay in their modules.
 __all__ = [
-    "OKABE_ITO", "curvature_explorer", "density_curves", "density_curves_plotly", "figure_style",
+    "OKABE_ITO", "curvature_explorer", "density_curves", "density_curves_plotly", "figure_sliders", "figure_style",
     "fisher_vs_adam_plot", "fisher_vs_adam_plotly", "front_plot", "layer_role_heatmap", "layer_role_heatmap_plotly",
     "layer_role_heatmaps", "log10_histogram_grid",
     "log10_histogram_plot", "log10_histogram_plotly", "mask_explorer", "merge_explorer", "merge_scores",

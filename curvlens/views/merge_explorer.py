@@ -12,7 +12,7 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError
 from curvlens.views._common import check_frame, require_widgets
-from curvlens.views.explorers import _assemble, _show
+from curvlens.views.widget_output import assemble, show_figure
 
 __all__ = ["merge_explorer", "MERGE_SLIDERS"]
 
@@ -141,7 +141,7 @@ def merge_explorer(run_merge: Callable[[str, dict], pd.DataFrame],
             status.value = f"cannot draw: {err}"
             return
         box.figure = figures["scores"] = fig
-        _show(out, fig)
+        show_figure(out, fig)
 
     def run(*_):
         m = controls["method"].value
@@ -182,7 +182,7 @@ def merge_explorer(run_merge: Callable[[str, dict], pd.DataFrame],
     top = [controls["method"], params_area]
     if "normalized" in controls:
         top.append(controls["normalized"])
-    box = _assemble(widgets, [widgets.HBox(top), widgets.HBox([progress, status]), table_html,
+    box = assemble(widgets, [widgets.HBox(top), widgets.HBox([progress, status]), table_html,
                               out], controls, run, figures)
     box.progress, box.status, box.table_widget = progress, status, table_html
     box.table, box.error, box.calls = None, None, []
