@@ -36,6 +36,7 @@ from curvlens.views.pair_grid import pair_grid, pair_grid_plotly
 from curvlens.views.pairs import pair_matrix, pair_matrix_heatmap, pair_matrix_plotly
 from curvlens.views.sliders import figure_sliders
 from curvlens.views.soups import front_plot, soup_curve
+from curvlens.views.tables import significant
 
 # Drawing functions and explorers, the palette they share, and the two frame
 # shapers notebooks draw from (normalized_scores, pair_matrix). Helpers such as
@@ -46,5 +47,5 @@ __all__ = [
     "layer_role_heatmaps", "log10_histogram_grid",
     "log10_histogram_plot", "log10_histogram_plotly", "mask_explorer", "merge_explorer", "merge_scores",
     "merge_scores_figure", "merge_scores_plotly", "normalized_scores", "pair_grid", "pair_grid_plotly",
-    "pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly", "render_all", "soup_curve",
+    "pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly", "render_all", "significant", "soup_curve",
 ]

@@ -1,0 +1,57 @@
+"""Tables for reading: numbers to a few significant digits.
+
+``df.round(6)`` prints a mean second moment of 4e-7 as ``0.000000`` and
+``df.round(1)`` a predicted loss of 3e-8 as ``0.0``: both hide the number.
+:func:`significant` formats every float to ``digits`` significant digits,
+switching to scientific notation where fixed notation would need more than a few
+leading zeros, so a table shows each value's size.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+__all__ = ["fmt_sig", "significant"]
+
+
+def fmt_sig(x, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits (scientific below 1e-3 and from 1e5).
+
+    Examples
+    --------
+    >>> [fmt_sig(v) for v in (0.91234, 0.0123456, 12.345, 4.2e-7, 0.0, -3.0, 123456.0, float("nan"))]
+    ['0.912', '0.0123', '12.3', '4.20e-07', '0', '-3.00', '1.23e+05', '–']
+    """
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if a < 1e-3 or a >= 1e5:
+        return f"{x:.{digits - 1}e}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(a)))
+    return f"{x:.{decimals}f}"
+
+
+def significant(df: pd.DataFrame | pd.Series, digits: int = 3) -> pd.DataFrame:
+    """A copy of ``df`` with every float column as text to ``digits`` significant digits.
+
+    Integer, boolean and text columns are kept as they are. For display only: the
+    result's numbers are strings.
+
+    Examples
+    --------
+    >>> significant(pd.DataFrame({"mean v": [4.2e-7, 1.1e-6], "n": [3, 4]}))
+         mean v  n
+    0  4.20e-07  3
+    1  1.10e-06  4
+    """
+    out = df.to_frame() if isinstance(df, pd.Series) else df.copy()
+    for col in out.columns:
+        if pd.api.types.is_float_dtype(out[col]):
+            out[col] = [fmt_sig(v, digits) for v in out[col]]
+    return out
