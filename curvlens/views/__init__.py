@@ -14,7 +14,7 @@ figure                      static                                  interactive
 layer x role heatmap        ``layer_role_heatmap(s)``               ``layer_role_heatmap_plotly``
 pair grid of log10 v        ``pair_grid``                           ``pair_grid_plotly``
 log10 v histograms          ``log10_histogram_plot`` / ``_grid``    ``log10_histogram_plotly``
-score vs density            ``density_curves``                      ``density_curves_plotly``
+score vs density            ``density_curves`` / ``_panels``        ``density_curves_plotly``
 merge comparison            ``merge_scores``                        ``merge_scores_plotly``
 expert-pair matrix          ``pair_matrix_heatmap``                 ``pair_matrix_plotly``
 Adam v vs data Fisher       ``fisher_vs_adam_plot``                 ``fisher_vs_adam_plotly``
@@ -23,7 +23,7 @@ Pareto fronts               ``front_plot`` (a Figure)               –
 ==========================  ======================================  =========================
 """
 from curvlens.views._common import figure_style
-from curvlens.views.curves import density_curves, density_curves_plotly
+from curvlens.views.curves import density_curve_panels, density_curves, density_curves_plotly
 from curvlens.views.distributions import log10_histogram_grid, log10_histogram_plot, log10_histogram_plotly
 from curvlens.views.explorers import curvature_explorer, mask_explorer
 from curvlens.views.merge_explorer import merge_explorer
@@ -42,7 +42,7 @@ from curvlens.views.tables import significant
 # shapers notebooks draw from (normalized_scores, pair_matrix). Helpers such as
 # layer_role_matrix, histogram_steps or the rich-display hooks stay in their modules.
 __all__ = [
-    "OKABE_ITO", "curvature_explorer", "density_curves", "density_curves_plotly", "figure_sliders", "figure_style",
+    "OKABE_ITO", "curvature_explorer", "density_curve_panels", "density_curves", "density_curves_plotly", "figure_sliders", "figure_style",
     "fisher_vs_adam_plot", "fisher_vs_adam_plotly", "front_plot", "layer_role_heatmap", "layer_role_heatmap_plotly",
     "layer_role_heatmaps", "log10_histogram_grid",
     "log10_histogram_plot", "log10_histogram_plotly", "mask_explorer", "merge_explorer", "merge_scores",

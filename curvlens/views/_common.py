@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,9 +22,11 @@ from curvlens.views.merge_plots import OKABE_ITO
 #: (token embeddings, final norm, LM head).
 NON_LAYER = "non-layer"
 
-#: Okabe-Ito reordered for lines and markers on white: the yellow, hard to see on
-#: a white background, comes last.
-CATEGORICAL = tuple(OKABE_ITO[i] for i in (0, 1, 2, 4, 5, 6, 7, 3))
+#: Okabe-Ito reordered for lines and markers on white: the two blues are as far
+#: apart as the palette allows (orange, blue, green, vermillion come first, so four
+#: experts never share a hue family), and the yellow, hard to see on a white
+#: background, comes last.
+CATEGORICAL = tuple(OKABE_ITO[i] for i in (0, 4, 2, 5, 6, 1, 7, 3))
 
 #: Sequential maps (perceptually uniform, colour-vision-deficiency safe) and the
 #: diverging map used for signed metrics. Plotly names are given beside.
@@ -51,6 +53,7 @@ METRIC_LABELS = {
     "jaccard_top1": "Jaccard of top-1% v", "jaccard_top10": "Jaccard of top-10% v",
     "kept_frac": "kept fraction", "row_sparsity": "fraction of empty rows",
     "col_sparsity": "fraction of empty columns", "mask_rank": "mask rank",
+    "random_row_sparsity": "fraction of empty rows", "random_col_sparsity": "fraction of empty columns",
     "mask_effective_rank": "mask effective rank", "stable_rank": "mask stable rank",
     "saliency_kept": "fraction of saliency kept", "threshold": "saliency threshold",
     "jaccard": "mask Jaccard", "tv_cosine": "task-vector cosine",
@@ -59,6 +62,29 @@ METRIC_LABELS = {
     "predicted_loss_increase": "predicted loss increase",
     "log10_v": "log10 v", "accuracy": "accuracy", "score": "accuracy",
 }
+
+#: What two unrelated experts would give (independent random patterns): the
+#: reference line a figure of the metric shows. Correlations and cosines of signed
+#: quantities: 0; a top-q Jaccard of independent orderings: q / (2 - q); the sign
+#: conflict of independent signs: 1/2 (also weighted, the weights being unrelated to
+#: the signs). A mask Jaccard depends on the density: :func:`jaccard_chance`.
+CHANCE_LEVELS = {
+    "pearson_log": 0.0, "spearman_log": 0.0, "tv_cosine": 0.0,
+    "jaccard_top1": 0.01 / (2 - 0.01), "jaccard_top10": 0.1 / (2 - 0.1),
+    "sign_conflict": 0.5, "curvature_weighted_conflict": 0.5,
+}
+
+
+def jaccard_chance(density: float) -> float:
+    """Expected Jaccard index of two independent random masks of one density, d / (2 - d).
+
+    Examples
+    --------
+    >>> round(jaccard_chance(0.1), 4)
+    0.0526
+    """
+    return float(density) / (2.0 - float(density))
+
 
 #: Metrics whose natural range is signed around 0 (diverging colour map).
 SIGNED_METRICS = frozenset({"tv_cosine"})
@@ -71,6 +97,7 @@ METRIC_RANGES = {
     "tv_cosine": (-1.0, 1.0), "sign_conflict": (0.0, 1.0),
     "curvature_weighted_conflict": (0.0, 1.0), "kept_frac": (0.0, 1.0),
     "row_sparsity": (0.0, 1.0), "col_sparsity": (0.0, 1.0), "saliency_kept": (0.0, 1.0),
+    "random_row_sparsity": (0.0, 1.0), "random_col_sparsity": (0.0, 1.0),
     "frac_zero": (0.0, 1.0),
 }
 
@@ -332,6 +359,28 @@ def is_signed(values: np.ndarray, metric: str) -> bool:
     v = np.asarray(values, dtype="float64")
     v = v[np.isfinite(v)]
     return metric in SIGNED_METRICS or (v.size > 0 and v.min() < 0 < v.max())
+
+
+def common_format(values) -> Callable[[float], str]:
+    """One format for every value of a panel: the same number of decimals, chosen so
+    that the largest shows two significant digits (never a mix of ``0.01`` and
+    ``2.7e-03`` in one matrix).
+
+    Examples
+    --------
+    >>> f = common_format([0.0027, 0.01, 0.03])
+    >>> [f(x) for x in (0.0027, 0.01, 0.03)]
+    ['0.003', '0.010', '0.030']
+    >>> common_format([0.12, 0.9])(0.5)
+    '0.50'
+    """
+    v = np.abs(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v) & (v > 0)]
+    top = float(v.max()) if v.size else 1.0
+    if top >= 1e4 or top < 1e-4:
+        return lambda x: "" if not np.isfinite(x) else f"{x:.1e}"
+    decimals = max(0, 1 - int(math.floor(math.log10(top))))
+    return lambda x: "" if not np.isfinite(x) else f"{x:.{decimals}f}"
 
 
 def fmt_value(x: float) -> str:
