@@ -32,6 +32,8 @@ regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
                        ``merge(..., tensors=)``, :class:`TensorFilter`
 pooling                :func:`aggregate`
+statistics             :func:`spearman_test` (a rank correlation's permutation p-value and
+                       bootstrap interval: is a correlation over a few dozen tensors real?)
 threads                :func:`set_threads` (CPU passes use 1 by default: see ``curvlens.runtime``)
 drawing                ``cl.views`` (figures and explorers, imported on first use)
 the demo zoo           ``cl.zoo`` (imported on first use; needs ``transformers``)
@@ -45,6 +47,7 @@ import importlib
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
 from curvlens.math.methods import list_methods, method_params
+from curvlens.math.rank_stats import spearman_test
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
 from curvlens.streams import Expert, Experts
@@ -88,7 +91,8 @@ __all__ = [
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",
-    "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "views",
+    "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "spearman_test",
+    "views",
     "write_model", "zoo", "__version__",
 ]
 
