@@ -217,6 +217,8 @@ def render_markdown(nb, name: str, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     states = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
     page = _Page(name, out_dir, states)
+    for old in sorted(page.files.glob("figure-*.png")) if page.files.is_dir() else []:
+        old.unlink()   # a page written earlier may have had more figures
     for cell in nb.cells:
         if "injected-parameters" in cell.metadata.get("tags", []):
             continue

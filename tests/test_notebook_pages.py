@@ -27,7 +27,10 @@ def test_page_keeps_text_tables_figures_and_names_widgets(tmp_path):
                                                        "text/plain": "df"}, execution_count=1),
     ]
     nb.cells = [nbformat.v4.new_markdown_cell("# Title"), inj, code]
+    (tmp_path / "00_demo_files").mkdir()
+    (tmp_path / "00_demo_files" / "figure-07.png").write_bytes(b"stale")   # from an earlier, longer page
     page = render_markdown(nb, "00_demo", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "00_demo_files").iterdir()) == ["figure-01.png"]
     text = page.read_text()
     assert text.startswith("# Title") and "QUICK = True" not in text
     assert "hello" in text and "FutureWarning" not in text and "**computed** 0.5" in text and "<table>" in text
