@@ -224,14 +224,16 @@ def _density_axes(ax, df, logx: bool, ylabel: str, values) -> None:
 def density_curve_panels(sweep: pd.DataFrame, capability_map: Mapping[str, str] | None = None, *,
                          experts: Sequence[str] | None = None, criteria: Sequence[str] | None = None,
                          logx: bool = True, base: Mapping[str, float] | None = None,
+                         expert_scores: Mapping[str, float] | None = None,
                          ncols: int | None = None, title: str | None = None, **filters: Any):
     """Score vs density, one panel per expert, each with its own y range (matplotlib).
 
     The single-axes :func:`density_curves` squeezes experts whose scores barely move
     into a sliver of a 0-1 axis when another expert falls to 0; here every expert's
     curves fill their panel. Each panel: FFG solid, magnitude dashed, the base
-    model's score dotted (``base``) and the expert's own score (its density-1
-    point) as a thin grey line. Arguments as :func:`density_curves`.
+    model's score dotted (``base``) and the expert's own score as a thin grey line
+    (``expert_scores``, expert -> score, e.g. from a merge table; default its
+    density-1 point, when swept). Other arguments as :func:`density_curves`.
 
     Returns
     -------
@@ -244,11 +246,13 @@ def density_curve_panels(sweep: pd.DataFrame, capability_map: Mapping[str, str] 
                                             "density_curve_panels")
     styles = _style(criteria)
     bases = _base_values(base, experts)
+    owns = _base_values(expert_scores, experts)
     n = len(experts)
     ncols = min(n, 2 if n == 4 else 3) if ncols is None else max(1, int(ncols))
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1.6, 2.5 * nrows + 0.5), squeeze=False,
                              sharex=True)
+    drew_own = False
     for i, e in enumerate(experts):
         ax = axes.flat[i]
         rows_e = df[df["expert"] == e]
@@ -258,8 +262,11 @@ def density_curve_panels(sweep: pd.DataFrame, capability_map: Mapping[str, str] 
                     linestyle=styles[c], marker="o", markersize=3.5, label=criterion_label(c))
         full = rows_e.loc[rows_e["density"] >= 1.0, "score"]
         values = list(rows_e["score"].to_numpy(float))
-        if len(full):
-            ax.axhline(float(full.mean()), color="0.6", linewidth=0.8, zorder=1)
+        own = owns.get(e, float(full.mean()) if len(full) else None)
+        if own is not None:
+            ax.axhline(own, color="0.6", linewidth=0.8, zorder=1)
+            values.append(own)
+            drew_own = True
         if e in bases:
             ax.axhline(bases[e], color=color(i), zorder=1, **BASE_STYLE)
             values.append(bases[e])
@@ -272,8 +279,9 @@ def density_curve_panels(sweep: pd.DataFrame, capability_map: Mapping[str, str] 
         ax.set_visible(False)
     handles = [Line2D([], [], color="0.2", ls=styles[c], lw=1.6) for c in criteria]
     labels = [criterion_label(c) for c in criteria]
-    handles.append(Line2D([], [], color="0.6", lw=0.8))
-    labels.append("the expert (density 1)")
+    if drew_own:
+        handles.append(Line2D([], [], color="0.6", lw=0.8))
+        labels.append("the expert (density 1)")
     if bases:
         handles.append(Line2D([], [], color="0.2", **BASE_STYLE))
         labels.append("base model (density 0)")

@@ -94,13 +94,18 @@ def _panels(draw_one, items, ncols: int = 3, size=(3.7, 3.0)):
     return fig
 
 
-def _base_scores(frames, capability_map) -> dict[str, float] | None:
-    """Expert -> the base model's score on that expert's capability (from the merge table)."""
+def _scores_of(frames, capability_map, model) -> dict[str, float] | None:
+    """Expert -> the score of ``model`` (a name, or a pattern with ``{expert}``) on the
+    expert's capability, from the merge table."""
     table = frames.get("merge_table")
-    if table is None or capability_map is None or "base" not in set(table["model"]):
+    if table is None or capability_map is None:
         return None
-    base = table[table["model"] == "base"].groupby("capability")["accuracy"].mean()
-    return {e: float(base[c]) for e, c in capability_map.items() if c in base.index}
+    out = {}
+    for e, c in capability_map.items():
+        rows = table[(table["model"] == model.format(expert=e)) & (table["capability"] == c)]
+        if len(rows):
+            out[e] = float(rows["accuracy"].mean())
+    return out or None
 
 
 def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts, shapes) -> list[_Spec]:
@@ -203,15 +208,18 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts,
             lambda: tk.layer_role_takeaway(f["predicted_loss"], "predicted_loss_increase",
                                            "The predicted loss increase (mean over experts)", weight=None)))
     if "graft_sweep" in f:
-        base = _base_scores(f, capability_map)
+        base = _scores_of(f, capability_map, "base")
+        own = _scores_of(f, capability_map, "expert: {expert}")
         specs.append(_Spec(
             "graft_density_curves", "graft_sweep",
             "Grafted expert score vs density (log scale), one panel per expert with its own score range: FFG "
-            "(Fisher saliency, solid) against magnitude pruning (dashed); grey: the expert itself (density 1)"
+            "(Fisher saliency, solid) against magnitude pruning (dashed); grey: the expert itself (density 1), "
+            "from the merge table or the sweep"
             + ("; dotted: the base model, where a graft falls back to at density 0" if base else "")
             + (" (score on the expert's own capability)." if capability_map else "."),
-            lambda base=base: density_curve_panels(f["graft_sweep"], capability_map, base=base),
-            lambda base=base: tk.graft_takeaway(f["graft_sweep"], capability_map, base)))
+            lambda base=base, own=own: density_curve_panels(f["graft_sweep"], capability_map, base=base,
+                                                            expert_scores=own),
+            lambda base=base, own=own: tk.graft_takeaway(f["graft_sweep"], capability_map, base, own)))
     if "pooled_moments" in f:
         pm = f["pooled_moments"]
         pair = experts if experts is not None else first_seen(pm["expert"])[:2]

@@ -101,27 +101,34 @@ def mask_structure_takeaway(ms: pd.DataFrame, shapes: Mapping[str, tuple], crite
     more = v["row_sparsity"] > v["random_row_sparsity"] and v["col_sparsity"] > v["random_col_sparsity"]
     return (f"At density {density:g} the {criterion} masks leave {v['row_sparsity']:.0%} of the rows and "
             f"{v['col_sparsity']:.0%} of the columns empty (numel-weighted over matrices and experts), against "
-            f"{v['random_row_sparsity']:.0%} and {v['random_col_sparsity']:.0%} for random masks of the same "
+            f"{v['random_row_sparsity']:.1%} and {v['random_col_sparsity']:.1%} for random masks of the same "
             f"per-tensor densities: {'more' if more else 'not more'} row/column structure than chance.")
 
 
 def graft_takeaway(sweep: pd.DataFrame, capability_map: Mapping[str, str] | None,
-                   base: Mapping[str, float] | None, keep: float = 0.9) -> str:
-    """Per expert, the lowest density keeping ``keep`` of its gain over the base, per criterion."""
+                   base: Mapping[str, float] | None, expert_scores: Mapping[str, float] | None = None,
+                   keep: float = 0.9) -> str:
+    """Per expert, the lowest swept density keeping ``keep`` of its gain over the base
+    (of its own score without a base), per criterion; "none" when no swept density does.
+    The expert's own score comes from ``expert_scores`` or the sweep's density-1 point."""
     df = own_capability_scores(sweep, capability_map)
     parts = []
     for e, g in df.groupby("expert", sort=False):
         full = g[g["density"] >= 1.0]
-        if full.empty:
+        if expert_scores is not None and e in expert_scores:
+            own = float(expert_scores[e])
+        elif len(full):
+            own = float(full["score"].mean())
+        else:
             continue
-        own = float(full["score"].mean())
         floor = float(base[e]) if base is not None and e in base else 0.0
         target = floor + keep * (own - floor)
         lows = {}
         for crit, h in g.groupby("criterion", sort=False):
             ok = h[h["score"] >= target - 1e-12]
             lows[crit] = float(ok["density"].min()) if len(ok) else float("nan")
-        parts.append(f"{e} " + " / ".join(f"{c} {fmt_sig(d, 2)}" for c, d in lows.items()))
+        parts.append(f"{e} " + " / ".join(f"{c} {fmt_sig(d, 2) if np.isfinite(d) else 'none'}"
+                                          for c, d in lows.items()))
     crits = " / ".join(pd.unique(df["criterion"]))
     ref = "its gain over the base model" if base else "its own score"
     return (f"Lowest density keeping {keep:.0%} of {ref} ({crits}): " + "; ".join(parts) + ".")
