@@ -388,11 +388,13 @@ display(Markdown(
     f"the standard error of that capability's evaluation set. Its largest mean advantage over the experts is "
     f"{diff_by_d.max():+.3f} at density {diff_by_d.idxmax():g}. Claim (a) reads *{FACTS['claims']['a']}*. "
     f"**Structure.** " + "; ".join(
-        f"{crit} masks at density {d:g} leave {o:.0%} of the rows empty (a random mask of the same per-tensor "
-        f"density: {r:.0%})" for crit in struct for d, (o, r) in struct[crit].items())
+        f"{crit} masks at density {d:g} leave {o:.1%} of the rows empty (a random mask of the same per-tensor "
+        f"density: {r:.1%})" for crit in struct for d, (o, r) in struct[crit].items())
     + ((": both criteria carve out whole rows more often than chance" + (", FFG by more. " if ffg_most else ". "))
        if more_rows else ". ")
     + f"Claim (b) reads *{FACTS['claims']['b']}*. **Overlap.** At density {overlap_density:g} two experts' FFG "
     f"masks share {lift['fisher']:.1f}× as many entries as independent random masks (magnitude "
     f"{lift['magnitude']:.1f}×), most in role {role_lift.idxmax()} ({role_lift.max():.1f}× the chance of "
-    "its own kept fractions): there the experts compete for the same entries and the merge must arbitrate."))
+    "its own kept fractions)"
+    + (": there the experts compete for the same entries and the merge must arbitrate."
+       if role_lift.max() > 1.5 else "; nowhere much more than chance."))

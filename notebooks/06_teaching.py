@@ -964,18 +964,24 @@ regret.to_frame().round(3)
 
 # %%
 share = FACTS["diag_share_of_gain"]
+last_share = list(share.values())[-1]
+worst_a = FACTS["graft_worst_alpha"]
+rho_worst = FACTS["graft_spearman_by_alpha"][str(worst_a)]
 display(Markdown(
     f"On problems whose answers are known: the curvature-weighted average is the optimal merge of diagonal "
-    f"quadratics (the excess of plain averaging matches its formula to {FACTS['excess_formula_rel_err']:.0e}), and a "
+    f"quadratics (the excess of plain averaging matches its formula to a relative error of "
+    f"{FACTS['excess_formula_rel_err']:.1g}), and a "
     f"perfect overlap of curvature patterns still leaves plain averaging {FACTS['scaled_copy_excess_rel_c5']:.0%} "
     f"above the optimum when the levels differ 5×. Adam's $v$ follows the curvature with slope "
     f"{FACTS['adam_default_slope']:.2f} on a log-log scale at the end of a run, but its level spans a factor "
     f"{FACTS['level_mean_v_spread']:.0f} across runs of the same problem. FFG is the optimal graft of one expert "
-    f"and beats magnitude pruning by most where $|\\tau|$ and the curvature are anti-correlated (magnitude is "
-    f"worse than a random mask at α ∈ {FACTS['graft_mag_worse_than_random_alphas']}), but masking a merge is not "
+    f"and magnitude pruning falls furthest behind it at α = {worst_a:g}, where Spearman$(|\\tau|, h)$ = "
+    f"{rho_worst:+.2f} (magnitude is worse than a random mask at α ∈ {FACTS['graft_mag_worse_than_random_alphas']}); "
+    f"but masking a merge is not "
     f"the optimal merge: with exact curvature weights the masks raised the loss at every density "
     f"({FACTS['bridge_p1_nomask']:.0f} without masks, {min(FACTS['bridge_p1_masked'].values()):.0f} or more with). "
     f"The best power $p$ falls from {list(FACTS['best_p_by_noise'].values())[0]:.2f} to "
     f"{list(FACTS['best_p_by_noise'].values())[-1]:.2f} as the noise on $v$ grows, and diagonal weights keep "
-    f"{list(share.values())[-1]:.0%} of the gain once the curvature is rotated far from the axes. On the zoo, "
+    f"{last_share:.0%} of the gain once the curvature is rotated far from the axes"
+    + (" (they do worse than plain averaging there)" if last_share < 0 else "") + ". On the zoo, "
     "notebooks 02-05 measure which of these effects are large enough to see."))

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -191,8 +191,11 @@ display(Markdown(
     f"{N_EXAMPLES} of its own training items at Spearman {spear.min():.2f} ({spear.idxmin()}) to {spear.max():.2f} "
     f"({spear.idxmax()}), where two Fishers of the same expert agree at {f_vs_f['spearman_log'].min():.2f} or more; "
     f"the FFG masks at density {DENSITY:g} share {mask_j.min():.0%} to {mask_j.max():.0%} of their entries "
-    f"(Jaccard). So $v$ is a related but different curvature, and most different for "
-    f"{gap['spearman_log'].idxmax()}. In the merges, {len(beyond)} of {len(diffs)} capability scores change by "
+    f"(Jaccard). "
+    + (f"So $v$ is a related but different curvature, most different for {gap['spearman_log'].idxmax()}, whose "
+       f"Spearman falls {gap['spearman_log'].max():.2f} below its noise floor. " if gap["spearman_log"].max() > 0.05 else
+       "So $v$ ranks the entries about as a second Fisher does (within 0.05 of the noise floor for every expert). ")
+    + f"In the merges, {len(beyond)} of {len(diffs)} capability scores move by "
     f"more than the evaluation noise when the Fisher replaces $v$"
     + (": " + "; ".join(f"{r['merge']} on {r['capability']} {r['fisher - adam']:+.2f} ({r['reading']})"
                         for r in beyond.to_dict("records")) if len(beyond) else "")
