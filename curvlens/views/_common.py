@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -62,29 +62,6 @@ METRIC_LABELS = {
     "predicted_loss_increase": "predicted loss increase",
     "log10_v": "log10 v", "accuracy": "accuracy", "score": "accuracy",
 }
-
-#: What two unrelated experts would give (independent random patterns): the
-#: reference line a figure of the metric shows. Correlations and cosines of signed
-#: quantities: 0; a top-q Jaccard of independent orderings: q / (2 - q); the sign
-#: conflict of independent signs: 1/2 (also weighted, the weights being unrelated to
-#: the signs). A mask Jaccard depends on the density: :func:`jaccard_chance`.
-CHANCE_LEVELS = {
-    "pearson_log": 0.0, "spearman_log": 0.0, "tv_cosine": 0.0,
-    "jaccard_top1": 0.01 / (2 - 0.01), "jaccard_top10": 0.1 / (2 - 0.1),
-    "sign_conflict": 0.5, "curvature_weighted_conflict": 0.5,
-}
-
-
-def jaccard_chance(density: float) -> float:
-    """Expected Jaccard index of two independent random masks of one density, d / (2 - d).
-
-    Examples
-    --------
-    >>> round(jaccard_chance(0.1), 4)
-    0.0526
-    """
-    return float(density) / (2.0 - float(density))
-
 
 #: Metrics whose natural range is signed around 0 (diverging colour map).
 SIGNED_METRICS = frozenset({"tv_cosine"})
@@ -359,28 +336,6 @@ def is_signed(values: np.ndarray, metric: str) -> bool:
     v = np.asarray(values, dtype="float64")
     v = v[np.isfinite(v)]
     return metric in SIGNED_METRICS or (v.size > 0 and v.min() < 0 < v.max())
-
-
-def common_format(values) -> Callable[[float], str]:
-    """One format for every value of a panel: the same number of decimals, chosen so
-    that the largest shows two significant digits (never a mix of ``0.01`` and
-    ``2.7e-03`` in one matrix).
-
-    Examples
-    --------
-    >>> f = common_format([0.0027, 0.01, 0.03])
-    >>> [f(x) for x in (0.0027, 0.01, 0.03)]
-    ['0.003', '0.010', '0.030']
-    >>> common_format([0.12, 0.9])(0.5)
-    '0.50'
-    """
-    v = np.abs(np.asarray(values, dtype=float))
-    v = v[np.isfinite(v) & (v > 0)]
-    top = float(v.max()) if v.size else 1.0
-    if top >= 1e4 or top < 1e-4:
-        return lambda x: "" if not np.isfinite(x) else f"{x:.1e}"
-    decimals = max(0, 1 - int(math.floor(math.log10(top))))
-    return lambda x: "" if not np.isfinite(x) else f"{x:.{decimals}f}"
 
 
 def fmt_value(x: float) -> str:

@@ -23,7 +23,8 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError, check_choice
 from curvlens.io.atomic import make_partial
-from curvlens.views._common import figure_style, first_seen, jaccard_chance, metric_label
+from curvlens.views._common import figure_style, first_seen, metric_label
+from curvlens.views.baselines import jaccard_chance
 
 __all__ = ["FRAME_KEYS", "draw_figures", "render_all", "save_figure"]
 

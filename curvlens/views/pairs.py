@@ -17,12 +17,12 @@ import pandas as pd
 from curvlens.errors import CurvlensError, check_choice
 from curvlens.streams.analysis_common import pool
 from curvlens.views._common import (
-    CHANCE_LEVELS, METRIC_RANGES, apply_filters, check_frame, check_numeric, common_format, filter_title,
-    first_seen, fmt_value,
+    METRIC_RANGES, apply_filters, check_frame, check_numeric, filter_title, first_seen, fmt_value,
     metric_label, new_axes, plotly_color_kwargs, require_plotly, styled, text_color_for, weights_of,
 )
+from curvlens.views.baselines import CHANCE_LEVELS
 from curvlens.views.heatmaps import _color_setup
-from curvlens.views.tables import fmt_sig
+from curvlens.views.tables import common_format, fmt_sig
 
 __all__ = ["pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly"]
 
@@ -125,7 +125,7 @@ def pair_matrix_heatmap(df: pd.DataFrame, metric: str, *, ax=None, cmap: str | N
     colorbar : bool
     chance : float, "auto" or None
         What two unrelated experts would give (``"auto"``: the metric's
-        :data:`~curvlens.views._common.CHANCE_LEVELS` entry, if any): marked on the
+        :data:`~curvlens.views.baselines.CHANCE_LEVELS` entry, if any): marked on the
         colour bar and stated in the title.
     title : str, optional
 

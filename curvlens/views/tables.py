@@ -9,10 +9,12 @@ leading zeros, so a table shows each value's size.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["fmt_sig", "significant"]
+__all__ = ["common_format", "fmt_sig", "significant"]
 
 
 def fmt_sig(x, digits: int = 3) -> str:
@@ -55,3 +57,25 @@ def significant(df: pd.DataFrame | pd.Series, digits: int = 3) -> pd.DataFrame:
         if pd.api.types.is_float_dtype(out[col]):
             out[col] = [fmt_sig(v, digits) for v in out[col]]
     return out
+
+
+def common_format(values) -> Callable[[float], str]:
+    """One format for every value of a panel: the same number of decimals, chosen so
+    that the largest shows two significant digits (never a mix of ``0.01`` and
+    ``2.7e-03`` in one matrix).
+
+    Examples
+    --------
+    >>> f = common_format([0.0027, 0.01, 0.03])
+    >>> [f(x) for x in (0.0027, 0.01, 0.03)]
+    ['0.003', '0.010', '0.030']
+    >>> common_format([0.12, 0.9])(0.5)
+    '0.50'
+    """
+    v = np.abs(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v) & (v > 0)]
+    top = float(v.max()) if v.size else 1.0
+    if top >= 1e4 or top < 1e-4:
+        return lambda x: "" if not np.isfinite(x) else f"{x:.1e}"
+    decimals = max(0, 1 - int(math.floor(math.log10(top))))
+    return lambda x: "" if not np.isfinite(x) else f"{x:.{decimals}f}"

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from curvlens.streams.analysis_common import aggregate
-from curvlens.views._common import CHANCE_LEVELS, jaccard_chance, metric_label
+from curvlens.views._common import metric_label
+from curvlens.views.baselines import CHANCE_LEVELS, jaccard_chance
 from curvlens.views.curves import own_capability_scores
 from curvlens.views.heatmaps import layer_role_matrix
 from curvlens.views.tables import fmt_sig
