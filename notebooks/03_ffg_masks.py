@@ -379,6 +379,13 @@ FACTS["summary"] = {"n_cases": int(len(partial)), "beyond_noise": beyond, "diff_
                     "best_density": float(diff_by_d.idxmax()), "jaccard_lift": lift,
                     "top_role": role_lift.idxmax(), "top_role_lift": float(role_lift.max())}
 more_rows = all(o > r for crit in struct for o, r in struct[crit].values())
+
+
+def pct(x):
+    """A percentage that shows a small non-zero fraction as such (0.026%, not 0.0%)."""
+    return f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.2g}%"
+
+
 ffg_most = all(struct["fisher"][d][0] - struct["fisher"][d][1] > struct["magnitude"][d][0] - struct["magnitude"][d][1]
                for d in mask_densities)
 FACTS["summary"].update(more_rows_than_random=more_rows, ffg_most_rows=ffg_most)
@@ -388,8 +395,8 @@ display(Markdown(
     f"the standard error of that capability's evaluation set. Its largest mean advantage over the experts is "
     f"{diff_by_d.max():+.3f} at density {diff_by_d.idxmax():g}. Claim (a) reads *{FACTS['claims']['a']}*. "
     f"**Structure.** " + "; ".join(
-        f"{crit} masks at density {d:g} leave {o:.1%} of the rows empty (a random mask of the same per-tensor "
-        f"density: {r:.1%})" for crit in struct for d, (o, r) in struct[crit].items())
+        f"{crit} masks at density {d:g} leave {pct(o)} of the rows empty (a random mask of the same per-tensor "
+        f"density: {pct(r)})" for crit in struct for d, (o, r) in struct[crit].items())
     + ((": both criteria carve out whole rows more often than chance" + (", FFG by more. " if ffg_most else ". "))
        if more_rows else ". ")
     + f"Claim (b) reads *{FACTS['claims']['b']}*. **Overlap.** At density {overlap_density:g} two experts' FFG "
@@ -397,4 +404,4 @@ display(Markdown(
     f"{lift['magnitude']:.1f}×), most in role {role_lift.idxmax()} ({role_lift.max():.1f}× the chance of "
     "its own kept fractions)"
     + (": there the experts compete for the same entries and the merge must arbitrate."
-       if role_lift.max() > 1.5 else "; nowhere much more than chance."))
+       if role_lift.max() > 1.5 else "; nowhere much more than chance.")))

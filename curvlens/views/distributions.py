@@ -210,6 +210,8 @@ def log10_histogram_grid(hist: pd.DataFrame, *, by: str = "role",
             ax.set_ylabel("")
         if k + ncols < len(keys):
             ax.set_xlabel("")
+        else:   # the lowest panel of its column: its ticks are labelled even above an empty slot
+            ax.tick_params(labelbottom=True)
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     span = occupied_range(hist[hist[by].isin(keys) & hist[hue].isin(hues)])

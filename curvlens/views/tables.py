@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-__all__ = ["common_format", "fmt_sig", "significant"]
+__all__ = ["common_format", "fmt_pct", "fmt_sig", "significant"]
 
 
 def fmt_sig(x, digits: int = 3) -> str:
@@ -37,6 +37,22 @@ def fmt_sig(x, digits: int = 3) -> str:
         return f"{x:.{digits - 1}e}"
     decimals = max(0, digits - 1 - math.floor(math.log10(a)))
     return f"{x:.{decimals}f}"
+
+
+def fmt_pct(x: float) -> str:
+    """A fraction as a percentage that never shows a small non-zero value as 0%.
+
+    Examples
+    --------
+    >>> [fmt_pct(x) for x in (0.472, 0.0526, 0.00026, 0.0)]
+    ['47%', '5.3%', '0.026%', '0%']
+    """
+    p = 100.0 * float(x)
+    if p == 0:
+        return "0%"
+    if abs(p) >= 10:
+        return f"{p:.0f}%"
+    return f"{p:.2g}%"
 
 
 def significant(df: pd.DataFrame | pd.Series, digits: int = 3) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from curvlens.views._common import metric_label
 from curvlens.views.baselines import CHANCE_LEVELS, jaccard_chance
 from curvlens.views.curves import own_capability_scores
 from curvlens.views.heatmaps import layer_role_matrix
-from curvlens.views.tables import fmt_sig
+from curvlens.views.tables import fmt_pct, fmt_sig
 
 __all__ = ["cell_extremes", "curvature_takeaway", "graft_takeaway", "histogram_takeaway", "layer_role_takeaway",
            "mask_overlap_takeaway", "mask_structure_takeaway", "merge_takeaway", "pair_grid_takeaway",
@@ -100,9 +100,9 @@ def mask_structure_takeaway(ms: pd.DataFrame, shapes: Mapping[str, tuple], crite
     w = sub["numel"].astype(float)
     v = {c: float(np.average(sub[c].astype(float), weights=w)) for c in cols}
     more = v["row_sparsity"] > v["random_row_sparsity"] and v["col_sparsity"] > v["random_col_sparsity"]
-    return (f"At density {density:g} the {criterion} masks leave {v['row_sparsity']:.0%} of the rows and "
-            f"{v['col_sparsity']:.0%} of the columns empty (numel-weighted over matrices and experts), against "
-            f"{v['random_row_sparsity']:.1%} and {v['random_col_sparsity']:.1%} for random masks of the same "
+    return (f"At density {density:g} the {criterion} masks leave {fmt_pct(v['row_sparsity'])} of the rows and "
+            f"{fmt_pct(v['col_sparsity'])} of the columns empty (numel-weighted over matrices and experts), against "
+            f"{fmt_pct(v['random_row_sparsity'])} and {fmt_pct(v['random_col_sparsity'])} for random masks of the same "
             f"per-tensor densities: {'more' if more else 'not more'} row/column structure than chance.")
 
 

@@ -31,7 +31,7 @@ def test_mask_structure_takeaway_against_a_random_mask():
                             kept_frac=0.5, row_sparsity=0.5, col_sparsity=0.0)])
     text = mask_structure_takeaway(ms, {"w": (2, 4)}, "fisher", 0.5)
     # random: rows empty with (1 - 0.5)^4 = 6.25%, columns with (1 - 0.5)^2 = 25%
-    assert "50% of the rows and 0% of the columns" in text and "6.2% and 25.0%" in text
+    assert "50% of the rows and 0% of the columns" in text and "6.2% and 25%" in text
     assert "not more row/column structure" in text
 
 
