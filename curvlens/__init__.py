@@ -37,6 +37,8 @@ regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
                        ``merge(..., tensors=)``, :class:`TensorFilter`
 pooling                :func:`aggregate`
+statistics             :func:`spearman_test` (a rank correlation's permutation p-value and
+                       bootstrap interval: is a correlation over a few dozen tensors real?)
 threads                :func:`set_threads` (CPU passes use 1 by default: see ``curvlens.runtime``)
 drawing                ``cl.views`` (figures and explorers, imported on first use)
 the demo zoo           ``cl.zoo`` (imported on first use; needs ``transformers``)
@@ -60,6 +62,7 @@ from curvlens.io import Checkpoint, Moments, export_moments, write_model
 from curvlens.io.inspection import inspect
 from curvlens.math.fronts import front_distance
 from curvlens.math.methods import list_methods, method_params
+from curvlens.math.rank_stats import spearman_test
 from curvlens.passes import Expert, Experts
 from curvlens.passes.analysis import (
     aggregate,
@@ -105,7 +108,7 @@ __all__ = [
     "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds", "merge", "merge_retention",
     "method_params", "moment_compression", "moment_levels", "param_role", "pareto_front", "pooled_moments",
     "predicted_loss", "prediction_agreement", "prediction_study", "preflight", "regime_table", "relative_edit",
-    "set_threads", "sparse_soup", "sparsity_check", "sweep", "sweep_grid", "views", "write_model", "zoo",
+    "set_threads", "sparse_soup", "sparsity_check", "spearman_test", "sweep", "sweep_grid", "views", "write_model", "zoo",
     "evaluators", "__version__",
 ]
 

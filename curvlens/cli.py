@@ -87,17 +87,42 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def label_with_params(label: str, params: dict) -> str:
+    """A merge's label with the parameters that tell its variant apart (figure labels).
+
+    Examples
+    --------
+    >>> label_with_params("TIES", {"density": 0.5})
+    'TIES (density 0.5)'
+    >>> label_with_params("OTA", {"epsilon": 1e-26})
+    'OTA'
+    """
+    shown = {k: v for k, v in params.items() if k not in ("epsilon", "seed", "fallback_to_base")}
+    if not shown:
+        return label
+    return f"{label} (" + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in shown.items()) + ")"
+
+
 def _cmd_figures(a: argparse.Namespace) -> int:
     from curvlens import zoo as zoo_mod
-    from curvlens.demo import analysis_frames, evaluate_and_merge
+    from curvlens.demo import DEMO_MERGES, analysis_frames, evaluate_and_merge
     from curvlens.views.figures import FRAME_KEYS, render_all
 
-    zoo = zoo_mod.build("quick" if a.quick else "default", progress=not a.quiet)
+    name = "quick" if a.quick else "default"
+    zoo = zoo_mod.build(name, progress=not a.quiet)
     experts = zoo.experts()
     table, merges = evaluate_and_merge(zoo, experts, device=a.device, progress=not a.quiet, echo=print)
     frames = analysis_frames(zoo, experts, merges, table, device=a.device, progress=not a.quiet, echo=print)
     frames = {k: v for k, v in frames.items() if k in FRAME_KEYS}  # the ones that have figures
-    written = render_all(frames, a.out, formats=a.formats, capability_map=zoo.capabilities)
+    labels = {label: label_with_params(label, params) for label, _, params in DEMO_MERGES}
+    frames["merge_table"] = frames["merge_table"].assign(model=frames["merge_table"]["model"].replace(labels))
+    desc = experts.describe()
+    source = (f"the {name} demo zoo (`{zoo.root.name}`: {len(zoo.expert_dirs)} experts, seed {zoo.seed}), built and "
+              f"analysed by `curvlens figures{' --quick' if a.quick else ''}`; the merges are the demo's"
+              + ("" if a.quick else ". The rendered notebook pages (`docs/notebooks/`) run on the quick zoo, "
+                 "so their numbers differ from these"))
+    written = render_all(frames, a.out, formats=a.formats, capability_map=zoo.capabilities,
+                         shapes=dict(zip(desc["name"], desc["shape"])), source=source)
     print(f"wrote {len(written)} files to {a.out} (captions in {a.out / 'README.md'})")
     return 0
 

@@ -25,7 +25,11 @@ from curvlens.math.blocks import block_size, blocks
 
 __all__ = ["fit_quadratic", "front_distance", "non_dominated", "predict_quadratic", "quadratic_features",
            "quadratic_losses", "quadratic_parts", "sample_coefficients", "scalarized_minimisers", "simplex_weights",
-           "tensor_grams"]
+           "squash", "tensor_grams", "unit_rows", "unsquash"]
+
+#: how far inside its range a bounded metric is clipped before the logit (an accuracy
+#: of exactly 0 or 1 would otherwise have an infinite logit)
+SQUASH_EPS = 0.02
 
 
 def tensor_grams(moments, task_vectors) -> torch.Tensor:
@@ -175,6 +179,36 @@ def fit_quadratic(coefficients, values) -> np.ndarray:
     return np.linalg.lstsq(x[ok], y[ok], rcond=None)[0]
 
 
+def squash(values, low: float = 0.0, high: float = 1.0, eps: float = SQUASH_EPS) -> np.ndarray:
+    """The logit of ``values`` rescaled from ``[low, high]`` to (0, 1), clipped to
+    ``[eps, 1 - eps]`` first: a bounded metric (an accuracy) on an unbounded scale,
+    where a quadratic surrogate can be fitted and its prediction mapped back into
+    the range by :func:`unsquash` (MAP squashes bounded metrics the same way).
+
+    Examples
+    --------
+    >>> squash([0.5, 1.0], eps=0.1).round(4).tolist()
+    [0.0, 2.1972]
+    """
+    if not high > low:
+        raise CurvlensError(f"squash: the range needs low < high; got ({low}, {high})")
+    u = (np.asarray(values, dtype=np.float64) - low) / (high - low)
+    u = np.clip(u, eps, 1.0 - eps)
+    return np.log(u) - np.log1p(-u)
+
+
+def unsquash(z, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """The inverse of :func:`squash` (up to its clipping): always inside ``[low, high]``.
+
+    Examples
+    --------
+    >>> unsquash(squash([0.3, 0.7])).round(6).tolist()
+    [0.3, 0.7]
+    """
+    z = np.asarray(z, dtype=np.float64)
+    return low + (high - low) / (1.0 + np.exp(-z))
+
+
 def predict_quadratic(weights, coefficients) -> np.ndarray:
     """The fitted quadratic at every row of ``coefficients``."""
     return quadratic_features(coefficients) @ np.asarray(weights, dtype=np.float64)
@@ -260,6 +294,18 @@ def sample_coefficients(n: int, k: int, low: float = 0.0, high: float = 1.0, see
     first = first[:n]
     rest = rng.uniform(low, high, size=(n - len(first), k))
     return np.concatenate([first, rest])
+
+
+def unit_rows(coefficients) -> np.ndarray:
+    """Boolean mask of the rows that are unit vectors eᵢ: each expert alone.
+
+    Examples
+    --------
+    >>> unit_rows([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 1.0]]).tolist()
+    [True, False, True, False]
+    """
+    c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
+    return (np.isclose(c, 0.0) | np.isclose(c, 1.0)).all(1) & np.isclose(c.sum(1), 1.0)
 
 
 def front_distance(a, b) -> float:
