@@ -55,9 +55,11 @@ class ChangeNorms:
         return self.delta / self.sq_ref ** 0.5 if self.sq_ref > 0 else math.nan
 
 
-def cast_checked(block: torch.Tensor, target: torch.dtype, name: str) -> torch.Tensor:
+def cast_checked(block: torch.Tensor, target: torch.dtype, name: str, *, what: str = "the output dtype") -> torch.Tensor:
     """``block`` (fp32) cast to ``target`` on the CPU; a value the target cannot
     hold (beyond fp16's 65504) is a CurvlensError naming tensor ``name``, never an Inf.
+    ``what`` says which dtype ``target`` is to the user (the output's, or the
+    one a config reads inputs in and computes in first).
 
     Examples
     --------
@@ -71,7 +73,7 @@ def cast_checked(block: torch.Tensor, target: torch.dtype, name: str) -> torch.T
         lo, hi = torch.aminmax(cast)
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             big = float(block.abs().max())
-            raise CurvlensError(f"tensor {name!r}: a merged value ({big:.4g}) overflows the output dtype "
+            raise CurvlensError(f"tensor {name!r}: a merged value ({big:.4g}) overflows {what} "
                                 f"{str(target).replace('torch.', '')} (largest {torch.finfo(target).max:.4g}); "
                                 "choose a wider dtype (float32 or bfloat16)")
     return cast
