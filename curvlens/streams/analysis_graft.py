@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import pandas as pd
 import torch
 
+from curvlens.arguments import real_arg
 from curvlens.errors import CurvlensError
 from curvlens.streams.analysis_common import (
     FFG_VS_MAGNITUDE_COLUMNS, GRAFT_SWEEP_COLUMNS, check_criteria, check_densities, frame,
@@ -51,7 +52,7 @@ def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[s
     if "capability" not in result.columns or col is None:
         raise CurvlensError(f"{where} returned columns {list(result.columns)}; expected capability and "
                             "score (or accuracy)")
-    return [(str(c), float(s)) for c, s in zip(result["capability"], result[col])]
+    return [(str(c), real_arg(f"{where}: {col} of {c!r}", s)) for c, s in zip(result["capability"], result[col])]
 
 
 def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callable | None = None, *,

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from curvlens.arguments import bounds_arg, callable_arg, finite_array, int_arg, names_arg
 from curvlens.errors import CurvlensError
 from curvlens.math.fronts import (
     fit_quadratic,
@@ -38,7 +39,7 @@ from curvlens.math.fronts import (
     tensor_grams,
 )
 from curvlens.streams.experts import Experts, resolve_device
-from curvlens.streams.sweep import sweep, wide_scores
+from curvlens.streams.sweep import check_work_dir, scored_jobs, sweep
 
 PREDICTORS = ("surrogate", "curvature")
 
@@ -170,7 +171,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
                  metrics: Sequence[str] | None = None, n_samples: int | None = None, n_checks: int | None = None,
                  n_dense: int = 2000, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                  grams=None, client=None, n_workers: int = 2, work_dir=None, device="auto",
-                 progress: bool = True, **merge_kwargs) -> FrontResult:
+                 progress: bool = True, inputs=(), **merge_kwargs) -> FrontResult:
     """The predicted Pareto front of task-arithmetic merges θ₀ + Σⱼ cⱼ τⱼ over c.
 
     Parameters
@@ -207,13 +208,18 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
     grams : array (k, k, k), optional
         The curvature predictor's :func:`gram_matrices` of these experts, when
         already computed (e.g. ``result.grams`` of an earlier call): no pass then.
-    client, n_workers, work_dir, **merge_kwargs
-        As :func:`curvlens.streams.sweep.sweep` (every evaluation is a sweep job).
+    client, n_workers, work_dir, inputs, **merge_kwargs
+        As :func:`curvlens.streams.sweep.sweep` (every evaluation is a sweep job;
+        ``work_dir`` is checked against the inputs before any work).
 
     Returns
     -------
     FrontResult
     """
+    if not isinstance(experts, Experts):
+        raise CurvlensError(f"pareto_front takes an Experts; got a {type(experts).__name__}")
+    if evaluate is not None:
+        callable_arg("evaluate", evaluate, "model_dir -> {metric: float}")
     names = experts.names
     k = len(names)
     if predictor is None:
@@ -224,7 +230,17 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         raise CurvlensError("the surrogate (MAP) predictor needs evaluate")
     if experts.base is None:
         raise CurvlensError("pareto_front needs a base model: theta(c) = theta_0 + sum_j c_j tau_j")
-    low, high = (float(b) for b in bounds)
+    low, high = bounds_arg("bounds", bounds)
+    n_samples = int_arg("n_samples", n_samples, lo=0, allow_none=True)
+    n_checks = int_arg("n_checks", n_checks, lo=0, allow_none=True)
+    n_dense = int_arg("n_dense", n_dense, lo=1)
+    seed = int_arg("seed", seed, lo=0)
+    metrics = names_arg("metrics", metrics) if metrics is not None else None
+    if capabilities is not None and not isinstance(capabilities, Mapping):
+        raise CurvlensError(f"capabilities must be a mapping expert -> metric; got {capabilities!r}")
+    if grams is not None:
+        grams = finite_array("grams", grams, (k, k, k))
+    check_work_dir(work_dir, experts, evaluate, inputs)
     n_feat = quadratic_features(np.zeros((1, k))).shape[1]
     if n_samples is None:
         n_samples = 2 * n_feat if predictor == "surrogate" else (8 if evaluate is not None else 0)
@@ -237,7 +253,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
     if predictor == "surrogate" and n_samples < 2:
         raise CurvlensError(f"the surrogate needs n_samples >= 2 evaluations; got {n_samples}")
     coef_cols = [f"c_{n}" for n in names]
-    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, device=device, **merge_kwargs)
+    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, device=device, inputs=inputs,
+              **merge_kwargs)
     own = client == "local"
     if own:  # one cluster for both rounds
         from curvlens.streams.sweep import local_client
@@ -251,9 +268,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         if predictor == "curvature":
             if grams is None:
                 grams = gram_matrices(experts, device=device, progress=progress)
-            grams = np.asarray(grams, dtype=np.float64)
-            if grams.shape != (k, k, k):
-                raise CurvlensError(f"grams must have shape {(k, k, k)} for {k} experts; got {grams.shape}")
+            # sums of v * tau * tau can overflow: a non-finite matrix is an error, not a NaN front
+            grams = finite_array("grams (the experts' Gram matrices)", grams, (k, k, k))
             objectives = [f"loss_{n}" for n in names]
 
             predict = _Predict(grams=grams)
@@ -263,7 +279,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
             c = sample_coefficients(n_samples, k, low, high, seed=seed)
             df = sweep(experts, _jobs(c, names, "sample"), evaluate, **kw)
             sweeps.append(df.assign(role="sample"))
-            sampled = _measured(df, c, coef_cols, "sample")
+            sampled = _measured(df, c, coef_cols, "sample", metrics)
         if predictor == "surrogate":
             ok = sampled[sampled["status"] == "ok"]
             if metrics is None:
@@ -298,7 +314,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
             picks = front_c[_spread(front_c, n_checks, done)]  # away from what was evaluated
             df = sweep(experts, _jobs(picks, names, "check"), evaluate, **kw)
             sweeps.append(df.assign(role="check"))
-            parts.append(_measured(df, picks, coef_cols, "check"))
+            parts.append(_measured(df, picks, coef_cols, "check", metrics))
     finally:
         if own:
             cluster = kw["client"].cluster
@@ -328,11 +344,10 @@ class _Predict:
         return np.stack([predict_quadratic(w, c) for w in self.surrogates], axis=1)
 
 
-def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str) -> pd.DataFrame:
-    wide = wide_scores(df)
-    errors = df.drop_duplicates("job").set_index("job")["error"]
+def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str, metrics=None) -> pd.DataFrame:
+    # a job lacking a metric the surrogate fits is an error row that says so
+    wide = scored_jobs(df, metrics, "the surrogate")
     wide.insert(0, "role", role)
-    wide.insert(3, "error", wide["job"].map(errors))
     c = pd.DataFrame(coefs[wide["job"].to_numpy()], columns=coef_cols)
     return pd.concat([wide.drop(columns="job").reset_index(drop=True), c], axis=1)
 

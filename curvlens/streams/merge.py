@@ -18,15 +18,17 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
+from curvlens.io.atomic import claim_output
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks, tensor_seed
 from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
 from curvlens.runtime import use_threads
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.math.methods.inputs import check_arity
+from curvlens.math.methods.params import per_tensor_keys
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
-from curvlens.math.checks import weight_problems
+from curvlens.math.checks import equal_buffer, weight_problems
 from curvlens.roles import param_role
 from curvlens.streams.merge_tokenizer import tokenizer_files
 from curvlens.tensor_filter import TensorFilter, tensor_actions
@@ -220,7 +222,8 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     if not isinstance(method, str):
         raise CurvlensError(f"method must be a method name (str); got {method!r}")
     m = get_method(method)
-    p = resolve_params(m, params, len(experts))
+    # parameters that vary by tensor are checked per tensor (a required one, slerp's t, too)
+    p = resolve_params(m, params, len(experts), per_tensor=per_tensor_keys(tensor_params, experts.tensor_names()))
     if m.needs_base and experts.base is None:
         raise CurvlensError(f"merge method {method!r} needs a base model; the Experts have none")
     check_arity(m, experts.base is not None, len(experts))  # e.g. slerp: one expert
@@ -230,6 +233,9 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     out_dtype = parse_dtype(dtype)
     in_dtype = parse_dtype(input_dtype)
     dev = resolve_device(device)
+    if out is not None:  # before any work: never onto or into an input of the job
+        source = tokenizer[0] if tokenizer[0] not in (None, "base", "union") else None
+        claim_output(out, [experts, source], overwrite=overwrite)
     per_tensor = _TensorParams(m, params, p, tensor_params, len(experts))
     if in_dtype is not None:
         experts = experts.rounded(in_dtype)
@@ -252,8 +258,8 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     if out is not None:
         import yaml
 
-        config = config_text or yaml.safe_dump(_config(m, full, requested, out_dtype, tensors, in_dtype),
-                                               sort_keys=False)
+        config = config_text or (_CALLABLE_NOTE if tensor_params is not None else "") + yaml.safe_dump(
+            _config(m, full, requested, out_dtype, tensors, in_dtype), sort_keys=False)
         tok_dir, tok_files = tokenizer_files(full, ref_dir, *tokenizer)
         # every output name, shape and dtype is known now: stream the bytes unbuffered
         plan = [(n, ref.shape(n), _out_dtype(_stored(experts, n), out_dtype)) for n in experts.tensor_names()]
@@ -279,19 +285,22 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
                 pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
             target = _out_dtype(_stored(experts, g.name), out_dtype)
             # as mergekit: a method's result is in the input dtype, then cast to out_dtype
-            merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target)
+            merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target,
+                                     "the input dtype (the config's dtype, in which the merge is computed "
+                                     f"before the cast to {target})" if in_dtype not in (None, target) else
+                                     "the output dtype")
             if merged.is_floating_point() and merged.dtype != target:
-                merged = merged.to(target)
+                merged = cast_checked(merged, target, g.name)
             rows.append(row)
             if writer is not None:
-                writer.add(g.name, merged)
+                writer.add(g.name, merged, made_by=f"the {method} merge")
             else:
                 kept_tensors[g.name] = merged
         for n, a in _taken(actions):
             taken, row = _take_one(full, n, a, out_dtype)
             rows.append(row)
             if writer is not None:
-                writer.add(n, taken)
+                writer.add(n, taken, made_by=f"tensors rule: taken from {a}")
             else:
                 kept_tensors[n] = taken
         rows += [_left_out_row(full, n, a) for n, a in actions.items() if a in ("drop", "excluded")]
@@ -302,6 +311,10 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     report["layer"] = report["layer"].astype("Int64")
     extra = {"selections": selections} if selections is not None else {}
     return MergeResult(ckpt, report, method, p, thresholds, Path(out) if out is not None else None, extra)
+
+
+_CALLABLE_NOTE = ("# curvlens: parameters that vary by tensor came from a Python callable (tensor_params); this "
+                  "config states only the constant ones and does not re-run the same merge\n")
 
 
 class _TensorParams:
@@ -432,7 +445,8 @@ def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts) -> torch.Tensor:
         raise CurvlensError(f"tensor {g.name!r}: {err}") from err
 
 
-def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> tuple[torch.Tensor, dict]:
+def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype,
+               what: str = "the output dtype") -> tuple[torch.Tensor, dict]:
     """Merge one tensor; returns it on the CPU in ``target`` dtype, with its report row.
 
     The method gets the tensors in their stored dtype and works in cache-sized
@@ -441,8 +455,8 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
     """
     stats = _Stats(len(names))
     if not g.experts[0].is_floating_point():
-        # integer/bool buffers cannot be averaged: carry the base's (or first expert's)
-        merged = g.base if g.base is not None else g.experts[0]
+        # integer/bool buffers cannot be averaged: every model must hold the same (else a tensors rule)
+        merged = equal_buffer(g.name, g.base, g.experts, names)
         return merged.to("cpu"), stats.row(g, names, merged=False)
     merged = _call(m, g, p, dev, stats.counts)
     flat_merged = merged.reshape(-1)
@@ -453,7 +467,7 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
         block = flat_merged[sl]
         stats.norms.add(block, reference_block(g.base, g.experts, sl))
         if not keep_as_is:
-            flat_out[sl] = cast_checked(block, target, g.name)
+            flat_out[sl] = cast_checked(block, target, g.name, what=what)
     if not stats.norms.finite:
         raise CurvlensError(f"tensor {g.name!r}: the {m.name} merge produced non-finite values "
                             f"({int((~torch.isfinite(merged)).sum())} of {merged.numel()})")
@@ -500,11 +514,15 @@ def _config(m, experts: Experts, p: dict, out_dtype, tensors=None, in_dtype=None
     if all(q is not None for q in paths):
         if experts.base is not None and experts.base.path is not None:
             cfg["base_model"] = str(experts.base.path)
+            if m.base_role == "input":  # mergekit would average it: here it was the reference only
+                cfg["base_model_role"] = "reference"
         cfg["models"] = []
         for e, q, mp in zip(experts.experts, paths, per_model):
             if m.needs_moments and e.moments is not None and e.moments.path is not None:
                 mp = {**mp, "preconditioner_path": str(e.moments.path)}
             cfg["models"].append({"model": str(q), **({"parameters": mp} if mp else {})})
+    if m.needs_moments and all(e.moments is not None and e.moments.bias_corrected for e in experts.experts):
+        top = {**top, "bias_correction": True}
     cfg["parameters"] = top
     rules = list(tensors.items()) if hasattr(tensors, "items") else list(tensors or [])
     if rules:

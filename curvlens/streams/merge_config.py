@@ -19,7 +19,9 @@ resolved per tensor name by the streaming driver. A config's ``base_model`` is
 what the method's ``base_role`` says (:class:`~curvlens.math.methods.MergeMethod`):
 the reference of the task vectors (a base also listed under ``models`` is left
 out, as mergekit and the fork do), one more averaged model (``linear``: mergekit
-adds an unlisted base to the average) or unused.
+adds an unlisted base to the average) or unused. curvlens's ``base_model_role:
+reference`` says a ``linear`` base is the reference only, never averaged (what
+``cl.merge`` does with a base, and what the config it saves states).
 
 ``slices`` with ``merge_method: passthrough`` stack layer ranges of the models
 (:mod:`curvlens.streams.stack`). ``dtype`` is the dtype the inputs are read in
@@ -47,12 +49,13 @@ from typing import Any
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import PathLike
 from curvlens.math.methods import get_method
+from curvlens.math.methods.params import check_value_forms
 from curvlens.streams.experts import Experts, expert_names
 from curvlens.streams.param_settings import TensorParams, check_setting, is_constant, number_converter
 from curvlens.tensor_filter import TensorFilter
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source",
-             "tokenizer", "chat_template", "out_dtype", "tensors"}
+_TOP_KEYS = {"merge_method", "base_model", "base_model_role", "models", "slices", "parameters", "dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "out_dtype", "tensors"}
 # mergekit keys curvlens refuses, and why
 _REFUSED_TOP = {
     "modules": "mergekit's per-module configs (multimodal models with several modules) are not supported",
@@ -187,15 +190,17 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         from_slices = True
     else:
         from_slices = False
-    if str(cfg["merge_method"]) == "passthrough":
-        raise CurvlensError(f"{where}: merge_method 'passthrough' takes 'slices' (layer ranges to stack); "
-                            "with 'models' mergekit copies a single model, use that model instead")
+    if str(cfg["merge_method"]) == "passthrough" and (cfg.get("base_model") or not isinstance(cfg.get("models"), list)
+                                                     or len(cfg["models"]) != 1):
+        raise CurvlensError(f"{where}: merge_method 'passthrough' with 'models' copies exactly one model (times "
+                            "its scale), with no base_model, as mergekit; stack layer ranges with 'slices'")
     method = get_method(str(cfg["merge_method"]))
     models = cfg.get("models") or []
     if not isinstance(models, list) or not models:
         raise CurvlensError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: ...}}")
 
     base = local(cfg["base_model"], "base_model") if cfg.get("base_model") else None
+    base_role = _base_role(cfg, method, base, where)
     notes: list[str] = []
     top = _mapping(cfg.get("parameters"), f"{where}: 'parameters'")
     bias_correction = top.pop("bias_correction", False)
@@ -204,6 +209,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
     top = {k: check_setting(where, k, v) for k, v in top.items()}
     for k in top:
         _default(method, k, where)  # an unknown name fails here, naming the method
+        check_value_forms(_spec(method, k), f"{where}: parameters.{k}", top[k])
 
     dirs, moments, per_model, seen = [], [], [], {}
     base_listed = False
@@ -217,7 +223,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         mp = _mapping(entry.get("parameters"), f"{where}: models[{i}].parameters")
         if base is not None and d == base:
             base_listed = True
-            if method.base_role == "reference":
+            if base_role == "reference":
                 # as mergekit and the fork: the base contributes no task vector
                 if mp:
                     notes.append(f"models[{i}] is the base model: left out of the merge as the reference, "
@@ -232,13 +238,17 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
             notes.append(f"models[{i}].parameters.weight: {method.name} has no weight; ignored, as mergekit "
                          "and the OTA fork ignore it")
         mp = {k: check_setting(f"{where} models[{i}]", k, v) for k, v in mp.items()}
+        for k, v in mp.items():
+            if k not in _PATH_PARAMS:  # read by the loader, whatever the method
+                _default(method, k, where)
+                check_value_forms(_spec(method, k), f"{where}: models[{i}].parameters.{k}", v)
         pre = mp.pop("preconditioner_path", None)
         if pre is not None and not is_constant(pre):
             raise CurvlensError(f"{where}: models[{i}].parameters.preconditioner_path must be one path")
         moments.append(local(pre, f"models[{i}].parameters.preconditioner_path") if pre else None)
         dirs.append(d)
         per_model.append(mp)
-    if base is not None and not base_listed and method.base_role == "input" and not from_slices:
+    if base is not None and not base_listed and base_role == "input" and not from_slices:
         # mergekit adds an unlisted base model as one more input (top-level parameters only)
         notes.append(f"base_model is averaged as one more model, as mergekit's {method.name} does")
         dirs.append(base)
@@ -264,6 +274,22 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
                        out_dtype, bias_correction, text, tensors, input_dtype=input_dtype,
                        tensor_params=tensor_params, tokenizer_source=tok_source, chat_template=chat,
                        pad_to_multiple_of=pad, notes=tuple(notes))
+
+
+def _base_role(cfg: dict, method, base, where: str) -> str:
+    """What ``base_model`` is to the merge: the method's ``base_role``, or
+    ``reference`` where ``base_model_role`` says so for a method that would
+    average it (``linear``)."""
+    role = cfg.get("base_model_role")
+    if role is None:
+        return method.base_role
+    if base is None:
+        raise CurvlensError(f"{where}: base_model_role is given without a base_model")
+    allowed = ["reference", "input"] if method.base_role == "input" else [method.base_role]
+    if role not in allowed:
+        raise CurvlensError(f"{where}: base_model_role {role!r} is not valid for {method.name}; expected one of "
+                            f"{allowed} (its base is the {method.base_role!r})")
+    return role
 
 
 def _has_param(method, key: str) -> bool:
@@ -315,19 +341,13 @@ def _params(method, top: dict, per_model: list, where: str, ref_dir: Path):
 def _n_layers(model_dir: Path) -> int:
     """Layers of a model: ``num_hidden_layers`` of its config.json, else one more
     than the largest layer index among its tensor names."""
-    import json
-
+    from curvlens.io.architecture import read_config
     from curvlens.io.checkpoint import Checkpoint
     from curvlens.roles import param_role
 
-    cfg = model_dir / "config.json"
-    if cfg.is_file():
-        try:
-            n = json.loads(cfg.read_text()).get("num_hidden_layers")
-        except (ValueError, AttributeError):
-            n = None
-        if isinstance(n, int) and n > 0:
-            return n
+    n = (read_config(model_dir) or {}).get("num_hidden_layers")  # read inside the model dir only
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
     layers = [param_role(k)[0] for k in Checkpoint.open(model_dir).keys()]
     layers = [x for x in layers if x is not None]
     return max(layers) + 1 if layers else 0

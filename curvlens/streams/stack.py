@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from curvlens.errors import CurvlensError
+from curvlens.math.methods import get_method
+from curvlens.math.methods.params import check_value_forms
 from curvlens.roles import param_role
 from curvlens.streams.param_settings import UNSET, check_setting, evaluate, number_converter
 
@@ -95,7 +97,7 @@ class StackPlan:
         for scope in (s.params, s.slice_params, self.top):
             v = evaluate(scope.get("scale"), name, t, conv)
             if v is not UNSET:
-                return float(v)
+                return _real(f"scale of {name!r}", v)
         return None
 
     def run(self, out, *, overwrite: bool = False, max_shard_size="1GB", progress: bool = True) -> Path:
@@ -133,7 +135,7 @@ class StackPlan:
                     if scale is not None:
                         x = x * scale
                     x = cast_checked(x, target(ckpts[s.model], i), o)
-                w.add(o, x)
+                w.add(o, x, made_by=f"{s.model}'s tensor {i!r} times scale {scale!r}" if x.is_floating_point() else None)
         return Path(out)
 
 
@@ -159,7 +161,10 @@ def _params(value: Any, where: str) -> dict:
     if extra:
         raise CurvlensError(f"{where}: unknown parameter(s) {extra} for merge method 'passthrough'; "
                             "expected 'scale'")
-    return {k: check_setting(where, k, v) for k, v in value.items()}
+    out = {k: check_setting(where, k, v) for k, v in value.items()}
+    for k, v in out.items():  # every value in every form, before any tensor is read
+        check_value_forms(get_method("passthrough").param(k), f"{where}.{k}", v)
+    return out
 
 
 def load_stack(cfg: dict, where: str, text: str, local):

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from curvlens.arguments import bool_arg, callable_arg, int_arg, nonempty_arg
 from curvlens.errors import CurvlensError
+from curvlens.io.atomic import check_output, gather_inputs
 from curvlens.streams.experts import Expert, Experts, _progress
 
 #: Columns every sweep frame has, in order; the jobs' parameters come between
@@ -61,6 +63,8 @@ def sweep_grid(method: str, **axes) -> list[dict]:
         raise CurvlensError(f"sweep_grid: method must be a method name; got {method!r}")
     names = list(axes)
     values = [list(v) if isinstance(v, (list, tuple)) else [v] for v in axes.values()]
+    for k, v in zip(names, values):
+        nonempty_arg(f"sweep_grid: axis {k!r}", v, "value to sweep")
     return [{"method": method, **dict(zip(names, combo))} for combo in itertools.product(*values)]
 
 
@@ -136,6 +140,7 @@ def _short(v) -> str:
 def _check_jobs(grid) -> list[dict]:
     if isinstance(grid, Mapping) or not isinstance(grid, Sequence):
         raise CurvlensError("grid must be a list of job dicts ({'method': ..., **params}; see sweep_grid)")
+    nonempty_arg("grid", grid, "job ({'method': ..., **params}; see sweep_grid)")
     jobs = []
     for i, job in enumerate(grid):
         if not isinstance(job, Mapping) or not isinstance(job.get("method"), str):
@@ -218,11 +223,13 @@ def _scores(scores) -> dict[str, float]:
             out[str(k)] = float(v)
         except (TypeError, ValueError):
             raise CurvlensError(f"evaluate returned {v!r} for metric {k!r}; expected a number") from None
+        if not np.isfinite(out[str(k)]):
+            raise CurvlensError(f"evaluate returned {v!r} for metric {k!r}; expected a finite number")
     return out
 
 
 def sweep(experts: Experts, grid: Sequence[Mapping], evaluate: Evaluate, out_dir=None, client=None, *,
-          n_workers: int = 2, keep: bool = False, progress: bool = True, **merge_kwargs) -> pd.DataFrame:
+          n_workers: int = 2, keep: bool = False, progress: bool = True, inputs=(), **merge_kwargs) -> pd.DataFrame:
     """Merge and evaluate every job of ``grid``; one tidy row per job and metric.
 
     Parameters
@@ -245,6 +252,10 @@ def sweep(experts: Experts, grid: Sequence[Mapping], evaluate: Evaluate, out_dir
         Client: its cluster, whatever it is.
     keep : bool
         Keep each successful job's merged model (its path in ``model_dir``).
+    inputs : path or list of path
+        Other files the jobs read (an evaluator's data; an evaluator with an
+        ``input_paths()`` method declares its own): ``out_dir`` may not be or lie
+        inside them, nor inside the experts' dirs. Checked before any job runs.
     **merge_kwargs
         Passed to every :func:`curvlens.merge` (``device``, ``dtype``, ``threads``,
         ``tensors``); a job's own parameters win.
@@ -270,11 +281,12 @@ def sweep(experts: Experts, grid: Sequence[Mapping], evaluate: Evaluate, out_dir
     """
     if not isinstance(experts, Experts):
         raise CurvlensError(f"sweep takes an Experts; got a {type(experts).__name__}")
-    if not callable(evaluate):
-        raise CurvlensError(f"evaluate must be callable (model_dir -> dict); got {evaluate!r}")
-    if keep and out_dir is None:
+    callable_arg("evaluate", evaluate, "model_dir -> {metric: float}")
+    if bool_arg("keep", keep) and out_dir is None:
         raise CurvlensError("keep=True needs out_dir (where the kept models go)")
+    int_arg("n_workers", n_workers, lo=1)
     jobs = _check_jobs(grid)
+    check_work_dir(out_dir, experts, evaluate, inputs)
     out = str(out_dir) if out_dir is not None else None
     t0 = time.perf_counter()
     if client is None:
@@ -378,6 +390,31 @@ def _frame(rows: list[dict], jobs: list[dict]) -> pd.DataFrame:
     for col in ("value", "merge_s", "eval_s", "seconds"):
         df[col] = df[col].astype(float)
     return df
+
+
+def check_work_dir(out_dir, *sources) -> None:
+    """Refuse a jobs' ``out_dir`` that is or lies inside an input (the experts'
+    dirs, an evaluator's declared data, extra paths): before any job, nothing made."""
+    if out_dir is not None:
+        check_output(out_dir, gather_inputs(*sources), replaces=False)
+
+
+def scored_jobs(df: pd.DataFrame, metrics: Sequence[str] | None, purpose: str) -> pd.DataFrame:
+    """One row per job (:func:`wide_scores`) with its ``error``; a job that ran but
+    returned none of some of ``metrics`` (an evaluator that stopped returning a
+    metric) becomes ``status == "error"`` saying which, never a silent NaN."""
+    wide = wide_scores(df)
+    errors = df.drop_duplicates("job").set_index("job")["error"]
+    wide.insert(3, "error", wide["job"].map(errors).astype(object))
+    returned = df[df["metric"].notna()].groupby("job")["metric"].agg(set)
+    for i in wide.index[wide["status"] == "ok"]:
+        got = returned.get(wide.at[i, "job"], set())
+        lacking = [m for m in metrics or () if m not in got]
+        if lacking:
+            wide.at[i, "status"] = "error"
+            wide.at[i, "error"] = (f"evaluate returned metric(s) {sorted(got)} but not {lacking}, which "
+                                   f"{purpose} pools")
+    return wide
 
 
 def wide_scores(df: pd.DataFrame) -> pd.DataFrame:
