@@ -421,6 +421,9 @@ def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
     if spec is None or all(d is None for d in p[spec.density]):
         return None
     densities = p[spec.density]
+    if experts.base is None:
+        raise CurvlensError(f"{spec.density} selects task-vector entries model-wide: it needs a base model "
+                            "(task vectors are theta_i - theta_0)")
     if any(d is None for d in densities):
         raise CurvlensError(f"{spec.density} must be given for every expert or none; got {densities}")
     compress = {}
