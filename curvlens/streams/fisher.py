@@ -30,6 +30,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.io.architecture import read_config
 from curvlens.io.atomic import check_output
+from curvlens.io.paths import is_inside
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.moments import EXPORT_RELPATH, Moments
 from curvlens.io.writer import write_tensor_file
@@ -214,6 +215,10 @@ def _check_out(file: Path, model_dir: Path | None, overwrite: bool) -> None:
         raise CurvlensError(f"output {file}: lies beside the weights of the model dir {model_dir}; "
                             f"write the Fisher to a dir (it goes to <dir>/{EXPORT_RELPATH.as_posix()}) "
                             "or a file elsewhere")
+    if model_dir is not None and is_inside(real, model_dir.resolve()) \
+            and real != model_dir.resolve() / EXPORT_RELPATH:
+        raise CurvlensError(f"output {file} lies inside the input model dir {model_dir}; only "
+                            f"<model dir>/{EXPORT_RELPATH.as_posix()} (out=the model dir) goes there")
     check_output(file, _model_files(model_dir), is_file=True)
     if (real.exists() or real.is_symlink()) and not overwrite:
         raise CurvlensError(f"{file} already exists; pass overwrite=True to replace it")
