@@ -219,6 +219,8 @@ def _scores(scores) -> dict[str, float]:
         raise CurvlensError("evaluate returned no metrics")
     out = {}
     for k, v in scores.items():
+        if isinstance(v, (str, bytes, bool)):
+            raise CurvlensError(f"evaluate returned {v!r} for metric {k!r}; expected a number")
         try:
             out[str(k)] = float(v)
         except (TypeError, ValueError):
