@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from curvlens import Checkpoint, CurvlensError, Experts, Moments, merge
+from curvlens.math.methods import get_method
 from curvlens.streams.analysis import curvature_overlap, mask_stats
 from curvlens.streams.experts import Expert
 from curvlens.streams.merge_config import load_merge_config
@@ -372,7 +373,7 @@ def test_a_merge_config_merges_as_the_python_call_or_is_refused_naming_why(small
         with pytest.raises(CurvlensError, match=YAML_DEFECTS[defect][1]):
             run()
         return
-    m = __import__("curvlens.math.methods", fromlist=["get_method"]).get_method(method)
+    m = get_method(method)
     ex = Experts.from_dirs(base if method != "fisher" else None, dirs, moments=m.needs_moments)
     py = {k: (float(v) if k == "epsilon" else v) for k, v in params.items()}
     want = merge(ex, method, device="cpu", progress=False, dtype=dtype, input_dtype=dtype, **py).checkpoint

@@ -3,6 +3,7 @@ good config or command, exits 2 with one line on stderr that names it, and
 leaves no output behind."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -49,7 +50,7 @@ def test_each_planted_defect_is_one_line_and_exit_2(zoo, defect, overwrite):
         (d / "c.yml").write_text(yaml.safe_dump(cfg))
         err = _run_main(["merge", str(d / "c.yml"), str(d / "o"), "--quiet", "--device", "cpu"]
                         + (["--overwrite"] if overwrite else []), expect=2)
-        assert __import__("re").search(match, err), (defect, err)
+        assert re.search(match, err), (defect, err)
         assert not (d / "o").exists()
 
 

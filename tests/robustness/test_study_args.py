@@ -14,10 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curvlens import CurvlensError, Experts
+from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.streams.analysis_graft import graft_sweep
 from curvlens.streams.findings import FRAME_COLUMNS, UNTESTED, findings
 from curvlens.streams.fronts import pareto_front
+from curvlens.streams.prediction import merge_retention
+from curvlens.streams.regime import regime_verdict
 from curvlens.streams.soup import greedy_soup
 from curvlens.streams.sparse_soup import sparse_soup
 from curvlens.streams.sweep import sweep, sweep_grid
@@ -143,7 +145,7 @@ def test_inconsistent_metric_keys_name_the_missing_metric(tiny):
     class Keys(DistanceScore):
         def __call__(self, model_dir):
             out = super().__call__(model_dir)
-            w = __import__("curvlens").Checkpoint.open(model_dir)["w"].tolist()
+            w = Checkpoint.open(model_dir)["w"].tolist()
             return {"x": out["x"]} if w == [0.0, 1.0] else out  # expert b alone: no y
 
     res = greedy_soup(_ex(tiny, base=False), Keys({"x": [0.5, 0.5], "y": [0.5, 0.5]}), **KW)
@@ -316,3 +318,18 @@ def test_an_exclude_that_leaves_nothing_is_refused(tiny):
         Experts.from_dirs(b, dirs, exclude="w")
     with pytest.raises(CurvlensError, match="leave no floating-point tensor"):
         _ex(tiny).without("name:w")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: regime_verdict(pd.DataFrame({"q": [1]})),
+     r"table lacks column\(s\) \['scope', 'metric', 'value'\]"),
+    (lambda: regime_verdict([1]), "table must be a DataFrame"),
+    (lambda: merge_retention(
+        pd.DataFrame({"model": ["expert: a"], "capability": ["x"], "accuracy": [1.0]}), ["a"]),
+     "capabilities must be a mapping"),
+    (lambda: merge_retention(pd.DataFrame(), {"a": "x"}),
+     "scores is empty"),
+])
+def test_the_regime_and_retention_frames_are_checked(call, match):
+    with pytest.raises(CurvlensError, match=match):
+        call()

@@ -4,6 +4,8 @@ and the error names the tensor and what made it; from the CLI, exit 2 and no
 output."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -82,7 +84,7 @@ def test_a_slice_scale_that_is_not_a_finite_number_never_writes(zoo, tmp_path, c
     assert main(["merge", str(tmp_path / "s.yml"), str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert __import__("re").search(match, err), err
+    assert re.search(match, err), err
     assert not (tmp_path / "o").exists()
 
 
