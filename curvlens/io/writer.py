@@ -11,8 +11,8 @@ into a partial dir beside the target
 (:class:`curvlens.io.atomic.AtomicDir`), renamed into place only when complete:
 an exception, SIGINT or SIGTERM half-way leaves nothing behind, an existing
 target is never touched without ``overwrite=True``, and an output that is,
-contains or lies inside an input (``inputs=``, and the dirs the config and
-tokenizer files are copied from) is refused. :func:`write_tensor_file` writes one
+contains or lies inside an input (``inputs=``, and the config and tokenizer
+files copied beside the weights) is refused. :func:`write_tensor_file` writes one
 safetensors file (moments, a Fisher) under the same two rules.
 """
 from __future__ import annotations
@@ -112,8 +112,9 @@ class ModelWriter:
         writes; ``add`` then checks each tensor against the plan.
     inputs : sequence of path, optional
         The models (and moments) the written tensors come from: ``out`` may not
-        be, contain or lie inside any of them, even with ``overwrite``
-        (``reference_dir`` and ``tokenizer_dir`` are inputs too, always).
+        be, contain or lie inside any of them, even with ``overwrite`` (the
+        config and tokenizer files copied from ``reference_dir`` and
+        ``tokenizer_dir`` are inputs too, always).
     tokenizer_dir : path, optional
         Dir whose tokenizer files are copied instead of ``reference_dir``'s
         (a merge's ``tokenizer_source``).
@@ -142,8 +143,10 @@ class ModelWriter:
         self.overwrite = overwrite
         self.extra_files = dict(extra_files or {})
         self.config_overrides = dict(config_overrides or {})
-        self._atomic = AtomicDir(self.out, overwrite=overwrite,
-                                 inputs=[*inputs, self.reference_dir, self.tokenizer_dir])
+        # the files copied beside the weights are inputs too (their dirs may hold the output)
+        copied = [d / f for d in (self.reference_dir, self.tokenizer_dir) if d is not None
+                  for f in REFERENCE_FILES if os.path.lexists(d / f)]
+        self._atomic = AtomicDir(self.out, overwrite=overwrite, inputs=[*inputs, *copied])
         self._tmp: Path | None = None
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0

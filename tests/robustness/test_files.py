@@ -292,3 +292,16 @@ def test_a_tensor_file_is_never_written_over_an_input_or_a_dir(tmp_path):
         write_tensor_file({"w": torch.ones(2)}, tmp_path / "in.safetensors", overwrite=True,
                           inputs=[tmp_path / "in.safetensors"])
     assert (tmp_path / "in.safetensors").read_bytes() == b"x"
+
+
+def test_a_merge_may_write_beside_single_file_checkpoints(tmp_path):
+    """Single-file experts: their dir is not an input, their files are."""
+    from safetensors.torch import save_file
+
+    for n, x in (("a", 1.0), ("b", 3.0)):
+        save_file({"w": torch.full((2,), x)}, str(tmp_path / f"{n}.safetensors"))
+    ex = Experts.from_dirs(None, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], moments=False)
+    res = merge(ex, "linear", tmp_path / "merged", **KW)
+    assert torch.equal(res.checkpoint["w"], torch.full((2,), 2.0))
+    with pytest.raises(CurvlensError, match="is the input"):
+        merge(ex, "linear", tmp_path / "a.safetensors", overwrite=True, **KW)
