@@ -21,7 +21,7 @@ from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.atomic import claim_output
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks, tensor_seed
-from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
+from curvlens.math.merge_report import ChangeNorms, cast_checked, cast_words, reference_block
 from curvlens.runtime import use_threads
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.math.methods.inputs import check_arity
@@ -285,10 +285,7 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
                 pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
             target = _out_dtype(_stored(experts, g.name), out_dtype)
             # as mergekit: a method's result is in the input dtype, then cast to out_dtype
-            merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target,
-                                     "the input dtype (the config's dtype, in which the merge is computed "
-                                     f"before the cast to {target})" if in_dtype not in (None, target) else
-                                     "the output dtype")
+            merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target, cast_words(in_dtype, target))
             if merged.is_floating_point() and merged.dtype != target:
                 merged = cast_checked(merged, target, g.name)
             rows.append(row)
@@ -449,7 +446,7 @@ def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts) -> torch.Tensor:
 
 
 def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype,
-               what: str = "the output dtype") -> tuple[torch.Tensor, dict]:
+               words: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Merge one tensor; returns it on the CPU in ``target`` dtype, with its report row.
 
     The method gets the tensors in their stored dtype and works in cache-sized
@@ -470,7 +467,7 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype,
         block = flat_merged[sl]
         stats.norms.add(block, reference_block(g.base, g.experts, sl))
         if not keep_as_is:
-            flat_out[sl] = cast_checked(block, target, g.name, what=what)
+            flat_out[sl] = cast_checked(block, target, g.name, **(words or {}))
     if not stats.norms.finite:
         raise CurvlensError(f"tensor {g.name!r}: the {m.name} merge produced non-finite values "
                             f"({int((~torch.isfinite(merged)).sum())} of {merged.numel()})")
