@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from curvlens.errors import CurvlensError
+from curvlens.io.atomic import claim_output
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
@@ -20,6 +21,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     from curvlens.config.merge_config import load_merge_config
     from curvlens.passes.preflight import preflight, preflight_text
 
+    claim_output(a.out, [a.config], overwrite=a.overwrite)  # the config is an input of the job too
     cfg = load_merge_config(a.config)
     if cfg.stack is not None:
         path = cfg.stack.run(a.out, overwrite=a.overwrite, max_shard_size=a.max_shard_size, progress=not a.quiet)
@@ -298,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("curvlens: interrupted; partial output removed", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug, still one line (exit 1), never a traceback
+        print(f"curvlens: internal error: {type(err).__name__}: {_one_line(str(err))} (a bug in curvlens: "
+              "please report it with the command that raised it)", file=sys.stderr)
+        return 1
 
 
 def _one_line(msg: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from curvlens.arguments import finite_array
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 
@@ -94,8 +95,8 @@ def quadratic_losses(grams, coefficients, targets=None) -> np.ndarray:
     >>> quadratic_losses([np.eye(2), np.eye(2)], [[1.0, 0.0], [0.5, 0.5]]).tolist()
     [[0.0, 1.0], [0.25, 0.25]]
     """
-    g = np.asarray(grams, dtype=np.float64)
-    c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
+    g = finite_array("grams", grams)
+    c = np.atleast_2d(finite_array("coefficients", coefficients))
     if g.ndim != 3 or g.shape[1] != g.shape[2]:
         raise CurvlensError(f"grams must have shape (m, k, k); got {g.shape}")
     m, k = g.shape[0], g.shape[1]
@@ -169,14 +170,16 @@ def fit_quadratic(coefficients, values) -> np.ndarray:
     >>> fit_quadratic(c, 1 + 2 * c[:, 0] - c[:, 0] ** 2).round(6).tolist()
     [1.0, 2.0, -1.0]
     """
-    x = quadratic_features(coefficients)
+    x = quadratic_features(finite_array("coefficients", coefficients))
     y = np.asarray(values, dtype=np.float64).reshape(-1)
     if len(y) != len(x):
         raise CurvlensError(f"fit_quadratic: {len(x)} coefficient rows but {len(y)} values")
     ok = np.isfinite(y)
     if ok.sum() == 0:
         raise CurvlensError("fit_quadratic: no finite values to fit")
-    return np.linalg.lstsq(x[ok], y[ok], rcond=None)[0]
+    # LAPACK given a NaN or an Inf prints to stdout and returns garbage: never hand it one
+    finite_array("fit_quadratic's design matrix (coefficients too large to square)", x[ok])
+    return finite_array("fit_quadratic's weights", np.linalg.lstsq(x[ok], y[ok], rcond=None)[0])
 
 
 def squash(values, low: float = 0.0, high: float = 1.0, eps: float = SQUASH_EPS) -> np.ndarray:
@@ -265,11 +268,12 @@ def scalarized_minimisers(hessians, linears, weights, low: float = -np.inf, high
     >>> scalarized_minimisers([np.eye(1), np.eye(1)], [[-1.0], [-3.0]], [[0.5, 0.5], [1.0, 0.0]]).tolist()
     [[2.0], [1.0]]
     """
-    h = np.asarray(hessians, dtype=np.float64)
-    b = np.asarray(linears, dtype=np.float64)
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    hw = np.einsum("nm,mjl->njl", w, h)
-    bw = np.einsum("nm,mj->nj", w, b)
+    h = finite_array("hessians", hessians)
+    b = finite_array("linears", linears)
+    w = np.atleast_2d(finite_array("weights", weights))
+    # sums of finite terms can still overflow; LAPACK must never see a NaN or an Inf
+    hw = finite_array("the weighted Hessians", np.einsum("nm,mjl->njl", w, h))
+    bw = finite_array("the weighted linear terms", np.einsum("nm,mj->nj", w, b))
     out = np.stack([np.linalg.lstsq(hw[i], -bw[i], rcond=None)[0] for i in range(len(w))])
     return np.clip(out, low, high)
 

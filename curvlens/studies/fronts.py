@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from curvlens.arguments import bounds_arg, callable_arg, finite_array, int_arg, names_arg
 from curvlens.errors import CurvlensError
 from curvlens.math.fronts import (
     fit_quadratic,
@@ -44,7 +45,8 @@ from curvlens.math.fronts import (
 )
 from curvlens.passes.experts import Experts
 from curvlens.runtime import resolve_device
-from curvlens.studies.sweep import score_metrics, sweep, wide_scores
+from curvlens.studies.scores import score_metrics, scored_jobs
+from curvlens.studies.sweep import check_work_dir, sweep
 from curvlens.studies.front_checks import fit_scale, front_agreement
 
 PREDICTORS = ("surrogate", "curvature")
@@ -187,7 +189,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
                  n_holdout: int | None = None, metric_range: tuple[float, float] | None = (0.0, 1.0),
                  n_dense: int = 2000, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                  grams=None, client=None, n_workers: int = 2, work_dir=None, device="auto",
-                 progress: bool = True, **merge_kwargs) -> FrontResult:
+                 progress: bool = True, inputs=(), **merge_kwargs) -> FrontResult:
     """The predicted Pareto front of task-arithmetic merges θ₀ + Σⱼ cⱼ τⱼ over c.
 
     Parameters
@@ -234,13 +236,18 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
     grams : array (k, k, k), optional
         The curvature predictor's :func:`gram_matrices` of these experts, when
         already computed (e.g. ``result.grams`` of an earlier call): no pass then.
-    client, n_workers, work_dir, **merge_kwargs
-        As :func:`curvlens.studies.sweep.sweep` (every evaluation is a sweep job).
+    client, n_workers, work_dir, inputs, **merge_kwargs
+        As :func:`curvlens.studies.sweep.sweep` (every evaluation is a sweep job;
+        ``work_dir`` is checked against the inputs before any work).
 
     Returns
     -------
     FrontResult
     """
+    if not isinstance(experts, Experts):
+        raise CurvlensError(f"pareto_front takes an Experts; got a {type(experts).__name__}")
+    if evaluate is not None:
+        callable_arg("evaluate", evaluate, "model_dir -> {metric: float}")
     names = experts.names
     k = len(names)
     if predictor is None:
@@ -251,7 +258,17 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         raise CurvlensError("the surrogate (MAP) predictor needs evaluate")
     if experts.base is None:
         raise CurvlensError("pareto_front needs a base model: theta(c) = theta_0 + sum_j c_j tau_j")
-    low, high = (float(b) for b in bounds)
+    low, high = bounds_arg("bounds", bounds)
+    n_samples = int_arg("n_samples", n_samples, lo=0, allow_none=True)
+    n_checks = int_arg("n_checks", n_checks, lo=0, allow_none=True)
+    n_dense = int_arg("n_dense", n_dense, lo=1)
+    seed = int_arg("seed", seed, lo=0)
+    metrics = names_arg("metrics", metrics) if metrics is not None else None
+    if capabilities is not None and not isinstance(capabilities, Mapping):
+        raise CurvlensError(f"capabilities must be a mapping expert -> metric; got {capabilities!r}")
+    if grams is not None:
+        grams = finite_array("grams", grams, (k, k, k))
+    check_work_dir(work_dir, experts, evaluate, inputs)
     n_feat = quadratic_features(np.zeros((1, k))).shape[1]
     if n_samples is None:
         n_samples = 2 * n_feat if predictor == "surrogate" else (8 if evaluate is not None else 0)
@@ -272,7 +289,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
                             f"n_samples={n_samples} evaluations it only interpolates them; give more than {n_feat} "
                             f"(the default is {2 * n_feat})")
     coef_cols = [f"c_{n}" for n in names]
-    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, device=device, **merge_kwargs)
+    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, device=device, inputs=inputs,
+              **merge_kwargs)
     own = client == "local"
     if own:  # one cluster for both rounds
         from curvlens.studies.sweep import local_client
@@ -286,9 +304,8 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         if predictor == "curvature":
             if grams is None:
                 grams = gram_matrices(experts, device=device, progress=progress)
-            grams = np.asarray(grams, dtype=np.float64)
-            if grams.shape != (k, k, k):
-                raise CurvlensError(f"grams must have shape {(k, k, k)} for {k} experts; got {grams.shape}")
+            # sums of v * tau * tau can overflow: a non-finite matrix is an error, not a NaN front
+            grams = finite_array("grams (the experts' Gram matrices)", grams, (k, k, k))
             objectives = [f"loss_{n}" for n in names]
 
             predict = _Predict(grams=grams)
@@ -300,7 +317,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
                 c = sample_coefficients(n_eval, k, low, high, seed=s, corners=corners)
                 df = sweep(experts, _jobs(c, names, role), evaluate, **kw)
                 sweeps.append(df.assign(role=role))
-                parts.append(_measured(df, c, coef_cols, role))
+                parts.append(_measured(df, c, coef_cols, role, metrics))
         sampled = parts[0] if n_samples else None
         if predictor == "surrogate":
             ok = sampled[sampled["status"] == "ok"]
@@ -337,7 +354,7 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
             picks = front_c[_spread(front_c, n_checks, done)]  # away from what was evaluated
             df = sweep(experts, _jobs(picks, names, "check"), evaluate, **kw)
             sweeps.append(df.assign(role="check"))
-            parts.append(_measured(df, picks, coef_cols, "check"))
+            parts.append(_measured(df, picks, coef_cols, "check", metrics))
     finally:
         if own:
             cluster = kw["client"].cluster
@@ -371,11 +388,10 @@ class _Predict:
         return z if self.metric_range is None else unsquash(z, *self.metric_range)
 
 
-def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str) -> pd.DataFrame:
-    wide = wide_scores(df)
-    errors = df.drop_duplicates("job").set_index("job")["error"]
+def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str, metrics=None) -> pd.DataFrame:
+    # a job lacking a metric the surrogate fits is an error row that says so
+    wide = scored_jobs(df, metrics, "the surrogate")
     wide.insert(0, "role", role)
-    wide.insert(3, "error", wide["job"].map(errors))
     c = pd.DataFrame(coefs[wide["job"].to_numpy()], columns=coef_cols)
     return pd.concat([wide.drop(columns="job").reset_index(drop=True), c], axis=1)
 
