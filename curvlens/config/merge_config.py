@@ -70,6 +70,8 @@ _REFUSED_TOP = {
     "modules": "mergekit's per-module configs (multimodal models with several modules) are not supported",
 }
 _MODEL_KEYS = {"model", "parameters"}
+#: Per-model parameters the loader itself reads (paths), whatever the method.
+_PATH_PARAMS = {"preconditioner_path"}
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,12 @@ def read_config(model_dir: Path) -> dict | None:
 
 def layer_count(model_dir: Path) -> int:
     """Layers of a model: ``num_hidden_layers`` of its config.json, else one more
-    than the largest layer index among its tensor names (0 without layers)."""
+    than the largest layer index among its tensor names (0 without layers).
+    A ``config.json`` that resolves outside the dir is refused, never skipped."""
+    contained(model_dir, "config.json", source=model_dir)
     try:
         cfg = read_config(model_dir)
-    except CurvlensError:  # unreadable: the tensor names still tell
+    except CurvlensError:  # unreadable JSON: the tensor names still tell
         cfg = None
     n = cfg.get("num_hidden_layers") if cfg else None
     if isinstance(n, int) and n > 0:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from curvlens import Checkpoint, CurvlensError, Experts, merge
+from curvlens import Checkpoint, CurvlensError, Experts, TokenizerOptions, merge
 from curvlens.cli import main
 from curvlens.io.writer import write_tensor_file
 from curvlens.studies.fronts import pareto_front
@@ -66,14 +66,14 @@ def _link(target: Path, link: Path) -> None:
 
 # ------------------------------------------------------------- reads: containment
 @pytest.mark.parametrize("fname, kwargs, where", [
-    ("tokenizer.json", {"tokenizer_source": "base"}, "base"),
-    ("tokenizer.json", {"tokenizer_source": "base"}, "expert"),
-    ("tokenizer.json", {"tokenizer_source": "union"}, "expert"),
-    ("tokenizer_config.json", {"chat_template": "{{ messages }} a template long enough"}, "base"),
+    ("tokenizer.json", {"tokenizer": TokenizerOptions(source="base")}, "base"),
+    ("tokenizer.json", {"tokenizer": TokenizerOptions(source="base")}, "expert"),
+    ("tokenizer.json", {"tokenizer": TokenizerOptions(source="union")}, "expert"),
+    ("tokenizer_config.json", {"tokenizer": TokenizerOptions(chat_template="{{ messages }} a template long enough")}, "base"),
     ("tokenizer_config.json", {}, "base"),  # copied beside the weights
-    ("chat_template.jinja", {"chat_template": "auto"}, "expert"),
+    ("chat_template.jinja", {"tokenizer": TokenizerOptions(chat_template="auto")}, "expert"),
     ("chat_template.jinja", {}, "base"),
-    ("tokenizer_config.json", {"chat_template": "auto"}, "expert"),
+    ("tokenizer_config.json", {"tokenizer": TokenizerOptions(chat_template="auto")}, "expert"),
 ])
 def test_a_symlinked_tokenizer_file_pointing_outside_is_refused(models, tmp_path, fname, kwargs, where):
     base, dirs, secret = models
@@ -90,13 +90,13 @@ def test_a_symlinked_vocab_json_and_added_tokens_are_refused(models, tmp_path):
     for d in [base, *dirs]:
         (d / "tokenizer.json").unlink()
         (d / "vocab.json").write_text(json.dumps(VOCAB))
-    merge(Experts.from_dirs(base, dirs, moments=False), "task_arithmetic", tmp_path / "ok", tokenizer_source="base",
+    merge(Experts.from_dirs(base, dirs, moments=False), "task_arithmetic", tmp_path / "ok", tokenizer=TokenizerOptions(source="base"),
           **KW)
     for fname in ("vocab.json", "added_tokens.json"):
         _link(secret / "vocab.json", dirs[1] / fname)
         with pytest.raises(CurvlensError, match="resolves outside"):
             merge(Experts.from_dirs(base, dirs, moments=False), "task_arithmetic", tmp_path / "o",
-                  tokenizer_source="base", **KW)
+                  tokenizer=TokenizerOptions(source="base"), **KW)
         (dirs[1] / fname).unlink()
         (dirs[1] / "vocab.json").write_text(json.dumps(VOCAB))
 
@@ -115,7 +115,7 @@ def test_a_chat_template_name_is_a_name(models, tmp_path, name):
     base, dirs, secret = models
     ex = Experts.from_dirs(base, dirs, moments=False)
     with pytest.raises(CurvlensError, match="is not a name") as err:
-        merge(ex, "task_arithmetic", tmp_path / "o", chat_template=name, **KW)
+        merge(ex, "task_arithmetic", tmp_path / "o", tokenizer=TokenizerOptions(chat_template=name), **KW)
     assert SECRET not in str(err.value)
     cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "chat_template": name,
            "models": [{"model": str(d)} for d in dirs]}
@@ -128,7 +128,7 @@ def test_an_unknown_template_name_lists_the_shipped_ones(models, tmp_path):
     base, dirs, _ = models
     with pytest.raises(CurvlensError, match="neither 'auto', a template name mergekit ships"):
         merge(Experts.from_dirs(base, dirs, moments=False), "task_arithmetic", tmp_path / "o",
-              chat_template="no-such-template", **KW)
+              tokenizer=TokenizerOptions(chat_template="no-such-template"), **KW)
 
 
 def test_a_symlinked_config_json_is_not_read_for_the_layer_count(models, tmp_path):
@@ -161,7 +161,7 @@ def test_merge_output_onto_or_into_the_tokenizer_source_is_refused(models, tmp_p
     ex = Experts.from_dirs(base, dirs, moments=False)
     for out in (src, src / "inner", tmp_path):
         with pytest.raises(CurvlensError, match="(is|lies inside|contains) the input"):
-            merge(ex, "task_arithmetic", out, tokenizer_source=src, overwrite=True, **KW)
+            merge(ex, "task_arithmetic", out, tokenizer=TokenizerOptions(source=src), overwrite=True, **KW)
     assert sorted(p.name for p in src.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
 
 
