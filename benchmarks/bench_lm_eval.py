@@ -46,7 +46,7 @@ def main() -> None:
         return big(a)
 
     import curvlens as cl
-    from curvlens.studies.sweep import wide_scores
+    from curvlens.studies.scores import wide_scores
 
     zoo = cl.zoo.load(a.config, progress=False)
     caps = list(zoo.capabilities.values())

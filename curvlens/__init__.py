@@ -13,7 +13,8 @@ Everything a notebook needs is here, flat::
 =====================  ==========================================================
 open and line up       :class:`Checkpoint`, :class:`Moments`, :class:`Experts`,
                        :func:`export_moments`, :func:`estimate_fisher` (a data Fisher
-                       in the moments layout)
+                       in the moments layout), :func:`inspect` (what dirs hold, headers only),
+                       :func:`preflight` (each expert's moments source and level)
 merge                  :func:`merge` (:class:`WriteOptions`, :class:`TokenizerOptions`),
                        :func:`load_merge_config`, :func:`list_methods`, :func:`method_params`,
                        :func:`sparse_soup` / :func:`sparsity_check` (sparse experts keep their mask)
@@ -36,6 +37,8 @@ regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
                        ``merge(..., tensors=)``, :class:`TensorFilter`
 pooling                :func:`aggregate`
+statistics             :func:`spearman_test` (a rank correlation's permutation p-value and
+                       bootstrap interval: is a correlation over a few dozen tensors real?)
 threads                :func:`set_threads` (CPU passes use 1 by default: see ``curvlens.runtime``)
 drawing                ``cl.views`` (figures and explorers, imported on first use)
 the demo zoo           ``cl.zoo`` (imported on first use; needs ``transformers``)
@@ -56,8 +59,10 @@ from curvlens.config.merge_config import load_merge_config
 from curvlens.config.options import TokenizerOptions, WriteOptions
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
+from curvlens.io.inspection import inspect
 from curvlens.math.fronts import front_distance
 from curvlens.math.methods import list_methods, method_params
+from curvlens.math.rank_stats import spearman_test
 from curvlens.passes import Expert, Experts
 from curvlens.passes.analysis import (
     aggregate,
@@ -77,6 +82,7 @@ from curvlens.passes.analysis import (
 )
 from curvlens.passes.fisher_estimate import estimate_fisher
 from curvlens.passes.merge_result import MergeResult
+from curvlens.passes.preflight import preflight
 from curvlens.passes.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
@@ -98,11 +104,11 @@ __all__ = [
     "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "edit_norms", "estimate_fisher",
     "export_moments", "ffg_masks", "ffg_vs_magnitude_summary", "finding_grafting", "finding_masks",
     "finding_merges", "finding_overlap", "findings", "fisher_vs_adam", "front_distance", "graft_sweep",
-    "gram_matrices", "greedy_soup", "interference", "list_methods", "load_merge_config", "local_client",
+    "gram_matrices", "greedy_soup", "inspect", "interference", "list_methods", "load_merge_config", "local_client",
     "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds", "merge", "merge_retention",
     "method_params", "moment_compression", "moment_levels", "param_role", "pareto_front", "pooled_moments",
-    "predicted_loss", "prediction_agreement", "prediction_study", "regime_table", "relative_edit",
-    "set_threads", "sparse_soup", "sparsity_check", "sweep", "sweep_grid", "views", "write_model", "zoo",
+    "predicted_loss", "prediction_agreement", "prediction_study", "preflight", "regime_table", "relative_edit",
+    "set_threads", "sparse_soup", "sparsity_check", "spearman_test", "sweep", "sweep_grid", "views", "write_model", "zoo",
     "evaluators", "__version__",
 ]
 

@@ -1,4 +1,4 @@
-"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``eval``, ``figures``, ``methods``.
+"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``inspect``, ``eval``, ``figures``, ``methods``.
 
 Run as ``curvlens ...`` or ``python -m curvlens ...``.
 
@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from curvlens.errors import CurvlensError
+from curvlens.io.atomic import claim_output
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
     from curvlens.config.merge import merge
     from curvlens.config.merge_config import load_merge_config
+    from curvlens.passes.preflight import preflight, preflight_text
 
+    claim_output(a.out, [a.config], overwrite=a.overwrite)  # the config is an input of the job too
     cfg = load_merge_config(a.config)
     if cfg.stack is not None:
         path = cfg.stack.run(a.out, overwrite=a.overwrite, max_shard_size=a.max_shard_size, progress=not a.quiet)
@@ -26,11 +30,38 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     experts = cfg.experts()
     for note in cfg.notes:
         print(f"note: {note}")
-    result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
-                   **cfg.merge_kwargs(max_shard_size=a.max_shard_size))
+    if experts.has_moments:  # where each expert's moments come from, and their levels
+        print(preflight_text(preflight(experts)))
+    with warnings.catch_warnings():  # a warning is one line on stderr, as it happens
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        result = merge(experts, cfg.method, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
+                       **cfg.merge_kwargs(max_shard_size=a.max_shard_size))
     print(f"merged {len(experts)} experts with {cfg.method} -> {result.path}")
     print(result.summary().to_string())
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"curvlens: warning: {_one_line(str(message))}", file=sys.stderr)
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from curvlens.io.inspection import inspect
+
+    df = inspect(a.paths)
+    for row in df.to_dict("records"):
+        print(f"== {row.pop('path')}")
+        for key, value in row.items():
+            if value is not None and not (isinstance(value, float) and value != value) and value is not pd.NA:
+                print(f"  {key:<15} {value}")
+    # a path with neither weights nor moments is an input error
+    unreadable = df[df["tensors"].isna() & df["moments"].isna()]
+    for row in unreadable.itertuples():
+        print(f"curvlens: error: {row.path}: {_one_line(str(row.note))}", file=sys.stderr)
+    return 2 if len(unreadable) else 0
 
 
 def _cmd_methods(a: argparse.Namespace) -> int:
@@ -58,17 +89,42 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def label_with_params(label: str, params: dict) -> str:
+    """A merge's label with the parameters that tell its variant apart (figure labels).
+
+    Examples
+    --------
+    >>> label_with_params("TIES", {"density": 0.5})
+    'TIES (density 0.5)'
+    >>> label_with_params("OTA", {"epsilon": 1e-26})
+    'OTA'
+    """
+    shown = {k: v for k, v in params.items() if k not in ("epsilon", "seed", "fallback_to_base")}
+    if not shown:
+        return label
+    return f"{label} (" + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in shown.items()) + ")"
+
+
 def _cmd_figures(a: argparse.Namespace) -> int:
     from curvlens import zoo as zoo_mod
-    from curvlens.demo import analysis_frames, evaluate_and_merge
+    from curvlens.demo import DEMO_MERGES, analysis_frames, evaluate_and_merge
     from curvlens.views.figures import FRAME_KEYS, render_all
 
-    zoo = zoo_mod.build("quick" if a.quick else "default", progress=not a.quiet)
+    name = "quick" if a.quick else "default"
+    zoo = zoo_mod.build(name, progress=not a.quiet)
     experts = zoo.experts()
     table, merges = evaluate_and_merge(zoo, experts, device=a.device, progress=not a.quiet, echo=print)
     frames = analysis_frames(zoo, experts, merges, table, device=a.device, progress=not a.quiet, echo=print)
     frames = {k: v for k, v in frames.items() if k in FRAME_KEYS}  # the ones that have figures
-    written = render_all(frames, a.out, formats=a.formats, capability_map=zoo.capabilities)
+    labels = {label: label_with_params(label, params) for label, _, params in DEMO_MERGES}
+    frames["merge_table"] = frames["merge_table"].assign(model=frames["merge_table"]["model"].replace(labels))
+    desc = experts.describe()
+    source = (f"the {name} demo zoo (`{zoo.root.name}`: {len(zoo.expert_dirs)} experts, seed {zoo.seed}), built and "
+              f"analysed by `curvlens figures{' --quick' if a.quick else ''}`; the merges are the demo's"
+              + ("" if a.quick else ". The rendered notebook pages (`docs/notebooks/`) run on the quick zoo, "
+                 "so their numbers differ from these"))
+    written = render_all(frames, a.out, formats=a.formats, capability_map=zoo.capabilities,
+                         shapes=dict(zip(desc["name"], desc["shape"])), source=source)
     print(f"wrote {len(written)} files to {a.out} (captions in {a.out / 'README.md'})")
     return 0
 
@@ -194,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--overwrite", action="store_true")
     an.set_defaults(fn=_cmd_analyze)
 
+    ins = sub.add_parser("inspect", help="what model dirs, Trainer checkpoints and moments files hold (headers only)")
+    ins.add_argument("paths", nargs="+", type=Path, help="model dirs, checkpoint-N dirs, Trainer run dirs, files")
+    ins.set_defaults(fn=_cmd_inspect)
+
     nbk = sub.add_parser("notebooks", help="execute the notebooks (no widget hang) and write readable pages")
     nbk.add_argument("which", nargs="*", help="notebook numbers or stems, e.g. 06 (default: all)")
     nbk.add_argument("--dir", type=Path, default=Path("notebooks"), help="where the NN_name.py sources are")
@@ -240,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("curvlens: interrupted; partial output removed", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug, still one line (exit 1), never a traceback
+        print(f"curvlens: internal error: {type(err).__name__}: {_one_line(str(err))} (a bug in curvlens: "
+              "please report it with the command that raised it)", file=sys.stderr)
+        return 1
 
 
 def _one_line(msg: str) -> str:

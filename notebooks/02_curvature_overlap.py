@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +16,9 @@
 # %% [markdown]
 # # Curvature overlap: do the experts see the same loss landscape?
 #
-# The paper observes that experts fine-tuned from one base converge to basins with
+# The paper (Mahdavinia et al. 2025, arXiv:2509.11167; all references in
+# `docs/references.md`, terms in `docs/glossary.md`) observes that experts
+# fine-tuned from one base converge to basins with
 # strikingly similar curvature, and argues that this is why plain linear merging
 # works as well as it does. This notebook reproduces that analysis on the demo zoo:
 # it compares the experts' Adam second moments $v_i$ (a diagonal curvature / Fisher
@@ -199,33 +201,37 @@ cl.views.curvature_explorer(overlap, pooled)
 # Take each expert's loss near its optimum as a diagonal quadratic,
 # $L_i(\theta) \approx L_i(\theta_i) + \tfrac12 \sum_j F_{ij} (\theta_j - \theta_{ij})^2$,
 # with $F_i \approx v_i$. The merge that minimizes $\sum_i L_i$ is the
-# curvature-weighted average (Fisher merging)
+# curvature-weighted average (Fisher merging; Matena & Raffel 2022, arXiv:2111.09832)
 # $$\theta^\star_j = \sum_i w_{ij}\,\theta_{ij}, \qquad w_{ij} = \frac{F_{ij}}{\sum_k F_{kj}},$$
 # and it equals the plain average $\bar\theta_j = \frac1N \sum_i \theta_{ij}$ exactly
-# when the weights are uniform, $w_{ij} = 1/N$, i.e. when the experts' curvatures
-# agree at that entry. The gap between the two merges is
-# $\theta^\star_j - \bar\theta_j = \sum_i (w_{ij} - \tfrac1N)\,\theta_{ij}$: it grows with
-# the *disagreement* of the curvatures. So the more the experts' curvature overlaps,
-# the closer plain averaging comes to the curvature-optimal merge, *provided the
-# levels agree too*: the weights depend on the ratios $F_{ij}/F_{kj}$, which
-# scale-free overlap metrics ignore (notebook `06_teaching`, section 1, gives two
-# experts a perfect Spearman and cosine overlap and a large gain all the same).
+# when the weights are uniform, $w_{ij} = 1/N$. The gap between the two merges is
+# $\theta^\star_j - \bar\theta_j = \sum_i (w_{ij} - \tfrac1N)\,\theta_{ij}$: it is set by how
+# far the weights are from $1/N$, i.e. by the *ratios* $F_{ij}/F_{kj}$ entry by entry.
+# Plain averaging is therefore close to the curvature-optimal merge where the
+# experts' curvatures agree *in ratio*, which is not what every overlap metric
+# measures:
 #
-# Two caveats follow from the formula. Only the *relative* weights matter, so an
-# expert whose moments are uniformly larger (a longer run, a larger learning rate)
-# pulls the raw Fisher merge towards it everywhere, however well the patterns
-# agree; OTA's `normalise: global` divides each expert's weights by their mean per
-# tensor to remove that. And the weights are dominated by the largest entries, which
-# `cosine` measures, while `spearman_log` counts every entry's rank equally.
+# * `spearman_log` compares the *orders* of the entries, whatever the ratios: two
+#   experts with the same order and a factor 10 between them have Spearman 1 and
+#   weights 10/11 and 1/11 everywhere (notebook `06_teaching`, section 1, gives two
+#   experts a perfect Spearman and cosine overlap and a large gain all the same);
+# * `cosine` is dominated by the largest entries of $v$, which also dominate the
+#   weights where they differ;
+# * no scale-free metric sees a difference of *level*: an expert whose moments are
+#   uniformly larger (a longer run, a larger learning rate) pulls the raw Fisher
+#   merge towards it everywhere, however well the patterns agree. OTA's
+#   `normalise: global` divides each expert's weights by their mean per tensor to
+#   remove that.
 #
-# We check this on the zoo rather than assume it. Per tensor, we measure how far
-# the curvature-weighted merge lands from the plain average, relative to how far
-# the experts are from their average,
+# So the formula predicts that the gap shrinks as the *weights* agree, and ties it
+# to an overlap metric only as far as that metric follows the weights. We measure
+# it on the zoo. Per tensor, how far the curvature-weighted merge lands from the
+# plain average, relative to how far the experts are from their average,
 # $$d = \frac{\lVert \theta^{\star} - \bar\theta \rVert}
 #            {\sqrt{\tfrac1N \sum_i \lVert \theta_i - \bar\theta \rVert^2}},$$
 # for raw Fisher weights ($w \propto v$, method `fisher`) and for per-tensor
 # normalized ones (method `ota` without a base, `power=1`, `normalise="global"`), and
-# rank-correlate $d$ with the tensor's overlap (mean over expert pairs).
+# the rank correlation of $d$ with the tensor's overlap (mean over expert pairs).
 
 # %%
 no_base = cl.Experts(None, experts.experts)  # base-free: plain averages of the theta_i
@@ -248,7 +254,7 @@ dist = pd.DataFrame(rows)
 dist["layer"] = dist["layer"].astype("Int64")
 per_tensor = overlap.groupby("name", sort=False)[metrics].mean()
 dist = dist.join(per_tensor, on="name")
-dist.round(3)
+cl.views.significant(dist)
 
 # %% [markdown]
 # How different are the levels here? The mean of $v$ over the whole model, per
@@ -257,67 +263,114 @@ dist.round(3)
 # %%
 mean_v = cl.moment_levels(experts, device="cpu").set_index("expert")["mean_v"].rename("mean v")
 level_ratio = float(mean_v.max() / mean_v.min())
-FACTS.update(mean_v={e: float(x) for e, x in mean_v.items()}, mean_v_max_over_min=level_ratio)
+FACTS.update(mean_v={e: float(x) for e, x in mean_v.items()}, mean_v_max_over_min=level_ratio,
+             mean_v_argmin=mean_v.idxmin(), mean_v_argmax=mean_v.idxmax())
 raw, nrm = (weighted[k].checkpoint for k in weighted)
 moved = sum(float((raw[n].float() - plain.checkpoint[n].float()).pow(2).sum()) for n in raw.keys()) ** 0.5
 between = sum(float((raw[n].float() - nrm[n].float()).pow(2).sum()) for n in raw.keys()) ** 0.5
 FACTS["normalise_moves_merge_rel"] = between / moved
+FACTS.update(normalise_moved=between, raw_moved=moved)
 display(Markdown(
-    f"The experts' mean $v$ differ by a factor {level_ratio:.1f} ({mean_v.idxmin()} lowest, {mean_v.idxmax()} "
+    f"The experts' mean $v$ differ by a factor {level_ratio:.2f} ({mean_v.idxmin()} lowest, {mean_v.idxmax()} "
     f"highest). OTA's default `normalise: none` compares these raw levels, so an expert with a larger $v$ "
     f"pulls every entry towards itself. Here, normalising per tensor moves the Fisher merge by "
     f"{between / moved:.1%} of the distance the raw curvature weights moved it away from the plain average."))
-mean_v.to_frame().assign(**{"/ min": mean_v / mean_v.min()}).round(6)
+cl.views.significant(mean_v.to_frame().assign(**{"/ min": mean_v / mean_v.min()}))
+
+# %% [markdown]
+# **Is there a link, and is it more than chance?** Over the few dozen tensors of a
+# small model a rank correlation can be large by chance, so each one comes with a
+# permutation p-value and a 95% bootstrap interval over the tensors
+# (`cl.spearman_test`). With five overlap metrics tried, a link counts only if it
+# survives the Bonferroni correction (p × 5 < 0.05): picking the strongest of five
+# correlations would find a link by selection alone.
 
 # %%
-def rank_corr(x, y):
-    """Spearman rank correlation (Pearson correlation of the ranks)."""
-    return x.rank().corr(y.rank())
-
-
-corr = pd.DataFrame({label: [rank_corr(dist[label], dist[m]) for m in metrics]
-                     for label in weighted}, index=metrics)
-corr.index.name = "overlap metric"
-corr.round(2)  # rank correlation of the gap d with the overlap, over tensors
+tests = {label: {m: cl.spearman_test(dist[label], dist[m], seed=0) for m in metrics} for label in weighted}
+n_tensors = len(dist)
+centred = np.arange(n_tensors) - (n_tensors - 1) / 2   # ranks of one side; the null shuffles the other
+null = np.random.default_rng(0).permuted(np.tile(centred, (20000, 1)), axis=1)
+null_rho = null @ centred / (centred @ centred)
+min_rho = float(np.quantile(np.abs(null_rho), 0.95))   # the smallest |rho| with p < 0.05 over this many tensors
+table_rows = []
+for label, per_metric in tests.items():
+    for m, t in per_metric.items():
+        table_rows.append({"weights": label, "overlap metric": m, "rho": t["rho"], "p": t["p"],
+                           "p x 5": min(1.0, 5 * t["p"]), "95% CI low": t["low"], "95% CI high": t["high"]})
+corr = pd.DataFrame(table_rows)
+FACTS["overlap_gap_tests"] = {label: {m: {"rho": t["rho"], "p": t["p"], "low": t["low"], "high": t["high"]}
+                                      for m, t in per_metric.items()} for label, per_metric in tests.items()}
+FACTS.update(n_tensors=n_tensors, min_significant_rho=min_rho)
+print(f"over {n_tensors} tensors, |rho| >= {min_rho:.2f} is needed for p < 0.05")
+cl.views.significant(corr, 2)
 
 # %%
 label = "fisher (v / mean v per tensor)"
 best = "spearman_log"  # the headline overlap metric (notebook 01; the pair grids above are chosen by it)
-r = corr.loc[best, label]
+t = tests[label][best]
 ax = dist.plot.scatter(best, label, figsize=(5, 3.5))
 ax.set_xlabel(f"{best} of v (mean over expert pairs)")
 ax.set_ylabel("gap d to the plain average")
-ax.set_title(f"per tensor, normalized Fisher weights: rank correlation {r:+.2f}", fontsize=10)
+ax.set_title(f"per tensor, normalized Fisher weights: ρ = {t['rho']:+.2f} (p = {t['p']:.2f})", fontsize=10)
 for role, x, y in zip(dist["role"], dist[best], dist[label]):
     ax.annotate(role, (x, y), fontsize=7)
 
 # %%
-# The verdict is read from Spearman, the headline metric, and says when the other
-# metrics point elsewhere (picking the most negative of five correlations would
-# find a link by selection alone).
+# The verdict is read from Spearman, the headline metric, and needs p < 0.05; the
+# other metrics are reported when they survive the Bonferroni correction.
 verdicts = {}
 for label in weighted:
-    r = corr.loc["spearman_log", label]
-    verdict = ("more overlap, smaller gap to plain averaging" if r < -0.3 else
-               "more overlap, *larger* gap to plain averaging" if r > 0.3 else
-               "no clear link between overlap and the gap on this zoo")
-    others = {m: corr.loc[m, label] for m in metrics if m != "spearman_log"}
-    disagree = [f"{m} {x:+.2f}" for m, x in others.items() if np.sign(x) != np.sign(r) and abs(x) > 0.3]
-    verdicts[label] = {"spearman": float(r), "verdict": verdict, "disagree": disagree}
-    print(f"{label}: rank correlation of the gap with Spearman overlap {r:+.2f} -> {verdict}"
-          + (f"; other metrics point the other way: {', '.join(disagree)}" if disagree else ""))
+    t = tests[label]["spearman_log"]
+    sig = t["p"] < 0.05
+    verdict = ("more overlap, smaller gap to plain averaging" if sig and t["rho"] < 0 else
+               "more overlap, *larger* gap to plain averaging" if sig and t["rho"] > 0 else
+               "no significant link between rank overlap and the gap on this zoo")
+    others = [f"{m} {x['rho']:+.2f} (p × 5 = {min(1.0, 5 * x['p']):.2g})" for m, x in tests[label].items()
+              if m != "spearman_log" and 5 * x["p"] < 0.05]
+    verdicts[label] = {"spearman": t["rho"], "p": t["p"], "low": t["low"], "high": t["high"], "verdict": verdict,
+                       "significant_others": [m for m, x in tests[label].items()
+                                              if m != "spearman_log" and 5 * x["p"] < 0.05]}
+    print(f"{label}: Spearman overlap vs gap rho = {t['rho']:+.2f}, p = {t['p']:.3f}, 95% CI "
+          f"[{t['low']:+.2f}, {t['high']:+.2f}] -> {verdict}"
+          + (f"; significant after correction: {', '.join(others)}" if others else ""))
 FACTS["gap_vs_overlap"] = verdicts
 print(f"model-level mean overlap over all pairs: Spearman {by_model['spearman_log'].mean():.3f}, "
       f"cosine {by_model['cosine'].mean():.3f}")
 
+# %%
+# What the test says about the formula, computed from the tests above.
+v_n = verdicts["fisher (v / mean v per tensor)"]
+v_r = verdicts["fisher (raw v)"]
+sig_n = {m: tests["fisher (v / mean v per tensor)"][m] for m in v_n["significant_others"]}
+parts = [f"With the normalised weights, rank overlap and the gap: ρ = {v_n['spearman']:+.2f} (p = {v_n['p']:.2f}, "
+         f"95% CI [{v_n['low']:+.2f}, {v_n['high']:+.2f}]); with the raw weights ρ = {v_r['spearman']:+.2f} "
+         f"(p = {v_r['p']:.2f}). Over {n_tensors} tensors only |ρ| ≥ {min_rho:.2f} reaches p < 0.05, so "
+         + ("neither is a link the data can tell from chance. "
+            if v_n["p"] >= 0.05 and v_r["p"] >= 0.05 else "the significant one above is a link, the other is not. ")]
+neg = [m for m, x in sig_n.items() if x["rho"] < 0]
+if "cosine" in neg:
+    parts.append(f"The metric that does track the gap is the one that follows the weights: cosine "
+                 f"(ρ = {sig_n['cosine']['rho']:+.2f}, p × 5 = {min(1.0, 5 * sig_n['cosine']['p']):.2g}), dominated by "
+                 "the largest entries of $v$, which dominate the weights $w_{ij}$. That is what the formula predicts: "
+                 "the gap follows the agreement of the weights, not of the ranks, so a rank overlap that does not "
+                 "predict the gap is no contradiction of it.")
+elif neg:
+    parts.append("Among the other metrics " + ", ".join(f"{m} (ρ = {sig_n[m]['rho']:+.2f})" for m in neg)
+                 + " track the gap significantly; cosine, the one closest to the weights, does not, so the formula's "
+                 "link through the weights is only partly visible in overlap metrics here.")
+else:
+    parts.append("No overlap metric tracks the gap significantly after the correction: on this zoo the distance "
+                 "between Fisher merging and plain averaging is not predicted by any overlap metric, which the "
+                 "formula allows (the gap depends on ratios and levels, which scale-free metrics do not see).")
+FACTS["formula_reading"] = {"cosine_tracks_gap": "cosine" in neg, "significant_negative": neg}
+display(Markdown(" ".join(parts)))
+
 # %% [markdown]
-# How to read this: where the experts' curvature agrees (in the sense that matters,
-# the normalized weights), linear merging already is close to the curvature-optimal
-# merge, so methods that reweight by curvature can only change the merge where the
-# curvature disagrees. Where the overlap is partial, as measured above, curvature
-# weights (Fisher, OTA) move the merge, and FFG masks (notebook `03_ffg_masks`)
-# decide which expert owns each entry. Whether that pays off in scores is measured
-# in `04_interference` and `05_merging`.
+# How to read this: linear merging is already close to the curvature-optimal
+# merge wherever the experts' curvature weights agree, so methods that reweight by
+# curvature can only change the merge where the weights disagree. Whether that pays
+# off in scores is measured in `04_interference` and `05_merging`; FFG masks
+# (notebook `03_ffg_masks`) decide which expert owns each entry.
 
 # %% [markdown]
 # ## Which of the paper's claims this zoo reproduces
@@ -332,5 +385,29 @@ link = verdicts["fisher (v / mean v per tensor)"]
 display(Markdown(
     f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. (Rule: {claim['rule']}.) "
     f"The paper's reading, that overlap is why linear merging works, is tested above as a link between overlap and "
-    f"the gap to plain averaging: Spearman rank correlation {link['spearman']:+.2f}, i.e. {link['verdict']}; and the "
-    f"experts' levels of $v$ differ by a factor {level_ratio:.1f}, which no overlap metric sees."))
+    f"the gap to plain averaging: Spearman rank correlation {link['spearman']:+.2f} (p = {link['p']:.2f}), i.e. "
+    f"{link['verdict']}; and the experts' levels of $v$ differ by a factor {level_ratio:.2f}, which no overlap "
+    "metric sees."))
+
+# %% [markdown]
+# ## What this shows
+
+# %%
+pairs_rho = by_model.set_index(by_model["expert_a"] + "/" + by_model["expert_b"])["spearman_log"]
+j10 = float(by_model["jaccard_top10"].mean() / chance["jaccard_top10"])
+agree_word = "well" if pairs_rho.min() >= 0.7 else "partly" if pairs_rho.min() >= 0.4 else "weakly"
+FACTS.update(pair_spearman_min=float(pairs_rho.min()), pair_spearman_max=float(pairs_rho.max()),
+             jaccard_top10_lift=j10, agree_word=agree_word)
+display(Markdown(
+    f"On this zoo the experts' second moments agree {agree_word}: "
+    f"model-level Spearman {pairs_rho.min():.2f} ({pairs_rho.idxmin()}) to {pairs_rho.max():.2f} "
+    f"({pairs_rho.idxmax()}) against 0 for unrelated patterns, and their top-10% entries coincide "
+    f"{j10:.1f}× as often as chance, so claim (c) reads *{FACTS['claims']['c']}*. "
+    f"Whether overlap explains how close plain averaging comes to Fisher merging: "
+    + ("rank overlap does not predict the gap (p = " if link["p"] >= 0.05 else "rank overlap predicts the gap (p = ")
+    + f"{link['p']:.2f} over {n_tensors} tensors)"
+    + ("; the largest entries' agreement (cosine) does, as the formula says it should. " if FACTS["formula_reading"]["cosine_tracks_gap"]
+       else ". ")
+    + f"The levels of $v$ differ by a factor {level_ratio:.2f} between experts, and normalising them away moves "
+    f"the Fisher merge by {FACTS['normalise_moves_merge_rel']:.0%} of its distance from plain averaging: a "
+    "curvature-weighted merge depends on the level as well as the pattern."))

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -18,9 +18,10 @@
 #
 # A merge hurts an expert where the other experts push the same parameters in a
 # different direction *and* that expert's loss is sensitive to them. This notebook
-# measures both on the demo zoo: how aligned the task vectors are (cosine), how often
-# their signs conflict, and how much of that conflict sits on entries both experts
-# care about (curvature-weighted). It then uses the experts' second moments to
+# measures both on the demo zoo: how aligned the task vectors (Ilharco et al. 2023,
+# arXiv:2212.04089) are (cosine), how often their signs conflict (the interference
+# TIES resolves; Yadav et al. 2023, arXiv:2306.01708), and how much of that conflict
+# sits on entries both experts care about (curvature-weighted). It then uses the experts' second moments to
 # *predict*, before any evaluation, how much each merge method raises each expert's
 # loss, and checks that prediction against the measured scores: does a lower
 # predicted loss go with better scores, here?
@@ -101,7 +102,9 @@ fig = cl.views.layer_role_heatmaps(inter, "curvature_weighted_conflict", by="exp
 # `predicted_loss` gives this per tensor, `compare_merges` sums it over the model for
 # several merges in one streaming pass. The raw moments are used, so the absolute
 # scale depends on the training run (batch size, bias correction); the numbers
-# compare merges of the same experts. The merges (kept in memory, the zoo is small):
+# compare merges of the same experts. The merges (kept in memory, the zoo is small;
+# DARE: Yu et al. 2024, arXiv:2311.03099; Fisher merging: Matena & Raffel 2022,
+# arXiv:2111.09832):
 
 # %%
 MERGES = {
@@ -117,7 +120,8 @@ MERGES = {
 merged = {label: cl.merge(experts, method, device=DEVICE, progress=False, **params)
           for label, (method, params) in MERGES.items()}
 predicted = cl.compare_merges(experts, merged, device=DEVICE)
-predicted.pivot_table(index="method", columns="expert", values="predicted_loss_increase", sort=False)
+cl.views.significant(predicted.pivot_table(index="method", columns="expert", values="predicted_loss_increase",
+                                           sort=False))
 
 # %% [markdown]
 # Where one merge's predicted cost comes from, per expert, by layer × role (log
@@ -163,7 +167,7 @@ def rank_corr(x, y):
 rho_all = rank_corr(points["predicted_loss_increase"], points["drop"])
 per_expert = {e: rank_corr(g["predicted_loss_increase"], g["drop"])
               for e, g in points.groupby("expert", sort=False)}
-points.round(4)
+cl.views.significant(points)
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
@@ -234,10 +238,39 @@ over.pivot_table(index="method", columns="expert_a", values="curvature_weighted_
 # %% [markdown]
 # Reading the two analyses together: interference between experts says *where* a
 # merge must trade one expert against another; the predicted loss increase and the
-# override tables say *which* trade each method made. When the prediction ranks the
-# merges well (see the verdict above), it can pick a method and its parameters
-# without evaluating every candidate, which matters when an evaluation takes hours
-# on a real model.
+# override tables say *which* trade each method made. Could the prediction choose
+# the merge without evaluating every candidate (what matters when one evaluation
+# takes hours on a real model)? Only where it orders the merges as their measured
+# scores do, which is computed here, with a permutation p-value over the merges:
+
+# %%
+pred_by_method = predicted.groupby("method", sort=False)["predicted_loss_increase"].mean()
+measured_mean = pivot.loc[list(pred_by_method.index), "mean"]
+pick = cl.spearman_test(-pred_by_method, measured_mean, seed=0)   # + : lower predicted loss, better score
+order_pred = list(pred_by_method.sort_values().index)
+order_meas = list(measured_mean.sort_values(ascending=False).index)
+best_meas, best_pred = order_meas[0], order_pred[0]
+rank_of_best = order_pred.index(best_meas) + 1
+can_pick = pick["p"] < 0.05 and pick["rho"] > 0 and rank_of_best == 1
+FACTS["pick"] = {"rho": pick["rho"], "p": pick["p"], "n": pick["n"], "best_measured": best_meas,
+                 "best_predicted": best_pred, "predicted_rank_of_best": rank_of_best, "can_pick": can_pick,
+                 "predicted_order": order_pred, "measured_order": order_meas}
+display(Markdown(
+    f"Over these {pick['n']} merges, minus the mean predicted loss increase and the measured mean accuracy have "
+    f"rank correlation {pick['rho']:+.2f} (p = {pick['p']:.2f}). The merge predicted cheapest is {best_pred} "
+    f"(measured rank {order_meas.index(best_pred) + 1} of {len(order_meas)}); the one measured best, {best_meas}, "
+    f"is predicted {rank_of_best}{'st' if rank_of_best == 1 else 'nd' if rank_of_best == 2 else 'rd' if rank_of_best == 3 else 'th'} "
+    f"of {len(order_pred)}. "
+    + ("Here the prediction would have picked the best merge without evaluating the others."
+       if can_pick else
+       "So here the prediction cannot pick a method or its parameters in place of evaluating them: "
+       + ("it does not rank these merges better than chance would. " if pick["p"] >= 0.05 or pick["rho"] <= 0
+          else "it ranks them better than chance but misses the best one. ")
+       + "At most it can shortlist, and the shortlist has to be evaluated (`docs/predicted_loss.md` says where "
+         "the diagonal quadratic fails: sparsifying merges move entries it prices as lost).")))
+cl.views.significant(pd.DataFrame({"predicted loss (mean over experts)": pred_by_method,
+                                   "measured mean accuracy": measured_mean}).sort_values(
+                                       "predicted loss (mean over experts)"))
 
 # %% [markdown]
 # ## What the masks cost a merge here, predicted and measured
@@ -286,3 +319,38 @@ claim = cl.finding_merges(table, capabilities,  # the scores above (experts incl
 FACTS["claims"] = {claim["claim"]: claim["verdict"]}
 display(Markdown(f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. "
                  f"(Rule: {claim['rule']}.)"))
+
+# %% [markdown]
+# ## What this shows
+
+# %%
+n_eval = table.groupby("capability")["n"].first().astype(float)
+noise_mean = float(np.sqrt(np.sum(0.25 / n_eval)) / len(n_eval))   # SE of a mean accuracy at a = 0.5
+tv = pairs_model["tv_cosine"]
+sc = pairs_model["sign_conflict"]
+wr = ratio["weighted_over_plain"]
+FACTS["summary"] = {"tv_cosine_min": float(tv.min()), "tv_cosine_max": float(tv.max()),
+                    "sign_conflict_min": float(sc.min()), "sign_conflict_max": float(sc.max()),
+                    "weighted_over_plain_min": float(wr.min()), "weighted_over_plain_max": float(wr.max()),
+                    "noise_mean": noise_mean,
+                    "mask_changes": [r["mean accuracy, difference"] for r in FACTS["mask_effect"]]}
+masks_beyond = [abs(d) > 2 * noise_mean for d in FACTS["summary"]["mask_changes"]]
+tv_word = "nearly orthogonal" if max(abs(tv.min()), abs(tv.max())) < 0.1 else "aligned" if tv.min() > 0.1 else "mixed"
+mask_reading = "beyond noise" if all(masks_beyond) else "within noise" if not any(masks_beyond) else "one beyond noise, one within"
+FACTS["summary"].update(tv_word=tv_word, mask_reading=mask_reading)
+display(Markdown(
+    f"The experts' task vectors are {tv_word} "
+    f"(cosine {tv.min():+.3f} to {tv.max():+.3f}) and conflict in sign on {sc.min():.0%} to {sc.max():.0%} of the "
+    f"entries both edit, against 50% for independent signs; weighted by curvature the conflict is "
+    f"{wr.min():.2f} to {wr.max():.2f} times the plain one, so the conflicts fall "
+    + ("about as often on the entries the experts care about as elsewhere. " if wr.min() > 0.9 and wr.max() < 1.1
+       else "more on the entries that matter. " if wr.min() >= 1.1 else "less on the entries that matter. " if wr.max() <= 0.9
+       else "on important entries for some pairs and unimportant ones for others. ")
+    + f"The predicted loss increase ranks the {pick['n']} merges against their measured mean accuracy at "
+    f"ρ = {pick['rho']:+.2f} (p = {pick['p']:.2f}): "
+    + ("usable to shortlist. " if pick["p"] < 0.05 and pick["rho"] > 0 else "not a substitute for evaluating them. ")
+    + f"Adding FFG masks to OTA changes the mean accuracy by "
+    + " and ".join(f"{d:+.3f}" for d in FACTS["summary"]["mask_changes"])
+    + f" (density 0.3 and 0.1), against a noise scale of {2 * noise_mean:.3f} (twice the standard error of a mean "
+    f"accuracy here): {mask_reading}"
+    + f". Claim (d) on these merges reads *{FACTS['claims']['d']}*."))

@@ -34,7 +34,7 @@ MAX_LINES = 450
 
 #: (room, module prefixes relative to the package), lowest room first; "" is the package itself.
 ROOMS = (
-    ("core", ("errors", "roles", "runtime", "tensor_filter")),
+    ("core", ("arguments", "errors", "roles", "runtime", "tensor_filter")),
     ("io", ("io",)),
     ("math", ("math",)),
     ("passes", ("passes",)),

@@ -98,7 +98,11 @@ def test_demo_quick_and_figures(cached, tmp_path, capsys):
     assert main(["figures", "--quick", "--out", str(figs), "--formats", "png", "--device", "cpu", "--quiet"]) == 0
     written = sorted(p.name for p in figs.glob("*.png"))
     assert written and (figs / "README.md").is_file()
-    assert all(name in (figs / "README.md").read_text() for name in written)
+    readme = (figs / "README.md").read_text()
+    assert all(name in readme for name in written)
+    # the zoo is named, every figure has a computed takeaway, the mask figures their random baseline
+    assert "Data: the quick demo zoo" in readme and readme.count("*Takeaway:*") == len(written)
+    assert "mask_structure_fisher.png" in written and "TIES (density 0.5)" in readme
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):

@@ -10,24 +10,36 @@ files (:mod:`curvlens.config.tokenizer`), and hands the
 """
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
 
 from curvlens.config.merge_config import merge_yaml
 from curvlens.config.options import TokenizerOptions, WriteOptions
+from curvlens.config.param_settings import VaryingParams
 from curvlens.config.tokenizer import tokenizer_files
 from curvlens.errors import CurvlensError
+from curvlens.io.atomic import claim_output
 from curvlens.io.checkpoint import PathLike
 from curvlens.io.dtypes import parse_dtype
 from curvlens.math.methods import get_method, resolve_params
 from curvlens.math.methods.inputs import check_arity
+from curvlens.math.methods.params import per_tensor_keys
 from curvlens.passes.experts import Experts
 from curvlens.passes.merge import (
     MergeJob, OutputFiles, PerTensorParams, left_out_rows, plan_tensors, run_merge, taken_from,
 )
 from curvlens.passes.merge_result import MergeResult
+from curvlens.passes.preflight import level_warning, preflight
 from curvlens.runtime import resolve_device, use_threads
 
 __all__ = ["merge"]
+
+
+#: Heads a saved config when parameters varied by a Python callable, which YAML cannot state.
+_CALLABLE_NOTE = ("# curvlens: parameters that vary by tensor came from a Python callable (tensor_params); this "
+                  "config states only the constant ones and does not re-run the same merge\n")
 
 
 def merge(
@@ -112,27 +124,36 @@ def merge(
         if not isinstance(method, str):
             raise CurvlensError(f"method must be a method name (str); got {method!r}")
         m = get_method(method)
-        p = resolve_params(m, params, len(experts))
+        # parameters that vary by tensor are checked per tensor (a required one, slerp's t, too)
+        p = resolve_params(m, params, len(experts), per_tensor=per_tensor_keys(tensor_params, experts.tensor_names()))
         if m.needs_base and experts.base is None:
             raise CurvlensError(f"merge method {method!r} needs a base model; the Experts have none")
         check_arity(m, experts.base is not None, len(experts))  # e.g. slerp: one expert
         if m.needs_moments and not experts.has_moments:
             lacking = [e.name for e in experts.experts if e.moments is None]
             raise CurvlensError(f"merge method {method!r} needs second moments; expert(s) {lacking} have none")
+        if m.needs_moments:  # experts trained differently: say so before their levels decide the merge
+            warn = level_warning(preflight(experts), m, p)
+            if warn:
+                warnings.warn(warn, stacklevel=2)
         out_dtype, in_dtype = parse_dtype(dtype), parse_dtype(input_dtype)
         dev = resolve_device(device)
+        writing, tokenizer = writing or WriteOptions(), tokenizer or TokenizerOptions()
+        tok_source = tokenizer.source if tokenizer.source not in (None, "base", "union") else None
+        if out is not None:  # before any work: never onto or into an input of the job
+            claim_output(out, [experts, tok_source], overwrite=overwrite)
         per_tensor = PerTensorParams(m, params, p, tensor_params, len(experts))
         if in_dtype is not None:
             experts = experts.rounded(in_dtype)
         actions, merged = plan_tensors(experts, tensors)
-        writing, tokenizer = writing or WriteOptions(), tokenizer or TokenizerOptions()
         files = None
         if out is not None:
             # the config states what was requested (re-runnable), before model-wide thresholds
-            text = writing.config_text or merge_yaml(m, experts, p, out_dtype, tensors, in_dtype)
+            text = writing.config_text or ((_CALLABLE_NOTE if tensor_params is not None and not isinstance(
+                tensor_params, VaryingParams) else "") + merge_yaml(m, experts, p, out_dtype, tensors, in_dtype))
             tok_dir, tok_files = tokenizer_files(experts, experts.model_dir(), tokenizer)
             files = OutputFiles(experts.model_dir(), text, writing.max_shard_size, tok_files, tok_dir,
-                                inputs=merged.input_paths())
+                                inputs=[*merged.input_paths(), *([Path(tok_source)] if tok_source else [])])
         elif tokenizer.given:
             raise CurvlensError("tokenizer options (source, chat_template, pad_to_multiple_of) concern the "
                                 "written model's tokenizer: give an output directory")

@@ -19,7 +19,9 @@ resolved per tensor name by the streaming driver. A config's ``base_model`` is
 what the method's ``base_role`` says (:class:`~curvlens.math.methods.MergeMethod`):
 the reference of the task vectors (a base also listed under ``models`` is left
 out, as mergekit and the fork do), one more averaged model (``linear``: mergekit
-adds an unlisted base to the average) or unused.
+adds an unlisted base to the average) or unused. curvlens's ``base_model_role:
+reference`` says a ``linear`` base is the reference only, never averaged (what
+``cl.merge`` does with a base, and what the config it saves states).
 
 ``slices`` with ``merge_method: passthrough`` stack layer ranges of the models
 (:mod:`curvlens.config.stack`). ``dtype`` is the dtype the inputs are read in
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curvlens.config.keys import check_keys, config_dtypes, parameter_mapping
+from curvlens.config.keys import check_keys, config_dtypes, parameter_mapping, tensor_rules
 from curvlens.config.options import TokenizerOptions, WriteOptions
 from curvlens.config.param_settings import VaryingParams, check_setting, is_constant, number_converter
 from curvlens.config.stack import StackPlan, load_stack, slices_as_models
@@ -58,15 +60,18 @@ from curvlens.io.checkpoint import PathLike
 from curvlens.io.dtypes import dtype_name
 from curvlens.math.methods import MergeMethod, get_method
 from curvlens.passes.experts import Experts, expert_names
+from curvlens.math.methods.params import check_value_forms
 from curvlens.tensor_filter import TensorFilter
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source",
-             "tokenizer", "chat_template", "out_dtype", "tensors"}
+_TOP_KEYS = {"merge_method", "base_model", "base_model_role", "models", "slices", "parameters", "dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "out_dtype", "tensors"}
 # mergekit keys curvlens refuses, and why
 _REFUSED_TOP = {
     "modules": "mergekit's per-module configs (multimodal models with several modules) are not supported",
 }
 _MODEL_KEYS = {"model", "parameters"}
+#: Per-model parameters the loader itself reads (paths), whatever the method.
+_PATH_PARAMS = {"preconditioner_path"}
 
 
 @dataclass(frozen=True)
@@ -187,15 +192,17 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         from_slices = True
     else:
         from_slices = False
-    if str(cfg["merge_method"]) == "passthrough":
-        raise CurvlensError(f"{where}: merge_method 'passthrough' takes 'slices' (layer ranges to stack); "
-                            "with 'models' mergekit copies a single model, use that model instead")
+    if str(cfg["merge_method"]) == "passthrough" and (cfg.get("base_model") or not isinstance(cfg.get("models"), list)
+                                                     or len(cfg["models"]) != 1):
+        raise CurvlensError(f"{where}: merge_method 'passthrough' with 'models' copies exactly one model (times "
+                            "its scale), with no base_model, as mergekit; stack layer ranges with 'slices'")
     method = get_method(str(cfg["merge_method"]))
     models = cfg.get("models") or []
     if not isinstance(models, list) or not models:
         raise CurvlensError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: ...}}")
 
     base = local(cfg["base_model"], "base_model") if cfg.get("base_model") else None
+    base_role = _base_role(cfg, method, base, where)
     notes: list[str] = []
     top = parameter_mapping(cfg.get("parameters"), f"{where}: 'parameters'")
     bias_correction = top.pop("bias_correction", False)
@@ -204,6 +211,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
     top = {k: check_setting(where, k, v) for k, v in top.items()}
     for k in top:
         _default(method, k, where)  # an unknown name fails here, naming the method
+        check_value_forms(_spec(method, k), f"{where}: parameters.{k}", top[k])
 
     dirs, moments, per_model, seen = [], [], [], {}
     base_listed = False
@@ -215,7 +223,7 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         mp = parameter_mapping(entry.get("parameters"), f"{where}: models[{i}].parameters")
         if base is not None and d == base:
             base_listed = True
-            if method.base_role == "reference":
+            if base_role == "reference":
                 # as mergekit and the fork: the base contributes no task vector
                 if mp:
                     notes.append(f"models[{i}] is the base model: left out of the merge as the reference, "
@@ -230,13 +238,17 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
             notes.append(f"models[{i}].parameters.weight: {method.name} has no weight; ignored, as mergekit "
                          "and the OTA fork ignore it")
         mp = {k: check_setting(f"{where} models[{i}]", k, v) for k, v in mp.items()}
+        for k, v in mp.items():
+            if k not in _PATH_PARAMS:  # read by the loader, whatever the method
+                _default(method, k, where)
+                check_value_forms(_spec(method, k), f"{where}: models[{i}].parameters.{k}", v)
         pre = mp.pop("preconditioner_path", None)
         if pre is not None and not is_constant(pre):
             raise CurvlensError(f"{where}: models[{i}].parameters.preconditioner_path must be one path")
         moments.append(local(pre, f"models[{i}].parameters.preconditioner_path") if pre else None)
         dirs.append(d)
         per_model.append(mp)
-    if base is not None and not base_listed and method.base_role == "input" and not from_slices:
+    if base is not None and not base_listed and base_role == "input" and not from_slices:
         # mergekit adds an unlisted base model as one more input (top-level parameters only)
         notes.append(f"base_model is averaged as one more model, as mergekit's {method.name} does")
         dirs.append(base)
@@ -250,13 +262,29 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
 
     params, tensor_params = _params(method, top, per_model, where, base or dirs[0])
     out_dtype, input_dtype = config_dtypes(cfg, where)
-    tensors = _tensor_rules(cfg.get("tensors"), where, base, dict(zip(dirs, names)), local)
+    tensors = tensor_rules(cfg.get("tensors"), where, base, dict(zip(dirs, names)), local)
     tokenizer = tokenizer_options(cfg, where, base, local)
     if notes:
         text = "".join(f"# curvlens: {n}\n" for n in notes) + text
     return MergeConfig(method.name, base, tuple(dirs), tuple(names), tuple(moments), params,
                        out_dtype, bias_correction, text, tensors, input_dtype=input_dtype,
                        tensor_params=tensor_params, tokenizer=tokenizer, notes=tuple(notes))
+
+
+def _base_role(cfg: dict, method, base, where: str) -> str:
+    """What ``base_model`` is to the merge: the method's ``base_role``, or
+    ``reference`` where ``base_model_role`` says so for a method that would
+    average it (``linear``)."""
+    role = cfg.get("base_model_role")
+    if role is None:
+        return method.base_role
+    if base is None:
+        raise CurvlensError(f"{where}: base_model_role is given without a base_model")
+    allowed = ["reference", "input"] if method.base_role == "input" else [method.base_role]
+    if role not in allowed:
+        raise CurvlensError(f"{where}: base_model_role {role!r} is not valid for {method.name}; expected one of "
+                            f"{allowed} (its base is the {method.base_role!r})")
+    return role
 
 
 def _has_param(method, key: str) -> bool:
@@ -305,35 +333,6 @@ def _params(method, top: dict, per_model: list, where: str, ref_dir: Path):
     return params, tp
 
 
-
-
-
-def _tensor_rules(value: Any, where: str, base, names_by_dir: dict, local) -> tuple[tuple[str, str], ...]:
-    """The ``tensors`` section as (pattern, action) pairs, a model given by path
-    turned into its expert name (or ``base``)."""
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise CurvlensError(f"{where}: 'tensors' must be a list of {{filter: PATTERN, action: ACTION}}")
-    rules = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) != {"filter", "action"}:
-            raise CurvlensError(f"{where}: tensors[{i}] must be {{filter: PATTERN, action: merge | drop | base "
-                                f"| a model}}; got {item!r}")
-        action = item["action"]
-        if not isinstance(action, str):
-            raise CurvlensError(f"{where}: tensors[{i}].action must be a string; got {action!r}")
-        if action not in ("merge", "drop", "base") and action not in names_by_dir.values():
-            d = local(action, f"tensors[{i}].action")
-            if base is not None and d == base:
-                action = "base"
-            elif d in names_by_dir:
-                action = names_by_dir[d]
-            else:
-                raise CurvlensError(f"{where}: tensors[{i}].action {item['action']!r} is not the base or "
-                                    "one of the models")
-        rules.append((str(item["filter"]), action))
-    return tuple(rules)
 
 
 
@@ -387,11 +386,15 @@ def _config(m: MergeMethod, experts: Experts, p: dict, out_dtype, tensors, in_dt
     if all(q is not None for q in paths):
         if experts.base is not None and experts.base.path is not None:
             cfg["base_model"] = str(experts.base.path)
+            if m.base_role == "input":  # mergekit would average it: here it was the reference only
+                cfg["base_model_role"] = "reference"
         cfg["models"] = []
         for e, q, mp in zip(experts.experts, paths, per_model):
             if m.needs_moments and e.moments is not None and e.moments.path is not None:
                 mp = {**mp, "preconditioner_path": str(e.moments.path)}
             cfg["models"].append({"model": str(q), **({"parameters": mp} if mp else {})})
+    if m.needs_moments and all(e.moments is not None and e.moments.bias_corrected for e in experts.experts):
+        top = {**top, "bias_correction": True}
     cfg["parameters"] = top
     rules = list(tensors.items()) if hasattr(tensors, "items") else list(tensors or [])
     if rules:

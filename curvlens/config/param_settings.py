@@ -55,6 +55,9 @@ def check_setting(where: str, key: str, value: Any) -> Any:
                             f"or a list of {{filter: ..., value: ...}}; got {value!r}")
     if all(isinstance(v, _SCALARS) for v in value):
         return value
+    if not any(isinstance(v, dict) for v in value):  # a gradient with an entry that is no value
+        i, v = next((i, v) for i, v in enumerate(value) if not isinstance(v, _SCALARS))
+        raise CurvlensError(f"{where}: parameter {key!r}[{i}]: a gradient's entries are values; got {v!r}")
     for i, cond in enumerate(value):
         if not isinstance(cond, dict):
             raise CurvlensError(f"{where}: parameter {key!r}[{i}]: mix of values and conditions; "
@@ -67,9 +70,13 @@ def check_setting(where: str, key: str, value: Any) -> Any:
         if f is not None and not isinstance(f, str):
             raise CurvlensError(f"{where}: parameter {key!r}[{i}].filter must be a string; got {f!r}")
         inner = cond["value"]
-        if isinstance(inner, (dict,)) or (isinstance(inner, list) and not all(isinstance(v, _SCALARS) for v in inner)):
+        if isinstance(inner, (dict,)):
             raise CurvlensError(f"{where}: parameter {key!r}[{i}].value must be a value or a gradient; "
                                 f"got {inner!r}")
+        if isinstance(inner, list) and not all(isinstance(v, _SCALARS) for v in inner):
+            j, v = next((j, v) for j, v in enumerate(inner) if not isinstance(v, _SCALARS))
+            raise CurvlensError(f"{where}: parameter {key!r}[{i}].value[{j}]: a gradient's entries are values; "
+                                f"got {v!r}")
         if isinstance(inner, list) and not inner:
             raise CurvlensError(f"{where}: parameter {key!r}[{i}].value is an empty list")
     return value
@@ -106,6 +113,8 @@ def setting_value(value: Any, name: str, t: float, convert: Callable[[Any], Any]
         i0 = int(scaled)
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
+        if frac == 0 or values[i0] == values[i1]:
+            return values[i0]  # an entry itself, its type kept (an int parameter stays an int)
         return (1 - frac) * values[i0] + frac * values[i1]
     for cond in value:
         f = cond.get("filter")

@@ -36,6 +36,8 @@ from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint
 from curvlens.io.dtypes import parse_dtype
 from curvlens.passes.merge import MergeJob, OutputFiles, Take, run_merge
+from curvlens.math.methods import get_method
+from curvlens.math.methods.params import check_value_forms
 from curvlens.roles import param_role
 
 _SLICE_KEYS = {"sources", "parameters"}
@@ -105,7 +107,7 @@ class StackPlan:
         for scope in (s.params, s.slice_params, self.top):
             v = setting_value(scope.get("scale"), name, t, conv)
             if v is not UNSET:
-                return float(v)
+                return _real(f"scale of {name!r}", v)
         return None
 
     def job(self) -> MergeJob:
@@ -144,7 +146,10 @@ def _params(value: Any, where: str) -> dict:
     if extra:
         raise CurvlensError(f"{where}: unknown parameter(s) {extra} for merge method 'passthrough'; "
                             "expected 'scale'")
-    return {k: check_setting(where, k, v) for k, v in value.items()}
+    out = {k: check_setting(where, k, v) for k, v in value.items()}
+    for k, v in out.items():  # every value in every form, before any tensor is read
+        check_value_forms(get_method("passthrough").param(k), f"{where}.{k}", v)
+    return out
 
 
 def load_stack(cfg: dict, where: str, text: str, local) -> StackPlan:

@@ -25,6 +25,7 @@ from pathlib import Path
 from curvlens.config.keys import check_keys
 from curvlens.config.options import TokenizerOptions
 from curvlens.errors import CurvlensError
+from curvlens.io.paths import model_file, plain_name, read_model_json, read_model_text
 from curvlens.roles import param_role
 
 #: The keys of a config's ``tokenizer:`` section.
@@ -36,33 +37,49 @@ _VOCAB_TENSORS = ("embed_tokens", "lm_head", "wte", "word_embeddings")
 
 def read_vocab(model_dir: Path) -> dict | None:
     """``{token: id}`` of a model's tokenizer (``tokenizer.json``, else
-    ``vocab.json`` with ``added_tokens.json``), or None when it has neither."""
-    tj = model_dir / "tokenizer.json"
-    if tj.is_file():
-        data = _json(tj)
-        model = data.get("model") or {}
-        vocab = model.get("vocab", {})
-        if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-            vocab = {piece[0]: i for i, piece in enumerate(vocab)}
-        out = dict(vocab)
-        for tok in data.get("added_tokens") or []:
-            out[tok["content"]] = tok["id"]
-        return out
-    vj = model_dir / "vocab.json"
-    if vj.is_file():
-        out = dict(_json(vj))
-        added = model_dir / "added_tokens.json"
-        if added.is_file():
-            out.update(_json(added))
-        return out
-    return None
+    ``vocab.json`` with ``added_tokens.json``), or None when it has neither.
+    Every file is read through the model dir's containment."""
+    data = read_model_json(model_dir, "tokenizer.json")
+    if data is not None:
+        return vocab_of(data, model_dir / "tokenizer.json")
+    vocab = read_model_json(model_dir, "vocab.json")
+    if vocab is None:
+        return None
+    out = _token_ids(vocab, model_dir / "vocab.json")
+    added = read_model_json(model_dir, "added_tokens.json")
+    if added is not None:
+        out.update(_token_ids(added, model_dir / "added_tokens.json"))
+    return out
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CurvlensError(f"{path}: cannot read ({err})") from err
+def vocab_of(data, where) -> dict:
+    """``{token: id}`` of a parsed ``tokenizer.json`` (BPE/WordPiece dict or
+    Unigram list vocabularies, plus ``added_tokens``)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    vocab = model.get("vocab", {}) if isinstance(model, dict) else None
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        if not all(isinstance(p, list) and p and isinstance(p[0], str) for p in vocab):
+            raise CurvlensError(f"{where}: model.vocab must be a list of [piece, score]")
+        vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+    if not isinstance(vocab, dict):
+        raise CurvlensError(f"{where}: expected a tokenizer with model.vocab (a mapping or a list)")
+    out = _token_ids(vocab, where)
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                              and _is_id(t.get("id")) for t in added):
+        raise CurvlensError(f"{where}: added_tokens must be a list of {{content: str, id: int}}")
+    out.update({t["content"]: t["id"] for t in added})
+    return out
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _token_ids(vocab, where) -> dict:
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and _is_id(v) for k, v in vocab.items()):
+        raise CurvlensError(f"{where}: expected a mapping token -> id (an int >= 0)")
+    return dict(vocab)
 
 
 def _model_dirs(experts) -> list[tuple[str, Path]]:
@@ -137,13 +154,13 @@ def tokenizer_files(experts, ref_dir, options: TokenizerOptions):
         src = tok_dir or (Path(ref_dir) if ref_dir is not None else None)
         template = _template(options.chat_template, experts)
         if template is not None:
-            if src is None or not (src / "tokenizer_config.json").is_file():
+            cfg = read_model_json(src, "tokenizer_config.json") if src is not None else None
+            if not isinstance(cfg, dict):
                 raise CurvlensError(f"chat_template: the tokenizer copied to the output ({src}) has no "
-                                    "tokenizer_config.json to write it into")
-            cfg = _json(src / "tokenizer_config.json")
+                                    "tokenizer_config.json (a JSON object) to write it into")
             cfg["chat_template"] = template
             files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False)
-            if (src / "chat_template.jinja").is_file():
+            if model_file(src, "chat_template.jinja") is not None:
                 files["chat_template.jinja"] = template
     return tok_dir, files
 
@@ -199,23 +216,24 @@ def _template(value: str, experts) -> str | None:
             if t:
                 found.append(t.strip())
         return Counter(found).most_common(1)[0][0] if found else None
-    if len(value) < 256 and "\n" not in value and "{" not in value:
-        text = _shipped_template(value)
+    if "\n" not in value and "{" not in value:  # a name: one of the shipped set, never a path
+        text = _shipped_template(plain_name(value, "chat_template"))
         if text is not None:
             return text
     if len(value) < 20 or "{" not in value:
         raise CurvlensError(f"chat_template {value!r} is neither 'auto', a template name mergekit ships "
-                            "(read from an installed mergekit) nor a Jinja template")
+                            f"(read from an installed mergekit: {sorted(_shipped_templates()) or 'none found'}) "
+                            "nor a Jinja template")
     return value
 
 
 def _model_template(d: Path) -> str | None:
-    jinja = d / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    tc = d / "tokenizer_config.json"
-    if tc.is_file():
-        t = _json(tc).get("chat_template")
+    jinja = read_model_text(d, "chat_template.jinja")
+    if jinja is not None:
+        return jinja
+    tc = read_model_json(d, "tokenizer_config.json")
+    if isinstance(tc, dict):
+        t = tc.get("chat_template")
         if isinstance(t, dict):
             t = t.get("default")
         if isinstance(t, list):  # transformers' list of {name, template}
@@ -224,11 +242,17 @@ def _model_template(d: Path) -> str | None:
     return None
 
 
-def _shipped_template(name: str) -> str | None:
+def _shipped_templates() -> dict:
+    """The templates an installed mergekit ships: ``{name: resource}`` (none without mergekit)."""
     try:
         import importlib.resources
 
-        f = importlib.resources.files("mergekit._data.chat_templates").joinpath(name + ".jinja")
-        return f.read_text() if f.is_file() else None
-    except (ImportError, ModuleNotFoundError):
-        return None
+        found = importlib.resources.files("mergekit._data.chat_templates").iterdir()
+        return {f.name[:-len(".jinja")]: f for f in found if f.name.endswith(".jinja") and f.is_file()}
+    except (ImportError, ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        return {}
+
+
+def _shipped_template(name: str) -> str | None:
+    f = _shipped_templates().get(name)  # looked up in the shipped set, never joined onto a dir
+    return f.read_text() if f is not None else None

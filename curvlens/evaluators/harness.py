@@ -27,7 +27,7 @@ from curvlens.errors import CurvlensError, check_choice
 from curvlens.evaluators import loaded, session
 from curvlens.evaluators.task_files import TaskIndex
 from curvlens.runtime import threads_for, torch_threads
-from curvlens.studies.sweep import STDERR_SUFFIX
+from curvlens.studies.scores import STDERR_SUFFIX
 
 #: The lm-eval this module is tested with (the ``eval`` extra pins it).
 TESTED_VERSION = "0.4.13"

@@ -11,19 +11,24 @@ available, and the caller says what to pass instead.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint
+from curvlens.io.name_mapping import SavedLayout, saved_layouts
 from curvlens.io.paths import contained
 from curvlens.roles import param_role
 
 # Auto mappings tried when a config names no (known) architecture, most common first.
 _AUTO_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                   "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-                  "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+                  "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+                  "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
+                  "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
 
 
 def read_config(model_dir: Path) -> dict | None:
@@ -42,10 +47,12 @@ def read_config(model_dir: Path) -> dict | None:
 
 def layer_count(model_dir: Path) -> int:
     """Layers of a model: ``num_hidden_layers`` of its config.json, else one more
-    than the largest layer index among its tensor names (0 without layers)."""
+    than the largest layer index among its tensor names (0 without layers).
+    A ``config.json`` that resolves outside the dir is refused, never skipped."""
+    contained(model_dir, "config.json", source=model_dir)
     try:
         cfg = read_config(model_dir)
-    except CurvlensError:  # unreadable: the tensor names still tell
+    except CurvlensError:  # unreadable JSON: the tensor names still tell
         cfg = None
     n = cfg.get("num_hidden_layers") if cfg else None
     if isinstance(n, int) and n > 0:
@@ -73,19 +80,45 @@ def _class_names(cfg: dict, which: str) -> list[str]:
     return names
 
 
-def architecture_orders(model_dir: Path, which: str = "declared"
-                        ) -> tuple[list[tuple[str, list[str], set[str]]], str | None]:
+@dataclass(frozen=True)
+class Architecture:
+    """One transformers class built from a config on the meta device.
+
+    Attributes
+    ----------
+    name : str
+        The class name.
+    params : dict
+        ``named_parameters()`` in order (the order ``torch.optim`` numbers them),
+        name in memory -> shape.
+    no_decay : frozenset of str
+        The parameters the HF Trainer puts in its second, no-weight-decay group.
+    layouts : tuple of SavedLayout
+        How those parameters may be saved: as in memory, and through
+        transformers' conversion mapping when it renames or fuses any
+        (:mod:`curvlens.io.name_mapping`).
+    notes : tuple of str
+        Why a layout is not offered.
+    """
+
+    name: str
+    params: dict[str, torch.Size]
+    no_decay: frozenset[str]
+    layouts: tuple[SavedLayout, ...]
+    notes: tuple[str, ...] = ()
+
+
+def architecture_orders(model_dir: Path, which: str = "declared") -> tuple[list[Architecture], str | None]:
     """Candidate parameter orders of the model in ``model_dir``: of the
     architectures its config declares (``which="declared"``), or of transformers'
     other heads for its ``model_type`` (``"fallback"``: causal LM, sequence
-    classification, masked LM, seq2seq, token classification, bare model).
+    classification, masked LM, seq2seq, token, image classification, speech
+    seq2seq, CTC, audio classification, bare model).
 
     Returns
     -------
-    orders : list of (label, names, no_decay)
-        One per architecture transformers can build from the config: the class
-        name, ``named_parameters()`` order, and the names the HF Trainer exempts
-        from weight decay (biases and normalisation weights).
+    orders : list of Architecture
+        One per architecture transformers can build from the config.
     why_none : str or None
         When ``orders`` is empty, why (no config, custom code, no transformers).
     """
@@ -120,22 +153,45 @@ def architecture_orders(model_dir: Path, which: str = "declared"
         except Exception as err:  # this class does not fit the config
             errors.append(f"{name}: {type(err).__name__}")
             continue
-        names = [n for n, _ in model.named_parameters()]
-        orders.append((name, names, _no_decay(model)))
-        del model
+        params = {n: p.shape for n, p in model.named_parameters()}
+        layouts, notes = saved_layouts(model)
+        orders.append(Architecture(name, params, frozenset(params) - trainer_decay_names(model),
+                                   tuple(layouts), tuple(notes)))
     why = None if orders else (f"{model_dir / 'config.json'}: no {which} architecture could be built ("
                                + ("; ".join(errors) or "none named") + ")")
     return orders, why
 
 
-def _no_decay(model) -> set[str]:
-    """The HF Trainer's no-weight-decay parameters: biases and the weights of
-    normalisation layers (``get_decay_parameter_names``)."""
+#: The installed Trainer's rule, restated for when it cannot be called (no
+#: accelerate): parameters of LayerNorm modules and names matching these are not
+#: decayed (transformers 5 ``Trainer.get_decay_parameter_names``).
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def trainer_decay_names(model: torch.nn.Module) -> set[str]:
+    """The parameters the HF Trainer decays (its first param group), by the
+    installed ``Trainer.get_decay_parameter_names`` when it can be called.
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    >>> sorted(trainer_decay_names(net))
+    ['0.weight']
+    """
+    try:
+        from transformers import Trainer
+
+        # the method reads nothing of the Trainer; a bare instance stands in for one
+        return set(Trainer.get_decay_parameter_names(object.__new__(Trainer), model))
+    except Exception:  # no accelerate, or a transformers whose rule needs a real Trainer
+        return _decay_names(model, "")
+
+
+def _decay_names(module: torch.nn.Module, prefix: str) -> set[str]:
     out = set()
-    for mod_name, mod in model.named_modules():
-        is_norm = "norm" in type(mod).__name__.lower() or isinstance(mod, torch.nn.LayerNorm)
-        for p_name, _ in mod.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if is_norm or "bias" in p_name or "norm" in full.lower():
-                out.add(full)
-    return out
+    for child_name, child in module.named_children():
+        if isinstance(child, torch.nn.LayerNorm):
+            continue
+        out |= _decay_names(child, f"{prefix}{child_name}.")
+    out |= {f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)}
+    return {n for n in out if not any(re.search(p, n.lower()) for p in NO_DECAY_PATTERNS)}

@@ -96,20 +96,62 @@ def sweep_stale(parent: Path, name: str | None = None) -> list[Path]:
     return removed
 
 
-def check_output(out: Path, inputs: Iterable[object] = ()) -> Path:
+def gather_inputs(*sources: object) -> list[Path]:
+    """Every path a job reads, from whatever names them.
+
+    A source is a path; an object with ``input_paths()`` (an
+    :class:`~curvlens.passes.experts.Experts`, an evaluator that declares the
+    data it reads, such as :class:`curvlens.zoo.ZooEvaluator`); or an iterable of
+    sources. None is skipped.
+
+    Examples
+    --------
+    >>> [p.name for p in gather_inputs("a", None, ["b", ("c",)])]
+    ['a', 'b', 'c']
+    """
+    out: list[Path] = []
+
+    def add(src: object) -> None:
+        if src is None:
+            return
+        if isinstance(src, (str, os.PathLike)):
+            out.append(Path(src))
+        elif callable(getattr(src, "input_paths", None)):
+            for p in src.input_paths():
+                add(p)
+        elif isinstance(src, Iterable) and not isinstance(src, (bytes, dict)):
+            for p in src:
+                add(p)
+        elif callable(src):
+            return  # an evaluator that declares no data it reads
+        else:
+            raise CurvlensError(f"inputs: {src!r} is neither a path nor something with input_paths()")
+
+    for s in sources:
+        add(s)
+    return list(dict.fromkeys(out))
+
+
+def check_output(out: Path, inputs: Iterable[object] = (), *, replaces: bool = True,
+                 is_file: bool = False) -> Path:
     """Refuse an output dir that is, contains or lies inside an input, or whose
-    parent is not a dir. Returns ``out`` resolved."""
+    parent is not a dir. Returns ``out`` resolved.
+
+    ``replaces=False`` is for a work dir that a job only adds new entries to
+    (a sweep's ``out_dir``): it may contain an input, since nothing in it is
+    replaced, but never be or lie inside one. ``is_file``: the output is one
+    file (moments, a Fisher), so an existing dir there is the error instead.
+    """
     out = Path(out).expanduser()
     # The place itself is not followed if it is a symlink (replacing it replaces
     # the link, not its target); for the input check, both readings count.
     real = out.parent.resolve() / out.name
     full = out.resolve()
-    for inp in inputs:
-        if inp is None:
-            continue
+    for inp in gather_inputs(inputs):
         r = Path(inp).expanduser().resolve()
-        if any(is_inside(x, r) or is_inside(r, x) for x in (real, full)):
-            rel = "is" if real == r else "lies inside" if is_inside(real, r) else "contains"
+        if any(is_inside(x, r) or (replaces and is_inside(r, x)) for x in (real, full)):
+            rel = "is" if r in (real, full) else "lies inside" if is_inside(real, r) or is_inside(full, r) \
+                else "contains"
             raise CurvlensError(f"output {out} {rel} the input {inp}; curvlens never writes onto or into "
                                 "its inputs (with or without overwrite): choose another output path")
     for p in [real, *real.parents]:
@@ -117,8 +159,18 @@ def check_output(out: Path, inputs: Iterable[object] = ()) -> Path:
             if p != real and not p.is_dir():
                 raise CurvlensError(f"output {out}: {p} is a file, not a dir; cannot create {out} under it")
             break
-    if real.exists() and not real.is_symlink() and not real.is_dir():
-        raise CurvlensError(f"output {out} exists and is a file, not a dir")
+    if real.exists() and not real.is_symlink() and real.is_dir() == is_file:
+        raise CurvlensError(f"output {out} exists and is a {'dir' if is_file else 'file'}, not a "
+                            f"{'file' if is_file else 'dir'}")
+    return real
+
+
+def claim_output(out: Path, inputs: Iterable[object] = (), *, overwrite: bool = False) -> Path:
+    """:func:`check_output`, and an existing ``out`` refused without ``overwrite``:
+    what every writer checks before any work starts. Returns ``out`` resolved."""
+    real = check_output(out, inputs)
+    if (real.exists() or real.is_symlink()) and not overwrite:
+        raise CurvlensError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     return real
 
 
@@ -182,9 +234,7 @@ class AtomicDir:
     def __init__(self, out, *, overwrite: bool = False, inputs: Iterable[object] = ()):
         self.out = Path(out).expanduser()
         self.overwrite = overwrite
-        self.real = check_output(self.out, inputs)
-        if (self.real.exists() or self.real.is_symlink()) and not overwrite:
-            raise CurvlensError(f"{self.out} already exists; pass overwrite=True (--overwrite) to replace it")
+        self.real = claim_output(self.out, inputs, overwrite=overwrite)
         self.tmp: Path | None = None
         self._created: list[Path] = []
         self._old_handler = None

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.moment_source import MomentSource, betas_of, describe, step_count
+from curvlens.io.sharded_source import ShardedSource, betas_of, describe, step_count
 from curvlens.io.paths import contained
 from curvlens.io.safe_unpickle import Record, load_pickle, stand_ins
 
@@ -189,7 +189,7 @@ def _rank(file: Path) -> str:
     return f" (rank {m.group(1)})" if m else ""
 
 
-def open_dcp_moments(d: Path) -> MomentSource:
+def open_dcp_moments(d: Path) -> ShardedSource:
     """Index the optimizer state in the DCP dir ``d``.
 
     Raises
@@ -248,7 +248,7 @@ def open_dcp_moments(d: Path) -> MomentSource:
     world = len({f for f, _, _ in dcp.where.values()})
     meta = describe("torch.distributed.checkpoint", step, betas, files=world, dcp_version=dcp.version,
                     state_key=".".join(map(str, prefix)) or None)
-    return MomentSource({n: m[1] for n, m in metas.items()}, read, f"{d} (torch.distributed.checkpoint)", d,
+    return ShardedSource({n: m[1] for n, m in metas.items()}, read, f"{d} (torch.distributed.checkpoint)", d,
                         step, betas[1] if betas else None, meta)
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.moment_source import MomentSource, betas_of, describe, step_count
+from curvlens.io.sharded_source import ShardedSource, betas_of, describe, step_count
 from curvlens.io.paths import contained
 from curvlens.io.safe_unpickle import load_torch_file, stand_ins
 
@@ -92,12 +92,12 @@ def find_step_dir(path: Path) -> Path | None:
     return path / tags[0] if tags else None
 
 
-def open_deepspeed(step_dir: Path) -> MomentSource:
+def open_deepspeed(step_dir: Path) -> ShardedSource:
     """Index the ZeRO checkpoint in ``step_dir`` (a ``global_stepN`` dir).
 
     Returns
     -------
-    MomentSource
+    ShardedSource
         Full fp32 ``exp_avg_sq`` per parameter name, read one parameter at a time.
 
     Raises
@@ -129,7 +129,7 @@ def open_deepspeed(step_dir: Path) -> MomentSource:
 
     meta = describe("deepspeed", step, betas, zero_stage=stage, world_size=world, tag=step_dir.name,
                     ds_version=headers[0]["version"], elastic=headers[0]["elastic"] or None)
-    return MomentSource(shapes, read, label, step_dir, step, betas[1] if betas else None, meta)
+    return ShardedSource(shapes, read, label, step_dir, step, betas[1] if betas else None, meta)
 
 
 def _rank_files(step_dir: Path) -> list[Path]:

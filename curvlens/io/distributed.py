@@ -9,14 +9,14 @@ from pathlib import Path
 
 from curvlens.io.dcp import find_dcp_dir, open_dcp_moments
 from curvlens.io.deepspeed import find_step_dir, open_deepspeed
-from curvlens.io.moment_source import MomentSource
+from curvlens.io.sharded_source import ShardedSource
 
 #: How the layouts read here are named in "nothing found" messages.
 LAYOUTS = ("a DeepSpeed ZeRO checkpoint (latest + global_stepN/zero_pp_rank_R_mp_rank_00_optim_states.pt)",
            "a torch.distributed.checkpoint dir (.metadata + *.distcp) holding an optimizer state")
 
 
-def find_sharded(path: Path) -> MomentSource | None:
+def find_sharded(path: Path) -> ShardedSource | None:
     """The sharded moments at ``path`` (a run / ``checkpoint-N`` dir, a
     ``global_stepN`` dir, DeepSpeed's ``latest`` file, a DCP dir or a dir holding
     one ``optimizer_*`` DCP dir), or None when it holds none of these."""

@@ -12,6 +12,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import PathLike
+from curvlens.io.writer import write_tensor_file
 
 
 def export_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module, path: PathLike) -> Path:
@@ -36,10 +37,9 @@ def export_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module, pat
     Raises
     ------
     CurvlensError
-        If a trainable parameter has no ``exp_avg_sq`` (not Adam, or never stepped).
+        If a trainable parameter has no ``exp_avg_sq`` (not Adam, or never stepped),
+        or a moment is NaN or Inf (nothing is written).
     """
-    from safetensors.torch import save_file
-
     names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
     steps, betas, eps = set(), set(), set()
@@ -73,14 +73,5 @@ def export_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module, pat
         meta["beta2"] = repr(b[1])
     if len(eps) == 1:
         meta["eps"] = repr(eps.pop())
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(out)  # never leave a half-written moments file under the real name
-    except OSError as err:
-        raise CurvlensError(f"{out}: could not write the moments ({err})") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    # atomic (never a half-written file under the real name) and finite
+    return write_tensor_file(tensors, path, metadata=meta, overwrite=True)

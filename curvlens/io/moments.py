@@ -32,7 +32,8 @@ from curvlens.io.checkpoint import Checkpoint, PathLike, read_safetensor, safete
 from curvlens.io.lazy import LazyTensors
 from curvlens.io.distributed import LAYOUTS as SHARDED_LAYOUTS
 from curvlens.io.distributed import find_sharded
-from curvlens.io.moment_source import MomentSource
+from curvlens.io.sharded_source import ShardedSource
+from curvlens.io.moments_source import MomentsSource, dtype_names, group_betas, meta_betas, warn_untrained
 from curvlens.io.optimizer_order import name_index_state
 from curvlens.io.paths import contained
 
@@ -48,7 +49,9 @@ class Moments(LazyTensors):
     Attributes
     ----------
     step : int or None
-        Optimizer step count, when the source records it.
+        Optimizer step count, when the source records it (the largest, where a
+        parameter no gradient reached at some steps has fewer; bias correction
+        then uses each parameter's own count).
     beta2 : float or None
         Adam's beta2, when the source records it.
     bias_corrected : bool
@@ -59,6 +62,11 @@ class Moments(LazyTensors):
         source its description (``format``: ``deepspeed`` or
         ``torch.distributed.checkpoint``, ``zero_stage``, ``world_size``, ``step``,
         ``betas``, ...).
+    source : MomentsSource
+        Format, file, how names were found (the tier), stored dtypes, betas.
+    untrained : tuple of str
+        Saved tensors no optimizer state covers (buffers such as
+        ``final_logits_bias``): their moments read as 0.
     """
 
     def __init__(self, shapes: dict[str, torch.Size], reader, *, label: str,
@@ -73,6 +81,9 @@ class Moments(LazyTensors):
         self.metadata: dict[str, str] = {}
         #: Parameters the optimizer lists but never updated; their moments read as 0.
         self.never_updated: tuple[str, ...] = ()
+        #: Saved tensors that are no parameter (buffers): untrained, moments read as 0.
+        self.untrained: tuple[str, ...] = ()
+        self.source = MomentsSource("in-memory moments", path)
         self.step = step
         self.beta2 = beta2
         self.bias_corrected = bool(bias_correction)
@@ -155,11 +166,19 @@ class Moments(LazyTensors):
         raise CurvlensError(f"{path}: unknown moments file type; expected .safetensors or .pt")
 
     @classmethod
-    def _from_source(cls, source: MomentSource, bias_correction: bool) -> Moments:
+    def _from_source(cls, source: ShardedSource, bias_correction: bool) -> Moments:
         """Moments over a sharded layout (DeepSpeed ZeRO, torch.distributed.checkpoint)."""
         m = cls(source.shapes, source.read, label=source.label, step=source.step, beta2=source.beta2,
                 bias_correction=bias_correction, path=source.path)
         m.metadata = dict(source.metadata)
+        betas = source.metadata.get("betas")
+        fmt = source.metadata.get("format", "sharded optimizer state")
+        if "zero_stage" in source.metadata:
+            fmt += f" ZeRO-{source.metadata['zero_stage']}"
+        m.source = MomentsSource(fmt, source.path,
+                                 names="the checkpoint's own parameter names (per-rank shards assembled)",
+                                 dtypes=("float32",), betas=tuple(json.loads(betas)) if betas else None,
+                                 details=dict(source.metadata))
         return m
 
     @classmethod
@@ -184,6 +203,8 @@ class Moments(LazyTensors):
         m = cls(shapes, read, label=str(file), step=step, beta2=beta2,
                 bias_correction=bias_correction, path=file)
         m.metadata = dict(meta)
+        m.source = MomentsSource("exported exp_avg_sq (safetensors)", file,
+                                 dtypes=dtype_names(i.dtype for i in infos.values()), betas=meta_betas(meta, beta2))
         return m
 
     @classmethod
@@ -203,8 +224,11 @@ class Moments(LazyTensors):
             tensors = {n: obj[k] for n, k in keymap.items()}
             for n, v in tensors.items():
                 _check_float(v.dtype, n, label)
-            return cls({k: v.shape for k, v in tensors.items()}, tensors.__getitem__, label=label,
-                       bias_correction=bias_correction, path=file)
+            m = cls({k: v.shape for k, v in tensors.items()}, tensors.__getitem__, label=label,
+                    bias_correction=bias_correction, path=file)
+            m.source = MomentsSource("name -> tensor dict of moments", file,
+                                     dtypes=dtype_names(v.dtype for v in tensors.values()))
+            return m
         state = obj["state"]
         groups = obj.get("param_groups", [])
         if not isinstance(state, Mapping):
@@ -223,11 +247,13 @@ class Moments(LazyTensors):
         beta2 = _beta2_from_groups(groups, label)
         keys = list(state)
         never: dict = {}
+        found = None
         if keys and all(isinstance(k, str) for k in keys):
             named = dict(state)
         elif all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
-            named, never = name_index_state(state, groups, checkpoint, label,
-                                            beside=file.parent if file is not None else None)
+            found = name_index_state(state, groups, checkpoint, label,
+                                     beside=file.parent if file is not None else None)
+            named, never = found.named, found.never
         else:
             raise CurvlensError(f"{label}: optimizer state keys must be all parameter indices (int) or all "
                                 f"names (str); got {sorted({type(k).__name__ for k in keys})}")
@@ -235,8 +261,11 @@ class Moments(LazyTensors):
         if missing:
             raise CurvlensError(f"{label}: optimizer state has no 'exp_avg_sq' for {missing[:5]} "
                                 f"({len(missing)} parameters); is this an Adam/AdamW state?")
-        steps = {_step(s["step"], label, n) for n, s in named.items() if "step" in s}
-        step = steps.pop() if len(steps) == 1 else None
+        steps = {n: _step(s["step"], label, n) for n, s in named.items() if "step" in s}
+        # the run's step; a parameter no gradient reached at some steps has fewer,
+        # and is bias-corrected by its own count, as Adam does
+        step = max(steps.values()) if steps else None
+        uneven = bias_correction and beta2 is not None and len(set(steps.values())) > 1
         tensors = {n: s["exp_avg_sq"] for n, s in named.items()}
         for n, v in tensors.items():
             _check_float(v.dtype, n, label)
@@ -246,11 +275,20 @@ class Moments(LazyTensors):
                           "(Moments.never_updated lists them)", stacklevel=3)
 
         def read(n: str) -> torch.Tensor:
-            return tensors[n].clone() if n in tensors else torch.zeros(never[n])
+            v = tensors[n].clone() if n in tensors else torch.zeros(never[n])
+            return v.float() / (1.0 - beta2 ** steps[n]) if uneven and steps.get(n) else v
 
         shapes = {**{k: v.shape for k, v in tensors.items()}, **{k: torch.Size(v) for k, v in never.items()}}
-        m = cls(shapes, read, label=label, step=step, beta2=beta2, bias_correction=bias_correction, path=file)
-        m.never_updated = tuple(never)
+        untrained, never_names = (), tuple(never)
+        if found is not None and found.layout is not None:  # names in memory -> the saved ones
+            shapes, read, untrained, never_names = found.layout.saved_moments(read, shapes, never, found.saved, label)
+            warn_untrained(label, untrained)
+        m = cls(shapes, read, label=label, step=step, beta2=beta2, bias_correction=bias_correction and not uneven,
+                path=file)
+        m.never_updated, m.untrained, m.bias_corrected = never_names, untrained, bool(bias_correction)
+        m.source = MomentsSource("torch.optim state dict" + (f" ({file.name})" if file is not None else ""), file,
+                                 found.order if found is not None else "state keyed by parameter name",
+                                 dtype_names(v.dtype for v in tensors.values()), group_betas(groups))
         return m
 
     def _load(self, name: str) -> torch.Tensor:

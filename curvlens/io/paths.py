@@ -13,8 +13,10 @@ targets are allowed, and nothing else is.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from curvlens.errors import CurvlensError
 
@@ -94,3 +96,73 @@ def contained(root: Path, name: object, *, source: object, entry: str | None = N
         raise CurvlensError(f"{where} names {name!r}, which resolves outside the model dir {root} "
                             f"(to {real}); curvlens reads only files inside a model dir")
     return candidate
+
+
+def model_file(root: Path, name: str, *, source: object = None) -> Path | None:
+    """The file ``name`` of the model dir ``root`` when it exists, else None.
+
+    Every file curvlens reads by a name a model dir implies (``tokenizer.json``,
+    ``chat_template.jinja``, ``tokenizer_config.json``, ``config.json``) comes
+    through here: it must resolve inside ``root`` (:func:`contained`), so a
+    symlink pointing elsewhere is an error, never read.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> model_file(d, "tokenizer.json") is None
+    True
+    >>> (d / "tokenizer.json").symlink_to("/etc/hostname")
+    >>> model_file(d, "tokenizer.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    curvlens.errors.CurvlensError: ... names 'tokenizer.json', which resolves outside the model dir ...
+    """
+    path = contained(Path(root), name, source=source if source is not None else root)
+    return path if path.is_file() else None
+
+
+def read_model_text(root: Path, name: str, *, source: object = None) -> str | None:
+    """The text of the model dir's file ``name`` (:func:`model_file`), or None when absent."""
+    path = model_file(root, name, source=source)
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CurvlensError(f"{path}: cannot read ({err})") from err
+
+
+def read_model_json(root: Path, name: str, *, source: object = None) -> Any:
+    """The parsed JSON of the model dir's file ``name`` (:func:`model_file`), or None when absent."""
+    text = read_model_text(root, name, source=source)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise CurvlensError(f"{Path(root) / name}: not valid JSON ({err})") from err
+
+
+def plain_name(value: object, what: str) -> str:
+    """``value`` if it is a plain name (a file stem of a fixed set, never a path).
+
+    A name chosen from a shipped set (a chat template's) must not reach outside
+    that set: no separators, no ``.``/``..``, no NUL, nothing absolute.
+
+    Examples
+    --------
+    >>> plain_name("chatml", "chat_template")
+    'chatml'
+    >>> plain_name("../secret", "chat_template")
+    Traceback (most recent call last):
+    ...
+    curvlens.errors.CurvlensError: chat_template '../secret' is not a name: it contains a path separator or '..'; expected one of the shipped names
+    """
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise CurvlensError(f"{what} {value!r} is not a name; expected a non-empty string")
+    if any(sep in value for sep in ("/", "\\", os.sep)) or value in (".", "..") or ".." in value \
+            or os.path.isabs(value) or value.startswith("~"):
+        raise CurvlensError(f"{what} {value!r} is not a name: it contains a path separator or '..'; "
+                            "expected one of the shipped names")
+    return value

@@ -5,23 +5,29 @@ dtype up front (``plan=``, which the merge engine always gives), each shard's
 safetensors header is written first and every tensor's bytes are appended the
 moment it arrives: nothing is buffered, and writing overlaps computing. Without a
 plan, tensors are buffered up to ``max_shard_size`` bytes and flushed per shard.
-Everything is written into a partial dir beside the target
+Every floating tensor is checked finite as it is added (:func:`check_finite`),
+whatever made it: curvlens never writes a NaN or an Inf. Everything is written
+into a partial dir beside the target
 (:class:`curvlens.io.atomic.AtomicDir`), renamed into place only when complete:
 an exception, SIGINT or SIGTERM half-way leaves nothing behind, an existing
 target is never touched without ``overwrite=True``, and an output that is,
-contains or lies inside an input (``inputs=``) is refused.
+contains or lies inside an input (``inputs=``, and the config and tokenizer
+files copied beside the weights) is refused. :func:`write_tensor_file` writes one
+safetensors file (moments, a Fisher) under the same two rules.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.atomic import AtomicDir, os_error
+from curvlens.io.atomic import AtomicDir, check_output, os_error
 from curvlens.io.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, PathLike
 from curvlens.io.paths import contained
 
@@ -34,6 +40,35 @@ REFERENCE_FILES = (
     "chat_template.jinja",
 )
 _MODEL_FILES = ("config.json", "generation_config.json")  # the rest are the tokenizer's
+_FINITE_CHUNK = 1 << 22  # entries per isfinite() chunk: a bounded temporary, whatever the tensor
+
+
+def check_finite(name: str, tensor: torch.Tensor, *, out: object, made_by: str | None = None) -> None:
+    """Refuse a floating ``tensor`` with a NaN or an Inf, naming the output, the
+    tensor and (``made_by``) what made it, when the caller knows.
+
+    The one finiteness check of everything curvlens writes (:class:`ModelWriter`,
+    :func:`write_tensor_file`), whatever the dtype and whatever computed it.
+
+    Examples
+    --------
+    >>> check_finite("w", torch.tensor([1.0, float("inf")]), out="merged", made_by="scale 1e39")
+    Traceback (most recent call last):
+    ...
+    curvlens.errors.CurvlensError: merged: tensor 'w' has 1 non-finite value(s) of 2 (made by scale 1e39); curvlens never writes a NaN or an Inf
+    """
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.detach().reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if not bool(torch.isfinite(chunk).all()):
+            bad += int((~torch.isfinite(chunk)).sum())
+    if bad:
+        by = f" (made by {made_by})" if made_by else ""
+        raise CurvlensError(f"{out}: tensor {name!r} has {bad} non-finite value(s) of {flat.numel()}{by}; "
+                            "curvlens never writes a NaN or an Inf")
 
 
 def parse_size(size: int | str) -> int:
@@ -77,7 +112,9 @@ class ModelWriter:
         writes; ``add`` then checks each tensor against the plan.
     inputs : sequence of path, optional
         The models (and moments) the written tensors come from: ``out`` may not
-        be, contain or lie inside any of them, even with ``overwrite``.
+        be, contain or lie inside any of them, even with ``overwrite`` (the
+        config and tokenizer files copied from ``reference_dir`` and
+        ``tokenizer_dir`` are inputs too, always).
     tokenizer_dir : path, optional
         Dir whose tokenizer files are copied instead of ``reference_dir``'s
         (a merge's ``tokenizer_source``).
@@ -106,7 +143,10 @@ class ModelWriter:
         self.overwrite = overwrite
         self.extra_files = dict(extra_files or {})
         self.config_overrides = dict(config_overrides or {})
-        self._atomic = AtomicDir(self.out, overwrite=overwrite, inputs=inputs)
+        # the files copied beside the weights are inputs too (their dirs may hold the output)
+        copied = [d / f for d in (self.reference_dir, self.tokenizer_dir) if d is not None
+                  for f in REFERENCE_FILES if os.path.lexists(d / f)]
+        self._atomic = AtomicDir(self.out, overwrite=overwrite, inputs=[*inputs, *copied])
         self._tmp: Path | None = None
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
@@ -118,12 +158,17 @@ class ModelWriter:
         self._tmp = self._atomic.__enter__()
         return self
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; flushes a shard when the buffer would exceed the limit."""
+    def add(self, name: str, tensor: torch.Tensor, *, made_by: str | None = None) -> None:
+        """Queue one tensor; flushes a shard when the buffer would exceed the limit.
+
+        A floating tensor with a NaN or an Inf is refused (:func:`check_finite`;
+        ``made_by`` says what computed it, for the message) and nothing is written.
+        """
         if self._tmp is None:
             raise CurvlensError("ModelWriter.add called outside a 'with' block")
         if name in self._names:
             raise CurvlensError(f"{self.out}: tensor {name!r} written twice")
+        check_finite(name, tensor, out=self.out, made_by=made_by)
         if self._plan is not None:
             try:
                 self._write_planned(name, tensor)
@@ -265,6 +310,46 @@ def _shard_plan(plan, max_bytes: int) -> list:
         for j, (name, shape, dtype, _) in enumerate(items):
             out.append((i, name, shape, dtype, blob if j == 0 else None))
     return out
+
+
+def write_tensor_file(tensors, file, *, metadata: dict | None = None, overwrite: bool = False,
+                      inputs=()) -> Path:
+    """Write ``{name: tensor}`` as one safetensors file, atomically.
+
+    Each tensor is checked finite (:func:`check_finite`); the file may not be,
+    or lie inside, any of ``inputs``; it is written to a hidden temporary beside
+    its place and renamed in when complete (an existing file is replaced only
+    with ``overwrite``); parent dirs this call created are removed on failure.
+    Returns the file's path.
+    """
+    from safetensors.torch import save_file
+
+    file = Path(file).expanduser()
+    for name, t in tensors.items():
+        check_finite(name, t, out=file)
+    real = check_output(file, inputs, is_file=True)
+    if (real.exists() or real.is_symlink()) and not overwrite:
+        raise CurvlensError(f"{file} already exists; pass overwrite=True to replace it")
+    created = [p for p in [real.parent, *real.parent.parents] if not p.exists()]
+    tmp = real.with_name(f".{real.name}.partial-{secrets.token_hex(4)}")
+    try:
+        for p in reversed(created):
+            p.mkdir()
+        save_file(tensors, str(tmp), metadata=metadata)
+        if (real.exists() or real.is_symlink()) and not overwrite:
+            raise CurvlensError(f"{file} appeared while writing; pass overwrite=True to replace it")
+        os.replace(tmp, real)
+        created = []
+    except OSError as err:
+        raise os_error(file, err, "write the file") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+        for p in created:  # deepest first, only if still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    return file
 
 
 def write_model(tensors, out: PathLike, reference_dir: PathLike | None = None, **kwargs) -> Path:

@@ -157,3 +157,33 @@ def corr(sxy: float, sxx: float, syy: float) -> float:
 def pct_key(prefix: str, frac: float) -> str:
     """Key for a fraction as a percentage: 0.01 -> 'prefix1', 0.001 -> 'prefix0.1'."""
     return f"{prefix}{round(100 * frac, 10):g}"
+
+
+def equal_buffer(name: str, base: torch.Tensor | None, experts: Sequence[torch.Tensor],
+                 names: Sequence[str]) -> torch.Tensor:
+    """The one value of an integer or bool tensor (a buffer: position ids, a step
+    count) that every model holds; a CurvlensError naming who differs otherwise.
+
+    Such a tensor cannot be averaged, and taking one model's silently would hide
+    that the models disagree: the caller says whose to take with a ``tensors``
+    rule (the report's ``source`` then names it).
+
+    Examples
+    --------
+    >>> equal_buffer("ids", None, [torch.tensor([0, 1]), torch.tensor([0, 1])], ["a", "b"])
+    tensor([0, 1])
+    >>> equal_buffer("ids", torch.tensor([0, 1]), [torch.tensor([0, 2])], ["a"])
+    Traceback (most recent call last):
+    ...
+    curvlens.errors.CurvlensError: tensor 'ids' (int64) cannot be averaged and the models disagree on it: expert 'a' differs from the base; say whose to take with a tensors rule, e.g. tensors={'ids': 'base'} (YAML: tensors: [{filter: 'name:ids', action: base}])
+    """
+    models = ([("the base", base)] if base is not None else []) + [(f"expert {n!r}", t) for n, t in zip(names, experts)]
+    ref_label, ref = models[0]
+    differ = [label for label, t in models[1:] if t.shape != ref.shape or not torch.equal(t.to(ref.device), ref)]
+    if differ:
+        raise CurvlensError(
+            f"tensor {name!r} ({str(ref.dtype).replace('torch.', '')}) cannot be averaged and the models disagree "
+            f"on it: {', '.join(differ)} differ{'s' if len(differ) == 1 else ''} from {ref_label}; say whose to "
+            f"take with a tensors rule, e.g. tensors={{{name!r}: 'base'}} (YAML: tensors: [{{filter: "
+            f"'name:{name}', action: base}}])")
+    return ref

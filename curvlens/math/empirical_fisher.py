@@ -11,7 +11,9 @@ Pure tensor functions (tensors and functions in, tensors out), used by
 * :func:`causal_lm_loss` -- a causal LM's per-example loss, the mean token
   cross-entropy over the example's labelled tokens (as HF computes it for one row);
 * :func:`causal_mask_4d` -- a row's 0/1 attention mask as the additive causal mask
-  HF decoders accept (2-D masks make HF branch on data, which ``vmap`` cannot).
+  HF decoders accept (2-D masks make HF branch on data, which ``vmap`` cannot);
+* :func:`check_token_batch` -- token ids, labels and masks a model can take, checked
+  before any forward pass (an out-of-range id is an error, never an index crash).
 
 Memory: the per-example gradients of one chunk (``chunk x`` the parameters) plus the
 fp32 sums (once the parameters).
@@ -151,3 +153,74 @@ def causal_mask_4d(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -
     allowed |= torch.eye(n, dtype=torch.bool, device=attention_mask.device)[None]
     out = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
     return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def check_token_batch(batch: Mapping[str, Tensor], vocab_size: int | None, *, labels: str = "tokens",
+                      first_example: int = 0) -> None:
+    """Refuse a batch whose token ids, labels or attention mask a model cannot take.
+
+    Parameters
+    ----------
+    batch : mapping
+        ``input_ids``, ``labels``, ``attention_mask`` (each optional), first dim
+        the examples.
+    vocab_size : int or None
+        Rows of the model's input embedding (None: ids checked only to be >= 0).
+    labels : {"tokens", "classes", "any"}
+        ``"tokens"``: next-token labels, each -100 (ignored) or an id below
+        ``vocab_size``; ``"classes"``: integer labels -100 or >= 0 (the model
+        checks its own upper bound); ``"any"``: a caller's own loss reads them.
+    first_example : int
+        Index of the batch's first example, for the message.
+
+    Raises
+    ------
+    CurvlensError
+        Non-integer or out-of-range ids, a negative label other than -100 (which
+        a loss would otherwise read as token 0), a NaN in a mask, a 2-D mask that
+        is not 0/1.
+
+    Examples
+    --------
+    >>> check_token_batch({"input_ids": torch.tensor([[1, 7]])}, 5)
+    Traceback (most recent call last):
+    ...
+    curvlens.errors.CurvlensError: examples 0..0: input_ids hold token ids up to 7, but the model's vocabulary has 5 tokens (ids 0..4)
+    """
+    n = next((int(v.shape[0]) for v in batch.values() if isinstance(v, Tensor) and v.dim()), 0)
+    where = f"examples {first_example}..{first_example + n - 1}"
+
+    def ints(key: str, t: Tensor) -> None:
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise CurvlensError(f"{where}: {key} must be integer token ids; got dtype {t.dtype}")
+
+    ids = batch.get("input_ids")
+    if isinstance(ids, Tensor):
+        ints("input_ids", ids)
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0:
+                raise CurvlensError(f"{where}: input_ids hold a negative token id ({lo}); ids are 0.."
+                                    f"{vocab_size - 1 if vocab_size else 'vocab - 1'}")
+            if vocab_size is not None and hi >= vocab_size:
+                raise CurvlensError(f"{where}: input_ids hold token ids up to {hi}, but the model's vocabulary "
+                                    f"has {vocab_size} tokens (ids 0..{vocab_size - 1})")
+    lab = batch.get("labels")
+    if isinstance(lab, Tensor) and labels != "any":
+        ints("labels", lab)
+        used = lab[lab != IGNORE_INDEX]
+        if used.numel():
+            lo, hi = int(used.min()), int(used.max())
+            if lo < 0:
+                raise CurvlensError(f"{where}: labels hold {lo}; a label is {IGNORE_INDEX} (ignored) or >= 0 "
+                                    "(a negative one would be read as token 0)")
+            if labels == "tokens" and vocab_size is not None and hi >= vocab_size:
+                raise CurvlensError(f"{where}: labels hold token ids up to {hi}, but the model's vocabulary has "
+                                    f"{vocab_size} tokens (ids 0..{vocab_size - 1}; -100 = ignored)")
+    mask = batch.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.numel():
+        if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+            raise CurvlensError(f"{where}: attention_mask holds NaN; expected 1 (attend) or 0 (padding)")
+        if mask.dim() == 2 and not bool(((mask == 0) | (mask == 1)).all()):
+            raise CurvlensError(f"{where}: attention_mask must hold only 1 (attend) and 0 (padding); got "
+                                f"values such as {sorted({float(x) for x in mask.unique()[:5]})}")

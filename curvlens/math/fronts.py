@@ -20,12 +20,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from curvlens.arguments import finite_array
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 
 __all__ = ["fit_quadratic", "front_distance", "non_dominated", "predict_quadratic", "quadratic_features",
            "quadratic_losses", "quadratic_parts", "sample_coefficients", "scalarized_minimisers", "simplex_weights",
-           "tensor_grams"]
+           "squash", "tensor_grams", "unit_rows", "unsquash"]
+
+#: how far inside its range a bounded metric is clipped before the logit (an accuracy
+#: of exactly 0 or 1 would otherwise have an infinite logit)
+SQUASH_EPS = 0.02
 
 
 def tensor_grams(moments, task_vectors) -> torch.Tensor:
@@ -90,8 +95,8 @@ def quadratic_losses(grams, coefficients, targets=None) -> np.ndarray:
     >>> quadratic_losses([np.eye(2), np.eye(2)], [[1.0, 0.0], [0.5, 0.5]]).tolist()
     [[0.0, 1.0], [0.25, 0.25]]
     """
-    g = np.asarray(grams, dtype=np.float64)
-    c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
+    g = finite_array("grams", grams)
+    c = np.atleast_2d(finite_array("coefficients", coefficients))
     if g.ndim != 3 or g.shape[1] != g.shape[2]:
         raise CurvlensError(f"grams must have shape (m, k, k); got {g.shape}")
     m, k = g.shape[0], g.shape[1]
@@ -165,14 +170,46 @@ def fit_quadratic(coefficients, values) -> np.ndarray:
     >>> fit_quadratic(c, 1 + 2 * c[:, 0] - c[:, 0] ** 2).round(6).tolist()
     [1.0, 2.0, -1.0]
     """
-    x = quadratic_features(coefficients)
+    x = quadratic_features(finite_array("coefficients", coefficients))
     y = np.asarray(values, dtype=np.float64).reshape(-1)
     if len(y) != len(x):
         raise CurvlensError(f"fit_quadratic: {len(x)} coefficient rows but {len(y)} values")
     ok = np.isfinite(y)
     if ok.sum() == 0:
         raise CurvlensError("fit_quadratic: no finite values to fit")
-    return np.linalg.lstsq(x[ok], y[ok], rcond=None)[0]
+    # LAPACK given a NaN or an Inf prints to stdout and returns garbage: never hand it one
+    finite_array("fit_quadratic's design matrix (coefficients too large to square)", x[ok])
+    return finite_array("fit_quadratic's weights", np.linalg.lstsq(x[ok], y[ok], rcond=None)[0])
+
+
+def squash(values, low: float = 0.0, high: float = 1.0, eps: float = SQUASH_EPS) -> np.ndarray:
+    """The logit of ``values`` rescaled from ``[low, high]`` to (0, 1), clipped to
+    ``[eps, 1 - eps]`` first: a bounded metric (an accuracy) on an unbounded scale,
+    where a quadratic surrogate can be fitted and its prediction mapped back into
+    the range by :func:`unsquash` (MAP squashes bounded metrics the same way).
+
+    Examples
+    --------
+    >>> squash([0.5, 1.0], eps=0.1).round(4).tolist()
+    [0.0, 2.1972]
+    """
+    if not high > low:
+        raise CurvlensError(f"squash: the range needs low < high; got ({low}, {high})")
+    u = (np.asarray(values, dtype=np.float64) - low) / (high - low)
+    u = np.clip(u, eps, 1.0 - eps)
+    return np.log(u) - np.log1p(-u)
+
+
+def unsquash(z, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """The inverse of :func:`squash` (up to its clipping): always inside ``[low, high]``.
+
+    Examples
+    --------
+    >>> unsquash(squash([0.3, 0.7])).round(6).tolist()
+    [0.3, 0.7]
+    """
+    z = np.asarray(z, dtype=np.float64)
+    return low + (high - low) / (1.0 + np.exp(-z))
 
 
 def predict_quadratic(weights, coefficients) -> np.ndarray:
@@ -231,11 +268,12 @@ def scalarized_minimisers(hessians, linears, weights, low: float = -np.inf, high
     >>> scalarized_minimisers([np.eye(1), np.eye(1)], [[-1.0], [-3.0]], [[0.5, 0.5], [1.0, 0.0]]).tolist()
     [[2.0], [1.0]]
     """
-    h = np.asarray(hessians, dtype=np.float64)
-    b = np.asarray(linears, dtype=np.float64)
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    hw = np.einsum("nm,mjl->njl", w, h)
-    bw = np.einsum("nm,mj->nj", w, b)
+    h = finite_array("hessians", hessians)
+    b = finite_array("linears", linears)
+    w = np.atleast_2d(finite_array("weights", weights))
+    # sums of finite terms can still overflow; LAPACK must never see a NaN or an Inf
+    hw = finite_array("the weighted Hessians", np.einsum("nm,mjl->njl", w, h))
+    bw = finite_array("the weighted linear terms", np.einsum("nm,mj->nj", w, b))
     out = np.stack([np.linalg.lstsq(hw[i], -bw[i], rcond=None)[0] for i in range(len(w))])
     return np.clip(out, low, high)
 
@@ -260,6 +298,18 @@ def sample_coefficients(n: int, k: int, low: float = 0.0, high: float = 1.0, see
     first = first[:n]
     rest = rng.uniform(low, high, size=(n - len(first), k))
     return np.concatenate([first, rest])
+
+
+def unit_rows(coefficients) -> np.ndarray:
+    """Boolean mask of the rows that are unit vectors eᵢ: each expert alone.
+
+    Examples
+    --------
+    >>> unit_rows([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 1.0]]).tolist()
+    [True, False, True, False]
+    """
+    c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
+    return (np.isclose(c, 0.0) | np.isclose(c, 1.0)).all(1) & np.isclose(c.sum(1), 1.0)
 
 
 def front_distance(a, b) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 
-__all__ = ["ChangeNorms", "reference_block", "cast_checked"]
+__all__ = ["ChangeNorms", "reference_block", "cast_checked", "cast_words"]
 
 
 def reference_block(base: Optional[torch.Tensor], experts: Sequence[torch.Tensor], sl: slice) -> torch.Tensor:
@@ -55,9 +55,29 @@ class ChangeNorms:
         return self.delta / self.sq_ref ** 0.5 if self.sq_ref > 0 else math.nan
 
 
-def cast_checked(block: torch.Tensor, target: torch.dtype, name: str) -> torch.Tensor:
+def cast_words(input_dtype: torch.dtype | None, output_dtype: torch.dtype) -> dict:
+    """How :func:`cast_checked` names the dtype a merge is first cast to: the
+    output dtype, or (a config's ``dtype`` other than its ``out_dtype``) the input
+    dtype, in which mergekit computes before casting to the output dtype.
+
+    Examples
+    --------
+    >>> cast_words(torch.float16, torch.float32)["what"]
+    'the input dtype'
+    """
+    if input_dtype is None or input_dtype == output_dtype:
+        return {"what": "the output dtype"}
+    out = str(output_dtype).replace("torch.", "")
+    return {"what": "the input dtype",
+            "hint": f"; it is the config's dtype, in which each tensor is merged before the cast to out_dtype {out}"}
+
+
+def cast_checked(block: torch.Tensor, target: torch.dtype, name: str, *, what: str = "the output dtype",
+                 hint: str = "") -> torch.Tensor:
     """``block`` (fp32) cast to ``target`` on the CPU; a value the target cannot
     hold (beyond fp16's 65504) is a CurvlensError naming tensor ``name``, never an Inf.
+    ``what`` says which dtype ``target`` is to the user (the output's, or the
+    input dtype a config computes in first), ``hint`` ends the message.
 
     Examples
     --------
@@ -71,7 +91,7 @@ def cast_checked(block: torch.Tensor, target: torch.dtype, name: str) -> torch.T
         lo, hi = torch.aminmax(cast)
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             big = float(block.abs().max())
-            raise CurvlensError(f"tensor {name!r}: a merged value ({big:.4g}) overflows the output dtype "
+            raise CurvlensError(f"tensor {name!r}: a merged value ({big:.4g}) overflows {what} "
                                 f"{str(target).replace('torch.', '')} (largest {torch.finfo(target).max:.4g}); "
-                                "choose a wider dtype (float32 or bfloat16)")
+                                f"choose a wider dtype (float32 or bfloat16){hint}")
     return cast

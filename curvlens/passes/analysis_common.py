@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from curvlens.arguments import nonempty_arg, real_arg
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint
 from curvlens.passes.experts import Experts
@@ -158,16 +159,11 @@ def check_densities(densities, param: str = "densities", allow_one: bool = True)
     """Sorted unique densities in (0, 1] (a scalar is one density)."""
     if isinstance(densities, (int, float)) and not isinstance(densities, bool):
         densities = [densities]
-    try:
-        ds = [float(d) for d in densities]
-    except (TypeError, ValueError) as err:
-        raise CurvlensError(f"{param} must be numbers in (0, 1]; got {densities!r}") from err
-    if not ds:
-        raise CurvlensError(f"{param} is empty; expected at least one density in (0, 1]")
-    for d in ds:
-        if not (0.0 < d <= 1.0) or (d == 1.0 and not allow_one):
-            rng = "(0, 1]" if allow_one else "(0, 1)"
-            raise CurvlensError(f"{param}: every density must be in {rng}; got {d!r}")
+    if isinstance(densities, (str, bytes)) or not isinstance(densities, Iterable):
+        raise CurvlensError(f"{param} must be numbers in (0, 1]; got {densities!r}")
+    ds = [real_arg(f"{param}: every density", d, lo=0.0, lo_open=True, hi=1.0, hi_open=not allow_one)
+          for d in densities]
+    nonempty_arg(param, ds, "density in (0, 1]")
     return sorted(set(ds))
 
 

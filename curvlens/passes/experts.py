@@ -21,6 +21,7 @@ from curvlens.io.moments import Moments
 from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
 from curvlens.runtime import progress_bar, resolve_device, threads_for, torch_threads
+from curvlens.passes.preflight import preflight_html
 from curvlens.tensor_filter import TensorFilter
 
 
@@ -96,6 +97,9 @@ class Experts:
             unused = self.exclude.unused(every)
             if unused:
                 raise CurvlensError(f"exclude: pattern(s) {unused} match no tensor of the models")
+            if not self.tensor_names(floating_only=True):  # nothing left would be silently "no result"
+                raise CurvlensError(f"exclude: {list(self.exclude.patterns) or 'the rules'} leave no floating-point "
+                                    f"tensor of the {len(self.reference)} to merge or analyse")
         self._check()
 
     # -- construction -------------------------------------------------------------
@@ -267,12 +271,12 @@ class Experts:
         Examples
         --------
         >>> import torch
-        >>> sd = {"body.weight": torch.ones(2, 2), "classifier.weight": torch.ones(3, 2)}
-        >>> other = {"body.weight": torch.ones(2, 2), "classifier.weight": torch.ones(5, 2)}
+        >>> sd = {"body.weight": torch.ones(2, 2), "body.bias": torch.ones(2), "classifier.weight": torch.ones(3, 2)}
+        >>> other = {**sd, "classifier.weight": torch.ones(5, 2)}
         >>> ex = Experts(None, [Expert("a", Checkpoint.open(sd)), Expert("b", Checkpoint.open(other))],
         ...              exclude="classifier")
-        >>> ex.tensor_names(), ex.without("role:other").excluded_names()
-        (['body.weight'], ['body.weight', 'classifier.weight'])
+        >>> ex.tensor_names(), ex.without("body.bias").excluded_names()
+        (['body.weight', 'body.bias'], ['body.bias', 'classifier.weight'])
         """
         out = Experts(self.base, self.experts, exclude=self.exclude | TensorFilter.of(patterns))
         out.round_to = self.round_to
@@ -285,6 +289,9 @@ class Experts:
         out = Experts(self.base, self.experts, exclude=self.exclude)
         out.round_to = dtype
         return out
+
+    def _repr_html_(self) -> str:
+        return preflight_html(self)  # the moments' sources and levels, before any merge
 
     def describe(self):
         """The reference checkpoint's ``describe()`` (no data read)."""

@@ -20,7 +20,6 @@ The tensor math lives in :mod:`curvlens.math.empirical_fisher`.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -29,12 +28,17 @@ from pathlib import Path
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.io.checkpoint import PathLike
+from curvlens.io.architecture import read_config
+from curvlens.io.atomic import check_output
+from curvlens.io.paths import is_inside
+from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.moments import EXPORT_RELPATH, Moments
+from curvlens.io.writer import write_tensor_file
 from curvlens.math.empirical_fisher import (
     SquaredGradSum,
     causal_lm_loss,
     causal_mask_4d,
+    check_token_batch,
     per_example_grads,
 )
 from curvlens.runtime import threads_for, torch_threads
@@ -198,7 +202,7 @@ def estimate_fisher(
     if file is None:
         m = Moments.open(tensors)
     else:
-        _write(tensors, info, file, overwrite)
+        write_tensor_file(tensors, file, metadata=info, overwrite=overwrite, inputs=_model_files(model_dir))
         m = Moments.open(file)
     m.fisher_info = {**info, "seconds": seconds}
     return m
@@ -211,8 +215,11 @@ def _check_out(file: Path, model_dir: Path | None, overwrite: bool) -> None:
         raise CurvlensError(f"output {file}: lies beside the weights of the model dir {model_dir}; "
                             f"write the Fisher to a dir (it goes to <dir>/{EXPORT_RELPATH.as_posix()}) "
                             "or a file elsewhere")
-    if real.is_dir():
-        raise CurvlensError(f"output {file} exists and is a dir, not a file")
+    if model_dir is not None and is_inside(real, model_dir.resolve()) \
+            and real != model_dir.resolve() / EXPORT_RELPATH:
+        raise CurvlensError(f"output {file} lies inside the input model dir {model_dir}; only "
+                            f"<model dir>/{EXPORT_RELPATH.as_posix()} (out=the model dir) goes there")
+    check_output(file, _model_files(model_dir), is_file=True)
     if (real.exists() or real.is_symlink()) and not overwrite:
         raise CurvlensError(f"{file} already exists; pass overwrite=True to replace it")
 
@@ -220,6 +227,9 @@ def _check_out(file: Path, model_dir: Path | None, overwrite: bool) -> None:
 def _load(model_dir: Path, model_class, progress: bool = True) -> torch.nn.Module:
     if not model_dir.is_dir():
         raise CurvlensError(f"{model_dir}: not a dir; expected an HF model dir (or pass a built model)")
+    # transformers follows any symlink: first check every file it will read stays inside
+    Checkpoint.open(model_dir)
+    read_config(model_dir)
     import transformers
 
     cls = model_class if model_class is not None else "AutoModelForCausalLM"
@@ -317,6 +327,8 @@ def _accumulate(module, batches, loss, chunk_size, max_examples, dev, vectorize,
         raise CurvlensError("the model has no trainable parameters (requires_grad=True) to take a Fisher of")
     buffers = {n: b.detach().to(dev) for n, b in module.named_buffers()}
     f = _loss_fn(module, loss, buffers)
+    vocab = _vocab_size(module)
+    labels = {"causal_lm": "tokens", "model": "classes"}.get(loss, "any") if isinstance(loss, str) else "any"
     sums = SquaredGradSum()
     mode = "vmap" if vectorize in (True, "auto") else "loop"
     bar = tqdm(total=max_examples, desc="empirical fisher", unit="ex", disable=not progress, leave=False)
@@ -324,19 +336,26 @@ def _accumulate(module, batches, loss, chunk_size, max_examples, dev, vectorize,
         # torch.func runs SDPA one row at a time under vmap and says so on every call
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
         for batch in _rows(batches, max_examples):
+            check_token_batch(batch, vocab, labels=labels, first_example=sums.n)
             b = _prepare(batch, loss, dev)
             n = next(iter(b.values())).shape[0]
             for s in range(0, n, chunk_size):
                 chunk = {k: v[s:s + chunk_size] for k, v in b.items()}
                 try:
-                    grads = per_example_grads(f, params, chunk, vectorize=mode == "vmap")
-                except RuntimeError as err:
-                    if vectorize != "auto" or mode != "vmap" or sums.n:
-                        raise
-                    warnings.warn(f"estimate_fisher: vmap cannot trace this model's loss ({str(err)[:160]}); "
-                                  "taking per-example gradients one example at a time", stacklevel=4)
-                    mode = "loop"
-                    grads = per_example_grads(f, params, chunk, vectorize=False)
+                    try:
+                        grads = per_example_grads(f, params, chunk, vectorize=mode == "vmap")
+                    except RuntimeError as err:
+                        if vectorize != "auto" or mode != "vmap" or sums.n:
+                            raise
+                        warnings.warn(f"estimate_fisher: vmap cannot trace this model's loss ({str(err)[:160]}); "
+                                      "taking per-example gradients one example at a time", stacklevel=4)
+                        mode = "loop"
+                        grads = per_example_grads(f, params, chunk, vectorize=False)
+                except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as err:
+                    # the model's own forward rejected the data: say which examples
+                    raise CurvlensError(f"examples {sums.n}..{sums.n + len(next(iter(chunk.values()))) - 1}: "
+                                        f"the model's forward or loss failed ({type(err).__name__}: "
+                                        f"{str(err).splitlines()[0][:300] if str(err) else ''})") from err
                 bad = [k for k, g in grads.items() if not bool(torch.isfinite(g).all())]
                 if bad:
                     raise CurvlensError(f"non-finite per-example gradients for {bad[:5]} (examples "
@@ -349,6 +368,17 @@ def _accumulate(module, batches, loss, chunk_size, max_examples, dev, vectorize,
     return sums, mode
 
 
+def _vocab_size(module: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding (HF models), else None."""
+    get = getattr(module, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
 def _named_for_checkpoint(module: torch.nn.Module, fisher: dict[str, torch.Tensor],
                           model_dir: Path | None) -> dict[str, torch.Tensor]:
     """Fisher per parameter name as the model's checkpoint names them: a tied
@@ -356,8 +386,6 @@ def _named_for_checkpoint(module: torch.nn.Module, fisher: dict[str, torch.Tenso
     out = {k: v.to("cpu").contiguous() for k, v in fisher.items()}
     if model_dir is None:
         return out
-    from curvlens.io.checkpoint import Checkpoint
-
     try:
         keys = set(Checkpoint.open(model_dir).keys())
     except CurvlensError:
@@ -370,26 +398,8 @@ def _named_for_checkpoint(module: torch.nn.Module, fisher: dict[str, torch.Tenso
     return {k: v for k, v in out.items() if k in keys} or out
 
 
-def _write(tensors: dict[str, torch.Tensor], meta: dict[str, str], file: Path, overwrite: bool) -> None:
-    from safetensors.torch import save_file
-
-    real = file.parent.resolve() / file.name
-    created = [p for p in [real.parent, *real.parent.parents] if not p.exists()]
-    tmp = real.with_name(f".{real.name}.partial-{secrets.token_hex(4)}")
-    try:
-        for p in reversed(created):
-            p.mkdir()
-        save_file(tensors, str(tmp), metadata=meta)
-        if (real.exists() or real.is_symlink()) and not overwrite:
-            raise CurvlensError(f"{file} appeared while writing; pass overwrite=True to replace it")
-        os.replace(tmp, real)
-        created = []
-    except OSError as err:
-        raise CurvlensError(f"{file}: could not write the Fisher ({err})") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-        for p in created:  # deepest first, only if still empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
+def _model_files(model_dir: Path | None) -> list[Path]:
+    """What loading the model reads: every entry of its dir but ``export/``."""
+    if model_dir is None or not model_dir.is_dir():
+        return []
+    return [p for p in model_dir.iterdir() if p.name != EXPORT_RELPATH.parts[0]]

@@ -28,11 +28,12 @@ from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.dtypes import dtype_overrides, output_dtype
 from curvlens.io.writer import ModelWriter
 from curvlens.math.blocks import block_size, blocks, tensor_seed
-from curvlens.math.checks import weight_problems
-from curvlens.math.merge_report import ChangeNorms, cast_checked, reference_block
+from curvlens.math.checks import equal_buffer, weight_problems
+from curvlens.math.merge_report import ChangeNorms, cast_checked, cast_words, reference_block
 from curvlens.math.methods import MaskCounts, MergeMethod, resolve_params
 from curvlens.passes.experts import Experts, TensorGroup
 from curvlens.passes.merge_result import MergeResult
+from curvlens.passes.preflight import untrained_names
 from curvlens.passes.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.roles import param_role
 from curvlens.runtime import resolve_device
@@ -154,9 +155,9 @@ def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | N
                                 extra_files={**files.files, "curvlens_merge.yml": files.config_text}, plan=plan,
                                 config_overrides=overrides, inputs=files.inputs, tokenizer_dir=files.tokenizer_dir)
     with writer_cm as writer:
-        def emit(name: str, t: torch.Tensor) -> None:
-            if writer is not None:
-                writer.add(name, t)
+        def emit(name: str, t: torch.Tensor, made_by: str) -> None:
+            if writer is not None:  # the writer refuses a non-finite tensor, naming made_by
+                writer.add(name, t, made_by=made_by)
             else:
                 kept_tensors[name] = t
 
@@ -170,15 +171,17 @@ def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | N
                     pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
                 target = output_dtype(experts.stored_dtype(g.name), job.out_dtype)
                 # as mergekit: a method's result is in the input dtype, then cast to out_dtype
-                merged, row = _merge_one(m, g, pt, dev, job.names, job.in_dtype or target)
+                merged, row = _merge_one(m, g, pt, dev, job.names, job.in_dtype or target,
+                                         cast_words(job.in_dtype, target))
                 if merged.is_floating_point() and merged.dtype != target:
-                    merged = merged.to(target)
+                    merged = cast_checked(merged, target, g.name)
                 rows.append(row)
-                emit(g.name, merged)
+                emit(g.name, merged, f"the {job.label} merge")
         for take in job.takes:
             taken, row = _take_one(take, job.out_dtype)
             rows.append(row)
-            emit(take.name, taken)
+            emit(take.name, taken, f"{take.who}'s tensor {take.source_name!r}"
+                 + (f" times scale {take.scale!r}" if take.scale is not None else ""))
         rows += list(job.left_out)
         report = _report_frame(rows, job.names)
         if writer is not None:  # written beside the weights when the writer closes
@@ -235,6 +238,9 @@ def plan_tensors(experts: Experts, rules) -> tuple[dict[str, str], Experts]:
     for n in excluded:
         if actions[n] == "merge":
             actions[n] = "excluded"
+    for n in untrained_names(experts) if experts.base is not None else ():
+        if actions.get(n) == "merge":  # a buffer no optimizer trained: the base's
+            actions[n] = "base"
     not_merged = [n for n, a in actions.items() if a != "merge" and n not in excluded]
     if not any(a == "merge" for a in actions.values()):
         raise CurvlensError("tensors: the rules leave no tensor to merge")
@@ -299,6 +305,9 @@ def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
     if spec is None or all(d is None for d in p[spec.density]):
         return None
     densities = p[spec.density]
+    if experts.base is None:
+        raise CurvlensError(f"{spec.density} selects task-vector entries model-wide: it needs a base model "
+                            "(task vectors are theta_i - theta_0)")
     if any(d is None for d in densities):
         raise CurvlensError(f"{spec.density} must be given for every expert or none; got {densities}")
     compress = {}
@@ -323,7 +332,8 @@ def _call(m, g: TensorGroup, p: dict, dev, counts: MaskCounts) -> torch.Tensor:
         raise CurvlensError(f"tensor {g.name!r}: {err}") from err
 
 
-def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> tuple[torch.Tensor, dict]:
+def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype,
+               words: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Merge one tensor; returns it on the CPU in ``target`` dtype, with its report row.
 
     The method gets the tensors in their stored dtype and works in cache-sized
@@ -332,8 +342,8 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
     """
     stats = _Stats(len(names))
     if not g.experts[0].is_floating_point():
-        # integer/bool buffers cannot be averaged: carry the base's (or first expert's)
-        merged = g.base if g.base is not None else g.experts[0]
+        # integer/bool buffers cannot be averaged: every model must hold the same (else a tensors rule)
+        merged = equal_buffer(g.name, g.base, g.experts, names)
         return merged.to("cpu"), stats.row(g, names, merged=False)
     merged = _call(m, g, p, dev, stats.counts)
     flat_merged = merged.reshape(-1)
@@ -344,7 +354,7 @@ def _merge_one(m, g: TensorGroup, p: dict, dev, names, target: torch.dtype) -> t
         block = flat_merged[sl]
         stats.norms.add(block, reference_block(g.base, g.experts, sl))
         if not keep_as_is:
-            flat_out[sl] = cast_checked(block, target, g.name)
+            flat_out[sl] = cast_checked(block, target, g.name, **(words or {}))
     if not stats.norms.finite:
         raise CurvlensError(f"tensor {g.name!r}: the {m.name} merge produced non-finite values "
                             f"({int((~torch.isfinite(merged)).sum())} of {merged.numel()})")

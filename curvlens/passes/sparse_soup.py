@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from curvlens.arguments import weights_arg
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.dtypes import output_dtype, parse_dtype
@@ -154,13 +155,7 @@ def sparse_soup(experts: Experts, out: PathLike | None = None, *, mask: str = "a
     if mask not in MASK_RULES:
         raise CurvlensError(f"mask must be one of {list(MASK_RULES)}; got {mask!r}")
     names = experts.names
-    if weights is None:
-        weights = [1.0] * len(names)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise CurvlensError(f"weights has {len(weights)} entries but there are {len(names)} experts")
-    if any(w < 0 for w in weights) or not sum(weights) > 0:
-        raise CurvlensError(f"weights must be >= 0 and not all 0; got {weights}")
+    weights = [1.0] * len(names) if weights is None else weights_arg("weights", weights, len(names))
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     order = experts.tensor_names()
@@ -187,7 +182,7 @@ def sparse_soup(experts: Experts, out: PathLike | None = None, *, mask: str = "a
                 row.update(soup_zeros=soup_zeros, cancelled=soup_zeros - int((~keep).sum()))
                 rows.append(row)
             if writer is not None:
-                writer.add(g.name, t)
+                writer.add(g.name, t, made_by=f"the sparse soup with weights {weights}")
             else:
                 kept[g.name] = t
         report = pd.DataFrame(rows, columns=_columns(names))

@@ -19,9 +19,19 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from curvlens.arguments import frame_arg, real_arg
+from curvlens.errors import CurvlensError
 from curvlens.passes.analysis_common import aggregate
 
 FINDINGS_COLUMNS = ["claim", "statement", "verdict", "evidence", "rule"]
+#: The columns each rule reads from the frame it takes.
+FRAME_COLUMNS = {
+    "graft_sweep": ["expert", "criterion", "density", "capability", "score"],
+    "mask_stats": ["name", "layer", "role", "numel", "criterion", "density", "kept_frac", "mask_rank",
+                   "mask_rank_at_least", "row_sparsity", "col_sparsity"],
+    "curvature_overlap": ["expert_a", "expert_b", "numel", "spearman_log", "cosine"],
+    "merge_table": ["model", "capability", "accuracy"],
+}
 
 HOLDS, PARTLY, NOT, UNTESTED = "holds", "partly", "does not hold", "not measured"
 
@@ -202,6 +212,14 @@ def findings(frames: Mapping[str, pd.DataFrame], *, capabilities: Mapping[str, s
     pandas.DataFrame
         ``claim, statement, verdict, evidence, rule``, claims a-d.
     """
+    if not isinstance(frames, Mapping):
+        raise CurvlensError(f"frames must be a mapping name -> DataFrame; got a {type(frames).__name__}")
+    for name, value in (("capabilities", capabilities), ("shapes", shapes), ("labels", labels)):
+        if value is not None and not isinstance(value, Mapping):
+            raise CurvlensError(f"{name} must be a mapping; got a {type(value).__name__}")
+    density = real_arg("density", density, lo=0.0, lo_open=True, hi=1.0)
+    # a frame lacking the columns a rule reads is an error; an empty one is "not measured"
+    frames = {k: frame_arg(f"frames[{k!r}]", frames.get(k), cols) for k, cols in FRAME_COLUMNS.items()}
     labels = dict(labels or {"ota_ffg": "OTA+FFG", "linear": "linear (average)", "ties": "TIES",
                              "dare": "DARE-TIES"})
     table = frames.get("merge_table")

@@ -3,16 +3,21 @@
 Two ways to predict the front, both ending in a dense sample of c and its
 non-dominated set (:mod:`curvlens.math.fronts`):
 
-- ``"surrogate"`` (MAP, Li et al.): merge and evaluate a few sampled c
-  (:func:`curvlens.studies.sweep.sweep`), fit one quadratic in c per capability by
-  least squares, and take the front of the fitted scores.
+- ``"surrogate"`` (MAP, Li et al. 2025, arXiv:2406.07529): merge and evaluate
+  sampled c (:func:`curvlens.studies.sweep.sweep`), more of them than the quadratic
+  has weights, fit one quadratic in c per capability by least squares (on the logit
+  of a bounded metric, so a predicted accuracy stays in [0, 1]), and take the front
+  of the fitted scores.
 - ``"curvature"``: no evaluation at all. Expert i's curvature-predicted loss
   Lᵢ(c) = ½ Σ vᵢ (θ(c) − θᵢ)² is exactly quadratic in c with Gram matrices
   Gᵢ[j, l] = Σ vᵢ τⱼ τₗ, which :func:`gram_matrices` sums in one streaming pass,
   tensor by tensor; the front is that of the Lᵢ.
 
-Either front can be checked by evaluating some of its points (and, for the
-curvature front, a sample of c, to measure how well the prediction ranks them).
+Either front can be checked by evaluating some of its points (and a sample of c).
+Agreement is measured only where the prediction was not given the answer: the
+surrogate's on held-out points (its front checks and ``n_holdout`` random c, never
+its fitting set), the curvature prediction's away from the corners (each expert
+alone, where its own predicted loss is 0 by construction).
 """
 from __future__ import annotations
 
@@ -23,10 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from curvlens.arguments import bounds_arg, callable_arg, finite_array, int_arg, names_arg
 from curvlens.errors import CurvlensError
 from curvlens.math.fronts import (
     fit_quadratic,
-    front_distance,
     non_dominated,
     predict_quadratic,
     quadratic_features,
@@ -36,10 +41,13 @@ from curvlens.math.fronts import (
     scalarized_minimisers,
     simplex_weights,
     tensor_grams,
+    unsquash,
 )
 from curvlens.passes.experts import Experts
 from curvlens.runtime import resolve_device
-from curvlens.studies.sweep import score_metrics, sweep, wide_scores
+from curvlens.studies.scores import score_metrics, scored_jobs
+from curvlens.studies.sweep import check_work_dir, sweep
+from curvlens.studies.front_checks import fit_scale, front_agreement
 
 PREDICTORS = ("surrogate", "curvature")
 
@@ -94,20 +102,28 @@ class FrontResult:
         ``"check"``: a point of the predicted front), ``label``, ``status``,
         ``error``, coefficient columns, measured metric columns, the predicted
         objective columns at that c, ``measured_front`` (non-dominated among the
-        evaluated points on the measured metrics) and ``predicted_front``.
+        evaluated points on the measured metrics) and ``predicted_front``. Roles:
+        ``"sample"`` (the surrogate's fitting set; the curvature prediction's rank
+        check), ``"holdout"`` (random c no fit saw), ``"check"`` (front points).
     agreement : pandas.DataFrame
-        One row per objective: the metric it is compared with, ``n``,
-        ``spearman`` (predicted against measured, over the evaluated points; the
-        curvature losses enter negated), and for the surrogate ``mae`` on the
-        checks. Empty without evaluations.
+        One row per objective: the metric it is compared with, ``points`` (which
+        evaluated c enter: the surrogate's held-out ones, or the curvature
+        prediction's off the corners), ``n``, ``spearman`` (predicted against
+        measured over those points; the curvature losses enter negated; NaN below
+        3 points), and for the surrogate ``mae`` over the same points. Empty
+        without evaluations.
     summary : dict
         ``front_distance`` (mean nearest-neighbour distance in coefficient space
         between the predicted front and the measured non-dominated points),
-        ``n_evaluations``, ``n_front``, ``front_share``.
+        ``n_evaluations``, ``n_fit`` (the surrogate's fitting evaluations),
+        ``n_front``, ``front_share``.
     grams : numpy.ndarray or None
         The curvature predictor's Gram matrices.
     surrogates : dict or None
-        Metric -> least-squares weights of :func:`~curvlens.math.fronts.quadratic_features`.
+        Metric -> least-squares weights of :func:`~curvlens.math.fronts.quadratic_features`
+        (of the metric's logit, :func:`~curvlens.math.fronts.squash`, when ``metric_range`` is set).
+    metric_range : tuple or None
+        The range the surrogate's metrics were squashed from (None: fitted raw).
     sweeps : pandas.DataFrame
         Every underlying :func:`sweep` row.
     """
@@ -122,6 +138,7 @@ class FrontResult:
     grams: np.ndarray | None = None
     surrogates: dict | None = None
     sweeps: pd.DataFrame | None = None
+    metric_range: tuple | None = None
 
     @property
     def coefficient_columns(self) -> list[str]:
@@ -169,9 +186,10 @@ def _jobs(coefs: np.ndarray, names: Sequence[str], role: str) -> list[dict]:
 def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]] | None = None, *,
                  predictor: str | None = None, capabilities: Mapping[str, str] | None = None,
                  metrics: Sequence[str] | None = None, n_samples: int | None = None, n_checks: int | None = None,
+                 n_holdout: int | None = None, metric_range: tuple[float, float] | None = (0.0, 1.0),
                  n_dense: int = 2000, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                  grams=None, client=None, n_workers: int = 2, work_dir=None, device="auto",
-                 progress: bool = True, **merge_kwargs) -> FrontResult:
+                 progress: bool = True, inputs=(), **merge_kwargs) -> FrontResult:
     """The predicted Pareto front of task-arithmetic merges θ₀ + Σⱼ cⱼ τⱼ over c.
 
     Parameters
@@ -192,13 +210,22 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         ``<m>_stderr`` standard errors).
     n_samples : int, optional
         Evaluated c: the surrogate's fitting set (default twice the quadratic's
-        ``1 + k + k(k+1)/2`` weights), or the curvature predictor's rank check
-        (default 8 when ``evaluate`` is given). The experts alone (unit c) come
-        first when the bounds contain them.
+        ``1 + k + k(k+1)/2`` weights; it must exceed them, or the quadratic only
+        interpolates), or the curvature predictor's rank check (default 8 when
+        ``evaluate`` is given). The experts alone (unit c) come first when the
+        bounds contain them.
     n_checks : int, optional
         Points of the predicted front evaluated afterwards (default 4 with
         ``evaluate``), spread out over the front and away from the c already
         evaluated (farthest-point sampling).
+    n_holdout : int, optional
+        Random c evaluated and kept out of every fit (default 4 for the surrogate,
+        0 for the curvature prediction, whose samples are held out already).
+    metric_range : (low, high) or None
+        The range of the evaluator's metrics (default ``(0, 1)``: accuracies). The
+        surrogate is fitted to their logit and predicts inside the range; a
+        measured value outside it is an error. None fits the raw values (metrics
+        without bounds).
     n_dense : int
         Size of the dense sample of c the front is read from: ``n_dense`` random
         points in the box plus ``n_dense`` minimisers of weighted sums of the
@@ -209,13 +236,18 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
     grams : array (k, k, k), optional
         The curvature predictor's :func:`gram_matrices` of these experts, when
         already computed (e.g. ``result.grams`` of an earlier call): no pass then.
-    client, n_workers, work_dir, **merge_kwargs
-        As :func:`curvlens.studies.sweep.sweep` (every evaluation is a sweep job).
+    client, n_workers, work_dir, inputs, **merge_kwargs
+        As :func:`curvlens.studies.sweep.sweep` (every evaluation is a sweep job;
+        ``work_dir`` is checked against the inputs before any work).
 
     Returns
     -------
     FrontResult
     """
+    if not isinstance(experts, Experts):
+        raise CurvlensError(f"pareto_front takes an Experts; got a {type(experts).__name__}")
+    if evaluate is not None:
+        callable_arg("evaluate", evaluate, "model_dir -> {metric: float}")
     names = experts.names
     k = len(names)
     if predictor is None:
@@ -226,20 +258,39 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         raise CurvlensError("the surrogate (MAP) predictor needs evaluate")
     if experts.base is None:
         raise CurvlensError("pareto_front needs a base model: theta(c) = theta_0 + sum_j c_j tau_j")
-    low, high = (float(b) for b in bounds)
+    low, high = bounds_arg("bounds", bounds)
+    n_samples = int_arg("n_samples", n_samples, lo=0, allow_none=True)
+    n_checks = int_arg("n_checks", n_checks, lo=0, allow_none=True)
+    n_dense = int_arg("n_dense", n_dense, lo=1)
+    seed = int_arg("seed", seed, lo=0)
+    metrics = names_arg("metrics", metrics) if metrics is not None else None
+    if capabilities is not None and not isinstance(capabilities, Mapping):
+        raise CurvlensError(f"capabilities must be a mapping expert -> metric; got {capabilities!r}")
+    if grams is not None:
+        grams = finite_array("grams", grams, (k, k, k))
+    check_work_dir(work_dir, experts, evaluate, inputs)
     n_feat = quadratic_features(np.zeros((1, k))).shape[1]
     if n_samples is None:
         n_samples = 2 * n_feat if predictor == "surrogate" else (8 if evaluate is not None else 0)
     if n_checks is None:
         n_checks = 4 if evaluate is not None else 0
-    if evaluate is None and (n_samples or n_checks):
-        raise CurvlensError("n_samples / n_checks evaluate merges: pass evaluate")
+    if n_holdout is None:
+        n_holdout = 4 if predictor == "surrogate" else 0
+    if evaluate is None and (n_samples or n_checks or n_holdout):
+        raise CurvlensError("n_samples / n_checks / n_holdout evaluate merges: pass evaluate")
+    if metric_range is not None:
+        metric_range = tuple(float(x) for x in metric_range)
+        if len(metric_range) != 2 or not metric_range[1] > metric_range[0]:
+            raise CurvlensError(f"metric_range must be (low, high) with low < high, or None; got {metric_range}")
     if grams is not None and predictor != "curvature":
         raise CurvlensError("grams are the curvature predictor's; pass predictor='curvature'")
-    if predictor == "surrogate" and n_samples < 2:
-        raise CurvlensError(f"the surrogate needs n_samples >= 2 evaluations; got {n_samples}")
+    if predictor == "surrogate" and n_samples <= n_feat:
+        raise CurvlensError(f"the surrogate is a quadratic with {n_feat} weights in {k} coefficients: fitted to "
+                            f"n_samples={n_samples} evaluations it only interpolates them; give more than {n_feat} "
+                            f"(the default is {2 * n_feat})")
     coef_cols = [f"c_{n}" for n in names]
-    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, device=device, **merge_kwargs)
+    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, device=device, inputs=inputs,
+              **merge_kwargs)
     own = client == "local"
     if own:  # one cluster for both rounds
         from curvlens.studies.sweep import local_client
@@ -253,33 +304,36 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         if predictor == "curvature":
             if grams is None:
                 grams = gram_matrices(experts, device=device, progress=progress)
-            grams = np.asarray(grams, dtype=np.float64)
-            if grams.shape != (k, k, k):
-                raise CurvlensError(f"grams must have shape {(k, k, k)} for {k} experts; got {grams.shape}")
+            # sums of v * tau * tau can overflow: a non-finite matrix is an error, not a NaN front
+            grams = finite_array("grams (the experts' Gram matrices)", grams, (k, k, k))
             objectives = [f"loss_{n}" for n in names]
 
             predict = _Predict(grams=grams)
             sense_max = False
             hessians, linears = grams, -np.stack([grams[i] @ np.eye(k)[i] for i in range(k)])
-        if n_samples:
-            c = sample_coefficients(n_samples, k, low, high, seed=seed)
-            df = sweep(experts, _jobs(c, names, "sample"), evaluate, **kw)
-            sweeps.append(df.assign(role="sample"))
-            sampled = _measured(df, c, coef_cols, "sample")
+        parts = []
+        for role, n_eval, corners, s in (("sample", n_samples, True, seed), ("holdout", n_holdout, False, seed + 3)):
+            if n_eval:
+                c = sample_coefficients(n_eval, k, low, high, seed=s, corners=corners)
+                df = sweep(experts, _jobs(c, names, role), evaluate, **kw)
+                sweeps.append(df.assign(role=role))
+                parts.append(_measured(df, c, coef_cols, role, metrics))
+        sampled = parts[0] if n_samples else None
         if predictor == "surrogate":
             ok = sampled[sampled["status"] == "ok"]
             if metrics is None:
                 metrics = score_metrics(m for m in sampled.columns
                                         if m not in ("job", "label", "status", "role", "error", *coef_cols))
             missing = [m for m in metrics if m not in ok.columns]
-            if missing or len(ok) < 2:
-                raise CurvlensError(f"the surrogate has {len(ok)} successful evaluations"
-                                    + (f" and lacks metrics {missing}" if missing else "") + "; errors: "
+            if missing or len(ok) <= n_feat:
+                raise CurvlensError(f"the surrogate has {len(ok)} successful evaluations (it needs more than "
+                                    f"{n_feat})" + (f" and lacks metrics {missing}" if missing else "") + "; errors: "
                                     + "; ".join(sampled["error"].dropna().unique()[:3]))
-            surrogates = {m: fit_quadratic(ok[coef_cols].to_numpy(), ok[m].to_numpy()) for m in metrics}
+            surrogates = {m: fit_quadratic(ok[coef_cols].to_numpy(), fit_scale(ok[m], m, metric_range))
+                          for m in metrics}
             objectives = [f"pred_{m}" for m in metrics]
 
-            predict = _Predict(surrogates=[surrogates[m] for m in metrics])
+            predict = _Predict(surrogates=[surrogates[m] for m in metrics], metric_range=metric_range)
             sense_max = True
             parts_ = [quadratic_parts(surrogates[m], k) for m in metrics]   # minimise -score
             hessians, linears = -np.stack([h for _, _, h in parts_]), -np.stack([b for _, b, _ in parts_])
@@ -294,14 +348,13 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         for j, o in enumerate(objectives):
             dense[o] = pred[:, j]
         dense["on_front"] = non_dominated(pred, maximize=sense_max)
-        parts = [sampled] if sampled is not None else []
         if n_checks:
             front_c = dense_c[dense["on_front"].to_numpy()]
-            done = sampled[coef_cols].to_numpy(dtype=float) if sampled is not None else None
+            done = (pd.concat(parts)[coef_cols].to_numpy(dtype=float) if parts else None)
             picks = front_c[_spread(front_c, n_checks, done)]  # away from what was evaluated
             df = sweep(experts, _jobs(picks, names, "check"), evaluate, **kw)
             sweeps.append(df.assign(role="check"))
-            parts.append(_measured(df, picks, coef_cols, "check"))
+            parts.append(_measured(df, picks, coef_cols, "check", metrics))
     finally:
         if own:
             cluster = kw["client"].cluster
@@ -313,9 +366,11 @@ def pareto_front(experts: Experts, evaluate: Callable[[str], Mapping[str, float]
         for j, o in enumerate(objectives):
             evaluated[o] = p[:, j]
     pairs = _pairs(predictor, names, objectives, metrics, capabilities, evaluated)
-    agreement, summary = _agreement(evaluated, pairs, predictor, coef_cols, dense, sense_max)
+    agreement, summary = front_agreement(evaluated, pairs, predictor, coef_cols, dense, sense_max)
+    summary["n_fit"] = int((evaluated["role"] == "sample").sum()) if predictor == "surrogate" and len(evaluated) else 0
     return FrontResult(predictor, list(names), objectives, dense, evaluated, agreement, summary, grams, surrogates,
-                       pd.concat(sweeps, ignore_index=True) if sweeps else None)
+                       pd.concat(sweeps, ignore_index=True) if sweeps else None,
+                       metric_range if predictor == "surrogate" else None)
 
 
 @dataclass
@@ -324,18 +379,19 @@ class _Predict:
 
     grams: np.ndarray | None = None
     surrogates: list | None = None
+    metric_range: tuple | None = None
 
     def __call__(self, c) -> np.ndarray:
         if self.grams is not None:
             return quadratic_losses(self.grams, c)
-        return np.stack([predict_quadratic(w, c) for w in self.surrogates], axis=1)
+        z = np.stack([predict_quadratic(w, c) for w in self.surrogates], axis=1)
+        return z if self.metric_range is None else unsquash(z, *self.metric_range)
 
 
-def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str) -> pd.DataFrame:
-    wide = wide_scores(df)
-    errors = df.drop_duplicates("job").set_index("job")["error"]
+def _measured(df: pd.DataFrame, coefs: np.ndarray, coef_cols, role: str, metrics=None) -> pd.DataFrame:
+    # a job lacking a metric the surrogate fits is an error row that says so
+    wide = scored_jobs(df, metrics, "the surrogate")
     wide.insert(0, "role", role)
-    wide.insert(3, "error", wide["job"].map(errors))
     c = pd.DataFrame(coefs[wide["job"].to_numpy()], columns=coef_cols)
     return pd.concat([wide.drop(columns="job").reset_index(drop=True), c], axis=1)
 
@@ -351,39 +407,3 @@ def _pairs(predictor, names, objectives, metrics, capabilities, evaluated) -> li
     if unknown:
         raise CurvlensError(f"capabilities names experts {unknown}; the experts are {names}")
     return [(f"loss_{n}", caps[n]) for n in names if n in caps and caps[n] in evaluated.columns]
-
-
-def _agreement(evaluated, pairs, predictor, coef_cols, dense, sense_max):
-    cols = ["objective", "metric", "n", "spearman", "mae"]
-    summary = {"n_evaluations": int(len(evaluated)), "n_front": int(dense["on_front"].sum()),
-               "front_share": float(dense["on_front"].mean())}
-    if not len(evaluated) or not pairs:
-        summary["front_distance"] = float("nan")
-        return pd.DataFrame(columns=cols), summary
-    ok = evaluated[evaluated["status"] == "ok"]
-    rows = []
-    for o, m in pairs:
-        x = ok[o].astype(float) * (1.0 if sense_max else -1.0)
-        y = ok[m].astype(float)
-        good = np.isfinite(x) & np.isfinite(y)
-        rho = float(x[good].corr(y[good], method="spearman")) if good.sum() >= 3 else float("nan")
-        chk = ok[(ok["role"] == "check") & good]
-        mae = float((chk[o] - chk[m]).abs().mean()) if predictor == "surrogate" and len(chk) else float("nan")
-        rows.append({"objective": o, "metric": m, "n": int(good.sum()), "spearman": rho, "mae": mae})
-    measured = ok[[m for _, m in pairs]].to_numpy(dtype=float)
-    fin = np.isfinite(measured).all(1)
-    evaluated["measured_front"] = False
-    evaluated["predicted_front"] = False
-    if fin.any():
-        idx = ok.index[fin]
-        evaluated.loc[idx, "measured_front"] = non_dominated(measured[fin], maximize=True)
-        predicted = ok.loc[idx, [o for o, _ in pairs]].to_numpy(dtype=float)
-        evaluated.loc[idx, "predicted_front"] = non_dominated(predicted, maximize=sense_max)
-        mf = evaluated.loc[evaluated["measured_front"], coef_cols].to_numpy(dtype=float)
-        summary["front_distance"] = front_distance(dense.loc[dense["on_front"], coef_cols].to_numpy(), mf)
-        both = (evaluated["measured_front"] & evaluated["predicted_front"]).sum()
-        either = (evaluated["measured_front"] | evaluated["predicted_front"]).sum()
-        summary["front_jaccard"] = float(both / either) if either else float("nan")
-    else:
-        summary["front_distance"] = float("nan")
-    return pd.DataFrame(rows, columns=cols), summary

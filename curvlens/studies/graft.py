@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import pandas as pd
 import torch
 
+from curvlens.arguments import real_arg
 from curvlens.errors import CurvlensError
 from curvlens.passes.analysis_common import (
     FFG_VS_MAGNITUDE_COLUMNS, GRAFT_SWEEP_COLUMNS, check_criteria, check_densities, frame,
@@ -22,7 +23,7 @@ from curvlens.passes.analysis_masks import check_mask_inputs, selections_at
 from curvlens.passes.experts import Experts
 from curvlens.runtime import progress_bar, resolve_device
 from curvlens.passes.thresholds import CRITERIA, Selection, mask_scores
-from curvlens.studies.sweep import score_metrics
+from curvlens.studies.scores import score_metrics
 
 
 def _graft(sub: Experts, selection: Selection | None, criterion: str, device) -> dict[str, torch.Tensor]:
@@ -58,7 +59,7 @@ def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[s
     if "capability" not in result.columns or col is None:
         raise CurvlensError(f"{where} returned columns {list(result.columns)}; expected capability and "
                             "score (or accuracy)")
-    return [(str(c), float(s)) for c, s in zip(result["capability"], result[col])]
+    return [(str(c), real_arg(f"{where}: {col} of {c!r}", s)) for c, s in zip(result["capability"], result[col])]
 
 
 def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callable | None = None, *,

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from curvlens.arguments import frame_arg
 from curvlens.errors import CurvlensError
 from curvlens.passes.analysis_interference import compare_merges
 
@@ -48,9 +49,10 @@ def merge_retention(scores: pd.DataFrame, capabilities: Mapping[str, str],
     >>> merge_retention(t, {"a": "x", "b": "y"}).query("model == 'm'")["retention"].tolist()
     [0.5, 1.0, 0.75]
     """
-    missing = {"model", "capability", "accuracy"} - set(scores.columns)
-    if missing:
-        raise CurvlensError(f"scores lacks column(s) {sorted(missing)}")
+    if frame_arg("scores", scores, ["model", "capability", "accuracy"]) is None:
+        raise CurvlensError("scores is empty; expected model, capability, accuracy rows")
+    if not isinstance(capabilities, Mapping):
+        raise CurvlensError(f"capabilities must be a mapping expert -> capability; got {capabilities!r}")
     own = {}
     for expert, cap in capabilities.items():
         label = expert_label.format(expert)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from curvlens.arguments import frame_arg
 from curvlens.errors import CurvlensError
 from curvlens.passes.analysis_common import (
     aggregate, floating_names, frame, need_base, tensor_id,
@@ -131,6 +132,9 @@ def regime_verdict(table: pd.DataFrame) -> str:
     >>> regime_verdict(t).startswith("small edits")
     True
     """
+    table = frame_arg("table", table, ["scope", "metric", "value"])
+    if table is None:
+        return "no relative edit measured"
     edits = table[(table["scope"] == "expert") & (table["metric"] == "relative_edit")]["value"]
     if edits.empty or not edits.notna().any():
         return "no relative edit measured"

@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from curvlens.errors import CurvlensError
+from curvlens.arguments import callable_arg, names_arg
+from curvlens.errors import CurvlensError, check_choice
+from curvlens.io.atomic import claim_output
 from curvlens.passes.experts import Experts
-from curvlens.studies.sweep import score_metrics, sweep, wide_scores
+from curvlens.studies.scores import score_metrics, scored_jobs
+from curvlens.studies.sweep import check_work_dir, sweep
 
 OBJECTIVES = ("mean", "worst")
 
@@ -65,7 +68,7 @@ def _objective(row: pd.Series, metrics: list[str], objective: str) -> float:
 
 def greedy_soup(experts: Experts, evaluate: Callable[[str], Mapping[str, float]], objective: str = "mean", *,
                 out=None, metrics=None, client=None, n_workers: int = 2, work_dir=None,
-                overwrite: bool = False, progress: bool = True, **merge_kwargs) -> SoupResult:
+                overwrite: bool = False, progress: bool = True, inputs=(), **merge_kwargs) -> SoupResult:
     """Greedy soup (Wortsman et al., 2022) of ``experts`` scored by ``evaluate``.
 
     Parameters
@@ -81,9 +84,12 @@ def greedy_soup(experts: Experts, evaluate: Callable[[str], Mapping[str, float]]
     metrics : list of str, optional
         Which of the evaluator's metrics the objective pools (default all but the
         ``<m>_stderr`` standard errors).
-    client, n_workers, work_dir
+    client, n_workers, work_dir, inputs
         As :func:`sweep` (``work_dir`` is its ``out_dir``): the ranking evaluations
         run in parallel on a cluster; the soup steps are sequential by nature.
+        ``out`` may not be, contain or lie inside any expert (tried or kept),
+        their moments, ``inputs`` or the evaluator's declared data, with or
+        without ``overwrite``: checked before the first evaluation.
     **merge_kwargs
         Passed to every merge (``device``, ``dtype``, ...).
 
@@ -96,14 +102,19 @@ def greedy_soup(experts: Experts, evaluate: Callable[[str], Mapping[str, float]]
     -----
     Ties go to the ingredient listed first; an ingredient whose soup scores
     exactly as well as the current soup is kept (the score did not drop), as in
-    the paper. An ingredient whose evaluation fails is reported in the curve
-    and not added.
+    the paper. An ingredient whose evaluation fails, or whose evaluation lacks a
+    metric the objective pools, is reported in the curve (``status`` "error",
+    the reason in ``error``) and not added.
     """
-    if objective not in OBJECTIVES:
-        raise CurvlensError(f"objective must be one of {OBJECTIVES}; got {objective!r}")
+    check_choice("objective", objective, OBJECTIVES)
     if not isinstance(experts, Experts):
         raise CurvlensError(f"greedy_soup takes an Experts; got a {type(experts).__name__}")
-    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, **merge_kwargs)
+    callable_arg("evaluate", evaluate, "model_dir -> {metric: float}")
+    metrics = names_arg("metrics", metrics) if metrics is not None else None
+    if out is not None:  # before any work: never onto an ingredient, tried or kept, or its moments
+        claim_output(out, [experts, evaluate, inputs], overwrite=overwrite)
+    check_work_dir(work_dir, experts, evaluate, inputs)
+    kw = dict(client=client, n_workers=n_workers, out_dir=work_dir, progress=False, inputs=inputs, **merge_kwargs)
     own = client == "local"
     if own:  # one cluster for every step, not one per step
         from curvlens.studies.sweep import local_client
@@ -125,25 +136,25 @@ def _greedy(experts, evaluate, objective, out, metrics, overwrite, progress, kw,
     names = experts.names
     ranked_df = sweep(experts, [{"method": "linear", "experts": [n], "label": n} for n in names], evaluate, **kw)
     ranked_df.insert(0, "step", 0)
-    wide = wide_scores(ranked_df)
+    returned = list(dict.fromkeys(ranked_df["metric"].dropna()))
     if metrics is None:
-        metrics = score_metrics(c for c in wide.columns if c not in ("job", "label", "status"))
+        metrics = score_metrics(returned)  # every score an ingredient returned: one missing elsewhere is an error row
     else:
-        metrics = list(metrics)
-        missing = [m for m in metrics if m not in wide.columns]
-        if missing and (wide["status"] == "ok").any():
-            raise CurvlensError(f"metrics {missing} are not among the evaluator's {list(wide.columns[3:])}")
-    errors = ranked_df.drop_duplicates("job").set_index("label")["error"]
+        missing = [m for m in metrics if m not in returned]
+        if missing and (ranked_df["status"] == "ok").any():
+            raise CurvlensError(f"metrics {missing} are not among the evaluator's {returned}")
+    purpose = f"the soup's objective ({objective} of {metrics})"
+    wide = scored_jobs(ranked_df, metrics, purpose)
     wide["score"] = [_objective(wide.loc[i], metrics, objective) if wide.loc[i, "status"] == "ok" else np.nan
                      for i in wide.index]
     rows = [{"step": 0, "phase": "rank", "candidate": r["label"], "soup": r["label"], "score": r["score"],
-             "kept": None, "best": np.nan, "status": r["status"], "error": errors.get(r["label"]),
+             "kept": None, "best": np.nan, "status": r["status"], "error": r["error"],
              **{m: r.get(m, np.nan) for m in metrics}} for _, r in wide.iterrows()]
     order = (wide[np.isfinite(wide["score"])]
              .sort_values("score", ascending=False, kind="stable")["label"].tolist())
     if not order:
         raise CurvlensError("greedy_soup: no ingredient could be evaluated; see the errors: "
-                            + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+                            + "; ".join(f"{r.label}: {r.error}" for r in wide.itertuples()))
     soup = [order[0]]
     best = float(wide.set_index("label").loc[order[0], "score"])
     rows.append({"step": 1, "phase": "soup", "candidate": order[0], "soup": order[0], "score": best,
@@ -157,13 +168,13 @@ def _greedy(experts, evaluate, objective, out, metrics, overwrite, progress, kw,
         df = sweep(experts, [{"method": "linear", "experts": trial, "label": label}], evaluate, **kw)
         df.insert(0, "step", step)
         frames.append(df)
-        w = wide_scores(df).iloc[0]
-        score = _objective(w, metrics, objective) if w["status"] == "ok" and set(metrics) <= set(w.index) else np.nan
+        w = scored_jobs(df, metrics, purpose).iloc[0]
+        score = _objective(w, metrics, objective) if w["status"] == "ok" else np.nan
         kept = bool(np.isfinite(score) and score >= best)
         if kept:
             soup, best = trial, score
         rows.append({"step": step, "phase": "soup", "candidate": cand, "soup": label, "score": score,
-                     "kept": kept, "best": best, "status": w["status"], "error": df["error"].iloc[0],
+                     "kept": kept, "best": best, "status": w["status"], "error": w["error"],
                      **{m: w.get(m, np.nan) for m in metrics}})
         bar.update(1)
     bar.close()

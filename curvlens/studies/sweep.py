@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from curvlens.arguments import bool_arg, callable_arg, int_arg, nonempty_arg
 from curvlens.errors import CurvlensError
 from curvlens.passes.experts import Expert, Experts
 from curvlens.runtime import progress_bar
+from curvlens.io.atomic import check_output, gather_inputs
 
 #: Columns every sweep frame has, in order; the jobs' parameters come between
 #: ``experts`` and ``metric``.
@@ -44,22 +46,6 @@ TAIL = ["metric", "value", "status", "error", "merge_s", "eval_s", "seconds", "w
 _RESERVED = {"method", "label", "experts"}
 
 Evaluate = Callable[[str], Mapping[str, float]]
-
-#: A metric named ``<m>_stderr`` is the standard error of metric ``<m>`` (as
-#: lm-eval reports it), not a score: kept in the frame, left out of objectives.
-STDERR_SUFFIX = "_stderr"
-
-
-def score_metrics(metrics) -> list[str]:
-    """The metrics that are scores: all but the ``<m>_stderr`` companions.
-
-    Examples
-    --------
-    >>> score_metrics(["addition", "addition_stderr", "facts"])
-    ['addition', 'facts']
-    """
-    return [m for m in metrics if not str(m).endswith(STDERR_SUFFIX)]
-
 
 def sweep_grid(method: str, **axes) -> list[dict]:
     """Jobs for every combination of ``axes`` (a product grid) of one method.
@@ -77,6 +63,8 @@ def sweep_grid(method: str, **axes) -> list[dict]:
         raise CurvlensError(f"sweep_grid: method must be a method name; got {method!r}")
     names = list(axes)
     values = [list(v) if isinstance(v, (list, tuple)) else [v] for v in axes.values()]
+    for k, v in zip(names, values):
+        nonempty_arg(f"sweep_grid: axis {k!r}", v, "value to sweep")
     return [{"method": method, **dict(zip(names, combo))} for combo in itertools.product(*values)]
 
 
@@ -152,6 +140,7 @@ def _short(v) -> str:
 def _check_jobs(grid) -> list[dict]:
     if isinstance(grid, Mapping) or not isinstance(grid, Sequence):
         raise CurvlensError("grid must be a list of job dicts ({'method': ..., **params}; see sweep_grid)")
+    nonempty_arg("grid", grid, "job ({'method': ..., **params}; see sweep_grid)")
     jobs = []
     for i, job in enumerate(grid):
         if not isinstance(job, Mapping) or not isinstance(job.get("method"), str):
@@ -230,15 +219,19 @@ def _scores(scores) -> dict[str, float]:
         raise CurvlensError("evaluate returned no metrics")
     out = {}
     for k, v in scores.items():
+        if isinstance(v, (str, bytes, bool)):
+            raise CurvlensError(f"evaluate returned {v!r} for metric {k!r}; expected a number")
         try:
             out[str(k)] = float(v)
         except (TypeError, ValueError):
             raise CurvlensError(f"evaluate returned {v!r} for metric {k!r}; expected a number") from None
+        if not np.isfinite(out[str(k)]):
+            raise CurvlensError(f"evaluate returned {v!r} for metric {k!r}; expected a finite number")
     return out
 
 
 def sweep(experts: Experts, grid: Sequence[Mapping], evaluate: Evaluate, out_dir=None, client=None, *,
-          n_workers: int = 2, keep: bool = False, progress: bool = True, **merge_kwargs) -> pd.DataFrame:
+          n_workers: int = 2, keep: bool = False, progress: bool = True, inputs=(), **merge_kwargs) -> pd.DataFrame:
     """Merge and evaluate every job of ``grid``; one tidy row per job and metric.
 
     Parameters
@@ -261,6 +254,10 @@ def sweep(experts: Experts, grid: Sequence[Mapping], evaluate: Evaluate, out_dir
         Client: its cluster, whatever it is.
     keep : bool
         Keep each successful job's merged model (its path in ``model_dir``).
+    inputs : path or list of path
+        Other files the jobs read (an evaluator's data; an evaluator with an
+        ``input_paths()`` method declares its own): ``out_dir`` may not be or lie
+        inside them, nor inside the experts' dirs. Checked before any job runs.
     **merge_kwargs
         Passed to every :func:`curvlens.merge` (``device``, ``dtype``, ``threads``,
         ``tensors``); a job's own parameters win.
@@ -286,11 +283,12 @@ def sweep(experts: Experts, grid: Sequence[Mapping], evaluate: Evaluate, out_dir
     """
     if not isinstance(experts, Experts):
         raise CurvlensError(f"sweep takes an Experts; got a {type(experts).__name__}")
-    if not callable(evaluate):
-        raise CurvlensError(f"evaluate must be callable (model_dir -> dict); got {evaluate!r}")
-    if keep and out_dir is None:
+    callable_arg("evaluate", evaluate, "model_dir -> {metric: float}")
+    if bool_arg("keep", keep) and out_dir is None:
         raise CurvlensError("keep=True needs out_dir (where the kept models go)")
+    int_arg("n_workers", n_workers, lo=1)
     jobs = _check_jobs(grid)
+    check_work_dir(out_dir, experts, evaluate, inputs)
     out = str(out_dir) if out_dir is not None else None
     t0 = time.perf_counter()
     if client is None:
@@ -396,21 +394,8 @@ def _frame(rows: list[dict], jobs: list[dict]) -> pd.DataFrame:
     return df
 
 
-def wide_scores(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per job, one column per metric (the ``value``), with ``label`` and
-    ``status``; failed jobs keep their row with NaN scores.
-
-    Examples
-    --------
-    >>> t = pd.DataFrame({"job": [0, 0, 1], "label": ["a", "a", "b"], "metric": ["x", "y", None],
-    ...                   "value": [1.0, 2.0, float("nan")], "status": ["ok", "ok", "error"]})
-    >>> wide_scores(t).to_dict("records")
-    [{'job': 0, 'label': 'a', 'status': 'ok', 'x': 1.0, 'y': 2.0}, {'job': 1, 'label': 'b', 'status': 'error', 'x': nan, 'y': nan}]
-    """
-    jobs = df.drop_duplicates("job")[["job", "label", "status"]].set_index("job")
-    ok = df[df["metric"].notna()]
-    metrics = list(dict.fromkeys(ok["metric"]))
-    values = ok.pivot_table(index="job", columns="metric", values="value", sort=False)
-    out = jobs.join(values.reindex(columns=metrics)).reset_index()
-    out.columns.name = None
-    return out
+def check_work_dir(out_dir, *sources) -> None:
+    """Refuse a jobs' ``out_dir`` that is or lies inside an input (the experts'
+    dirs, an evaluator's declared data, extra paths): before any job, nothing made."""
+    if out_dir is not None:
+        check_output(out_dir, gather_inputs(*sources), replaces=False)

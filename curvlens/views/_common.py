@@ -24,9 +24,11 @@ NON_LAYER = "non-layer"
 #: Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
 
-#: Okabe-Ito reordered for lines and markers on white: the yellow, hard to see on
-#: a white background, comes last.
-CATEGORICAL = tuple(OKABE_ITO[i] for i in (0, 1, 2, 4, 5, 6, 7, 3))
+#: Okabe-Ito reordered for lines and markers on white: the two blues are as far
+#: apart as the palette allows (orange, blue, green, vermillion come first, so four
+#: experts never share a hue family), and the yellow, hard to see on a white
+#: background, comes last.
+CATEGORICAL = tuple(OKABE_ITO[i] for i in (0, 4, 2, 5, 6, 1, 7, 3))
 
 #: Sequential maps (perceptually uniform, colour-vision-deficiency safe) and the
 #: diverging map used for signed metrics. Plotly names are given beside.
@@ -53,6 +55,7 @@ METRIC_LABELS = {
     "jaccard_top1": "Jaccard of top-1% v", "jaccard_top10": "Jaccard of top-10% v",
     "kept_frac": "kept fraction", "row_sparsity": "fraction of empty rows",
     "col_sparsity": "fraction of empty columns", "mask_rank": "mask rank",
+    "random_row_sparsity": "fraction of empty rows", "random_col_sparsity": "fraction of empty columns",
     "mask_effective_rank": "mask effective rank", "stable_rank": "mask stable rank",
     "saliency_kept": "fraction of saliency kept", "threshold": "saliency threshold",
     "jaccard": "mask Jaccard", "tv_cosine": "task-vector cosine",
@@ -73,6 +76,7 @@ METRIC_RANGES = {
     "tv_cosine": (-1.0, 1.0), "sign_conflict": (0.0, 1.0),
     "curvature_weighted_conflict": (0.0, 1.0), "kept_frac": (0.0, 1.0),
     "row_sparsity": (0.0, 1.0), "col_sparsity": (0.0, 1.0), "saliency_kept": (0.0, 1.0),
+    "random_row_sparsity": (0.0, 1.0), "random_col_sparsity": (0.0, 1.0),
     "frac_zero": (0.0, 1.0),
 }
 

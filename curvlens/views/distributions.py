@@ -103,6 +103,23 @@ def _draw_steps(ax, hist, hue: str, hues, stat: str, logy: bool, index=None):
         ax.set_yscale("log")
 
 
+def occupied_range(hist: pd.DataFrame, pad: float = 0.5) -> tuple[float, float] | None:
+    """The span of the bins that hold any entry, padded: the x range a histogram of
+    ``hist`` needs (the frame's bins can cover far more, e.g. -30..0 around data in
+    -13..-3). None when every count is 0.
+
+    Examples
+    --------
+    >>> occupied_range(pd.DataFrame({"bin_left": [-30.0, -10.0, -9.0, -1.0], "bin_right": [-29.0, -9.0, -8.0, 0.0],
+    ...                              "count": [0, 5, 2, 0]}))
+    (-10.5, -7.5)
+    """
+    used = hist[pd.to_numeric(hist["count"]) > 0]
+    if used.empty:
+        return None
+    return float(used["bin_left"].min()) - pad, float(used["bin_right"].max()) + pad
+
+
 @styled
 def log10_histogram_plot(hist: pd.DataFrame, *, hue: str = "expert",
                     hues: Sequence[str] | None = None, stat: str = "fraction",
@@ -138,6 +155,9 @@ def log10_histogram_plot(hist: pd.DataFrame, *, hue: str = "expert",
     hues = _groups(hist, hue, hues)
     ax = new_axes(ax, (5.0, 3.0))
     _draw_steps(ax, hist, hue, hues, stat, logy)
+    span = occupied_range(hist[hist[hue].isin(hues)])
+    if span is not None:
+        ax.set_xlim(*span)
     if legend:
         ax.legend(title=hue, loc="best")
     if title is None:
@@ -166,7 +186,7 @@ def log10_histogram_grid(hist: pd.DataFrame, *, by: str = "role",
     stat, logy, title, **filters
         As :func:`log10_histogram_plot`.
     ncols : int, optional
-        Panels per row (default: up to 5).
+        Panels per row (default: up to 4).
 
     Returns
     -------
@@ -190,8 +210,13 @@ def log10_histogram_grid(hist: pd.DataFrame, *, by: str = "role",
             ax.set_ylabel("")
         if k + ncols < len(keys):
             ax.set_xlabel("")
+        else:   # the lowest panel of its column: its ticks are labelled even above an empty slot
+            ax.tick_params(labelbottom=True)
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
+    span = occupied_range(hist[hist[by].isin(keys) & hist[hue].isin(hues)])
+    if span is not None:   # shared x: one call sets every panel
+        axes.flat[0].set_xlim(*span)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=color(i), ls=dashes(i), lw=1.6) for i in range(len(hues))]
@@ -245,6 +270,9 @@ def log10_histogram_plotly(hist: pd.DataFrame, *, by: str = "role",
                                + _STAT_LABEL[stat] + ": %{y:.3g}<extra></extra>")),
                 row=k // ncols + 1, col=k % ncols + 1)
     fig.update_xaxes(title_text="log10 v", row=nrows)
+    span = occupied_range(hist[hist[by].isin(keys) & hist[hue].isin(hues)])
+    if span is not None:
+        fig.update_xaxes(range=list(span))
     fig.update_yaxes(title_text=_STAT_LABEL[stat], col=1, type="log" if logy else "linear")
     if logy:
         fig.update_yaxes(type="log")
@@ -264,5 +292,5 @@ def _panel_layout(hist, by, panels, hues, ncols, filters, what):
     hue = "expert" if by == "role" else "role"
     keys = _groups(hist, by, panels)
     hues = _groups(hist, hue, hues)
-    ncols = min(len(keys), 5) if ncols is None else max(1, int(ncols))
+    ncols = min(len(keys), 4) if ncols is None else max(1, int(ncols))   # 4: readable on a page
     return hist, hue, keys, hues, int(np.ceil(len(keys) / ncols)), ncols

@@ -13,7 +13,8 @@ curious user) can drive it without a browser:
     redraw from the current control values.
 
 Figures are shown in ``ipywidgets.Output`` areas when running in a Jupyter
-kernel; headless, only ``figures`` (and the HTML widgets) are updated.
+kernel (set as the widget's state, :mod:`curvlens.views.widget_output`); headless,
+only ``figures`` (and the HTML widgets) are updated.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from curvlens.views._common import (
     NON_LAYER, check_frame, first_seen, layer_label, layer_value, metric_label, require_widgets,
     role_order,
 )
+from curvlens.views.widget_output import assemble, show_figure
 
 __all__ = ["curvature_explorer", "mask_explorer"]
 
@@ -36,48 +38,6 @@ _OVERLAP_METRICS = ("pearson_log", "spearman_log", "cosine", "jaccard_top10", "j
 _MASK_METRICS = ("kept_frac", "row_sparsity", "col_sparsity", "mask_effective_rank",
                  "mask_rank", "stable_rank", "saliency_kept")
 _ALL = "all"
-
-
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover
-        return False
-    ip = get_ipython()
-    return ip is not None and getattr(ip, "kernel", None) is not None
-
-
-def show_figure(out, fig) -> None:
-    """Replace what ``out`` shows by ``fig`` (only inside a kernel; headless no-op).
-
-    The figure is set as the Output widget's ``outputs`` state, not captured with
-    ``with out: display(fig)``: capture routes the cell's output messages through the
-    front-end, and nbclient's front-end mimic (what ``jupyter nbconvert --execute``
-    and ``jupytext --execute`` run) answers captured output with comm messages on the
-    shell socket while it waits for the cell's reply there, which stalled those runs.
-    A state update is what every front-end renders the same way.
-    """
-    if not _in_kernel():
-        return
-    from IPython import get_ipython
-
-    data, metadata = {}, {}
-    if hasattr(fig, "_repr_mimebundle_"):  # plotly: its bundle as the current renderer builds it
-        data = fig._repr_mimebundle_(include=None, exclude=None) or {}
-    if not data:
-        data, metadata = get_ipython().display_formatter.format(fig)
-    out.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata},)
-
-
-def assemble(widgets, rows, controls, update, figures) -> Any:
-    """An explorer's box: ``rows`` stacked, with its controls, figures and
-    ``update`` attached (what the tests and notebooks drive headless)."""
-    box = widgets.VBox(rows)
-    box.controls = controls
-    box.figures = figures
-    box.figure = None
-    box.update = update
-    return box
 
 
 def _metrics_present(df, candidates):

@@ -34,6 +34,12 @@ from curvlens.views._common import (
 __all__ = ["layer_role_matrix", "layer_role_heatmap", "layer_role_heatmaps",
            "layer_role_heatmap_plotly"]
 
+# A panel of a model with few layers is a flat strip (the quick zoo's 3 rows made a
+# 1691 x 235 px figure of 3 panels); below this height, or in a row wider than this,
+# labels shrink out of reading size on a page.
+_MIN_PANEL_HEIGHT = 2.2
+_MAX_ROW_WIDTH = 13.0
+
 _NAN_COLOR = "#e6e6e6"
 
 #: Metrics that are sometimes only bounded: metric -> the column holding the bound.
@@ -197,7 +203,7 @@ def _draw_grid(ax, g: _Grid, cm, norm, *, annotate: bool, show_ylabels: bool = T
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
                                    edgecolor="white", lw=0, label="lower bound"))
     if annotate:
-        size = 7 if len(rows) <= 16 and len(g.roles) <= 10 else 5.5
+        size = 7 if len(rows) <= 16 and len(g.roles) <= 10 else 6   # 6 pt: the smallest readable in print
         for i in range(len(rows)):
             for j in range(len(g.roles)):
                 v = g.values[i, j]
@@ -248,7 +254,7 @@ def layer_role_heatmap(df: pd.DataFrame, metric: str, *, ax=None, log: bool | No
     matplotlib.axes.Axes
     """
     g = _grid(df, metric, weight=weight, roles=roles, filters=filters, what="layer_role_heatmap")
-    ax = new_axes(ax, (1.0 + 0.55 * len(g.roles), 1.2 + 0.26 * len(g.layers)))
+    ax = new_axes(ax, (1.0 + 0.55 * len(g.roles), max(_MIN_PANEL_HEIGHT, 1.2 + 0.26 * len(g.layers))))
     cm, norm, use_log = color_setup(g.values, metric, log=log, cmap=cmap, vmin=vmin,
                                      vmax=vmax, center=center)
     im = _draw_grid(ax, g, cm, norm, annotate=annotate)
@@ -278,7 +284,8 @@ def layer_role_heatmaps(df: pd.DataFrame, metric: str, *, by: str = "expert",
         Column splitting the panels (default ``expert``; e.g. ``criterion``, or
         ``expert_a`` for pair frames).
     ncols : int, optional
-        Panels per row (default: all of up to 3, 2 x 2 for 4, else 3).
+        Panels per row (default: up to 3, 2 x 2 for 4, fewer when a row of them
+        would be wider than 13 in).
     Others
         As :func:`layer_role_heatmap`.
 
@@ -302,10 +309,12 @@ def layer_role_heatmaps(df: pd.DataFrame, metric: str, *, by: str = "expert",
     cm, norm, use_log = color_setup(allv, metric, log=log, cmap=cmap, vmin=vmin, vmax=vmax,
                                      center=center)
     n = len(grids)
-    ncols = (n if n <= 3 else 2 if n == 4 else 3) if ncols is None else max(1, int(ncols))
-    nrows = int(np.ceil(n / ncols))
     w = 0.4 + 0.48 * len(cols)
-    h = 1.0 + 0.28 * len(layers)
+    h = max(_MIN_PANEL_HEIGHT, 1.0 + 0.28 * len(layers))
+    if ncols is None:   # up to 3 panels a row (2 x 2 for 4), no row wider than a page allows
+        ncols = max(1, min(n, 2 if n == 4 else 3, int((_MAX_ROW_WIDTH - 1.2) // w)))
+    ncols = max(1, int(ncols))
+    nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols + 1.2, h * nrows + 0.4),
                              squeeze=False)
     im = None

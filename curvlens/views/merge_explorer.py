@@ -12,7 +12,7 @@ import pandas as pd
 
 from curvlens.errors import CurvlensError
 from curvlens.views._common import check_frame, require_widgets
-from curvlens.views.explorers import assemble, show_figure
+from curvlens.views.widget_output import assemble, show_figure
 
 __all__ = ["merge_explorer", "MERGE_SLIDERS"]
 

@@ -20,7 +20,9 @@ from curvlens.views._common import (
     METRIC_RANGES, apply_filters, check_frame, check_numeric, filter_title, first_seen, fmt_value,
     metric_label, new_axes, plotly_color_kwargs, require_plotly, styled, text_color_for, weights_of,
 )
+from curvlens.views.baselines import CHANCE_LEVELS
 from curvlens.views.heatmaps import color_setup
+from curvlens.views.tables import common_format, fmt_sig
 
 __all__ = ["pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly"]
 
@@ -102,8 +104,8 @@ def pair_matrix_heatmap(df: pd.DataFrame, metric: str, *, ax=None, cmap: str | N
                         limits: str = "natural",
                         annotate: bool = True, colorbar: bool = True,
                         diagonal: float = np.nan, experts: Sequence[str] | None = None,
-                        weight: str | None = "numel", title: str | None = None,
-                        **filters: Any):
+                        weight: str | None = "numel", chance: float | str | None = "auto",
+                        title: str | None = None, **filters: Any):
     """Annotated symmetric heatmap of a pair metric between experts (matplotlib).
 
     Parameters
@@ -119,8 +121,12 @@ def pair_matrix_heatmap(df: pd.DataFrame, metric: str, *, ax=None, cmap: str | N
         Jaccard index, -1..1 for a correlation) so that small differences are
         not exaggerated, or the data's range. Unknown metrics use the data.
     annotate : bool
-        Write each value in its cell.
+        Write each value in its cell, every cell with the same number of decimals.
     colorbar : bool
+    chance : float, "auto" or None
+        What two unrelated experts would give (``"auto"``: the metric's
+        :data:`~curvlens.views.baselines.CHANCE_LEVELS` entry, if any): marked on the
+        colour bar and stated in the title.
     title : str, optional
 
     Returns
@@ -128,6 +134,9 @@ def pair_matrix_heatmap(df: pd.DataFrame, metric: str, *, ax=None, cmap: str | N
     matplotlib.axes.Axes
     """
     check_choice("limits", limits, ["natural", "data"])
+    if isinstance(chance, str):
+        check_choice("chance", chance, ["auto"])
+        chance = CHANCE_LEVELS.get(metric)
     experts, out, _, _ = _pair_matrix(df, metric, weight=weight, experts=experts,
                                       diagonal=diagonal, filters=filters,
                                       what="pair_matrix_heatmap")
@@ -144,17 +153,22 @@ def pair_matrix_heatmap(df: pd.DataFrame, metric: str, *, ax=None, cmap: str | N
     for s in ax.spines.values():
         s.set_visible(False)
     if annotate:
+        fmt = common_format(out)
         for i in range(n):
             for j in range(n):
                 if np.isfinite(out[i, j]):
-                    ax.text(j, i, fmt_value(out[i, j]), ha="center", va="center", fontsize=8,
+                    ax.text(j, i, fmt(out[i, j]), ha="center", va="center", fontsize=8,
                             color=text_color_for(cm(norm(out[i, j]))))
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, shrink=0.85, pad=0.03,
-                           label=metric_label(metric) + (" (log scale)" if use_log else ""))
+        cbar = ax.figure.colorbar(im, ax=ax, shrink=0.85, pad=0.03,
+                                  label=metric_label(metric) + (" (log scale)" if use_log else ""))
+        if chance is not None and norm.vmin <= chance <= norm.vmax:   # the title says what the line is
+            cbar.ax.axhline(chance, color="black", linewidth=1.5)
     if title is None:
         ft = filter_title(filters)
         title = metric_label(metric) + (f"\n{ft}" if ft else "")
+    if chance is not None:
+        title += f" (chance {fmt_sig(chance, 2)})"
     ax.set_title(title)
     return ax
 

@@ -388,6 +388,11 @@ class ZooEvaluator:
         self.device = device
         self.batch_size = batch_size
 
+    def input_paths(self) -> list[str]:
+        """The data this evaluator reads (the zoo's dir): no sweep or soup output
+        may be, or lie inside, it."""
+        return [self.root]
+
     def __call__(self, model_dir) -> dict[str, float]:
         df = evaluate(model_dir, self.capabilities, zoo=Zoo.from_dir(self.root), device=self.device,
                       batch_size=self.batch_size)

@@ -159,8 +159,8 @@ def test_notes_are_at_the_top_of_the_saved_config(zoo, tmp_path):
 ])
 def test_fork_option_errors(zoo, params, match):
     root, base, dirs, *_ = zoo
-    cfg = load_merge_config(_config(root, base, dirs, params))
-    with pytest.raises(CurvlensError, match=match):
+    with pytest.raises(CurvlensError, match=match):  # when the config is read, or at the latest by merge
+        cfg = load_merge_config(_config(root, base, dirs, params))
         merge(cfg.experts(), "ota", **KW, **cfg.params)
 
 

@@ -10,7 +10,8 @@ import curvlens as cl
 from curvlens import CurvlensError
 from curvlens.evaluators import LmEvalEvaluator, lm_eval, zoo_tasks
 from curvlens.evaluators.zoo_tasks import SHIPPED, task_files
-from curvlens.studies.sweep import local_client, wide_scores
+from curvlens.studies.scores import wide_scores
+from curvlens.studies.sweep import local_client
 
 
 def _scores(d: dict) -> dict:

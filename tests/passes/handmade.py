@@ -2,6 +2,7 @@
 (module level, so dask workers can unpickle them)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -38,6 +39,13 @@ class DistanceScore:
     def __call__(self, model_dir: str) -> dict[str, float]:
         w = Checkpoint.open(model_dir)[self.tensor].double().reshape(-1)
         return {k: -float(((w - t) ** 2).sum()) for k, t in self.targets.items()}
+
+
+class BoundedScore(DistanceScore):
+    """``{metric: exp(-||w - target||^2)}``: an accuracy-like score in (0, 1]."""
+
+    def __call__(self, model_dir: str) -> dict[str, float]:
+        return {k: math.exp(v) for k, v in super().__call__(model_dir).items()}
 
 
 class FailsAbove:

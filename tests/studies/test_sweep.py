@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from curvlens import CurvlensError, Experts
-from curvlens.studies.sweep import ExpertsSpec, local_client, sweep, sweep_grid, wide_scores
+from curvlens.studies.scores import wide_scores
+from curvlens.studies.sweep import ExpertsSpec, local_client, sweep, sweep_grid
 from tests.passes.handmade import DistanceScore, FailsAbove, KillsWorkerOnJob0, Unpicklable, write_experts
 
 

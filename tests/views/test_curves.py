@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from curvlens.errors import CurvlensError
-from curvlens.views import density_curves, density_curves_plotly
+from curvlens.views import density_curve_panels, density_curves, density_curves_plotly
 from curvlens.views.curves import own_capability_scores
 
 
@@ -68,3 +68,37 @@ def test_plotly_curves():
     assert "expert: code" in t.hovertemplate and "density" in t.hovertemplate
     assert fig.layout.xaxis.type == "log"
     assert fig.layout.yaxis.title.text == "accuracy on the expert's own capability"
+
+
+def test_base_line_fitted_axis_and_marked_log_scale():
+    cmap = {"math": "addition", "code": "brackets"}
+    ax = density_curves(sweep(), cmap, base={"math": 0.5, "code": 0.6})
+    base_lines = [ln for ln in ax.lines if ln.get_linestyle() == ":" and len(set(ln.get_ydata())) == 1]
+    assert sorted(float(ln.get_ydata()[0]) for ln in base_lines) == [0.5, 0.6]
+    scores = own_capability_scores(sweep(), cmap)["score"]
+    lo, hi = ax.get_ylim()
+    assert lo <= scores.min() and hi >= scores.max() and lo > 0.0   # the data's range, not 0-1
+    assert "log scale" in ax.get_xlabel()
+    labels = [t.get_text() for leg in ax.figure.legends + [ax.get_legend()] if leg for t in leg.get_texts()]
+    assert "base model (density 0)" in labels
+    with pytest.raises(CurvlensError, match=r"base names experts \['art'\]"):
+        density_curves(sweep(), cmap, base={"art": 0.1})
+
+
+def test_panels_give_each_expert_its_own_range():
+    cmap = {"math": "addition", "code": "brackets"}
+    sw = sweep()
+    sw.loc[(sw.expert == "code"), "score"] = 0.9 + 0.05 * sw.loc[(sw.expert == "code"), "score"]   # a narrow band
+    fig = density_curve_panels(sw, cmap, base={"math": 0.2, "code": 0.85})
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in axes] == ["math (on addition)", "code (on brackets)"]
+    lo, hi = axes[1].get_ylim()
+    assert lo >= 0.8 and hi - lo < 0.2          # code's band fills its panel
+    assert axes[0].get_ylim()[0] < 0.2 <= axes[0].get_ylim()[1]
+    assert all("log scale" in a.get_xlabel() for a in axes)
+
+
+def test_plotly_range_fits_the_data():
+    fig = density_curves_plotly(sweep(), {"math": "addition", "code": "brackets"}, base={"math": 0.5})
+    lo, hi = fig.layout.yaxis.range
+    assert lo < 0.5 < hi and hi < 1.1 and "log scale" in fig.layout.xaxis.title.text

@@ -68,3 +68,13 @@ def test_plotly_histograms(frames):
     assert [a.text for a in fig.layout.annotations] == ["role: q", "role: down"]
     assert fig.layout.xaxis.title.text == "log10 v" or fig.layout.xaxis2.title.text == "log10 v"
     assert sum(t.showlegend for t in fig.data) == 2
+
+
+def test_x_range_spans_the_occupied_bins_not_the_binning():
+    wide = pd.concat([hand_hist(), pd.DataFrame([dict(expert=e, role=r, bin_left=lo, bin_right=lo + 1.0, count=0)
+                                                 for e in "ab" for r in ("q", "down")
+                                                 for lo in (-30.0, -29.0, -1.0)])], ignore_index=True)
+    fig = log10_histogram_grid(wide)
+    assert fig.axes[0].get_xlim() == (-10.5, -7.5)
+    assert log10_histogram_plot(wide).get_xlim() == (-10.5, -7.5)
+    assert tuple(log10_histogram_plotly(wide).layout.xaxis.range) == (-10.5, -7.5)

@@ -5,18 +5,22 @@ import pytest
 from curvlens.errors import CurvlensError
 from curvlens.views import render_all
 from curvlens.views.figures import FRAME_KEYS
+from tests.views.frames import tensors
+
+SHAPES = {name: shape for name, _, _, shape in tensors()}
 
 
 def readme_files(out):
+    """The files the README's bullets list, in order (a bullet per figure: its files, caption, takeaway)."""
     text = (out / "README.md").read_text()
-    return re.findall(r"^- `([^`]+)`: \S", text, flags=re.M)
+    return [n for line in re.findall(r"^- (`[^:]+): \S", text, flags=re.M) for n in re.findall(r"`([^`]+)`", line)]
 
 
 def test_render_all_writes_every_figure_and_a_readme_listing_exactly_them(frames,
                                                                           capability_map,
                                                                           tmp_path):
-    written = render_all(frames, tmp_path / "figs", formats=("png",),
-                         capability_map=capability_map, dpi=30)
+    written = render_all(frames, tmp_path / "figs", formats=("png",), capability_map=capability_map,
+                         shapes=SHAPES, source="hand-made test frames", dpi=30)
     out = tmp_path / "figs"
     names = [p.name for p in written]
     assert readme_files(out) == names
@@ -25,7 +29,10 @@ def test_render_all_writes_every_figure_and_a_readme_listing_exactly_them(frames
     assert {"curvature_median_log10", "overlap_pairs", "mask_kept_frac_fisher",
             "mask_kept_frac_magnitude", "interference_pairs", "graft_density_curves",
             "moments_pair_grid", "log10_v_histograms", "merge_scores",
-            "merge_relative_scores"} <= stems
+            "merge_relative_scores", "mask_structure_fisher"} <= stems
+    text = (out / "README.md").read_text()
+    assert "Data: hand-made test frames." in text
+    assert text.count("*Takeaway:*") == len(stems)   # one computed takeaway per figure
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

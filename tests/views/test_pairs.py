@@ -66,3 +66,19 @@ def test_plotly_pair_matrix():
     assert (a, b, value, n, numel) == ("a", "b", "-0.20", 2, "40")
     assert tr.zmid == 0 and tr.zmin == -1 and tr.zmax == 1
     assert tr.colorbar.title.text == "task-vector cosine"
+
+
+def test_heatmap_marks_chance_and_formats_every_cell_alike():
+    import pandas as pd
+
+    from curvlens.views import pair_matrix_heatmap
+
+    rows = [dict(expert_a=a, expert_b=b, name="t", layer=0, role="q", numel=10, jaccard_top1=v)
+            for (a, b), v in {("x", "y"): 0.0027, ("x", "z"): 0.01, ("y", "z"): 0.03}.items()]
+    ax = pair_matrix_heatmap(pd.DataFrame(rows), "jaccard_top1")
+    cells = sorted(t.get_text() for t in ax.texts)
+    assert cells == ["0.003", "0.003", "0.010", "0.010", "0.030", "0.030"]
+    assert ax.get_title().endswith("(chance 0.0050)")
+    cbar = ax.figure.axes[-1]
+    assert any(abs(ln.get_ydata()[0] - 0.01 / 1.99) < 1e-12 for ln in cbar.lines)
+    assert "chance" not in pair_matrix_heatmap(pd.DataFrame(rows), "jaccard_top1", chance=None).get_title()

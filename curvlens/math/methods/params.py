@@ -1,13 +1,14 @@
 """Parameter schema of merge methods: :class:`ParamSpec`, the validators that convert
-and check one value (naming the parameter when it fails), and the parameters
-several methods share (mergekit 0.1.5 names and defaults)."""
+and check one value (naming the parameter when it fails), :func:`check_value_forms`
+(every value a setting can take in any of mergekit's forms, checked up front),
+and the parameters several methods share (mergekit 0.1.5 names and defaults)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from curvlens.errors import CurvlensError
+from curvlens.errors import CurvlensError, check_choice
 
 Validator = Callable[[str, Any], Any]
 
@@ -44,6 +45,71 @@ class ParamSpec:
     validate: Optional[Validator] = field(default=None, compare=False, repr=False)
     aliases: tuple = ()
 
+
+
+def check_value_forms(spec: ParamSpec, label: str, value: Any) -> None:
+    """Check every value ``value`` can give a tensor, in any of mergekit's forms.
+
+    A setting is a scalar, a gradient (a list of scalars: each entry, and so
+    every value interpolated between two of them, is checked) or a list of
+    ``{filter, value}`` conditions (each condition's value, itself a scalar or a
+    gradient, is checked whether or not its filter matches a tensor). Each scalar
+    goes through the spec's validator and choices, so a bad value fails when the
+    config is read, naming where, never half-way through a merge.
+
+    Examples
+    --------
+    >>> check_value_forms(DENSITY, "density", [{"filter": "mlp", "value": [0.2, 1.5]}, {"value": 0.5}])
+    Traceback (most recent call last):
+    ...
+    curvlens.errors.CurvlensError: density[0].value[1] must be <= 1.0; got 1.5
+    """
+
+    def one(where: str, x: Any) -> None:
+        if spec.validate is not None:
+            x = spec.validate(where, x)
+        if spec.choices is not None:
+            check_choice(where, x, spec.choices)
+
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        one(label, value)
+        return
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            inner = item.get("value")
+            if isinstance(inner, list):
+                for j, x in enumerate(inner):
+                    one(f"{label}[{i}].value[{j}]", x)
+            else:
+                one(f"{label}[{i}].value", inner)
+        else:
+            one(f"{label}[{i}]", item)
+
+
+def per_tensor_keys(tensor_params: Any, names) -> list[str]:
+    """The parameters a merge's ``tensor_params`` sets per tensor: its ``keys``
+    when it says (a config's resolver), else the keys it returns for the first of
+    ``names``; ``[]`` without one.
+
+    Examples
+    --------
+    >>> per_tensor_keys(lambda name: {"t": 0.5}, ["w"])
+    ['t']
+    """
+    if tensor_params is None:
+        return []
+    if not callable(tensor_params):
+        raise CurvlensError(f"tensor_params must be a callable name -> {{param: value}}; got {tensor_params!r}")
+    keys = getattr(tensor_params, "keys", None)
+    if keys is None or callable(keys):
+        first = next(iter(names), None)
+        keys = tensor_params(first) if first is not None else {}
+        if not isinstance(keys, dict):
+            raise CurvlensError(f"tensor_params({first!r}) returned a {type(keys).__name__}; expected a dict "
+                                "param -> value")
+    return [k for k in keys if isinstance(k, str)]
 
 
 # -- validators: each converts one value and names the parameter when it fails

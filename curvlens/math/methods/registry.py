@@ -64,7 +64,8 @@ class MergeMethod:
 
     Calling it, ``method(base, experts, moments=None, *, rng=None, counts=None,
     **params)``, runs the prologue every method shares (input checks, parameter
-    resolution, the random generator) and then the kernel.
+    resolution, the random generator) and then the kernel; an empty tensor
+    (a zero-size dim) gives an empty fp32 tensor without reaching the kernel.
 
     Attributes
     ----------
@@ -114,6 +115,8 @@ class MergeMethod:
                                  needs_moments=self.needs_moments)
         p = resolve_params(self, params, len(xs))
         check_arity(self, b is not None, len(xs))
+        if xs[0].numel() == 0:  # nothing to merge: every method's answer is the empty tensor
+            return torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
         if self.uses_rng:
             rng = generator(rng, p["seed"], xs[0].device)
         return self.kernel(b, xs, vs, p, rng=rng, counts=counts)
@@ -310,7 +313,8 @@ def method_params(method: Optional[str] = None):
 
 
 def resolve_params(
-    method: Union[str, MergeMethod], params: Optional[Mapping[str, Any]], n_experts: int
+    method: Union[str, MergeMethod], params: Optional[Mapping[str, Any]], n_experts: int,
+    *, per_tensor: Sequence[str] = (),
 ) -> dict:
     """Complete, check and broadcast a method's parameters.
 
@@ -321,6 +325,11 @@ def resolve_params(
         Parameters as given (a config's method parameters). Not modified.
     n_experts : int
         Number of experts being merged (the base is not an expert).
+    per_tensor : sequence of str
+        Parameters (names or aliases) whose value comes per tensor (a gradient or
+        filter list, resolved for each tensor name): a value given here is still
+        checked, but a missing one is not an error yet (each tensor's resolution
+        checks it); they stand at their default in the result.
 
     Returns
     -------
@@ -355,8 +364,12 @@ def resolve_params(
             f"params for merge method {m.name!r} must be a mapping; got {type(params).__name__}"
         )
     given = _canonical_names(m, params)
+    later = set(_canonical_names(m, dict.fromkeys(per_tensor)))
     out = {}
     for spec in m.params:
+        if spec.name in later and spec.name not in given:
+            out[spec.name] = [spec.default] * n_experts if spec.per_expert else spec.default
+            continue
         value = given.get(spec.name, spec.default)
         if spec.per_expert:
             out[spec.name] = _resolve_per_expert(m, spec, value, n_experts)

@@ -1,8 +1,9 @@
-"""What a reader of sharded optimizer states hands to :class:`curvlens.Moments`.
+"""What a reader of sharded optimizer states hands to :class:`curvlens.Moments`
+(which then describes itself with a :class:`~curvlens.io.moments_source.MomentsSource`).
 
 The DeepSpeed and ``torch.distributed.checkpoint`` readers index their shards at
 open time (headers and small pickled metadata only) and return a
-:class:`MomentSource`: the shape of every moment, a function that assembles one
+:class:`ShardedSource`: the shape of every moment, a function that assembles one
 full fp32 moment on demand, and what the files say about the run. They never
 construct ``Moments`` themselves, so :mod:`curvlens.io.moments` depends on them and
 not the other way round.
@@ -21,7 +22,7 @@ from curvlens.errors import CurvlensError
 
 
 @dataclass
-class MomentSource:
+class ShardedSource:
     """Second moments indexed across shards, read one parameter at a time.
 
     Attributes
