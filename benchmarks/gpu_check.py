@@ -159,6 +159,7 @@ def compare_models(a: Path, b: Path) -> dict:
 def compare_frames(fa: dict, fb: dict) -> dict:
     """Largest relative difference of the numeric columns, per analysis frame."""
     import numpy as np
+    import pandas as pd
 
     out = {}
     for key, a in fa.items():
@@ -166,7 +167,7 @@ def compare_frames(fa: dict, fb: dict) -> dict:
         if b is None or a.shape != b.shape:
             out[key] = "shape differs"
             continue
-        num = [c for c in a.columns if np.issubdtype(a[c].dtype, np.number) and c in b.columns]
+        num = [c for c in a.columns if pd.api.types.is_numeric_dtype(a[c]) and c in b.columns]
         x, y = a[num].to_numpy(float), b[num].to_numpy(float)
         both_nan = np.isnan(x) & np.isnan(y)
         rel = np.abs(x - y) / np.maximum(np.maximum(np.abs(x), np.abs(y)), 1e-30)
