@@ -2,6 +2,7 @@
 a base_model averaged by linear, dtype with out_dtype, tokenizer_source /
 tokenizer, chat_template, and unknown keys at every level."""
 import json
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import yaml
 
 from curvlens import Checkpoint, CurvlensError, Experts
 from curvlens.cli import main
+from curvlens.config.chat_template import SHIPPED_TEMPLATES, shipped_template
 from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
 from tests.passes.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
@@ -144,7 +146,9 @@ def test_tokenizer_section_with_pad_that_adds_no_rows(toks, tmp_path):
     (None, {"tokenizer": {"source": "base", "pad": 8}}, r"tokenizer: unknown key\(s\) \['pad'\]"),
     (None, {"tokenizer_source": "base", "tokenizer": {"source": "base"}}, "not both"),
     ("rows", {"tokenizer_source": "base"}, "has 16 rows but the vocabulary 15 tokens"),
-    (None, {"chat_template": "no-such-template"}, "neither 'auto', a template name"),
+    (None, {"chat_template": "no-such-template"}, "not a template curvlens carries"),
+    (None, {"chat_template": "../chatml"}, "not a template name"),
+    (None, {"chat_template": "{{ x }}"}, "neither 'auto', a template name"),
 ])
 def test_tokenizer_cases_mergekit_would_resize_are_refused(toks, tmp_path, change, top, match):
     base, dirs = toks
@@ -172,14 +176,13 @@ def test_chat_template_auto_takes_the_most_common(toks, tmp_path):
     assert json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["chat_template"] == b
 
 
-def test_chat_template_by_name_is_mergekits(toks, tmp_path):
-    resources = pytest.importorskip("mergekit._data.chat_templates")
-    import importlib.resources
-
+@pytest.mark.parametrize("name", SHIPPED_TEMPLATES)
+def test_chat_template_by_name_needs_no_mergekit(toks, tmp_path, monkeypatch, name):
+    monkeypatch.setitem(sys.modules, "mergekit", None)  # any import of mergekit fails
     base, dirs = toks
-    _run(tmp_path, _linear(base, dirs, chat_template="chatml"), tmp_path / "o")
-    want = importlib.resources.files(resources).joinpath("chatml.jinja").read_text()
-    assert json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["chat_template"] == want
+    _run(tmp_path, _linear(base, dirs, chat_template=name), tmp_path / "o")
+    got = json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["chat_template"]
+    assert got == shipped_template(name)  # what tests/config/test_chat_template.py checks renders as mergekit's
 
 
 def test_tokenizer_options_need_an_output_dir(toks, tmp_path):
