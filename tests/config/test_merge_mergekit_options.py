@@ -13,7 +13,7 @@ from curvlens.cli import main
 from curvlens.config.chat_template import SHIPPED_TEMPLATES, shipped_template
 from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
-from tests.passes.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
+from tests.passes.mergekit_zoo import MERGEKIT_MISSING, make_llama_zoo, run_mergekit
 
 KW = dict(device="cpu", progress=False)
 
@@ -36,19 +36,27 @@ def _run(tmp_path, cfg, out=None):
 
 
 # ------------------------------------------------------------ base and linear
-def test_linear_averages_an_unlisted_base_as_mergekit(llama, tmp_path):
+def _unlisted_base(llama):
     root, base, dirs, weights = llama
-    cfg = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
-           "models": [{"model": str(dirs[0]), "parameters": {"weight": 1.0}},
-                      {"model": str(dirs[1]), "parameters": {"weight": 2.0}}], "dtype": "float32"}
-    mc, res = _run(tmp_path, cfg)
+    return {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
+            "models": [{"model": str(dirs[0]), "parameters": {"weight": 1.0}},
+                       {"model": str(dirs[1]), "parameters": {"weight": 2.0}}], "dtype": "float32"}
+
+
+def test_linear_averages_an_unlisted_base(llama, tmp_path):
+    weights = llama[3]
+    mc, res = _run(tmp_path, _unlisted_base(llama))
     assert mc.names[-1] == "base" and mc.params["weight"] == [1.0, 2.0, 0.5]
     assert any("averaged as one more model" in n for n in mc.notes)
     name = "model.layers.1.mlp.up_proj.weight"
     want = (weights["expert0"][name] + 2 * weights["expert1"][name] + 0.5 * weights["base"][name]) / 3.5
     torch.testing.assert_close(res.checkpoint[name], want)
-    if not has_mergekit():
-        return
+
+
+def test_linear_with_an_unlisted_base_matches_mergekit(llama, tmp_path):
+    pytest.importorskip("mergekit", reason=MERGEKIT_MISSING)
+    cfg = _unlisted_base(llama)
+    _, res = _run(tmp_path, cfg)
     for n, t in run_mergekit(cfg, tmp_path / "mk").items():
         assert torch.equal(res.checkpoint[n], t), n
 
@@ -70,12 +78,16 @@ def test_task_vector_methods_leave_a_listed_base_out(llama, tmp_path):
 
 
 # --------------------------------------------------------------------- dtypes
-def test_dtype_is_read_and_out_dtype_written_as_mergekit(llama, tmp_path):
+def _bf16_in_fp32_out(llama):
     root, base, dirs, weights = llama
-    cfg = {"merge_method": "linear", "models": [{"model": str(d), "parameters": {"weight": w}}
-                                                for d, w in zip(dirs, (1.0, 3.0))],
-           "dtype": "bfloat16", "out_dtype": "float32"}
-    mc, res = _run(tmp_path, cfg)
+    return {"merge_method": "linear", "models": [{"model": str(d), "parameters": {"weight": w}}
+                                                 for d, w in zip(dirs, (1.0, 3.0))],
+            "dtype": "bfloat16", "out_dtype": "float32"}
+
+
+def test_dtype_is_read_and_out_dtype_written(llama, tmp_path):
+    weights = llama[3]
+    mc, res = _run(tmp_path, _bf16_in_fp32_out(llama))
     assert (mc.input_dtype, mc.dtype) == ("bfloat16", "float32")
     name = "model.layers.0.self_attn.q_proj.weight"
     got = res.checkpoint[name]
@@ -83,8 +95,12 @@ def test_dtype_is_read_and_out_dtype_written_as_mergekit(llama, tmp_path):
     # inputs read in bf16, merged in fp32, the result in bf16 (as mergekit's methods return it), written fp32
     a, b = (weights[e][name].to(torch.bfloat16).float() for e in ("expert0", "expert1"))
     assert torch.equal(got, ((a * 1.0 + b * 3.0) / 4.0).to(torch.bfloat16).float())
-    if not has_mergekit():
-        return
+
+
+def test_dtype_and_out_dtype_match_mergekit(llama, tmp_path):
+    pytest.importorskip("mergekit", reason=MERGEKIT_MISSING)
+    cfg = _bf16_in_fp32_out(llama)
+    _, res = _run(tmp_path, cfg)
     for n, t in run_mergekit(cfg, tmp_path / "mk").items():
         assert t.dtype == torch.float32 and torch.equal(res.checkpoint[n], t), n
 
