@@ -22,7 +22,8 @@ out, as mergekit and the fork do), one more averaged model (``linear``: mergekit
 adds an unlisted base to the average) or unused.
 
 ``slices`` with ``merge_method: passthrough`` stack layer ranges of the models
-(:mod:`curvlens.config.stack`). ``dtype`` is the dtype the inputs are read in
+(:mod:`curvlens.config.stack`); with ``models``, passthrough copies its one model,
+each tensor times its ``scale`` (mergekit's way to zero a module). ``dtype`` is the dtype the inputs are read in
 (rounded to), ``out_dtype`` (default: ``dtype``) the one written; curvlens
 computes in fp32 between the two. ``tokenizer_source`` / ``tokenizer`` and
 ``chat_template`` say which tokenizer is written beside the weights
@@ -187,9 +188,6 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         from_slices = True
     else:
         from_slices = False
-    if str(cfg["merge_method"]) == "passthrough":
-        raise CurvlensError(f"{where}: merge_method 'passthrough' takes 'slices' (layer ranges to stack); "
-                            "with 'models' mergekit copies a single model, use that model instead")
     method = get_method(str(cfg["merge_method"]))
     models = cfg.get("models") or []
     if not isinstance(models, list) or not models:
@@ -242,10 +240,16 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         dirs.append(base)
         moments.append(None)
         per_model.append({})
+    if method.max_experts is not None and len(dirs) > method.max_experts:
+        added = " (mergekit counts an unlisted base_model as one more)" if dirs[-1] == base else ""
+        raise CurvlensError(f"{where}: {method.name} takes at most {method.max_experts} model(s); got "
+                            f"{len(dirs)}{added}")
     if base is not None and method.base_role == "ignored":
         notes.append(f"base_model is not used by {method.name} (only as the reference of the report)")
     if not dirs:
         raise CurvlensError(f"{where}: no models left to merge besides the base model")
+    if base is not None and not method.allows_base:
+        base = None  # the base is the one model (passthrough): an input, not a reference
     names = expert_names(dirs)
 
     params, tensor_params = _params(method, top, per_model, where, base or dirs[0])
@@ -305,9 +309,6 @@ def _params(method, top: dict, per_model: list, where: str, ref_dir: Path):
     return params, tp
 
 
-
-
-
 def _tensor_rules(value: Any, where: str, base, names_by_dir: dict, local) -> tuple[tuple[str, str], ...]:
     """The ``tensors`` section as (pattern, action) pairs, a model given by path
     turned into its expert name (or ``base``)."""
@@ -336,7 +337,6 @@ def _tensor_rules(value: Any, where: str, base, names_by_dir: dict, local) -> tu
     return tuple(rules)
 
 
-
 def _default(method, key: str, where: str) -> Any:
     for spec in method.params:
         if key == spec.name or key in spec.aliases:
@@ -344,8 +344,6 @@ def _default(method, key: str, where: str) -> Any:
     valid = ", ".join(repr(s.name) for s in method.params)
     raise CurvlensError(f"{where}: unknown parameter {key!r} for merge method {method.name!r}; "
                         f"expected one of {valid}")
-
-
 
 
 def merge_yaml(m: MergeMethod, experts: Experts, params: dict, out_dtype=None, tensors=None,

@@ -218,7 +218,7 @@ def test_tokenizer_options_need_an_output_dir(toks, tmp_path):
     (lambda c: c.update(parameters={"densty": 0.5}), "unknown parameter 'densty'"),
     (lambda c: c.update(tensors=[{"filter": "lm_head", "action": "drop", "x": 1}]), r"tensors\[0\] must be"),
     (lambda c: c.update(chat_template=3), "chat_template must be a string"),
-    (lambda c: c.update(merge_method="passthrough"), "'passthrough' takes 'slices'"),
+    (lambda c: c.update(merge_method="passthrough"), r"passthrough takes at most 1 model\(s\); got 3 \(mergekit counts"),
     (lambda c: c.update(slices=[]), "exactly one of 'models' and 'slices'"),
 ])
 def test_every_unknown_key_is_refused(llama, tmp_path, edit, match):
