@@ -13,6 +13,7 @@ from curvlens.cli import main
 from curvlens.config.chat_template import SHIPPED_TEMPLATES, shipped_template
 from curvlens.config.merge import merge
 from curvlens.config.merge_config import load_merge_config
+from curvlens.io.writer import write_model
 from tests.passes.mergekit_zoo import MERGEKIT_MISSING, make_llama_zoo, run_mergekit
 
 KW = dict(device="cpu", progress=False)
@@ -103,6 +104,61 @@ def test_dtype_and_out_dtype_match_mergekit(llama, tmp_path):
     _, res = _run(tmp_path, cfg)
     for n, t in run_mergekit(cfg, tmp_path / "mk").items():
         assert t.dtype == torch.float32 and torch.equal(res.checkpoint[n], t), n
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    """Two experts stored in bf16 (as most released checkpoints are)."""
+    root = tmp_path_factory.mktemp("llama_bf16")
+    _, dirs, weights = make_llama_zoo(root / "fp32", n_experts=2, layers=2)
+    out = {}
+    for d in dirs:
+        w = {n: t.to(torch.bfloat16) for n, t in weights[d.name].items()}
+        path = write_model(w, root / d.name)
+        (path / "config.json").write_text((d / "config.json").read_text())
+        out[d.name] = (path, w)
+    return out
+
+
+def _out_fp16(bf16_llama, **top):
+    return {"merge_method": "linear", "out_dtype": "float16", **top,
+            "models": [{"model": str(path), "parameters": {"weight": w}}
+                       for (path, _), w in zip(bf16_llama.values(), (0.3, 0.9))]}
+
+
+def _fp16_ulps(got, a, b):
+    """Largest distance of ``got`` from the exact merge, in fp16 spacings there."""
+    exact = (a.double() * 0.3 + b.double() * 0.9) / 1.2
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(2.0 ** -14))) - 10)
+    return float(((got.double() - exact).abs() / ulp).max())
+
+
+def test_out_dtype_without_dtype_rounds_the_fp32_merge_once(bf16_llama, tmp_path):
+    # curvlens merges in fp32 and rounds once to the written dtype: fp16 correctly rounded
+    # (up to the fp32 merge's own error, 2**-13 of an fp16 spacing)
+    _, res = _run(tmp_path, _out_fp16(bf16_llama))
+    (_, a), (_, b) = bf16_llama.values()
+    for name in a:
+        assert res.checkpoint[name].dtype == torch.float16
+        assert _fp16_ulps(res.checkpoint[name], a[name], b[name]) <= 0.5 + 2 ** -12, name
+
+
+def test_out_dtype_without_dtype_is_mergekits_merge_in_the_stored_dtype(bf16_llama, tmp_path):
+    # mergekit without `dtype` merges in the inputs' stored dtype (bf16) and casts to out_dtype
+    # only when writing: its fp16 values carry bf16's 8 significant bits, curvlens's fp16's 11
+    # (above). Stating the stored dtype (`dtype: bfloat16`) gives mergekit's tensors bit for bit.
+    pytest.importorskip("mergekit", reason=MERGEKIT_MISSING)
+    cfg = _out_fp16(bf16_llama)
+    theirs = run_mergekit(cfg, tmp_path / "mk")
+    _, ours = _run(tmp_path, cfg)
+    _, as_stated = _run(tmp_path, {**cfg, "dtype": "bfloat16"})
+    differ = total = 0
+    (_, a), (_, b) = bf16_llama.values()
+    for name, t in theirs.items():
+        assert t.dtype == torch.float16 and torch.equal(as_stated.checkpoint[name], t), name
+        differ, total = differ + int((ours.checkpoint[name] != t).sum()), total + t.numel()
+        assert _fp16_ulps(t, a[name], b[name]) <= 4 + 2 ** -12  # bf16's half spacing: 4 of fp16's
+    assert differ / total > 0.5  # most entries show the rounding through bf16
 
 
 def test_the_saved_config_of_an_api_merge_says_out_dtype(llama, tmp_path):
