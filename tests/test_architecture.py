@@ -43,7 +43,7 @@ ROOMS = (
     ("zoo", ("zoo",)),
     ("evaluators", ("evaluators",)),
     ("views", ("views",)),
-    ("entry", ("", "__main__", "cli", "demo", "notebooks")),
+    ("entry", ("", "__main__", "cli", "demo", "demo_report", "notebooks")),
 )
 
 
