@@ -24,9 +24,9 @@ def build_parser() -> Parser:
     p = Parser(prog="curvlens", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     runtime = [runtime_options()]
-    models.register(sub, runtime)
-    fisher.register(sub, runtime)
-    studies.register(sub, runtime)
+    models.add_subcommands(sub, runtime)
+    fisher.add_subcommands(sub, runtime)
+    studies.add_subcommands(sub, runtime)
     return p
 
 

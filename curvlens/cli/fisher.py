@@ -82,7 +82,7 @@ def _cmd_fisher(a: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub, runtime: list) -> None:
+def add_subcommands(sub, runtime: list) -> None:
     """Add ``fisher`` to ``sub``."""
     f = sub.add_parser("fisher", parents=runtime + [output_options()],
                        help="a data (empirical) Fisher of a model, in the moments layout other commands read")

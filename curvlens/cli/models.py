@@ -124,7 +124,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub, runtime: list) -> None:
+def add_subcommands(sub, runtime: list) -> None:
     """Add the model subcommands to ``sub``."""
     d = sub.add_parser("demo", parents=runtime + [output_options("demo_out")],
                        help="build the demo zoo, evaluate, analyse, merge, write a report")

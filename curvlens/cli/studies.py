@@ -164,7 +164,7 @@ def _cmd_sparse_soup(a: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub, runtime: list) -> None:
+def add_subcommands(sub, runtime: list) -> None:
     """Add the study subcommands to ``sub``."""
     out = output_options()
     ex = experts_options(base_required=False)
