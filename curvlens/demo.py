@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from curvlens.demo_report import score_pivot
 from curvlens.io.atomic import AtomicDir
 
 # (label, method, params): the merges the demo compares. Densities follow the
@@ -106,12 +107,12 @@ def regime_frames(experts, frames: dict, capabilities=None, *, device="auto", pr
 def regime_lines(frames: dict) -> list[str]:
     """The regime table and the findings as text (printed by the demo and analyze)."""
     from curvlens.studies.findings import findings_lines
-    from curvlens.studies.regime import regime_verdict
+    from curvlens.studies.regime import REGIME_SCOPES, regime_by_scope, regime_verdict
 
     reg = frames["regime"]
     lines = [f"\nregime: {regime_verdict(reg)}"]
-    wide = reg.pivot_table(index=["scope", "subject"], columns="metric", values="value", sort=False)
-    lines.append(wide.round(4).to_string())
+    for scope, table in regime_by_scope(reg).items():  # one table per scope: only its own metrics
+        lines += [f"\n{REGIME_SCOPES.get(scope, scope)}:", table.round(4).to_string()]
     return lines + findings_lines(frames["findings"])
 
 
@@ -157,6 +158,7 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
         ``{"table", "pivot", "zoo", "path", "merges", "frames"}``.
     """
     from curvlens import zoo as zoo_mod
+    from curvlens.demo_report import demo_sections
     from curvlens.views.report import write_report
 
     out = Path(out)
@@ -189,13 +191,6 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
     return {"table": table, "pivot": pivot, "zoo": zoo, "path": out, "merges": merges, "frames": frames}
 
 
-def score_pivot(table):
-    """model x capability accuracy, with the mean over capabilities."""
-    pivot = table.pivot_table(index="model", columns="capability", values="accuracy", sort=False)
-    pivot["mean"] = pivot.mean(axis=1)
-    return pivot
-
-
 def summary_lines(frames: dict, zoo) -> list[str]:
     """The headline numbers: model-level curvature overlap, FFG vs magnitude."""
     from curvlens.passes.analysis import aggregate
@@ -209,90 +204,6 @@ def summary_lines(frames: dict, zoo) -> list[str]:
         summary = ffg_vs_magnitude_summary(frames["graft_sweep"], zoo.capabilities)
         lines.append(summary.round(3).to_string(index=False))
     return lines
-
-
-def demo_sections(zoo, experts, frames: dict, merges: dict, config: str) -> list[tuple[str, str]]:
-    """The report's sections: the zoo, scores, merges and (when computed) the analyses."""
-    import html
-
-    import pandas as pd
-
-    from curvlens import views as V
-    from curvlens.views.report import figure_html, table_html
-
-    table = frames["merge_table"]
-    desc = experts.describe()
-    by_role = desc.groupby("role")["numel"].sum().to_frame("parameters")
-    merge_summary = pd.DataFrame({label: r.summary() for label, r in merges.items()}).T
-    merge_summary = merge_summary.drop(columns=["method"], errors="ignore").astype(float)
-    figs = [V.merge_scores_plotly(table, kind="bars"),
-            V.merge_scores_plotly(table, zoo.capabilities, normalized=True)]
-    sections = []
-    if "findings" in frames:
-        sections += findings_sections(frames)
-    sections += [
-        ("The zoo", f"<p>{html.escape(repr(experts))}</p><p class='note'>config {config!r}; "
-                    f"capabilities: {html.escape(str(zoo.capabilities))}; "
-                    f"{int(desc.numel.sum()):,} parameters per model.</p>"
-                    + table_html(by_role, "parameters by role", "{:,.0f}")),
-        ("Scores", table_html(score_pivot(table), "held-out exact-match accuracy")
-         + figure_html(figs[0], first=True) + figure_html(figs[1], first=False)),
-        ("Merges", table_html(merge_summary, "per merge: numel-weighted kept fraction per expert, "
-                              "fraction masked by every expert, norm of the change")),
-    ]
-    if "curvature_overlap" in frames:
-        from curvlens.passes.analysis import aggregate
-        from curvlens.studies.graft import ffg_vs_magnitude_summary
-
-        ov = frames["curvature_overlap"]
-        pair = tuple(ov[["expert_a", "expert_b"]].iloc[0])
-        body = table_html(aggregate(ov, by=()), "model-level curvature overlap (numel-weighted)")
-        body += figure_html(V.pair_matrix_plotly(ov, "spearman_log"), first=False)
-        body += figure_html(V.layer_role_heatmap_plotly(ov, "spearman_log", expert_a=pair[0], expert_b=pair[1],
-                                                        title=f"Spearman of log v: {pair[0]} vs {pair[1]}"),
-                            first=False)
-        body += figure_html(V.pair_grid_plotly(frames["pooled_moments"]), first=False)
-        body += figure_html(V.log10_histogram_plotly(frames["log10_histogram"]), first=False)
-        sections.append(("Curvature overlap", body))
-        ms = frames["mask_stats"]
-        body = table_html(ffg_vs_magnitude_summary(frames["graft_sweep"], zoo.capabilities),
-                          "grafting: score on the expert's own capability, FFG vs magnitude")
-        body += figure_html(V.density_curves_plotly(frames["graft_sweep"], zoo.capabilities), first=False)
-        body += figure_html(V.layer_role_heatmap_plotly(ms, "kept_frac", criterion="fisher", density=0.3,
-                                                        title="FFG kept density at 0.3, by layer x role"),
-                            first=False)
-        body += figure_html(V.layer_role_heatmap_plotly(ms, "mask_rank", criterion="fisher", density=0.3,
-                                                        log=True, title="FFG mask rank at 0.3"), first=False)
-        sections.append(("FFG masks", body))
-        body = table_html(frames["merge_predicted_loss"], "predicted loss increase per merge and expert "
-                          "(diagonal-Fisher quadratic model)", "{:.4g}")
-        body += figure_html(V.pair_matrix_plotly(frames["interference"], "sign_conflict"), first=False)
-        sections.append(("Interference", body))
-    return sections
-
-
-def findings_sections(frames: dict) -> list[tuple[str, str]]:
-    """The report's first sections: the paper's claims checked on these experts,
-    and the regime they are in."""
-    import html
-
-    from curvlens.studies.regime import regime_verdict
-    from curvlens.views.report import table_html
-
-    f = frames["findings"]
-    items = "".join(
-        f"<li><b>({html.escape(r.claim)}) {html.escape(r.statement)}: {html.escape(r.verdict)}</b><br>"
-        f"{html.escape(r.evidence)}<br><span class='note'>rule: {html.escape(r.rule)}</span></li>"
-        for r in f.itertuples())
-    reg = frames["regime"]
-    wide = reg.pivot_table(index=["scope", "subject"], columns="metric", values="value", sort=False)
-    body = (f"<p>{html.escape(regime_verdict(reg))}.</p>"
-            + table_html(wide, "relative edit ||theta_i - theta_0|| / ||theta_0|| per expert and role, model-level "
-                               "task-vector cosine and curvature overlap per pair, retention (score / the "
-                               "expert's own) per merge", "{:.4g}"))
-    return [("Findings", f"<p class='note'>Each claim of the paper, decided by the rule shown from the numbers "
-                         f"of this run (computed, not written by hand).</p><ul>{items}</ul>"),
-            ("Regime", body)]
 
 
 def _slug(label: str) -> str:

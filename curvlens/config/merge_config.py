@@ -24,7 +24,8 @@ reference`` says a ``linear`` base is the reference only, never averaged (what
 ``cl.merge`` does with a base, and what the config it saves states).
 
 ``slices`` with ``merge_method: passthrough`` stack layer ranges of the models
-(:mod:`curvlens.config.stack`). ``dtype`` is the dtype the inputs are read in
+(:mod:`curvlens.config.stack`); with ``models``, passthrough copies its one model,
+each tensor times its ``scale`` (mergekit's way to zero a module). ``dtype`` is the dtype the inputs are read in
 (rounded to), ``out_dtype`` (default: ``dtype``) the one written; curvlens
 computes in fp32 between the two. ``tokenizer_source`` / ``tokenizer`` and
 ``chat_template`` say which tokenizer is written beside the weights
@@ -192,10 +193,6 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         from_slices = True
     else:
         from_slices = False
-    if str(cfg["merge_method"]) == "passthrough" and (cfg.get("base_model") or not isinstance(cfg.get("models"), list)
-                                                     or len(cfg["models"]) != 1):
-        raise CurvlensError(f"{where}: merge_method 'passthrough' with 'models' copies exactly one model (times "
-                            "its scale), with no base_model, as mergekit; stack layer ranges with 'slices'")
     method = get_method(str(cfg["merge_method"]))
     models = cfg.get("models") or []
     if not isinstance(models, list) or not models:
@@ -254,10 +251,16 @@ def load_merge_config(path: PathLike | None = None, *, text: str | None = None,
         dirs.append(base)
         moments.append(None)
         per_model.append({})
+    if method.max_experts is not None and len(dirs) > method.max_experts:
+        added = " (mergekit counts an unlisted base_model as one more)" if dirs[-1] == base else ""
+        raise CurvlensError(f"{where}: {method.name} takes at most {method.max_experts} model(s); got "
+                            f"{len(dirs)}{added}")
     if base is not None and method.base_role == "ignored":
         notes.append(f"base_model is not used by {method.name} (only as the reference of the report)")
     if not dirs:
         raise CurvlensError(f"{where}: no models left to merge besides the base model")
+    if base is not None and not method.allows_base:
+        base = None  # the base is the one model (passthrough): an input, not a reference
     names = expert_names(dirs)
 
     params, tensor_params = _params(method, top, per_model, where, base or dirs[0])
@@ -343,8 +346,6 @@ def _default(method, key: str, where: str) -> Any:
     valid = ", ".join(repr(s.name) for s in method.params)
     raise CurvlensError(f"{where}: unknown parameter {key!r} for merge method {method.name!r}; "
                         f"expected one of {valid}")
-
-
 
 
 def merge_yaml(m: MergeMethod, experts: Experts, params: dict, out_dtype=None, tensors=None,

@@ -12,20 +12,20 @@ source and its vocabulary-indexed tensors have one row per token (and
 source's tokenizer files are then copied beside the weights.
 
 ``chat_template`` is, as in mergekit, ``auto`` (the template most of the models
-share), the name of a template mergekit ships (read from an installed mergekit),
-or a Jinja template; it is written into the output's ``tokenizer_config.json``
-(and ``chat_template.jinja`` when the source has one, which transformers prefers).
+share), the name of a template mergekit ships (curvlens carries its own text of
+each: :mod:`curvlens.config.chat_template`), or a Jinja template; it is written
+into the output's ``tokenizer_config.json`` (and ``chat_template.jinja`` when the source has one, which transformers prefers).
 """
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
+from curvlens.config.chat_template import chat_template_text
 from curvlens.config.keys import check_keys
 from curvlens.config.options import TokenizerOptions
 from curvlens.errors import CurvlensError
-from curvlens.io.paths import model_file, plain_name, read_model_json, read_model_text
+from curvlens.io.paths import model_file, read_model_json, read_model_text
 from curvlens.roles import param_role
 
 #: The keys of a config's ``tokenizer:`` section.
@@ -132,6 +132,11 @@ def tokenizer_options(cfg: dict, where: str, base, local) -> TokenizerOptions:
     if chat is not None and not isinstance(chat, str):
         raise CurvlensError(f"{where}: chat_template must be a string (a template name, 'auto' or Jinja); "
                             f"got {chat!r}")
+    if chat is not None and chat != "auto":
+        try:  # a bad name or template is refused before any merging
+            chat_template_text(chat)
+        except CurvlensError as err:
+            raise CurvlensError(f"{where}: {err}") from err
     return TokenizerOptions(source, chat, pad)
 
 
@@ -152,7 +157,8 @@ def tokenizer_files(experts, ref_dir, options: TokenizerOptions):
     files = {}
     if options.chat_template is not None:
         src = tok_dir or (Path(ref_dir) if ref_dir is not None else None)
-        template = _template(options.chat_template, experts)
+        template = chat_template_text(options.chat_template,
+                                      (t for _, d in _model_dirs(experts) if (t := _model_template(d))))
         if template is not None:
             cfg = read_model_json(src, "tokenizer_config.json") if src is not None else None
             if not isinstance(cfg, dict):
@@ -207,26 +213,6 @@ def _check_source(experts, ref_dir, source, pad) -> Path:
     return src
 
 
-def _template(value: str, experts) -> str | None:
-    """mergekit's reading of ``chat_template``: ``auto``, a shipped name, or Jinja."""
-    if value == "auto":
-        found = []
-        for _, d in _model_dirs(experts):
-            t = _model_template(d)
-            if t:
-                found.append(t.strip())
-        return Counter(found).most_common(1)[0][0] if found else None
-    if "\n" not in value and "{" not in value:  # a name: one of the shipped set, never a path
-        text = _shipped_template(plain_name(value, "chat_template"))
-        if text is not None:
-            return text
-    if len(value) < 20 or "{" not in value:
-        raise CurvlensError(f"chat_template {value!r} is neither 'auto', a template name mergekit ships "
-                            f"(read from an installed mergekit: {sorted(_shipped_templates()) or 'none found'}) "
-                            "nor a Jinja template")
-    return value
-
-
 def _model_template(d: Path) -> str | None:
     jinja = read_model_text(d, "chat_template.jinja")
     if jinja is not None:
@@ -240,19 +226,3 @@ def _model_template(d: Path) -> str | None:
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
         return t if isinstance(t, str) else None
     return None
-
-
-def _shipped_templates() -> dict:
-    """The templates an installed mergekit ships: ``{name: resource}`` (none without mergekit)."""
-    try:
-        import importlib.resources
-
-        found = importlib.resources.files("mergekit._data.chat_templates").iterdir()
-        return {f.name[:-len(".jinja")]: f for f in found if f.name.endswith(".jinja") and f.is_file()}
-    except (ImportError, ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        return {}
-
-
-def _shipped_template(name: str) -> str | None:
-    f = _shipped_templates().get(name)  # looked up in the shipped set, never joined onto a dir
-    return f.read_text() if f is not None else None

@@ -147,3 +147,46 @@ def regime_verdict(table: pd.DataFrame) -> str:
         return f"moderate edits, several times those of real fine-tunes: {span}"
     return f"large edits, far from the regime of real fine-tuning: {span}"
 
+
+
+#: Scopes of :func:`regime_table`, in the order a reader meets them, with what their table holds.
+REGIME_SCOPES = {
+    "expert": "relative edit ||theta_i - theta_0|| / ||theta_0|| per expert",
+    "role": "relative edit per role, all experts pooled",
+    "pair": "model-level task-vector cosine and curvature overlap per expert pair",
+    "merge": "retention (score / the expert's own score) per merge: mean and worst over capabilities",
+}
+
+
+def regime_by_scope(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """:func:`regime_table` as one small wide table per scope, each with only the
+    metrics that scope has (no column of NaN for another scope's metrics).
+
+    Returns
+    -------
+    dict
+        scope -> DataFrame indexed by ``subject`` (named after the scope), one
+        column per metric, in :data:`REGIME_SCOPES` order (other scopes after),
+        scopes without rows left out.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scope": ["expert", "pair", "pair"], "subject": ["a", "a / b", "a / b"],
+    ...                   "metric": ["relative_edit", "tv_cosine", "cosine"], "value": [0.01, 0.2, 0.9]})
+    >>> {k: list(v.columns) for k, v in regime_by_scope(t).items()}
+    {'expert': ['relative_edit'], 'pair': ['tv_cosine', 'cosine']}
+    """
+    missing = set(REGIME_COLUMNS) - set(table.columns)
+    if missing:
+        raise CurvlensError(f"regime_by_scope: the table lacks column(s) {sorted(missing)}; expected a "
+                            "regime_table frame")
+    present = list(dict.fromkeys(table["scope"]))
+    order = [s for s in REGIME_SCOPES if s in present] + [s for s in present if s not in REGIME_SCOPES]
+    out = {}
+    for scope in order:
+        rows = table[table["scope"] == scope]
+        wide = rows.pivot_table(index="subject", columns="metric", values="value", sort=False, dropna=False)
+        wide = wide[list(dict.fromkeys(rows["metric"]))].dropna(axis=1, how="all")
+        wide.columns.name = None
+        out[scope] = wide.rename_axis(scope)
+    return out

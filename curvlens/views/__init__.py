@@ -19,8 +19,8 @@ merge comparison            ``merge_scores``                        ``merge_scor
 lm-eval scores ± stderr     ``harness_scores``                      ``harness_scores_plotly``
 expert-pair matrix          ``pair_matrix_heatmap``                 ``pair_matrix_plotly``
 Adam v vs data Fisher       ``fisher_vs_adam_plot``                 ``fisher_vs_adam_plotly``
-greedy soup path            ``soup_curve`` (a Figure)               –
-Pareto fronts               ``front_plot`` (a Figure)               –
+greedy soup path            ``soup_curve`` (a Figure)               ``soup_curve_plotly``
+Pareto fronts               ``front_plot`` (a Figure)               ``front_plot_plotly``
 ==========================  ======================================  =========================
 """
 from curvlens.views._common import OKABE_ITO, figure_style
@@ -36,7 +36,7 @@ from curvlens.views.merges import merge_scores, merge_scores_figure, merge_score
 from curvlens.views.pair_grid import pair_grid, pair_grid_plotly
 from curvlens.views.pairs import pair_matrix, pair_matrix_heatmap, pair_matrix_plotly
 from curvlens.views.sliders import figure_sliders
-from curvlens.views.soups import front_plot, soup_curve
+from curvlens.views.soups import front_plot, front_plot_plotly, soup_curve, soup_curve_plotly
 from curvlens.views.tables import significant
 
 # Drawing functions and explorers, the palette they share, and the two frame
@@ -44,9 +44,9 @@ from curvlens.views.tables import significant
 # layer_role_matrix, histogram_steps or the rich-display hooks stay in their modules.
 __all__ = [
     "OKABE_ITO", "curvature_explorer", "density_curve_panels", "density_curves", "density_curves_plotly", "figure_sliders", "figure_style",
-    "fisher_vs_adam_plot", "fisher_vs_adam_plotly", "front_plot", "harness_scores", "harness_scores_plotly", "layer_role_heatmap", "layer_role_heatmap_plotly",
+    "fisher_vs_adam_plot", "fisher_vs_adam_plotly", "front_plot", "front_plot_plotly", "harness_scores", "harness_scores_plotly", "layer_role_heatmap", "layer_role_heatmap_plotly",
     "layer_role_heatmaps", "log10_histogram_grid",
     "log10_histogram_plot", "log10_histogram_plotly", "mask_explorer", "merge_explorer", "merge_scores",
     "merge_scores_figure", "merge_scores_plotly", "normalized_scores", "pair_grid", "pair_grid_plotly",
-    "pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly", "render_all", "significant", "soup_curve",
+    "pair_matrix", "pair_matrix_heatmap", "pair_matrix_plotly", "render_all", "significant", "soup_curve", "soup_curve_plotly",
 ]

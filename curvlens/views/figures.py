@@ -126,7 +126,7 @@ def _specs(frames: Mapping[str, pd.DataFrame], capability_map, density, experts,
     from curvlens.views import takeaways as tk
     from curvlens.views.curves import density_curve_panels
     from curvlens.views.distributions import log10_histogram_grid
-    from curvlens.views.heatmaps import layer_role_heatmap, layer_role_heatmaps
+    from curvlens.views.heatmaps import layer_role_heatmaps
     from curvlens.views.merges import merge_scores
     from curvlens.views.pair_grid import pair_grid
     from curvlens.views.pairs import pair_matrix_heatmap

@@ -2,8 +2,10 @@
 
 The reference below re-derives the fork's merge (``mergekit/merge_methods/ota.py``
 of pmahdavi/ota-merge, newest version) on whole tensors, independently of
-curvlens's blocked kernel. With ``CURVLENS_OTA_FORK=/path/to/ota-merge`` (a
-checkout of the fork), the fork's own ``OTAMergeTask`` is run as well.
+curvlens's blocked kernel. The fork's own outputs, made by its own code, are
+compared in ``test_ota_fork_fixtures.py`` (checked-in fixtures, no checkout
+needed); with ``CURVLENS_OTA_FORK=/path/to/ota-merge`` (a checkout of the fork)
+the fork's ``OTAMergeTask`` is also run here, on this module's cases.
 """
 import json
 import os

@@ -9,7 +9,7 @@ import yaml
 from curvlens import Checkpoint, CurvlensError
 from curvlens.cli import main
 from curvlens.config.merge_config import load_merge_config
-from tests.passes.mergekit_zoo import has_mergekit, make_llama_zoo, run_mergekit
+from tests.passes.mergekit_zoo import MERGEKIT_MISSING, make_llama_zoo, run_mergekit
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_layers_are_stacked_and_renamed(llama, tmp_path):
 
 
 def test_stack_with_scale_matches_mergekit(llama, tmp_path):
-    pytest.importorskip("mergekit")
+    pytest.importorskip("mergekit", reason=MERGEKIT_MISSING)
     root, base, dirs, w = llama
     cfg = _stack(dirs, parameters={"scale": [{"filter": "o_proj", "value": [0.5, 1.5]},
                                              {"filter": "down_proj", "value": 2.0}, {"value": 1.0}]})
@@ -95,7 +95,7 @@ def test_slice_errors(llama, tmp_path, edit, match):
     assert not (tmp_path / "o").exists()
 
 
-def test_one_slice_over_all_layers_is_the_models_form(llama, tmp_path):
+def _one_slice(llama, tmp_path):
     # the shape of mergekit's examples/gradient-slerp.yml, with a method curvlens has
     root, base, dirs, w = llama
     cfg = {"slices": [{"sources": [{"model": str(d), "layer_range": [0, 5],
@@ -105,12 +105,21 @@ def test_one_slice_over_all_layers_is_the_models_form(llama, tmp_path):
            "merge_method": "linear", "base_model": str(base), "dtype": "float32"}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     mc = load_merge_config(tmp_path / "c.yml")
-    assert mc.names == ("expert0", "expert1")  # slices never add the base (mergekit adds it only for models)
     from curvlens.config.merge import merge
 
-    res = merge(mc.experts(), mc.method, device="cpu", progress=False, **mc.merge_kwargs())
+    return cfg, mc, merge(mc.experts(), mc.method, device="cpu", progress=False, **mc.merge_kwargs())
+
+
+def test_one_slice_over_all_layers_is_the_models_form(llama, tmp_path):
+    w = llama[3]
+    _, mc, res = _one_slice(llama, tmp_path)
+    assert mc.names == ("expert0", "expert1")  # slices never add the base (mergekit adds it only for models)
     n = "model.layers.4.mlp.up_proj.weight"
     assert torch.equal(res.checkpoint[n], w["expert1"][n])
-    if has_mergekit():
-        for name, t in run_mergekit(cfg, tmp_path / "mk").items():
-            assert torch.equal(res.checkpoint[name], t), name
+
+
+def test_one_slice_over_all_layers_matches_mergekit(llama, tmp_path):
+    pytest.importorskip("mergekit", reason=MERGEKIT_MISSING)
+    cfg, _, res = _one_slice(llama, tmp_path)
+    for name, t in run_mergekit(cfg, tmp_path / "mk").items():
+        assert torch.equal(res.checkpoint[name], t), name

@@ -33,3 +33,17 @@ def test_eval_scores_models_into_one_table(harness, quick_zoo, tmp_path, capsys,
     assert main(["eval", str(zoo.base_dir), "--tasks", "facts", "--out", str(tmp_path / "x"),
                  "--model-args", "trust_remote_code=True"]) == 2
     assert "model_args key" in capsys.readouterr().err
+
+
+def test_a_study_scores_with_lm_eval_tasks(harness, quick_zoo, tmp_path, no_network):
+    # `--tasks` on a study: the sweep's scores are the harness's, which are the zoo evaluator's
+    zoo = quick_zoo
+    out = tmp_path / "sweep"
+    experts = [str(zoo.expert_dirs[n]) for n in ("math", "knowledge")]
+    assert main(["sweep", *experts, "--method", "linear", "--tasks", "addition,facts", "--zoo-tasks", "quick",
+                 "--keep", "--no-moments", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    df = pd.read_csv(out / "sweep.csv")
+    scores = df[~df["metric"].str.endswith("_stderr")].set_index("metric")["value"]
+    ref = zoo.evaluator(capabilities=["addition", "facts"])(df["model_dir"].iloc[0])
+    assert scores.to_dict() == ref and (df["status"] == "ok").all()
+    assert not no_network

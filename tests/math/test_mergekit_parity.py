@@ -1,11 +1,8 @@
 """Numerical parity with mergekit 0.1.5 for the methods both implement.
 
-Skipped unless mergekit is importable. mergekit is not a curvlens dependency; to
-run these, use a separate environment, e.g.::
-
-    python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5 \
-        pytest hypothesis pandas
-    PYTHONPATH=. /tmp/mk/bin/python -m pytest tests/math/test_mergekit_parity.py
+mergekit is no dependency of curvlens (curvlens never imports it); the ``parity``
+extra installs mergekit 0.1.5 to compare with (``pip install -e ".[parity]"``; CI
+installs it). Without it this module is skipped, with that reason.
 
 Inputs are fp32 so mergekit (which computes in the input dtype) and curvlens
 (always fp32) do the same arithmetic. DARE draws from torch's global generator in
@@ -14,7 +11,9 @@ mergekit and from an explicit generator in curvlens; both are seeded alike.
 import pytest
 import torch
 
-mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
+mergekit_api = pytest.importorskip(
+    "mergekit.merge_methods.api",
+    reason="mergekit is not installed: pip install -e '.[parity]' (CI installs it) to compare with it")
 
 from curvlens.math.methods import get_method  # noqa: E402
 

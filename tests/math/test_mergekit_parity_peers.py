@@ -1,8 +1,8 @@
 """Numerical parity with mergekit 0.1.5 for its other merge methods (breadcrumbs,
 DELLA, Model Stock, the spherical family, SCE, Arcee Fusion, passthrough).
 
-Skipped unless mergekit is importable (it is not a curvlens dependency; see
-test_mergekit_parity.py for a separate environment). Inputs are fp32 and
+mergekit is no dependency of curvlens; the ``parity`` extra installs it (CI
+does). Without it this module is skipped, with that reason. Inputs are fp32 and
 tie-free (Gaussian), so mergekit's unstable sorts and curvlens's lowest-index
 tie rule select the same entries. Where curvlens runs mergekit's fp32
 operations in mergekit's order the results are compared bit for bit.
@@ -10,7 +10,9 @@ operations in mergekit's order the results are compared bit for bit.
 import pytest
 import torch
 
-mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
+mergekit_api = pytest.importorskip(
+    "mergekit.merge_methods.api",
+    reason="mergekit is not installed: pip install -e '.[parity]' (CI installs it) to compare with it")
 
 # the same inputs and calls as the parity tests of the methods both had before
 from tests.math.test_mergekit_parity import SHAPES, _inputs, _mergekit, _ours  # noqa: E402

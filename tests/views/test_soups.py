@@ -51,3 +51,42 @@ def test_front_plot_panels_and_points():
     assert len(front_plot(dense).axes) == 2
     with pytest.raises(CurvlensError, match="coefficient"):
         front_plot(dense, coefficients=["c_x", "c_z"])
+
+
+def test_soup_curve_plotly_has_the_same_points():
+    from curvlens.views import soup_curve_plotly
+
+    fig = soup_curve_plotly(curve())
+    best, kept, rejected, alone = fig.data
+    assert [t.name for t in fig.data] == ["soup (best so far)", "kept", "rejected", "ingredients alone"]
+    assert list(best.y) == [0.6, 0.7, 0.7] and best.line.shape == "hv"
+    assert list(zip(kept.x, kept.y)) == [(0, 0.6), (1, 0.7)] and list(kept.customdata) == ["b", "a"]
+    assert list(zip(rejected.x, rejected.y)) == [(2, 0.3)] and rejected.marker.symbol == "x"
+    assert list(alone.customdata) == ["b", "a", "c"] and set(alone.x) == {-0.6}
+    assert list(fig.layout.xaxis.ticktext) == ["b", "+ a", "+ c"] and "customdata" in kept.hovertemplate
+    with pytest.raises(CurvlensError, match="soup_curve_plotly: the curve has no soup steps"):
+        soup_curve_plotly(curve().query("phase == 'rank'"))
+    assert len(soup_curve_plotly(curve().query("phase == 'soup'")).data) == 3  # no ingredients-alone trace
+
+
+def test_front_plot_plotly_has_the_same_panels_and_points():
+    from curvlens.views import front_plot_plotly
+
+    dense, ev = fronts()
+    fig = front_plot_plotly(dense, ev)
+    assert [a.text for a in fig.layout.annotations] == ["coefficients", "predicted objectives", "measured scores"]
+    by = {(t.name, t.xaxis): t for t in fig.data}
+    front = by["predicted front", "x"]
+    assert len(front.x) == 6 and list(front.x) == list(dense.c_x[dense.on_front])  # the 6 front points
+    assert len(by["predicted front", "x2"].x) == 6 and len(by["sampled c", "x2"].x) == 5
+    assert list(by["predicted front", "x3"].x) == list(dense.pred_x[dense.on_front])  # same units: drawn under
+    ringed = by["measured non-dominated", "x3"]
+    assert list(zip(ringed.x, ringed.y)) == [(-1.0, 0.0), (-0.3, -0.2)]  # the failed job is not drawn
+    assert list(ringed.text) == ["p", "q"] and "x: %{x:.3f}" in ringed.hovertemplate
+    assert list(by["predicted on front", "x3"].text) == ["p"]
+    assert fig.layout.xaxis.title.text == "c_x" and fig.layout.xaxis3.title.text == "x (measured)"
+    assert front.customdata.shape == (6, 4) and "c_x: %{customdata[0]" in front.hovertemplate
+    two = front_plot_plotly(dense)
+    assert len(two.layout.annotations) == 2 and {t.xaxis for t in two.data} == {"x", "x2"}
+    with pytest.raises(CurvlensError, match="front_plot_plotly: coefficient"):
+        front_plot_plotly(dense, coefficients=["c_x", "c_z"])

@@ -19,6 +19,7 @@ Tensor = torch.Tensor
     min_experts=1,
     max_experts=1,
     allows_base=False,
+    base_role="input",  # mergekit counts a config's base_model as an input: the one model, or one too many
 )
 def passthrough(base, experts, moments, p, *, rng, counts) -> Tensor:
     """The single expert's tensor in fp32, times ``scale`` when it is not None.

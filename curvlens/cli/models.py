@@ -1,10 +1,5 @@
-"""The ``curvlens`` command line: ``demo``, ``merge``, ``analyze``, ``inspect``, ``eval``, ``figures``, ``methods``.
-
-Run as ``curvlens ...`` or ``python -m curvlens ...``.
-
-Each subcommand is a thin wrapper over the library; everything it does can be done
-from Python (see the notebooks).
-"""
+"""Subcommands on models: ``demo``, ``merge``, ``methods``, ``figures``, ``analyze``,
+``inspect``, ``eval``, ``notebooks``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from curvlens.cli.options import (
+    experts_options, harness_options, lm_eval_from, moments_options, one_line, open_experts, output_options,
+)
 from curvlens.errors import CurvlensError
 from curvlens.io.atomic import claim_output
 
@@ -43,7 +41,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"curvlens: warning: {_one_line(str(message))}", file=sys.stderr)
+    print(f"curvlens: warning: {one_line(str(message))}", file=sys.stderr)
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
@@ -60,7 +58,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     # a path with neither weights nor moments is an input error
     unreadable = df[df["tensors"].isna() & df["moments"].isna()]
     for row in unreadable.itertuples():
-        print(f"curvlens: error: {row.path}: {_one_line(str(row.note))}", file=sys.stderr)
+        print(f"curvlens: error: {row.path}: {one_line(str(row.note))}", file=sys.stderr)
     return 2 if len(unreadable) else 0
 
 
@@ -130,45 +128,28 @@ def _cmd_figures(a: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(a: argparse.Namespace) -> int:
+    from curvlens.demo import regime_frames, regime_lines
     from curvlens.io.atomic import AtomicDir
-    from curvlens.passes.experts import Experts
-
-    experts = Experts.from_dirs(a.base, a.experts, names=a.names, bias_correction=a.bias_correction,
-                                exclude=a.exclude)
-    # written beside its place and renamed in when complete; never onto an input
-    with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
-        results = _analyze_into(tmp, experts, a)
-    print("model-level curvature overlap:")
-    from curvlens.demo import regime_lines
     from curvlens.passes import analysis as A
 
+    experts = open_experts(a, moments=True)
+    kw = {"device": a.device, "progress": not a.quiet}
+    # written beside its place and renamed in when complete; never onto an input
+    with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
+        results = {"curvature_stats": A.curvature_stats(experts, **kw),
+                   "curvature_overlap": A.curvature_overlap(experts, **kw),
+                   "mask_stats": A.mask_stats(experts, densities=a.densities, **kw),
+                   "interference": A.interference(experts, **kw)}
+        # the findings that need no scores (masks, overlap), and the regime
+        results.update(regime_frames(experts, results, **kw))
+        for key, df in results.items():
+            df.to_csv(tmp / f"{key}.csv", index=False)
+            print(f"{key}: {len(df)} rows -> {a.out / (key + '.csv')}")
+    print("model-level curvature overlap:")
     print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
     for line in regime_lines(results):
         print(line)
     return 0
-
-
-def _analyze_into(tmp: Path, experts, a: argparse.Namespace) -> dict:
-    from curvlens.passes import analysis as A
-
-    kw = {"device": a.device, "progress": not a.quiet}
-    frames = {
-        "curvature_stats": lambda: A.curvature_stats(experts, **kw),
-        "curvature_overlap": lambda: A.curvature_overlap(experts, **kw),
-        "mask_stats": lambda: A.mask_stats(experts, densities=a.densities, **kw),
-        "interference": lambda: A.interference(experts, **kw),
-    }
-    results = {}
-    for key, compute in frames.items():
-        results[key] = compute()
-    from curvlens.demo import regime_frames
-
-    # the findings that need no scores (masks, overlap), and the regime
-    results.update(regime_frames(experts, results, **kw))
-    for key, df in results.items():
-        df.to_csv(tmp / f"{key}.csv", index=False)
-        print(f"{key}: {len(df)} rows -> {a.out / (key + '.csv')}")
-    return results
 
 
 def _cmd_notebooks(a) -> int:
@@ -184,14 +165,12 @@ def _cmd_notebooks(a) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from curvlens.evaluators import lm_eval, score_models, zoo_tasks
+    from curvlens.evaluators import score_models
     from curvlens.io.atomic import AtomicDir
     from curvlens.views.figures import save_figure
     from curvlens.views.harness import harness_scores
 
-    include = list(a.include_path or []) + ([zoo_tasks(a.zoo_tasks)] if a.zoo_tasks else [])
-    ev = lm_eval(a.tasks, metric=a.metric, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
-                 device=a.device, model_args=a.model_args, include_path=include or None, quiet=not a.verbose)
+    ev, include = lm_eval_from(a, a.tasks)
     # written beside its place and renamed in when complete; never onto a model or a task dir
     with AtomicDir(a.out, overwrite=a.overwrite, inputs=[*a.models, *include]) as tmp:
         df = score_models(a.models, ev, progress=print)
@@ -202,25 +181,11 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime_options() -> argparse.ArgumentParser:
-    """--device, --quiet and --threads: what every subcommand that runs passes takes."""
-    r = argparse.ArgumentParser(add_help=False)
-    r.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
-    return r
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="curvlens", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    runtime = [_runtime_options()]
-
-    d = sub.add_parser("demo", parents=runtime, help="build the demo zoo, evaluate, analyse, merge, write a report")
-    d.add_argument("--out", type=Path, default=Path("demo_out"), help="output dir (default: demo_out)")
+def add_subcommands(sub, runtime: list) -> None:
+    """Add the model subcommands to ``sub``."""
+    d = sub.add_parser("demo", parents=runtime + [output_options("demo_out")],
+                       help="build the demo zoo, evaluate, analyse, merge, write a report")
     d.add_argument("--quick", action="store_true", help="the small zoo (about a minute)")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     d.set_defaults(fn=_cmd_demo)
 
     m = sub.add_parser("merge", parents=runtime, help="merge models from a mergekit / OTA-fork YAML config")
@@ -236,18 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--formats", nargs="+", default=["pdf", "png"])
     f.set_defaults(fn=_cmd_figures)
 
-    an = sub.add_parser("analyze", parents=runtime,
+    ex = experts_options(base_required=True)
+    moments_options(ex)
+    an = sub.add_parser("analyze", parents=runtime + [ex, output_options("curvlens_analysis")],
                         help="curvature overlap, masks and interference of your experts (CSV)")
-    an.add_argument("experts", nargs="+", type=Path, help="expert dirs (paper layout: export/exp_avg_sq.safetensors)")
-    an.add_argument("--base", type=Path, required=True, help="base model dir")
-    an.add_argument("--names", nargs="+", help="expert names (default: dir names)")
-    an.add_argument("--out", type=Path, default=Path("curvlens_analysis"))
     an.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.3])
-    an.add_argument("--bias-correction", action="store_true", help="divide moments by 1 - beta2**step")
-    an.add_argument("--exclude", nargs="+", metavar="PATTERN",
-                    help="leave tensors out: a substring ('classifier'), a glob ('*.pooler.*'), "
-                         "'role:lm_head' or 'name:EXACT' (e.g. each task's head)")
-    an.add_argument("--overwrite", action="store_true")
     an.set_defaults(fn=_cmd_analyze)
 
     ins = sub.add_parser("inspect", help="what model dirs, Trainer checkpoints and moments files hold (headers only)")
@@ -262,63 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     nbk.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     nbk.set_defaults(fn=_cmd_notebooks)
 
-    ev = sub.add_parser("eval", help="score model dirs with lm-evaluation-harness (CSV + figure; the eval extra)")
+    ev = sub.add_parser("eval", parents=[output_options()],
+                        help="score model dirs with lm-evaluation-harness (CSV + figure; the eval extra)")
     ev.add_argument("models", nargs="+", type=Path, help="HF model dirs (merges, experts, ...)")
     ev.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
-    ev.add_argument("--out", type=Path, required=True, help="output dir: scores.csv, scores.png")
-    ev.add_argument("--include-path", type=Path, action="append", help="a dir of local task YAMLs (repeatable)")
-    ev.add_argument("--zoo-tasks", choices=["quick", "default"], help="the demo zoo's capabilities as tasks")
-    ev.add_argument("--metric", help="a task's score: 'acc', 'exact_match,strict-match' (default: its only one)")
-    ev.add_argument("--limit", type=float, help="first N examples per task (a fraction below 1)")
-    ev.add_argument("--num-fewshot", type=int)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--model-args", help="'dtype=bfloat16,max_length=2048' (lm-eval's HFLM options)")
+    harness_options(ev)
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--overwrite", action="store_true")
-    ev.add_argument("--verbose", action="store_true", help="lm-eval's progress bars and warnings")
     ev.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("methods", help="list merge methods and their parameters")
     s.add_argument("method", nargs="?")
     s.set_defaults(fn=_cmd_methods)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``curvlens`` command."""
-    args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "threads", None) is not None:
-            from curvlens.runtime import set_threads
-
-            set_threads(args.threads)
-        return args.fn(args)
-    except CurvlensError as err:
-        # one line, whatever the message's layout: scripts grep stderr
-        print(f"curvlens: error: {_one_line(str(err))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("curvlens: interrupted; partial output removed", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - a bug, still one line (exit 1), never a traceback
-        print(f"curvlens: internal error: {type(err).__name__}: {_one_line(str(err))} (a bug in curvlens: "
-              "please report it with the command that raised it)", file=sys.stderr)
-        return 1
-
-
-def _one_line(msg: str) -> str:
-    r"""A multi-line message (a list of problems) joined into one line.
-
-    Examples
-    --------
-    >>> _one_line("experts do not line up:\n  a: no moment\n  b: no moment")
-    'experts do not line up: a: no moment; b: no moment'
-    """
-    head, *rest = [line.strip() for line in msg.strip().splitlines() if line.strip()] or [""]
-    if not rest:
-        return head
-    return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
