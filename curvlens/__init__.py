@@ -48,6 +48,7 @@ from curvlens.math.methods import list_methods, method_params
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
 from curvlens.streams import Expert, Experts
+from curvlens.streams.analyze import analyze
 from curvlens.streams.analysis import (
     aggregate,
     compare_merges,
@@ -84,7 +85,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint", "CurvlensError", "Expert", "Experts", "FrontResult", "MergeResult", "Moments", "ROLES",
     "SoupResult", "SparseSoupResult", "TensorFilter", "gram_matrices", "greedy_soup", "pareto_front", "sweep", "sweep_grid",
-    "aggregate", "compare_merges", "edit_norms", "estimate_fisher", "fisher_vs_adam", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
+    "aggregate", "analyze", "compare_merges", "edit_norms", "estimate_fisher", "fisher_vs_adam", "findings", "regime_table", "relative_edit", "curvature_overlap", "curvature_stats", "export_moments",
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",

@@ -178,6 +178,27 @@ def _krylov_top_sv(mat: _RowBlocks, block: int, iters: int,
     return float(torch.linalg.svdvals(b)[0]), fro2
 
 
+def _rank_at_least(m2: torch.Tensor, ell: int, n_kept: int, seed: int, dt: torch.dtype) -> bool:
+    """Whether ``4 ell`` random rows of the mask already prove its numerical rank
+    is at least ``ell``, for a fraction of the full sketch's cost.
+
+    The range finder's singular values of the sampled rows are at most those of
+    the rows, which are at most the mask's (interlacing), and the tolerance used,
+    ``sqrt(n_kept) max(M, N) eps``, is at least the mask's own (``||M||_2 <=
+    ||M||_F = sqrt(n_kept)``): so ``ell`` values above it are ``ell`` of the mask's
+    above its tolerance. False when it cannot tell (a low-rank mask: then the
+    full sketch decides, as before).
+    """
+    big_m, big_n = m2.shape
+    if 8 * ell >= big_m:
+        return False
+    gen = torch.Generator().manual_seed((seed + 0x5EED) % (2**63))
+    rows = torch.randperm(big_m, generator=gen)[: 4 * ell].sort().values.to(m2.device)
+    s = _range_finder_svdvals(_RowBlocks(m2, None, rows, None, dt), ell, gen)
+    tol = math.sqrt(n_kept) * max(big_m, big_n) * torch.finfo(dt).eps
+    return int(torch.count_nonzero(s > tol)) >= ell
+
+
 def _rank_and_effective_rank(s: torch.Tensor, tol: float) -> tuple[int, float]:
     """Numerical rank (count of singular values above ``tol``) and the effective rank
     of Roy & Vetterli (2007): exp of the Shannon entropy of ``s / sum(s)``.
@@ -194,7 +215,8 @@ def _rank_and_effective_rank(s: torch.Tensor, tol: float) -> tuple[int, float]:
 
 
 def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_MAX,
-               rng=None, *, sketch_size: int = 128, power_iters: int = 2) -> dict:
+               rng=None, *, sketch_size: int = 128, power_iters: int = 2, n_kept: int | None = None,
+               row_counts=None, col_counts=None) -> dict:
     """Density, row/column sparsity and rank of one mask, and how much it keeps.
 
     Parameters
@@ -220,6 +242,10 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     power_iters : int
         Iterations of the block Krylov estimate of ``||mask * tau||_2`` in the
         randomized path (2 passes over the rows each); only used with ``tau``.
+    n_kept, row_counts, col_counts : optional
+        The mask's kept entries, and per row / column of its 2-D view, when the
+        caller already counted them (:func:`curvlens.streams.analyze_masks.mask_sweep`
+        does, in the sweep that builds the mask): skips counting them again.
 
     Returns
     -------
@@ -306,7 +332,7 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
 
     nan = math.nan
     # count_nonzero, not sum: a bool sum materialises an int64 copy (8x the mask).
-    n_kept = int(torch.count_nonzero(mask))
+    n_kept = int(torch.count_nonzero(mask)) if n_kept is None else int(n_kept)
     out = {"kept_frac": n_kept / mask.numel(), "row_sparsity": nan, "col_sparsity": nan,
            "mask_rank": nan, "mask_effective_rank": nan, "stable_rank": nan,
            "saliency_kept": nan, "rank_method": "none", "rank_cap": nan, "rank_capped": False}
@@ -324,8 +350,8 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     m2 = mask.reshape(mask.shape[0], -1)
     t2 = None if tau is None else tau.reshape(tau.shape[0], -1)
     big_m, big_n = m2.shape
-    row_any = as_bytes(m2).amax(dim=1) != 0
-    col_any = as_bytes(m2).amax(dim=0) != 0
+    row_any = as_bytes(m2).amax(dim=1) != 0 if row_counts is None else row_counts.to(m2.device) > 0
+    col_any = as_bytes(m2).amax(dim=0) != 0 if col_counts is None else col_counts.to(m2.device) > 0
     out["row_sparsity"] = (big_m - int(torch.count_nonzero(row_any))) / big_m
     out["col_sparsity"] = (big_n - int(torch.count_nonzero(col_any))) / big_n
 
@@ -364,9 +390,15 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     # nothing here, while re-indexing every block would.
     gen = _generator(rng)
     ell = min(int(sketch_size), big_m, big_n)
-    s = _range_finder_svdvals(_RowBlocks(m2, None, None, None, dt), ell, gen)
-    rank, erank = _rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
-    capped = rank >= ell and ell < min(big_m, big_n)
+    if ell < min(big_m, big_n) and _rank_at_least(m2, ell, n_kept, gen.initial_seed(), dt):
+        # proven capped by a sample of rows; the full sketch's draw is made all
+        # the same, so the stable rank's estimate below sees the same randomness
+        torch.randn(big_n, ell, generator=gen, dtype=dt)
+        rank, erank, capped = ell, nan, True
+    else:
+        s = _range_finder_svdvals(_RowBlocks(m2, None, None, None, dt), ell, gen)
+        rank, erank = _rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
+        capped = rank >= ell and ell < min(big_m, big_n)
     out.update(mask_rank=float(rank), mask_effective_rank=nan if capped else erank,
                rank_method="randomized", rank_cap=float(ell), rank_capped=capped)
     if t2 is not None:
