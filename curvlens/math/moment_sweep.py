@@ -30,7 +30,7 @@ import torch
 
 from curvlens.math import native
 
-__all__ = ["MomentSummary", "moment_sweep", "log10_quantiles", "top_sets", "user_bins", "UserBins", "FINE_BINS"]
+__all__ = ["MomentSummary", "moment_sweep", "order_selections", "log10_quantiles", "top_sets", "user_bins", "UserBins", "FINE_BINS"]
 
 #: Bins of the fine histogram (the top 16 bits of a non-negative float32).
 FINE_BINS = 1 << 16
@@ -179,27 +179,66 @@ def _collect(flat: torch.Tensor, hist: torch.Tensor, fine: list[int]) -> tuple[t
     return flat[idx].cpu(), idx.cpu()
 
 
-def _order_stats(flat: torch.Tensor, s: MomentSummary, ranks: Sequence[int]) -> list[float]:
-    """The positive entries at 0-based ascending ranks ``ranks``, exactly."""
+def order_selections(v: torch.Tensor, s: MomentSummary, levels: Sequence[float] = (),
+                     ks: Sequence[int] = ()) -> tuple[list[float], list[tuple[float, int]]]:
+    """Quantiles of ``log10 v`` (over the positive entries) at ``levels`` and the
+    top-``k`` sets for ``ks``, from ONE selection sweep over ``v``.
+
+    Quantiles are ``torch.quantile``'s (linear interpolation of the sorted
+    float64 logs), bit for bit. A top-``k`` set is ``(threshold, cut)``: entry
+    ``i`` is in it when ``v[i] > threshold``, or ``v[i] == threshold`` and ``i >=
+    cut`` (of the entries tied at the threshold, the highest indices); ``k == 0``
+    is the empty set ``(inf, numel)``; every ``k`` is at most the positive
+    entries.
+
+    Examples
+    --------
+    >>> v = torch.tensor([0.0, 1e-8, 1e-6, 1e-4, 1e-2])
+    >>> q, _ = order_selections(v, moment_sweep(v), [0.5, 0.25])
+    >>> [round(x, 6) for x in q]
+    [-5.0, -6.5]
+    >>> v = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
+    >>> order_selections(v, moment_sweep(v), ks=[2, 0])[1]
+    [(3.0, 2), (inf, 5)]
+    """
+    flat = v.reshape(-1)
+    flat = (flat if flat.dtype == torch.float32 else flat.float()).contiguous()
+    p = s.positive
+    if p == 0:
+        return [math.nan] * len(levels), [(math.inf, flat.numel()) for _ in ks]
+    q = torch.tensor(list(levels), dtype=torch.float64)
+    ranks = q * (p - 1)
+    below, above = ranks.long(), ranks.ceil().long()
+    wanted = set(below.tolist()) | set(above.tolist()) | {p - k for k in ks if k > 0}
     cum = s.hist.cumsum(0)
-    where = [int(torch.searchsorted(cum, r, right=True)) for r in ranks]
-    vals, _ = _collect(flat, s.hist, where)
-    vals = torch.sort(vals).values
-    # rank r lies in fine bin b; entries of the lower bins number cum[b-1]
-    out = []
-    offsets = {b: 0 for b in where}
-    start = 0
-    for b in sorted(set(where)):
-        offsets[b] = start - (int(cum[b - 1]) if b > 0 else 0)
+    bins = {r: int(torch.searchsorted(cum, r, right=True)) for r in wanted}
+    vals, idx = _collect(flat, s.hist, list(bins.values()))
+    ordered = torch.sort(vals).values
+    start, offset = 0, {}
+    for b in sorted(set(bins.values())):  # candidates of bin b follow those of the lower bins
+        offset[b] = start - (int(cum[b - 1]) if b > 0 else 0)
         start += int(s.hist[b])
-    for r, b in zip(ranks, where):
-        out.append(float(vals[r + offsets[b]]))
-    return out
+    value = {r: float(ordered[r + offset[b]]) for r, b in bins.items()}
+    quantiles = []
+    if len(q):
+        lo = torch.log10(torch.tensor([value[int(r)] for r in below], dtype=torch.float32).double())
+        hi = torch.log10(torch.tensor([value[int(r)] for r in above], dtype=torch.float32).double())
+        quantiles = torch.lerp(lo, hi, ranks - below).tolist()
+    tops = []
+    for k in ks:
+        if k == 0:
+            tops.append((math.inf, flat.numel()))
+            continue
+        t, b = value[p - k], bins[p - k]
+        inside = (vals.view(torch.int32) >> 16) == b
+        n_above = p - int(cum[b]) + int((vals[inside] > t).sum())
+        tied = idx[inside & (vals == t)]
+        tops.append((t, int(tied[tied.numel() - (k - n_above)])))
+    return quantiles, tops
 
 
 def log10_quantiles(v: torch.Tensor, s: MomentSummary, levels: Sequence[float]) -> list[float]:
-    """Quantiles of ``log10 v`` over the positive entries, as ``torch.quantile``
-    (linear) computes them on the sorted float64 logs, without sorting ``v``.
+    """Quantiles of ``log10 v`` over the positive entries (see :func:`order_selections`).
 
     Examples
     --------
@@ -207,25 +246,11 @@ def log10_quantiles(v: torch.Tensor, s: MomentSummary, levels: Sequence[float]) 
     >>> [round(x, 6) for x in log10_quantiles(v, moment_sweep(v), [0.5, 0.25])]
     [-5.0, -6.5]
     """
-    if s.positive == 0:
-        return [math.nan] * len(levels)
-    flat = v.reshape(-1)
-    flat = flat if flat.dtype == torch.float32 else flat.float()
-    q = torch.tensor(list(levels), dtype=torch.float64)
-    ranks = q * (s.positive - 1)
-    below, above = ranks.long(), ranks.ceil().long()
-    needed = sorted(set(below.tolist()) | set(above.tolist()))
-    value = dict(zip(needed, _order_stats(flat.contiguous(), s, needed)))
-    lo = torch.log10(torch.tensor([value[int(r)] for r in below], dtype=torch.float32).double())
-    hi = torch.log10(torch.tensor([value[int(r)] for r in above], dtype=torch.float32).double())
-    return torch.lerp(lo, hi, ranks - below).tolist()
+    return order_selections(v, s, levels)[0]
 
 
 def top_sets(v: torch.Tensor, s: MomentSummary, ks: Sequence[int]) -> list[tuple[float, int]]:
-    """Each top-``k`` set of ``v`` as ``(threshold, cut)``: entry ``i`` is in it
-    when ``v[i] > threshold``, or ``v[i] == threshold`` and ``i >= cut`` (of the
-    entries tied at the threshold, the highest indices). ``k == 0``: the empty set
-    ``(inf, numel)``. Every ``k`` must be at most the positive entries.
+    """The top-``k`` sets of ``v`` as ``(threshold, cut)`` (see :func:`order_selections`).
 
     Examples
     --------
@@ -233,20 +258,4 @@ def top_sets(v: torch.Tensor, s: MomentSummary, ks: Sequence[int]) -> list[tuple
     >>> top_sets(v, moment_sweep(v), [2, 0])
     [(3.0, 2), (inf, 5)]
     """
-    flat = v.reshape(-1)
-    flat = (flat if flat.dtype == torch.float32 else flat.float()).contiguous()
-    out = []
-    for k in ks:
-        if k == 0:
-            out.append((math.inf, flat.numel()))
-            continue
-        (t,) = _order_stats(flat, s, [s.positive - k])
-        cum = s.hist.cumsum(0)
-        b = int(torch.tensor(t, dtype=torch.float32).view(torch.int32)) >> 16
-        above = s.positive - int(cum[b])  # entries in higher bins
-        vals, idx = _collect(flat, s.hist, [b])
-        above += int((vals > t).sum())
-        tied = idx[vals == t]
-        need = k - above
-        out.append((t, int(tied[tied.numel() - need])))
-    return out
+    return order_selections(v, s, (), ks)[1]

@@ -44,6 +44,7 @@ class MaskResult:
     threshold: float
     kept: int
     saliency_kept: float  # NaN without moments
+    fro2: float  # sum of tau**2 over the kept entries
     rows: torch.Tensor | None  # kept entries per row (2-D views), int32
     cols: torch.Tensor | None
     mask: torch.Tensor  # bool, the tensor's shape
@@ -90,7 +91,7 @@ def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None,
             if o[d][2] < quota[d] and quota[d] >= 0:
                 raise CurvlensError(f"tensor {name!r}: {int(quota[d])} tied entries to keep but only "
                                     f"{int(o[d][2])} equal the threshold; were the scores computed differently?")
-            res.append(MaskResult(selections[d].threshold, int(o[d][0]), o[d][1] if v is not None else math.nan,
+            res.append(MaskResult(selections[d].threshold, int(o[d][0]), o[d][1] if v is not None else math.nan, o[d][3],
                                   rowk[d * rows:(d + 1) * rows] if two_d else None,
                                   colk[d * cols:(d + 1) * cols] if two_d else None,
                                   mask[d * rows * cols:(d + 1) * rows * cols].view(torch.bool).reshape(shape)))
@@ -104,7 +105,7 @@ def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None,
         kept = int(torch.count_nonzero(m))
         sk = float((sal.double() * m).sum()) if sal is not None else math.nan
         m2 = m.reshape(rows, cols)
-        res.append(MaskResult(s.threshold, kept, sk, m2.sum(1, dtype=torch.int32).cpu() if two_d else None,
+        res.append(MaskResult(s.threshold, kept, sk, float((tau.double() ** 2 * m).sum()), m2.sum(1, dtype=torch.int32).cpu() if two_d else None,
                               m2.sum(0, dtype=torch.int32).cpu() if two_d else None, m))
     return res, float(sal.double().sum()) if sal is not None else math.nan
 
@@ -209,7 +210,7 @@ class MaskStats(Stat):
                     try:
                         st = mask_structure(r.mask, tau=tau, rank_exact_max=exact, rng=tensor_seed(self.seed, ctx.name),
                                             sketch_size=self.sketch_size, power_iters=self.power_iters,
-                                            n_kept=r.kept, row_counts=r.rows, col_counts=r.cols)
+                                            n_kept=r.kept, row_counts=r.rows, col_counts=r.cols, fro2=r.fro2)
                     except CurvlensError as err:
                         raise CurvlensError(f"expert {e!r}, tensor {ctx.name!r}: {err}") from err
                     total = masks.total[e]

@@ -14,7 +14,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import tensor_seed
 from curvlens.math.checks import corr, ratio
-from curvlens.math.moment_sweep import log10_quantiles, top_sets, user_bins
+from curvlens.math.moment_sweep import user_bins
 from curvlens.math.overlap import TOP_FRACS, spearman_pairs
 from curvlens.math.pair_sweep import overlap_sums, weighted_sq_diff
 from curvlens.streams.analysis_common import (
@@ -28,7 +28,7 @@ from curvlens.streams.experts import Experts
 __all__ = ["CurvatureStats", "MomentLevels", "Log10Histogram", "CurvatureOverlap", "EditNorms", "Interference",
            "PredictedLoss", "CompareMerges", "histogram_edges"]
 
-_LEVELS = (0.5, 0.01, 0.1, 0.5, 0.9, 0.99)  # the median, then q01 ... q99
+_LEVELS = (0.5, 0.01, 0.1, 0.5, 0.9, 0.99)  # the median, then q01 ... q99 (0.5 twice: as before)
 
 
 def _where(err: CurvlensError, expert: str, name: str) -> CurvlensError:
@@ -61,12 +61,16 @@ class CurvatureStats(Stat):
                 raise CurvlensError(f"expert {e.name!r}, tensor {ctx.name!r}: v is empty (shape "
                                     f"{tuple(v.shape)}); expected at least one entry")
             s = ctx.moment(i)
-            med, *qs = log10_quantiles(v, s, _LEVELS)
+            q = ctx.order(i)[0]
+            med, *qs = (q[x] for x in _LEVELS)
             mean = s.sum_log10 / s.positive if s.positive else math.nan
             self.rows.append({"expert": e.name, **ctx.ident, "mean_log10": mean, "median_log10": med,
                               **dict(zip(["q01", "q10", "q50", "q90", "q99"], qs)),
                               "frac_zero": s.zeros / s.numel, "bias_corrected": bool(e.moments.bias_corrected),
                               "sampled": False})
+
+    def quantile_levels(self):
+        return _LEVELS
 
     def frame(self) -> pd.DataFrame:
         return frame(self.rows, CURVATURE_STATS_COLUMNS)
@@ -146,14 +150,17 @@ class CurvatureOverlap(Stat):
         self.used = [e for e in self.names if any(e in p for p in pairs)]
         self.rows = []
 
+    def top_fracs(self):
+        return TOP_FRACS
+
     def tensor(self, ctx: TensorContext) -> None:
         idx = {e: self.names.index(e) for e in self.used}
         flats, tops, vmax = {}, [], []
         for e in self.used:
             s = ctx.moment(idx[e])
             flats[e] = ctx.g.moments[idx[e]].reshape(-1)
-            ks = [max(1, math.ceil(round(fr * s.positive, 6))) if s.positive else 0 for fr in TOP_FRACS]
-            tops.append((ks, top_sets(flats[e], s, ks)))
+            per = ctx.order(idx[e])[1]
+            tops.append(([per[f][0] for f in TOP_FRACS], [per[f][1:] for f in TOP_FRACS]))
             vmax.append(s.vmax)
         pos = {e: j for j, e in enumerate(self.used)}
         sums = overlap_sums([flats[e] for e in self.used], [(pos[a], pos[b]) for a, b in self.pairs],

@@ -23,13 +23,14 @@ gives the same numbers alone or fused.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.moment_sweep import MomentSummary, UserBins, moment_sweep
+from curvlens.math.moment_sweep import MomentSummary, UserBins, moment_sweep, order_selections
 from curvlens.math.pair_sweep import tv_sums
 from curvlens.streams.analysis_common import floating_names, need_experts, open_merged, tensor_id
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
@@ -76,6 +77,14 @@ class Stat:
         vectors this statistic compares."""
         return []
 
+    def quantile_levels(self) -> Sequence[float]:
+        """Levels of ``log10 v`` quantiles this statistic reads from the context."""
+        return ()
+
+    def top_fracs(self) -> Sequence[float]:
+        """Fractions of each expert's positive moments whose top sets it reads."""
+        return ()
+
 
 class MaskSet:
     """One tensor's masks, filled by the mask statistics' shared sweep (see
@@ -90,6 +99,7 @@ class TensorContext:
         self.g, self.run = g, run
         self.ident = tensor_id(g)
         self._moment: dict[int, MomentSummary] = {}
+        self._order: dict[int, tuple] = {}
         self._tv = None
         self._merged: dict[str, torch.Tensor] = {}
 
@@ -102,6 +112,19 @@ class TensorContext:
         if i not in self._moment:
             self._moment[i] = moment_sweep(self.g.moments[i], self.run.user_bins)
         return self._moment[i]
+
+    def order(self, i: int) -> tuple[dict[float, float], dict[float, tuple[int, float, int]]]:
+        """Expert ``i``'s log10 quantiles ``{level: value}`` and top sets ``{frac:
+        (k, threshold, cut)}`` (``k = ceil(frac * positives)``, at least 1), for
+        every level and fraction any statistic asked for, from one selection
+        sweep (:func:`curvlens.math.moment_sweep.order_selections`)."""
+        if i not in self._order:
+            s = self.moment(i)
+            levels, fracs = self.run.levels, self.run.fracs
+            ks = [max(1, math.ceil(round(f * s.positive, 6))) if s.positive else 0 for f in fracs]
+            qs, tops = order_selections(self.g.moments[i], s, levels, ks)
+            self._order[i] = (dict(zip(levels, qs)), {f: (k, *t) for f, k, t in zip(fracs, ks, tops)})
+        return self._order[i]
 
     def merged(self, label: str) -> torch.Tensor:
         """The merged model ``label``'s tensor, in its stored dtype."""
@@ -144,6 +167,8 @@ class _Run:
         if any(not torch.equal(b.edges, bins[0].edges) for b in bins[1:]):
             raise CurvlensError("one pass counts one set of log10 bins; got statistics with different bins")
         self.user_bins = bins[0] if bins else None
+        self.levels = tuple(dict.fromkeys(x for s in stats for x in s.quantile_levels()))
+        self.fracs = tuple(dict.fromkeys(x for s in stats for x in s.top_fracs()))
         self.merged: dict = {}
         for s in stats:
             self.merged.update(s.merged)

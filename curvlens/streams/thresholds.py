@@ -35,6 +35,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
+from curvlens.math.quantile import ScoreSource
 from curvlens.math.saliency import magnitude_scores, saliency, scores_into
 from curvlens.math.topk import select_mask
 from curvlens.streams.experts import Experts, TensorGroup
@@ -110,7 +111,10 @@ def score_stream(experts: Experts, criteria: Sequence[str], *, rank1_approx: boo
                  rank: int | None = None, device="auto", progress: bool = True, desc: str = "scores"):
     """Yield ``(name, criterion, expert index, scores)`` over the whole model:
     every floating tensor in reference order, each expert's scores in consecutive
-    flat chunks (consume each before asking for the next: buffers are reused)."""
+    flat chunks (consume each before asking for the next: buffers are reused), or,
+    when the C kernels can take the inputs, as one
+    :class:`~curvlens.math.quantile.ScoreSource` per expert and tensor (the
+    sketches compute and bin the scores in one sweep)."""
     names = experts.tensor_names(floating_only=True)
     # rank-1/rank-r moments need whole fp32 tensors; otherwise score block by block
     compressed = bool(rank1_approx or rank)
@@ -125,6 +129,13 @@ def score_stream(experts: Experts, criteria: Sequence[str], *, rank1_approx: boo
                 for i, sc in enumerate(mask_scores(g, c, v)):
                     yield g.name, c, i, sc.reshape(-1)
             else:
+                # on a CPU the C kernels score and bin in one sweep
+                srcs = [ScoreSource.of(g.base, x, g.moments[i] if c == "fisher" else None, c)
+                        for i, x in enumerate(g.experts)]
+                if all(src is not None for src in srcs):
+                    for i, src in enumerate(srcs):
+                        yield g.name, c, i, src
+                    continue
                 for i, sc in score_chunks(g, c):
                     yield g.name, c, i, sc
 
