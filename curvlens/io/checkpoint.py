@@ -17,6 +17,7 @@ from typing import Any, Callable, Union
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.io.partial import gather_chunks, read_chunks
 from curvlens.io.paths import contained
 from curvlens.roles import param_role
 
@@ -149,6 +150,7 @@ class Checkpoint(Mapping):
     ):
         self._infos = infos
         self._reader = reader
+        self._partial = None  # (name, starts, length) -> chunks, for safetensors files
         self.path = path
         self.label = label or (str(path) if path is not None else "<in-memory state dict>")
         #: Whether iteration follows the order the tensors were saved in (a state
@@ -245,7 +247,9 @@ class Checkpoint(Mapping):
         def read(name: str) -> torch.Tensor:
             return read_safetensor(infos[name].file, name)
 
-        return cls(infos, read, path=path, keeps_order=False)
+        ckpt = cls(infos, read, path=path, keeps_order=False)
+        ckpt._partial = lambda name, starts, length: read_chunks(infos[name].file, name, starts, length)
+        return ckpt
 
     @classmethod
     def _from_bins(cls, files: dict[str | None, Path], path: Path) -> Checkpoint:
@@ -269,6 +273,21 @@ class Checkpoint(Mapping):
         if name not in self._infos:
             raise KeyError(name)
         return self._reader(name)
+
+    @property
+    def partial_reads(self) -> bool:
+        """Whether :meth:`chunks` reads only the chunks (safetensors files)."""
+        return self._partial is not None
+
+    def chunks(self, name: str, starts, length: int) -> torch.Tensor:
+        """``length`` consecutive flat entries of ``name`` at each of ``starts``, as a
+        ``(len(starts), length)`` tensor: from safetensors files by ``pread`` of
+        just those bytes (:mod:`curvlens.io.partial`), else cut from the tensor."""
+        if name not in self._infos:
+            raise KeyError(name)
+        if self._partial is not None:
+            return self._partial(name, starts, length)
+        return gather_chunks(self._reader(name), starts, length)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)

@@ -27,6 +27,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike, _safetensors_infos, _torch_load, read_safetensor
+from curvlens.io.partial import gather_chunks, read_chunks
 from curvlens.io.optimizer_order import name_index_state
 from curvlens.io.paths import contained
 
@@ -57,6 +58,7 @@ class Moments(Mapping):
                  bias_correction: bool = False, path: Path | None = None):
         self._shapes = shapes
         self._reader = reader
+        self._partial = None  # (name, starts, length) -> chunks, for safetensors files
         self.label = label
         self.path = path
         #: The safetensors file's metadata (strings), e.g. ``kind=empirical_fisher``
@@ -163,6 +165,7 @@ class Moments(Mapping):
         m = cls(shapes, read, label=str(file), step=step, beta2=beta2,
                 bias_correction=bias_correction, path=file)
         m.metadata = dict(meta)
+        m._partial = lambda name, starts, length: read_chunks(file, keymap[name], starts, length)
         return m
 
     @classmethod
@@ -237,6 +240,22 @@ class Moments(Mapping):
         if name not in self._shapes:
             raise KeyError(name)
         v = self._reader(name).float()
+        return v * self._scale if self._scale != 1.0 else v
+
+    @property
+    def partial_reads(self) -> bool:
+        """Whether :meth:`chunks` reads only the chunks (safetensors files)."""
+        return self._partial is not None
+
+    def chunks(self, name: str, starts, length: int) -> torch.Tensor:
+        """``length`` consecutive flat entries of the moment of ``name`` at each of
+        ``starts`` (fp32, scaled as every read), as :meth:`Checkpoint.chunks`."""
+        if name not in self._shapes:
+            raise KeyError(name)
+        if self._partial is not None:
+            v = self._partial(name, starts, length).float()
+        else:
+            v = gather_chunks(self._reader(name), starts, length).float()
         return v * self._scale if self._scale != 1.0 else v
 
     def __iter__(self) -> Iterator[str]:

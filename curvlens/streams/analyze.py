@@ -74,7 +74,7 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
             overlap_criterion: str = "fisher", pairs=None, merges: Mapping[str, object] | None = None,
             bins=None, by: str | None = "role", spearman_max: int | None = 1 << 16, seed: int = 0,
             log_eps: float = 1e-30, rank_exact_max: int | None = None, sketch_size: int = SKETCH_SIZE,
-            power_iters: int = POWER_ITERS, selection: str = "exact", device="auto", progress: bool = True,
+            power_iters: int = POWER_ITERS, selection: str = "auto", device="auto", progress: bool = True,
             threads: int | None = None) -> dict[str, pd.DataFrame]:
     """Every requested analysis of the experts from one read of each tensor.
 
@@ -105,11 +105,13 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
         Of ``curvature_overlap``; ``seed`` also seeds the mask rank sketches.
     rank_exact_max, sketch_size, power_iters
         Of ``mask_stats``.
-    selection : {"exact", "scout"}
-        How the masks' model-wide selections are found (both exact):
+    selection : {"auto", "exact", "scout"}
+        How the masks' model-wide selections are found (all give the same):
         ``"exact"`` in two reads of the scores' inputs before the pass,
         ``"scout"`` in one read bracketed by a small sample
-        (:func:`curvlens.streams.scout.scout_selections`).
+        (:func:`curvlens.streams.scout.scout_selections`), ``"auto"`` the scout
+        where the files allow sampling them (safetensors) and ``names`` is every
+        tensor.
     device, progress, threads
         As everywhere.
 

@@ -24,6 +24,7 @@ from curvlens.math.saliency import magnitude_scores, saliency
 from curvlens.streams.analysis_common import MASK_OVERLAP_COLUMNS, MASK_STATS_COLUMNS, frame
 from curvlens.streams.fused import MaskSet, Stat, TensorContext
 from curvlens.streams.experts import Experts
+from curvlens.streams.scout import partial_reads, scout_selections
 from curvlens.streams.thresholds import Selection, model_selections
 
 __all__ = ["MaskPlan", "MaskStats", "MaskOverlap", "mask_sweep", "RANK_EXACT_WORK", "SKETCH_SIZE", "POWER_ITERS"]
@@ -57,6 +58,15 @@ def _view(shape: torch.Size) -> tuple[int, int]:
     return shape[0], n // shape[0]
 
 
+def _quota(sel: Selection, name: str) -> int:
+    """Tied entries this tensor may keep: its quota, -1 for all, or (a ledger
+    selection) every tie still left, of which it keeps those it has."""
+    if sel.ledger is not None:
+        return sel.ledger.remaining if not sel.ledger.seen(name) else sel.ledger.taken(name)
+    q = sel.ties(name)
+    return -1 if q is None else q
+
+
 def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None, criterion: str,
                selections: Sequence[Selection], name: str) -> tuple[list[MaskResult], float]:
     """Every selection's mask of one expert's tensor from one sweep of its scores.
@@ -65,6 +75,10 @@ def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None,
     The scores are those of :func:`curvlens.streams.thresholds.mask_scores`, bit
     for bit, and each mask is :meth:`Selection.mask`'s.
     """
+    if len(selections) > 8:  # the C sweep takes 8 thresholds at a time
+        first, total = mask_sweep(base, expert, v, criterion, selections[:8], name)
+        rest, _ = mask_sweep(base, expert, v, criterion, selections[8:], name)
+        return first + rest, total
     shape = expert.shape
     rows, cols = _view(shape)
     nd = len(selections)
@@ -75,7 +89,7 @@ def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None,
         b, x = base.contiguous(), expert.contiguous()
         vv = v.contiguous() if v is not None else None
         thr = torch.tensor([s.threshold for s in selections], dtype=torch.float32)
-        quota = torch.tensor([-1 if s.ties(name) is None else s.ties(name) for s in selections], dtype=torch.int64)
+        quota = torch.tensor([_quota(s, name) for s in selections], dtype=torch.int64)
         out = torch.zeros(4 * nd, dtype=torch.float64)
         rowk = torch.zeros(nd * rows, dtype=torch.int32) if two_d else None
         colk = torch.zeros(nd * cols, dtype=torch.int32) if two_d else None
@@ -86,9 +100,12 @@ def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None,
                                    rows, cols, nd, thr.data_ptr(), quota.data_ptr(), out.data_ptr(),
                                    native.ptr(rowk), native.ptr(colk), mask.data_ptr(), total.data_ptr())
         o = out.reshape(nd, 4).tolist()
+        for sel, od in zip(selections, o):
+            if sel.ledger is not None:  # it kept the first min(tied here, left) ties: record that
+                sel.ledger.take(name, int(od[2]))
         res = []
         for d in range(nd):
-            if o[d][2] < quota[d] and quota[d] >= 0:
+            if selections[d].ledger is None and o[d][2] < quota[d] and quota[d] >= 0:
                 raise CurvlensError(f"tensor {name!r}: {int(quota[d])} tied entries to keep but only "
                                     f"{int(o[d][2])} equal the threshold; were the scores computed differently?")
             res.append(MaskResult(selections[d].threshold, int(o[d][0]), o[d][1] if v is not None else math.nan, o[d][3],
@@ -115,7 +132,7 @@ class MaskPlan:
     the per-tensor sweep that builds every mask from them."""
 
     def __init__(self, experts: Experts, wanted: Sequence[tuple[str, float]], device, progress: bool,
-                 selection: str = "exact"):
+                 selection: str = "auto", every_tensor: bool = True):
         if experts.base is None:
             raise CurvlensError("mask statistics need a base model (task vectors); the Experts have none")
         self.experts = experts
@@ -126,17 +143,29 @@ class MaskPlan:
             lacking = [e.name for e in experts.experts if e.moments is None]
             raise CurvlensError(f"fisher masks need second moments; expert(s) {lacking} have none")
         ds = sorted({d for _, d in wanted})
+        if selection not in ("auto", "exact", "scout"):
+            raise CurvlensError(f"selection={selection!r} is not valid; expected 'auto', 'exact' or 'scout'")
+        if selection == "auto":
+            # one read instead of two where the sample costs what it reads
+            selection = "scout" if every_tensor and partial_reads(experts, self.needs_moments) else "exact"
+        elif selection == "scout" and not every_tensor:
+            # a scout selection hands its ties out as a pass over every tensor meets them
+            selection = "exact"
         if selection == "exact":
             self.found = model_selections(experts, [ds] * len(experts), self.criteria, device=device,
                                           progress=progress)
             self.reads = 2
-        elif selection == "scout":
-            from curvlens.streams.scout import scout_selections
-
+        else:
             self.found, self.reads = scout_selections(experts, [ds] * len(experts), self.criteria,
                                                       device=device, progress=progress)
-        else:
-            raise CurvlensError(f"selection={selection!r} is not valid; expected 'exact' or 'scout'")
+        self.selection = selection
+
+    def check_done(self) -> None:
+        """After the pass: every ledger selection handed out exactly its ties."""
+        for key, sel in self.found.items():
+            if sel.ledger is not None and sel.ledger.remaining:
+                raise CurvlensError(f"{key}: {sel.ledger.remaining} tied entries were left unassigned; "
+                                    "the pass did not see the scores the selection counted")
 
     def selection(self, c: str, e: str, d: float) -> Selection:
         return self.found[c, e, d]

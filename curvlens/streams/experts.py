@@ -369,7 +369,7 @@ class Experts:
             n = ref.shape(name).numel()
             return n * (item * n_inputs + (4 * len(self.experts) if moments else 0))
 
-        bar = _progress(len(names), desc, progress)
+        bar = progress_bar(len(names), desc, progress)
         with torch_threads(threads_for(dev, threads)), \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlens-read") as pool:
             pending = pool.submit(load, names[0]) if names else None
@@ -436,9 +436,13 @@ def _head(items: list[str], n: int = 5) -> str:
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over ``total`` steps (off when not ``enabled`` or ``TQDM_DISABLE``)."""
     from tqdm.auto import tqdm
 
     # TQDM_DISABLE is honoured although disable= is passed explicitly
     off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     return tqdm(total=total, desc=desc, unit="tensor", disable=off, leave=False)
+
+
+_progress = progress_bar  # the name other modules imported before it was public

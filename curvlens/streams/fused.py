@@ -11,11 +11,13 @@ per-tensor sweeps (each expert's moment summary, the task-vector sums of every
 pair) once, however many statistics ask for them.
 
 Reads: one over the inputs the statistics need. Model-wide masks (``mask_stats``,
-``mask_overlap``) need each expert's exact selection first
-(:func:`curvlens.streams.thresholds.model_selections`, two reads of the scores'
-inputs, or one with ``selection="scout"``); the masks' statistics then come from
-the same single read as everything else. The frame's ``attrs["reads"]`` says how
-many reads the pass took.
+``mask_overlap``) need each expert's exact selection first: one read bracketed by
+a small sample (:func:`curvlens.streams.scout.scout_selections`, when the files
+allow reading a sample alone: safetensors), else two
+(:func:`curvlens.streams.thresholds.model_selections`); the masks' statistics
+then come from the same read as everything else. So the whole analysis is one
+read without masks and two with them (plus the sample, a fraction of a percent
+of the bytes). Each frame's ``attrs["reads"]`` says how many reads it took.
 
 The single-analysis functions (:func:`curvlens.streams.analysis.curvature_stats`
 and the others) are this pass with one statistic requested, so an analysis
@@ -180,7 +182,7 @@ class _Run:
 
 
 def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | None = None, *, device="auto",
-             progress: bool = True, desc: str = "analyze", selection: str = "exact") -> dict[str, pd.DataFrame]:
+             progress: bool = True, desc: str = "analyze", selection: str = "auto") -> dict[str, pd.DataFrame]:
     """Feed every statistic from one read of each tensor; returns ``{key: frame}``.
 
     Parameters
@@ -191,11 +193,13 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
         Tensors (default: every floating tensor).
     device, progress
         As everywhere.
-    selection : {"exact", "scout"}
+    selection : {"auto", "exact", "scout"}
         How mask statistics get their model-wide selections: ``"exact"``, the
         two-read :func:`curvlens.streams.thresholds.model_selections`;
         ``"scout"``, one read bracketed by a sample
-        (:func:`curvlens.streams.analyze_masks.scout_selections`). Both are exact.
+        (:func:`curvlens.streams.scout.scout_selections`); ``"auto"``, the scout
+        when every input can be sampled without reading it whole and the pass
+        covers every tensor. All three give the same selections.
     """
     need_experts(experts, "analyze")
     if not stats:
@@ -209,7 +213,8 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
     if wanted:
         from curvlens.streams.analyze_masks import MaskPlan
 
-        masks = MaskPlan(experts, wanted, dev, progress, selection)
+        every = names is None or set(tensor_names) == set(floating_names(experts))
+        masks = MaskPlan(experts, wanted, dev, progress, selection, every_tensor=every)
         reads += masks.reads
     need_v = any(s.moments for s in stats) or (masks is not None and masks.needs_moments)
     need_b = any(s.base for s in stats) or masks is not None or bool(run.tv_pairs)
@@ -226,6 +231,8 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
                     s.masked(ctx, mset)
         del ctx, g
     reads += 1
+    if masks is not None:
+        masks.check_done()
     out = {}
     for s in stats:
         df = s.frame()

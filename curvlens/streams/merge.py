@@ -25,6 +25,7 @@ from curvlens.runtime import use_threads
 from curvlens.math.methods import MaskCounts, get_method, resolve_params
 from curvlens.math.methods.inputs import check_arity
 from curvlens.streams.experts import Experts, TensorGroup, resolve_device
+from curvlens.streams.scout import count_equal, partial_reads, scout_selections
 from curvlens.streams.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.math.checks import weight_problems
 from curvlens.roles import param_role
@@ -142,6 +143,7 @@ def merge(
     tokenizer_source=None,
     chat_template: str | None = None,
     pad_to_multiple_of: int | None = None,
+    selection: str = "auto",
     **params,
 ) -> MergeResult:
     """Merge ``experts`` with ``method``, streaming one tensor at a time.
@@ -194,6 +196,13 @@ def merge(
         output's ``tokenizer_config.json``.
     pad_to_multiple_of : int, optional
         mergekit's ``tokenizer.pad_to_multiple_of``.
+    selection : {"auto", "exact", "scout"}
+        How a model-wide selection (``ffg_density``) is found, always exactly:
+        ``"exact"`` in two reads (:func:`curvlens.streams.thresholds.model_selections`),
+        ``"scout"`` in one read bracketed by a small sample
+        (:func:`curvlens.streams.scout.scout_selections`), ``"auto"`` the scout
+        where the files allow sampling them (safetensors) and the moments are
+        not compressed.
     **params
         The method's parameters (per-expert ones as a scalar or a list). A
         method's model-wide parameter (``ota``'s ``ffg_density``) becomes an exact
@@ -207,11 +216,12 @@ def merge(
         return _merge(experts, method, out, device=device, dtype=dtype, overwrite=overwrite,
                       max_shard_size=max_shard_size, progress=progress, config_text=config_text,
                       tensors=tensors, input_dtype=input_dtype, tensor_params=tensor_params,
-                      tokenizer=(tokenizer_source, chat_template, pad_to_multiple_of), **params)
+                      tokenizer=(tokenizer_source, chat_template, pad_to_multiple_of), selection=selection,
+                      **params)
 
 
 def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, progress, config_text,
-           tensors, input_dtype, tensor_params, tokenizer, **params) -> MergeResult:
+           tensors, input_dtype, tensor_params, tokenizer, selection="auto", **params) -> MergeResult:
     import pandas as pd
 
     if not isinstance(experts, Experts):
@@ -237,7 +247,7 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
     actions, experts = _plan_tensors(full, tensors)
 
     requested = dict(p)  # what the saved config states (re-runnable), before thresholds
-    selections = _model_wide(m, experts, p, dev, progress)
+    selections = _model_wide(m, experts, p, dev, progress, selection)
     thresholds = None
     if selections is not None:
         thresholds = pd.DataFrame([s.row() for s in selections], columns=THRESHOLD_COLUMNS)
@@ -276,7 +286,7 @@ def _merge(experts, method, out, *, device, dtype, overwrite, max_shard_size, pr
             pt = per_tensor(g.name, p)
             # a model-wide selection splits the tied scores tensor by tensor
             if selections is not None:
-                pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
+                pt = {**pt, m.model_wide.ties: [_ties(s, g, i) for i, s in enumerate(selections)]}
             target = _out_dtype(_stored(experts, g.name), out_dtype)
             # as mergekit: a method's result is in the input dtype, then cast to out_dtype
             merged, row = _merge_one(m, g, pt, dev, experts.names, in_dtype or target)
@@ -400,7 +410,16 @@ def _report_frame(rows: list[dict], names):
     return pd.DataFrame(rows, columns=cols)
 
 
-def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
+def _ties(s, g: TensorGroup, i: int) -> int | None:
+    """Tied entries expert ``i`` keeps in this tensor; a selection made in one
+    read counts them here, in model order (:class:`~curvlens.streams.thresholds.TieLedger`)."""
+    if s.ledger is not None and not s.ledger.seen(g.name):
+        v = g.moments[i] if s.criterion == "fisher" else None
+        s.ledger.take(g.name, count_equal(g.base, g.experts[i], v, s.criterion, s.threshold))
+    return s.ties(g.name)
+
+
+def _model_wide(m, experts: Experts, p: dict, dev, progress: bool, selection: str = "auto"):
     """The method's model-wide selection (:attr:`MergeMethod.model_wide`), made in
     two streaming passes: one :class:`Selection` per expert, or None. Moves the
     densities into exact thresholds in ``p``."""
@@ -416,7 +435,15 @@ def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
         if len(set(values)) > 1:
             raise CurvlensError(f"{spec.density} with per-expert {param} differing is not supported; got {values}")
         compress[key] = values[0]
-    found = model_selections(experts, densities, [spec.criterion], device=dev, progress=progress, **compress)
+    compressed = any(v for v in compress.values())
+    if selection not in ("auto", "exact", "scout"):
+        raise CurvlensError(f"selection={selection!r} is not valid; expected 'auto', 'exact' or 'scout'")
+    if selection == "auto":
+        selection = "scout" if partial_reads(experts, spec.criterion == "fisher") else "exact"
+    if selection == "scout" and not compressed:
+        found, _ = scout_selections(experts, densities, [spec.criterion], device=dev, progress=progress)
+    else:
+        found = model_selections(experts, densities, [spec.criterion], device=dev, progress=progress, **compress)
     selections = [found[spec.criterion, e, d] for e, d in zip(experts.names, densities)]
     p[spec.threshold] = [s.threshold for s in selections]
     p[spec.density] = [None] * len(experts)  # now expressed as exact selections

@@ -416,24 +416,27 @@ void cl_score_bincount(const void *b, int32_t bdt, const void *w, int32_t wdt, c
     }
 }
 
-/* Count above hi, and exact counts of every bit pattern in [lo, hi] (a window of
- * hi - lo + 1 counters): one sweep of the scout-bracketed selection. */
-i64 cl_score_window(const void *b, int32_t bdt, const void *w, int32_t wdt, const float *v, i64 n, uint32_t lo,
-                    uint32_t hi, i64 *counts) {
+/* For nw windows [lo[k], hi[k]] at once: the scores above hi[k] (added to
+ * above[k]) and exact counts of every bit pattern inside (counts[k][bits - lo[k]]):
+ * one sweep of the sample-bracketed selection (curvlens/streams/scout.py). */
+void cl_score_windows(const void *b, int32_t bdt, const void *w, int32_t wdt, const float *v, i64 n, int32_t nw,
+                      const uint32_t *lo, const uint32_t *hi, i64 *const *counts, i64 *above) {
     static __thread float bf[SC_B], wf[SC_B];
     static __thread uint32_t u[SC_B];
-    i64 above = 0;
-    uint32_t width = hi - lo + 1;
     for (i64 s0 = 0; s0 < n; s0 += SC_B) {
         i64 len = s0 + SC_B < n ? SC_B : n - s0;
         score_bits(b, bdt, w, wdt, v, s0, len, bf, wf, u);
-        for (i64 j = 0; j < len; j++) {
-            above += u[j] > hi;
-            uint32_t off = u[j] - lo;
-            if (off < width) counts[off]++;
+        for (int32_t k = 0; k < nw; k++) {
+            uint32_t l = lo[k], h = hi[k], width = h - l + 1;
+            i64 a = 0, *ck = counts[k];
+            for (i64 j = 0; j < len; j++) a += u[j] > h;
+            above[k] += a;
+            for (i64 j = 0; j < len; j++) {
+                uint32_t off = u[j] - l;
+                if (off < width) ck[off]++;
+            }
         }
     }
-    return above;
 }
 
 /* Scores at given flat indices (the scout's sample). */
