@@ -71,6 +71,10 @@ def _cmd_figures(a: argparse.Namespace) -> int:
     return 0
 
 
+#: What ``curvlens analyze`` computes by default (plus the regime and findings).
+CLI_ANALYSES = ("curvature_stats", "curvature_overlap", "mask_stats", "interference", "edit_norms")
+
+
 def _cmd_analyze(a: argparse.Namespace) -> int:
     from curvlens.streams.experts import Experts
 
@@ -81,29 +85,23 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
     # written beside its place and renamed in when complete; never onto an input
     with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
         results = _analyze_into(tmp, experts, a)
-    print("model-level curvature overlap:")
     from curvlens.demo import regime_lines
     from curvlens.streams import analysis as A
 
-    print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
+    if "curvature_overlap" in results:
+        print("model-level curvature overlap:")
+        print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
     for line in regime_lines(results):
         print(line)
     return 0
 
 
 def _analyze_into(tmp: Path, experts, a: argparse.Namespace) -> dict:
-    from curvlens.streams import analysis as A
+    from curvlens.streams.analyze import analyze
 
     kw = {"device": a.device, "progress": not a.quiet}
-    frames = {
-        "curvature_stats": lambda: A.curvature_stats(experts, **kw),
-        "curvature_overlap": lambda: A.curvature_overlap(experts, **kw),
-        "mask_stats": lambda: A.mask_stats(experts, densities=a.densities, **kw),
-        "interference": lambda: A.interference(experts, **kw),
-    }
-    results = {}
-    for key, compute in frames.items():
-        results[key] = compute()
+    # every analysis from one pass over the experts (two reads with masks)
+    results = analyze(experts, a.analyses, densities=a.densities, **kw)
     from curvlens.demo import regime_frames
 
     # the findings that need no scores (masks, overlap), and the regime
@@ -167,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--names", nargs="+", help="expert names (default: dir names)")
     an.add_argument("--out", type=Path, default=Path("curvlens_analysis"))
     an.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.3])
+    an.add_argument("--analyses", nargs="+", default=list(CLI_ANALYSES), metavar="NAME",
+                    help="which analyses (default: %(default)s; any of curvlens.streams.analyze.ANALYSES "
+                         "but the merge ones); all come from one pass over the experts")
     an.add_argument("--bias-correction", action="store_true", help="divide moments by 1 - beta2**step")
     an.add_argument("--exclude", nargs="+", metavar="PATTERN",
                     help="leave tensors out: a substring ('classifier'), a glob ('*.pooler.*'), "

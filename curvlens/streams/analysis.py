@@ -17,12 +17,14 @@ interference               :func:`interference`, :func:`predicted_loss`,
                            :func:`compare_merges`
 grafting                   :func:`graft_sweep`, :func:`ffg_vs_magnitude_summary`
 pooling                    :func:`aggregate`
+all at once                :func:`analyze` (one pass feeds every analysis)
 =========================  ======================================================
 
 The exact column list of each frame is a constant in
 :mod:`curvlens.streams.analysis_common` (``CURVATURE_OVERLAP_COLUMNS`` ...).
 """
 from curvlens.streams.analysis_common import aggregate
+from curvlens.streams.analyze import analyze
 from curvlens.streams.analysis_curvature import (
     curvature_overlap,
     curvature_stats,
@@ -36,7 +38,7 @@ from curvlens.streams.analysis_graft import ffg_vs_magnitude_summary, graft_swee
 from curvlens.streams.analysis_masks import FFGMasks, ffg_masks, mask_overlap, mask_stats, mask_thresholds
 
 __all__ = [
-    "FFGMasks", "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks", "moment_levels",
+    "FFGMasks", "aggregate", "analyze", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks", "moment_levels",
     "ffg_vs_magnitude_summary", "graft_sweep", "interference", "log10_histogram", "mask_overlap",
     "mask_stats", "mask_thresholds", "moment_compression", "pooled_moments", "predicted_loss",
 ]
