@@ -1,7 +1,11 @@
 """Re-measure every number of benchmarks/README.md in one run, one command.
 
-usage: python benchmarks/remeasure.py ZOO_DIR --scratch DIR [--repeat 2] [--no-cold] [--no-mergekit]
+usage: python benchmarks/remeasure.py ZOO_DIR --scratch DIR [--repeat 2] [--modes warm cold] [--no-mergekit]
            [--methods ties ota_ffg ...] [--analyses ...] [--json OUT.json] [--markdown OUT.md]
+
+bigger than RAM (``benchmarks/make_big_zoo.py``; warm is cold there):
+       python benchmarks/remeasure.py BIG_ZOO --scratch DIR --repeat 1 --modes cold --analyses
+           --methods ota_ffg --no-mergekit
 
 ZOO_DIR: a ``make_zoo.py`` zoo (``../shared/bench/make_zoo.py``, or
 ``benchmarks/make_big_zoo.py``). Every row is its own process
@@ -104,7 +108,8 @@ def main(argv=None):
     ap.add_argument("zoo", type=Path)
     ap.add_argument("--scratch", type=Path, required=True)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--modes", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    ap.add_argument("--no-cold", action="store_true", help="the same as --modes warm")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--methods", nargs="*")
     ap.add_argument("--analyses", nargs="*", default=list(ANALYSES))
@@ -122,7 +127,7 @@ def main(argv=None):
     for label in methods:
         (scratch / f"{label}.yml").write_text(yaml.safe_dump(configs[label], sort_keys=False))
     rows: list[dict] = []
-    modes = ["warm"] + ([] if a.no_cold else ["cold"])
+    modes = ["warm"] if a.no_cold else list(a.modes)
 
     def run(label: str, kind: str, cmd: list[str], out: Path | None = None):
         rec = {"row": label, "kind": kind}

@@ -170,40 +170,69 @@ class MaskPlan:
     def selection(self, c: str, e: str, d: float) -> Selection:
         return self.found[c, e, d]
 
-    def sweep(self, ctx: TensorContext) -> "Masks":
-        g = ctx.g
-        out = Masks()
-        for i, e in enumerate(self.experts.names):
-            v = g.moments[i] if g.moments is not None else None
-            out.tau[e] = None
-            for c in self.criteria:
-                sels = [self.found[c, e, d] for d in self.densities[c]]
-                try:
-                    res, total = mask_sweep(g.base, g.experts[i], v, c, sels, g.name)
-                except CurvlensError as err:
-                    raise CurvlensError(f"expert {e!r}, {c} masks: {err}") from err
-                out.total[e] = total
-                for d, r in zip(self.densities[c], res):
-                    out.results[c, e, d] = r
-        out.group = g
-        return out
+    def sweep(self, ctx: TensorContext, keep: set | None = None) -> "Masks":
+        """This tensor's masks, built on demand (see :class:`Masks`)."""
+        return Masks(self, ctx.g, keep or set())
 
 
 class Masks(MaskSet):
-    """One tensor's masks: ``results[(criterion, expert, density)]`` and each
-    expert's total Fisher saliency."""
+    """One tensor's masks, built on demand one expert and criterion at a time
+    (one :func:`mask_sweep` makes every density of it) and released by the
+    statistic done with them, so a 128k-vocab embedding never holds every mask
+    at once: ``get(c, e, d)`` is a :class:`MaskResult`; masks listed in ``keep``
+    (those another statistic compares across experts) stay until the tensor is
+    done."""
 
-    def __init__(self):
+    def __init__(self, plan: MaskPlan, group, keep: set):
+        self.plan, self.group, self.keep = plan, group, keep
         self.results: dict[tuple[str, str, float], MaskResult] = {}
         self.total: dict[str, float] = {}
-        self.tau: dict[str, torch.Tensor | None] = {}
-        self.group = None
+        self.swept: set = set()
 
-    def task_vector(self, i: int, e: str) -> torch.Tensor:
-        """Expert ``e``'s fp32 task vector (computed once)."""
-        if self.tau.get(e) is None:
-            self.tau[e] = self.group.experts[i].float() - self.group.base.float()
-        return self.tau[e]
+    def _sweep(self, c: str, e: str) -> None:
+        g, plan = self.group, self.plan
+        i = plan.experts.names.index(e)
+        v = g.moments[i] if g.moments is not None else None
+        try:
+            res, total = mask_sweep(g.base, g.experts[i], v, c, [plan.found[c, e, d] for d in plan.densities[c]],
+                                    g.name)
+        except CurvlensError as err:
+            raise CurvlensError(f"expert {e!r}, {c} masks: {err}") from err
+        self.total[e] = total
+        self.swept.add((c, e))
+        for d, r in zip(plan.densities[c], res):
+            self.results[c, e, d] = r
+
+    def get(self, c: str, e: str, d: float) -> MaskResult:
+        if (c, e, d) not in self.results:
+            self._sweep(c, e)
+        return self.results[c, e, d]
+
+    def saliency_total(self, e: str) -> float:
+        """Expert ``e``'s Fisher saliency over the tensor (NaN without moments)."""
+        if e not in self.total:
+            self._sweep(self.plan.criteria[0], e)
+        return self.total[e]
+
+    def release(self, c: str, e: str) -> None:
+        """Drop expert ``e``'s ``c`` masks, except those kept for another statistic."""
+        for d in self.plan.densities[c]:
+            if (c, d) not in self.keep:
+                self.results.pop((c, e, d), None)
+
+    def finish(self) -> None:
+        """Sweep whatever no statistic asked for: every selection must meet every
+        tensor, in order (a one-read selection hands out its ties that way)."""
+        for c in self.plan.criteria:
+            for e in self.plan.experts.names:
+                if (c, e) not in self.swept:
+                    self._sweep(c, e)
+                    self.release(c, e)
+        self.results.clear()
+
+    def task_vector(self, i: int) -> torch.Tensor:
+        """Expert ``i``'s fp32 task vector (made when asked; not kept)."""
+        return self.group.experts[i].float() - self.group.base.float()
 
 
 def _short_side(t: torch.Tensor) -> int:
@@ -231,10 +260,10 @@ class MaskStats(Stat):
         dev = ctx.g.base.device
         work = RANK_EXACT_WORK.get(dev.type, RANK_EXACT_WORK["cpu"])
         for i, e in enumerate(self.experts.names):
-            tau = masks.task_vector(i, e)
+            tau = masks.task_vector(i)
             for c in self.criteria:
                 for d in self.densities:
-                    r = masks.results[c, e, d]
+                    r = masks.get(c, e, d)
                     exact = self.rank_exact_max if self.rank_exact_max is not None else work // _short_side(tau)
                     try:
                         st = mask_structure(r.mask, tau=tau, rank_exact_max=exact, rng=tensor_seed(self.seed, ctx.name),
@@ -242,13 +271,15 @@ class MaskStats(Stat):
                                             n_kept=r.kept, row_counts=r.rows, col_counts=r.cols, fro2=r.fro2)
                     except CurvlensError as err:
                         raise CurvlensError(f"expert {e!r}, tensor {ctx.name!r}: {err}") from err
-                    total = masks.total[e]
+                    total = masks.saliency_total(e)
                     st["saliency_kept"] = r.saliency_kept / total if total > 0 else math.nan
                     st["mask_rank_at_least"] = st["rank_cap"] if st["rank_capped"] else st["mask_rank"]
                     if st["rank_capped"]:
                         st["mask_rank"] = math.nan
                     self.rows.append({"expert": e, "criterion": c, "density": d, **ident, "threshold": r.threshold,
                                       **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}})
+                masks.release(c, e)
+            del tau
 
     def frame(self) -> pd.DataFrame:
         df = frame(self.rows, MASK_STATS_COLUMNS)
@@ -269,10 +300,13 @@ class MaskOverlap(Stat):
         self.selections = [(criterion, density)]
         self.rows = []
 
+    def kept_masks(self):
+        return self.selections
+
     def masked(self, ctx: TensorContext, masks: Masks) -> None:
         c, d = self.criterion, self.density
         for a, b in self.pairs:
-            ra, rb = masks.results[c, a, d], masks.results[c, b, d]
+            ra, rb = masks.get(c, a, d), masks.get(c, b, d)
             both = _and_count(ra.mask, rb.mask)
             union = ra.kept + rb.kept - both
             self.rows.append({"expert_a": a, "expert_b": b, "criterion": c, "density": d, **ctx.ident,

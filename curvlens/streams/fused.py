@@ -79,6 +79,11 @@ class Stat:
         vectors this statistic compares."""
         return []
 
+    def kept_masks(self) -> Sequence[tuple[str, float]]:
+        """(criterion, density) masks this statistic compares across experts: kept
+        for the whole tensor instead of released expert by expert."""
+        return ()
+
     def quantile_levels(self) -> Sequence[float]:
         """Levels of ``log10 v`` quantiles this statistic reads from the context."""
         return ()
@@ -215,6 +220,7 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
 
         every = names is None or set(tensor_names) == set(floating_names(experts))
         masks = MaskPlan(experts, wanted, dev, progress, selection, every_tensor=every)
+        keep = {k for s in stats for k in s.kept_masks()}
         reads += masks.reads
     need_v = any(s.moments for s in stats) or (masks is not None and masks.needs_moments)
     need_b = any(s.base for s in stats) or masks is not None or bool(run.tv_pairs)
@@ -225,10 +231,11 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
         for s in stats:
             s.tensor(ctx)
         if masks is not None:
-            mset = masks.sweep(ctx)
+            mset = masks.sweep(ctx, keep)
             for s in stats:
                 if s.selections:
                     s.masked(ctx, mset)
+            mset.finish()
         del ctx, g
     reads += 1
     if masks is not None:

@@ -70,7 +70,8 @@ def scout_sample(experts: Experts, criteria: Sequence[str], *, sample: int = 1 <
 
     Returns ``{(criterion, expert index): (scores, weights, run ids)}``: each
     sampled entry's score, the number of model entries it stands for, and which
-    run it came from. Tensors smaller than four runs are read whole.
+    run it came from (-1: a tensor smaller than four runs, read whole, so known
+    exactly).
     """
     names = experts.tensor_names(floating_only=True)
     ref = experts.reference
@@ -93,8 +94,11 @@ def scout_sample(experts: Experts, criteria: Sequence[str], *, sample: int = 1 <
             starts, length = np.sort(rng.integers(0, size - chunk + 1, size=k)), chunk
         weight = size / (len(starts) * length)
         b = experts.base.chunks(n, starts, length)
-        ids = np.repeat(np.arange(run, run + len(starts)), length)
-        run += len(starts)
+        if length == size:  # read whole: no sampling error
+            ids = np.full(size, -1)
+        else:
+            ids = np.repeat(np.arange(run, run + len(starts)), length)
+            run += len(starts)
         for i, e in enumerate(experts.experts):
             x = e.checkpoint.chunks(n, starts, length)
             v = e.moments.chunks(n, starts, length) if fisher else None
@@ -121,14 +125,19 @@ def _bracket(sample, frac_above: float, z: float) -> tuple[float, float]:
     """Scores bracketing the value that ``frac_above`` of the model exceeds."""
     s, w, r, cum, runs, weights = sample
     pos = min(int(np.searchsorted(cum, frac_above)), len(s) - 1)
-    # standard error of the fraction above `est`, between runs (a ratio estimate)
+    # standard error of the fraction above the estimate, between the sampled runs
+    # (a ratio estimate; tensors read whole add none)
     n_runs = int(runs.max()) + 1
-    above_w = np.bincount(r[: pos + 1], weights=w[: pos + 1], minlength=n_runs)
-    run_w = np.bincount(runs, weights=weights, minlength=n_runs)
-    used = run_w > 0
-    p_hat = above_w.sum() / run_w.sum()
-    dev = (above_w - p_hat * run_w)[used]
-    se = math.sqrt(float((dev ** 2).sum())) / run_w.sum()
+    total_w = float(weights.sum())
+    se = 0.0
+    if n_runs > 0:
+        top = r[: pos + 1]
+        above_w = np.bincount(top[top >= 0], weights=w[: pos + 1][top >= 0], minlength=n_runs)
+        run_w = np.bincount(runs[runs >= 0], weights=weights[runs >= 0], minlength=n_runs)
+        used = run_w > 0
+        p_hat = above_w.sum() / run_w.sum()
+        dev = (above_w - p_hat * run_w)[used]
+        se = math.sqrt(float((dev ** 2).sum()) * used.sum() / max(1, used.sum() - 1)) / total_w
     half = z * se + 4.0 / len(s)
     hi_i = int(np.searchsorted(cum, frac_above - half))  # a larger score: fewer entries above it
     lo_i = int(np.searchsorted(cum, frac_above + half)) + 1
