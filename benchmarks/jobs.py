@@ -11,6 +11,7 @@ Jobs (what ``benchmarks/remeasure.py`` runs, each under ``/usr/bin/time``):
 - ``analysis:NAME``: one curvlens analysis alone (``curvature_stats``,
   ``mask_stats`` (densities 0.1, 0.3), ...), as a user calls it;
 - ``analyze``: ``cl.analyze`` with its defaults (every analysis in one pass);
+  ``analyze_noranks``: the same with ``ranks=False`` (no mask singular values);
 - ``merge:LABEL``: ``curvlens merge CONFIG OUT`` of a config written by
   ``remeasure.py`` (passed as ``--config``).
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 ANALYSES = ("curvature_stats", "moment_levels", "curvature_overlap", "log10_histogram", "edit_norms",
-            "interference", "mask_stats", "mask_overlap")
+            "interference", "mask_stats", "mask_stats_noranks", "mask_overlap")
 
 
 def input_files(zoo: Path) -> list[Path]:
@@ -96,16 +97,17 @@ def run_analysis(zoo: Path, name: str) -> dict:
         "edit_norms": lambda: edit_norms(ex, **kw),
         "interference": lambda: A.interference(ex, **kw),
         "mask_stats": lambda: A.mask_stats(ex, densities=(0.1, 0.3), **kw),
+        "mask_stats_noranks": lambda: A.mask_stats(ex, densities=(0.1, 0.3), ranks=False, **kw),
         "mask_overlap": lambda: A.mask_overlap(ex, 0.3, **kw),
     }
     df = fns[name]()
     return {"rows": len(df), "reads": df.attrs.get("reads")}
 
 
-def run_analyze(zoo: Path) -> dict:
+def run_analyze(zoo: Path, ranks: bool = True) -> dict:
     import curvlens as cl
 
-    out = cl.analyze(experts_of(zoo), device="cpu", progress=False)
+    out = cl.analyze(experts_of(zoo), device="cpu", progress=False, ranks=ranks)
     return {k: {"rows": len(v), "reads": v.attrs.get("reads")} for k, v in out.items()}
 
 
@@ -127,8 +129,8 @@ def main(argv=None):
         info["bytes"] = read_floor(a.zoo)
     elif a.job == "naive":
         naive_merge(a.zoo, a.out)
-    elif a.job == "analyze":
-        info = run_analyze(a.zoo)
+    elif a.job in ("analyze", "analyze_noranks"):
+        info = run_analyze(a.zoo, ranks=a.job == "analyze")
     elif a.job.startswith("analysis:"):
         info = run_analysis(a.zoo, a.job.split(":", 1)[1])
     elif a.job.startswith("merge:"):

@@ -155,6 +155,7 @@ def main(argv=None):
     for name in a.analyses:
         run(f"{name}", "analysis", py + [f"analysis:{name}", str(zoo)])
     run("cl.analyze (all of the above, one pass)", "analysis", py + ["analyze", str(zoo)])
+    run("cl.analyze, ranks=False", "analysis", py + ["analyze_noranks", str(zoo)])
     for label in methods:
         cfg = scratch / f"{label}.yml"
         run(f"curvlens {label}", "method", py + [f"merge:{label}", str(zoo), str(out), "--config", str(cfg)], out)

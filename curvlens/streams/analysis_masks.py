@@ -180,7 +180,8 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
 # ------------------------------------------------------------------- mask_stats
 def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, names: Sequence[str] | None = None,
                *, rank_exact_max: int | None = None, sketch_size: int = SKETCH_SIZE,
-               power_iters: int = POWER_ITERS, seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
+               power_iters: int = POWER_ITERS, seed: int = 0, ranks: bool = True, device="auto",
+               progress: bool = True) -> pd.DataFrame:
     """Structure of every mask: kept fraction, row/column sparsity, rank.
 
     Passes: two selection passes for all criteria and densities together
@@ -216,6 +217,12 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
         higher cap.
     seed : int
         Seed of the randomized sketches (per tensor, reproducible).
+    ranks : bool
+        False skips every singular value: ``mask_rank``, ``mask_rank_at_least``,
+        ``mask_effective_rank`` and ``stable_rank`` are NaN and ``rank_method``
+        is ``"skipped"`` for matrices. The ranks are most of this function's cost
+        on a CPU (``benchmarks/README.md``); everything else comes from the one
+        sweep that builds the masks.
     device, progress
         As everywhere.
 
@@ -235,7 +242,7 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     ds = check_densities(densities)
     _check_inputs(experts, criteria, "mask_stats")
     stat = MaskStats(experts, criteria, ds, rank_exact_max=rank_exact_max, sketch_size=sketch_size,
-                     power_iters=power_iters, seed=seed)
+                     power_iters=power_iters, seed=seed, ranks=ranks)
     return run_pass(experts, [stat], names, device=device, progress=progress, desc="mask stats")["mask_stats"]
 
 

@@ -49,9 +49,10 @@ ACCURACY = {
     "edit_norms": "exact (float64 sums)",
     "interference": "exact (float64 sums)",
     "mask_stats": "masks exact (model-wide selections); mask_rank exact where given, else NaN with "
-                  "mask_rank_at_least a lower bound; stable_rank exact for ranks taken exactly, else an upper "
-                  "estimate (randomized: within 0.01% when a few directions dominate, up to ~10% high for flat "
-                  "spectra)",
+                  "mask_rank_at_least a lower bound; stable_rank exact where the rank is taken exactly, else an "
+                  "upper estimate (randomized block Krylov: within 0.01% when a few directions dominate; on the "
+                  "noise-like masked task vectors of benchmarks/make_zoo zoos 4-19% high at the default "
+                  "power_iters=1, 0.4-2% at power_iters=2)",
     "mask_overlap": "exact",
     "predicted_loss": "exact (float64 sums)",
     "compare_merges": "exact (float64 sums)",
@@ -74,7 +75,8 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
             overlap_criterion: str = "fisher", pairs=None, merges: Mapping[str, object] | None = None,
             bins=None, by: str | None = "role", spearman_max: int | None = 1 << 16, seed: int = 0,
             log_eps: float = 1e-30, rank_exact_max: int | None = None, sketch_size: int = SKETCH_SIZE,
-            power_iters: int = POWER_ITERS, selection: str = "auto", device="auto", progress: bool = True,
+            power_iters: int = POWER_ITERS, ranks: bool = True, selection: str = "auto", device="auto",
+            progress: bool = True,
             threads: int | None = None) -> dict[str, pd.DataFrame]:
     """Every requested analysis of the experts from one read of each tensor.
 
@@ -103,8 +105,9 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
         Of ``log10_histogram`` (:func:`log10_histogram`).
     spearman_max, seed, log_eps
         Of ``curvature_overlap``; ``seed`` also seeds the mask rank sketches.
-    rank_exact_max, sketch_size, power_iters
-        Of ``mask_stats``.
+    rank_exact_max, sketch_size, power_iters, ranks
+        Of ``mask_stats`` (``ranks=False``: no singular values, the mask ranks
+        NaN; they are most of a CPU's time in this pass).
     selection : {"auto", "exact", "scout"}
         How the masks' model-wide selections are found (all give the same):
         ``"exact"`` in two reads of the scores' inputs before the pass,
@@ -158,7 +161,7 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
         stats.append(_stat(a, experts, ckpts, pair_list, densities=densities, criteria=criteria,
                            overlap_density=overlap_density, overlap_criterion=overlap_criterion, bins=bins, by=by,
                            spearman_max=spearman_max, seed=seed, log_eps=log_eps, rank_exact_max=rank_exact_max,
-                           sketch_size=sketch_size, power_iters=power_iters))
+                           sketch_size=sketch_size, power_iters=power_iters, ranks=ranks))
     with use_threads(threads):
         out = run_pass(experts, stats, names, device=device, progress=progress, desc="analyze",
                        selection=selection)
@@ -168,7 +171,8 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
 
 
 def _stat(a: str, experts: Experts, ckpts: dict, pairs, *, densities, criteria, overlap_density,
-          overlap_criterion, bins, by, spearman_max, seed, log_eps, rank_exact_max, sketch_size, power_iters):
+          overlap_criterion, bins, by, spearman_max, seed, log_eps, rank_exact_max, sketch_size, power_iters,
+          ranks):
     if a == "curvature_stats":
         return CurvatureStats(experts)
     if a == "moment_levels":
@@ -189,7 +193,8 @@ def _stat(a: str, experts: Experts, ckpts: dict, pairs, *, densities, criteria, 
         return Interference(experts, pairs)
     if a == "mask_stats":
         return MaskStats(experts, check_criteria(criteria), check_densities(densities),
-                         rank_exact_max=rank_exact_max, sketch_size=sketch_size, power_iters=power_iters, seed=seed)
+                         rank_exact_max=rank_exact_max, sketch_size=sketch_size, power_iters=power_iters, seed=seed,
+                         ranks=ranks)
     if a == "mask_overlap":
         (c,) = check_criteria([overlap_criterion])
         (d,) = check_densities([overlap_density], "overlap_density")

@@ -235,6 +235,20 @@ class Masks(MaskSet):
         return self.group.experts[i].float() - self.group.base.float()
 
 
+def _counts_only(r: MaskResult, tau: torch.Tensor) -> dict:
+    """The statistics of :func:`mask_structure` that need no singular value, from
+    the sweep's counts (``ranks=False``): the rank columns NaN, ``rank_method``
+    ``"skipped"`` (``"none"`` for vectors, as always)."""
+    nan = math.nan
+    out = {"kept_frac": r.kept / max(1, tau.numel()), "row_sparsity": nan, "col_sparsity": nan, "mask_rank": nan,
+           "mask_effective_rank": nan, "stable_rank": nan, "rank_method": "none", "rank_cap": nan,
+           "rank_capped": False}
+    if r.rows is not None and tau.dim() >= 2:
+        out.update(row_sparsity=float((r.rows == 0).double().mean()), col_sparsity=float((r.cols == 0).double().mean()),
+                   rank_method="skipped")
+    return out
+
+
 def _short_side(t: torch.Tensor) -> int:
     """The smaller side of the 2-D view a rank is taken of (rows x the rest)."""
     if t.dim() < 2 or t.numel() == 0:
@@ -248,8 +262,8 @@ class MaskStats(Stat):
     key = "mask_stats"
 
     def __init__(self, experts: Experts, criteria: list[str], densities: list[float], *, rank_exact_max=None,
-                 sketch_size: int = SKETCH_SIZE, power_iters: int = POWER_ITERS, seed: int = 0):
-        self.experts, self.criteria, self.densities = experts, criteria, densities
+                 sketch_size: int = SKETCH_SIZE, power_iters: int = POWER_ITERS, seed: int = 0, ranks: bool = True):
+        self.experts, self.criteria, self.densities, self.ranks = experts, criteria, densities, bool(ranks)
         self.selections = [(c, d) for c in criteria for d in densities]
         self.rank_exact_max, self.sketch_size, self.power_iters, self.seed = (rank_exact_max, sketch_size,
                                                                               power_iters, seed)
@@ -265,12 +279,16 @@ class MaskStats(Stat):
                 for d in self.densities:
                     r = masks.get(c, e, d)
                     exact = self.rank_exact_max if self.rank_exact_max is not None else work // _short_side(tau)
-                    try:
-                        st = mask_structure(r.mask, tau=tau, rank_exact_max=exact, rng=tensor_seed(self.seed, ctx.name),
-                                            sketch_size=self.sketch_size, power_iters=self.power_iters,
-                                            n_kept=r.kept, row_counts=r.rows, col_counts=r.cols, fro2=r.fro2)
-                    except CurvlensError as err:
-                        raise CurvlensError(f"expert {e!r}, tensor {ctx.name!r}: {err}") from err
+                    if not self.ranks:
+                        st = _counts_only(r, tau)
+                    else:
+                        try:
+                            st = mask_structure(r.mask, tau=tau, rank_exact_max=exact,
+                                                rng=tensor_seed(self.seed, ctx.name), sketch_size=self.sketch_size,
+                                                power_iters=self.power_iters, n_kept=r.kept, row_counts=r.rows,
+                                                col_counts=r.cols, fro2=r.fro2)
+                        except CurvlensError as err:
+                            raise CurvlensError(f"expert {e!r}, tensor {ctx.name!r}: {err}") from err
                     total = masks.saliency_total(e)
                     st["saliency_kept"] = r.saliency_kept / total if total > 0 else math.nan
                     st["mask_rank_at_least"] = st["rank_cap"] if st["rank_capped"] else st["mask_rank"]

@@ -185,3 +185,15 @@ def test_partial_reads_read_just_the_chunks(tmp_path):
         e.checkpoint.chunks(name, [flat.numel() - 3], 7)
     in_memory = cl.Checkpoint.open({name: flat.reshape(12, 8)})
     assert not in_memory.partial_reads and torch.equal(in_memory.chunks(name, starts, 7), got)
+
+
+def test_mask_stats_without_ranks_is_the_rest_of_the_frame(tmp_path):
+    base, dirs, *_ = make_tiny_zoo(tmp_path / "z", n_experts=2)
+    ex = Experts.from_dirs(base, dirs)
+    full = A.mask_stats(ex, densities=(0.3,), **KW)
+    fast = A.mask_stats(ex, densities=(0.3,), ranks=False, **KW)
+    rank_cols = ["mask_rank", "mask_rank_at_least", "mask_effective_rank", "stable_rank", "rank_method"]
+    rest = [c for c in full.columns if c not in rank_cols]
+    pd.testing.assert_frame_equal(fast[rest], full[rest])
+    assert fast[rank_cols[:4]].isna().all().all()
+    assert set(fast.rank_method) == {"skipped", "none"} and set(full.rank_method) == {"exact", "none"}
