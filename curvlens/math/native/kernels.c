@@ -426,14 +426,23 @@ void cl_score_windows(const void *b, int32_t bdt, const void *w, int32_t wdt, co
     for (i64 s0 = 0; s0 < n; s0 += SC_B) {
         i64 len = s0 + SC_B < n ? SC_B : n - s0;
         score_bits(b, bdt, w, wdt, v, s0, len, bf, wf, u);
-        for (int32_t k = 0; k < nw; k++) {
-            uint32_t l = lo[k], h = hi[k], width = h - l + 1;
-            i64 a = 0, *ck = counts[k];
-            for (i64 j = 0; j < len; j++) a += u[j] > h;
-            above[k] += a;
+        if (nw == 1) {  /* the usual case: one density per expert and criterion */
+            uint32_t l = lo[0], h = hi[0], width = h - l + 1;
+            i64 a = 0, *ck = counts[0];
             for (i64 j = 0; j < len; j++) {
                 uint32_t off = u[j] - l;
+                a += u[j] > h;
                 if (off < width) ck[off]++;
+            }
+            above[0] += a;
+            continue;
+        }
+        for (i64 j = 0; j < len; j++) {
+            uint32_t uj = u[j];
+            for (int32_t k = 0; k < nw; k++) {
+                uint32_t off = uj - lo[k];
+                above[k] += uj > hi[k];
+                if (off <= hi[k] - lo[k]) counts[k][off]++;
             }
         }
     }
@@ -510,27 +519,30 @@ void cl_mask_sweep(const void *b, int32_t bdt, const void *w, int32_t wdt, const
                             seen[d]++;
                         }
                 }
-                i64 cnt = 0;
-                for (i64 jj = 0; jj < len; jj++) cnt += m[jj];
+                /* one pass: kept count, saliency and tau^2 kept (8 lanes), column counts */
+                i64 cl[LANES] = {0};
                 double *sk = salk[d], *tk = tauk[d];
+                int32_t *ck = colk ? colk + (i64)d * cols + c0 : 0;
                 i64 j = 0;
                 for (; j + LANES <= len; j += LANES)
                     for (int k = 0; k < LANES; k++) {
                         double mk = (double)m[j + k];
+                        cl[k] += m[j + k];
                         sk[k] += mk * (double)fs[j + k];
                         tk[k] += mk * (double)tq[j + k];
                     }
                 for (; j < len; j++) {
                     double mk = (double)m[j];
+                    cl[j % LANES] += m[j];
                     sk[j % LANES] += mk * (double)fs[j];
                     tk[j % LANES] += mk * (double)tq[j];
                 }
+                if (ck)
+                    for (i64 jj = 0; jj < len; jj++) ck[jj] += m[jj];
+                i64 cnt = 0;
+                for (int k = 0; k < LANES; k++) cnt += cl[k];
                 kept[d] += cnt;
                 rk[d] += cnt;
-                if (colk) {
-                    int32_t *ck = colk + (i64)d * cols + c0;
-                    for (i64 jj = 0; jj < len; jj++) ck[jj] += m[jj];
-                }
             }
         }
         if (rowk)
