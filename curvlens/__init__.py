@@ -64,6 +64,7 @@ from curvlens.math.fronts import front_distance
 from curvlens.math.methods import list_methods, method_params
 from curvlens.math.rank_stats import spearman_test
 from curvlens.passes import Expert, Experts
+from curvlens.passes.analyze import analyze
 from curvlens.passes.analysis import (
     aggregate,
     compare_merges,
@@ -101,7 +102,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint", "CurvlensError", "Expert", "Experts", "FrontResult", "MergeResult", "Moments", "ROLES",
     "SoupResult", "SparseSoupResult", "TensorFilter", "TokenizerOptions", "WriteOptions",
-    "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "edit_norms", "estimate_fisher",
+    "aggregate", "analyze", "compare_merges", "curvature_overlap", "curvature_stats", "edit_norms", "estimate_fisher",
     "export_moments", "ffg_masks", "ffg_vs_magnitude_summary", "finding_grafting", "finding_masks",
     "finding_merges", "finding_overlap", "findings", "fisher_vs_adam", "front_distance", "graft_sweep",
     "gram_matrices", "greedy_soup", "inspect", "interference", "list_methods", "load_merge_config", "local_client",

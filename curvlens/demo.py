@@ -65,18 +65,15 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
 
     kw = {"device": device, "progress": progress}
     frames = {"merge_table": table}
-    echo("analysis: curvature statistics, overlap and histograms ...")
-    frames["curvature_stats"] = A.curvature_stats(experts, **kw)
-    frames["curvature_overlap"] = A.curvature_overlap(experts, **kw)
-    frames["log10_histogram"] = A.log10_histogram(experts, **kw)
-    echo("analysis: FFG and magnitude masks ...")
-    frames["mask_stats"] = A.mask_stats(experts, densities=MASK_DENSITIES, **kw)
-    frames["mask_overlap"] = A.mask_overlap(experts, 0.3, **kw)
-    echo("analysis: interference and predicted loss of each merge ...")
-    frames["interference"] = A.interference(experts, **kw)
+    echo("analysis: curvature, FFG and magnitude masks, interference and predicted loss, in one pass ...")
+    # one pass over the experts feeds them all (cl.analyze); the same frames as one call each
+    fused = A.analyze(experts, ["curvature_stats", "curvature_overlap", "log10_histogram", "mask_stats",
+                                "mask_overlap", "interference", "compare_merges"],
+                      densities=MASK_DENSITIES, overlap_density=0.3, merges=merges, **kw)
+    frames.update({k: v for k, v in fused.items() if k != "compare_merges"})
     ffg_label = next((k for k in merges if "FFG" in k), next(iter(merges)))
     frames["predicted_loss"] = A.predicted_loss(experts, merges[ffg_label], **kw)
-    frames["merge_predicted_loss"] = A.compare_merges(experts, merges, **kw)
+    frames["merge_predicted_loss"] = fused["compare_merges"]
     names = experts.tensor_names(floating_only=True)
     last = max(g for g in experts.describe()["layer"].dropna())
     grid = [n for n in names if (".layers.0." in n or f".layers.{last}." in n) and n.endswith("proj.weight")]
@@ -94,7 +91,8 @@ def regime_frames(experts, frames: dict, capabilities=None, *, device="auto", pr
     from curvlens.studies.findings import findings
     from curvlens.studies.regime import edit_norms, regime_table
 
-    out = {"edit_norms": edit_norms(experts, device=device, progress=progress)}
+    norms = frames.get("edit_norms")
+    out = {"edit_norms": norms if norms is not None else edit_norms(experts, device=device, progress=progress)}
     table = frames.get("merge_table")
     out["regime"] = regime_table(out["edit_norms"], interference=frames.get("interference"),
                                  overlap=frames.get("curvature_overlap"),

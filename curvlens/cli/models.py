@@ -127,26 +127,30 @@ def _cmd_figures(a: argparse.Namespace) -> int:
     return 0
 
 
+#: What ``curvlens analyze`` computes by default (plus the regime and findings).
+CLI_ANALYSES = ("curvature_stats", "curvature_overlap", "mask_stats", "interference", "edit_norms")
+
+
 def _cmd_analyze(a: argparse.Namespace) -> int:
     from curvlens.demo import regime_frames, regime_lines
     from curvlens.io.atomic import AtomicDir
     from curvlens.passes import analysis as A
+    from curvlens.passes.analyze import analyze
 
     experts = open_experts(a, moments=True)
     kw = {"device": a.device, "progress": not a.quiet}
     # written beside its place and renamed in when complete; never onto an input
     with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
-        results = {"curvature_stats": A.curvature_stats(experts, **kw),
-                   "curvature_overlap": A.curvature_overlap(experts, **kw),
-                   "mask_stats": A.mask_stats(experts, densities=a.densities, **kw),
-                   "interference": A.interference(experts, **kw)}
+        # every analysis from one pass over the experts (two reads with masks)
+        results = analyze(experts, a.analyses, densities=a.densities, **kw)
         # the findings that need no scores (masks, overlap), and the regime
         results.update(regime_frames(experts, results, **kw))
         for key, df in results.items():
             df.to_csv(tmp / f"{key}.csv", index=False)
             print(f"{key}: {len(df)} rows -> {a.out / (key + '.csv')}")
-    print("model-level curvature overlap:")
-    print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
+    if "curvature_overlap" in results:
+        print("model-level curvature overlap:")
+        print(A.aggregate(results["curvature_overlap"], by=()).round(3).to_string(index=False))
     for line in regime_lines(results):
         print(line)
     return 0
@@ -206,6 +210,9 @@ def add_subcommands(sub, runtime: list) -> None:
     an = sub.add_parser("analyze", parents=runtime + [ex, output_options("curvlens_analysis")],
                         help="curvature overlap, masks and interference of your experts (CSV)")
     an.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.3])
+    an.add_argument("--analyses", nargs="+", default=list(CLI_ANALYSES), metavar="NAME",
+                    help="which analyses (default: %(default)s; any of curvlens.passes.analyze.ANALYSES "
+                         "but the merge ones); all come from one pass over the experts")
     an.set_defaults(fn=_cmd_analyze)
 
     ins = sub.add_parser("inspect", help="what model dirs, Trainer checkpoints and moments files hold (headers only)")

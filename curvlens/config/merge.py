@@ -57,6 +57,7 @@ def merge(
     overwrite: bool = False,
     writing: WriteOptions | None = None,
     tokenizer: TokenizerOptions | None = None,
+    selection: str = "auto",
     **params,
 ) -> MergeResult:
     """Merge ``experts`` with ``method``, streaming one tensor at a time.
@@ -108,6 +109,13 @@ def merge(
     tokenizer : TokenizerOptions, optional
         Which tokenizer is written beside the weights (mergekit's
         ``tokenizer_source``, ``chat_template``, ``pad_to_multiple_of``).
+    selection : {"auto", "exact", "scout"}
+        How a model-wide selection (``ffg_density``) is found, always exactly:
+        ``"exact"`` in two reads (:func:`curvlens.passes.thresholds.model_selections`),
+        ``"scout"`` in one read bracketed by a small sample
+        (:func:`curvlens.passes.scout.scout_selections`), ``"auto"`` the scout
+        where the files allow sampling them (safetensors) and the moments are
+        not compressed.
     **params
         The method's parameters (per-expert ones as a scalar or a list). A
         method's model-wide parameter (``ota``'s ``ffg_density``) becomes an exact
@@ -158,5 +166,5 @@ def merge(
             raise CurvlensError("tokenizer options (source, chat_template, pad_to_multiple_of) concern the "
                                 "written model's tokenizer: give an output directory")
         job = MergeJob(method, m, merged, dict(p), per_tensor, taken_from(experts, actions),
-                       left_out_rows(experts, actions), experts.names, out_dtype, in_dtype)
+                       left_out_rows(experts, actions), experts.names, out_dtype, in_dtype, selection)
         return run_merge(job, out, files, device=dev, progress=progress, overwrite=overwrite)

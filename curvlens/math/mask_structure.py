@@ -6,23 +6,14 @@ the task vector it keeps); :func:`mask_overlap` compares two masks.
 
 Rank needs singular values. Small masks get an exact float64 SVD. Large ones (a
 128256 x 4096 embedding) get a randomized range finder (Halko, Martinsson & Tropp
-2011) that reads the mask one block of rows at a time, so memory stays at one
-float block plus an ``m x sketch_size`` sketch, never a float copy of the whole
-mask. The range finder runs in float64 without power iterations: for a mask whose
-rank is below the sketch size it captures the range exactly, so rank and
-effective rank come out as in the exact path (same float64 tolerance); above the
-sketch size only "rank >= cap" is known, and that is what is reported.
-
-Measured on the dev box (2 AMD EPYC cores shared with other jobs, load average
-about 5 during the runs, torch 2.13 CPU), ``mask_structure`` on a 128256 x 4096 mask of
-rank 20 with no empty row, defaults:
-
-- mask only: 25 s, peak RSS +0.34 GB above the inputs (two float64 passes);
-- with a float32 ``tau`` (adds the stable rank): 53 s, peak RSS +0.34 GB
-  (plus six float32 passes of the Krylov norm estimate).
-
-For scale: a float32 copy of that mask alone would take 2.1 GB. On a GPU the same
-code runs on the mask's device.
+2011) that reads the mask one block of rows at a time (memory: one float block
+plus an ``m x sketch_size`` sketch). It is exact when the rank is below the
+sketch size; above it only "rank >= cap" is known and reported, and a sample of
+``4 * sketch_size`` rows usually proves that first, for a fraction of the cost
+(:func:`_rank_at_least`). Measured (2 shared EPYC cores, load ~5, torch 2.13) on
+a 128256 x 4096 mask of rank 20: 25 s mask only, 53 s with ``tau`` (the stable
+rank's Krylov passes), +0.34 GB peak RSS either way (a float32 copy of the mask
+alone would take 2.1 GB). On a GPU the same code runs on the mask's device.
 """
 from __future__ import annotations
 
@@ -141,7 +132,7 @@ def _range_finder_svdvals(mat: _RowBlocks, ell: int, gen: torch.Generator) -> to
 
 
 def _krylov_top_sv(mat: _RowBlocks, block: int, iters: int,
-                   gen: torch.Generator) -> tuple[float, float]:
+                   gen: torch.Generator, fro2: float | None = None) -> tuple[float, float]:
     """Estimate of the largest singular value by randomized block Krylov iteration
     (Musco & Musco 2015): ``Q`` spans ``A Omega, (A A^T) A Omega, ...`` and the
     answer is the top singular value of ``Q^T A``. ``2 iters + 2`` passes.
@@ -149,17 +140,19 @@ def _krylov_top_sv(mat: _RowBlocks, block: int, iters: int,
     Never above the truth. Keeping every iterate, not only the last (plain
     subspace iteration), halves the error for the same passes on flat spectra.
     Also returns ``||A||_F^2``, summed from the first pass's blocks (float32 blocks,
-    torch's cascaded sums, float64 across blocks) to save a pass of its own.
+    torch's cascaded sums, float64 across blocks) to save a pass of its own,
+    unless the caller knows it (``fro2``).
     """
     n, dt, dev = mat.n, mat.dtype, mat.device
     y = torch.empty(mat.m, block, dtype=dt, device=dev)
     right = torch.randn(n, block, generator=gen, dtype=dt).to(dev)
     basis = []
-    fro2 = 0.0
+    known = fro2 is not None
+    fro2 = fro2 if known else 0.0
     for it in range(iters + 1):
         for s, e, blk in mat:
             torch.matmul(blk, right, out=y[s:e])
-            if it == 0:
+            if it == 0 and not known:
                 fro2 += float(blk.square().sum())
         q = torch.linalg.qr(y)[0]
         basis.append(q)
@@ -178,6 +171,27 @@ def _krylov_top_sv(mat: _RowBlocks, block: int, iters: int,
     return float(torch.linalg.svdvals(b)[0]), fro2
 
 
+def _rank_at_least(m2: torch.Tensor, ell: int, n_kept: int, seed: int, dt: torch.dtype) -> bool:
+    """Whether ``4 ell`` random rows of the mask already prove its numerical rank
+    is at least ``ell``, for a fraction of the full sketch's cost.
+
+    The range finder's singular values of the sampled rows are at most those of
+    the rows, which are at most the mask's (interlacing), and the tolerance used,
+    ``sqrt(n_kept) max(M, N) eps``, is at least the mask's own (``||M||_2 <=
+    ||M||_F = sqrt(n_kept)``): so ``ell`` values above it are ``ell`` of the mask's
+    above its tolerance. False when it cannot tell (a low-rank mask: then the
+    full sketch decides, as before).
+    """
+    big_m, big_n = m2.shape
+    if 8 * ell >= big_m:
+        return False
+    gen = torch.Generator().manual_seed((seed + 0x5EED) % (2**63))
+    rows = torch.randperm(big_m, generator=gen)[: 4 * ell].sort().values.to(m2.device)
+    s = _range_finder_svdvals(_RowBlocks(m2, None, rows, None, dt), ell, gen)
+    tol = math.sqrt(n_kept) * max(big_m, big_n) * torch.finfo(dt).eps
+    return int(torch.count_nonzero(s > tol)) >= ell
+
+
 def _rank_and_effective_rank(s: torch.Tensor, tol: float) -> tuple[int, float]:
     """Numerical rank (count of singular values above ``tol``) and the effective rank
     of Roy & Vetterli (2007): exp of the Shannon entropy of ``s / sum(s)``.
@@ -194,7 +208,8 @@ def _rank_and_effective_rank(s: torch.Tensor, tol: float) -> tuple[int, float]:
 
 
 def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_MAX,
-               rng=None, *, sketch_size: int = 128, power_iters: int = 2) -> dict:
+               rng=None, *, sketch_size: int = 128, power_iters: int = 2, n_kept: int | None = None,
+               row_counts=None, col_counts=None, fro2: float | None = None) -> dict:
     """Density, row/column sparsity and rank of one mask, and how much it keeps.
 
     Parameters
@@ -220,6 +235,12 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     power_iters : int
         Iterations of the block Krylov estimate of ``||mask * tau||_2`` in the
         randomized path (2 passes over the rows each); only used with ``tau``.
+    n_kept, row_counts, col_counts, fro2 : optional
+        The mask's kept entries, per row / column of its 2-D view, and (with
+        ``tau``) ``||mask * tau||_F^2``, when the caller already has them
+        (:func:`curvlens.passes.analyze_masks.mask_sweep` counts and sums them,
+        in float64, in the sweep that builds the mask): not computed again (the
+        randomized path's stable rank uses that ``fro2``).
 
     Returns
     -------
@@ -306,7 +327,7 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
 
     nan = math.nan
     # count_nonzero, not sum: a bool sum materialises an int64 copy (8x the mask).
-    n_kept = int(torch.count_nonzero(mask))
+    n_kept = int(torch.count_nonzero(mask)) if n_kept is None else int(n_kept)
     out = {"kept_frac": n_kept / mask.numel(), "row_sparsity": nan, "col_sparsity": nan,
            "mask_rank": nan, "mask_effective_rank": nan, "stable_rank": nan,
            "saliency_kept": nan, "rank_method": "none", "rank_cap": nan, "rank_capped": False}
@@ -324,8 +345,8 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     m2 = mask.reshape(mask.shape[0], -1)
     t2 = None if tau is None else tau.reshape(tau.shape[0], -1)
     big_m, big_n = m2.shape
-    row_any = as_bytes(m2).amax(dim=1) != 0
-    col_any = as_bytes(m2).amax(dim=0) != 0
+    row_any = as_bytes(m2).amax(dim=1) != 0 if row_counts is None else row_counts.to(m2.device) > 0
+    col_any = as_bytes(m2).amax(dim=0) != 0 if col_counts is None else col_counts.to(m2.device) > 0
     out["row_sparsity"] = (big_m - int(torch.count_nonzero(row_any))) / big_m
     out["col_sparsity"] = (big_n - int(torch.count_nonzero(col_any))) / big_n
 
@@ -364,16 +385,22 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     # nothing here, while re-indexing every block would.
     gen = _generator(rng)
     ell = min(int(sketch_size), big_m, big_n)
-    s = _range_finder_svdvals(_RowBlocks(m2, None, None, None, dt), ell, gen)
-    rank, erank = _rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
-    capped = rank >= ell and ell < min(big_m, big_n)
+    if ell < min(big_m, big_n) and _rank_at_least(m2, ell, n_kept, gen.initial_seed(), dt):
+        # proven capped by a sample of rows; the full sketch's draw is made all
+        # the same, so the stable rank's estimate below sees the same randomness
+        torch.randn(big_n, ell, generator=gen, dtype=dt)
+        rank, erank, capped = ell, nan, True
+    else:
+        s = _range_finder_svdvals(_RowBlocks(m2, None, None, None, dt), ell, gen)
+        rank, erank = _rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
+        capped = rank >= ell and ell < min(big_m, big_n)
     out.update(mask_rank=float(rank), mask_effective_rank=nan if capped else erank,
                rank_method="randomized", rank_cap=float(ell), rank_capped=capped)
     if t2 is not None:
         # Only the top singular value is needed and its precision is not critical,
         # so float32 (2-3x faster on CPUs) with Krylov iterations for flat spectra.
         top, fro2 = _krylov_top_sv(_RowBlocks(m2, t2, None, None, torch.float32),
-                                   min(_NORM_BLOCK, ell), int(power_iters), gen)
+                                   min(_NORM_BLOCK, ell), int(power_iters), gen, fro2)
         out["stable_rank"] = ratio(fro2, top**2)
     return out
 

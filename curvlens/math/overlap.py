@@ -24,7 +24,7 @@ from curvlens.math.checks import (
 )
 from curvlens.math.topk import sample_bracket
 
-__all__ = ["pair_overlaps", "log10_stats", "TOP_FRACS"]
+__all__ = ["pair_overlaps", "spearman_pairs", "log10_stats", "TOP_FRACS"]
 
 #: Fractions of the top-entry Jaccard indices.
 TOP_FRACS = (0.01, 0.1)
@@ -240,6 +240,50 @@ def pair_overlaps(name: str, vs: dict[str, torch.Tensor], pairs: list[tuple[str,
             row[f"jaccard_top{round(100 * f):d}"] = both / union if union else math.nan
         row["excluded_zero"] = n - n_support
         out[a, b] = row
+    return out, sampled
+
+
+def spearman_pairs(flats: dict[str, torch.Tensor], pairs: list[tuple[str, str]], n_support: dict,
+                   spearman_max: int | None, seed: int) -> tuple[dict[tuple[str, str], float], bool]:
+    """``spearman_log`` of :func:`pair_overlaps` alone, for pairs whose support
+    sizes (entries where either moment is positive) are already known: the same
+    ranks, samples and seeds, so the same numbers. Returns ``({pair: rho},
+    sampled)``.
+
+    Examples
+    --------
+    >>> v = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([3.0, 2.0, 1.0])}
+    >>> spearman_pairs(v, [("a", "b")], {("a", "b"): 3}, None, 0)
+    ({('a', 'b'): -1.0}, False)
+    """
+    first = next(iter(flats.values()))
+    n, dev = first.numel(), first.device
+    sampled = spearman_max is not None and n > spearman_max
+    idx = None
+    if sampled:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(n, (int(spearman_max),), generator=gen).to(dev)
+    full = [p for p in pairs if n_support[p] == n]
+    ranks = {}
+    for e in dict.fromkeys(x for p in full for x in p):
+        ranks[e] = _doubled_average_ranks(flats[e][idx] if sampled else flats[e], [])[0]
+    out = {}
+    for a, b in pairs:
+        ns = n_support[a, b]
+        if ns == n:
+            m = ranks[a].numel()
+            ra, rb = ranks[a].double() - (m + 1), ranks[b].double() - (m + 1)
+            out[a, b] = corr(float(ra @ rb), float(ra @ ra), float(rb @ rb))
+        elif ns == 0:
+            out[a, b] = math.nan
+        else:
+            support = (flats[a] > 0) | (flats[b] > 0)
+            if sampled:
+                gen = torch.Generator().manual_seed(seed + 1)
+                pos = _sample_within(support, ns, int(spearman_max), gen)
+                out[a, b] = _rank_corr(flats[a][pos], flats[b][pos])
+            else:
+                out[a, b] = _rank_corr(flats[a][support], flats[b][support])
     return out, sampled
 
 

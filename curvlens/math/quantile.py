@@ -19,14 +19,49 @@ from __future__ import annotations
 import math
 import numbers
 
+from dataclasses import dataclass
+
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.math import native
 from curvlens.math.checks import float_tensor
 
-__all__ = ["TopKSketch", "BinCounts", "top_count"]
+__all__ = ["TopKSketch", "BinCounts", "ScoreSource", "top_count"]
 
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32
+
+
+@dataclass(frozen=True)
+class ScoreSource:
+    """The mask scores of one expert's tensor, not yet computed: ``v * tau**2``
+    (``fisher``) or ``|tau|`` (``magnitude``) with ``tau = fp32(expert) -
+    fp32(base)``, exactly as :func:`curvlens.math.saliency.scores_into` computes
+    them. :meth:`TopKSketch.update` and :meth:`BinCounts.update` take it in place
+    of the scores: on a CPU the C kernels then compute and bin each score in one
+    sweep over the stored inputs, never materialising them.
+    """
+
+    base: torch.Tensor  # flat, contiguous, fp32 or bf16
+    expert: torch.Tensor
+    v: torch.Tensor | None  # flat fp32 (fisher) or None (magnitude)
+
+    @classmethod
+    def of(cls, base, expert, v, criterion: str) -> "ScoreSource | None":
+        """A source when the C kernels can take these inputs, else None."""
+        b, x = base.reshape(-1).contiguous(), expert.reshape(-1).contiguous()
+        vv = None if criterion == "magnitude" else v.reshape(-1).contiguous()
+        if vv is not None and vv.dtype != torch.float32:
+            return None
+        return cls(b, x, vv) if native.available(b, x, *([vv] if vv is not None else [])) else None
+
+    def numel(self) -> int:
+        return self.expert.numel()
+
+    def args(self) -> tuple:
+        b, x, v = self.base, self.expert, self.v
+        return (b.data_ptr(), native.dtype_code(b), x.data_ptr(), native.dtype_code(x),
+                v.data_ptr() if v is not None else None, x.numel())
 
 
 class TopKSketch:
@@ -94,6 +129,8 @@ class TopKSketch:
         CurvlensError
             If ``values`` holds NaN, +-Inf or negative entries; nothing is added then.
         """
+        if isinstance(values, ScoreSource):
+            return self._update_source(values)
         values = float_tensor("values", values)
         flat = values.reshape(-1)
         n = flat.numel()
@@ -130,6 +167,19 @@ class TopKSketch:
             self._counts.index_add_(0, u, cnt)
         self._cum = None
         self.total += n
+        return self
+
+    def _update_source(self, src: ScoreSource) -> "TopKSketch":
+        """Bin the scores of ``src`` with the C kernel, straight into the counts."""
+        bad = native.lib().cl_score_hist(*src.args(), self._shift, self._counts.data_ptr())
+        if bad:
+            undo = torch.zeros_like(self._counts)
+            native.lib().cl_score_hist(*src.args(), self._shift, undo.data_ptr())
+            self._counts -= undo
+            raise CurvlensError(f"values must be finite and non-negative; {bad} of {src.numel()} scores are "
+                                "NaN or Inf")
+        self._cum = None
+        self.total += src.numel()
         return self
 
     def merge(self, other: "TopKSketch") -> "TopKSketch":
@@ -269,9 +319,14 @@ class BinCounts:
         top = self.lo_bits + self.width
         self.hi = math.inf if top >= _INF_BITS else self.value(self.width)
 
-    def update(self, values: torch.Tensor) -> torch.Tensor:
+    def update(self, values) -> torch.Tensor:
         """Counts (int64, length ``width``, on the CPU) of each value of the bin in
-        ``values`` (non-negative floats; ``-0.0`` counts as ``0.0``)."""
+        ``values`` (non-negative floats, or a :class:`ScoreSource`; ``-0.0``
+        counts as ``0.0``)."""
+        if isinstance(values, ScoreSource):
+            counts = torch.zeros(self.width, dtype=torch.int64)
+            native.lib().cl_score_bincount(*values.args(), self.lo_bits, self.width, counts.data_ptr())
+            return counts
         flat = values.reshape(-1).to(torch.float32)
         # two float compares over the chunk, bit arithmetic only on the few inside
         # (for values >= 0, floats and their bit patterns order alike)

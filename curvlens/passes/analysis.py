@@ -17,12 +17,14 @@ masks                      :func:`ffg_masks`, :func:`mask_stats`,
 interference               :func:`interference`, :func:`predicted_loss`,
                            :func:`compare_merges`
 pooling                    :func:`aggregate`
+all at once                :func:`analyze` (one pass feeds every analysis)
 =========================  ======================================================
 
 The exact column list of each frame is a constant in
 :mod:`curvlens.passes.analysis_common` (``CURVATURE_OVERLAP_COLUMNS`` ...).
 """
 from curvlens.passes.analysis_common import aggregate
+from curvlens.passes.analyze import analyze
 from curvlens.passes.analysis_curvature import (
     curvature_overlap,
     curvature_stats,
@@ -35,7 +37,7 @@ from curvlens.passes.analysis_interference import compare_merges, interference, 
 from curvlens.passes.analysis_masks import FFGMasks, ffg_masks, mask_overlap, mask_stats, mask_thresholds
 
 __all__ = [
-    "FFGMasks", "aggregate", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks", "moment_levels",
+    "FFGMasks", "aggregate", "analyze", "compare_merges", "curvature_overlap", "curvature_stats", "ffg_masks", "moment_levels",
     "interference", "log10_histogram", "mask_overlap",
     "mask_stats", "mask_thresholds", "moment_compression", "pooled_moments", "predicted_loss",
 ]

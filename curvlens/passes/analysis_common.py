@@ -31,6 +31,7 @@ MASK_STATS_COLUMNS = ["expert", "criterion", "density", *TENSOR_ID, "threshold",
                       "col_sparsity", "mask_rank", "mask_rank_at_least", "mask_effective_rank", "stable_rank",
                       "saliency_kept", "rank_method"]
 MASK_OVERLAP_COLUMNS = ["expert_a", "expert_b", "criterion", "density", *TENSOR_ID, "jaccard"]
+EDIT_NORMS_COLUMNS = ["expert", *TENSOR_ID, "delta_sq", "base_sq"]
 INTERFERENCE_COLUMNS = ["expert_a", "expert_b", *TENSOR_ID, "tv_cosine", "sign_conflict",
                         "curvature_weighted_conflict"]
 PREDICTED_LOSS_COLUMNS = ["expert", *TENSOR_ID, "predicted_loss_increase"]

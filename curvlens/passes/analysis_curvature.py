@@ -22,13 +22,9 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.compress import compressed_bytes, relative_error
-from curvlens.math.moment_maps import as_2d, block_means, log10_bin_counts
-from curvlens.math.blocks import Workspace, tensor_seed
-from curvlens.math.overlap import pair_overlaps, log10_stats
+from curvlens.math.moment_maps import as_2d, block_means
 from curvlens.passes.analysis_common import (
     CURVATURE_OVERLAP_COLUMNS,
-    CURVATURE_STATS_COLUMNS,
-    HISTOGRAM_VALUE_COLUMNS,
     MOMENT_COMPRESSION_COLUMNS,
     POOLED_MOMENTS_COLUMNS,
     floating_names,
@@ -37,14 +33,17 @@ from curvlens.passes.analysis_common import (
     need_moments,
     resolve_pairs,
     tensor_id,
-    with_context,
+)
+from curvlens.passes.fused import run_pass
+from curvlens.passes.analyze_stats import (
+    CurvatureOverlap, CurvatureStats, Log10Histogram, MomentLevels, histogram_edges,
 )
 from curvlens.passes.experts import Experts
 from curvlens.runtime import resolve_device
 from curvlens.passes.thresholds import compress_moments, mask_scores, model_selections
 
-def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, max_exact: int = 1 << 24,
-                    seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
+def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, device="auto",
+                    progress: bool = True) -> pd.DataFrame:
     """Summary of ``log10 v`` for every moment tensor of every expert.
 
     Parameters
@@ -53,12 +52,6 @@ def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, max
         With moments (only the moments are read).
     names : sequence of str, optional
         Tensors to summarise (default: every floating tensor).
-    max_exact : int
-        Quantiles are exact up to this many positive entries per tensor and taken
-        on a seeded uniform subsample above it (``sampled`` says which); mean and
-        ``frac_zero`` are always exact. See :func:`curvlens.math.overlap.log10_stats`.
-    seed : int
-        Seed of that subsample.
     device : str or torch.device
         ``"auto"``: CUDA when present.
     progress : bool
@@ -71,23 +64,18 @@ def curvature_stats(experts: Experts, names: Sequence[str] | None = None, *, max
         mean_log10, median_log10, q01, q10, q50, q90, q99, frac_zero,
         bias_corrected, sampled``. Statistics of the logs are over the positive
         entries (NaN when there are none); ``bias_corrected`` says whether the
-        moments were divided by ``1 - beta2**step`` when read.
+        moments were divided by ``1 - beta2**step`` when read. The quantiles are
+        exact at every size (``torch.quantile``'s linear interpolation of the
+        float64 logs, bit for bit) without sorting: a 65536-bin histogram of each
+        tensor locates the order statistics and a selection inside those bins
+        finds them (:func:`curvlens.math.moment_sweep.log10_quantiles`), so
+        ``sampled`` is always False. The mean is a float64 sum of float64 logs.
+        One sweep per tensor, shared with the other analyses of
+        :func:`curvlens.analyze`.
     """
     need_moments(experts, "curvature_stats")
-    rows = []
-    for g in experts.iter_tensors(floating_names(experts, names), device=device, base=False, experts=False,
-                                  progress=progress, desc="curvature stats"):
-        for e, v in zip(experts.experts, g.moments):
-            try:
-                s = log10_stats(v, quantiles=(0.01, 0.1, 0.5, 0.9, 0.99), max_exact=max_exact,
-                                seed=tensor_seed(seed, g.name))
-            except CurvlensError as err:
-                raise with_context(err, f"expert {e.name!r}", f"tensor {g.name!r}") from err
-            rows.append({"expert": e.name, **tensor_id(g), "mean_log10": s["mean"], "median_log10": s["median"],
-                         "q01": s["q1"], "q10": s["q10"], "q50": s["q50"], "q90": s["q90"], "q99": s["q99"],
-                         "frac_zero": s["frac_zero"], "bias_corrected": bool(e.moments.bias_corrected),
-                         "sampled": bool(s["sampled"])})
-    return frame(rows, CURVATURE_STATS_COLUMNS)
+    return run_pass(experts, [CurvatureStats(experts)], names, device=device, progress=progress,
+                    desc="curvature stats")["curvature_stats"]
 
 
 # ------------------------------------------------------------ curvature_overlap
@@ -108,19 +96,8 @@ def moment_levels(experts: Experts, names: Sequence[str] | None = None, *, devic
         ``level_ratio``: ``mean_v`` over the smallest expert's).
     """
     need_moments(experts, "moment_levels")
-    names = floating_names(experts, names)
-    dev = resolve_device(device)
-    sums = {e: 0.0 for e in experts.names}
-    counts = {e: 0 for e in experts.names}
-    for g in experts.iter_tensors(names, device=dev, base=False, experts=False, desc="mean v", progress=progress):
-        for e, v in zip(g.expert_names, g.moments):
-            sums[e] += float(v.double().sum())
-            counts[e] += v.numel()
-    rows = [{"expert": e, "numel": counts[e], "mean_v": sums[e] / counts[e] if counts[e] else float("nan")}
-            for e in experts.names]
-    df = pd.DataFrame(rows, columns=["expert", "numel", "mean_v"])
-    df["level_ratio"] = df["mean_v"] / df["mean_v"].min()
-    return df
+    return run_pass(experts, [MomentLevels(experts)], names, device=device, progress=progress,
+                    desc="mean v")["moment_levels"]
 
 
 def curvature_overlap(experts: Experts, pairs=None, names: Sequence[str] | None = None, *,
@@ -185,17 +162,9 @@ def curvature_overlap(experts: Experts, pairs=None, names: Sequence[str] | None 
         raise CurvlensError(f"log_eps must be > 0; got {log_eps!r}")
     if not pairs:
         return frame([], CURVATURE_OVERLAP_COLUMNS)
-    used = [e for e in experts.names if any(e in p for p in pairs)]
-    sub = experts.subset(used) if used != experts.names else experts
-    ws = Workspace()
-    rows = []
-    for g in sub.iter_tensors(floating_names(experts, names), device=device, base=False, experts=False,
-                              progress=progress, desc="curvature overlap"):
-        stats, sampled = pair_overlaps(g.name, dict(zip(sub.names, g.moments)), pairs, spearman_max,
-                                       tensor_seed(seed, g.name), log_eps, ws)
-        for (a, b), s in stats.items():
-            rows.append({"expert_a": a, "expert_b": b, **tensor_id(g), **s, "spearman_sampled": sampled})
-    return frame(rows, CURVATURE_OVERLAP_COLUMNS)
+    stat = CurvatureOverlap(experts, pairs, spearman_max, seed, log_eps)
+    return run_pass(experts, [stat], names, device=device, progress=progress,
+                    desc="curvature overlap")["curvature_overlap"]
 
 
 # ----------------------------------------------------------- moment_compression
@@ -367,30 +336,7 @@ def log10_histogram(experts: Experts, bins=None, by: str | None = "role", names:
     need_moments(experts, "log10_histogram")
     if by not in _BY:
         raise CurvlensError(f"by={by!r} is not valid; expected one of {_BY}")
-    edges = np.linspace(-30, 0, 121) if bins is None else np.asarray(bins, dtype=np.float64)
-    if edges.ndim != 1 or edges.size < 2 or not np.all(np.diff(edges) > 0) or not np.all(np.isfinite(edges)):
-        raise CurvlensError("bins must be at least two finite, strictly increasing edges; "
-                            f"got {np.asarray(bins).tolist()[:8]}")
-    nb = edges.size - 1
-    dev = resolve_device(device)
-    edges_t = torch.tensor(edges, dtype=torch.float64, device=dev)
-    counts: dict[tuple, torch.Tensor] = {}
-    for g in experts.iter_tensors(floating_names(experts, names), device=dev, base=False, experts=False,
-                                  progress=progress, desc="log10 histogram"):
-        key = None if by is None else {"role": g.role, "layer": g.layer, "name": g.name}[by]
-        for e, v in zip(experts.names, g.moments):
-            acc = counts.setdefault((e, key), torch.zeros(nb, dtype=torch.int64))
-            acc += log10_bin_counts(v, edges_t)
-    cols = ["expert"] + ([] if by is None else [by]) + HISTOGRAM_VALUE_COLUMNS
-    parts = []
-    for (e, key), c in counts.items():
-        d = {"expert": e}
-        if by is not None:
-            d[by] = key
-        parts.append(pd.DataFrame({**d, "bin_left": edges[:-1], "bin_right": edges[1:], "count": c.numpy()}))
-    if not parts:
-        return frame([], cols)
-    df = pd.concat(parts, ignore_index=True)[cols]
-    if by == "layer":
-        df["layer"] = df["layer"].astype("Int64")
-    return df
+    edges = histogram_edges(bins)
+    stat = Log10Histogram(experts, edges, by)
+    return run_pass(experts, [stat], names, device=device, progress=progress,
+                    desc="log10 histogram")["log10_histogram"]

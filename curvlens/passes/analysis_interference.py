@@ -8,29 +8,20 @@
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
 from curvlens.errors import CurvlensError
-from curvlens.math.interference import pair_interference, predicted_loss_increase
 from curvlens.passes.analysis_common import (
-    COMPARE_MERGES_COLUMNS,
-    INTERFERENCE_COLUMNS,
-    PREDICTED_LOSS_COLUMNS,
-    floating_names,
-    frame,
     need_base,
     need_moments,
     open_merged,
-    read_merged,
     resolve_pairs,
-    tensor_id,
-    with_context,
 )
+from curvlens.passes.fused import merged_checkpoints, run_pass
+from curvlens.passes.analyze_stats import CompareMerges, Interference, PredictedLoss
 from curvlens.passes.experts import Experts
-from curvlens.runtime import resolve_device
 
 
 def interference(experts: Experts, merged=None, pairs=None, names: Sequence[str] | None = None, *,
@@ -80,27 +71,9 @@ def interference(experts: Experts, merged=None, pairs=None, names: Sequence[str]
             pairs += [(e, merged_label) for e in experts.names]
     else:
         pairs = resolve_pairs(participants, pairs)
-    with_v = experts.has_moments
-    dev = resolve_device(device)
-    rows = []
-    for g in experts.iter_tensors(floating_names(experts, names), device=dev, moments=with_v,
-                                  progress=progress, desc="interference"):
-        taus = dict(zip(experts.names, g.task_vectors))
-        vs = dict(zip(experts.names, g.moments)) if with_v else {}
-        if ckpt is not None:
-            taus[merged_label] = read_merged(ckpt, g.name, dev, merged_label) - g.base
-        for a, b in pairs:
-            va, vb = vs.get(a), vs.get(b)
-            if with_v:  # the merged model borrows its partner's curvature
-                va, vb = (vb if va is None else va), (va if vb is None else vb)
-            try:
-                st = pair_interference(taus[a], taus[b], va, vb)
-            except CurvlensError as err:
-                raise with_context(err, f"pair ({a!r}, {b!r})", f"tensor {g.name!r}") from err
-            rows.append({"expert_a": a, "expert_b": b, **tensor_id(g), "tv_cosine": st["tv_cosine"],
-                         "sign_conflict": st["sign_conflict"],
-                         "curvature_weighted_conflict": st["curvature_weighted_conflict"]})
-    return frame(rows, INTERFERENCE_COLUMNS)
+    merged_ckpts = {merged_label: ckpt} if ckpt is not None else {}
+    stat = Interference(experts, pairs, merged_ckpts)
+    return run_pass(experts, [stat], names, device=device, progress=progress, desc="interference")["interference"]
 
 
 def predicted_loss(experts: Experts, merged, names: Sequence[str] | None = None, *, device="auto",
@@ -127,22 +100,9 @@ def predicted_loss(experts: Experts, merged, names: Sequence[str] | None = None,
         over tensors: ``aggregate`` sums it.
     """
     need_moments(experts, "predicted_loss")
-    ckpt = open_merged(merged, experts)
-    dev = resolve_device(device)
-    rows = []
-    for g in experts.iter_tensors(floating_names(experts, names), device=dev, base=False, progress=progress,
-                                  desc="predicted loss"):
-        m = read_merged(ckpt, g.name, dev, "merged")
-        for e, x, v in zip(experts.names, g.experts, g.moments):
-            rows.append({"expert": e, **tensor_id(g), "predicted_loss_increase": _loss(v, m, x, e, g.name)})
-    return frame(rows, PREDICTED_LOSS_COLUMNS)
-
-
-def _loss(v, merged, expert_t, expert: str, name: str) -> float:
-    try:
-        return predicted_loss_increase(v, merged, expert_t)
-    except CurvlensError as err:
-        raise with_context(err, f"expert {expert!r}", f"tensor {name!r}") from err
+    stat = PredictedLoss(experts, open_merged(merged, experts))
+    return run_pass(experts, [stat], names, device=device, progress=progress,
+                    desc="predicted loss")["predicted_loss"]
 
 
 def compare_merges(experts: Experts, merges: Mapping[str, object], names: Sequence[str] | None = None, *,
@@ -185,25 +145,6 @@ def compare_merges(experts: Experts, merges: Mapping[str, object], names: Sequen
     need_moments(experts, "compare_merges")
     if not isinstance(merges, Mapping) or not merges:
         raise CurvlensError(f"merges must be a non-empty mapping label -> merged model; got {merges!r}")
-    ckpts = {str(k): open_merged(m, experts, str(k)) for k, m in merges.items()}
-    dev = resolve_device(device)
-    totals = {(k, e): 0.0 for k in ckpts for e in experts.names}
-    undo = {e: 0.0 for e in experts.names}
-    has_base = experts.base is not None
-    for g in experts.iter_tensors(floating_names(experts, names), device=dev, base=has_base, progress=progress,
-                                  desc="compare merges"):
-        for k, ckpt in ckpts.items():
-            m = read_merged(ckpt, g.name, dev, k)
-            for e, x, v in zip(experts.names, g.experts, g.moments):
-                totals[k, e] += _loss(v, m, x, e, g.name)
-            del m
-        if has_base:
-            for e, x, v in zip(experts.names, g.experts, g.moments):
-                undo[e] += _loss(v, g.base, x, e, g.name)
-    rows = []
-    for (k, e), t in totals.items():
-        base_loss = undo[e] if has_base else math.nan
-        rel = t / base_loss if has_base and base_loss > 0 else math.nan
-        rows.append({"method": k, "expert": e, "predicted_loss_increase": t,
-                     "predicted_loss_of_base": base_loss, "relative_loss": rel})
-    return frame(rows, COMPARE_MERGES_COLUMNS)
+    stat = CompareMerges(experts, merged_checkpoints(experts, merges))
+    return run_pass(experts, [stat], names, device=device, progress=progress,
+                    desc="compare merges")["compare_merges"]

@@ -14,20 +14,13 @@ analysed is the mask merged.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import pandas as pd
 import torch
 
 from curvlens.errors import CurvlensError
-from curvlens.math.blocks import Workspace, tensor_seed
-from curvlens.math.mask_structure import mask_jaccard, saliency_share
-from curvlens.math.mask_structure import mask_structure
-from curvlens.roles import param_role
 from curvlens.passes.analysis_common import (
-    MASK_OVERLAP_COLUMNS,
-    MASK_STATS_COLUMNS,
     check_criteria,
     check_densities,
     floating_names,
@@ -37,25 +30,16 @@ from curvlens.passes.analysis_common import (
     need_moments,
     per_expert,
     resolve_pairs,
-    tensor_id,
-    with_context,
 )
-from curvlens.passes.experts import Experts, TensorGroup
+from curvlens.passes.fused import run_pass
+from curvlens.passes.analyze_masks import (  # noqa: F401  (the rank settings, public here as before)
+    POWER_ITERS, RANK_EXACT_WORK, SKETCH_SIZE, MaskOverlap, MaskStats,
+)
+from curvlens.passes.experts import Experts
 from curvlens.runtime import resolve_device
 from curvlens.passes.thresholds import CRITERIA, THRESHOLD_COLUMNS, Selection, mask_scores, model_selections
 
-#: Default rank settings of :func:`mask_stats` (see its docstring for the cost).
-#: Exact-SVD budget of mask_stats per device, in the SVD's work m * n * min(m, n):
-#: every 2-D mask of every expert, criterion and density is ranked, so a CPU
-#: affords less than a GPU. 768**3 is a 0.1-0.3 s float64 SVD on one CPU core
-#: (768 x 768, or a 1536 x 384 FFN matrix: a thin matrix is cheap).
-RANK_EXACT_WORK = {"cpu": 768 ** 3, "cuda": 8192 ** 3}
-SKETCH_SIZE = 32
-POWER_ITERS = 1
-
-
 def check_mask_inputs(experts: Experts, criteria: Sequence[str], what: str) -> None:
-    """A base, and moments when a criterion is ``fisher``: what a mask needs."""
     need_base(experts, what)
     if "fisher" in criteria:
         need_moments(experts, f"{what} with the fisher criterion")
@@ -84,22 +68,6 @@ def selections_at(experts: Experts, ds: Sequence[float], criteria: Sequence[str]
                 progress: bool) -> dict[tuple[str, str, float], Selection]:
     """Every expert's selection at every density and criterion, in two passes."""
     return model_selections(experts, [list(ds)] * len(experts), criteria, device=device, progress=progress)
-
-
-class _OneTaus(TensorGroup):
-    """Expert ``i`` of a tensor group alone, its task vector computed once however
-    often asked (``mask_scores`` asks per criterion; the statistics need it too)."""
-
-    @classmethod
-    def of(cls, g: TensorGroup, i: int) -> _OneTaus:
-        return cls(g.name, g.layer, g.role, g.base, [g.experts[i]],
-                   None if g.moments is None else [g.moments[i]], [g.expert_names[i]])
-
-    @property
-    def task_vectors(self) -> list[torch.Tensor]:
-        if not hasattr(self, "_taus"):
-            self._taus = TensorGroup.task_vectors.fget(self)
-        return self._taus
 
 
 # -------------------------------------------------------------------- ffg_masks
@@ -211,16 +179,10 @@ def ffg_masks(experts: Experts, density=None, threshold=None, criterion: str = "
 
 
 # ------------------------------------------------------------------- mask_stats
-def _short_side(t: torch.Tensor) -> int:
-    """The smaller side of the 2-D view a rank is taken of (rows x the rest)."""
-    if t.dim() < 2 or t.numel() == 0:
-        return 1
-    return max(1, min(t.shape[0], t.numel() // t.shape[0]))
-
-
 def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, names: Sequence[str] | None = None,
                *, rank_exact_max: int | None = None, sketch_size: int = SKETCH_SIZE,
-               power_iters: int = POWER_ITERS, seed: int = 0, device="auto", progress: bool = True) -> pd.DataFrame:
+               power_iters: int = POWER_ITERS, seed: int = 0, ranks: bool = True, device="auto",
+               progress: bool = True) -> pd.DataFrame:
     """Structure of every mask: kept fraction, row/column sparsity, rank.
 
     Passes: two selection passes for all criteria and densities together
@@ -256,6 +218,12 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
         higher cap.
     seed : int
         Seed of the randomized sketches (per tensor, reproducible).
+    ranks : bool
+        False skips every singular value: ``mask_rank``, ``mask_rank_at_least``,
+        ``mask_effective_rank`` and ``stable_rank`` are NaN and ``rank_method``
+        is ``"skipped"`` for matrices. The ranks are most of this function's cost
+        on a CPU (``benchmarks/README.md``); everything else comes from the one
+        sweep that builds the masks.
     device, progress
         As everywhere.
 
@@ -274,54 +242,9 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     criteria = check_criteria(criteria)
     ds = check_densities(densities)
     check_mask_inputs(experts, criteria, "mask_stats")
-    names = floating_names(experts, names)
-    dev = resolve_device(device)
-    work = RANK_EXACT_WORK.get(dev.type, RANK_EXACT_WORK["cpu"])
-    sel = selections_at(experts, ds, criteria, dev, progress)
-    with_v = "fisher" in criteria
-    ws = Workspace()
-    rows = []
-    for g in experts.iter_tensors(names, device=dev, moments=with_v, progress=progress, desc="mask stats"):
-        ident = tensor_id(g)
-        n = ident["numel"]
-        mask, tmp = ws.get("mask", n, torch.bool, dev), ws.get("tmp", n, torch.float32, dev)
-        for i, e in enumerate(experts.names):
-            # One expert at a time: its task vector and scores only (a group of
-            # every expert's would double the pass's peak memory).
-            gi = _OneTaus.of(g, i)
-            (tau,) = gi.task_vectors
-            scores = {c: mask_scores(gi, c)[0] for c in criteria}
-            sal = scores.get("fisher")
-            # Fisher saliency kept, float32 with cascade sums (float64 chunks cost
-            # more than everything here but the ranks)
-            sal_total = float(sal.sum()) if sal is not None else math.nan
-            for c in criteria:
-                for d in ds:
-                    t = sel[c, e, d].threshold
-                    m = mask.view(tau.shape)
-                    m.copy_(sel[c, e, d].mask(g.name, scores[c]))
-                    try:
-                        exact = rank_exact_max if rank_exact_max is not None else work // _short_side(tau)
-                        st = mask_structure(m, tau=tau, rank_exact_max=exact,
-                                         rng=tensor_seed(seed, g.name), sketch_size=sketch_size,
-                                         power_iters=power_iters)
-                    except CurvlensError as err:
-                        raise with_context(err, f"expert {e!r}", f"tensor {g.name!r}") from err
-                    if sal is not None:
-                        st["saliency_kept"] = saliency_share(m, sal, sal_total, tmp)
-                    # a capped randomized rank is a bound, not a rank: its own column
-                    st["mask_rank_at_least"] = st["rank_cap"] if st["rank_capped"] else st["mask_rank"]
-                    if st["rank_capped"]:
-                        st["mask_rank"] = math.nan
-                    rows.append({"expert": e, "criterion": c, "density": d, **ident, "threshold": t,
-                                 **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}})
-            del gi, tau, scores, sal
-    df = frame(rows, MASK_STATS_COLUMNS)
-    # Rows grouped expert-major as the other frames (the pass is tensor-major).
-    order = {e: i for i, e in enumerate(experts.names)}
-    return (df.assign(_e=df["expert"].map(order), _c=df["criterion"].map(criteria.index))
-              .sort_values(["_e", "_c", "density"], kind="stable").drop(columns=["_e", "_c"])
-              .reset_index(drop=True))
+    stat = MaskStats(experts, criteria, ds, rank_exact_max=rank_exact_max, sketch_size=sketch_size,
+                     power_iters=power_iters, seed=seed, ranks=ranks)
+    return run_pass(experts, [stat], names, device=device, progress=progress, desc="mask stats")["mask_stats"]
 
 
 def mask_overlap(experts: Experts, density: float, criterion: str = "fisher", pairs=None,
@@ -352,12 +275,7 @@ def mask_overlap(experts: Experts, density: float, criterion: str = "fisher", pa
     (d,) = check_densities([density], "density")
     need_experts(experts, "mask_overlap")
     pairs = resolve_pairs(experts.names, pairs)
-    masks = ffg_masks(experts, density=d, criterion=criterion, names=names, device=device, progress=progress)
-    rows = []
-    for name, ms in masks:
-        layer, role = param_role(name)
-        ident = {"name": name, "layer": layer, "role": role, "numel": next(iter(ms.values())).numel()}
-        for a, b in pairs:
-            rows.append({"expert_a": a, "expert_b": b, "criterion": criterion, "density": d, **ident,
-                         "jaccard": mask_jaccard(ms[a], ms[b])})
-    return frame(rows, MASK_OVERLAP_COLUMNS)
+    if criterion == "fisher":
+        need_moments(experts, "mask_overlap with the fisher criterion")
+    stat = MaskOverlap(experts, d, criterion, pairs)
+    return run_pass(experts, [stat], names, device=device, progress=progress, desc="mask overlap")["mask_overlap"]

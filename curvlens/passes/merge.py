@@ -34,6 +34,7 @@ from curvlens.math.methods import MaskCounts, MergeMethod, resolve_params
 from curvlens.passes.experts import Experts, TensorGroup
 from curvlens.passes.merge_result import MergeResult
 from curvlens.passes.preflight import untrained_names
+from curvlens.passes.scout import count_equal, partial_reads, scout_selections
 from curvlens.passes.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.roles import param_role
 from curvlens.runtime import resolve_device
@@ -106,7 +107,9 @@ class MergeJob:
     ``params`` are the method's resolved parameters (a model-wide density becomes
     exact thresholds when the job runs); ``per_tensor(name, params)`` gives a
     tensor's own (see :class:`PerTensorParams`); ``names`` label the report's
-    ``kept_<name>`` columns; ``label`` is the result's method.
+    ``kept_<name>`` columns; ``label`` is the result's method; ``selection`` how a
+    model-wide selection is found (``"auto"``, ``"exact"``, ``"scout"``: see
+    :func:`curvlens.config.merge.merge`).
     """
 
     label: str
@@ -119,6 +122,7 @@ class MergeJob:
     names: Sequence[str] = ()
     out_dtype: torch.dtype | None = None
     in_dtype: torch.dtype | None = None
+    selection: str = "auto"
 
 
 def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | None = None, *,
@@ -135,7 +139,7 @@ def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | N
 
     m, experts, p = job.method, job.experts, job.params
     dev = resolve_device(device)
-    selections = _model_wide(m, experts, p, dev, progress) if m is not None else None
+    selections = _model_wide(m, experts, p, dev, progress, job.selection) if m is not None else None
     thresholds = None
     if selections is not None:
         thresholds = pd.DataFrame([s.row() for s in selections], columns=THRESHOLD_COLUMNS)
@@ -168,7 +172,7 @@ def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | N
                 pt = job.per_tensor(g.name, p) if job.per_tensor is not None else p
                 # a model-wide selection splits the tied scores tensor by tensor
                 if selections is not None:
-                    pt = {**pt, m.model_wide.ties: [s.ties(g.name) for s in selections]}
+                    pt = {**pt, m.model_wide.ties: [_ties(s, g, i) for i, s in enumerate(selections)]}
                 target = output_dtype(experts.stored_dtype(g.name), job.out_dtype)
                 # as mergekit: a method's result is in the input dtype, then cast to out_dtype
                 merged, row = _merge_one(m, g, pt, dev, job.names, job.in_dtype or target,
@@ -297,7 +301,16 @@ def _report_frame(rows: list[dict], names):
     return pd.DataFrame(rows, columns=cols)
 
 
-def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
+def _ties(s, g: TensorGroup, i: int) -> int | None:
+    """Tied entries expert ``i`` keeps in this tensor; a selection made in one
+    read counts them here, in model order (:class:`~curvlens.passes.thresholds.TieLedger`)."""
+    if s.ledger is not None and not s.ledger.seen(g.name):
+        v = g.moments[i] if s.criterion == "fisher" else None
+        s.ledger.take(g.name, count_equal(g.base, g.experts[i], v, s.criterion, s.threshold))
+    return s.ties(g.name)
+
+
+def _model_wide(m, experts: Experts, p: dict, dev, progress: bool, selection: str = "auto"):
     """The method's model-wide selection (:attr:`MergeMethod.model_wide`), made in
     two streaming passes: one :class:`Selection` per expert, or None. Moves the
     densities into exact thresholds in ``p``."""
@@ -316,7 +329,15 @@ def _model_wide(m, experts: Experts, p: dict, dev, progress: bool):
         if len(set(values)) > 1:
             raise CurvlensError(f"{spec.density} with per-expert {param} differing is not supported; got {values}")
         compress[key] = values[0]
-    found = model_selections(experts, densities, [spec.criterion], device=dev, progress=progress, **compress)
+    compressed = any(v for v in compress.values())
+    if selection not in ("auto", "exact", "scout"):
+        raise CurvlensError(f"selection={selection!r} is not valid; expected 'auto', 'exact' or 'scout'")
+    if selection == "auto":  # one read where the files can be sampled and the moments are whole
+        selection = "scout" if partial_reads(experts, spec.criterion == "fisher") else "exact"
+    if selection == "scout" and not compressed:
+        found, _ = scout_selections(experts, densities, [spec.criterion], device=dev, progress=progress)
+    else:
+        found = model_selections(experts, densities, [spec.criterion], device=dev, progress=progress, **compress)
     selections = [found[spec.criterion, e, d] for e, d in zip(experts.names, densities)]
     p[spec.threshold] = [s.threshold for s in selections]
     p[spec.density] = [None] * len(experts)  # now expressed as exact selections

@@ -35,6 +35,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
+from curvlens.math.quantile import ScoreSource
 from curvlens.math.saliency import magnitude_scores, saliency, scores_into
 from curvlens.math.topk import select_mask
 from curvlens.passes.experts import Experts, TensorGroup
@@ -110,7 +111,10 @@ def score_stream(experts: Experts, criteria: Sequence[str], *, rank1_approx: boo
                  rank: int | None = None, device="auto", progress: bool = True, desc: str = "scores"):
     """Yield ``(name, criterion, expert index, scores)`` over the whole model:
     every floating tensor in reference order, each expert's scores in consecutive
-    flat chunks (consume each before asking for the next: buffers are reused)."""
+    flat chunks (consume each before asking for the next: buffers are reused), or,
+    when the C kernels can take the inputs, as one
+    :class:`~curvlens.math.quantile.ScoreSource` per expert and tensor (the
+    sketches compute and bin the scores in one sweep)."""
     names = experts.tensor_names(floating_only=True)
     # rank-1/rank-r moments need whole fp32 tensors; otherwise score block by block
     compressed = bool(rank1_approx or rank)
@@ -125,6 +129,13 @@ def score_stream(experts: Experts, criteria: Sequence[str], *, rank1_approx: boo
                 for i, sc in enumerate(mask_scores(g, c, v)):
                     yield g.name, c, i, sc.reshape(-1)
             else:
+                # on a CPU the C kernels score and bin in one sweep
+                srcs = [ScoreSource.of(g.base, x, g.moments[i] if c == "fisher" else None, c)
+                        for i, x in enumerate(g.experts)]
+                if all(src is not None for src in srcs):
+                    for i, src in enumerate(srcs):
+                        yield g.name, c, i, src
+                    continue
                 for i, sc in score_chunks(g, c):
                     yield g.name, c, i, sc
 
@@ -150,6 +161,12 @@ class Selection:
     quota : mapping or None
         Tensor name -> tied entries kept in it (absent: none); None keeps every
         tied entry (when all of them fit).
+    ledger : TieLedger or None
+        Instead of ``quota``: the tied entries to keep, handed out in model order
+        as a pass meets each tensor and counts its tied entries (a selection made
+        in one read, :mod:`curvlens.passes.scout`, knows how many ties to keep
+        but not where they are). Such a selection serves one forward pass over
+        every tensor.
     """
 
     expert: str
@@ -160,22 +177,61 @@ class Selection:
     total: int
     tied: int
     quota: Mapping[str, int] | None = field(default=None, repr=False)
+    ledger: "TieLedger | None" = field(default=None, repr=False, compare=False)
 
     def ties(self, name: str) -> int | None:
         """Tied entries kept in tensor ``name`` (None: all of them)."""
+        if self.ledger is not None:
+            return self.ledger.taken(name)
         return None if self.quota is None else self.quota.get(name, 0)
 
     def mask(self, name: str, scores: torch.Tensor) -> torch.Tensor:
         """The bool mask of tensor ``name`` given its scores."""
+        if self.ledger is not None and not self.ledger.seen(name):
+            self.ledger.take(name, int(torch.count_nonzero(scores == self.threshold)))
         return select_mask(scores, self.threshold, self.ties(name))
 
     def row(self) -> dict:
         """This selection as a row of :data:`THRESHOLD_COLUMNS`."""
-        ties_kept = self.tied if self.quota is None else sum(self.quota.values())
+        ties_kept = (self.tied if self.quota is None and self.ledger is None
+                     else self.ledger.total if self.ledger is not None else sum(self.quota.values()))
         return {"expert": self.expert, "criterion": self.criterion, "density": self.density,
                 "threshold": self.threshold, "kept": self.k, "total": self.total,
                 "realized_density": self.k / self.total if self.total else float("nan"),
                 "tied": self.tied, "ties_kept": ties_kept}
+
+
+@dataclass
+class TieLedger:
+    """``total`` tied entries to keep, handed out in model order: the first
+    tensor a pass meets keeps as many of its tied entries as are left, and so on
+    (the rule of :class:`Selection`'s ``quota``, decided as the pass goes)."""
+
+    total: int
+    remaining: int = -1
+    given: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.remaining < 0:
+            self.remaining = self.total
+
+    def seen(self, name: str) -> bool:
+        return name in self.given
+
+    def take(self, name: str, n_equal: int) -> int:
+        """Tensor ``name`` holds ``n_equal`` tied entries: how many it keeps
+        (the same answer if asked again)."""
+        if name not in self.given:
+            q = min(int(n_equal), self.remaining)
+            self.remaining -= q
+            self.given[name] = q
+        return self.given[name]
+
+    def taken(self, name: str) -> int:
+        if name not in self.given:
+            raise CurvlensError(f"tensor {name!r}: this selection hands out its tied entries in model order; "
+                                "count the tensor's entries equal to the threshold first (TieLedger.take)")
+        return self.given[name]
 
 
 #: Columns of a selection table (:func:`model_thresholds`).

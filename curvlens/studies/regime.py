@@ -17,12 +17,12 @@ import pandas as pd
 from curvlens.arguments import frame_arg
 from curvlens.errors import CurvlensError
 from curvlens.passes.analysis_common import (
-    aggregate, floating_names, frame, need_base, tensor_id,
+    EDIT_NORMS_COLUMNS, aggregate, need_base,  # noqa: F401  (EDIT_NORMS_COLUMNS: its schema, public here)
 )
+from curvlens.passes.fused import run_pass
+from curvlens.passes.analyze_stats import EditNorms
 from curvlens.passes.experts import Experts
-from curvlens.runtime import resolve_device
 
-EDIT_NORMS_COLUMNS = ["expert", "name", "layer", "role", "numel", "delta_sq", "base_sq"]
 REGIME_COLUMNS = ["scope", "subject", "metric", "value"]
 
 #: What real fine-tuning measured (the regime the paper's experts are in), for the
@@ -44,15 +44,8 @@ def edit_norms(experts: Experts, names: Sequence[str] | None = None, *, device="
         (float64 sums). Both add up over tensors; :func:`relative_edit` pools them.
     """
     need_base(experts, "edit_norms")
-    dev = resolve_device(device)
-    rows = []
-    for g in experts.iter_tensors(floating_names(experts, names), device=dev, moments=False, progress=progress,
-                                  desc="edit norms"):
-        base_sq = float(g.base.double().square().sum())
-        for e, x in zip(experts.names, g.experts):
-            rows.append({"expert": e, **tensor_id(g), "delta_sq": float((x.double() - g.base.double()).square().sum()),
-                         "base_sq": base_sq})
-    return frame(rows, EDIT_NORMS_COLUMNS)
+    return run_pass(experts, [EditNorms(experts)], names, device=device, progress=progress,
+                    desc="edit norms")["edit_norms"]
 
 
 def relative_edit(norms: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:

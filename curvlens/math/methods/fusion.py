@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from curvlens.math.blocks import block_size
 from curvlens.math.methods.registry import register
 
 Tensor = torch.Tensor
@@ -56,9 +57,21 @@ def arcee_fusion(base, experts, moments, p, *, rng, counts) -> Tensor:
     tensor([[0.0000, 0.0000, 0.0000, 0.0000],
             [0.0000, 0.0000, 3.0000, 0.3000]])
     """
-    b, e = base.float(), experts[0].float()
-    scores = importance(e, b)
-    keep = (scores >= fusion_threshold(scores)).float()
-    if counts is not None:
-        counts.add([keep.reshape(-1)])
-    return b + (e - b) * keep
+    # importance is row-wise (a softmax and a KL per row), so it is taken a block
+    # of rows at a time into one fp32 tensor, the only whole-tensor copy besides
+    # the result; the threshold is that tensor's order statistics
+    b2 = base.reshape(1, -1) if base.dim() <= 1 else base.reshape(-1, base.shape[-1])
+    e2 = experts[0].reshape(b2.shape)
+    step = max(1, block_size(base.device) // max(1, b2.shape[1]))
+    scores = torch.empty(b2.shape, dtype=torch.float32, device=base.device)
+    for r in range(0, b2.shape[0], step):
+        scores[r:r + step] = importance(e2[r:r + step].float(), b2[r:r + step].float())
+    cut = fusion_threshold(scores)
+    out = torch.empty(b2.shape, dtype=torch.float32, device=base.device)
+    for r in range(0, b2.shape[0], step):
+        b, e = b2[r:r + step].float(), e2[r:r + step].float()
+        keep = (scores[r:r + step] >= cut).float()
+        if counts is not None:
+            counts.add([keep.reshape(-1)])
+        out[r:r + step] = b + (e - b) * keep
+    return out.reshape(base.shape)

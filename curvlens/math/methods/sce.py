@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from curvlens.math.blocks import block_size, blocks
 from curvlens.math.methods.params import INT8_MASK, ParamSpec, real
 from curvlens.math.methods.registry import register
 from curvlens.math.topk import kth_largest, select_mask
@@ -56,14 +57,50 @@ def sce(base, experts, moments, p, *, rng, counts) -> Tensor:
     >>> get_method("sce")(torch.zeros(2), [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])])
     tensor([ 2.3333, -2.0000])
     """
-    b = base.float()
-    taus = torch.stack([e.float() - b for e in experts])
+    # Whole-tensor quantities (the variance cut, each expert's mean tau**2) are
+    # taken one expert or one block of entries at a time, in the order mergekit's
+    # whole-tensor expressions take them; the combine is elementwise, in blocks.
+    # Peak memory: about two fp32 copies of the tensor, not 4N.
+    n = len(experts)
+    fb = base.reshape(-1)
+    flats = [e.reshape(-1) for e in experts]
+    size = block_size(base.device)
+    mask = None
     if p["select_topk"] < 1:
-        taus = taus * variance_mask(taus, p["select_topk"]).unsqueeze(0)
-    elected = (taus.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
-    agree = taus.sign() == elected
-    w = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
+        var = torch.empty(fb.numel(), dtype=torch.float32, device=base.device)
+        for sl in blocks(fb.numel(), size):
+            b = fb[sl].float()
+            var[sl] = torch.var(torch.stack([f[sl].float() - b for f in flats]), dim=0, unbiased=False)
+        mask = _top_variance(var, p["select_topk"])
+        del var
+    w = torch.empty(n, dtype=torch.float32, device=base.device)
+    for i, f in enumerate(flats):
+        tau = f.float() - fb.float()
+        if mask is not None:
+            tau = tau * mask
+        w[i] = tau.square().reshape(1, -1).mean(dim=1)[0]
+        del tau
     total = float(torch.sum(w))
-    w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
-    w = w.reshape((-1,) + (1,) * (taus.dim() - 1)) * agree
-    return b + (taus * w).sum(dim=0) / torch.sum(w, dim=0).clamp(min=1e-6)
+    w = torch.ones_like(w) / n if abs(total) < 1e-6 else w / total
+    out = torch.empty(fb.numel(), dtype=torch.float32, device=base.device)
+    for sl in blocks(fb.numel(), size):
+        b = fb[sl].float()
+        taus = torch.stack([f[sl].float() - b for f in flats])
+        if mask is not None:
+            taus = taus * mask[sl].unsqueeze(0)
+        elected = (taus.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
+        wb = w.reshape(-1, 1) * (taus.sign() == elected)
+        out[sl] = b + (taus * wb).sum(dim=0) / torch.sum(wb, dim=0).clamp(min=1e-6)
+    return out.reshape(base.shape)
+
+
+def _top_variance(var: Tensor, share: float) -> Tensor:
+    """fp32 0/1 mask of :func:`variance_mask` from the variance itself."""
+    if share <= 0:
+        return torch.zeros_like(var)
+    k = int(torch.count_nonzero(var) * share)
+    if k == 0:
+        return torch.zeros_like(var)
+    kth = kth_largest(var, k)
+    ties = k - int(torch.count_nonzero(var > kth))
+    return select_mask(var, kth, ties).to(torch.float32)
