@@ -18,7 +18,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.lazy import LazyTensors
-from curvlens.io.partial import gather_chunks, read_chunks
+from curvlens.io.partial import read_chunks
 from curvlens.io.paths import contained
 from curvlens.roles import param_role
 
@@ -151,7 +151,6 @@ class Checkpoint(LazyTensors):
     ):
         super().__init__(infos, reader)
         self._infos = infos
-        self._partial = None  # (name, starts, length) -> chunks, for safetensors files
         self.path = path
         self.label = label or (str(path) if path is not None else "<in-memory state dict>")
         #: Whether iteration follows the order the tensors were saved in (a state
@@ -268,21 +267,6 @@ class Checkpoint(LazyTensors):
         infos = {k: TensorInfo(v.shape, v.dtype, owner[k]) for k, v in tensors.items()}
         _check_index_agrees(files, infos, path)
         return cls(infos, lambda name: tensors[name].clone(), path=path)
-
-    @property
-    def partial_reads(self) -> bool:
-        """Whether :meth:`chunks` reads only the chunks (safetensors files)."""
-        return self._partial is not None
-
-    def chunks(self, name: str, starts, length: int) -> torch.Tensor:
-        """``length`` consecutive flat entries of ``name`` at each of ``starts``, as a
-        ``(len(starts), length)`` tensor: from safetensors files by ``pread`` of
-        just those bytes (:mod:`curvlens.io.partial`), else cut from the tensor."""
-        if name not in self._infos:
-            raise KeyError(name)
-        if self._partial is not None:
-            return self._partial(name, starts, length)
-        return gather_chunks(self._reader(name), starts, length)
 
     def __repr__(self) -> str:
         n = sum(i.shape.numel() for i in self._infos.values())

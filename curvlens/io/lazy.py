@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from curvlens.io.partial import gather_chunks
+
 
 class LazyTensors(Mapping):
     """A lazy, read-only mapping ``name -> torch.Tensor``.
@@ -27,9 +29,32 @@ class LazyTensors(Mapping):
         self._entries = entries
         self._reader = reader
 
+    #: ``(name, starts, length) -> chunks`` reading only those bytes (set for
+    #: safetensors files, :mod:`curvlens.io.partial`); None: cut from a whole read.
+    _partial: Callable | None = None
+
+    def _finish(self, t: torch.Tensor) -> torch.Tensor:
+        """What every read returns of the stored values; subclasses post-process here."""
+        return t
+
     def _load(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` (known to exist); subclasses post-process here."""
-        return self._reader(name)
+        """Read tensor ``name`` (known to exist)."""
+        return self._finish(self._reader(name))
+
+    @property
+    def partial_reads(self) -> bool:
+        """Whether :meth:`chunks` reads only the chunks (safetensors files)."""
+        return self._partial is not None
+
+    def chunks(self, name: str, starts, length: int) -> torch.Tensor:
+        """``length`` consecutive flat entries of ``name`` at each of ``starts``, as a
+        ``(len(starts), length)`` tensor, post-processed as every read: from
+        safetensors files by ``pread`` of just those bytes, else cut from the tensor."""
+        if name not in self._entries:
+            raise KeyError(name)
+        if self._partial is not None:
+            return self._finish(self._partial(name, starts, length))
+        return self._finish(gather_chunks(self._reader(name), starts, length))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._entries:

@@ -34,7 +34,7 @@ from curvlens.io.distributed import LAYOUTS as SHARDED_LAYOUTS
 from curvlens.io.distributed import find_sharded
 from curvlens.io.sharded_source import ShardedSource
 from curvlens.io.moments_source import MomentsSource, dtype_names, group_betas, meta_betas, warn_untrained
-from curvlens.io.partial import gather_chunks, read_chunks
+from curvlens.io.partial import read_chunks
 from curvlens.io.optimizer_order import name_index_state
 from curvlens.io.paths import contained
 
@@ -75,7 +75,6 @@ class Moments(LazyTensors):
                  bias_correction: bool = False, path: Path | None = None):
         super().__init__(shapes, reader)
         self._shapes = shapes
-        self._partial = None  # (name, starts, length) -> chunks, for safetensors files
         self.label = label
         self.path = path
         #: The safetensors file's metadata (strings), e.g. ``kind=empirical_fisher``
@@ -294,24 +293,8 @@ class Moments(LazyTensors):
                                  dtype_names(v.dtype for v in tensors.values()), group_betas(groups))
         return m
 
-    def _load(self, name: str) -> torch.Tensor:
-        v = self._reader(name).float()
-        return v * self._scale if self._scale != 1.0 else v
-
-    @property
-    def partial_reads(self) -> bool:
-        """Whether :meth:`chunks` reads only the chunks (safetensors files)."""
-        return self._partial is not None
-
-    def chunks(self, name: str, starts, length: int) -> torch.Tensor:
-        """``length`` consecutive flat entries of the moment of ``name`` at each of
-        ``starts`` (fp32, scaled as every read), as :meth:`Checkpoint.chunks`."""
-        if name not in self._shapes:
-            raise KeyError(name)
-        if self._partial is not None:
-            v = self._partial(name, starts, length).float()
-        else:
-            v = gather_chunks(self._reader(name), starts, length).float()
+    def _finish(self, t: torch.Tensor) -> torch.Tensor:
+        v = t.float()  # fp32, bias-corrected when asked: every read and chunk alike
         return v * self._scale if self._scale != 1.0 else v
 
     def __repr__(self) -> str:

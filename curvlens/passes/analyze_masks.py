@@ -22,7 +22,7 @@ from curvlens.math.blocks import tensor_seed
 from curvlens.math.mask_structure import mask_structure
 from curvlens.math.saliency import magnitude_scores, saliency
 from curvlens.passes.analysis_common import MASK_OVERLAP_COLUMNS, MASK_STATS_COLUMNS, frame
-from curvlens.passes.fused import MaskSet, Stat, TensorContext
+from curvlens.passes.stat import MaskSet, Stat, TensorContext
 from curvlens.passes.experts import Experts
 from curvlens.passes.scout import partial_reads, scout_selections
 from curvlens.passes.thresholds import Selection, model_selections

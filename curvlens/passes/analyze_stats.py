@@ -22,7 +22,7 @@ from curvlens.passes.analysis_common import (
     HISTOGRAM_VALUE_COLUMNS,
     INTERFERENCE_COLUMNS, PREDICTED_LOSS_COLUMNS, frame,
 )
-from curvlens.passes.fused import Stat, TensorContext
+from curvlens.passes.stat import Stat, TensorContext
 from curvlens.passes.experts import Experts
 
 __all__ = ["CurvatureStats", "MomentLevels", "Log10Histogram", "CurvatureOverlap", "EditNorms", "Interference",

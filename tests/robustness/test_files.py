@@ -114,7 +114,7 @@ def test_a_symlinked_tokenizer_json_is_never_copied_into_the_output(models, tmp_
 def test_a_chat_template_name_is_a_name(models, tmp_path, name):
     base, dirs, secret = models
     ex = Experts.from_dirs(base, dirs, moments=False)
-    with pytest.raises(CurvlensError, match="is not a name") as err:
+    with pytest.raises(CurvlensError, match="is not a template name") as err:
         merge(ex, "task_arithmetic", tmp_path / "o", tokenizer=TokenizerOptions(chat_template=name), **KW)
     assert SECRET not in str(err.value)
     cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "chat_template": name,
@@ -126,7 +126,7 @@ def test_a_chat_template_name_is_a_name(models, tmp_path, name):
 
 def test_an_unknown_template_name_lists_the_shipped_ones(models, tmp_path):
     base, dirs, _ = models
-    with pytest.raises(CurvlensError, match="neither 'auto', a template name mergekit ships"):
+    with pytest.raises(CurvlensError, match="is not a template curvlens carries; expected one of alpaca, chatml"):
         merge(Experts.from_dirs(base, dirs, moments=False), "task_arithmetic", tmp_path / "o",
               tokenizer=TokenizerOptions(chat_template="no-such-template"), **KW)
 
