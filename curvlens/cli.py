@@ -52,7 +52,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from curvlens.demo import run_demo
 
     run_demo(a.out, config="quick" if a.quick else "default", device=a.device, overwrite=a.overwrite,
-             progress=not a.quiet, echo=print)
+             progress=not a.quiet, echo=print, seeds=a.seeds)
     return 0
 
 
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--threads", type=int, default=None,
                    help="torch threads on a CPU (default 1: a busy machine makes more many times slower)")
+    d.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="build and analyse one zoo per seed and pool the findings over them (each further "
+                        "seed costs one more zoo build; default: seed 0 alone)")
     d.set_defaults(fn=_cmd_demo)
 
     m = sub.add_parser("merge", help="merge models from a mergekit / OTA-fork YAML config")

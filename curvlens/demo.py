@@ -87,9 +87,9 @@ def analysis_frames(zoo, experts, merges: dict, table, *, device="auto", progres
 
 
 def regime_frames(experts, frames: dict, capabilities=None, *, device="auto", progress=True) -> dict:
-    """``edit_norms``, ``regime`` and ``findings`` from the experts and the frames
-    already computed (what ``curvlens demo`` and ``curvlens analyze`` report)."""
-    from curvlens.streams.findings import findings
+    """``edit_norms``, ``regime``, ``findings`` and ``finding_intervals`` from the
+    experts and the frames already computed (what ``curvlens demo`` and
+    ``curvlens analyze`` report)."""
     from curvlens.streams.regime import edit_norms, regime_table
 
     out = {"edit_norms": edit_norms(experts, device=device, progress=progress)}
@@ -97,9 +97,30 @@ def regime_frames(experts, frames: dict, capabilities=None, *, device="auto", pr
     out["regime"] = regime_table(out["edit_norms"], interference=frames.get("interference"),
                                  overlap=frames.get("curvature_overlap"),
                                  scores=table if capabilities else None, capabilities=capabilities)
-    shapes = {n: tuple(experts.reference.shape(n)) for n in experts.tensor_names(floating_only=True)}
-    out["findings"] = findings(frames, capabilities=capabilities, shapes=shapes)
+    out.update(findings_frames(experts, frames, capabilities))
     return out
+
+
+def findings_frames(experts, frames: dict, capabilities=None) -> dict:
+    """``findings`` and ``finding_intervals`` from the frames (of one seed, or of
+    several with a ``seed`` column)."""
+    from curvlens.streams.findings import findings_with_intervals
+
+    shapes = {n: tuple(experts.reference.shape(n)) for n in experts.tensor_names(floating_only=True)}
+    verdicts, intervals = findings_with_intervals(frames, capabilities=capabilities, shapes=shapes)
+    return {"findings": verdicts, "finding_intervals": intervals}
+
+
+#: The frames the findings read: with several seeds, these are pooled over seeds.
+FINDING_FRAMES = ("merge_table", "graft_sweep", "mask_stats", "curvature_overlap")
+
+
+def pooled_frames(per_seed: dict[int, dict]) -> dict:
+    """The findings' frames of several seeds, concatenated with a ``seed`` column."""
+    import pandas as pd
+
+    return {k: pd.concat([f[k].assign(seed=s) for s, f in per_seed.items()], ignore_index=True)
+            for k in FINDING_FRAMES if all(k in f for f in per_seed.values())}
 
 
 def regime_lines(frames: dict) -> list[str]:
@@ -134,7 +155,7 @@ def evaluate_and_merge(zoo, experts, *, device="auto", progress=True, echo=lambd
 
 
 def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "auto",
-             overwrite: bool = False, progress: bool = True, seed: int = 0,
+             overwrite: bool = False, progress: bool = True, seed: int = 0, seeds=None,
              echo: Callable[[str], None] = lambda s: None, cache_dir=None, analyses: bool = True) -> dict:
     """Run the demo end to end and write its outputs to ``out``.
 
@@ -146,6 +167,12 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
         Which zoo.
     echo : callable
         Where progress text and the final tables go (the CLI passes ``print``).
+    seed, seeds : int, sequence of int
+        The zoo's seed; with ``seeds`` (e.g. ``(0, 1, 2)``), one zoo per seed is
+        built and analysed, the findings pool all of them (their intervals span
+        the seeds as well as the evaluation items; ``findings_by_seed.csv`` has
+        each seed's own verdicts) and the rest of the report shows the first seed.
+        Each further seed costs one more zoo build.
     analyses : bool
         Also run every analysis (curvature overlap, masks, interference, grafting
         sweep) and put it in the report.
@@ -153,30 +180,34 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
     Returns
     -------
     dict
-        ``{"table", "pivot", "zoo", "path", "merges", "frames"}``.
+        ``{"table", "pivot", "zoo", "path", "merges", "frames"}`` (of the first seed).
     """
-    from curvlens import zoo as zoo_mod
     from curvlens.views.report import write_report
 
     out = Path(out)
     AtomicDir(out, overwrite=overwrite)  # refuse a bad output before the long part
     t0 = time.perf_counter()
-    echo(f"building or loading the {config!r} zoo ...")
-    zoo = zoo_mod.build(config, seed=seed, progress=progress, cache_dir=cache_dir)
-    experts = zoo.experts()
-    echo(f"zoo ready in {time.perf_counter() - t0:.0f} s: {experts}")
-    table, merges = evaluate_and_merge(zoo, experts, device=device, progress=progress, echo=echo)
+    seeds = [seed] if seeds is None else [int(s) for s in dict.fromkeys(seeds)]
+    runs = {s: _demo_seed(config, s, device=device, progress=progress, echo=echo, cache_dir=cache_dir,
+                          analyses=analyses, t0=t0) for s in seeds}
+    zoo, experts, merges, frames = runs[seeds[0]]
+    table = frames["merge_table"]
     pivot = score_pivot(table)
-    echo("\naccuracy per capability (held-out, exact match):")
-    echo(pivot.round(3).to_string())
-    frames = {"merge_table": table}
+    if analyses and len(seeds) > 1:
+        import pandas as pd
+
+        by_seed = [findings_frames(experts, f, zoo.capabilities)["findings"].assign(seed=s)
+                   for s, (_, _, _, f) in runs.items()]
+        frames["findings_by_seed"] = pd.concat(by_seed, ignore_index=True)
+        frames.update(findings_frames(experts, pooled_frames({s: r[3] for s, r in runs.items()}),
+                                      zoo.capabilities))
+        frames["findings"] = frames["findings"].assign(seeds=" ".join(map(str, seeds)))
     if analyses:
-        frames = analysis_frames(zoo, experts, merges, table, device=device, progress=progress, echo=echo)
         for line in summary_lines(frames, zoo) + regime_lines(frames):
             echo(line)
 
     # the zoo is an input too: the report never goes into it
-    with AtomicDir(out, overwrite=overwrite, inputs=[zoo.root]) as tmp:
+    with AtomicDir(out, overwrite=overwrite, inputs=[r[0].root for r in runs.values()]) as tmp:
         for key, df in frames.items():
             df.to_csv(tmp / f"{key}.csv", index=False)
         for label, res in merges.items():
@@ -186,6 +217,23 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
     echo(f"\nwrote {out / 'merge_table.csv'} and {out / 'report.html'} "
          f"({time.perf_counter() - t0:.0f} s in all)")
     return {"table": table, "pivot": pivot, "zoo": zoo, "path": out, "merges": merges, "frames": frames}
+
+
+def _demo_seed(config, seed, *, device, progress, echo, cache_dir, analyses, t0):
+    """One seed of the demo: (zoo, experts, merges, frames)."""
+    from curvlens import zoo as zoo_mod
+
+    echo(f"building or loading the {config!r} zoo (seed {seed}) ...")
+    zoo = zoo_mod.build(config, seed=seed, progress=progress, cache_dir=cache_dir)
+    experts = zoo.experts()
+    echo(f"zoo ready in {time.perf_counter() - t0:.0f} s: {experts}")
+    table, merges = evaluate_and_merge(zoo, experts, device=device, progress=progress, echo=echo)
+    echo(f"\naccuracy per capability (held-out, exact match; seed {seed}):")
+    echo(score_pivot(table).round(3).to_string())
+    frames = {"merge_table": table}
+    if analyses:
+        frames = analysis_frames(zoo, experts, merges, table, device=device, progress=progress, echo=echo)
+    return zoo, experts, merges, frames
 
 
 def score_pivot(table):
@@ -281,14 +329,25 @@ def findings_sections(frames: dict) -> list[tuple[str, str]]:
         f"<li><b>({html.escape(r.claim)}) {html.escape(r.statement)}: {html.escape(r.verdict)}</b><br>"
         f"{html.escape(r.evidence)}<br><span class='note'>rule: {html.escape(r.rule)}</span></li>"
         for r in f.itertuples())
+    seeds = f"seeds {f['seeds'].iloc[0]} pooled" if "seeds" in f.columns else "one seed"
+    if "finding_intervals" in frames and len(frames["finding_intervals"]):
+        iv = frames["finding_intervals"].set_index(["claim", "subject", "metric"])
+        items += table_html(iv, f"every comparison a verdict rests on ({seeds}): observed value, 95% interval, "
+                                "threshold, outcome", "{:.3g}")
+    if "findings_by_seed" in frames:
+        by = frames["findings_by_seed"].pivot_table(index="claim", columns="seed", values="verdict",
+                                                    aggfunc="first")
+        items += table_html(by, "each seed's own verdicts")
     reg = frames["regime"]
     wide = reg.pivot_table(index=["scope", "subject"], columns="metric", values="value", sort=False)
     body = (f"<p>{html.escape(regime_verdict(reg))}.</p>"
             + table_html(wide, "relative edit ||theta_i - theta_0|| / ||theta_0|| per expert and role, model-level "
-                               "task-vector cosine and curvature overlap per pair, retention (score / the "
-                               "expert's own) per merge", "{:.4g}"))
+                               "task-vector cosine and curvature overlap per pair; per merge the gain kept "
+                               "(merged - base) / (expert - base), pooled over capabilities and the worst one, "
+                               "and, secondary, retention (score / the expert's own)", "{:.4g}"))
     return [("Findings", f"<p class='note'>Each claim of the paper, decided by the rule shown from the numbers "
-                         f"of this run (computed, not written by hand).</p><ul>{items}</ul>"),
+                         f"of this run ({seeds}; computed, not written by hand). A verdict is stated only when "
+                         "the 95% intervals decide it, else it is undecided.</p><ul>{items}</ul>"),
             ("Regime", body)]
 
 

@@ -51,7 +51,10 @@ def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[s
     if "capability" not in result.columns or col is None:
         raise CurvlensError(f"{where} returned columns {list(result.columns)}; expected capability and "
                             "score (or accuracy)")
-    return [(str(c), float(s)) for c, s in zip(result["capability"], result[col])]
+    # per-item results, when the evaluation gives them (curvlens.zoo.evaluate does), ride
+    # along for the findings' bootstrap over items
+    items = result["correct"] if "correct" in result.columns else [None] * len(result)
+    return [(str(c), float(s), it) for c, s, it in zip(result["capability"], result[col], items)]
 
 
 def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callable | None = None, *,
@@ -86,7 +89,8 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
     -------
     pandas.DataFrame
         ``expert, criterion, density, capability, score``: one row per expert x
-        criterion x density x capability the evaluation reports.
+        criterion x density x capability the evaluation reports, plus
+        ``correct`` (per-item results) when ``evaluate`` returns that column.
     """
     if evaluate is None or not callable(evaluate):
         raise CurvlensError(f"evaluate must be a callable state_dict -> DataFrame; got {evaluate!r}")
@@ -111,10 +115,11 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
                 else:
                     scores = _scores(evaluate(_graft(sub, sel[c, e, d], c, dev)), e, c, d)
                     bar.update(1)
-                rows += [{"expert": e, "criterion": c, "density": d, "capability": cap, "score": s}
-                         for cap, s in scores]
+                rows += [{"expert": e, "criterion": c, "density": d, "capability": cap, "score": s, "correct": it}
+                         for cap, s, it in scores]
     bar.close()
-    return frame(rows, GRAFT_SWEEP_COLUMNS)
+    with_items = any(r["correct"] is not None for r in rows)
+    return frame(rows, GRAFT_SWEEP_COLUMNS + (["correct"] if with_items else []))
 
 
 def ffg_vs_magnitude_summary(sweep: pd.DataFrame, capabilities: Mapping[str, str]) -> pd.DataFrame:

@@ -19,6 +19,8 @@ from curvlens.streams.analysis_common import (
     aggregate, floating_names, frame, need_base, tensor_id,
 )
 from curvlens.streams.experts import Experts, resolve_device
+from curvlens.streams.gain import POOLED, WORST, merge_gain
+from curvlens.streams.prediction import merge_retention
 
 EDIT_NORMS_COLUMNS = ["expert", "name", "layer", "role", "numel", "delta_sq", "base_sq"]
 REGIME_COLUMNS = ["scope", "subject", "metric", "value"]
@@ -88,8 +90,12 @@ def regime_table(norms: pd.DataFrame, *, interference: pd.DataFrame | None = Non
         :func:`~curvlens.streams.analysis_curvature.curvature_overlap`: the
         model-level ``spearman_log`` and ``cosine`` per pair.
     scores, capabilities : optional
-        A merge table and expert -> capability: each model's mean and worst
-        ``retention`` (score / the expert's own score; scope ``merge``).
+        A merge table and expert -> capability: each merge's ``gain_kept`` (the
+        share of the experts' summed gain over the base it keeps,
+        :func:`~curvlens.streams.gain.merge_gain`) and ``worst_gain_kept`` (its
+        worst capability's), when the table has the base's rows; and, secondary,
+        ``mean_retention`` and ``worst_retention`` (score / the expert's own
+        score, which credits the base's own score to every merge; scope ``merge``).
     """
     rows = []
     for r in relative_edit(norms).itertuples():
@@ -106,19 +112,31 @@ def regime_table(norms: pd.DataFrame, *, interference: pd.DataFrame | None = Non
                 rows.append({"scope": "pair", "subject": f"{r.expert_a} / {r.expert_b}", "metric": m,
                              "value": float(getattr(r, m))})
     if scores is not None:
-        from curvlens.streams.prediction import merge_retention
-
         if capabilities is None:
             raise CurvlensError("regime_table: scores need capabilities (expert -> capability)")
-        ret = merge_retention(scores, capabilities)
-        experts = {f"expert: {e}" for e in capabilities}
-        for model, grp in ret[~ret["model"].isin(experts | {"base"})].groupby("model", sort=False):
-            per_cap = grp[grp["capability"] != "mean"]["retention"]
-            rows.append({"scope": "merge", "subject": model, "metric": "mean_retention",
-                         "value": float(per_cap.mean())})
-            rows.append({"scope": "merge", "subject": model, "metric": "worst_retention",
-                         "value": float(per_cap.min())})
+        rows += merge_rows(scores, capabilities)
     return pd.DataFrame(rows, columns=REGIME_COLUMNS)
+
+
+def merge_rows(scores: pd.DataFrame, capabilities: Mapping[str, str]) -> list[dict]:
+    """The regime table's ``merge`` rows: gain kept first, retention second."""
+    experts = {f"expert: {e}" for e in capabilities}
+    with_base = bool((scores["model"] == "base").any())
+    gain = merge_gain(scores, capabilities) if with_base else merge_retention(scores, capabilities)
+    rows = []
+    for model, grp in gain[~gain["model"].isin(experts | {"base"})].groupby("model", sort=False):
+        per_cap = grp[~grp["capability"].isin([POOLED, WORST, "mean"])]
+        summary = grp.set_index("capability")
+        if with_base:
+            rows.append({"scope": "merge", "subject": model, "metric": "gain_kept",
+                         "value": float(summary.loc[POOLED, "gain_kept"])})
+            rows.append({"scope": "merge", "subject": model, "metric": "worst_gain_kept",
+                         "value": float(summary.loc[WORST, "gain_kept"])})
+        rows.append({"scope": "merge", "subject": model, "metric": "mean_retention",
+                     "value": float(per_cap["retention"].mean())})
+        rows.append({"scope": "merge", "subject": model, "metric": "worst_retention",
+                     "value": float(per_cap["retention"].min())})
+    return rows
 
 
 def regime_verdict(table: pd.DataFrame) -> str:

@@ -44,6 +44,8 @@ from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
 
 MANIFEST = "zoo.json"
+#: The merge table's columns (:meth:`Zoo.score`).
+MERGE_TABLE_COLUMNS = ["model", "method", "capability", "accuracy", "n", "correct"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Zoo:
         kind = resolve_device(device).type
         stored = self.root / f"scores-{kind}-{_evaluation_version()}.csv"
         if stored.is_file():
-            return pd.read_csv(stored)
+            return pd.read_csv(stored, dtype={"correct": str})
         models = {"base": ("base", self.base_dir),
                   **{f"expert: {n}": ("expert", d) for n, d in self.expert_dirs.items()}}
         table = self._rows(models, device)
@@ -140,7 +142,8 @@ class Zoo:
 
     def score(self, models, *, reference: bool = True, device: str = "auto"):
         """One merge table for any models: ``{label: model}`` -> rows ``model,
-        method, capability, accuracy, n``.
+        method, capability, accuracy, n, correct`` (``correct``: each prompt's
+        result, ``"T"``/``"F"``, for a bootstrap over items).
 
         Parameters
         ----------
@@ -166,8 +169,8 @@ class Zoo:
         for label, (method, model) in models.items():
             df = evaluate(model, zoo=self, device=device)
             rows += [{"model": label, "method": method, "capability": r.capability, "accuracy": r.accuracy,
-                      "n": r.n} for r in df.itertuples()]
-        return pd.DataFrame(rows, columns=["model", "method", "capability", "accuracy", "n"])
+                      "n": r.n, "correct": r.correct} for r in df.itertuples()]
+        return pd.DataFrame(rows, columns=MERGE_TABLE_COLUMNS)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -184,7 +187,7 @@ def zoo_dir(config: ZooConfig, seed: int, cache_dir: str | Path | None = None) -
 
 
 def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Path | None = None,
-          progress: bool = True, rebuild: bool = False) -> Zoo:
+          progress: bool = True, rebuild: bool = False, *, seeds=None):
     """Build the demo expert zoo, or reuse the cached one.
 
     Parameters
@@ -202,11 +205,20 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
         Show progress bars.
     rebuild : bool
         Build even if a cached zoo exists (it is replaced once the new one is complete).
+    seeds : sequence of int, optional
+        Build one zoo per seed (instead of ``seed``) and return them all: results
+        that hold for one seed may not for another (``docs/zoo.md`` gives ranges
+        over seeds).
 
     Returns
     -------
-    Zoo
+    Zoo, or a tuple of Zoo (one per seed, in order) with ``seeds``
     """
+    if seeds is not None:
+        seeds = list(dict.fromkeys(int(s) for s in seeds))
+        if not seeds:
+            raise CurvlensError("build: seeds is empty; give at least one seed")
+        return tuple(build(config, s, cache_dir, progress, rebuild) for s in seeds)
     config = resolve_config(config)
     root = zoo_dir(config, seed, cache_dir)
     if not rebuild and (root / MANIFEST).is_file():
@@ -235,9 +247,9 @@ def _evaluation_version() -> str:
     return h.hexdigest()[:10]
 
 
-def load(config: str | ZooConfig = "quick", *, seed: int = 0, cache_dir=None, progress: bool = True) -> Zoo:
+def load(config: str | ZooConfig = "quick", *, seed: int = 0, cache_dir=None, progress: bool = True, seeds=None):
     """The zoo ``config`` from the cache, built first when it is not there yet
-    (:func:`build`; the default here is the quick zoo).
+    (:func:`build`; the default here is the quick zoo; ``seeds``: one per seed).
 
     Examples
     --------
@@ -245,7 +257,7 @@ def load(config: str | ZooConfig = "quick", *, seed: int = 0, cache_dir=None, pr
     >>> zoo = cl.zoo.load("quick")                                # doctest: +SKIP
     >>> table = zoo.score({"average": cl.merge(zoo.experts(), "linear")})  # doctest: +SKIP
     """
-    return build(config, seed=seed, cache_dir=cache_dir, progress=progress)
+    return build(config, seed=seed, cache_dir=cache_dir, progress=progress, seeds=seeds)
 
 
 def move_into_place(partial: Path, root: Path, *, replace: bool) -> None:
