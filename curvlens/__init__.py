@@ -23,12 +23,15 @@ masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overla
                        :func:`mask_thresholds`, :func:`graft_sweep`,
                        :func:`ffg_vs_magnitude_summary`
 interference           :func:`interference`, :func:`predicted_loss`,
-                       :func:`compare_merges`, :func:`prediction_agreement`, :func:`prediction_study`,
-                       :func:`merge_retention`
+                       :func:`compare_merges`, :func:`split_merges` (coherent and residual parts),
+                       :func:`prediction_agreement`, :func:`agreement_by_family`, :func:`prediction_study`
+scores                 :func:`merge_gain` (gain kept over the base, the one yardstick),
+                       :func:`gain_interval` (with 95% intervals over items), :func:`merge_retention`
 sweeps, soups, fronts  :func:`sweep`, :func:`sweep_grid` (many merge + evaluate jobs, serially or on
                        a dask cluster), :func:`greedy_soup`, :func:`pareto_front`, :func:`gram_matrices`
 regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_table`,
-                       :func:`findings` (the paper's claims, decided from the frames)
+                       :func:`findings`, :func:`findings_with_intervals` (the paper's claims, decided
+                       from the frames only where 95% intervals decide them)
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
                        ``merge(..., tensors=)``, :class:`TensorFilter`
 pooling                :func:`aggregate`
@@ -71,11 +74,15 @@ from curvlens.streams.fisher_compare import fisher_vs_adam
 from curvlens.streams.merge import MergeResult, merge
 from curvlens.streams.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
 from curvlens.streams.merge_config import load_merge_config
-from curvlens.streams.findings import findings
+from curvlens.streams.findings import findings, findings_with_intervals
+from curvlens.streams.findings_stats import gain_interval
+from curvlens.streams.gain import merge_gain
 from curvlens.streams.fronts import FrontResult, gram_matrices, pareto_front
 from curvlens.streams.soup import SoupResult, greedy_soup
 from curvlens.streams.sweep import sweep, sweep_grid
-from curvlens.streams.prediction import merge_retention, prediction_agreement, prediction_study
+from curvlens.streams.prediction import (
+    agreement_by_family, merge_retention, prediction_agreement, prediction_study, split_merges,
+)
 from curvlens.streams.regime import edit_norms, regime_table, relative_edit
 from curvlens.tensor_filter import TensorFilter
 
@@ -88,7 +95,8 @@ __all__ = [
     "ffg_masks", "ffg_vs_magnitude_summary", "graft_sweep", "interference", "list_methods", "method_params",
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",
-    "prediction_agreement", "prediction_study", "set_threads", "sparse_soup", "sparsity_check", "views",
+    "prediction_agreement", "prediction_study", "set_threads", "agreement_by_family", "findings_with_intervals",
+    "gain_interval", "merge_gain", "split_merges", "sparse_soup", "sparsity_check", "views",
     "write_model", "zoo", "__version__",
 ]
 

@@ -42,6 +42,37 @@ RANKING_GRID: tuple[tuple[str, str, dict], ...] = (
     ("ota+ffg d=0.3", "ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}),
 )
 
+#: One or two merges of every method family that merges N experts over a base, for
+#: studies of the predicted loss over every family (``benchmarks/predicted_ranking.py``,
+#: ``tests/real/study.py``): label -> (method, params, family). Families: ``dense``
+#: (every entry of every edit used), ``trim`` (entries dropped by magnitude, not
+#: rescaled), ``drop-rescale`` (entries dropped at random and the rest rescaled:
+#: unbiased in expectation), ``curvature mask`` (OTA with FFG masks).
+FAMILY_GRID: dict[str, tuple[str, dict, str]] = {
+    "linear": ("linear", {}, "dense"),
+    "task_arithmetic l=0.3": ("task_arithmetic", {"lambda": 0.3}, "dense"),
+    "task_arithmetic l=0.5": ("task_arithmetic", {"lambda": 0.5}, "dense"),
+    "task_arithmetic l=1.0": ("task_arithmetic", {"lambda": 1.0}, "dense"),
+    "model_stock": ("model_stock", {}, "dense"),
+    "multislerp": ("multislerp", {}, "dense"),
+    "karcher": ("karcher", {}, "dense"),
+    "fisher": ("fisher", {}, "dense"),
+    "ota": ("ota", {"epsilon": 1e-26}, "dense"),
+    "ties d=0.2": ("ties", {"density": 0.2}, "trim"),
+    "ties d=0.5": ("ties", {"density": 0.5}, "trim"),
+    "breadcrumbs d=0.5": ("breadcrumbs", {"density": 0.5}, "trim"),
+    "breadcrumbs_ties d=0.5": ("breadcrumbs_ties", {"density": 0.5}, "trim"),
+    "sce": ("sce", {}, "trim"),
+    "dare_linear d=0.3": ("dare_linear", {"density": 0.3, "seed": 0}, "drop-rescale"),
+    "dare_linear d=0.5": ("dare_linear", {"density": 0.5, "seed": 0}, "drop-rescale"),
+    "dare_ties d=0.3": ("dare_ties", {"density": 0.3, "seed": 0}, "drop-rescale"),
+    "dare_ties d=0.5": ("dare_ties", {"density": 0.5, "seed": 0}, "drop-rescale"),
+    "della d=0.5": ("della", {"density": 0.5, "seed": 0}, "drop-rescale"),
+    "della_linear d=0.5": ("della_linear", {"density": 0.5, "seed": 0}, "drop-rescale"),
+    "ota+ffg d=0.1": ("ota", {"epsilon": 1e-26, "ffg_density": 0.1, "fallback_to_base": True}, "curvature mask"),
+    "ota+ffg d=0.3": ("ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}, "curvature mask"),
+}
+
 #: Model-wide densities of the FFG-vs-magnitude grafting sweep (the paper reports
 #: FFG densities of 0.2-0.46; lower ones show where magnitude pruning breaks).
 GRAFT_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -243,8 +243,8 @@ claim = finding_merges(table, capabilities, {"ota_ffg": "OTA+FFG d=0.3", "linear
                                              "ties": "TIES d=0.3", "dare": "DARE-TIES d=0.5"})
 FACTS["claims"] = {claim["claim"]: claim["verdict"]}
 display(Markdown(f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. "
-                 f"(Rule: {claim['rule']}.) With a noise scale of {noise:.3f} on a mean accuracy, differences of "
-                 "that order between merges do not decide the claim either way."))
+                 f"(Rule: {claim['rule']}.) The intervals resample the evaluation items, paired across merges: "
+                 "a difference between merges decides the claim only where its whole interval lies on one side."))
 
 # %% [markdown]
 # ## Ablation: rank-1 second moments

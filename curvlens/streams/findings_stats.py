@@ -19,10 +19,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from curvlens.math.bootstrap import resample_indices
+from curvlens.errors import CurvlensError
+from curvlens.math.bootstrap import interval, resample_indices
 from curvlens.streams.analysis_common import metric_weights
 from curvlens.streams.gain import gain_kept, pooled_gain, worst_gain
-from curvlens.streams.item_bootstrap import ItemBootstrap, of_seed, seeds_of
+from curvlens.streams.item_bootstrap import ItemBootstrap, of_seed, pool, seeds_of
 
 #: (a) "keeps the score": at least this share of the expert's gain over the base.
 KEEP = 0.9
@@ -187,3 +188,28 @@ def overlap_statistics(overlap: pd.DataFrame, n_resamples: int, seed: int = 0) -
     names = list(dict.fromkeys(ov["name"]))
     counts = tensor_counts(len(names), n_resamples, seed)
     return weighted_means(ov, ["expert_a", "expert_b"], "spearman_log", counts, names)
+
+
+def gain_interval(table: pd.DataFrame, capabilities: Mapping[str, str], label: str, *,
+                  n_resamples: int = 2000, seed: int = 0) -> dict:
+    """One merge's gain kept, pooled over capabilities and its worst capability's,
+    each with a 95% interval (paired bootstrap over evaluation items; the seeds of
+    a ``seed`` column pooled).
+
+    Returns
+    -------
+    dict
+        ``pooled, pooled_low, pooled_high, worst, worst_low, worst_high`` (observed:
+        mean over seeds) and ``seeds``.
+    """
+    st = merge_statistics(table, capabilities, [label], ItemBootstrap(n_resamples, seed))
+    seeds = [s for s in st if s != "left_out" and label in st[s]]
+    if not seeds:
+        raise CurvlensError(f"gain_interval: the table has no rows of {label!r} with the base's and every "
+                            "expert's own scores")
+    out = {"seeds": len(seeds)}
+    for stat, key in (("pooled_gain", "pooled"), ("worst_gain", "worst")):
+        per = [st[s][label][stat] for s in seeds]
+        out[key] = float(np.nanmean([p[0] for p in per]))
+        out[f"{key}_low"], out[f"{key}_high"] = interval(pool(per))
+    return out

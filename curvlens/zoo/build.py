@@ -27,11 +27,14 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from curvlens.errors import CurvlensError
@@ -42,6 +45,7 @@ from curvlens.runtime import torch_threads
 from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
+from curvlens.zoo.worker import build_environment
 
 MANIFEST = "zoo.json"
 #: The merge table's columns (:meth:`Zoo.score`).
@@ -187,7 +191,7 @@ def zoo_dir(config: ZooConfig, seed: int, cache_dir: str | Path | None = None) -
 
 
 def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Path | None = None,
-          progress: bool = True, rebuild: bool = False, *, seeds=None):
+          progress: bool = True, rebuild: bool = False, *, seeds=None, isolated: bool = True):
     """Build the demo expert zoo, or reuse the cached one.
 
     Parameters
@@ -209,6 +213,12 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
         Build one zoo per seed (instead of ``seed``) and return them all: results
         that hold for one seed may not for another (``docs/zoo.md`` gives ranges
         over seeds).
+    isolated : bool
+        Train in a fresh process whose CPU settings are pinned
+        (:mod:`curvlens.zoo.worker`: one thread, ATen's and MKL's AVX2 kernels on
+        x86), so that the same seed gives the same weights whatever this process
+        or this machine's CPU would pick (measured in ``docs/zoo.md``). False
+        trains in this process, with its settings.
 
     Returns
     -------
@@ -218,7 +228,7 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
         seeds = list(dict.fromkeys(int(s) for s in seeds))
         if not seeds:
             raise CurvlensError("build: seeds is empty; give at least one seed")
-        return tuple(build(config, s, cache_dir, progress, rebuild) for s in seeds)
+        return tuple(build(config, s, cache_dir, progress, rebuild, isolated=isolated) for s in seeds)
     config = resolve_config(config)
     root = zoo_dir(config, seed, cache_dir)
     if not rebuild and (root / MANIFEST).is_file():
@@ -227,13 +237,33 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
     # marked as curvlens's own: a build killed outright is swept by the next one
     partial = make_partial(root.parent, root.name)
     try:
-        build_into(partial, config, seed, progress=progress)
+        if isolated:
+            build_isolated(partial, config, seed, progress=progress)
+        else:
+            build_into(partial, config, seed, progress=progress)
         (partial / MARKER).unlink()  # complete: no longer a partial dir
         move_into_place(partial, root, replace=rebuild)
     finally:
         # Gone after a successful move; otherwise a half-built zoo, never to be reused.
         shutil.rmtree(partial, ignore_errors=True)
     return Zoo.from_dir(root)
+
+
+def build_isolated(path: Path, config: ZooConfig, seed: int, *, progress: bool = True) -> None:
+    """:func:`build_into` in a fresh interpreter under :func:`~curvlens.zoo.worker.build_environment`."""
+    import torch
+
+    env = {**os.environ, **build_environment(torch.backends.cpu.get_cpu_capability())}
+    cmd = [sys.executable, "-m", "curvlens.zoo.worker", str(path), json.dumps(dataclasses.asdict(config)),
+           str(seed)] + (["--progress"] if progress else [])
+    try:
+        done = subprocess.run(cmd, env=env, check=False)
+    except OSError as err:
+        raise CurvlensError(f"building the {config.name!r} zoo (seed {seed}): could not start its build process "
+                            f"{cmd[0]} ({err})") from err
+    if done.returncode != 0:
+        raise CurvlensError(f"building the {config.name!r} zoo (seed {seed}) failed in its build process "
+                            f"(exit status {done.returncode}); its messages are above")
 
 
 def _evaluation_version() -> str:
@@ -288,7 +318,8 @@ def build_into(path: Path, config: ZooConfig, seed: int, *, progress: bool = Tru
     """Train the base and every expert of ``config`` and save them under ``path``.
 
     One torch thread is used (see :mod:`curvlens.runtime`), which
-    also makes the weights independent of the machine's core count.
+    also makes the weights independent of the machine's core count; the CPU
+    kernels are pinned only when this runs in :mod:`curvlens.zoo.worker`.
     """
     tokenizer = make_tokenizer()
     tasks = make_tasks(config, seed)
@@ -320,6 +351,10 @@ def build_into(path: Path, config: ZooConfig, seed: int, *, progress: bool = Tru
         "key": config.key(seed),
         "experts": {e: EXPERT_CAPABILITIES[e] for e in config.experts},
         "n_parameters": sum(p.numel() for p in base.parameters()),
+        # what decides the floats (docs/zoo.md): the kernels this build ran, and the pins it ran under
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "environment": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")},
+        "torch": torch.__version__,
         "build_seconds": timings,
     }
     # Written last: its presence marks the directory complete.

@@ -4,6 +4,7 @@ Cache behaviour is tested on a toy config that builds in about a second.
 """
 import dataclasses
 import json
+import sys
 import time
 
 import pytest
@@ -153,8 +154,8 @@ def test_interrupted_build_is_never_reused(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(zoo_train, "finetune_expert", dies_on_second_expert)
-    with pytest.raises(KeyboardInterrupt):
-        build(TOY, cache_dir=tmp_path / "a", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # in this process, where the patch applies
+        build(TOY, cache_dir=tmp_path / "a", progress=False, isolated=False)
     assert list((tmp_path / "a").iterdir()) == []  # no complete-looking dir, no leftovers
     monkeypatch.setattr(zoo_train, "finetune_expert", real)
 
@@ -163,6 +164,36 @@ def test_interrupted_build_is_never_reused(tmp_path, monkeypatch):
     for d in zoo.expert_dirs.values():
         assert (d / "export" / "exp_avg_sq.safetensors").is_file() and (d / "optimizer.pt").is_file()
     assert_same_weights(zoo, build(TOY, cache_dir=tmp_path / "clean", progress=False))
+
+
+def test_a_failed_build_process_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    # the build process cannot start the worker (a wrong interpreter): an error naming the zoo, no leftovers
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(CurvlensError, match="'toy' zoo .*build process"):
+        build(TOY, cache_dir=tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists() or list((tmp_path / "a").iterdir()) == []
+
+
+def test_the_build_is_bitwise_the_same_whatever_the_callers_cpu_settings(tmp_path, monkeypatch):
+    """The build process pins threads and kernels: a caller with two threads, ATen's
+    generic kernels and MKL's compatible path gets the weights of a plain caller."""
+    plain = build(TOY, cache_dir=tmp_path / "plain", progress=False)
+    manifest = json.loads((plain.root / MANIFEST).read_text())
+    assert manifest["environment"]["OMP_NUM_THREADS"] == "1"
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert manifest["environment"]["ATEN_CPU_CAPABILITY"] == "avx2" and manifest["cpu_capability"] == "AVX2"
+    for k, v in {"OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}.items():
+        monkeypatch.setenv(k, v)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        other = build(TOY, cache_dir=tmp_path / "other", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_weights(plain, other)
+    for a, b in zip(plain.expert_dirs.values(), other.expert_dirs.values()):
+        va, vb = (load_file(str(d / "export" / "exp_avg_sq.safetensors")) for d in (a, b))
+        assert all(torch.equal(va[k], vb[k]) for k in va)
 
 
 def test_a_leftover_partial_dir_is_ignored(tmp_path):
