@@ -20,10 +20,13 @@ over smallest mean v), the share of never-updated entries (v == 0) and of
 all-zero rows, and the evaluation size.
 
     python benchmarks/claim_d.py --zoo quick --seeds 0 1 2 [--real /tmp/real-tier] --out /tmp/claim_d
+
+(``--real`` needs the real tier's extra: ``pip install -e ".[real]"``.)
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -118,6 +121,7 @@ def zoo_seed(name: str, seed: int, boot: ItemBootstrap) -> list[dict]:
 
 
 def real_rows(root: Path, boot: ItemBootstrap) -> list[dict]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.real
     from tests.real.minilm import build_experts
     from tests.real.study import open_experts, score
 
@@ -145,7 +149,7 @@ def real_rows(root: Path, boot: ItemBootstrap) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", default="quick", choices=["quick", "default"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--real", type=Path, default=None, help="root of the real tier (built there if absent)")
     ap.add_argument("--out", type=Path, default=Path("claim_d"))
     a = ap.parse_args()

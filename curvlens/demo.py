@@ -202,7 +202,8 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
         The zoo's seed; with ``seeds`` (e.g. ``(0, 1, 2)``), one zoo per seed is
         built and analysed, the findings pool all of them (their intervals span
         the seeds as well as the evaluation items; ``findings_by_seed.csv`` has
-        each seed's own verdicts) and the rest of the report shows the first seed.
+        each seed's own verdicts, ``*_all_seeds.csv`` the frames they read, with a
+        ``seed`` column) and the rest of the report shows the first seed.
         Each further seed costs one more zoo build.
     analyses : bool
         Also run every analysis (curvature overlap, masks, interference, grafting
@@ -230,8 +231,9 @@ def run_demo(out: str | os.PathLike, *, config: str = "default", device: str = "
         by_seed = [findings_frames(experts, f, zoo.capabilities)["findings"].assign(seed=s)
                    for s, (_, _, _, f) in runs.items()]
         frames["findings_by_seed"] = pd.concat(by_seed, ignore_index=True)
-        frames.update(findings_frames(experts, pooled_frames({s: r[3] for s, r in runs.items()}),
-                                      zoo.capabilities))
+        pooled = pooled_frames({s: r[3] for s, r in runs.items()})
+        frames.update(findings_frames(experts, pooled, zoo.capabilities))
+        frames.update({f"{k}_all_seeds": df for k, df in pooled.items()})
         frames["findings"] = frames["findings"].assign(seeds=" ".join(map(str, seeds)))
     if analyses:
         for line in summary_lines(frames, zoo) + regime_lines(frames):
@@ -373,9 +375,11 @@ def findings_sections(frames: dict) -> list[tuple[str, str]]:
     wide = reg.pivot_table(index=["scope", "subject"], columns="metric", values="value", sort=False)
     body = (f"<p>{html.escape(regime_verdict(reg))}.</p>"
             + table_html(wide, "relative edit ||theta_i - theta_0|| / ||theta_0|| per expert and role, model-level "
-                               "task-vector cosine and curvature overlap per pair; per merge the gain kept "
-                               "(merged - base) / (expert - base), pooled over capabilities and the worst one, "
-                               "and, secondary, retention (score / the expert's own)", "{:.4g}"))
+                               "task-vector cosine and curvature overlap per pair; per capability the experts' "
+                               "gain over the base, its share of their summed gain (what it weighs in a pooled "
+                               "comparison of merges) and the evaluation size; per merge the gain kept "
+                               "(merged - base) / (expert - base), pooled, worst and per capability, and, "
+                               "secondary, retention (score / the expert's own)", "{:.4g}"))
     return [("Findings", f"<p class='note'>Each claim of the paper, decided by the rule shown from the numbers "
                          f"of this run ({seeds}; computed, not written by hand). A verdict is stated only when "
                          "the 95% intervals decide it, else it is undecided.</p><ul>{items}</ul>"),

@@ -214,13 +214,13 @@ def prediction_agreement(predicted: pd.DataFrame, scores: pd.DataFrame, capabili
     1            relative_loss  retention       1.0
     """
     boot = ItemBootstrap(n_resamples, seed)
+    used, quality = measured_quality(scores, capabilities, list(dict.fromkeys(predicted["method"])),
+                                     measure=measure, expert_label=expert_label, boot=boot)
     rows = []
     for col, how in PREDICTORS.items():
         if col not in predicted.columns:
             continue
         per = predicted.groupby("method", sort=False)[col].agg(how).astype(float)
-        used, quality = measured_quality(scores, capabilities, list(per.index), measure=measure,
-                                         expert_label=expert_label, boot=boot)
         common = [m for m in per.index if m in quality and np.isfinite(per[m]) and np.isfinite(quality[m][0])]
         x = -per[common].to_numpy()
         y = np.stack([quality[m] for m in common], axis=1) if common else np.empty((n_resamples + 1, 0))

@@ -90,7 +90,10 @@ def regime_table(norms: pd.DataFrame, *, interference: pd.DataFrame | None = Non
         :func:`~curvlens.streams.analysis_curvature.curvature_overlap`: the
         model-level ``spearman_log`` and ``cosine`` per pair.
     scores, capabilities : optional
-        A merge table and expert -> capability: each merge's ``gain_kept`` (the
+        A merge table and expert -> capability: per capability the experts' gain
+        over the base and its share of their summed gain (scope ``capability``:
+        where one capability holds most of it, it alone decides every pooled
+        comparison of merges); each merge's ``gain_kept`` (the
         share of the experts' summed gain over the base it keeps,
         :func:`~curvlens.streams.gain.merge_gain`) and ``worst_gain_kept`` (its
         worst capability's), when the table has the base's rows; and, secondary,
@@ -119,11 +122,28 @@ def regime_table(norms: pd.DataFrame, *, interference: pd.DataFrame | None = Non
 
 
 def merge_rows(scores: pd.DataFrame, capabilities: Mapping[str, str]) -> list[dict]:
-    """The regime table's ``merge`` rows: gain kept first, retention second."""
+    """The regime table's ``capability`` and ``merge`` rows.
+
+    Per capability (with the base's rows): ``expert_gain`` (the expert's score over
+    the base's), ``gain_share`` (its share of the experts' summed gain: the weight it
+    has in every pooled gain kept, so one capability with most of the gain decides
+    claim (d) alone) and ``eval_items``. Per merge: gain kept, pooled and per
+    capability, first; retention second.
+    """
     experts = {f"expert: {e}" for e in capabilities}
     with_base = bool((scores["model"] == "base").any())
     gain = merge_gain(scores, capabilities) if with_base else merge_retention(scores, capabilities)
     rows = []
+    if with_base:
+        ref = gain[(gain["model"] == "base") & ~gain["capability"].isin([POOLED, WORST])]
+        lift = (ref["expert_accuracy"] - ref["base_accuracy"]).clip(lower=0)
+        n = scores.groupby("capability")["n"].first() if "n" in scores.columns else {}
+        for cap, g in zip(ref["capability"], lift):
+            rows.append({"scope": "capability", "subject": cap, "metric": "expert_gain", "value": float(g)})
+            rows.append({"scope": "capability", "subject": cap, "metric": "gain_share",
+                         "value": float(g / lift.sum()) if lift.sum() > 0 else float("nan")})
+            if cap in n:
+                rows.append({"scope": "capability", "subject": cap, "metric": "eval_items", "value": float(n[cap])})
     for model, grp in gain[~gain["model"].isin(experts | {"base"})].groupby("model", sort=False):
         per_cap = grp[~grp["capability"].isin([POOLED, WORST, "mean"])]
         summary = grp.set_index("capability")
@@ -132,6 +152,9 @@ def merge_rows(scores: pd.DataFrame, capabilities: Mapping[str, str]) -> list[di
                          "value": float(summary.loc[POOLED, "gain_kept"])})
             rows.append({"scope": "merge", "subject": model, "metric": "worst_gain_kept",
                          "value": float(summary.loc[WORST, "gain_kept"])})
+            for r in per_cap.itertuples():
+                rows.append({"scope": "merge", "subject": model, "metric": f"gain_kept {r.capability}",
+                             "value": float(r.gain_kept)})
         rows.append({"scope": "merge", "subject": model, "metric": "mean_retention",
                      "value": float(per_cap["retention"].mean())})
         rows.append({"scope": "merge", "subject": model, "metric": "worst_retention",

@@ -45,7 +45,7 @@ from curvlens.runtime import torch_threads
 from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
-from curvlens.zoo.worker import build_environment
+from curvlens.zoo.worker import build_environment, cpu_has_avx2
 
 MANIFEST = "zoo.json"
 #: The merge table's columns (:meth:`Zoo.score`).
@@ -251,9 +251,7 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
 
 def build_isolated(path: Path, config: ZooConfig, seed: int, *, progress: bool = True) -> None:
     """:func:`build_into` in a fresh interpreter under :func:`~curvlens.zoo.worker.build_environment`."""
-    import torch
-
-    env = {**os.environ, **build_environment(torch.backends.cpu.get_cpu_capability())}
+    env = {**os.environ, **build_environment(cpu_has_avx2())}
     cmd = [sys.executable, "-m", "curvlens.zoo.worker", str(path), json.dumps(dataclasses.asdict(config)),
            str(seed)] + (["--progress"] if progress else [])
     try:

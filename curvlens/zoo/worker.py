@@ -23,28 +23,41 @@ from pathlib import Path
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-def build_environment(capability: str) -> dict[str, str]:
-    """The environment a build runs under, given this machine's torch CPU capability
-    (``torch.backends.cpu.get_cpu_capability()``).
+def build_environment(avx2: bool) -> dict[str, str]:
+    """The environment a build runs under, given whether the CPU has AVX2
+    (:func:`cpu_has_avx2`).
 
     On an x86 CPU with AVX2 or better, ATen's AVX2 kernels and MKL's AVX2 code
     path are pinned, so an AVX-512 machine computes what an AVX2 machine does.
-    Other CPUs keep their own kernels (there is no common path to pin to) and MKL,
-    where present, its conditional-reproducibility path.
+    Other CPUs keep their own kernels (there is no common path to pin to; ATen
+    does not check that a requested capability exists, so AVX2 is never requested
+    there) and MKL, where present, its conditional-reproducibility path.
 
     Examples
     --------
-    >>> build_environment("AVX512")["ATEN_CPU_CAPABILITY"], build_environment("AVX2")["MKL_CBWR"]
+    >>> build_environment(True)["ATEN_CPU_CAPABILITY"], build_environment(True)["MKL_CBWR"]
     ('avx2', 'AVX2')
-    >>> "ATEN_CPU_CAPABILITY" in build_environment("DEFAULT")
+    >>> "ATEN_CPU_CAPABILITY" in build_environment(False)
     False
     """
     env = dict(PINNED)
-    if capability.upper() in ("AVX2", "AVX512"):
+    if avx2:
         env.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
     else:
         env["MKL_CBWR"] = "COMPATIBLE"
     return env
+
+
+def cpu_has_avx2() -> bool:
+    """Whether the CPU itself has AVX2, whatever ``ATEN_CPU_CAPABILITY`` this
+    process runs under (torch's cpuinfo probe; without it, the capability torch
+    runs at)."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_avx2_supported", None)  # hardware, not the env-limited capability
+    if probe is not None:
+        return bool(probe())
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,9 @@ def test_regime_table_carries_pairs_and_retention():
     # gain kept: x keeps 0 of 0.5, y all of 0.5 -> pooled 0.5, worst 0; retention stays beside it
     assert t["merge", "m", "gain_kept"] == pytest.approx(0.5) and t["merge", "m", "worst_gain_kept"] == 0.0
     assert t["merge", "m", "mean_retention"] == 0.75
+    assert t["merge", "m", "gain_kept x"] == 0.0 and t["merge", "m", "gain_kept y"] == 1.0
+    # each capability's share of the experts' summed gain (0.5 of x, 0.5 of y): what a pooled gain weighs
+    assert t["capability", "x", "expert_gain"] == 0.5 and t["capability", "y", "gain_share"] == 0.5
 
 
 def _items(right, n=100):
