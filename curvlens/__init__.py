@@ -26,7 +26,8 @@ interference           :func:`interference`, :func:`predicted_loss`,
                        :func:`compare_merges`, :func:`split_merges` (coherent and residual parts),
                        :func:`prediction_agreement`, :func:`agreement_by_family`, :func:`prediction_study`
 scores                 :func:`merge_gain` (gain kept over the base, the one yardstick),
-                       :func:`gain_interval` (with 95% intervals over items), :func:`merge_retention`
+                       :func:`gain_interval` (with 95% intervals over items), :func:`merge_retention`,
+                       :func:`spearman_interval` (a rank correlation with its p-value and 95% interval)
 sweeps, soups, fronts  :func:`sweep`, :func:`sweep_grid` (many merge + evaluate jobs, serially or on
                        a dask cluster), :func:`greedy_soup`, :func:`pareto_front`, :func:`gram_matrices`
 regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_table`,
@@ -47,6 +48,7 @@ import importlib
 
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
+from curvlens.math.bootstrap import spearman_interval
 from curvlens.math.methods import list_methods, method_params
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
@@ -96,7 +98,7 @@ __all__ = [
     "load_merge_config", "log10_histogram", "mask_overlap", "mask_stats", "mask_thresholds",
     "merge", "merge_retention", "moment_compression", "moment_levels", "param_role", "pooled_moments", "predicted_loss",
     "prediction_agreement", "prediction_study", "set_threads", "agreement_by_family", "findings_with_intervals",
-    "gain_interval", "merge_gain", "split_merges", "sparse_soup", "sparsity_check", "views",
+    "gain_interval", "merge_gain", "spearman_interval", "split_merges", "sparse_soup", "sparsity_check", "views",
     "write_model", "zoo", "__version__",
 ]
 

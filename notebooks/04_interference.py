@@ -247,10 +247,12 @@ ag = agree.set_index(["merges", "predictor"])
 
 
 def said(merges, predictor):
-    """One agreement as text, and whether its interval tells it from no agreement."""
+    """One agreement as text, decided by its interval (merges and items resampled; the p-value
+    counts only the merges)."""
     r = ag.loc[(merges, predictor)]
-    word = ("ranks them" if r["low"] > 0 else "ranks them the wrong way round" if r["high"] < 0
-            else "cannot be told from no agreement")
+    word = ("ranks them (its interval is above 0)" if r["low"] > 0
+            else "ranks them the wrong way round (its interval is below 0)" if r["high"] < 0
+            else "is undecided (its interval includes 0)")
     return f"{word} (ρ = {r['spearman']:+.2f}, 95% interval {r['low']:+.2f} to {r['high']:+.2f}, p = {r['p_value']:.2g})"
 
 
@@ -258,6 +260,8 @@ FACTS["prediction_by_family"] = {f"{m} | {p}": {k: float(ag.loc[(m, p), k]) for 
                                  for m, p in ag.index}
 n_all = int(ag.loc[("all", "relative_loss"), "n_merges"])
 ranks = {m: bool(ag.loc[(m, "relative_loss"), "low"] > 0) for m in ("all", "all but drop-rescale")}
+FACTS["prediction_ranks"] = ("all" if ranks["all"] else "all but drop-rescale" if ranks["all but drop-rescale"]
+                             else "none")
 if ranks["all"]:
     use = "Here it ranks the whole grid: it can discard clearly worse merges before they are evaluated."
 elif ranks["all but drop-rescale"]:

@@ -132,6 +132,11 @@ def check_05_merging(f):
 
 def check_04_interference(f):
     assert len(f["mask_effect"]) == 2 and all(r["predicted loss, ratio"] > 0 for r in f["mask_effect"])
+    # the sentence on where the prediction can pick merges follows from the intervals it quotes
+    agree = f["prediction_by_family"]
+    decided = {m: agree[f"{m} | relative_loss"]["low"] > 0 for m in ("all", "all but drop-rescale")}
+    assert f["prediction_ranks"] == ("all" if decided["all"] else "all but drop-rescale"
+                                     if decided["all but drop-rescale"] else "none")
     assert set(f["claims"]) == {"d"} and set(f["claims"].values()) <= VERDICTS
 
 
