@@ -69,6 +69,11 @@ FAMILY_GRID: dict[str, tuple[str, dict, str]] = {
     "dare_ties d=0.5": ("dare_ties", {"density": 0.5, "seed": 0}, "drop-rescale"),
     "della d=0.5": ("della", {"density": 0.5, "seed": 0}, "drop-rescale"),
     "della_linear d=0.5": ("della_linear", {"density": 0.5, "seed": 0}, "drop-rescale"),
+    # the same, averaged (normalize: divide by the summed weights) instead of summed
+    "dare_linear d=0.5 avg": ("dare_linear", {"density": 0.5, "seed": 0, "normalize": True}, "drop-rescale"),
+    "dare_ties d=0.5 avg": ("dare_ties", {"density": 0.5, "seed": 0, "normalize": True}, "drop-rescale"),
+    "della_linear d=0.5 avg": ("della_linear", {"density": 0.5, "seed": 0, "normalize": True}, "drop-rescale"),
+    "breadcrumbs d=0.5 avg": ("breadcrumbs", {"density": 0.5, "normalize": True}, "trim"),
     "ota+ffg d=0.1": ("ota", {"epsilon": 1e-26, "ffg_density": 0.1, "fallback_to_base": True}, "curvature mask"),
     "ota+ffg d=0.3": ("ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True}, "curvature mask"),
 }

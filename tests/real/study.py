@@ -2,7 +2,7 @@
 
 Run from the repository root (builds the real tier first, about 1.5 minutes)::
 
-    python -m tests.real.study [ROOT]
+    python -m tests.real.study [ROOT [SETUP ...]]
 
 Every set-up merges the experts with one or two merges of every method family
 (``curvlens.demo.FAMILY_GRID``) and sets the diagonal prediction and its coherent
@@ -68,12 +68,13 @@ def score(zoo: dict, models: dict, tasks, *, own_heads: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(zoo: dict, grid=FAMILY_GRID, progress: bool = False) -> dict:
+def run(zoo: dict, grid=FAMILY_GRID, progress: bool = False, setups=None) -> dict:
     """Every set-up: ``{name: {"scores", "predicted", "agreement", "seconds"}}``
     (``grid``: label -> (method, params, family), as :data:`curvlens.demo.FAMILY_GRID`)."""
     seq = [t for t, a in zoo["arch"].items() if a == "seqcls"]
-    setups = {"heads merged": (seq, True), "heads kept": (seq, False),
-              "two architectures": (list(zoo["experts"]), False)}
+    every = {"heads merged": (seq, True), "heads kept": (seq, False),
+             "two architectures": (list(zoo["experts"]), False)}
+    setups = {k: v for k, v in every.items() if setups is None or k in setups}
     out = {}
     for name, (tasks, heads) in setups.items():
         t0 = time.perf_counter()
@@ -99,7 +100,7 @@ def main() -> None:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="curvlens-real-"))
     zoo = build_experts(root)
     print(f"real tier in {root} (built in {zoo['seconds']:.0f} s)")
-    for name, r in run(zoo).items():
+    for name, r in run(zoo, setups=sys.argv[2:] or None).items():
         pivot = r["scores"].pivot_table(index="model", columns="capability", values="accuracy", sort=False)
         pivot["mean"] = pivot.mean(axis=1)
         print(f"\n== {name} ({r['seconds']:.0f} s)\n{pivot.round(3).to_string()}")
