@@ -25,15 +25,19 @@ masks                  :func:`ffg_masks`, :func:`mask_stats`, :func:`mask_overla
                        :func:`mask_thresholds`, :func:`graft_sweep`,
                        :func:`ffg_vs_magnitude_summary`
 interference           :func:`interference`, :func:`predicted_loss`,
-                       :func:`compare_merges`, :func:`prediction_agreement`, :func:`prediction_study`,
-                       :func:`merge_retention`
+                       :func:`compare_merges`, :func:`split_merges` (coherent and residual parts),
+                       :func:`prediction_agreement`, :func:`agreement_by_family`, :func:`prediction_study`
+scores                 :func:`merge_gain` (gain kept over the base, the one yardstick),
+                       :func:`gain_interval` (with 95% intervals over items), :func:`merge_retention`,
+                       :func:`spearman_interval` (a rank correlation with its p-value and 95% interval)
 sweeps, soups, fronts  :func:`sweep`, :func:`sweep_grid` (many merge + evaluate jobs, serially or on
                        a dask cluster, :func:`local_client`), :func:`greedy_soup`, :func:`pareto_front`,
                        :func:`gram_matrices`, :func:`front_distance`
 regime and findings    :func:`edit_norms`, :func:`relative_edit`, :func:`regime_table`,
                        :func:`findings` (the paper's claims, decided from the frames; one claim:
                        :func:`finding_grafting`, :func:`finding_masks`, :func:`finding_overlap`,
-                       :func:`finding_merges`)
+                       :func:`finding_merges`), :func:`findings_with_intervals` (decided only
+                       where 95% intervals decide them)
 tensor control         ``Experts(..., exclude=)``, :meth:`Experts.without`,
                        ``merge(..., tensors=)``, :class:`TensorFilter`
 pooling                :func:`aggregate`
@@ -60,6 +64,7 @@ from curvlens.config.options import TokenizerOptions, WriteOptions
 from curvlens.errors import CurvlensError
 from curvlens.io import Checkpoint, Moments, export_moments, write_model
 from curvlens.io.inspection import inspect
+from curvlens.math.bootstrap import spearman_interval
 from curvlens.math.fronts import front_distance
 from curvlens.math.methods import list_methods, method_params
 from curvlens.math.rank_stats import spearman_test
@@ -87,11 +92,17 @@ from curvlens.passes.preflight import preflight
 from curvlens.passes.sparse_soup import SparseSoupResult, sparse_soup, sparsity_check
 from curvlens.roles import ROLES, param_role
 from curvlens.runtime import set_threads
-from curvlens.studies.findings import finding_grafting, finding_masks, finding_merges, finding_overlap, findings
+from curvlens.studies.findings import (
+    finding_grafting, finding_masks, finding_merges, finding_overlap, findings, findings_with_intervals,
+)
+from curvlens.studies.findings_stats import gain_interval
+from curvlens.studies.gain import merge_gain
 from curvlens.studies.fisher_vs_adam import fisher_vs_adam
 from curvlens.studies.fronts import FrontResult, gram_matrices, pareto_front
 from curvlens.studies.graft import ffg_vs_magnitude_summary, graft_sweep
-from curvlens.studies.prediction import merge_retention, prediction_agreement, prediction_study
+from curvlens.studies.prediction import (
+    agreement_by_family, merge_retention, prediction_agreement, prediction_study, split_merges,
+)
 from curvlens.studies.regime import edit_norms, regime_table, relative_edit
 from curvlens.studies.soup import SoupResult, greedy_soup
 from curvlens.studies.sweep import local_client, sweep, sweep_grid
@@ -110,7 +121,8 @@ __all__ = [
     "method_params", "moment_compression", "moment_levels", "param_role", "pareto_front", "pooled_moments",
     "predicted_loss", "prediction_agreement", "prediction_study", "preflight", "regime_table", "relative_edit",
     "set_threads", "sparse_soup", "sparsity_check", "spearman_test", "sweep", "sweep_grid", "views", "write_model", "zoo",
-    "evaluators", "__version__",
+    "agreement_by_family", "findings_with_intervals", "gain_interval", "merge_gain", "spearman_interval",
+    "split_merges", "evaluators", "__version__",
 ]
 
 

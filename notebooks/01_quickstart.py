@@ -138,17 +138,23 @@ pivot["mean"] = pivot.mean(axis=1)
 pivot.round(3)
 
 # %% [markdown]
-# Relative to each capability's own expert (1.0 = the expert's score; below 1 is
-# negative transfer), computed, not assumed:
+# How much of what fine-tuning added does the merge keep? The base already answers
+# part of each capability, so the yardstick is the **gain over the base**:
+# $(\text{merged} - \text{base}) / (\text{expert} - \text{base})$ per capability (1 keeps
+# all of the expert's gain, 0 is no better than the base), pooled over capabilities
+# as $\sum(\text{merged} - \text{base}) / \sum(\text{expert} - \text{base})$; negative
+# transfer is the worst capability's. Retention (merged / expert) is shown beside it
+# only as a secondary column: it credits the base's own score to every merge.
 
 # %%
-rel = cl.views.normalized_scores(table, zoo.capabilities)
-merged_rel = rel[rel["model"] == "OTA+FFG (0.3)"][["capability", "expert", "expert_accuracy", "accuracy", "relative"]]
-merged_rel.round(3)
+gain = cl.merge_gain(table, zoo.capabilities)
+gain[gain["model"] == "OTA+FFG (0.3)"].round(3)
 
 # %%
-print(f"OTA+FFG keeps on average {merged_rel['relative'].mean():.0%} of the experts' own-capability "
-      f"scores (worst capability: {merged_rel['relative'].min():.0%}).")
+g = cl.gain_interval(table, zoo.capabilities, "OTA+FFG (0.3)")
+print(f"OTA+FFG keeps {g['pooled']:.0%} of the experts' summed gain over the base "
+      f"(95% interval over the evaluation items {g['pooled_low']:.0%} to {g['pooled_high']:.0%}); "
+      f"its worst capability keeps {g['worst']:.0%} ({g['worst_low']:.0%} to {g['worst_high']:.0%}).")
 
 # %% [markdown]
 # An interactive view of the same table (hover for the numbers):

@@ -244,8 +244,8 @@ claim = cl.finding_merges(table, capabilities, {"ota_ffg": "OTA+FFG d=0.3", "lin
                                                 "ties": "TIES d=0.3", "dare": "DARE-TIES d=0.5"})
 FACTS["claims"] = {claim["claim"]: claim["verdict"]}
 display(Markdown(f"**({claim['claim']}) {claim['statement']}: {claim['verdict']}.** {claim['evidence']}. "
-                 f"(Rule: {claim['rule']}.) With a noise scale of {noise:.3f} on a mean accuracy, differences of "
-                 "that order between merges do not decide the claim either way."))
+                 f"(Rule: {claim['rule']}.) The intervals resample the evaluation items, paired across merges: "
+                 "a difference between merges decides the claim only where its whole interval lies on one side."))
 
 # %% [markdown]
 # ## Ablation: rank-1 second moments

@@ -63,7 +63,7 @@ def test_analyze_writes_every_frame(cached, tmp_path, capsys):
     assert "model-level curvature overlap" in capsys.readouterr().out
     frames = {p.stem: pd.read_csv(p) for p in out.glob("*.csv")}
     assert set(frames) == {"curvature_stats", "curvature_overlap", "mask_stats", "interference", "edit_norms",
-                           "regime", "findings"}
+                           "regime", "findings", "finding_intervals"}
     assert set(frames["mask_stats"].density) == {0.1}
     assert main(args) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
@@ -91,7 +91,16 @@ def test_demo_quick_and_figures(cached, tmp_path, capsys):
     assert "findings (the paper's claims" in text and "regime:" in text
     f = pd.read_csv(out / "findings.csv")
     assert list(f.claim) == ["a", "b", "c", "d"]
-    assert set(f.verdict) <= {"holds", "partly", "does not hold"}  # the demo measures every claim
+    # the demo measures every claim; a verdict is stated where the intervals decide it
+    assert set(f.verdict) <= {"holds", "partly", "does not hold", "undecided"}
+    iv = pd.read_csv(out / "finding_intervals.csv")
+    assert set(iv.claim) == {"a", "b", "c", "d"} and (iv.low <= iv.high).all()
+    assert set(iv.outcome) <= {"yes", "no", "undecided"}
+    # each verdict follows from its comparisons: a decided one has no undecided comparison it depends on
+    for claim, verdict in zip(f.claim, f.verdict):
+        outcomes = set(iv[iv.claim == claim].outcome)
+        if verdict == "holds":
+            assert outcomes <= {"yes"}, claim
     page = (out / "report.html").read_text()
     assert page.index(">Findings<") < page.index(">Regime<") < page.index(">The zoo<")
     regime = page[page.index(">Regime<"):page.index(">The zoo<")]

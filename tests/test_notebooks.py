@@ -143,6 +143,11 @@ def check_03_ffg_masks(f):
 
 
 def check_04_interference(f):
+    # the sentence on where the prediction can pick merges follows from the intervals it quotes
+    agree = f["prediction_by_family"]
+    decided = {m: agree[f"{m} | relative_loss"]["low"] > 0 for m in ("all", "all but drop-rescale")}
+    assert f["prediction_ranks"] == ("all" if decided["all"] else "all but drop-rescale"
+                                     if decided["all but drop-rescale"] else "none")
     p = f["pick"]
     assert p["best_predicted"] == p["predicted_order"][0] and p["best_measured"] == p["measured_order"][0]
     assert p["predicted_rank_of_best"] == p["predicted_order"].index(p["best_measured"]) + 1

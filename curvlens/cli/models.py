@@ -83,7 +83,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from curvlens.demo import run_demo
 
     run_demo(a.out, config="quick" if a.quick else "default", device=a.device, overwrite=a.overwrite,
-             progress=not a.quiet, echo=print)
+             progress=not a.quiet, echo=print, seeds=a.seeds)
     return 0
 
 
@@ -190,6 +190,9 @@ def add_subcommands(sub, runtime: list) -> None:
     d = sub.add_parser("demo", parents=runtime + [output_options("demo_out")],
                        help="build the demo zoo, evaluate, analyse, merge, write a report")
     d.add_argument("--quick", action="store_true", help="the small zoo (about a minute)")
+    d.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="build and analyse one zoo per seed and pool the findings over them (each further "
+                        "seed costs one more zoo build; default: seed 0 alone)")
     d.set_defaults(fn=_cmd_demo)
 
     m = sub.add_parser("merge", parents=runtime, help="merge models from a mergekit / OTA-fork YAML config")

@@ -45,11 +45,12 @@ def _graft(sub: Experts, selection: Selection | None, criterion: str, device) ->
     return out
 
 
-def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[str, float]]:
+def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[str, float, object]]:
+    """(capability, score, per-item results or None) from what ``evaluate`` returned."""
     where = f"evaluate() for expert {expert!r}, criterion {criterion!r}, density {density}"
     if isinstance(result, Mapping):  # the sweep contract, {metric: value}; standard errors are not scores
         try:
-            return [(str(m), float(result[m])) for m in score_metrics(result)]
+            return [(str(m), float(result[m]), None) for m in score_metrics(result)]
         except (TypeError, ValueError):
             raise CurvlensError(f"{where} returned {dict(result)!r}; expected numbers") from None
     if not isinstance(result, pd.DataFrame):
@@ -59,7 +60,11 @@ def _scores(result, expert: str, criterion: str, density: float) -> list[tuple[s
     if "capability" not in result.columns or col is None:
         raise CurvlensError(f"{where} returned columns {list(result.columns)}; expected capability and "
                             "score (or accuracy)")
-    return [(str(c), real_arg(f"{where}: {col} of {c!r}", s)) for c, s in zip(result["capability"], result[col])]
+    # per-item results, when the evaluation gives them (curvlens.zoo.evaluate does), ride
+    # along for the findings' bootstrap over items
+    items = result["correct"] if "correct" in result.columns else [None] * len(result)
+    return [(str(c), real_arg(f"{where}: {col} of {c!r}", s), it)
+            for c, s, it in zip(result["capability"], result[col], items)]
 
 
 def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callable | None = None, *,
@@ -97,7 +102,8 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
     -------
     pandas.DataFrame
         ``expert, criterion, density, capability, score``: one row per expert x
-        criterion x density x capability the evaluation reports.
+        criterion x density x capability the evaluation reports, plus
+        ``correct`` (per-item results) when ``evaluate`` returns that column.
     """
     if evaluate is None or not callable(evaluate):
         raise CurvlensError(f"evaluate must be a callable state_dict -> DataFrame; got {evaluate!r}")
@@ -122,10 +128,11 @@ def graft_sweep(experts: Experts, densities, criteria=CRITERIA, evaluate: Callab
                 else:
                     scores = _scores(evaluate(_graft(sub, sel[c, e, d], c, dev)), e, c, d)
                     bar.update(1)
-                rows += [{"expert": e, "criterion": c, "density": d, "capability": cap, "score": s}
-                         for cap, s in scores]
+                rows += [{"expert": e, "criterion": c, "density": d, "capability": cap, "score": s, "correct": it}
+                         for cap, s, it in scores]
     bar.close()
-    return frame(rows, GRAFT_SWEEP_COLUMNS)
+    with_items = any(r["correct"] is not None for r in rows)
+    return frame(rows, GRAFT_SWEEP_COLUMNS + (["correct"] if with_items else []))
 
 
 def ffg_vs_magnitude_summary(sweep: pd.DataFrame, capabilities: Mapping[str, str]) -> pd.DataFrame:

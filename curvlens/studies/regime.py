@@ -22,6 +22,8 @@ from curvlens.passes.analysis_common import (
 from curvlens.passes.fused import run_pass
 from curvlens.passes.analyze_stats import EditNorms
 from curvlens.passes.experts import Experts
+from curvlens.studies.gain import POOLED, WORST, merge_gain
+from curvlens.studies.prediction import merge_retention
 
 REGIME_COLUMNS = ["scope", "subject", "metric", "value"]
 
@@ -83,8 +85,15 @@ def regime_table(norms: pd.DataFrame, *, interference: pd.DataFrame | None = Non
         :func:`~curvlens.passes.analysis_curvature.curvature_overlap`: the
         model-level ``spearman_log`` and ``cosine`` per pair.
     scores, capabilities : optional
-        A merge table and expert -> capability: each model's mean and worst
-        ``retention`` (score / the expert's own score; scope ``merge``).
+        A merge table and expert -> capability: per capability the experts' gain
+        over the base and its share of their summed gain (scope ``capability``:
+        where one capability holds most of it, it alone decides every pooled
+        comparison of merges); each merge's ``gain_kept`` (the
+        share of the experts' summed gain over the base it keeps,
+        :func:`~curvlens.studies.gain.merge_gain`) and ``worst_gain_kept`` (its
+        worst capability's), when the table has the base's rows; and, secondary,
+        ``mean_retention`` and ``worst_retention`` (score / the expert's own
+        score, which credits the base's own score to every merge; scope ``merge``).
     """
     rows = []
     for r in relative_edit(norms).itertuples():
@@ -101,19 +110,51 @@ def regime_table(norms: pd.DataFrame, *, interference: pd.DataFrame | None = Non
                 rows.append({"scope": "pair", "subject": f"{r.expert_a} / {r.expert_b}", "metric": m,
                              "value": float(getattr(r, m))})
     if scores is not None:
-        from curvlens.studies.prediction import merge_retention
-
         if capabilities is None:
             raise CurvlensError("regime_table: scores need capabilities (expert -> capability)")
-        ret = merge_retention(scores, capabilities)
-        experts = {f"expert: {e}" for e in capabilities}
-        for model, grp in ret[~ret["model"].isin(experts | {"base"})].groupby("model", sort=False):
-            per_cap = grp[grp["capability"] != "mean"]["retention"]
-            rows.append({"scope": "merge", "subject": model, "metric": "mean_retention",
-                         "value": float(per_cap.mean())})
-            rows.append({"scope": "merge", "subject": model, "metric": "worst_retention",
-                         "value": float(per_cap.min())})
+        rows += merge_rows(scores, capabilities)
     return pd.DataFrame(rows, columns=REGIME_COLUMNS)
+
+
+def merge_rows(scores: pd.DataFrame, capabilities: Mapping[str, str]) -> list[dict]:
+    """The regime table's ``capability`` and ``merge`` rows.
+
+    Per capability (with the base's rows): ``expert_gain`` (the expert's score over
+    the base's), ``gain_share`` (its share of the experts' summed gain: the weight it
+    has in every pooled gain kept, so one capability with most of the gain decides
+    claim (d) alone) and ``eval_items``. Per merge: gain kept, pooled and per
+    capability, first; retention second.
+    """
+    experts = {f"expert: {e}" for e in capabilities}
+    with_base = bool((scores["model"] == "base").any())
+    gain = merge_gain(scores, capabilities) if with_base else merge_retention(scores, capabilities)
+    rows = []
+    if with_base:
+        ref = gain[(gain["model"] == "base") & ~gain["capability"].isin([POOLED, WORST])]
+        lift = (ref["expert_accuracy"] - ref["base_accuracy"]).clip(lower=0)
+        n = scores.groupby("capability")["n"].first() if "n" in scores.columns else {}
+        for cap, g in zip(ref["capability"], lift):
+            rows.append({"scope": "capability", "subject": cap, "metric": "expert_gain", "value": float(g)})
+            rows.append({"scope": "capability", "subject": cap, "metric": "gain_share",
+                         "value": float(g / lift.sum()) if lift.sum() > 0 else float("nan")})
+            if cap in n:
+                rows.append({"scope": "capability", "subject": cap, "metric": "eval_items", "value": float(n[cap])})
+    for model, grp in gain[~gain["model"].isin(experts | {"base"})].groupby("model", sort=False):
+        per_cap = grp[~grp["capability"].isin([POOLED, WORST, "mean"])]
+        summary = grp.set_index("capability")
+        if with_base:
+            rows.append({"scope": "merge", "subject": model, "metric": "gain_kept",
+                         "value": float(summary.loc[POOLED, "gain_kept"])})
+            rows.append({"scope": "merge", "subject": model, "metric": "worst_gain_kept",
+                         "value": float(summary.loc[WORST, "gain_kept"])})
+            for r in per_cap.itertuples():
+                rows.append({"scope": "merge", "subject": model, "metric": f"gain_kept {r.capability}",
+                             "value": float(r.gain_kept)})
+        rows.append({"scope": "merge", "subject": model, "metric": "mean_retention",
+                     "value": float(per_cap["retention"].mean())})
+        rows.append({"scope": "merge", "subject": model, "metric": "worst_retention",
+                     "value": float(per_cap["retention"].min())})
+    return rows
 
 
 def regime_verdict(table: pd.DataFrame) -> str:

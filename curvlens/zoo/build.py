@@ -27,12 +27,15 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from tqdm.auto import tqdm
 
 from curvlens.errors import CurvlensError
@@ -44,12 +47,14 @@ from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.evaluate import evaluate_model
 from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
+from curvlens.zoo.worker import build_environment, cpu_has_avx2
 
 if TYPE_CHECKING:
     import pandas as pd
-    import torch
 
 MANIFEST = "zoo.json"
+#: The merge table's columns (:meth:`Zoo.score`).
+MERGE_TABLE_COLUMNS = ["model", "method", "capability", "accuracy", "n", "correct"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,7 @@ class Zoo:
         kind = resolve_device(device).type
         stored = self.root / f"scores-{kind}-{_evaluation_version()}.csv"
         if stored.is_file():
-            return pd.read_csv(stored)
+            return pd.read_csv(stored, dtype={"correct": str})
         models = {"base": ("base", self.base_dir),
                   **{f"expert: {n}": ("expert", d) for n, d in self.expert_dirs.items()}}
         table = self._rows(models, device)
@@ -142,7 +147,8 @@ class Zoo:
 
     def score(self, models, *, reference: bool = True, device: str = "auto"):
         """One merge table for any models: ``{label: model}`` -> rows ``model,
-        method, capability, accuracy, n``.
+        method, capability, accuracy, n, correct`` (``correct``: each prompt's
+        result, ``"T"``/``"F"``, for a bootstrap over items).
 
         Parameters
         ----------
@@ -166,8 +172,8 @@ class Zoo:
         for label, (method, model) in models.items():
             df = evaluate(model, zoo=self, device=device)
             rows += [{"model": label, "method": method, "capability": r.capability, "accuracy": r.accuracy,
-                      "n": r.n} for r in df.itertuples()]
-        return pd.DataFrame(rows, columns=["model", "method", "capability", "accuracy", "n"])
+                      "n": r.n, "correct": r.correct} for r in df.itertuples()]
+        return pd.DataFrame(rows, columns=MERGE_TABLE_COLUMNS)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -184,7 +190,7 @@ def zoo_dir(config: ZooConfig, seed: int, cache_dir: str | Path | None = None) -
 
 
 def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Path | None = None,
-          progress: bool = True, rebuild: bool = False) -> Zoo:
+          progress: bool = True, rebuild: bool = False, *, seeds=None, isolated: bool = True):
     """Build the demo expert zoo, or reuse the cached one.
 
     Parameters
@@ -202,11 +208,26 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
         Show progress bars.
     rebuild : bool
         Build even if a cached zoo exists (it is replaced once the new one is complete).
+    seeds : sequence of int, optional
+        Build one zoo per seed (instead of ``seed``) and return them all: results
+        that hold for one seed may not for another (``docs/zoo.md`` gives ranges
+        over seeds).
+    isolated : bool
+        Train in a fresh process whose CPU settings are pinned
+        (:mod:`curvlens.zoo.worker`: one thread, ATen's and MKL's AVX2 kernels on
+        x86), so that the same seed gives the same weights whatever this process
+        or this machine's CPU would pick (measured in ``docs/zoo.md``). False
+        trains in this process, with its settings.
 
     Returns
     -------
-    Zoo
+    Zoo, or a tuple of Zoo (one per seed, in order) with ``seeds``
     """
+    if seeds is not None:
+        seeds = list(dict.fromkeys(int(s) for s in seeds))
+        if not seeds:
+            raise CurvlensError("build: seeds is empty; give at least one seed")
+        return tuple(build(config, s, cache_dir, progress, rebuild, isolated=isolated) for s in seeds)
     config = resolve_config(config)
     root = zoo_dir(config, seed, cache_dir)
     if not rebuild and (root / MANIFEST).is_file():
@@ -215,13 +236,31 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
     # marked as curvlens's own: a build killed outright is swept by the next one
     partial = make_partial(root.parent, root.name)
     try:
-        build_into(partial, config, seed, progress=progress)
+        if isolated:
+            build_isolated(partial, config, seed, progress=progress)
+        else:
+            build_into(partial, config, seed, progress=progress)
         (partial / MARKER).unlink()  # complete: no longer a partial dir
         move_into_place(partial, root, replace=rebuild)
     finally:
         # Gone after a successful move; otherwise a half-built zoo, never to be reused.
         shutil.rmtree(partial, ignore_errors=True)
     return Zoo.from_dir(root)
+
+
+def build_isolated(path: Path, config: ZooConfig, seed: int, *, progress: bool = True) -> None:
+    """:func:`build_into` in a fresh interpreter under :func:`~curvlens.zoo.worker.build_environment`."""
+    env = {**os.environ, **build_environment(cpu_has_avx2())}
+    cmd = [sys.executable, "-m", "curvlens.zoo.worker", str(path), json.dumps(dataclasses.asdict(config)),
+           str(seed)] + (["--progress"] if progress else [])
+    try:
+        done = subprocess.run(cmd, env=env, check=False)
+    except OSError as err:
+        raise CurvlensError(f"building the {config.name!r} zoo (seed {seed}): could not start its build process "
+                            f"{cmd[0]} ({err})") from err
+    if done.returncode != 0:
+        raise CurvlensError(f"building the {config.name!r} zoo (seed {seed}) failed in its build process "
+                            f"(exit status {done.returncode}); its messages are above")
 
 
 def _evaluation_version() -> str:
@@ -235,9 +274,9 @@ def _evaluation_version() -> str:
     return h.hexdigest()[:10]
 
 
-def load(config: str | ZooConfig = "quick", *, seed: int = 0, cache_dir=None, progress: bool = True) -> Zoo:
+def load(config: str | ZooConfig = "quick", *, seed: int = 0, cache_dir=None, progress: bool = True, seeds=None):
     """The zoo ``config`` from the cache, built first when it is not there yet
-    (:func:`build`; the default here is the quick zoo).
+    (:func:`build`; the default here is the quick zoo; ``seeds``: one per seed).
 
     Examples
     --------
@@ -245,7 +284,7 @@ def load(config: str | ZooConfig = "quick", *, seed: int = 0, cache_dir=None, pr
     >>> zoo = cl.zoo.load("quick")                                # doctest: +SKIP
     >>> table = zoo.score({"average": cl.merge(zoo.experts(), "linear")})  # doctest: +SKIP
     """
-    return build(config, seed=seed, cache_dir=cache_dir, progress=progress)
+    return build(config, seed=seed, cache_dir=cache_dir, progress=progress, seeds=seeds)
 
 
 def move_into_place(partial: Path, root: Path, *, replace: bool) -> None:
@@ -276,7 +315,8 @@ def build_into(path: Path, config: ZooConfig, seed: int, *, progress: bool = Tru
     """Train the base and every expert of ``config`` and save them under ``path``.
 
     One torch thread is used (see :mod:`curvlens.runtime`), which
-    also makes the weights independent of the machine's core count.
+    also makes the weights independent of the machine's core count; the CPU
+    kernels are pinned only when this runs in :mod:`curvlens.zoo.worker`.
     """
     tokenizer = make_tokenizer()
     tasks = make_tasks(config, seed)
@@ -308,6 +348,10 @@ def build_into(path: Path, config: ZooConfig, seed: int, *, progress: bool = Tru
         "key": config.key(seed),
         "experts": {e: EXPERT_CAPABILITIES[e] for e in config.experts},
         "n_parameters": sum(p.numel() for p in base.parameters()),
+        # what decides the floats (docs/zoo.md): the kernels this build ran, and the pins it ran under
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "environment": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")},
+        "torch": torch.__version__,
         "build_seconds": timings,
     }
     # Written last: its presence marks the directory complete.
@@ -341,8 +385,10 @@ def evaluate(model: Any, capabilities: Iterable[str] | None = None, *, zoo: Any 
     Returns
     -------
     pandas.DataFrame
-        Columns ``capability, accuracy, n``: one row per capability, accuracy in
-        [0, 1] over ``n`` prompts.
+        Columns ``capability, accuracy, n, correct``: one row per capability,
+        accuracy in [0, 1] over ``n`` prompts, and each prompt's result
+        (``correct``: ``"T"``/``"F"`` per prompt, in the evaluation set's fixed
+        order, so that two models' results pair item by item).
     """
     if zoo is None:
         config, seed = resolve_config(config), 0

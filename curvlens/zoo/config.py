@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from curvlens.errors import CurvlensError, check_choice
 
 #: Bump when a code change alters what a build produces, so old caches are not reused.
-CODE_VERSION = 3
+#: 4: the build runs in its own process with its CPU kernels pinned (curvlens.zoo.worker).
+CODE_VERSION = 4
 
 #: Expert name -> the capability it is fine-tuned on (named after the paper's experts).
 EXPERT_CAPABILITIES = {

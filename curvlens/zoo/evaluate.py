@@ -42,14 +42,19 @@ def score(generate: GenerateFn, eval_sets: Mapping[str, Sequence[Example]]) -> p
     Returns
     -------
     pandas.DataFrame
-        Columns ``capability, accuracy, n``, one row per capability.
+        Columns ``capability, accuracy, n, correct``, one row per capability;
+        ``correct`` holds each prompt's result in the order of its set, ``"T"``
+        right and ``"F"`` wrong (what a bootstrap over items resamples:
+        :func:`curvlens.studies.item_bootstrap.item_matrix`).
 
     Examples
     --------
     >>> sets = {"echo": [Example("a:", "a"), Example("b:", "b")]}
     >>> score(lambda prompts: [p[0] for p in prompts], sets)
-      capability  accuracy  n
-    0       echo       1.0  2
+      capability  accuracy  n correct
+    0       echo       1.0  2      TT
+    >>> score(lambda prompts: ["a", "c"], sets)["correct"].item()
+    'TF'
     """
     rows = []
     for capability, examples in eval_sets.items():
@@ -59,9 +64,25 @@ def score(generate: GenerateFn, eval_sets: Mapping[str, Sequence[Example]]) -> p
                 f"generate returned {len(answers)} answers for {len(examples)} "
                 f"{capability!r} prompts; expected one answer per prompt"
             )
-        correct = sum(a == ex.answer for a, ex in zip(answers, examples))
-        rows.append((capability, correct / len(examples), len(examples)))
-    return pd.DataFrame(rows, columns=["capability", "accuracy", "n"])
+        right = [a == ex.answer for a, ex in zip(answers, examples)]
+        rows.append((capability, sum(right) / len(examples), len(examples), encode_correct(right)))
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+#: What :func:`score` and :func:`evaluate` return.
+SCORE_COLUMNS = ["capability", "accuracy", "n", "correct"]
+
+
+def encode_correct(right: Sequence[bool]) -> str:
+    """Per-item results as one string, ``"T"`` right and ``"F"`` wrong (letters, so
+    that a CSV reader keeps it a string, leading results included).
+
+    Examples
+    --------
+    >>> encode_correct([True, False, True])
+    'TFT'
+    """
+    return "".join("T" if r else "F" for r in right)
 
 
 @torch.inference_mode()

@@ -581,7 +581,7 @@ def _eval_batches(task: str, batch_size: int) -> tuple:
 
 @torch.no_grad()
 def evaluate(model_dir_or_state_dict, task: str, head_from: PathLike | None = None,
-             *, batch_size: int = 64) -> float:
+             *, batch_size: int = 64, items: bool = False):
     """Held-out accuracy of a model on ``task`` (token accuracy for ``colors``).
 
     ``model_dir_or_state_dict`` is an HF model dir (single or sharded safetensors) or a
@@ -590,15 +590,18 @@ def evaluate(model_dir_or_state_dict, task: str, head_from: PathLike | None = No
     from ``head_from`` (the task's expert dir), whose config then defines the model.
     Tensors present are checked for shape and override ``head_from``'s; an other
     architecture's head tensors are ignored, any other unknown name is an error.
+    With ``items``, returns ``(accuracy, correct)``: ``correct`` one ``"T"``/``"F"``
+    per scored example (per scored token for ``colors``), in a fixed order, as
+    ``curvlens.zoo.evaluate`` gives them for a bootstrap over items.
     """
     _quiet_transformers()
     model = _load_model(model_dir_or_state_dict, task, head_from)
-    right = total = 0
+    results = []
     for batch in _eval_batches(task, batch_size):
         batch = dict(batch)
         labels = batch.pop("labels")
         pred = model(**batch).logits.argmax(-1)
         keep = labels != -100
-        right += int((pred[keep] == labels[keep]).sum())
-        total += int(keep.sum())
-    return right / total
+        results += (pred[keep] == labels[keep]).tolist()
+    acc = sum(results) / len(results)
+    return (acc, "".join("T" if r else "F" for r in results)) if items else acc

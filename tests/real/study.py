@@ -2,9 +2,14 @@
 
 Run from the repository root (builds the real tier first, about 1.5 minutes)::
 
-    python -m tests.real.study [ROOT]
+    python -m tests.real.study [ROOT [SETUP ...]]
 
-Three set-ups on all-MiniLM-L6-v2 experts fine-tuned by ``transformers.Trainer``:
+Every set-up merges the experts with one or two merges of every method family
+(``curvlens.demo.FAMILY_GRID``) and sets the diagonal prediction and its coherent
+part (``split_merges``) against the measured gain kept, over all merges and over
+each family and its complement (``agreement_by_family``: Spearman, p-value, 95%
+interval). Three set-ups on all-MiniLM-L6-v2 experts fine-tuned by
+``transformers.Trainer``:
 
 ``heads merged``
     The three sequence-classification experts merged whole (classifier and pooler
@@ -27,7 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 import curvlens as cl
-from curvlens.demo import RANKING_GRID
+from curvlens.demo import FAMILY_GRID
+from curvlens.studies.prediction import agreement_by_family, split_merges
 from tests.real.minilm import build_experts, evaluate
 
 #: Task-specific tensors: each task's classifier and the pooler only the
@@ -43,43 +49,48 @@ def open_experts(zoo: dict, tasks, *, heads: bool) -> cl.Experts:
 
 
 def score(zoo: dict, models: dict, tasks, *, own_heads: bool) -> pd.DataFrame:
-    """``model, capability, accuracy`` for the base, the experts and ``models``
+    """``model, capability, accuracy, n, correct`` for the base, the experts and ``models``
     (label -> MergeResult or state), each task scored with its expert's head when
     ``own_heads`` (else with the merged one)."""
     rows = []
+
+    def row(model, t, source, head_from=None):
+        acc, correct = evaluate(source, t, head_from=head_from, items=True)
+        rows.append({"model": model, "capability": t, "accuracy": acc, "n": len(correct), "correct": correct})
+
     for t in tasks:
-        rows.append({"model": f"expert: {t}", "capability": t, "accuracy": evaluate(zoo["experts"][t], t)})
-        rows.append({"model": "base", "capability": t,
-                     "accuracy": evaluate(zoo["bases"][zoo["arch"][t]], t,
-                                          head_from=zoo["experts"][t] if own_heads else None)})
+        row(f"expert: {t}", t, zoo["experts"][t])
+        row("base", t, zoo["bases"][zoo["arch"][t]], zoo["experts"][t] if own_heads else None)
     for label, m in models.items():
         state = dict(m.checkpoint.items()) if hasattr(m, "checkpoint") else m
         for t in tasks:
-            rows.append({"model": label, "capability": t,
-                         "accuracy": evaluate(state, t, head_from=zoo["experts"][t] if own_heads else None)})
+            row(label, t, state, zoo["experts"][t] if own_heads else None)
     return pd.DataFrame(rows)
 
 
-def run(zoo: dict, grid=RANKING_GRID, progress: bool = False) -> dict:
-    """Every set-up: ``{name: {"scores", "predicted", "agreement", "seconds"}}``."""
+def run(zoo: dict, grid=FAMILY_GRID, progress: bool = False, setups=None) -> dict:
+    """Every set-up: ``{name: {"scores", "predicted", "agreement", "seconds"}}``
+    (``grid``: label -> (method, params, family), as :data:`curvlens.demo.FAMILY_GRID`)."""
     seq = [t for t, a in zoo["arch"].items() if a == "seqcls"]
-    setups = {"heads merged": (seq, True), "heads kept": (seq, False),
-              "two architectures": (list(zoo["experts"]), False)}
+    every = {"heads merged": (seq, True), "heads kept": (seq, False),
+             "two architectures": (list(zoo["experts"]), False)}
+    setups = {k: v for k, v in every.items() if setups is None or k in setups}
     out = {}
     for name, (tasks, heads) in setups.items():
         t0 = time.perf_counter()
         experts = open_experts(zoo, tasks, heads=heads)
-        merges = {label: cl.merge(experts, method, progress=progress, **p) for label, method, p in grid}
+        merges = {label: cl.merge(experts, method, progress=progress, **p) for label, (method, p, _) in grid.items()}
         scores = score(zoo, merges, tasks, own_heads=not heads)
         caps = {t: t for t in tasks}
-        if heads:  # predicted over every tensor and without the heads
-            predicted, agreement = cl.prediction_study(experts, merges, scores, caps, list(HEADS),
-                                                       progress=progress)
-        else:  # the heads are in neither the Experts nor the merges
-            predicted = cl.compare_merges(experts, merges, progress=progress)
-            predicted.insert(0, "variant", "without heads")
-            agreement = cl.prediction_agreement(predicted, scores, caps)
-            agreement.insert(0, "variant", "without heads")
+        families = {label: fam for label, (_, _, fam) in grid.items()}
+        variants = {"all tensors": experts, "without heads": experts.without(list(HEADS))} if heads else \
+            {"without heads": experts}  # kept heads are in neither the Experts nor the merges
+        predicted, agreement = [], []
+        for variant, ex in variants.items():
+            pred = split_merges(ex, merges, progress=progress)
+            predicted.append(pred.assign(variant=variant))
+            agreement.append(agreement_by_family(pred, scores, caps, families).assign(variant=variant))
+        predicted, agreement = pd.concat(predicted), pd.concat(agreement)
         out[name] = {"scores": scores, "predicted": predicted, "agreement": agreement,
                      "seconds": time.perf_counter() - t0}
     return out
@@ -89,11 +100,12 @@ def main() -> None:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="curvlens-real-"))
     zoo = build_experts(root)
     print(f"real tier in {root} (built in {zoo['seconds']:.0f} s)")
-    for name, r in run(zoo).items():
+    for name, r in run(zoo, setups=sys.argv[2:] or None).items():
         pivot = r["scores"].pivot_table(index="model", columns="capability", values="accuracy", sort=False)
         pivot["mean"] = pivot.mean(axis=1)
         print(f"\n== {name} ({r['seconds']:.0f} s)\n{pivot.round(3).to_string()}")
-        print(r["agreement"].round(3).to_string(index=False))
+        a = r["agreement"][r["agreement"]["predictor"].isin(["relative_loss", "relative_coherent_loss"])]
+        print(a.round(3).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def test_graft_sweep_on_the_quick_zoo(request):
         return zoo_mod.evaluate(state_dict, zoo=zoo)
 
     sweep = G.graft_sweep(ex, (0.2, 1.0), evaluate=evaluate, device="cpu", progress=False)
-    assert list(sweep.columns) == ["expert", "criterion", "density", "capability", "score"]
+    # the zoo's evaluation gives per-item results: they ride along (the findings' bootstrap resamples them)
+    assert list(sweep.columns) == ["expert", "criterion", "density", "capability", "score", "correct"]
+    assert (sweep["correct"].str.count("T") / sweep["correct"].str.len() == sweep["score"]).all()
     # density 1.0 is the expert itself: the same scores as evaluating the expert
     for e in ex.names:
         own = evaluate(ex[e].checkpoint)

@@ -4,7 +4,11 @@ Cache behaviour is tested on a toy config that builds in about a second.
 """
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from curvlens import CurvlensError, Experts
 from curvlens.zoo import PRESETS, Zoo, ZooConfig, build, evaluate
 from curvlens.zoo import train as zoo_train
 from curvlens.zoo.build import MANIFEST, zoo_dir
+from curvlens.zoo.worker import cpu_has_avx2
 from tests.zoo.test_tasks import all_task_strings
 
 TOY = ZooConfig(name="toy", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -129,17 +134,23 @@ def test_reuse_without_rebuilding(quick_zoo):
 
 
 def test_same_seed_same_weights_and_rebuild_replaces(tmp_path):
-    a = build(TOY, cache_dir=tmp_path / "a", progress=False)
-    b = build(TOY, cache_dir=tmp_path / "b", progress=False)
+    # the cache's behaviour, built in this process (quicker; the pinned process is tested below)
+    a = build(TOY, cache_dir=tmp_path / "a", progress=False, isolated=False)
+    b = build(TOY, cache_dir=tmp_path / "b", progress=False, isolated=False)
     assert_same_weights(a, b)
     before = (b.root / MANIFEST).stat().st_mtime_ns
-    c = build(TOY, cache_dir=tmp_path / "b", progress=False, rebuild=True)
+    c = build(TOY, cache_dir=tmp_path / "b", progress=False, rebuild=True, isolated=False)
     assert c.root == b.root and (c.root / MANIFEST).stat().st_mtime_ns != before
     assert_same_weights(a, c)
     assert [p.name for p in (tmp_path / "b").iterdir()] == [c.root.name]  # nothing left behind
-    other = build(TOY, seed=1, cache_dir=tmp_path / "a", progress=False)
+    other = build(TOY, seed=1, cache_dir=tmp_path / "a", progress=False, isolated=False)
     assert other.root != a.root
     assert not torch.equal(weights(other.base_dir)["lm_head.weight"], weights(a.base_dir)["lm_head.weight"])
+    # seeds=: one zoo per seed, in order, the cached ones reused
+    both = build(TOY, cache_dir=tmp_path / "a", progress=False, isolated=False, seeds=[1, 0])
+    assert [z.seed for z in both] == [1, 0] and both[0] == other and both[1] == a
+    with pytest.raises(CurvlensError, match="seeds is empty"):
+        build(TOY, cache_dir=tmp_path / "a", seeds=[])
 
 
 def test_interrupted_build_is_never_reused(tmp_path, monkeypatch):
@@ -153,23 +164,53 @@ def test_interrupted_build_is_never_reused(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(zoo_train, "finetune_expert", dies_on_second_expert)
-    with pytest.raises(KeyboardInterrupt):
-        build(TOY, cache_dir=tmp_path / "a", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # in this process, where the patch applies
+        build(TOY, cache_dir=tmp_path / "a", progress=False, isolated=False)
     assert list((tmp_path / "a").iterdir()) == []  # no complete-looking dir, no leftovers
     monkeypatch.setattr(zoo_train, "finetune_expert", real)
 
-    zoo = build(TOY, cache_dir=tmp_path / "a", progress=False)
+    zoo = build(TOY, cache_dir=tmp_path / "a", progress=False, isolated=False)
     assert (zoo.root / MANIFEST).is_file() and zoo.root.name.startswith("zoo-toy-seed0-")
     for d in zoo.expert_dirs.values():
         assert (d / "export" / "exp_avg_sq.safetensors").is_file() and (d / "optimizer.pt").is_file()
-    assert_same_weights(zoo, build(TOY, cache_dir=tmp_path / "clean", progress=False))
+    assert_same_weights(zoo, build(TOY, cache_dir=tmp_path / "clean", progress=False, isolated=False))
+
+
+def test_a_failed_build_process_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    # the build process cannot start the worker (a wrong interpreter): an error naming the zoo, no leftovers
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(CurvlensError, match="'toy' zoo .*build process"):
+        build(TOY, cache_dir=tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists() or list((tmp_path / "a").iterdir()) == []
+
+
+def test_the_build_is_bitwise_the_same_whatever_the_callers_cpu_settings(tmp_path):
+    """The build process pins threads and kernels: a caller started with two threads,
+    ATen's generic kernels and MKL's compatible path (settings torch reads when it
+    loads, so the caller is a process of its own) gets the weights of a plain caller."""
+    plain = build(TOY, cache_dir=tmp_path / "plain", progress=False)
+    manifest = json.loads((plain.root / MANIFEST).read_text())
+    assert manifest["environment"]["OMP_NUM_THREADS"] == "1"
+    if cpu_has_avx2():
+        assert manifest["environment"]["ATEN_CPU_CAPABILITY"] == "avx2" and manifest["cpu_capability"] == "AVX2"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+    code = ("import sys, torch; from tests.zoo.test_build import TOY; from curvlens.zoo import build; "
+            "torch.set_num_threads(2); assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'; "
+            "build(TOY, cache_dir=sys.argv[1], progress=False)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")], env=env, check=True,
+                   cwd=Path(__file__).resolve().parents[2])
+    other = Zoo.from_dir(zoo_dir(TOY, 0, tmp_path / "other"))
+    assert_same_weights(plain, other)
+    for a, b in zip(plain.expert_dirs.values(), other.expert_dirs.values()):
+        va, vb = (load_file(str(d / "export" / "exp_avg_sq.safetensors")) for d in (a, b))
+        assert all(torch.equal(va[k], vb[k]) for k in va)
 
 
 def test_a_leftover_partial_dir_is_ignored(tmp_path):
     root = zoo_dir(TOY, 0, tmp_path)
     root.mkdir(parents=True)
     (root / "base").mkdir()  # e.g. copied by hand, or from a crashed older version: no manifest
-    zoo = build(TOY, cache_dir=tmp_path, progress=False)
+    zoo = build(TOY, cache_dir=tmp_path, progress=False, isolated=False)
     assert (zoo.root / MANIFEST).is_file() and (zoo.base_dir / "model.safetensors").is_file()
 
 

@@ -15,10 +15,15 @@ def sets(quick_zoo):
 def test_scorer_with_a_perfect_and_a_wrong_oracle(sets):
     answers = {ex.prompt: ex.answer for examples in sets.values() for ex in examples}
     perfect = score(lambda prompts: [answers[p] for p in prompts], sets)
-    assert list(perfect.columns) == ["capability", "accuracy", "n"]
+    assert list(perfect.columns) == ["capability", "accuracy", "n", "correct"]
     assert list(perfect.capability) == ["addition", "brackets", "transform", "facts"]
     assert (perfect.accuracy == 1.0).all()
     assert list(perfect.n) == [len(v) for v in sets.values()]
+    # one result per prompt, in the set's order: what a bootstrap over items resamples
+    assert [len(c) for c in perfect.correct] == list(perfect.n) and set("".join(perfect.correct)) == {"T"}
+    first_wrong = score(lambda prompts: ["?"] + [answers[p] for p in prompts[1:]], sets)
+    assert all(c.startswith("F") and set(c[1:]) == {"T"} for c in first_wrong.correct)
+    assert (first_wrong.accuracy == (first_wrong.n - 1) / first_wrong.n).all()
     # right answer plus one character, or minus its last: exact match only
     too_long = score(lambda prompts: [answers[p] + "x" for p in prompts], sets)
     too_short = score(lambda prompts: [answers[p][:-1] for p in prompts], sets)
@@ -35,7 +40,7 @@ def test_a_real_model_that_cannot_answer_scores_zero(quick_zoo):
     state = load_file(str(quick_zoo.base_dir / "model.safetensors"))
     state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
     df = evaluate(state, zoo=quick_zoo)
-    assert list(df.columns) == ["capability", "accuracy", "n"]
+    assert list(df.columns) == ["capability", "accuracy", "n", "correct"]
     assert (df.accuracy == 0.0).all() and (df.n > 0).all()
 
 
@@ -86,7 +91,7 @@ def test_zoo_score_stores_reference_scores_once(quick_zoo, monkeypatch):
 
     avg = merge(quick_zoo.experts(), "linear", device="cpu", progress=False)
     table = quick_zoo.score({"average": avg}, device="cpu")
-    assert list(table.columns) == ["model", "method", "capability", "accuracy", "n"]
+    assert list(table.columns) == ["model", "method", "capability", "accuracy", "n", "correct"]
     labels = list(dict.fromkeys(table.model))
     assert labels == ["base", *[f"expert: {n}" for n in quick_zoo.expert_dirs], "average"]
     assert set(table[table.model == "average"].method) == {"linear"}
