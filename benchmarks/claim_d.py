@@ -37,7 +37,7 @@ import torch
 import curvlens as cl
 from curvlens.math.bootstrap import interval
 from curvlens.studies.findings_stats import merge_statistics
-from curvlens.studies.item_bootstrap import ItemBootstrap, pool
+from curvlens.studies.item_bootstrap import ItemBootstrap, pool_resamples
 
 TIES = ("ties", {"density": 0.5})
 FFG = ("ota", {"epsilon": 1e-26, "ffg_density": 0.3, "fallback_to_base": True})
@@ -75,7 +75,7 @@ def diff(table: pd.DataFrame, caps: dict, a: str, b: str, boot: ItemBootstrap) -
     out = {}
     for stat in ("pooled_gain", "worst_gain"):
         per = {s: st[s][a][stat] - st[s][b][stat] for s in seeds}
-        lo, hi = interval(pool(per.values()))
+        lo, hi = interval(pool_resamples(per.values()))
         out[stat] = (float(np.mean([x[0] for x in per.values()])), lo, hi)
     out["a"] = float(np.mean([st[s][a]["pooled_gain"][0] for s in seeds]))
     out["b"] = float(np.mean([st[s][b]["pooled_gain"][0] for s in seeds]))

@@ -15,7 +15,7 @@ Setting names: ``base`` (this process's environment), ``threads2`` (the build
 forced to two torch threads), ``aten-default`` / ``aten-avx2`` / ``aten-avx512``
 (``ATEN_CPU_CAPABILITY``), ``mkl-compatible`` / ``mkl-avx2`` (``MKL_CBWR``),
 ``pinned`` (the build as ``curvlens.zoo.build`` runs it: in a fresh process under
-:func:`curvlens.zoo.worker.build_environment`), and ``pinned+...`` (that build
+:func:`curvlens.zoo.pinning.build_environment`), and ``pinned+...`` (that build
 from a caller with the named setting). The unpinned settings build in the
 measuring process (``isolated=False``), as builds before code version 4 did.
 """

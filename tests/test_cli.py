@@ -104,7 +104,8 @@ def test_demo_quick_and_figures(cached, tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert page.index(">Findings<") < page.index(">Regime<") < page.index(">The zoo<")
     regime = page[page.index(">Regime<"):page.index(">The zoo<")]
-    assert regime.count("<table") == 4 and "NaN" not in regime  # expert, role, pair, merge: each its own columns
+    # expert, role, pair, capability, merge: each its own columns
+    assert regime.count("<table") == 5 and "NaN" not in regime
     zoo_part = page[page.index(">The zoo<"):page.index(">Scores<")]
     assert "Experts(" not in zoo_part and str(cached.root.parent) not in zoo_part
     assert "Adam exp_avg_sq (export/exp_avg_sq.safetensors)" in zoo_part

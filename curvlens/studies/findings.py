@@ -41,7 +41,7 @@ from curvlens.math.bootstrap import LEVEL, N_RESAMPLES, YES, decide, interval, p
 from curvlens.studies.findings_stats import (
     KEEP, lowest_density_steps, mask_statistics, merge_statistics, overlap_statistics,
 )
-from curvlens.studies.item_bootstrap import ItemBootstrap, of_seed, pool, seeds_of
+from curvlens.studies.item_bootstrap import ItemBootstrap, of_seed, pool_resamples, seeds_of
 
 FINDINGS_COLUMNS = ["claim", "statement", "verdict", "evidence", "rule"]
 #: The columns each rule reads from the frame it takes.
@@ -102,7 +102,7 @@ def _interval_row(claim, subject, metric, per_seed: dict, threshold, *, strict=T
     of "the statistic is above (``above``) / below the threshold"."""
     seeds = list(per_seed)
     est = float(np.nanmean([float(a[0]) for a in per_seed.values()]))
-    low, high = interval(pool(per_seed.values()))
+    low, high = interval(pool_resamples(per_seed.values()))
     if above:
         outcome = decide(low, high, threshold, strict=strict)
     else:  # below: the interval of -x above -threshold

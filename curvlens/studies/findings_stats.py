@@ -23,7 +23,7 @@ from curvlens.errors import CurvlensError
 from curvlens.math.bootstrap import interval, resample_indices
 from curvlens.passes.analysis_common import metric_weights
 from curvlens.studies.gain import gain_kept, pooled_gain, worst_gain
-from curvlens.studies.item_bootstrap import ItemBootstrap, of_seed, pool, seeds_of
+from curvlens.studies.item_bootstrap import ItemBootstrap, of_seed, pool_resamples, seeds_of
 
 #: (a) "keeps the score": at least this share of the expert's gain over the base.
 KEEP = 0.9
@@ -211,5 +211,5 @@ def gain_interval(table: pd.DataFrame, capabilities: Mapping[str, str], label: s
     for stat, key in (("pooled_gain", "pooled"), ("worst_gain", "worst")):
         per = [st[s][label][stat] for s in seeds]
         out[key] = float(np.nanmean([p[0] for p in per]))
-        out[f"{key}_low"], out[f"{key}_high"] = interval(pool(per))
+        out[f"{key}_low"], out[f"{key}_high"] = interval(pool_resamples(per))
     return out

@@ -130,7 +130,7 @@ class ItemBootstrap:
         return "correct" in table.columns and bool(table["correct"].map(lambda c: isinstance(c, str)).all())
 
 
-def pool(per_seed: Iterable[np.ndarray]) -> np.ndarray:
+def pool_resamples(per_seed: Iterable[np.ndarray]) -> np.ndarray:
     """The resamples (row 0 of each dropped) of every seed, pooled into one sample."""
     parts = [np.asarray(a, dtype=float)[1:] for a in per_seed]
     return np.concatenate(parts) if parts else np.array([])

@@ -188,7 +188,10 @@ REGIME_SCOPES = {
     "expert": "relative edit ||theta_i - theta_0|| / ||theta_0|| per expert",
     "role": "relative edit per role, all experts pooled",
     "pair": "model-level task-vector cosine and curvature overlap per expert pair",
-    "merge": "retention (score / the expert's own score) per merge: mean and worst over capabilities",
+    "capability": "per capability: the experts' gain over the base, its share of their summed gain (what it "
+                  "weighs in a pooled comparison of merges) and the evaluation size",
+    "merge": "per merge: the gain kept (merged - base) / (expert - base), pooled, worst and per capability; "
+             "secondary, retention (score / the expert's own), mean and worst",
 }
 
 

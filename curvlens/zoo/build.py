@@ -47,7 +47,7 @@ from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.evaluate import evaluate_model
 from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
-from curvlens.zoo.worker import build_environment, cpu_has_avx2
+from curvlens.zoo.pinning import build_environment, cpu_has_avx2
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -249,7 +249,7 @@ def build(config: str | ZooConfig = "quick", seed: int = 0, cache_dir: str | Pat
 
 
 def build_isolated(path: Path, config: ZooConfig, seed: int, *, progress: bool = True) -> None:
-    """:func:`build_into` in a fresh interpreter under :func:`~curvlens.zoo.worker.build_environment`."""
+    """:func:`build_into` in a fresh interpreter under :func:`~curvlens.zoo.pinning.build_environment`."""
     env = {**os.environ, **build_environment(cpu_has_avx2())}
     cmd = [sys.executable, "-m", "curvlens.zoo.worker", str(path), json.dumps(dataclasses.asdict(config)),
            str(seed)] + (["--progress"] if progress else [])

@@ -5,7 +5,7 @@ import pytest
 
 from curvlens.errors import CurvlensError
 from curvlens.studies.gain import gain_kept, merge_gain, pooled_gain, worst_gain
-from curvlens.studies.item_bootstrap import ItemBootstrap, item_matrix, pool
+from curvlens.studies.item_bootstrap import ItemBootstrap, item_matrix, pool_resamples
 
 
 def test_gain_kept_is_measured_from_the_base():
@@ -74,7 +74,7 @@ def test_item_bootstrap_is_paired_and_falls_back_honestly():
     fixed = boot.scores(_table({"a": {"x": 0.5}}), ("model",))["a", "x"]
     assert (fixed == 0.5).all()
     assert boot.exact(t) and not boot.exact(_table({"a": {"x": 0.5}}, n=4))
-    assert pool([a, b]).shape == (600,)
+    assert pool_resamples([a, b]).shape == (600,)
 
 
 def test_item_matrix_refuses_what_is_not_per_item_results():

@@ -19,7 +19,7 @@ from curvlens import CurvlensError, Experts
 from curvlens.zoo import PRESETS, Zoo, ZooConfig, build, evaluate
 from curvlens.zoo import train as zoo_train
 from curvlens.zoo.build import MANIFEST, zoo_dir
-from curvlens.zoo.worker import cpu_has_avx2
+from curvlens.zoo.pinning import cpu_has_avx2
 from tests.zoo.test_tasks import all_task_strings
 
 TOY = ZooConfig(name="toy", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -45,7 +45,8 @@ def test_zoo_object(quick_zoo):
                                       "instruct": "transform", "knowledge": "facts"}
     assert list(quick_zoo.expert_dirs) == list(quick_zoo.capabilities)
     assert quick_zoo.base_dir == quick_zoo.root / "base"
-    assert quick_zoo.root.parent.name != "zoo"  # <cache>/<key dir>: notebooks set the cache to root.parent
+    # <cache>/<key dir>, the key naming config and seed: notebooks set the cache to root.parent
+    assert quick_zoo.root.name.startswith(f"zoo-quick-seed{quick_zoo.seed}-")
     assert Zoo.from_dir(quick_zoo.root) == quick_zoo
     experts = quick_zoo.experts()
     assert isinstance(experts, Experts)
