@@ -133,8 +133,8 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
     >>> ex = cl.Experts(w, [cl.Expert("a", cl.Checkpoint.open({"w": torch.tensor([1.5, 2.0, 2.0, 4.0])})),
     ...                     cl.Expert("b", cl.Checkpoint.open({"w": torch.tensor([1.0, 2.5, 3.5, 4.0])}))])
     >>> out = cl.analyze(ex, progress=False, device="cpu")
-    >>> sorted(out), out["interference"]["sign_conflict"].tolist()
-    (['edit_norms', 'interference', 'mask_overlap', 'mask_stats'], [0.0])
+    >>> sorted(out), out["interference"]["sign_conflict"].tolist()  # entry 3: a moved -1, b +0.5
+    (['edit_norms', 'interference', 'mask_overlap', 'mask_stats'], [0.25])
     """
     need_experts(experts, "analyze")
     if analyses is None:
