@@ -34,7 +34,7 @@ from curvlens.math.blocks import tensor_seed
 from curvlens.math.quantile import ScoreSource
 from curvlens.passes.experts import Experts
 from curvlens.runtime import progress_bar, resolve_device
-from curvlens.passes.thresholds import CRITERIA, Selection, TieLedger, model_selections
+from curvlens.passes.thresholds import Selection, TieLedger, model_selections, selection_criteria
 
 __all__ = ["scout_selections", "scout_sample", "partial_reads", "count_equal"]
 
@@ -163,12 +163,7 @@ def scout_selections(experts: Experts, densities, criteria: Sequence[str] = ("fi
         Most counters per selection (float32 values inside a bracket, 8 bytes
         each); a wider bracket falls back to the two-read selection.
     """
-    if experts.base is None:
-        raise CurvlensError("model-wide mask selections need a base model (task vectors)")
-    criteria = list(dict.fromkeys(criteria))
-    for c in criteria:
-        if c not in CRITERIA:
-            raise CurvlensError(f"criterion={c!r} is not valid; expected one of {CRITERIA}")
+    criteria = selection_criteria(experts, criteria)
     wanted = _densities(experts, densities)
     dev = resolve_device(device)
     names = experts.tensor_names(floating_only=True)

@@ -276,12 +276,7 @@ def model_selections(
     dict
         ``(criterion, expert, density) -> Selection``.
     """
-    if experts.base is None:
-        raise CurvlensError("model-wide mask selections need a base model (task vectors)")
-    criteria = list(dict.fromkeys(criteria))
-    for c in criteria:
-        if c not in CRITERIA:
-            raise CurvlensError(f"criterion={c!r} is not valid; expected one of {CRITERIA}")
+    criteria = selection_criteria(experts, criteria)
     per = _per_expert(densities, len(experts), "density")
     wanted: list[list[float]] = []
     for name, d in zip(experts.names, per):
@@ -399,3 +394,15 @@ def model_thresholds(
                            device=device, progress=progress)
     rows = [sel[criterion, e, d].row() for e, d in zip(experts.names, densities)]
     return pd.DataFrame(rows, columns=THRESHOLD_COLUMNS)
+
+
+def selection_criteria(experts: Experts, criteria: Sequence[str]) -> list[str]:
+    """The criteria of a model-wide selection, deduplicated and checked (and the
+    base every selection of task-vector entries needs)."""
+    if experts.base is None:
+        raise CurvlensError("model-wide mask selections need a base model (task vectors)")
+    criteria = list(dict.fromkeys(criteria))
+    for c in criteria:
+        if c not in CRITERIA:
+            raise CurvlensError(f"criterion={c!r} is not valid; expected one of {CRITERIA}")
+    return criteria

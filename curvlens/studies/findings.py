@@ -52,14 +52,6 @@ FRAME_COLUMNS = {
     "curvature_overlap": ["expert_a", "expert_b", "numel", "spearman_log", "cosine"],
     "merge_table": ["model", "capability", "accuracy"],
 }
-#: The columns each rule reads from the frame it takes.
-FRAME_COLUMNS = {
-    "graft_sweep": ["expert", "criterion", "density", "capability", "score"],
-    "mask_stats": ["name", "layer", "role", "numel", "criterion", "density", "kept_frac", "mask_rank",
-                   "mask_rank_at_least", "row_sparsity", "col_sparsity"],
-    "curvature_overlap": ["expert_a", "expert_b", "numel", "spearman_log", "cosine"],
-    "merge_table": ["model", "capability", "accuracy"],
-}
 #: One row per comparison a verdict rests on (:func:`findings_with_intervals`).
 INTERVAL_COLUMNS = ["claim", "subject", "metric", "estimate", "low", "high", "threshold", "outcome", "seeds",
                     "per_seed"]

@@ -70,13 +70,10 @@ def worst_gain(merged: Sequence, base: Sequence, expert: Sequence):
     return out if np.ndim(merged[0]) else float(out[0])
 
 
-def reference_rows(scores: pd.DataFrame, capabilities: Mapping[str, str], expert_label: str = "expert: {}",
-                   base_label: str = "base") -> tuple[dict, dict]:
-    """``(base, own)``: capability -> the base's score, and capability -> the score
-    of the expert fine-tuned on it (each from its row of ``scores``)."""
-    missing = {"model", "capability", "accuracy"} - set(scores.columns)
-    if missing:
-        raise CurvlensError(f"scores lacks column(s) {sorted(missing)}; expected a merge table")
+def own_scores(scores: pd.DataFrame, capabilities: Mapping[str, str],
+               expert_label: str = "expert: {}") -> dict[str, float]:
+    """capability -> the score of the expert fine-tuned on it (its row of ``scores``,
+    labelled ``expert_label.format(expert)``); a missing row is an error."""
     own = {}
     for expert, cap in capabilities.items():
         label = expert_label.format(expert)
@@ -84,6 +81,17 @@ def reference_rows(scores: pd.DataFrame, capabilities: Mapping[str, str], expert
         if row.empty:
             raise CurvlensError(f"scores has no row for expert {expert!r} ({label!r}) on {cap!r}")
         own[cap] = float(row["accuracy"].iloc[0])
+    return own
+
+
+def reference_rows(scores: pd.DataFrame, capabilities: Mapping[str, str], expert_label: str = "expert: {}",
+                   base_label: str = "base") -> tuple[dict, dict]:
+    """``(base, own)``: capability -> the base's score, and capability -> the score
+    of the expert fine-tuned on it (each from its row of ``scores``)."""
+    missing = {"model", "capability", "accuracy"} - set(scores.columns)
+    if missing:
+        raise CurvlensError(f"scores lacks column(s) {sorted(missing)}; expected a merge table")
+    own = own_scores(scores, capabilities, expert_label)
     rows = scores[scores["model"] == base_label]
     base = dict(zip(rows["capability"], rows["accuracy"].astype(float)))
     lacking = [c for c in own if c not in base]

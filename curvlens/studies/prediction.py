@@ -29,6 +29,7 @@ from curvlens.passes.analysis_interference import compare_merges
 from curvlens.passes.experts import Experts
 from curvlens.runtime import resolve_device
 from curvlens.studies.findings_stats import merge_statistics
+from curvlens.studies.gain import own_scores
 from curvlens.studies.item_bootstrap import ItemBootstrap
 
 #: The predictors compared, each pooled over experts to one number per merge
@@ -74,13 +75,7 @@ def merge_retention(scores: pd.DataFrame, capabilities: Mapping[str, str],
         raise CurvlensError("scores is empty; expected model, capability, accuracy rows")
     if not isinstance(capabilities, Mapping):
         raise CurvlensError(f"capabilities must be a mapping expert -> capability; got {capabilities!r}")
-    own = {}
-    for expert, cap in capabilities.items():
-        label = expert_label.format(expert)
-        row = scores[(scores["model"] == label) & (scores["capability"] == cap)]
-        if row.empty:
-            raise CurvlensError(f"scores has no row for expert {expert!r} ({label!r}) on {cap!r}")
-        own[cap] = float(row["accuracy"].iloc[0])
+    own = own_scores(scores, capabilities, expert_label)
     t = scores[scores["capability"].isin(own)][["model", "capability", "accuracy"]].copy()
     t["expert_accuracy"] = t["capability"].map(own)
     t["retention"] = t["accuracy"] / t["expert_accuracy"]
