@@ -19,17 +19,22 @@ def _regime():
     inter = pd.DataFrame({"expert_a": ["a"], "expert_b": ["b"], "name": ["x"], "layer": pd.array([0], dtype="Int64"),
                           "role": ["q"], "numel": [4], "tv_cosine": [0.25]})
     overlap = inter.drop(columns="tv_cosine").assign(spearman_log=[0.8], cosine=[0.9])
-    scores = pd.DataFrame({"model": ["expert: a", "expert: b", "m", "m"], "capability": ["x", "y", "x", "y"],
-                           "accuracy": [1.0, 0.5, 0.5, 0.5]})
+    scores = pd.DataFrame({"model": ["base", "base", "expert: a", "expert: b", "m", "m"],
+                           "capability": ["x", "y", "x", "y", "x", "y"],
+                           "accuracy": [0.25, 0.25, 1.0, 0.5, 0.5, 0.5], "n": 8})
     return regime_table(norms, interference=inter, overlap=overlap, scores=scores, capabilities={"a": "x", "b": "y"})
 
 
 def test_one_table_per_scope_with_only_its_metrics():
     tables = regime_by_scope(_regime())
-    assert list(tables) == list(REGIME_SCOPES)  # expert, role, pair, merge
+    assert list(tables) == list(REGIME_SCOPES)  # expert, role, pair, capability, merge
     assert {k: list(t.columns) for k, t in tables.items()} == {
         "expert": ["relative_edit"], "role": ["relative_edit"], "pair": ["tv_cosine", "spearman_log", "cosine"],
-        "merge": ["mean_retention", "worst_retention"]}
+        "capability": ["expert_gain", "gain_share", "eval_items"],
+        "merge": ["gain_kept", "worst_gain_kept", "gain_kept x", "gain_kept y", "mean_retention", "worst_retention"]}
+    # the gain kept is measured from the base: m keeps (0.5 - 0.25) / (1.0 - 0.25) of x's gain, all of y's
+    assert tables["merge"].loc["m", "gain_kept x"] == pytest.approx(1 / 3)
+    assert tables["merge"].loc["m", "gain_kept y"] == pytest.approx(1.0)
     assert not any(t.isna().any().any() for t in tables.values())
     assert list(tables["expert"].index) == ["a", "b"] and tables["role"].index.name == "role"
     assert list(regime_by_scope(_regime().query("scope == 'expert'"))) == ["expert"]  # absent scopes left out
@@ -37,7 +42,7 @@ def test_one_table_per_scope_with_only_its_metrics():
 
 def test_regime_html_has_no_nan_cells_and_a_caption_per_table():
     page = regime_html(_regime())
-    assert page.count("<table") == 4 and "NaN" not in page and "nan" not in page
+    assert page.count("<table") == 5 and "NaN" not in page and "nan" not in page
     for caption in REGIME_SCOPES.values():
         assert caption.replace("'", "&#x27;") in page
 

@@ -104,7 +104,7 @@ def test_validate_and_analyze_from_the_shell(tier, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     frames = {p.stem: pd.read_csv(p) for p in out.glob("*.csv")}
     assert set(frames) == {"curvature_stats", "curvature_overlap", "mask_stats", "interference", "edit_norms",
-                           "regime", "findings"}
+                           "regime", "findings", "finding_intervals"}
     for key, df in frames.items():
         if "name" in df:
             assert not df["name"].str.contains("classifier|pooler").any(), key
