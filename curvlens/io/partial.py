@@ -38,7 +38,12 @@ def _header(file: Path) -> tuple[int, dict]:
         n = int.from_bytes(fh.read(8), "little")
         if n <= 0 or n > st.st_size - 8:
             raise CurvlensError(f"{file}: corrupt safetensors header length {n}")
-        head = json.loads(fh.read(n))
+        try:  # the file was opened once already; this guards a file changed since
+            head = json.loads(fh.read(n))
+        except ValueError as err:
+            raise CurvlensError(f"{file}: corrupt safetensors header ({err})") from err
+    if not isinstance(head, dict):
+        raise CurvlensError(f"{file}: corrupt safetensors header (not a JSON object)")
     with _LOCK:
         _HEADERS[key] = (8 + n, head)
     return 8 + n, head
