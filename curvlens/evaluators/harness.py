@@ -89,7 +89,8 @@ class LmEvalEvaluator:
 
     Examples
     --------
-    >>> import pickle
+    >>> import pickle, pytest
+    >>> _ = pytest.importorskip("lm_eval")  # the eval extra
     >>> ev = LmEvalEvaluator(["arc_easy"], metric="acc", limit=50)
     >>> pickle.loads(pickle.dumps(ev))
     LmEvalEvaluator(tasks=('arc_easy',), metric='acc', limit=50, include_path=None)
