@@ -305,8 +305,10 @@ def _ties(s, g: TensorGroup, i: int) -> int | None:
     """Tied entries expert ``i`` keeps in this tensor; a selection made in one
     read counts them here, in model order (:class:`~curvlens.passes.thresholds.TieLedger`)."""
     if s.ledger is not None and not s.ledger.seen(g.name):
+        # every tie handed out already: none kept here, whatever this tensor holds
         v = g.moments[i] if s.criterion == "fisher" else None
-        s.ledger.take(g.name, count_equal(g.base, g.experts[i], v, s.criterion, s.threshold))
+        s.ledger.take(g.name, 0 if s.ledger.remaining == 0 else
+                      count_equal(g.base, g.experts[i], v, s.criterion, s.threshold))
     return s.ties(g.name)
 
 

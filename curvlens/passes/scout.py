@@ -117,7 +117,7 @@ def scout_sample(experts: Experts, criteria: Sequence[str], *, sample: int = 1 <
 
 def _sorted(scores, weights, runs):
     """The sample in decreasing score order, with cumulative weight fractions."""
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-scores)  # any order of equal scores brackets the same values
     s, w, r = scores[order], weights[order], runs[order]
     return s, w, r, np.cumsum(w) / w.sum(), runs, weights
 

@@ -3,6 +3,8 @@ method's body), the per-expert weight column, the random generator and the
 checked read of one block of second moments."""
 from __future__ import annotations
 
+import math
+
 from typing import Any, Optional, Sequence
 
 import torch
@@ -108,10 +110,15 @@ def generator(rng: Optional[torch.Generator], seed: int, device: torch.device) -
 
 
 def moment_block(v: Tensor, sl: slice, i: int, method: str) -> Tensor:
-    """One block of a flat second-moment tensor in fp32, checked to be nonnegative."""
+    """One block of a flat second-moment tensor in fp32, checked to be nonnegative
+    and finite (a NaN weight would otherwise vanish behind a mask that drops it)."""
     block = v[sl].float()
-    if block.numel() and float(block.min()) < 0:  # a float reduction: ~10x a bool any()
-        raise CurvlensError(
-            f"{method}: moments[{i}] must be nonnegative; got minimum {block.min().item():.3g}"
-        )
+    if block.numel():
+        lo, hi = (float(x) for x in torch.aminmax(block))  # float reductions: ~10x a bool any()
+        if lo < 0:
+            raise CurvlensError(f"{method}: moments[{i}] must be nonnegative; got minimum {lo:.3g}")
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = int((~torch.isfinite(block)).sum())
+            raise CurvlensError(f"{method}: moments[{i}] must be finite; {bad} entries of a block are NaN or "
+                                "infinite")
     return block

@@ -11,6 +11,7 @@ from curvlens.errors import CurvlensError, check_choice
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
 from curvlens.math.methods.inputs import moment_block
+from curvlens.math.methods.native_paths import ota_native
 from curvlens.math.methods.params import (
     ParamSpec, boolean, int_at_least, lower_str, path_or_none, real,
 )
@@ -148,6 +149,10 @@ def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
     fork = _fork_combine_name(p)
     # The fork takes no low-rank step for embeddings and LM heads (is_embed)
     ranks = [None] * n if _is_embedding(p["tensor_name"]) else p["rank"]
+    compressed = any(p["rank1_approx"]) or any(r is not None for r in ranks)
+    fast = ota_native(b, thetas, vs, p, compressed, fork, counts)
+    if fast is not None:  # the C kernel: the same bits in one sweep
+        return fast.reshape(shape)
     # Compression needs each v whole (a 2-D factorisation); everything else runs
     # in cache-sized blocks, with whole-tensor quantities found in a first pass.
     vs = [_compressed_moment(v.float(), r1, r) if (r1 or r is not None) else v
@@ -198,10 +203,11 @@ def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
             merged = bb + _ota_combine(p["combine"], W, safe_den, taus, masks)
         if any(m is not None for m in masks):
             # The fork's test for "every expert masked": only epsilon-sized weight
-            # left. lerp with a 0/1 weight returns either end exactly.
+            # left. Those entries are the fallback's exactly (a select: lerp with a
+            # 0/1 weight turns a -0.0 into +0.0 in some positions and not others).
             fully_masked = 1.0 - above(den, n * eps * 1.1)
             use_base = p["fallback_to_base"] and bb is not None
-            out[sl] = torch.lerp(merged, bb if use_base else stacked.mean(dim=0), fully_masked)
+            out[sl] = torch.where(fully_masked > 0, bb if use_base else stacked.mean(dim=0), merged)
         elif any_zero:
             # 0/0 without any mask (epsilon=0 and v=0 for every expert): the plain
             # mean instead of the fork's NaN.

@@ -172,6 +172,14 @@ class MaskCounts:
         for i, m in enumerate(masks):
             self.kept[i] += length if m is None else int(m.sum())
 
+    def add_totals(self, kept: Sequence[int], any_kept: int) -> None:
+        """Count a whole tensor's masks from totals a kernel counted (per expert
+        kept, and entries some expert kept)."""
+        self.used = True
+        self.any_kept += int(any_kept)
+        for i, k in enumerate(kept):
+            self.kept[i] += int(k)
+
 
 _REGISTRY: dict[str, MergeMethod] = {}
 

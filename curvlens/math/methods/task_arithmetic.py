@@ -12,6 +12,7 @@ import torch
 
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.methods.inputs import per_expert_column
+from curvlens.math.methods.native_paths import ties_native
 from curvlens.math.methods.params import (
     DENSITY, INT8_MASK, LAMBDA, SEED, WEIGHT, normalize_param, rescale_param,
 )
@@ -43,6 +44,10 @@ def generalized_task_arithmetic(
     returning expert ``i``'s :class:`Sparsifier` (breadcrumbs, DELLA); random
     sparsifiers draw from ``gen`` expert by expert, as mergekit does.
     """
+    if sparsify == "magnitude" and consensus:
+        fast = ties_native(base, experts, p, counts)
+        if fast is not None:  # the C kernel: the same bits in one sweep
+            return fast.reshape(base.shape)
     fb = base.reshape(-1)
     flats = [e.reshape(-1) for e in experts]
     n, dev = fb.numel(), base.device

@@ -4,11 +4,12 @@ The analyses' statistics are sums over entries of a few inputs. Written as torch
 operations each costs one pass over memory, and on this project's 2-core CPU one
 in-cache torch operation costs about as much as reading the same entries from
 DRAM (``benchmarks/bench_kernels.py``), so a pass that needs thirty of them runs
-thirty times the read floor. ``kernels.c`` does each statistic in one sweep over
+thirty times the read floor. ``kernels.c`` does each statistic (``merges.c`` each merge of the common
+methods' usual options) in one sweep over
 the stored dtypes (bf16 widened exactly, products and sums in the IEEE order
 torch uses, accumulations in float64).
 
-No toolchain is downloaded: the C file is compiled once by ``cc`` (or ``$CC``)
+No toolchain is downloaded: the C files are compiled once by ``cc`` (or ``$CC``)
 into ``$CURVLENS_CACHE/native`` (default ``~/.cache/curvlens/native``), keyed by
 the source, the flags and the CPU, and loaded with :mod:`ctypes` (which releases
 the GIL, so the stream's read-ahead thread keeps reading). Without a compiler,
@@ -31,7 +32,10 @@ import torch
 
 __all__ = ["available", "lib", "ptr", "dtype_code", "reason"]
 
-_SOURCE = Path(__file__).with_name("kernels.c")
+_HERE = Path(__file__).parent
+#: compiled together into one library; common.h is included by both
+_SOURCES = [_HERE / "kernels.c", _HERE / "merges.c"]
+_HEADERS = [_HERE / "common.h"]
 _LOCK = threading.Lock()
 _STATE: dict = {}
 
@@ -51,6 +55,9 @@ _SIGNATURES = {
     "cl_scores_at": ([P, I32, P, I32, P, P, I64, P], None),
     "cl_mask_sweep": ([P, I32, P, I32, P, I32, I64, I64, I32, P, P, P, P, P, P, P], None),
     "cl_and_count": ([P, P, I64], I64),
+    "cl_ota_merge": ([P, I32, P, P, P, P, P, I32, I64, P, F32, P, P, P, F32, I32, P, P, P, P], None),
+    "cl_mag_bracket": ([P, I32, P, I32, I64, U32, U32, P, P, I64, P], I64),
+    "cl_ties_merge": ([P, I32, P, P, I32, I64, P, P, P, P, I32, F32, P, P, P, P], None),
 }
 
 
@@ -70,7 +77,7 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
-    source = _SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
     flags = _flags()
     key = hashlib.sha256(source + " ".join([cc, *flags, platform.machine(), platform.system()]).encode())
     out = _cache_dir() / key.hexdigest()[:16] / "libcurvlens_kernels.so"
@@ -79,7 +86,8 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            res = subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True,
+                                 text=True)
             if res.returncode != 0:
                 raise OSError(f"{cc} failed: {res.stderr.strip()[:400]}")
             os.replace(tmp, out)  # atomic: a concurrent build never loads half a file

@@ -10,41 +10,7 @@
  *
  * dtype codes: 0 = float32, 1 = bfloat16.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef int64_t i64;
-
-static inline float ld(const void *p, int dt, i64 i) {
-    if (dt == 1) {
-        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    return ((const float *)p)[i];
-}
-
-static inline uint32_t bits_of(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-/* Blocks of entries widened to fp32, the dtype test outside the loop (so it
- * vectorises): bf16 is the top half of an fp32 pattern. */
-static inline void load_block(const void *p, int dt, i64 s0, i64 len, float *out) {
-    if (dt == 1) {
-        const uint16_t *q = (const uint16_t *)p + s0;
-        for (i64 j = 0; j < len; j++) {
-            uint32_t u = (uint32_t)q[j] << 16;
-            memcpy(out + j, &u, 4);
-        }
-    } else {
-        memcpy(out, (const float *)p + s0, (size_t)len * 4);
-    }
-}
+#include "common.h"
 
 /* log10 of a positive, finite fp32 value, as a double: the exponent part exact
  * in float64, log10 of the mantissa m in [sqrt(1/2), sqrt(2)) from the fp32
@@ -75,10 +41,6 @@ static inline double log10_pos(float x) {
 }
 
 /* ---------------------------------------------------------------- moments */
-/* Sums in float64 are taken over 8 interleaved lanes (entry i into lane i % 8,
- * lanes added at the end): a fixed order, whatever the machine, that the
- * compiler can vectorise (it may not reorder a single running sum). */
-#define LANES 8
 
 /* One sweep over a moment tensor v (fp32, finite, >= 0):
  *   hist[(bits & 0x7fffffff) >> 16] += 1 for every positive entry (65536 bins:

@@ -1,0 +1,200 @@
+"""The C merge kernels (curvlens/math/native/merges.c) give the torch code's bits.
+
+Each case runs a method twice on the same tensors, once with the kernels and once
+with them switched off, and compares the merged values bit for bit and the mask
+counts exactly, over dtypes, sizes (not multiples of a block or a vector), ties at
+the thresholds, zero task-vector entries, -0.0 in the base, and every option the
+kernels take; options they do not take, and bad inputs, must reach the torch code.
+"""
+import math
+
+import pytest
+import torch
+
+from curvlens.errors import CurvlensError
+from curvlens.math import native
+from curvlens.math.methods import get_method
+from curvlens.math.methods.registry import MaskCounts
+from curvlens.math.native import merges as native_merges
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"no C kernels: {native.reason()}")
+
+
+def _inputs(n, ne, seed, *, xdt=torch.bfloat16, vdt=torch.float32, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.05).to(xdt)
+    base[::97] = -0.0
+    experts = []
+    for i in range(ne):
+        x = base.float() + torch.randn(n, generator=g) * 0.01 * (i + 1)
+        x[i::13] = base[i::13].float()  # zero task-vector entries
+        if n > 50:
+            x[40:50] = base[40:50].float() + 0.0078125  # equal |tau| (ties in magnitude)
+        experts.append(x.to(xdt))
+    moments = []
+    for i in range(ne):
+        v = torch.exp(torch.randn(n, generator=g) * 2 - 14)
+        v[5::31] = 0.0
+        if n > 60:
+            v[50:60] = 1e-6  # with the equal tau above: tied saliencies
+        moments.append(v.to(vdt))
+    if shape is not None:
+        base, experts, moments = base.reshape(shape), [x.reshape(shape) for x in experts], [
+            v.reshape(shape) for v in moments]
+    return base, experts, moments
+
+
+def _twice(monkeypatch, fn):
+    """fn() with the C kernels, then without them: (result, counts) each."""
+    c_counts = MaskCounts(8)
+    with_c = fn(c_counts)
+    monkeypatch.setitem(native._STATE, "lib", None)
+    t_counts = MaskCounts(8)
+    without = fn(t_counts)
+    monkeypatch.undo()
+    return (with_c, c_counts), (without, t_counts)
+
+
+def _same_bits(a, b):
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32)), \
+        f"{int((a.view(torch.int32) != b.view(torch.int32)).sum())} of {a.numel()} entries differ"
+
+
+def _thresholds(base, experts, moments, density):
+    """Each expert's exact top-density saliency threshold and the ties to keep."""
+    out = []
+    for x, v in zip(experts, moments):
+        s = (v.float() * (x.float() - base.float()).square()).reshape(-1)
+        k = max(1, int(density * s.numel()))
+        kth = float(torch.topk(s, k).values[-1])
+        out.append((kth, k - int((s > kth).sum())))
+    return out
+
+
+@pytest.mark.parametrize("n,ne,xdt,vdt,seed", [
+    (20011, 3, torch.bfloat16, torch.float32, 0), (4096, 2, torch.float32, torch.float32, 1),
+    (2049, 5, torch.bfloat16, torch.bfloat16, 2), (7, 1, torch.float32, torch.float32, 3),
+    (65537, 3, torch.float32, torch.bfloat16, 4),
+])
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0, 0.7])
+@pytest.mark.parametrize("fallback,eps", [(True, 1e-26), (False, 1e-8), (True, 0.0)])
+def test_ota_model_wide_masks_same_bits(monkeypatch, n, ne, xdt, vdt, seed, power, fallback, eps):
+    base, experts, moments = _inputs(n, ne, seed, xdt=xdt, vdt=vdt)
+    sel = _thresholds(base, experts, moments, 0.3)
+    kw = dict(power=power, epsilon=eps, fallback_to_base=fallback, ffg_threshold=[t for t, _ in sel],
+              ffg_ties=[q for _, q in sel], scaling_factor=[1.0 + 0.5 * i for i in range(ne)])
+    (a, ca), (b, cb) = _twice(monkeypatch, lambda c: get_method("ota")(base, experts, moments, counts=c, **kw))
+    _same_bits(a, b)
+    assert (ca.kept, ca.any_kept, ca.used) == (cb.kept, cb.any_kept, cb.used)
+    assert ca.kept[:ne] == [math.floor(0.3 * n) or 1] * ne or n < 10
+
+
+@pytest.mark.parametrize("case", ["threshold_only", "precond", "unmasked", "mixed", "density_one", "zero_eps"])
+def test_ota_other_mask_forms_same_bits(monkeypatch, case):
+    base, experts, moments = _inputs(29997, 3, 7, shape=(101, 297))
+    sel = _thresholds(base, experts, moments, 0.2)
+    kw = {"threshold_only": dict(ffg_threshold=[t for t, _ in sel]),
+          "precond": dict(precond_threshold=[t for t, _ in sel]),
+          "unmasked": dict(),
+          "mixed": dict(ffg_threshold=[sel[0][0], None, sel[2][0]], ffg_ties=[sel[0][1], None, None]),
+          "density_one": dict(ffg_density=1.0, fallback_to_base=True),
+          "zero_eps": dict(epsilon=0.0)}[case]
+    if case == "zero_eps":  # every v zero on a stretch: 0/0 takes the experts' mean
+        for v in moments:
+            v[:5] = 0.0
+    (a, ca), (b, cb) = _twice(monkeypatch, lambda c: get_method("ota")(base, experts, moments, counts=c, **kw))
+    _same_bits(a, b)
+    assert (ca.kept, ca.any_kept, ca.used) == (cb.kept, cb.any_kept, cb.used)
+
+
+def test_ota_kernel_runs_for_the_drivers_options(monkeypatch):
+    """The driver's OTA+FFG (thresholds and tie quotas) takes the C path, and a
+    negative or non-finite moment the torch one (its error)."""
+    base, experts, moments = _inputs(5000, 3, 9)
+    sel = _thresholds(base, experts, moments, 0.3)
+    kw = dict(ffg_threshold=[t for t, _ in sel], ffg_ties=[q for _, q in sel], fallback_to_base=True)
+    calls = []
+    real = native_merges.ota_merge
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr("curvlens.math.methods.native_paths.ota_merge", spy)
+    get_method("ota")(base, experts, moments, **kw)
+    assert calls
+    assert real(base, experts, [moments[0], -moments[1], moments[2]], power=0.5, scaling=[1.0] * 3, eps=1e-8,
+                masks=[None] * 3, cut=0.0, fallback_to_base=True) is None
+    with pytest.raises(CurvlensError, match="nonnegative"):
+        get_method("ota")(base, experts, [moments[0], -moments[1], moments[2]], **kw)
+    bad = moments[2].clone()
+    bad[17] = float("nan")
+    for lib in (True, False):  # a NaN weight a mask drops would vanish: refused either way
+        if not lib:
+            monkeypatch.setitem(native._STATE, "lib", None)
+        with pytest.raises(CurvlensError, match="must be finite"):
+            get_method("ota")(base, experts, [moments[0], moments[1], bad], **kw)
+
+
+def test_ota_tie_quota_mismatch_is_refused_both_ways(monkeypatch):
+    base, experts, moments = _inputs(3000, 2, 11)
+    sel = _thresholds(base, experts, moments, 0.3)
+    kw = dict(ffg_threshold=[t for t, _ in sel], ffg_ties=[q + 5 for _, q in sel])
+    with pytest.raises(CurvlensError, match="tied at the threshold"):
+        get_method("ota")(base, experts, moments, **kw)
+    monkeypatch.setitem(native._STATE, "lib", None)
+    with pytest.raises(CurvlensError, match="tied at the threshold"):
+        get_method("ota")(base, experts, moments, **kw)
+
+
+@pytest.mark.parametrize("n,ne,xdt,seed", [(20011, 3, torch.bfloat16, 0), (4096, 2, torch.float32, 1),
+                                           (2049, 5, torch.bfloat16, 2), (9, 1, torch.float32, 3)])
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("weights,normalize,lam", [(None, True, 1.0), ("mixed", True, 1.0), ("mixed", False, 0.7),
+                                                   (None, False, 1.3)])
+def test_ties_same_bits(monkeypatch, n, ne, xdt, seed, density, weights, normalize, lam):
+    base, experts, _ = _inputs(n, ne, seed, xdt=xdt)
+    kw = dict(density=density, normalize=normalize, **{"lambda": lam})
+    if weights == "mixed":
+        kw["weight"] = [0.3 + 0.45 * i for i in range(ne)]
+    (a, ca), (b, cb) = _twice(monkeypatch, lambda c: get_method("ties")(base, experts, counts=c, **kw))
+    _same_bits(a, b)
+    assert (ca.kept, ca.any_kept, ca.used) == (cb.kept, cb.any_kept, cb.used)
+
+
+def test_ties_per_expert_density_and_rescale(monkeypatch):
+    base, experts, _ = _inputs(10007, 3, 5, shape=(10007,))
+    for kw in (dict(density=[0.2, 1.0, 0.6]), dict(density=0.4, rescale=True)):
+        (a, ca), (b, cb) = _twice(monkeypatch, lambda c: get_method("ties")(base, experts, counts=c, **kw))
+        _same_bits(a, b)
+        assert (ca.kept, ca.any_kept) == (cb.kept, cb.any_kept)
+
+
+@pytest.mark.parametrize("n", [50021, 300007])
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
+def test_kth_largest_magnitude_is_exact(xdt, n):
+    """Every route (torch's top-k for small tensors, the sample-bracketed sweep,
+    the two-sweep histogram) gives the exact k-th value and its counts."""
+    base, experts, _ = _inputs(n, 1, 13, xdt=xdt)
+    x = experts[0]
+    if n > 1000:
+        x = x.clone()
+        x[1000:1000 + n // 5] = base[1000:1000 + n // 5]  # a long stretch of zeros: ties at 0 for large k
+    s = (x.float() - base.float()).abs()
+    routes = [native_merges.kth_largest_magnitude, native_merges._by_histogram]
+    if n >= native_merges.BRACKET_MIN:
+        routes.append(native_merges._bracketed)
+    for k in (1, 7, 1000, n // 2, n - n // 5 + 3, n):
+        want = float(torch.topk(s, k).values[-1])
+        for route in routes:
+            got = route(base, x, k)
+            if got is None and route is native_merges._bracketed:
+                continue  # a missed bracket: the caller falls back
+            kth, above, equal = got
+            assert (kth, above, equal) == (want, int((s > want).sum()), int((s == want).sum())), route
+    if n >= native_merges.BRACKET_MIN:  # the sample's bracket holds a middle rank
+        assert native_merges._bracketed(base, x, n // 2) is not None
+    bad = x.clone()
+    bad[3] = float("inf")
+    assert native_merges.kth_largest_magnitude(base, bad, 10) is None
