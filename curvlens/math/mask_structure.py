@@ -64,6 +64,55 @@ def _generator(rng) -> torch.Generator:
     raise CurvlensError(f"rng must be None, an int seed or a torch.Generator; got {type(rng).__name__}")
 
 
+class _Draws:
+    """A seeded CPU generator whose draws are remembered: a second generator with
+    the same seed making the same calls (every mask of one tensor: twelve in a
+    default ``mask_stats``) gets the same tensors back without drawing them again,
+    and ends in the same state. Draws are only read by their callers."""
+
+    _memo: dict = {}
+    _MAX = 64
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.key: tuple = (seed,)
+
+    def initial_seed(self) -> int:
+        return self.gen.initial_seed()
+
+    def randn(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._draw(("randn", shape, dtype), lambda: torch.randn(*shape, generator=self.gen, dtype=dtype))
+
+    def randperm(self, n: int) -> torch.Tensor:
+        return self._draw(("randperm", n), lambda: torch.randperm(n, generator=self.gen))
+
+    def _draw(self, call: tuple, make) -> torch.Tensor:
+        self.key = self.key + (call,)
+        hit = self._memo.get(self.key)
+        if hit is not None:
+            self.gen.set_state(hit[1])
+            return hit[0]
+        out = make()
+        if len(self._memo) >= self._MAX:
+            self._memo.clear()
+        self._memo[self.key] = (out, self.gen.get_state())
+        return out
+
+
+def _draws(rng):
+    """A :class:`_Draws` for a seed (None: 0), else the caller's own Generator
+    (its draws are not remembered)."""
+    if rng is None or (isinstance(rng, int) and not isinstance(rng, bool)):
+        return _Draws(0 if rng is None else rng)
+    return _generator(rng)
+
+
+def _randn(gen, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(gen, _Draws):
+        return gen.randn(*shape, dtype=dtype)
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
 def _float64_ok(device: torch.device) -> torch.dtype:
     """float64 where the device has it (MPS does not: fall back to float32)."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -119,7 +168,7 @@ def _range_finder_svdvals(mat: _RowBlocks, ell: int, gen: torch.Generator) -> to
     tolerance is a lower bound on the numerical rank; when ``rank(A) < ell`` the
     range is captured and the non-zero values are ``A``'s, exactly up to rounding.
     """
-    omega = torch.randn(mat.n, ell, generator=gen, dtype=mat.dtype).to(mat.device)
+    omega = _randn(gen, mat.n, ell, dtype=mat.dtype).to(mat.device)
     y = torch.empty(mat.m, ell, dtype=mat.dtype, device=mat.device)
     for s, e, blk in mat:
         torch.matmul(blk, omega, out=y[s:e])
@@ -145,7 +194,7 @@ def _krylov_top_sv(mat: _RowBlocks, block: int, iters: int,
     """
     n, dt, dev = mat.n, mat.dtype, mat.device
     y = torch.empty(mat.m, block, dtype=dt, device=dev)
-    right = torch.randn(n, block, generator=gen, dtype=dt).to(dev)
+    right = _randn(gen, n, block, dtype=dt).to(dev)
     basis = []
     known = fro2 is not None
     fro2 = fro2 if known else 0.0
@@ -185,8 +234,8 @@ def _rank_at_least(m2: torch.Tensor, ell: int, n_kept: int, seed: int, dt: torch
     big_m, big_n = m2.shape
     if 8 * ell >= big_m:
         return False
-    gen = torch.Generator().manual_seed((seed + 0x5EED) % (2**63))
-    rows = torch.randperm(big_m, generator=gen)[: 4 * ell].sort().values.to(m2.device)
+    gen = _Draws((seed + 0x5EED) % (2**63))
+    rows = gen.randperm(big_m)[: 4 * ell].sort().values.to(m2.device)
     s = _range_finder_svdvals(_RowBlocks(m2, None, rows, None, dt), ell, gen)
     tol = math.sqrt(n_kept) * max(big_m, big_n) * torch.finfo(dt).eps
     return int(torch.count_nonzero(s > tol)) >= ell
@@ -383,12 +432,12 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     # claimed otherwise, so extra passes would buy nothing. Float64, so the
     # tolerance is the exact path's. All-zero rows/columns are kept: they cost
     # nothing here, while re-indexing every block would.
-    gen = _generator(rng)
+    gen = _draws(rng)
     ell = min(int(sketch_size), big_m, big_n)
     if ell < min(big_m, big_n) and _rank_at_least(m2, ell, n_kept, gen.initial_seed(), dt):
         # proven capped by a sample of rows; the full sketch's draw is made all
         # the same, so the stable rank's estimate below sees the same randomness
-        torch.randn(big_n, ell, generator=gen, dtype=dt)
+        _randn(gen, big_n, ell, dtype=dt)
         rank, erank, capped = ell, nan, True
     else:
         s = _range_finder_svdvals(_RowBlocks(m2, None, None, None, dt), ell, gen)

@@ -274,7 +274,8 @@ class MaskStats(Stat):
         dev = ctx.g.base.device
         work = RANK_EXACT_WORK.get(dev.type, RANK_EXACT_WORK["cpu"])
         for i, e in enumerate(self.experts.names):
-            tau = masks.task_vector(i)
+            # the fp32 task vector feeds the stable rank only: not made without ranks
+            tau = masks.task_vector(i) if self.ranks else ctx.g.experts[i]
             for c in self.criteria:
                 for d in self.densities:
                     r = masks.get(c, e, d)

@@ -383,29 +383,24 @@ void cl_score_bincount(const void *b, int32_t bdt, const void *w, int32_t wdt, c
  * one sweep of the sample-bracketed selection (curvlens/passes/scout.py). */
 void cl_score_windows(const void *b, int32_t bdt, const void *w, int32_t wdt, const float *v, i64 n, int32_t nw,
                       const uint32_t *lo, const uint32_t *hi, i64 *const *counts, i64 *above) {
-    static __thread float bf[SC_B], wf[SC_B];
-    static __thread uint32_t u[SC_B];
+    float bf[SC_B], wf[SC_B];
+    uint32_t u[SC_B], off[SC_B];
     for (i64 s0 = 0; s0 < n; s0 += SC_B) {
         i64 len = s0 + SC_B < n ? SC_B : n - s0;
         score_bits(b, bdt, w, wdt, v, s0, len, bf, wf, u);
-        if (nw == 1) {  /* the usual case: one density per expert and criterion */
-            uint32_t l = lo[0], h = hi[0], width = h - l + 1;
-            i64 a = 0, *ck = counts[0];
+        for (int32_t k = 0; k < nw; k++) {
+            uint32_t l = lo[k], h = hi[k], width = h - l;
+            i64 a = 0, c = 0, *ck = counts[k];
+            /* vectorised: the count above, and the offsets of those inside
+             * gathered branch-free, before the (random) counter increments */
+            for (i64 j = 0; j < len; j++) a += u[j] > h;
             for (i64 j = 0; j < len; j++) {
-                uint32_t off = u[j] - l;
-                a += u[j] > h;
-                if (off < width) ck[off]++;
+                uint32_t o = u[j] - l;
+                off[c] = o;
+                c += o <= width;
             }
-            above[0] += a;
-            continue;
-        }
-        for (i64 j = 0; j < len; j++) {
-            uint32_t uj = u[j];
-            for (int32_t k = 0; k < nw; k++) {
-                uint32_t off = uj - lo[k];
-                above[k] += uj > hi[k];
-                if (off <= hi[k] - lo[k]) counts[k][off]++;
-            }
+            for (i64 j = 0; j < c; j++) ck[off[j]]++;
+            above[k] += a;
         }
     }
 }
@@ -475,11 +470,18 @@ void cl_mask_sweep(const void *b, int32_t bdt, const void *w, int32_t wdt, const
                     eq += sc[j] == th;
                 }
                 if (eq) {  /* ties: the first quota[d] in flat order */
-                    for (i64 j = 0; j < len; j++)
-                        if (sc[j] == th) {
-                            m[j] = (uint8_t)(quota[d] < 0 || seen[d] < quota[d]);
-                            seen[d]++;
-                        }
+                    if (quota[d] < 0 || seen[d] + eq <= quota[d]) {  /* all of this chunk's: branch-free */
+                        for (i64 j = 0; j < len; j++) m[j] |= (uint8_t)(sc[j] == th);
+                        seen[d] += eq;
+                    } else if (seen[d] >= quota[d]) {  /* none left */
+                        seen[d] += eq;
+                    } else {  /* the one chunk where the quota runs out */
+                        for (i64 j = 0; j < len; j++)
+                            if (sc[j] == th) {
+                                m[j] = (uint8_t)(seen[d] < quota[d]);
+                                seen[d]++;
+                            }
+                    }
                 }
                 /* one pass: kept count, saliency and tau^2 kept (8 lanes), column counts */
                 i64 cl[LANES] = {0};
