@@ -10,7 +10,7 @@ Rank needs singular values. Small masks get an exact float64 SVD. Large ones (a
 plus an ``m x sketch_size`` sketch). It is exact when the rank is below the
 sketch size; above it only "rank >= cap" is known and reported, and a sample of
 ``4 * sketch_size`` rows usually proves that first, for a fraction of the cost
-(:func:`_rank_at_least`). Measured (2 shared EPYC cores, load ~5, torch 2.13) on
+(:func:`rank_at_least`). Measured (2 shared EPYC cores, load ~5, torch 2.13) on
 a 128256 x 4096 mask of rank 20: 25 s mask only, 53 s with ``tau`` (the stable
 rank's Krylov passes), +0.34 GB peak RSS either way (a float32 copy of the mask
 alone would take 2.1 GB). On a GPU the same code runs on the mask's device.
@@ -18,12 +18,14 @@ alone would take 2.1 GB). On a GPU the same code runs on the mask's device.
 from __future__ import annotations
 
 import math
-from typing import Iterator
-
 import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.checks import as_bytes, as_tensor, check_same_shape, chunks, ratio
+from curvlens.math.sketches import (
+    NORM_BLOCK, RowBlocks, draws, float64_ok, full_rank_singular_values, gaussian, krylov_top_sv,
+    range_finder_svdvals, rank_and_effective_rank, rank_at_least,
+)
 
 __all__ = ["mask_structure", "mask_jaccard", "saliency_share"]
 
@@ -31,13 +33,6 @@ __all__ = ["mask_structure", "mask_jaccard", "saliency_share"]
 # A 2048 x 2048 float64 SVD takes a few seconds on 2 CPU cores; 4096 x 4096 takes
 # about a minute, too slow to do for every tensor of a model on a CPU.
 RANK_EXACT_MAX = 2048 * 2048
-
-# Entries per float block in the randomized path: 8M float64 = 64 MB.
-_BLOCK = 1 << 23
-
-# Block size of the block Krylov estimate of ||mask * tau||_2: only the top
-# singular value is needed, so a thin block suffices.
-_NORM_BLOCK = 16
 
 
 def _as_mask(name: str, mask) -> torch.Tensor:
@@ -49,211 +44,6 @@ def _as_mask(name: str, mask) -> torch.Tensor:
         raise CurvlensError(f"{name} must be a bool or 0/1 tensor; got dtype {mask.dtype} "
                             "with values other than 0 and 1")
     return mask != 0
-
-
-def _generator(rng) -> torch.Generator:
-    """A CPU generator from None (seed 0: reproducible by default), an int, or a Generator."""
-    if rng is None:
-        return torch.Generator().manual_seed(0)
-    if isinstance(rng, int):
-        return torch.Generator().manual_seed(rng)
-    if isinstance(rng, torch.Generator):
-        if rng.device.type != "cpu":
-            raise CurvlensError(f"rng must be a CPU torch.Generator; got one on {rng.device}")
-        return rng
-    raise CurvlensError(f"rng must be None, an int seed or a torch.Generator; got {type(rng).__name__}")
-
-
-class _Draws:
-    """A seeded CPU generator whose draws are remembered: a second generator with
-    the same seed making the same calls (every mask of one tensor: twelve in a
-    default ``mask_stats``) gets the same tensors back without drawing them again,
-    and ends in the same state. Draws are only read by their callers."""
-
-    _memo: dict = {}
-    _MAX = 64
-
-    def __init__(self, seed: int):
-        self.gen = torch.Generator().manual_seed(seed)
-        self.key: tuple = (seed,)
-
-    def initial_seed(self) -> int:
-        return self.gen.initial_seed()
-
-    def randn(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-        return self._draw(("randn", shape, dtype), lambda: torch.randn(*shape, generator=self.gen, dtype=dtype))
-
-    def randperm(self, n: int) -> torch.Tensor:
-        return self._draw(("randperm", n), lambda: torch.randperm(n, generator=self.gen))
-
-    def _draw(self, call: tuple, make) -> torch.Tensor:
-        self.key = self.key + (call,)
-        hit = self._memo.get(self.key)
-        if hit is not None:
-            self.gen.set_state(hit[1])
-            return hit[0]
-        out = make()
-        if len(self._memo) >= self._MAX:
-            self._memo.clear()
-        self._memo[self.key] = (out, self.gen.get_state())
-        return out
-
-
-def _draws(rng):
-    """A :class:`_Draws` for a seed (None: 0), else the caller's own Generator
-    (its draws are not remembered)."""
-    if rng is None or (isinstance(rng, int) and not isinstance(rng, bool)):
-        return _Draws(0 if rng is None else rng)
-    return _generator(rng)
-
-
-def _randn(gen, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(gen, _Draws):
-        return gen.randn(*shape, dtype=dtype)
-    return torch.randn(*shape, generator=gen, dtype=dtype)
-
-
-def _float64_ok(device: torch.device) -> torch.dtype:
-    """float64 where the device has it (MPS does not: fall back to float32)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-class _RowBlocks:
-    """``mask`` (or ``mask * tau``) restricted to ``rows`` x ``cols``, as float blocks
-    of rows.
-
-    Iterating yields ``(start, stop, block)`` in the reduced row index space.
-    Blocks are built on the fly, so neither a float mask nor a float copy of ``tau``
-    is ever held whole. ``rows``/``cols`` None means all (no index copies).
-    """
-
-    def __init__(self, mask2d, tau2d, rows, cols, dtype):
-        self.mask2d, self.tau2d, self.rows, self.cols, self.dtype = as_bytes(mask2d), tau2d, rows, cols, dtype
-        self.device = mask2d.device
-        self.m = mask2d.shape[0] if rows is None else rows.numel()
-        self.n = mask2d.shape[1] if cols is None else cols.numel()
-        self.block_rows = max(1, _BLOCK // max(1, self.n))
-
-    def _take(self, t, start, stop):
-        t = t[start:stop] if self.rows is None else t.index_select(0, self.rows[start:stop])
-        return t if self.cols is None else t.index_select(1, self.cols)
-
-    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        if self.block_rows >= self.m:
-            # One block holds the whole matrix (at most _BLOCK entries): build it
-            # once and hand the same one to every pass (callers only read blocks).
-            if getattr(self, "_single", None) is None:
-                self._single = self._build(0, self.m)
-            yield 0, self.m, self._single
-            return
-        for start in range(0, self.m, self.block_rows):
-            stop = min(self.m, start + self.block_rows)
-            yield start, stop, self._build(start, stop)
-
-    def _build(self, start: int, stop: int) -> torch.Tensor:
-        blk = self._take(self.mask2d, start, stop).to(self.dtype)
-        if self.tau2d is not None:
-            blk.mul_(self._take(self.tau2d, start, stop).to(self.dtype))
-        return blk
-
-    def dense(self) -> torch.Tensor:
-        return torch.cat([blk for _, _, blk in self], dim=0)
-
-
-def _range_finder_svdvals(mat: _RowBlocks, ell: int, gen: torch.Generator) -> torch.Tensor:
-    """Singular values of ``B = Q^T A`` with ``Q`` an orthonormal basis of ``A @ Omega``
-    (``Omega``: ``n x ell`` Gaussian). Two passes over the rows.
-
-    Each returned value is <= the matching true one, so the count above a
-    tolerance is a lower bound on the numerical rank; when ``rank(A) < ell`` the
-    range is captured and the non-zero values are ``A``'s, exactly up to rounding.
-    """
-    omega = _randn(gen, mat.n, ell, dtype=mat.dtype).to(mat.device)
-    y = torch.empty(mat.m, ell, dtype=mat.dtype, device=mat.device)
-    for s, e, blk in mat:
-        torch.matmul(blk, omega, out=y[s:e])
-    q = torch.linalg.qr(y)[0]
-    del y
-    b = torch.zeros(ell, mat.n, dtype=mat.dtype, device=mat.device)
-    for s, e, blk in mat:
-        b.addmm_(q[s:e].T, blk)
-    return torch.linalg.svdvals(b)
-
-
-def _krylov_top_sv(mat: _RowBlocks, block: int, iters: int,
-                   gen: torch.Generator, fro2: float | None = None) -> tuple[float, float]:
-    """Estimate of the largest singular value by randomized block Krylov iteration
-    (Musco & Musco 2015): ``Q`` spans ``A Omega, (A A^T) A Omega, ...`` and the
-    answer is the top singular value of ``Q^T A``. ``2 iters + 2`` passes.
-
-    Never above the truth. Keeping every iterate, not only the last (plain
-    subspace iteration), halves the error for the same passes on flat spectra.
-    Also returns ``||A||_F^2``, summed from the first pass's blocks (float32 blocks,
-    torch's cascaded sums, float64 across blocks) to save a pass of its own,
-    unless the caller knows it (``fro2``).
-    """
-    n, dt, dev = mat.n, mat.dtype, mat.device
-    y = torch.empty(mat.m, block, dtype=dt, device=dev)
-    right = _randn(gen, n, block, dtype=dt).to(dev)
-    basis = []
-    known = fro2 is not None
-    fro2 = fro2 if known else 0.0
-    for it in range(iters + 1):
-        for s, e, blk in mat:
-            torch.matmul(blk, right, out=y[s:e])
-            if it == 0 and not known:
-                fro2 += float(blk.square().sum())
-        q = torch.linalg.qr(y)[0]
-        basis.append(q)
-        if it == iters:
-            break
-        z = torch.zeros(n, block, dtype=dt, device=dev)
-        for s, e, blk in mat:
-            z.addmm_(blk.T, q[s:e])
-        right = torch.linalg.qr(z)[0]
-    del y
-    q = torch.linalg.qr(torch.cat(basis, dim=1))[0]
-    del basis
-    b = torch.zeros(q.shape[1], n, dtype=dt, device=dev)
-    for s, e, blk in mat:
-        b.addmm_(q[s:e].T, blk)
-    return float(torch.linalg.svdvals(b)[0]), fro2
-
-
-def _rank_at_least(m2: torch.Tensor, ell: int, n_kept: int, seed: int, dt: torch.dtype) -> bool:
-    """Whether ``4 ell`` random rows of the mask already prove its numerical rank
-    is at least ``ell``, for a fraction of the full sketch's cost.
-
-    The range finder's singular values of the sampled rows are at most those of
-    the rows, which are at most the mask's (interlacing), and the tolerance used,
-    ``sqrt(n_kept) max(M, N) eps``, is at least the mask's own (``||M||_2 <=
-    ||M||_F = sqrt(n_kept)``): so ``ell`` values above it are ``ell`` of the mask's
-    above its tolerance. False when it cannot tell (a low-rank mask: then the
-    full sketch decides, as before).
-    """
-    big_m, big_n = m2.shape
-    if 8 * ell >= big_m:
-        return False
-    gen = _Draws((seed + 0x5EED) % (2**63))
-    rows = gen.randperm(big_m)[: 4 * ell].sort().values.to(m2.device)
-    s = _range_finder_svdvals(_RowBlocks(m2, None, rows, None, dt), ell, gen)
-    tol = math.sqrt(n_kept) * max(big_m, big_n) * torch.finfo(dt).eps
-    return int(torch.count_nonzero(s > tol)) >= ell
-
-
-def _rank_and_effective_rank(s: torch.Tensor, tol: float) -> tuple[int, float]:
-    """Numerical rank (count of singular values above ``tol``) and the effective rank
-    of Roy & Vetterli (2007): exp of the Shannon entropy of ``s / sum(s)``.
-
-    Values at or below ``tol`` are rounding noise of zero singular values and are
-    left out of both. An all-zero matrix has rank 0 and effective rank 0.0.
-    """
-    s = s.to(torch.float64)
-    s = s[s > tol]
-    if s.numel() == 0:
-        return 0, 0.0
-    p = s / s.sum()
-    return s.numel(), math.exp(float(-(p * torch.log(p)).sum()))
 
 
 def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXACT_MAX,
@@ -411,14 +201,18 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     m_red = big_m if rows is None else rows.numel()
     n_red = big_n if cols is None else cols.numel()
 
-    dt = _float64_ok(m2.device)
+    dt = float64_ok(m2.device)
     eps = torch.finfo(dt).eps
     if m_red * n_red <= int(rank_exact_max):
-        s = torch.linalg.svdvals(_RowBlocks(m2, None, rows, cols, dt).dense())
-        rank, erank = _rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
+        dense = RowBlocks(m2, None, rows, cols, dt).dense()
+        s = full_rank_singular_values(dense)
+        if s is None:  # rank-deficient (or too close to tell): the SVD decides
+            s = torch.linalg.svdvals(dense)
+        del dense
+        rank, erank = rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
         out.update(mask_rank=float(rank), mask_effective_rank=erank, rank_method="exact")
         if t2 is not None:
-            a = _RowBlocks(m2, t2, rows, cols, dt).dense()
+            a = RowBlocks(m2, t2, rows, cols, dt).dense()
             # ||A||_2^2 is the top eigenvalue of the smaller Gram matrix: exact to
             # float64 rounding, and cheaper than an SVD of A.
             gram = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
@@ -432,24 +226,24 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     # claimed otherwise, so extra passes would buy nothing. Float64, so the
     # tolerance is the exact path's. All-zero rows/columns are kept: they cost
     # nothing here, while re-indexing every block would.
-    gen = _draws(rng)
+    gen = draws(rng)
     ell = min(int(sketch_size), big_m, big_n)
-    if ell < min(big_m, big_n) and _rank_at_least(m2, ell, n_kept, gen.initial_seed(), dt):
+    if ell < min(big_m, big_n) and rank_at_least(m2, ell, n_kept, gen.initial_seed(), dt):
         # proven capped by a sample of rows; the full sketch's draw is made all
         # the same, so the stable rank's estimate below sees the same randomness
-        _randn(gen, big_n, ell, dtype=dt)
+        gaussian(gen, big_n, ell, dtype=dt)
         rank, erank, capped = ell, nan, True
     else:
-        s = _range_finder_svdvals(_RowBlocks(m2, None, None, None, dt), ell, gen)
-        rank, erank = _rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
+        s = range_finder_svdvals(RowBlocks(m2, None, None, None, dt), ell, gen)
+        rank, erank = rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
         capped = rank >= ell and ell < min(big_m, big_n)
     out.update(mask_rank=float(rank), mask_effective_rank=nan if capped else erank,
                rank_method="randomized", rank_cap=float(ell), rank_capped=capped)
     if t2 is not None:
         # Only the top singular value is needed and its precision is not critical,
         # so float32 (2-3x faster on CPUs) with Krylov iterations for flat spectra.
-        top, fro2 = _krylov_top_sv(_RowBlocks(m2, t2, None, None, torch.float32),
-                                   min(_NORM_BLOCK, ell), int(power_iters), gen, fro2)
+        top, fro2 = krylov_top_sv(RowBlocks(m2, t2, None, None, torch.float32),
+                                   min(NORM_BLOCK, ell), int(power_iters), gen, fro2)
         out["stable_rank"] = ratio(fro2, top**2)
     return out
 

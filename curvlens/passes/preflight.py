@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import html
 import math
+import weakref
 from collections.abc import Sequence
 
 import pandas as pd
+import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.methods import get_method, list_methods
@@ -93,14 +95,17 @@ def preflight(experts, *, max_entries: int = LEVEL_ENTRIES) -> pd.DataFrame:
         (saved tensors without optimizer state), ``never_updated``. Experts
         without moments get a row with the moment columns empty.
     """
+    memo = _MEMO.get(experts, {}).get(max_entries)
+    if memo is not None:  # the CLI prints it and the merge checks it: one read of the level tensors
+        return memo.copy()
     names = level_names(experts, max_entries)
-    base_sq = sum(float(experts.base[n].double().pow(2).sum()) for n in names) if experts.base is not None else 0.0
+    base_sq = sum(_sq(experts.base[n]) for n in names) if experts.base is not None else 0.0
     rows = []
     for e in experts.experts:
         m = e.moments
         row = {"expert": e.name}
         if base_sq > 0:  # ||theta_i - theta_0|| / ||theta_0|| on the same tensors
-            edit = sum(float((e.checkpoint[n].double() - experts.base[n].double()).pow(2).sum()) for n in names)
+            edit = sum(_sq(e.checkpoint[n].double() - experts.base[n].double()) for n in names)
             row["relative_edit"] = math.sqrt(edit / base_sq)
         if m is not None:
             src = m.source
@@ -108,7 +113,7 @@ def preflight(experts, *, max_entries: int = LEVEL_ENTRIES) -> pd.DataFrame:
             total, count = 0.0, 0
             for n in names:
                 v = m[n]
-                total += float(v.double().sum())
+                total += float(torch.sum(v, dtype=torch.float64))
                 count += v.numel()
             row.update(moments_format=src.format, moments_file=str(src.file) if src.file is not None else None,
                        names_from=src.names, moment_dtypes=", ".join(src.dtypes), step=m.step, beta1=betas[0],
@@ -122,7 +127,21 @@ def preflight(experts, *, max_entries: int = LEVEL_ENTRIES) -> pd.DataFrame:
         x = pd.to_numeric(df[col], errors="coerce")
         df[ratio] = x / x.min() if x.notna().any() and x.min() > 0 else math.nan
     df["step"] = df["step"].astype("Int64")
+    try:
+        _MEMO.setdefault(experts, {})[max_entries] = df.copy()
+    except TypeError:  # not weakly referenceable: no memo
+        pass
     return df
+
+
+#: preflight frames by Experts (their inputs do not change under them)
+_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _sq(t: torch.Tensor) -> float:
+    """Sum of squares in float64 without a float64 copy of a float32/bf16 tensor."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2) if t.dtype != torch.float64 else \
+        float(t.pow(2).sum())
 
 
 def bias_factor(beta2: float | None, step: int | None) -> float:

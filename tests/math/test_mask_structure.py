@@ -6,6 +6,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.mask_structure import mask_jaccard, mask_structure
+from curvlens.math.sketches import full_rank_singular_values as _full_rank_singular_values
 
 
 def _low_rank_mask(m, n, r, seed, drop_rows=0.2):
@@ -156,3 +157,30 @@ def test_zero_task_vector_on_kept_entries_gives_nan_stable_rank():
     for limit in (10**6, 0):  # exact and randomized paths
         s = mask_structure(mask, tau, rank_exact_max=limit, sketch_size=8)
         assert math.isnan(s["stable_rank"]) and s["mask_rank"] == 3.0
+
+
+@pytest.mark.parametrize("shape,p,seed", [((256, 1024), 0.3, 0), ((1024, 256), 0.1, 1), ((100, 300), 0.02, 2),
+                                          ((64, 64), 0.5, 3), ((33, 7), 0.9, 4)])
+def test_exact_rank_by_gram_equals_the_svd(shape, p, seed):
+    """Full-rank masks are decided from their integer Gram matrix: the same rank as
+    numpy's matrix_rank, the effective rank within rounding."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(*shape, generator=g) < p
+    out = mask_structure(m, rank_exact_max=10**9)
+    red = m[m.any(1)][:, m.any(0)].double()
+    s = torch.linalg.svdvals(red)
+    assert out["mask_rank"] == float(np.linalg.matrix_rank(m.double().numpy()))
+    q = s / s.sum()
+    assert out["mask_effective_rank"] == pytest.approx(float(torch.exp(-(q * torch.log(q)).sum())), rel=1e-9)
+
+
+def test_rank_deficient_masks_go_to_the_svd():
+    """A mask whose Gram matrix has (numerically) zero eigenvalues is left to the SVD."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.rand(300, 4, generator=g) < 0.5
+    cols = torch.rand(4, 500, generator=g) < 0.5
+    m = (rows.double() @ cols.double()) > 0  # a union of 4 rectangles: rank <= 15
+    out = mask_structure(m, rank_exact_max=10**9)
+    assert out["mask_rank"] == float(np.linalg.matrix_rank(m.double().numpy())) <= 15
+    red = m[m.any(1)][:, m.any(0)].double()
+    assert _full_rank_singular_values(red) is None
