@@ -48,7 +48,7 @@ class MaskResult:
     fro2: float  # sum of tau**2 over the kept entries
     rows: torch.Tensor | None  # kept entries per row (2-D views), int32
     cols: torch.Tensor | None
-    mask: torch.Tensor  # bool, the tensor's shape
+    mask: torch.Tensor | None  # bool, the tensor's shape (None: counted only)
 
 
 def _view(shape: torch.Size) -> tuple[int, int]:
@@ -68,16 +68,17 @@ def _quota(sel: Selection, name: str) -> int:
 
 
 def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None, criterion: str,
-               selections: Sequence[Selection], name: str) -> tuple[list[MaskResult], float]:
+               selections: Sequence[Selection], name: str, keep_masks: bool = True) -> tuple[list[MaskResult], float]:
     """Every selection's mask of one expert's tensor from one sweep of its scores.
 
-    Returns the masks and the tensor's total Fisher saliency (NaN without ``v``).
+    Returns the masks and the tensor's total Fisher saliency (NaN without ``v``);
+    ``keep_masks=False`` counts them without writing the 0/1 masks (``mask`` None).
     The scores are those of :func:`curvlens.passes.thresholds.mask_scores`, bit
     for bit, and each mask is :meth:`Selection.mask`'s.
     """
     if len(selections) > 8:  # the C sweep takes 8 thresholds at a time
-        first, total = mask_sweep(base, expert, v, criterion, selections[:8], name)
-        rest, _ = mask_sweep(base, expert, v, criterion, selections[8:], name)
+        first, total = mask_sweep(base, expert, v, criterion, selections[:8], name, keep_masks)
+        rest, _ = mask_sweep(base, expert, v, criterion, selections[8:], name, keep_masks)
         return first + rest, total
     shape = expert.shape
     rows, cols = _view(shape)
@@ -93,12 +94,12 @@ def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None,
         out = torch.zeros(4 * nd, dtype=torch.float64)
         rowk = torch.zeros(nd * rows, dtype=torch.int32) if two_d else None
         colk = torch.zeros(nd * cols, dtype=torch.int32) if two_d else None
-        mask = torch.empty(nd * rows * cols, dtype=torch.uint8)
+        mask = torch.empty(nd * rows * cols, dtype=torch.uint8) if keep_masks else None
         total = torch.zeros(1, dtype=torch.float64)
         native.lib().cl_mask_sweep(b.data_ptr(), native.dtype_code(b), x.data_ptr(), native.dtype_code(x),
                                    vv.data_ptr() if vv is not None else None, int(criterion == "magnitude"),
                                    rows, cols, nd, thr.data_ptr(), quota.data_ptr(), out.data_ptr(),
-                                   native.ptr(rowk), native.ptr(colk), mask.data_ptr(), total.data_ptr())
+                                   native.ptr(rowk), native.ptr(colk), native.ptr(mask), total.data_ptr())
         o = out.reshape(nd, 4).tolist()
         for sel, od in zip(selections, o):
             if sel.ledger is not None:  # it kept the first min(tied here, left) ties: record that
@@ -111,6 +112,7 @@ def mask_sweep(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None,
             res.append(MaskResult(selections[d].threshold, int(o[d][0]), o[d][1] if v is not None else math.nan, o[d][3],
                                   rowk[d * rows:(d + 1) * rows] if two_d else None,
                                   colk[d * cols:(d + 1) * cols] if two_d else None,
+                                  None if mask is None else
                                   mask[d * rows * cols:(d + 1) * rows * cols].view(torch.bool).reshape(shape)))
         return res, float(total) if v is not None else math.nan
     tau = expert.float() - base.float()
@@ -132,10 +134,11 @@ class MaskPlan:
     the per-tensor sweep that builds every mask from them."""
 
     def __init__(self, experts: Experts, wanted: Sequence[tuple[str, float]], device, progress: bool,
-                 selection: str = "auto", every_tensor: bool = True):
+                 selection: str = "auto", every_tensor: bool = True, mask_bytes: set | None = None):
         if experts.base is None:
             raise CurvlensError("mask statistics need a base model (task vectors); the Experts have none")
         self.experts = experts
+        self.mask_bytes = set(wanted) if mask_bytes is None else set(mask_bytes)
         self.criteria = list(dict.fromkeys(c for c, _ in wanted))
         self.densities = {c: sorted({d for cc, d in wanted if cc == c}) for c in self.criteria}
         self.needs_moments = "fisher" in self.criteria
@@ -195,7 +198,7 @@ class Masks(MaskSet):
         v = g.moments[i] if g.moments is not None else None
         try:
             res, total = mask_sweep(g.base, g.experts[i], v, c, [plan.found[c, e, d] for d in plan.densities[c]],
-                                    g.name)
+                                    g.name, any((c, d) in plan.mask_bytes for d in plan.densities[c]))
         except CurvlensError as err:
             raise CurvlensError(f"expert {e!r}, {c} masks: {err}") from err
         self.total[e] = total
@@ -269,6 +272,9 @@ class MaskStats(Stat):
                                                                               power_iters, seed)
         self.rows = []
 
+    def mask_bytes(self):
+        return self.selections if self.ranks else ()  # the singular values read the masks
+
     def masked(self, ctx: TensorContext, masks: Masks) -> None:
         ident = ctx.ident
         dev = ctx.g.base.device
@@ -320,6 +326,9 @@ class MaskOverlap(Stat):
         self.rows = []
 
     def kept_masks(self):
+        return self.selections
+
+    def mask_bytes(self):
         return self.selections
 
     def masked(self, ctx: TensorContext, masks: Masks) -> None:

@@ -92,7 +92,8 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
     wanted = [(c, d) for s in stats for c, d in s.selections]
     if wanted:
         every = names is None or set(tensor_names) == set(floating_names(experts))
-        masks = MaskPlan(experts, wanted, dev, progress, selection, every_tensor=every)
+        masks = MaskPlan(experts, wanted, dev, progress, selection, every_tensor=every,
+                         mask_bytes={k for st in stats for k in st.mask_bytes()})
         keep = {k for s in stats for k in s.kept_masks()}
         reads += masks.reads
     need_v = any(s.moments for s in stats) or (masks is not None and masks.needs_moments)

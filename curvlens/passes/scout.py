@@ -240,7 +240,10 @@ def _window_pass(experts: Experts, names, criteria, plans: dict, dev, progress: 
     fisher = any(c == "fisher" for c, _ in by_ci)
     for g in experts.iter_tensors(names, device=dev, dtype=None, moments=fisher, progress=progress,
                                   desc="selection 1/1"):
+        done = _both_criteria(g, by_ci)
         for (c, i), ps in by_ci.items():
+            if i in done:
+                continue
             v = g.moments[i] if c == "fisher" else None
             src = ScoreSource.of(g.base, g.experts[i], v, c)
             if src is not None:
@@ -257,6 +260,35 @@ def _window_pass(experts: Experts, names, criteria, plans: dict, dev, progress: 
                 above[0] += int(torch.count_nonzero(bits > hi_b))
                 inside = bits[(bits >= lo_b) & (bits <= hi_b)] - lo_b
                 counts += torch.bincount(inside.long(), minlength=counts.numel()).cpu()
+
+
+def _window_args(ps) -> tuple:
+    lo = np.array([p[1] for p in ps], dtype=np.uint32)
+    hi = np.array([p[2] for p in ps], dtype=np.uint32)
+    above = torch.zeros(len(ps), dtype=torch.int64)
+    return (len(ps), lo, hi, native.ptr_array([p[3] for p in ps]), above)
+
+
+def _both_criteria(g, by_ci: dict) -> set:
+    """Experts whose fisher and magnitude windows one C sweep served (sharing the
+    loads of base, expert and task vector); returns their indices."""
+    done = set()
+    for (c, i), ps in by_ci.items():
+        if c != "fisher" or ("magnitude", i) not in by_ci:
+            continue
+        src = ScoreSource.of(g.base, g.experts[i], g.moments[i], "fisher")
+        if src is None:
+            continue
+        pm = by_ci["magnitude", i]
+        f, m = _window_args(ps), _window_args(pm)
+        native.lib().cl_score_windows_both(*src.args(), f[0], f[1].ctypes.data, f[2].ctypes.data, f[3],
+                                           f[4].data_ptr(), m[0], m[1].ctypes.data, m[2].ctypes.data, m[3],
+                                           m[4].data_ptr())
+        for group, (*_, above) in ((ps, f), (pm, m)):
+            for p, a in zip(group, above.tolist()):
+                p[4][0] += a
+        done.add(i)
+    return done
 
 
 def _resolve(expert: str, c: str, d: float, k: int, total: int, lo_b: int, counts: torch.Tensor,

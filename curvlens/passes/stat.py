@@ -67,6 +67,11 @@ class Stat:
         for the whole tensor instead of released expert by expert."""
         return ()
 
+    def mask_bytes(self) -> Sequence[tuple[str, float]]:
+        """(criterion, density) masks whose entries this statistic reads (the
+        others it needs only counted: their 0/1 masks are never written)."""
+        return ()
+
     def quantile_levels(self) -> Sequence[float]:
         """Levels of ``log10 v`` quantiles this statistic reads from the context."""
         return ()

@@ -52,6 +52,7 @@ _SIGNATURES = {
     "cl_score_hist": ([P, I32, P, I32, P, I64, I32, P], I64),
     "cl_score_bincount": ([P, I32, P, I32, P, I64, U32, U32, P], None),
     "cl_score_windows": ([P, I32, P, I32, P, I64, I32, P, P, P, P], None),
+    "cl_score_windows_both": ([P, I32, P, I32, P, I64, I32, P, P, P, P, I32, P, P, P, P], None),
     "cl_scores_at": ([P, I32, P, I32, P, P, I64, P], None),
     "cl_mask_sweep": ([P, I32, P, I32, P, I32, I64, I64, I32, P, P, P, P, P, P, P], None),
     "cl_and_count": ([P, P, I64], I64),

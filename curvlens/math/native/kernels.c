@@ -381,6 +381,25 @@ void cl_score_bincount(const void *b, int32_t bdt, const void *w, int32_t wdt, c
 /* For nw windows [lo[k], hi[k]] at once: the scores above hi[k] (added to
  * above[k]) and exact counts of every bit pattern inside (counts[k][bits - lo[k]]):
  * one sweep of the sample-bracketed selection (curvlens/passes/scout.py). */
+/* One block's share of nw windows: scores above hi[k] added to above[k], each
+ * pattern inside [lo[k], hi[k]] counted (offsets gathered branch-free into off,
+ * vectorised, before the random counter increments). */
+static inline void windows_block(const uint32_t *u, i64 len, int32_t nw, const uint32_t *lo, const uint32_t *hi,
+                                 i64 *const *counts, i64 *above, uint32_t *off) {
+    for (int32_t k = 0; k < nw; k++) {
+        uint32_t l = lo[k], h = hi[k], width = h - l;
+        i64 a = 0, c = 0, *ck = counts[k];
+        for (i64 j = 0; j < len; j++) a += u[j] > h;
+        for (i64 j = 0; j < len; j++) {
+            uint32_t o = u[j] - l;
+            off[c] = o;
+            c += o <= width;
+        }
+        for (i64 j = 0; j < c; j++) ck[off[j]]++;
+        above[k] += a;
+    }
+}
+
 void cl_score_windows(const void *b, int32_t bdt, const void *w, int32_t wdt, const float *v, i64 n, int32_t nw,
                       const uint32_t *lo, const uint32_t *hi, i64 *const *counts, i64 *above) {
     float bf[SC_B], wf[SC_B];
@@ -388,20 +407,35 @@ void cl_score_windows(const void *b, int32_t bdt, const void *w, int32_t wdt, co
     for (i64 s0 = 0; s0 < n; s0 += SC_B) {
         i64 len = s0 + SC_B < n ? SC_B : n - s0;
         score_bits(b, bdt, w, wdt, v, s0, len, bf, wf, u);
-        for (int32_t k = 0; k < nw; k++) {
-            uint32_t l = lo[k], h = hi[k], width = h - l;
-            i64 a = 0, c = 0, *ck = counts[k];
-            /* vectorised: the count above, and the offsets of those inside
-             * gathered branch-free, before the (random) counter increments */
-            for (i64 j = 0; j < len; j++) a += u[j] > h;
-            for (i64 j = 0; j < len; j++) {
-                uint32_t o = u[j] - l;
-                off[c] = o;
-                c += o <= width;
-            }
-            for (i64 j = 0; j < c; j++) ck[off[j]]++;
-            above[k] += a;
+        windows_block(u, len, nw, lo, hi, counts, above, off);
+    }
+}
+
+/* cl_score_windows for both criteria of one expert from one load of its inputs:
+ * the fisher windows (nf: lof, hif, cf, af) on v * tau**2 and the magnitude
+ * windows (nm: lom, him, cm, am) on |tau|. */
+void cl_score_windows_both(const void *b, int32_t bdt, const void *w, int32_t wdt, const float *v, i64 n,
+                           int32_t nf, const uint32_t *lof, const uint32_t *hif, i64 *const *cf, i64 *af,
+                           int32_t nm, const uint32_t *lom, const uint32_t *him, i64 *const *cm, i64 *am) {
+    float bf[SC_B], wf[SC_B];
+    uint32_t uf[SC_B], um[SC_B], off[SC_B];
+    for (i64 s0 = 0; s0 < n; s0 += SC_B) {
+        i64 len = s0 + SC_B < n ? SC_B : n - s0;
+        load_block(b, bdt, s0, len, bf);
+        load_block(w, wdt, s0, len, wf);
+        for (i64 j = 0; j < len; j++) {
+            float t = wf[j] - bf[j];
+            float t2 = t * t;
+            float sc = v[s0 + j] * t2;
+            float mg = fabsf(t);
+            uint32_t x, y;
+            memcpy(&x, &sc, 4);
+            memcpy(&y, &mg, 4);
+            uf[j] = x & 0x7fffffffu;
+            um[j] = y & 0x7fffffffu;
         }
+        windows_block(uf, len, nf, lof, hif, cf, af, off);
+        windows_block(um, len, nm, lom, him, cm, am, off);
     }
 }
 
@@ -428,14 +462,16 @@ void cl_scores_at(const void *b, int32_t bdt, const void *w, int32_t wdt, const 
  * saliency kept (float64, when v), 2 the tied entries seen, 3 the sum of tau^2
  * over the kept entries (||mask * tau||_F^2, float64); rowk[d*rows + r] /
  * colk[d*cols + c] count kept entries per row / column (when not NULL);
- * mask[d*n + i] the 0/1 mask. sal_total[0]: the saliency over all entries.
+ * mask[d*n + i] the 0/1 mask (mask NULL: not kept, only counted). sal_total[0]:
+ * the saliency over all entries.
  * Vectorised in chunks; ties (rare: a score equal to the threshold) are settled
  * after each chunk, in flat order. */
 void cl_mask_sweep(const void *b, int32_t bdt, const void *w, int32_t wdt, const float *v, int32_t magnitude,
                    i64 rows, i64 cols, int32_t nd, const float *thr, const i64 *quota, double *out, int32_t *rowk,
                    int32_t *colk, uint8_t *mask, double *sal_total) {
     enum { C = 2048 };
-    static __thread float bf[C], wf[C], fs[C], sc[C], tq[C];
+    float bf[C], wf[C], fs[C], sc[C], tq[C];
+    uint8_t mloc[C];
     i64 n = rows * cols;
     i64 seen[8] = {0}, kept[8] = {0};
     double salk[8][LANES], tauk[8][LANES], tot[LANES] = {0};
@@ -462,7 +498,7 @@ void cl_mask_sweep(const void *b, int32_t bdt, const void *w, int32_t wdt, const
                 for (; j < len; j++) tot[j % LANES] += (double)fs[j];
             }
             for (int32_t d = 0; d < nd; d++) {
-                uint8_t *m = mask + (i64)d * n + s0;
+                uint8_t *m = mask ? mask + (i64)d * n + s0 : mloc;  /* NULL: counts only */
                 float th = thr[d];
                 i64 eq = 0;
                 for (i64 j = 0; j < len; j++) {
@@ -483,24 +519,31 @@ void cl_mask_sweep(const void *b, int32_t bdt, const void *w, int32_t wdt, const
                             }
                     }
                 }
-                /* one pass: kept count, saliency and tau^2 kept (8 lanes), column counts */
+                /* one pass: kept count, saliency and tau^2 kept (8 lanes, the running
+                 * sums held in registers for the chunk: the same additions in the same
+                 * order), column counts. fs and tq are >= 0, so fs * (float)m is fs or
+                 * +0 exactly, as (double)m * (double)fs is. */
                 i64 cl[LANES] = {0};
-                double *sk = salk[d], *tk = tauk[d];
+                double sk[LANES], tk[LANES];
+                memcpy(sk, salk[d], sizeof(sk));
+                memcpy(tk, tauk[d], sizeof(tk));
                 int32_t *ck = colk ? colk + (i64)d * cols + c0 : 0;
                 i64 j = 0;
                 for (; j + LANES <= len; j += LANES)
                     for (int k = 0; k < LANES; k++) {
-                        double mk = (double)m[j + k];
+                        float mk = (float)m[j + k];
                         cl[k] += m[j + k];
-                        sk[k] += mk * (double)fs[j + k];
-                        tk[k] += mk * (double)tq[j + k];
+                        sk[k] += (double)(fs[j + k] * mk);
+                        tk[k] += (double)(tq[j + k] * mk);
                     }
                 for (; j < len; j++) {
-                    double mk = (double)m[j];
+                    float mk = (float)m[j];
                     cl[j % LANES] += m[j];
-                    sk[j % LANES] += mk * (double)fs[j];
-                    tk[j % LANES] += mk * (double)tq[j];
+                    sk[j % LANES] += (double)(fs[j] * mk);
+                    tk[j % LANES] += (double)(tq[j] * mk);
                 }
+                memcpy(salk[d], sk, sizeof(sk));
+                memcpy(tauk[d], tk, sizeof(tk));
                 if (ck)
                     for (i64 jj = 0; jj < len; jj++) ck[jj] += m[jj];
                 i64 cnt = 0;
