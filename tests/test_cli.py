@@ -77,6 +77,11 @@ def test_analyze_writes_every_frame(cached, tmp_path, capsys):
     f = pd.read_csv(out / "findings.csv")
     # without scores, (a) and (d) are not measured; (b) and (c) are decided
     assert list(f.verdict[[0, 3]]) == ["not measured"] * 2 and "not measured" not in set(f.verdict[[1, 2]])
+    # --no-ranks: the same frame but the singular-value columns
+    assert main(args + ["--overwrite", "--no-ranks"]) == 0
+    ms = pd.read_csv(out / "mask_stats.csv")
+    assert ms["mask_rank"].isna().all() and set(ms["rank_method"]) <= {"skipped", "none"}
+    assert ms["kept_frac"].notna().all()
 
 
 def test_demo_quick_and_figures(cached, tmp_path, capsys):

@@ -47,3 +47,21 @@ def test_bad_thread_counts(capsys, tmp_path):
         cl.set_threads(0)
     assert main(["merge", str(tmp_path / "c.yml"), str(tmp_path / "o"), "--threads", "0"]) == 2
     assert "threads must be an int >= 1" in capsys.readouterr().err
+
+
+def test_keep_freed_memory_is_once_per_process_and_can_be_turned_off(monkeypatch):
+    """glibc's thresholds are set once (the answer memoised); CURVLENS_MALLOC=0 or a
+    non-Linux platform leaves malloc alone."""
+    import sys
+
+    from curvlens import runtime
+
+    monkeypatch.setattr(runtime, "_ALLOCATOR", {})
+    monkeypatch.setenv("CURVLENS_MALLOC", "0")
+    assert runtime.keep_freed_memory() is False
+    assert runtime.keep_freed_memory() is False  # memoised
+    monkeypatch.setattr(runtime, "_ALLOCATOR", {})
+    monkeypatch.setenv("CURVLENS_MALLOC", "1")
+    on = runtime.keep_freed_memory()
+    assert on is (sys.platform.startswith("linux") and runtime._ALLOCATOR["on"])
+    assert runtime.keep_freed_memory() is on

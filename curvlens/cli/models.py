@@ -142,7 +142,7 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
     # written beside its place and renamed in when complete; never onto an input
     with AtomicDir(a.out, overwrite=a.overwrite, inputs=experts.input_paths()) as tmp:
         # every analysis from one pass over the experts (two reads with masks)
-        results = analyze(experts, a.analyses, densities=a.densities, **kw)
+        results = analyze(experts, a.analyses, densities=a.densities, ranks=not a.no_ranks, **kw)
         # the findings that need no scores (masks, overlap), and the regime
         results.update(regime_frames(experts, results, **kw))
         for key, df in results.items():
@@ -216,6 +216,9 @@ def add_subcommands(sub, runtime: list) -> None:
     an.add_argument("--analyses", nargs="+", default=list(CLI_ANALYSES), metavar="NAME",
                     help="which analyses (default: %(default)s; any of curvlens.passes.analyze.ANALYSES "
                          "but the merge ones); all come from one pass over the experts")
+    an.add_argument("--no-ranks", action="store_true",
+                    help="no singular values of the masks (their rank columns empty): on a CPU they are about "
+                         "half of the pass (benchmarks/README.md)")
     an.set_defaults(fn=_cmd_analyze)
 
     ins = sub.add_parser("inspect", help="what model dirs, Trainer checkpoints and moments files hold (headers only)")

@@ -48,7 +48,9 @@ ACCURACY = {
     "log10_histogram": "exact counts",
     "edit_norms": "exact (float64 sums)",
     "interference": "exact (float64 sums)",
-    "mask_stats": "masks exact (model-wide selections); mask_rank exact where given, else NaN with "
+    "mask_stats": "masks exact (model-wide selections); mask_rank exact where given (a full-rank mask's from "
+                  "its integer Gram matrix, effective rank within 1e-12 of the SVD's; a rank-deficient one's from "
+                  "the SVD), else NaN with "
                   "mask_rank_at_least a lower bound; stable_rank exact where the rank is taken exactly, else an "
                   "upper estimate (randomized block Krylov: within 0.01% when a few directions dominate; on the "
                   "noise-like masked task vectors of benchmarks/make_zoo zoos 4-19% high at the default "

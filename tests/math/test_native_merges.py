@@ -198,3 +198,39 @@ def test_kth_largest_magnitude_is_exact(xdt, n):
     bad = x.clone()
     bad[3] = float("inf")
     assert native_merges.kth_largest_magnitude(base, bad, 10) is None
+
+
+@pytest.mark.parametrize("method", ["ota", "ties"])
+def test_mixed_dtypes_same_bits(monkeypatch, method):
+    """A base, experts and moments each in their own dtype (fp32 base with bf16
+    experts, one fp32 expert among bf16 ones, bf16 moments) take the kernels with
+    per-input dtypes and give the torch code's bits."""
+    base, experts, moments = _inputs(12345, 3, 21)
+    base = base.float()
+    experts = [experts[0], experts[1].float(), experts[2]]
+    moments = [moments[0], moments[1].bfloat16(), moments[2]]
+    if method == "ota":
+        sel = _thresholds(base, experts, moments, 0.3)
+        kw = dict(ffg_threshold=[t for t, _ in sel], ffg_ties=[q for _, q in sel], fallback_to_base=True)
+
+        def run(c):
+            return get_method("ota")(base, experts, moments, counts=c, **kw)
+    else:
+        def run(c):
+            return get_method("ties")(base, experts, counts=c, density=0.4)
+    (a, ca), (b, cb) = _twice(monkeypatch, run)
+    _same_bits(a, b)
+    assert (ca.kept, ca.any_kept) == (cb.kept, cb.any_kept)
+
+
+def test_fp16_and_strided_inputs_take_the_torch_code(monkeypatch):
+    """Inputs the kernels do not take (fp16, a non-contiguous view) are merged by
+    the torch code: the kernel entry points say None."""
+    base, experts, moments = _inputs(4096, 2, 23, shape=(64, 64))
+    half = [x.half() for x in experts]
+    assert native_merges.ties_merge(base, half, masks=[None, None], weights=None, normalize=True, lam=1.0) is None
+    strided = [x.t() for x in experts]
+    assert native_merges.ota_merge(base.t(), strided, [v.t() for v in moments], power=0.5, scaling=[1.0, 1.0],
+                                   eps=1e-8, masks=[None, None], cut=0.0, fallback_to_base=True) is None
+    out = get_method("ties")(base, half, density=0.5)
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
