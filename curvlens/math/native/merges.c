@@ -27,6 +27,17 @@ static inline uint32_t negative(const float *x, i64 len) {
     return f;
 }
 
+/* Entries of a block some expert kept (the merge report's all_masked): none
+ * counted without a mask, every entry when some expert is unmasked, else those
+ * where the running maximum of the masks (anyk) is set. */
+static inline i64 any_kept_in(const float *anyk, i64 len, int32_t any_mask, int32_t all_mask) {
+    if (!any_mask) return 0;
+    if (!all_mask) return len;
+    i64 c = 0;
+    for (i64 j = 0; j < len; j++) c += anyk[j] != 0.0f;
+    return c;
+}
+
 /* Expert i's 0/1 mask of one block from its scores sc: kept when above thr, or
  * equal to it and (quota < 0: every tie; else while *quota > 0, in flat order;
  * each tie kept takes one from *quota). Returns the entries kept. */
@@ -126,13 +137,7 @@ void cl_ota_merge(const void *b, int32_t bdt, const void *const *xs, const int32
                 out[s0 + j] = den[j] == 0.0f ? sx[j] / fne : merged;
             }
         }
-        if (any_mask) {
-            if (all_mask) {
-                for (i64 j = 0; j < len; j++) anyc += anyk[j] != 0.0f;
-            } else {
-                anyc += len;
-            }
-        }
+        anyc += any_kept_in(anyk, len, any_mask, all_mask);
     }
     any_kept[0] += anyc;
     bad[0] = (int32_t)(fl | (neg << 1));
@@ -214,13 +219,7 @@ void cl_ties_merge(const void *b, int32_t bdt, const void *const *xs, const int3
             if (lambda != 1.0f) mx = mx * lambda;
             out[s0 + j] = bf[j] + mx;
         }
-        if (any_sparse) {
-            if (all_sparse) {
-                for (i64 j = 0; j < len; j++) anyc += anyk[j] != 0.0f;
-            } else {
-                anyc += len;
-            }
-        }
+        anyc += any_kept_in(anyk, len, any_sparse, all_sparse);
     }
     any_kept[0] += anyc;
     bad[0] = (int32_t)fl;
