@@ -247,11 +247,9 @@ def _window_pass(experts: Experts, names, criteria, plans: dict, dev, progress: 
             v = g.moments[i] if c == "fisher" else None
             src = ScoreSource.of(g.base, g.experts[i], v, c)
             if src is not None:
-                lo = np.array([p[1] for p in ps], dtype=np.uint32)
-                hi = np.array([p[2] for p in ps], dtype=np.uint32)
-                above = torch.zeros(len(ps), dtype=torch.int64)
-                native.lib().cl_score_windows(*src.args(), len(ps), lo.ctypes.data, hi.ctypes.data,
-                                              native.ptr_array([p[3] for p in ps]), above.data_ptr())
+                nw, lo, hi, counts, above = _window_args(ps)
+                native.lib().cl_score_windows(*src.args(), nw, lo.ctypes.data, hi.ctypes.data, counts,
+                                              above.data_ptr())
                 for p, a in zip(ps, above.tolist()):
                     p[4][0] += a
                 continue
@@ -263,6 +261,8 @@ def _window_pass(experts: Experts, names, criteria, plans: dict, dev, progress: 
 
 
 def _window_args(ps) -> tuple:
+    """A group of window plans as the C kernels take them: (count, lo, hi, counter
+    pointers, above)."""
     lo = np.array([p[1] for p in ps], dtype=np.uint32)
     hi = np.array([p[2] for p in ps], dtype=np.uint32)
     above = torch.zeros(len(ps), dtype=torch.int64)
