@@ -152,12 +152,14 @@ def test_ota_tie_quota_mismatch_is_refused_both_ways(monkeypatch):
                                            (2049, 5, torch.bfloat16, 2), (9, 1, torch.float32, 3)])
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
 @pytest.mark.parametrize("weights,normalize,lam", [(None, True, 1.0), ("mixed", True, 1.0), ("mixed", False, 0.7),
-                                                   (None, False, 1.3)])
+                                                   (None, False, 1.3), ("negative", True, 1.0)])
 def test_ties_same_bits(monkeypatch, n, ne, xdt, seed, density, weights, normalize, lam):
     base, experts, _ = _inputs(n, ne, seed, xdt=xdt)
     kw = dict(density=density, normalize=normalize, **{"lambda": lam})
     if weights == "mixed":
         kw["weight"] = [0.3 + 0.45 * i for i in range(ne)]
+    elif weights == "negative":  # a subtracted expert: agreeing weights may sum to <= 0
+        kw["weight"] = [(-0.5 if i == 0 else 0.3 + 0.45 * i) for i in range(ne)]
     (a, ca), (b, cb) = _twice(monkeypatch, lambda c: get_method("ties")(base, experts, counts=c, **kw))
     _same_bits(a, b)
     assert (ca.kept, ca.any_kept, ca.used) == (cb.kept, cb.any_kept, cb.used)
