@@ -213,3 +213,33 @@ def test_merged_dir_loads_with_the_family_class_and_runs(families, fam, tmp_path
         logits = out.logits if hasattr(out, "logits") else out[0]
         assert logits.numel() and bool(torch.isfinite(logits).all()), label
         assert not math.isnan(float(logits.float().abs().sum()))
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_c_merge_kernels_give_the_torch_bits_on_real_trainer_outputs(families, fam, monkeypatch):
+    """OTA+FFG and TIES through the driver on what a real Trainer wrote (every
+    family's layouts, conv and fused tensors, untrained buffers): the C kernels
+    run, and the merged tensors and reports equal the torch code's bit for bit."""
+    from curvlens.math import native
+    from curvlens.math.native import merges as native_merges
+
+    if native.lib() is None:
+        pytest.skip(f"no C kernels: {native.reason()}")
+    ex = _experts(families, fam)
+    calls = []
+    for name in ("ota_merge", "ties_merge"):
+        real = getattr(native_merges, name)
+        monkeypatch.setattr(f"curvlens.math.methods.native_paths.{name}",
+                            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    for method, kw in (("ota", dict(ffg_density=0.3, fallback_to_base=True)), ("ties", dict(density=0.5))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with_c = cl.merge(ex, method, None, device="cpu", progress=False, **kw)
+            with monkeypatch.context() as m:
+                m.setitem(native._STATE, "lib", None)
+                torch_only = cl.merge(ex, method, None, device="cpu", progress=False, **kw)
+        for n in with_c.checkpoint.keys():
+            a, b = with_c.checkpoint[n], torch_only.checkpoint[n]
+            assert a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), n
+        assert with_c.report.equals(torch_only.report), method
+    assert calls  # the kernels did run
