@@ -69,8 +69,10 @@ def use_threads(n: int | None) -> Iterator[None]:
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then
-    restore the caller's count."""
+    restore the caller's count. Every pass runs in one, so this is also where
+    glibc is told to keep freed blocks (:func:`keep_freed_memory`)."""
     n = _check(n)
+    keep_freed_memory()
     before = torch.get_num_threads()
     if n is not None and n != before:
         torch.set_num_threads(n)

@@ -20,7 +20,7 @@ from curvlens.io.checkpoint import Checkpoint, PathLike
 from curvlens.io.moments import Moments
 from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
-from curvlens.runtime import keep_freed_memory, progress_bar, resolve_device, threads_for, torch_threads
+from curvlens.runtime import progress_bar, resolve_device, threads_for, torch_threads
 from curvlens.passes.preflight import preflight_html
 from curvlens.tensor_filter import TensorFilter
 
@@ -383,7 +383,7 @@ class Experts:
             n = ref.shape(name).numel()
             return n * (item * n_inputs + (4 * len(self.experts) if moments else 0))
 
-        bar, _ = progress_bar(len(names), desc, progress), keep_freed_memory()  # blocks are allocated afresh
+        bar = progress_bar(len(names), desc, progress)
         with torch_threads(threads_for(dev, threads)), \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlens-read") as pool:
             pending = pool.submit(load, names[0]) if names else None

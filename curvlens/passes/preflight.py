@@ -140,8 +140,7 @@ _MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _sq(t: torch.Tensor) -> float:
     """Sum of squares in float64 without a float64 copy of a float32/bf16 tensor."""
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2) if t.dtype != torch.float64 else \
-        float(t.pow(2).sum())
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
 def bias_factor(beta2: float | None, step: int | None) -> float:

@@ -192,17 +192,18 @@ def _by_histogram(base: torch.Tensor, expert: torch.Tensor, k: int) -> tuple[flo
     bad = lib.cl_score_hist(base.data_ptr(), bd, expert.data_ptr(), xd, None, n, 16, hist.ctypes.data)
     if bad:
         return None
-    from_top = np.cumsum(hist[::-1])
-    j = int(np.searchsorted(from_top, k))  # first bin (from the top) reaching k
-    bucket = len(hist) - 1 - j
-    above_bucket = int(from_top[j - 1]) if j > 0 else 0
+    bucket, above_bucket = _kth_bin(hist, k)
     counts = np.zeros(1 << 16, dtype=np.int64)
     lib.cl_score_bincount(base.data_ptr(), bd, expert.data_ptr(), xd, None, n, ctypes.c_uint32(bucket << 16),
                           ctypes.c_uint32(1 << 16), counts.ctypes.data)
-    r = k - above_bucket  # rank of the answer inside the bin, from its top
-    top = np.cumsum(counts[::-1])
-    i = int(np.searchsorted(top, r))
-    off = len(counts) - 1 - i
-    above = above_bucket + (int(top[i - 1]) if i > 0 else 0)
+    off, above_in = _kth_bin(counts, k - above_bucket)  # the answer's rank inside the bin
     kth = float(np.array([(bucket << 16) + off], dtype=np.uint32).view(np.float32)[0])
-    return kth, above, int(counts[off])
+    return kth, above_bucket + above_in, int(counts[off])
+
+
+def _kth_bin(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the ``k``-th largest of the counted values (bins ascending),
+    and how many values lie in the bins above it."""
+    from_top = np.cumsum(counts[::-1])
+    j = int(np.searchsorted(from_top, k))  # first bin, from the top, reaching k
+    return len(counts) - 1 - j, int(from_top[j - 1]) if j > 0 else 0
