@@ -15,12 +15,12 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.checks import as_bytes
 
-__all__ = ["BLOCK", "NORM_BLOCK", "Draws", "RowBlocks", "draws", "float64_ok", "full_rank_singular_values",
+__all__ = ["ROW_BLOCK", "NORM_BLOCK", "Draws", "RowBlocks", "draws", "float64_ok", "full_rank_singular_values",
            "gaussian", "generator", "krylov_top_sv", "range_finder_svdvals", "rank_and_effective_rank",
            "rank_at_least"]
 
 # Entries per float block in the randomized path: 8M float64 = 64 MB.
-BLOCK = 1 << 23
+ROW_BLOCK = 1 << 23
 
 # Block size of the block Krylov estimate of ||mask * tau||_2: only the top
 # singular value is needed, so a thin block suffices.
@@ -107,7 +107,7 @@ class RowBlocks:
         self.device = mask2d.device
         self.m = mask2d.shape[0] if rows is None else rows.numel()
         self.n = mask2d.shape[1] if cols is None else cols.numel()
-        self.block_rows = max(1, BLOCK // max(1, self.n))
+        self.block_rows = max(1, ROW_BLOCK // max(1, self.n))
 
     def _take(self, t, start, stop):
         t = t[start:stop] if self.rows is None else t.index_select(0, self.rows[start:stop])
