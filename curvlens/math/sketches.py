@@ -115,7 +115,7 @@ class RowBlocks:
 
     def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         if self.block_rows >= self.m:
-            # One block holds the whole matrix (at most BLOCK entries): build it
+            # One block holds the whole matrix (at most ROW_BLOCK entries): build it
             # once and hand the same one to every pass (callers only read blocks).
             if getattr(self, "_single", None) is None:
                 self._single = self._build(0, self.m)
