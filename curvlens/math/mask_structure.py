@@ -204,10 +204,10 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     dt = float64_ok(m2.device)
     eps = torch.finfo(dt).eps
     if m_red * n_red <= int(rank_exact_max):
-        dense = RowBlocks(m2, None, rows, cols, dt).dense()
+        dense = RowBlocks(m2, None, rows, cols, torch.float32).dense()  # 0/1: exact in any float
         s = full_rank_singular_values(dense)
         if s is None:  # rank-deficient (or too close to tell): the SVD decides
-            s = torch.linalg.svdvals(dense)
+            s = torch.linalg.svdvals(dense.to(dt))
         del dense
         rank, erank = rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
         out.update(mask_rank=float(rank), mask_effective_rank=erank, rank_method="exact")

@@ -19,8 +19,11 @@ __all__ = ["ROW_BLOCK", "NORM_BLOCK", "Draws", "RowBlocks", "draws", "float64_ok
            "gaussian", "generator", "krylov_top_sv", "range_finder_svdvals", "rank_and_effective_rank",
            "rank_at_least"]
 
-# Entries per float block in the randomized path: 8M float64 = 64 MB.
-ROW_BLOCK = 1 << 23
+# Entries per float block in the randomized path: 4M, a 16 MiB float32 block
+# (Krylov) or 32 MiB float64 one. Blocks above glibc's 32 MiB mmap threshold
+# (curvlens.runtime.keep_freed_memory) are mapped and faulted in afresh every
+# pass: 1 << 23 made the 12 masks of two 32000 x 1024 tensors fault 4 GB in.
+ROW_BLOCK = 1 << 22
 
 # Block size of the block Krylov estimate of ||mask * tau||_2: only the top
 # singular value is needed, so a thin block suffices.
@@ -159,9 +162,10 @@ def krylov_top_sv(mat: RowBlocks, block: int, iters: int,
                    gen: torch.Generator, fro2: float | None = None) -> tuple[float, float]:
     """Estimate of the largest singular value by randomized block Krylov iteration
     (Musco & Musco 2015): ``Q`` spans ``A Omega, (A A^T) A Omega, ...`` and the
-    answer is the top singular value of ``Q^T A``. ``2 iters + 2`` passes.
+    answer is the top singular value of ``Q^T A``. ``2 iters + 2`` passes, the
+    last one over ``block * iters`` columns only.
 
-    Never above the truth. Keeping every iterate, not only the last (plain
+    Never above the truth (but for float32 rounding). Keeping every iterate, not only the last (plain
     subspace iteration), halves the error for the same passes on flat spectra.
     Also returns ``||A||_F^2``, summed from the first pass's blocks (float32 blocks,
     torch's cascaded sums, float64 across blocks) to save a pass of its own,
@@ -171,6 +175,7 @@ def krylov_top_sv(mat: RowBlocks, block: int, iters: int,
     y = torch.empty(mat.m, block, dtype=dt, device=dev)
     right = gaussian(gen, n, block, dtype=dt).to(dev)
     basis = []
+    first = None  # q0^T A, the first iterate's rows of the answer
     known = fro2 is not None
     fro2 = fro2 if known else 0.0
     for it in range(iters + 1):
@@ -182,16 +187,25 @@ def krylov_top_sv(mat: RowBlocks, block: int, iters: int,
         basis.append(q)
         if it == iters:
             break
-        z = torch.zeros(n, block, dtype=dt, device=dev)
+        # Q^T A, not A^T Q: the same product, twice as fast with A's rows contiguous
+        zt = torch.zeros(block, n, dtype=dt, device=dev)
         for s, e, blk in mat:
-            z.addmm_(blk.T, q[s:e])
-        right = torch.linalg.qr(z)[0]
+            zt.addmm_(q[s:e].T, blk)
+        if it == 0:
+            first = zt.clone()
+        right = torch.linalg.qr(zt.T)[0]
     del y
     q = torch.linalg.qr(torch.cat(basis, dim=1))[0]
     del basis
-    b = torch.zeros(q.shape[1], n, dtype=dt, device=dev)
+    # Q's first columns span q0 and the rest are orthonormal to it, so
+    # [q0, Q[:, block:]] is an orthonormal basis of the same space: q0's rows of
+    # the answer were computed in the first iteration, the pass needs the rest.
+    rest = q if first is None else q[:, block:]
+    b = torch.zeros(rest.shape[1], n, dtype=dt, device=dev)
     for s, e, blk in mat:
-        b.addmm_(q[s:e].T, blk)
+        b.addmm_(rest[s:e].T, blk)
+    if first is not None:
+        b = torch.cat([first, b], dim=0)
     return float(torch.linalg.svdvals(b)[0]), fro2
 
 
@@ -220,17 +234,22 @@ def full_rank_singular_values(m: torch.Tensor) -> torch.Tensor | None:
     """Singular values of a 0/1 matrix from its Gram matrix when that proves it
     has full rank, else None.
 
-    ``G = M M^T`` (the smaller side) of a 0/1 matrix has integer entries below
-    2**53, so float64 computes it exactly in any order, and ``eigvalsh`` finds its
-    eigenvalues within ``k eps lambda_max`` (``k`` its size). When every one is
-    well above that (``16 k eps lambda_max``), every singular value is far above
-    the rank tolerance ``s_max max(M, N) eps`` and the rank is ``k``, as the SVD
-    would say; the values are ``sqrt(lambda)`` (to ~1e-12 relative). Measured on
-    a 256 x 1024 mask, one CPU thread: 6.7 ms against 34 ms for ``svdvals``, the
-    bulk of a default ``mask_stats`` over k/v projections. A rank-deficient mask
-    (all FFG masks the paper calls low-rank) gets None: the SVD decides there.
+    ``G = M M^T`` (the smaller side) of a 0/1 matrix has integer entries no
+    larger than the longer side, so float32 computes it exactly in any order
+    while that side is below 2**24 (float64 beyond), at half float64's cost;
+    ``eigvalsh`` (float64 where the device has it) finds its eigenvalues within ``k eps lambda_max`` (``k``
+    its size). When every one is well above that (``16 k eps lambda_max``), every
+    singular value is far above the rank tolerance ``s_max max(M, N) eps`` and
+    the rank is ``k``, as the SVD would say; the values are ``sqrt(lambda)`` (to
+    ~1e-12 relative). Measured on a 256 x 1024 mask, one CPU thread: 6.7 ms
+    against 34 ms for ``svdvals``, the bulk of a default ``mask_stats`` over k/v
+    projections. A rank-deficient mask (all FFG masks the paper calls low-rank)
+    gets None: the SVD decides there.
     """
-    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    wide = float64_ok(m.device)
+    f = m.to(torch.float32 if max(m.shape) < 2**24 else wide)
+    g = (f @ f.T if m.shape[0] <= m.shape[1] else f.T @ f).to(wide)
+    del f
     lam = torch.linalg.eigvalsh(g)
     top = float(lam[-1])
     if not top > 0 or float(lam[0]) <= 16 * g.shape[0] * torch.finfo(g.dtype).eps * top:

@@ -21,6 +21,7 @@ from curvlens.math import native
 from curvlens.math.blocks import tensor_seed
 from curvlens.math.mask_structure import mask_structure
 from curvlens.math.saliency import magnitude_scores, saliency
+from curvlens.passes.background import Background, background_enabled
 from curvlens.passes.analysis_common import MASK_OVERLAP_COLUMNS, MASK_STATS_COLUMNS, frame
 from curvlens.passes.stat import MaskSet, Stat, TensorContext
 from curvlens.passes.experts import Experts
@@ -235,7 +236,13 @@ class Masks(MaskSet):
 
     def task_vector(self, i: int) -> torch.Tensor:
         """Expert ``i``'s fp32 task vector (made when asked; not kept)."""
-        return self.group.experts[i].float() - self.group.base.float()
+        x, b = self.group.experts[i], self.group.base
+        tau = x.float()
+        if tau is x:  # an fp32 expert: never write into the tensor read
+            tau = x.clone()
+        # in place, one allocation: bf16/fp16/fp32 entries convert to fp32 exactly,
+        # so this is expert.float() - base.float() bit for bit
+        return tau.sub_(b if b.dtype in (torch.bfloat16, torch.float16, torch.float32) else b.float())
 
 
 def _counts_only(r: MaskResult, tau: torch.Tensor) -> dict:
@@ -270,7 +277,8 @@ class MaskStats(Stat):
         self.selections = [(c, d) for c in criteria for d in densities]
         self.rank_exact_max, self.sketch_size, self.power_iters, self.seed = (rank_exact_max, sketch_size,
                                                                               power_iters, seed)
-        self.rows = []
+        self.rows: list = []  # dicts, or (with ranks) one expert's row heads awaiting the background's answer
+        self.background: Background | None = None
 
     def mask_bytes(self):
         return self.selections if self.ranks else ()  # the singular values read the masks
@@ -278,41 +286,69 @@ class MaskStats(Stat):
     def masked(self, ctx: TensorContext, masks: Masks) -> None:
         ident = ctx.ident
         dev = ctx.g.base.device
+        if self.ranks and self.background is None:
+            self.background = Background(background_enabled(dev))
         work = RANK_EXACT_WORK.get(dev.type, RANK_EXACT_WORK["cpu"])
         for i, e in enumerate(self.experts.names):
             # the fp32 task vector feeds the stable rank only: not made without ranks
             tau = masks.task_vector(i) if self.ranks else ctx.g.experts[i]
+            total = masks.saliency_total(e)
+            heads, results = [], []
             for c in self.criteria:
                 for d in self.densities:
                     r = masks.get(c, e, d)
-                    exact = self.rank_exact_max if self.rank_exact_max is not None else work // _short_side(tau)
-                    if not self.ranks:
-                        st = _counts_only(r, tau)
-                    else:
-                        try:
-                            st = mask_structure(r.mask, tau=tau, rank_exact_max=exact,
-                                                rng=tensor_seed(self.seed, ctx.name), sketch_size=self.sketch_size,
-                                                power_iters=self.power_iters, n_kept=r.kept, row_counts=r.rows,
-                                                col_counts=r.cols, fro2=r.fro2)
-                        except CurvlensError as err:
-                            raise CurvlensError(f"expert {e!r}, tensor {ctx.name!r}: {err}") from err
-                    total = masks.saliency_total(e)
-                    st["saliency_kept"] = r.saliency_kept / total if total > 0 else math.nan
-                    st["mask_rank_at_least"] = st["rank_cap"] if st["rank_capped"] else st["mask_rank"]
-                    if st["rank_capped"]:
-                        st["mask_rank"] = math.nan
-                    self.rows.append({"expert": e, "criterion": c, "density": d, **ident, "threshold": r.threshold,
-                                      **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}})
+                    heads.append(({"expert": e, "criterion": c, "density": d, **ident, "threshold": r.threshold},
+                                  r.saliency_kept / total if total > 0 else math.nan))
+                    results.append(r)
                 masks.release(c, e)
+            if not self.ranks:
+                self.rows += [_row(h, sk, _counts_only(r, tau)) for (h, sk), r in zip(heads, results)]
+            else:
+                # the singular values go to the second thread (their inputs are
+                # this expert's fresh masks and task vector, nothing the pass reuses)
+                exact = self.rank_exact_max if self.rank_exact_max is not None else work // _short_side(tau)
+                opts = dict(rank_exact_max=exact, rng=tensor_seed(self.seed, ctx.name), sketch_size=self.sketch_size,
+                            power_iters=self.power_iters)
+                nbytes = tau.numel() * tau.element_size() + sum(r.mask.numel() for r in results)
+                self.background.submit(lambda e=e, name=ctx.name, tau=tau, results=results, opts=opts:
+                                       _structures(e, name, tau, results, opts), nbytes)
+                self.rows.append(heads)
             del tau
 
     def frame(self) -> pd.DataFrame:
+        if self.background is not None:
+            done = iter(self.background.results())
+            self.rows = [row for item in self.rows
+                         for row in ([item] if isinstance(item, dict) else
+                                     [_row(h, sk, st) for (h, sk), st in zip(item, next(done))])]
         df = frame(self.rows, MASK_STATS_COLUMNS)
         order = {e: i for i, e in enumerate(self.experts.names)}
         # rows grouped expert-major as the other frames (the pass is tensor-major)
         return (df.assign(_e=df["expert"].map(order), _c=df["criterion"].map(self.criteria.index))
                   .sort_values(["_e", "_c", "density"], kind="stable").drop(columns=["_e", "_c"])
                   .reset_index(drop=True))
+
+    def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
+
+
+def _structures(expert: str, name: str, tau: torch.Tensor, results: list[MaskResult], opts: dict) -> list[dict]:
+    """:func:`mask_structure` of one expert's masks of one tensor (a background job)."""
+    try:
+        return [mask_structure(r.mask, tau=tau, n_kept=r.kept, row_counts=r.rows, col_counts=r.cols, fro2=r.fro2,
+                               **opts) for r in results]
+    except CurvlensError as err:
+        raise CurvlensError(f"expert {expert!r}, tensor {name!r}: {err}") from err
+
+
+def _row(head: dict, saliency_kept: float, st: dict) -> dict:
+    """One ``mask_stats`` row from its identity, saliency kept and structure."""
+    st = dict(st, saliency_kept=saliency_kept)
+    st["mask_rank_at_least"] = st["rank_cap"] if st["rank_capped"] else st["mask_rank"]
+    if st["rank_capped"]:
+        st["mask_rank"] = math.nan
+    return {**head, **{k: st[k] for k in MASK_STATS_COLUMNS[8:]}}
 
 
 class MaskOverlap(Stat):

@@ -35,7 +35,7 @@ from curvlens.passes.analysis_common import floating_names, need_experts, open_m
 from curvlens.passes.analyze_masks import MaskPlan
 from curvlens.passes.experts import Experts
 from curvlens.passes.stat import Stat, TensorContext
-from curvlens.runtime import resolve_device
+from curvlens.runtime import resolve_device, threads_for, torch_threads
 
 __all__ = ["Stat", "TensorContext", "run_pass"]
 
@@ -99,26 +99,33 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
     need_v = any(s.moments for s in stats) or (masks is not None and masks.needs_moments)
     need_b = any(s.base for s in stats) or masks is not None or bool(run.tv_pairs)
     need_x = any(s.experts for s in stats) or masks is not None or bool(run.tv_pairs)
-    for g in experts.iter_tensors(tensor_names, device=dev, dtype=None, moments=need_v, base=need_b,
-                                  experts=need_x, progress=progress, desc=desc):
-        ctx = TensorContext(g, run)
-        for s in stats:
-            s.tensor(ctx)
-        if masks is not None:
-            mset = masks.sweep(ctx, keep)
+    # the pass's thread count held until every frame is made: a statistic's
+    # background work (passes.background) may finish after the last tensor
+    try:
+        with torch_threads(threads_for(dev)):
+            for g in experts.iter_tensors(tensor_names, device=dev, dtype=None, moments=need_v, base=need_b,
+                                          experts=need_x, progress=progress, desc=desc):
+                ctx = TensorContext(g, run)
+                for s in stats:
+                    s.tensor(ctx)
+                if masks is not None:
+                    mset = masks.sweep(ctx, keep)
+                    for s in stats:
+                        if s.selections:
+                            s.masked(ctx, mset)
+                    mset.finish()
+                del ctx, g
+            reads += 1
+            if masks is not None:
+                masks.check_done()
+            out = {}
             for s in stats:
-                if s.selections:
-                    s.masked(ctx, mset)
-            mset.finish()
-        del ctx, g
-    reads += 1
-    if masks is not None:
-        masks.check_done()
-    out = {}
-    for s in stats:
-        df = s.frame()
-        df.attrs["reads"] = reads
-        out[s.key] = df
+                df = s.frame()
+                df.attrs["reads"] = reads
+                out[s.key] = df
+    finally:
+        for s in stats:
+            s.close()
     return out
 
 

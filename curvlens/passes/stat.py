@@ -52,6 +52,10 @@ class Stat:
     def frame(self) -> pd.DataFrame:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the statistic holds beyond its rows (called once the pass
+        ends, however it ends: after :meth:`frame`, or on an error)."""
+
     # helpers for the shared sweeps a statistic may ask the context for
     def user_bins(self) -> UserBins | None:
         """Log10 bin edges this statistic wants counted in every moment sweep."""

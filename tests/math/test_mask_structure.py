@@ -184,3 +184,30 @@ def test_rank_deficient_masks_go_to_the_svd():
     assert out["mask_rank"] == float(np.linalg.matrix_rank(m.double().numpy())) <= 15
     red = m[m.any(1)][:, m.any(0)].double()
     assert _full_rank_singular_values(red) is None
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(300, 200), (64, 900), (900, 64)])
+def test_krylov_top_singular_value_is_a_lower_bound_whatever_the_blocks(monkeypatch, shape, iters):
+    from curvlens.math import sketches
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(*shape, generator=g) < 0.3
+    flat = torch.randn(*shape, generator=g)  # a flat spectrum: the hard case
+    spiked = flat + 20 * torch.randn(shape[0], 1, generator=g) @ torch.randn(1, shape[1], generator=g)
+    for tau in (flat, spiked):
+        a = (mask * tau).double()
+        true = float(torch.linalg.matrix_norm(a, 2))
+        fro2 = float(a.square().sum())
+        one, f1 = sketches.krylov_top_sv(sketches.RowBlocks(mask, tau, None, None, torch.float32), 16, iters,
+                                          sketches.Draws(0))
+        monkeypatch.setattr(sketches, "ROW_BLOCK", 7 * shape[1])  # several blocks, the last one short
+        many, f2 = sketches.krylov_top_sv(sketches.RowBlocks(mask, tau, None, None, torch.float32), 16, iters,
+                                           sketches.Draws(0))
+        monkeypatch.undo()
+        assert one <= true * (1 + 1e-5) and many <= true * (1 + 1e-5)
+        assert many == pytest.approx(one, rel=1e-5) and f1 == pytest.approx(fro2, rel=1e-6) == f2
+        # a dominant direction is found; more iterations never lose ground
+        if tau is spiked:
+            assert one == pytest.approx(true, rel=0.1 if iters == 0 else 1e-4)
+        else:
+            assert one > 0.8 * true
