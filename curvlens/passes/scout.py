@@ -32,6 +32,7 @@ from curvlens.errors import CurvlensError
 from curvlens.math import native
 from curvlens.math.blocks import tensor_seed
 from curvlens.math.quantile import ScoreSource
+from curvlens.passes.background import Background, background_enabled
 from curvlens.passes.experts import Experts
 from curvlens.runtime import progress_bar, resolve_device
 from curvlens.passes.thresholds import Selection, TieLedger, model_selections, selection_criteria
@@ -231,33 +232,53 @@ def _densities(experts: Experts, densities) -> list[list[float]]:
 
 
 def _window_pass(experts: Experts, names, criteria, plans: dict, dev, progress: bool) -> None:
-    """One read: per selection, the scores above its bracket and each value inside."""
+    """One read: per selection, the scores above its bracket and each value inside.
+
+    Each expert's sweeps of a tensor touch only that expert's counters, so on a
+    CPU with two cores they are shared with a second thread (the caller takes an
+    expert whenever the helper is busy; see :mod:`curvlens.passes.background`):
+    the counts do not depend on which thread swept what.
+    """
     by_ci: dict = {}
     for (c, i, d), plan in plans.items():
         by_ci.setdefault((c, i), []).append(plan)
     if not by_ci:
         return
     fisher = any(c == "fisher" for c, _ in by_ci)
-    for g in experts.iter_tensors(names, device=dev, dtype=None, moments=fisher, progress=progress,
-                                  desc="selection 1/1"):
-        done = _both_criteria(g, by_ci)
-        for (c, i), ps in by_ci.items():
-            if i in done:
-                continue
-            v = g.moments[i] if c == "fisher" else None
-            src = ScoreSource.of(g.base, g.experts[i], v, c)
-            if src is not None:
-                nw, lo, hi, counts, above = _window_args(ps)
-                native.lib().cl_score_windows(*src.args(), nw, lo.ctypes.data, hi.ctypes.data, counts,
-                                              above.data_ptr())
-                for p, a in zip(ps, above.tolist()):
-                    p[4][0] += a
-                continue
-            bits = _scores(g.base, g.experts[i], v, c).reshape(-1).view(torch.int32) & 0x7FFFFFFF
-            for k, lo_b, hi_b, counts, above in ps:
-                above[0] += int(torch.count_nonzero(bits > hi_b))
-                inside = bits[(bits >= lo_b) & (bits <= hi_b)] - lo_b
-                counts += torch.bincount(inside.long(), minlength=counts.numel()).cpu()
+    by_expert: dict = {}
+    for (c, i), ps in by_ci.items():
+        by_expert.setdefault(i, {})[c] = ps
+    share = Background(background_enabled(dev), budget=1)
+    try:
+        for g in experts.iter_tensors(names, device=dev, dtype=None, moments=fisher, progress=progress,
+                                      desc="selection 1/1"):
+            for i, by_c in by_expert.items():
+                share.submit(lambda g=g, i=i, by_c=by_c: _expert_windows(g, i, by_c), 1)
+            share.results()
+            del g
+    finally:
+        share.close()
+
+
+def _expert_windows(g, i: int, by_c: dict) -> None:
+    """Expert ``i``'s window counts of one tensor, for each criterion's plans."""
+    if _both_criteria(g, i, by_c):
+        return
+    for c, ps in by_c.items():
+        v = g.moments[i] if c == "fisher" else None
+        src = ScoreSource.of(g.base, g.experts[i], v, c)
+        if src is not None:
+            nw, lo, hi, counts, above = _window_args(ps)
+            native.lib().cl_score_windows(*src.args(), nw, lo.ctypes.data, hi.ctypes.data, counts,
+                                          above.data_ptr())
+            for p, a in zip(ps, above.tolist()):
+                p[4][0] += a
+            continue
+        bits = _scores(g.base, g.experts[i], v, c).reshape(-1).view(torch.int32) & 0x7FFFFFFF
+        for k, lo_b, hi_b, counts, above in ps:
+            above[0] += int(torch.count_nonzero(bits > hi_b))
+            inside = bits[(bits >= lo_b) & (bits <= hi_b)] - lo_b
+            counts += torch.bincount(inside.long(), minlength=counts.numel()).cpu()
 
 
 def _window_args(ps) -> tuple:
@@ -269,26 +290,23 @@ def _window_args(ps) -> tuple:
     return (len(ps), lo, hi, native.ptr_array([p[3] for p in ps]), above)
 
 
-def _both_criteria(g, by_ci: dict) -> set:
-    """Experts whose fisher and magnitude windows one C sweep served (sharing the
-    loads of base, expert and task vector); returns their indices."""
-    done = set()
-    for (c, i), ps in by_ci.items():
-        if c != "fisher" or ("magnitude", i) not in by_ci:
-            continue
-        src = ScoreSource.of(g.base, g.experts[i], g.moments[i], "fisher")
-        if src is None:
-            continue
-        pm = by_ci["magnitude", i]
-        f, m = _window_args(ps), _window_args(pm)
-        native.lib().cl_score_windows_both(*src.args(), f[0], f[1].ctypes.data, f[2].ctypes.data, f[3],
-                                           f[4].data_ptr(), m[0], m[1].ctypes.data, m[2].ctypes.data, m[3],
-                                           m[4].data_ptr())
-        for group, (*_, above) in ((ps, f), (pm, m)):
-            for p, a in zip(group, above.tolist()):
-                p[4][0] += a
-        done.add(i)
-    return done
+def _both_criteria(g, i: int, by_c: dict) -> bool:
+    """Whether one C sweep served expert ``i``'s fisher and magnitude windows
+    (sharing the loads of base, expert and task vector)."""
+    if "fisher" not in by_c or "magnitude" not in by_c:
+        return False
+    src = ScoreSource.of(g.base, g.experts[i], g.moments[i], "fisher")
+    if src is None:
+        return False
+    ps, pm = by_c["fisher"], by_c["magnitude"]
+    f, m = _window_args(ps), _window_args(pm)
+    native.lib().cl_score_windows_both(*src.args(), f[0], f[1].ctypes.data, f[2].ctypes.data, f[3],
+                                       f[4].data_ptr(), m[0], m[1].ctypes.data, m[2].ctypes.data, m[3],
+                                       m[4].data_ptr())
+    for group, (*_, above) in ((ps, f), (pm, m)):
+        for p, a in zip(group, above.tolist()):
+            p[4][0] += a
+    return True
 
 
 def _resolve(expert: str, c: str, d: float, k: int, total: int, lo_b: int, counts: torch.Tensor,

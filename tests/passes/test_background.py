@@ -185,3 +185,20 @@ def test_the_task_vector_is_expert_minus_base_in_fp32_and_writes_no_input(xdt, b
     assert tau.dtype == torch.float32
     assert torch.equal(tau, x.float() - b.float())
     assert torch.equal(x, keep_x) and torch.equal(b, keep_b)
+
+
+@pytest.mark.parametrize("threads", ["one", "two"])
+def test_the_selection_window_pass_counts_the_same_from_one_thread_or_two(tmp_path, monkeypatch, threads):
+    from curvlens.passes.scout import scout_selections
+    from curvlens.passes.thresholds import model_selections
+    from tests.passes.test_analyze import _same
+    base, dirs, *_ = make_tiny_zoo(tmp_path / "z", dtype=torch.bfloat16)
+    ex = Experts.from_dirs(base, dirs)
+    monkeypatch.setattr(bg, "_cores", lambda: 2)
+    if threads == "one":
+        monkeypatch.setenv("CURVLENS_BACKGROUND", "0")
+    want = model_selections(ex, [[0.05, 0.3]] * 3, ["fisher", "magnitude"], **KW)
+    got, reads = scout_selections(ex, [[0.05, 0.3]] * 3, ["fisher", "magnitude"], **KW)
+    assert reads == 1
+    _same(want, got)
+    assert not _bg_threads()
