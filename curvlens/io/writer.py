@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
 import secrets
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -126,6 +128,12 @@ class ModelWriter:
     tokenizer_dir : path, optional
         Dir whose tokenizer files are copied instead of ``reference_dir``'s
         (a merge's ``tokenizer_source``).
+    background : bool
+        With a ``plan``: write the bytes from a second thread, in order, at
+        most :data:`WRITE_BUDGET` bytes behind, so the next tensor is computed
+        while this one is written. The caller hands each tensor over: it must
+        not change it after ``add``. An error of the write is raised by a later
+        ``add`` or when the block ends.
 
     Examples
     --------
@@ -140,8 +148,10 @@ class ModelWriter:
     def __init__(self, out: PathLike, reference_dir: PathLike | None = None, *,
                  max_shard_size: int | str = "1GB", overwrite: bool = False,
                  extra_files: dict[str, str] | None = None, plan=None,
-                 config_overrides: dict | None = None, inputs=(), tokenizer_dir: PathLike | None = None):
+                 config_overrides: dict | None = None, inputs=(), tokenizer_dir: PathLike | None = None,
+                 background: bool = False):
         self.out = Path(out)
+        self._writes = _WriteThread(self.out) if background and plan is not None else None
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self._plan = _shard_plan(plan, parse_size(max_shard_size)) if plan is not None else None
         self._pos = 0
@@ -210,21 +220,32 @@ class ModelWriter:
             raise CurvlensError(
                 f"{self.out}: expected tensor {pname!r} {tuple(shape)} {dtype} next, "
                 f"got {name!r} {tuple(tensor.shape)} {tensor.dtype}")
+        path = None
         if header is not None:  # first tensor of a new shard
-            if self._fh is not None:
-                self._fh.close()
             path = self._tmp / f"shard-{shard:05d}.safetensors"
-            self._fh = open(path, "wb")
-            self._fh.write(header)
             self._shards.append((path, []))
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._fh.write(memoryview(t.view(torch.uint8).numpy()))
         self._shards[-1][1].append(name)
         self._names.add(name)
         self._total += t.numel() * t.element_size()
         self._pos += 1
+        if self._writes is None:
+            self._write_bytes(path, header, t)
+        else:
+            self._writes.put(lambda: self._write_bytes(path, header, t), t.numel() * t.element_size(), name)
+
+    def _write_bytes(self, path: Path | None, header: bytes | None, t: torch.Tensor) -> None:
+        """One planned tensor's bytes (after its shard's header when it opens one)."""
+        if path is not None:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh = open(path, "wb")
+            self._fh.write(header)
+        self._fh.write(memoryview(t.view(torch.uint8).numpy()))
 
     def _finish(self) -> None:
+        if self._writes is not None:
+            self._writes.close()  # every byte written (or the write's error raised)
         if self._plan is not None:
             if self._fh is not None:
                 self._fh.close()
@@ -280,11 +301,72 @@ class ModelWriter:
         self._atomic.__exit__(exc_type, exc, tb)
 
     def _close(self) -> None:
+        if self._writes is not None:  # stopped before the temporary dir is removed
+            self._writes.close(raise_error=False)
+            self._writes = None
         if self._fh is not None:
             self._fh.close()
             self._fh = None
         self._buffer = {}
         self._tmp = None
+
+
+#: Bytes a background writer may hold queued before ``add`` waits.
+WRITE_BUDGET = 256 << 20
+
+
+class _WriteThread:
+    """Planned writes run in order by one thread, at most :data:`WRITE_BUDGET`
+    bytes queued. The first error is raised (as a CurvlensError naming the
+    output and the tensor) by the next ``put`` or by ``close``; the writes after
+    it are dropped."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.queue: queue.Queue = queue.Queue()
+        self.cond = threading.Condition()
+        self.pending = 0
+        self.error: tuple[BaseException, str] | None = None
+        self.thread = threading.Thread(target=self._loop, name="curvlens-write", daemon=True)
+        self.thread.start()
+
+    def put(self, fn, nbytes: int, name: str) -> None:
+        self.check()
+        with self.cond:
+            while self.pending and self.pending + nbytes > WRITE_BUDGET and self.error is None:
+                self.cond.wait()
+            self.pending += nbytes
+        self.check()
+        self.queue.put((fn, nbytes, name))
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            fn, nbytes, name = item
+            if self.error is None:
+                try:
+                    fn()
+                except BaseException as err:  # handed to the caller's thread
+                    self.error = (err, name)
+            with self.cond:
+                self.pending -= nbytes
+                self.cond.notify_all()
+
+    def check(self) -> None:
+        if self.error is not None:
+            err, name = self.error
+            if isinstance(err, OSError):
+                raise os_error(self.out, err, f"write tensor {name!r}") from err
+            raise CurvlensError(f"output {self.out}: writing tensor {name!r} failed: {err}") from err
+
+    def close(self, raise_error: bool = True) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error:
+            self.check()
 
 
 def _shard_plan(plan, max_bytes: int) -> list:

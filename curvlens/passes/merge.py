@@ -157,7 +157,8 @@ def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | N
         overrides = {**files.config_overrides, **dtype_overrides(job.out_dtype)}
         writer_cm = ModelWriter(out, files.reference_dir, max_shard_size=files.max_shard_size, overwrite=overwrite,
                                 extra_files={**files.files, "curvlens_merge.yml": files.config_text}, plan=plan,
-                                config_overrides=overrides, inputs=files.inputs, tokenizer_dir=files.tokenizer_dir)
+                                config_overrides=overrides, inputs=files.inputs, tokenizer_dir=files.tokenizer_dir,
+                                background=True)  # each tensor is made afresh and handed over
     with writer_cm as writer:
         def emit(name: str, t: torch.Tensor, made_by: str) -> None:
             if writer is not None:  # the writer refuses a non-finite tensor, naming made_by

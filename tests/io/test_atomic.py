@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,20 +99,47 @@ def test_output_parent_that_is_a_file(tmp_path):
         write_model({"a": torch.ones(2)}, tmp_path / "f", overwrite=True)
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("code, why", [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only file system")])
-def test_disk_full_and_read_only_targets_are_curvlens_errors(tmp_path, monkeypatch, code, why):
+def test_disk_full_and_read_only_targets_are_curvlens_errors(tmp_path, monkeypatch, code, why, background):
     def fail(*a, **k):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(ModelWriter, "_write_planned", fail)
-    plan = [("a", (2,), torch.float32)]
+    # the bytes' write fails (in the writer's own thread when in the background)
+    monkeypatch.setattr(ModelWriter, "_write_bytes", fail)
+    plan = [("a", (2,), torch.float32), ("b", (3,), torch.float32)]
     with pytest.raises(CurvlensError, match=f"could not write tensor 'a': {why}"):
-        with ModelWriter(tmp_path / "out", plan=plan) as w:
+        with ModelWriter(tmp_path / "out", plan=plan, background=background) as w:
             w.add("a", torch.ones(2))
+            w.add("b", torch.ones(3))
     assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "curvlens-write"]
     monkeypatch.setattr(Path, "mkdir", fail)
     with pytest.raises(CurvlensError, match=f"could not create its dir: {why}"):
         write_model({"a": torch.ones(2)}, tmp_path / "new" / "out")
+
+
+def test_background_writes_give_the_same_bytes_and_stop_with_the_caller(tmp_path, monkeypatch):
+    import curvlens.io.writer as writer
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(100 + 37 * i, generator=g).to(dt)
+               for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16] * 4)}
+    plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    monkeypatch.setattr(writer, "WRITE_BUDGET", 500)  # the caller waits on the writer now and then
+    for background in (False, True):
+        with ModelWriter(tmp_path / str(background), plan=plan, max_shard_size=1500, background=background) as w:
+            for k, v in tensors.items():
+                w.add(k, v)
+    a, b = sorted((tmp_path / "False").iterdir()), sorted((tmp_path / "True").iterdir())
+    assert [p.name for p in a] == [p.name for p in b] and len(a) > 3  # several shards
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    # the caller's own error mid-write (a non-finite tensor): nothing left, no thread
+    with pytest.raises(CurvlensError, match="not finite|NaN"):
+        with ModelWriter(tmp_path / "bad", plan=plan, background=True) as w:
+            w.add("t0", tensors["t0"])
+            w.add("t1", torch.full_like(tensors["t1"], float("nan")))
+    assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert not [t for t in threading.enumerate() if t.name == "curvlens-write"]
 
 
 # ------------------------------------------------------------- killed mid-write
