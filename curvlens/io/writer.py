@@ -311,8 +311,10 @@ class ModelWriter:
         self._tmp = None
 
 
-#: Bytes a background writer may hold queued before ``add`` waits.
-WRITE_BUDGET = 256 << 20
+#: Bytes a background writer may hold queued before ``add`` waits (a tensor is
+#: always admitted when none is queued): enough to write one tensor beside the
+#: next one's math, little enough not to raise a merge's peak memory much.
+WRITE_BUDGET = 64 << 20
 
 
 class _WriteThread:
