@@ -9,6 +9,13 @@ wait on each other cost far more than a second core gains, so every streaming pa
 runs with ONE intra-op thread on a CPU by default (reading the next tensor still
 overlaps the math, in the stream's prefetch thread). ``set_threads`` or a pass's
 ``threads=`` changes it; ``benchmarks/bench_threads.py`` measures both settings.
+
+The second core is still used, by threads that do not meet at every op: the
+mask statistics' singular values and the selections' per-expert sweeps
+(:mod:`curvlens.passes.background`: the caller takes a job itself when the
+helper is behind, so nobody waits on a busy core) and a merge's writes
+(:class:`curvlens.io.writer.ModelWriter` with ``background=True``).
+``CURVLENS_BACKGROUND=0`` keeps the passes' work in the caller's thread.
 """
 from __future__ import annotations
 

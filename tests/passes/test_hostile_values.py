@@ -4,6 +4,7 @@ requested count on bf16 weights, where scores tie by the thousand."""
 import importlib.util
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ def test_bad_moments_stop_merges_and_analyses(tmp_path, fill, what, run):
     with pytest.raises(CurvlensError, match=rf"expert 'expert1', tensor '{UP}': {what}"):
         calls[run]()
     assert not (tmp_path / "o").exists()
+    # the pass's helper threads (mask ranks, selection sweeps, writes) stopped with it
+    assert not [t for t in threading.enumerate() if t.name.startswith(("curvlens-bg", "curvlens-write"))]
 
 
 @pytest.mark.parametrize("who", ["base", "expert"])
