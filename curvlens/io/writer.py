@@ -329,6 +329,7 @@ class _WriteThread:
         self.cond = threading.Condition()
         self.pending = 0
         self.error: tuple[BaseException, str] | None = None
+        self.cancelled = False  # the caller gave up: what is queued is dropped
         self.thread = threading.Thread(target=self._loop, name="curvlens-write", daemon=True)
         self.thread.start()
 
@@ -347,7 +348,7 @@ class _WriteThread:
             if item is None:
                 return
             fn, nbytes, name = item
-            if self.error is None:
+            if self.error is None and not self.cancelled:
                 try:
                     fn()
                 except BaseException as err:  # handed to the caller's thread
@@ -364,6 +365,10 @@ class _WriteThread:
             raise CurvlensError(f"output {self.out}: writing tensor {name!r} failed: {err}") from err
 
     def close(self, raise_error: bool = True) -> None:
+        """Wait for the queued writes (or, ``raise_error=False``, after the
+        caller's own error, drop them: the output is being removed)."""
+        if not raise_error:
+            self.cancelled = True
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 
@@ -243,3 +244,21 @@ def test_c_merge_kernels_give_the_torch_bits_on_real_trainer_outputs(families, f
             assert a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), n
         assert with_c.report.equals(torch_only.report), method
     assert calls  # the kernels did run
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_mask_ranks_and_selections_are_the_same_from_one_thread_or_two(families, fam, monkeypatch):
+    """On what a real Trainer wrote (conv, fused, tied and 1-D tensors), the mask
+    statistics whose singular values and selection sweeps run on a second thread
+    equal those of one thread, on both rank paths."""
+    from curvlens.passes import background
+
+    ex = _experts(families, fam)
+    monkeypatch.setattr(background, "_cores", lambda: 2)
+    for exact in (None, 0):  # the default split of exact and randomized ranks; randomized only
+        two = cl.mask_stats(ex, densities=[0.1, 0.3], rank_exact_max=exact, **KW)
+        with monkeypatch.context() as m:
+            m.setenv("CURVLENS_BACKGROUND", "0")
+            one = cl.mask_stats(ex, densities=[0.1, 0.3], rank_exact_max=exact, **KW)
+        pd.testing.assert_frame_equal(two, one, check_exact=True)
+        assert two["mask_rank"].notna().any() or two["mask_rank_at_least"].notna().any()
