@@ -20,11 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import re
 import secrets
 import shutil
-import threading
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from curvlens.errors import CurvlensError
 from curvlens.io.atomic import AtomicDir, check_output, os_error
 from curvlens.io.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, PathLike
 from curvlens.io.paths import contained
+from curvlens.io.write_thread import WriteThread
 
 _ST_CODES = {dt: code for code, dt in SAFETENSORS_DTYPES.items() if dt is not None}
 
@@ -130,7 +129,7 @@ class ModelWriter:
         (a merge's ``tokenizer_source``).
     background : bool
         With a ``plan``: write the bytes from a second thread, in order, at
-        most :data:`WRITE_BUDGET` bytes behind, so the next tensor is computed
+        most :data:`curvlens.io.write_thread.WRITE_BUDGET` bytes behind, so the next tensor is computed
         while this one is written. The caller hands each tensor over: it must
         not change it after ``add``. An error of the write is raised by a later
         ``add`` or when the block ends.
@@ -151,7 +150,7 @@ class ModelWriter:
                  config_overrides: dict | None = None, inputs=(), tokenizer_dir: PathLike | None = None,
                  background: bool = False):
         self.out = Path(out)
-        self._writes = _WriteThread(self.out) if background and plan is not None else None
+        self._writes = WriteThread(self.out) if background and plan is not None else None
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self._plan = _shard_plan(plan, parse_size(max_shard_size)) if plan is not None else None
         self._pos = 0
@@ -309,71 +308,6 @@ class ModelWriter:
             self._fh = None
         self._buffer = {}
         self._tmp = None
-
-
-#: Bytes a background writer may hold queued before ``add`` waits (a tensor is
-#: always admitted when none is queued): enough to write one tensor beside the
-#: next one's math, little enough not to raise a merge's peak memory much.
-WRITE_BUDGET = 64 << 20
-
-
-class _WriteThread:
-    """Planned writes run in order by one thread, at most :data:`WRITE_BUDGET`
-    bytes queued. The first error is raised (as a CurvlensError naming the
-    output and the tensor) by the next ``put`` or by ``close``; the writes after
-    it are dropped."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.queue: queue.Queue = queue.Queue()
-        self.cond = threading.Condition()
-        self.pending = 0
-        self.error: tuple[BaseException, str] | None = None
-        self.cancelled = False  # the caller gave up: what is queued is dropped
-        self.thread = threading.Thread(target=self._loop, name="curvlens-write", daemon=True)
-        self.thread.start()
-
-    def put(self, fn, nbytes: int, name: str) -> None:
-        self.check()
-        with self.cond:
-            while self.pending and self.pending + nbytes > WRITE_BUDGET and self.error is None:
-                self.cond.wait()
-            self.pending += nbytes
-        self.check()
-        self.queue.put((fn, nbytes, name))
-
-    def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            fn, nbytes, name = item
-            if self.error is None and not self.cancelled:
-                try:
-                    fn()
-                except BaseException as err:  # handed to the caller's thread
-                    self.error = (err, name)
-            with self.cond:
-                self.pending -= nbytes
-                self.cond.notify_all()
-
-    def check(self) -> None:
-        if self.error is not None:
-            err, name = self.error
-            if isinstance(err, OSError):
-                raise os_error(self.out, err, f"write tensor {name!r}") from err
-            raise CurvlensError(f"output {self.out}: writing tensor {name!r} failed: {err}") from err
-
-    def close(self, raise_error: bool = True) -> None:
-        """Wait for the queued writes (or, ``raise_error=False``, after the
-        caller's own error, drop them: the output is being removed)."""
-        if not raise_error:
-            self.cancelled = True
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        if raise_error:
-            self.check()
 
 
 def _shard_plan(plan, max_bytes: int) -> list:

@@ -120,12 +120,12 @@ def test_disk_full_and_read_only_targets_are_curvlens_errors(tmp_path, monkeypat
 
 
 def test_background_writes_give_the_same_bytes_and_stop_with_the_caller(tmp_path, monkeypatch):
-    import curvlens.io.writer as writer
+    import curvlens.io.write_thread as write_thread
     g = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(100 + 37 * i, generator=g).to(dt)
                for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16] * 4)}
     plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-    monkeypatch.setattr(writer, "WRITE_BUDGET", 500)  # the caller waits on the writer now and then
+    monkeypatch.setattr(write_thread, "WRITE_BUDGET", 500)  # the caller waits on the writer now and then
     for background in (False, True):
         with ModelWriter(tmp_path / str(background), plan=plan, max_shard_size=1500, background=background) as w:
             for k, v in tensors.items():
