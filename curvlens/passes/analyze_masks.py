@@ -290,6 +290,8 @@ class MaskStats(Stat):
             self.background = Background(background_enabled(dev))
         work = RANK_EXACT_WORK.get(dev.type, RANK_EXACT_WORK["cpu"])
         for i, e in enumerate(self.experts.names):
+            if self.ranks:  # the job's inputs: an fp32 task vector and a byte per entry per mask
+                self.background.wait_room(ctx.g.experts[i].numel() * (4 + len(self.selections)))
             # the fp32 task vector feeds the stable rank only: not made without ranks
             tau = masks.task_vector(i) if self.ranks else ctx.g.experts[i]
             total = masks.saliency_total(e)

@@ -93,6 +93,16 @@ class Background:
         fut.add_done_callback(lambda _f, n=nbytes: self._release(n))
         self.jobs.append(fut)
 
+    def wait_room(self, nbytes: int) -> None:
+        """Before making a job's inputs: a job larger than the budget waits until
+        nothing is pending, so two such jobs (a large vocabulary's embedding) are
+        never held at once; smaller ones never wait."""
+        if not self.enabled or int(nbytes) <= self.budget:
+            return
+        with self.cond:
+            while self.pending:
+                self.cond.wait()
+
     @staticmethod
     def _run(fn, threads: int):
         # torch's intra-op thread count is per OS thread: use the caller's

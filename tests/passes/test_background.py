@@ -202,3 +202,22 @@ def test_the_selection_window_pass_counts_the_same_from_one_thread_or_two(tmp_pa
     assert reads == 1
     _same(want, got)
     assert not _bg_threads()
+
+
+def test_a_job_larger_than_the_budget_waits_for_room_before_its_inputs_are_made():
+    gate = threading.Event()
+    jobs = bg.Background(True, budget=10)
+    try:
+        jobs.submit(lambda: gate.wait(5), 20)  # over the budget, admitted alone
+        jobs.wait_room(5)  # a small job never waits (the caller would run it itself)
+        waited = threading.Thread(target=jobs.wait_room, args=(20,))
+        waited.start()
+        waited.join(0.2)
+        assert waited.is_alive()  # a second large one waits for the first to finish
+        gate.set()
+        waited.join(5)
+        assert not waited.is_alive() and jobs.pending == 0
+    finally:
+        gate.set()
+        jobs.close()
+    bg.Background(False, budget=1).wait_room(10**12)  # inline: nothing to wait for
