@@ -277,7 +277,7 @@ class MaskStats(Stat):
         self.selections = [(c, d) for c in criteria for d in densities]
         self.rank_exact_max, self.sketch_size, self.power_iters, self.seed = (rank_exact_max, sketch_size,
                                                                               power_iters, seed)
-        self.rows: list = []  # dicts, or (with ranks) one expert's row heads awaiting the background's answer
+        self.rows: list = []  # dicts; with ranks, each job's row heads until the background answers
         self.background: Background | None = None
 
     def mask_bytes(self):
@@ -318,11 +318,9 @@ class MaskStats(Stat):
             del tau
 
     def frame(self) -> pd.DataFrame:
-        if self.background is not None:
-            done = iter(self.background.results())
-            self.rows = [row for item in self.rows
-                         for row in ([item] if isinstance(item, dict) else
-                                     [_row(h, sk, st) for (h, sk), st in zip(item, next(done))])]
+        if self.background is not None:  # with ranks every item is one job's row heads
+            self.rows = [_row(h, sk, st) for heads, sts in zip(self.rows, self.background.results())
+                         for (h, sk), st in zip(heads, sts)]
         df = frame(self.rows, MASK_STATS_COLUMNS)
         order = {e: i for i, e in enumerate(self.experts.names)}
         # rows grouped expert-major as the other frames (the pass is tensor-major)

@@ -239,15 +239,12 @@ def _window_pass(experts: Experts, names, criteria, plans: dict, dev, progress: 
     expert whenever the helper is busy; see :mod:`curvlens.passes.background`):
     the counts do not depend on which thread swept what.
     """
-    by_ci: dict = {}
+    by_expert: dict = {}  # expert -> criterion -> its plans
     for (c, i, d), plan in plans.items():
-        by_ci.setdefault((c, i), []).append(plan)
-    if not by_ci:
+        by_expert.setdefault(i, {}).setdefault(c, []).append(plan)
+    if not by_expert:
         return
-    fisher = any(c == "fisher" for c, _ in by_ci)
-    by_expert: dict = {}
-    for (c, i), ps in by_ci.items():
-        by_expert.setdefault(i, {})[c] = ps
+    fisher = any("fisher" in by_c for by_c in by_expert.values())
     share = Background(background_enabled(dev), budget=1)
     try:
         for g in experts.iter_tensors(names, device=dev, dtype=None, moments=fisher, progress=progress,
