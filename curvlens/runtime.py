@@ -10,12 +10,13 @@ runs with ONE intra-op thread on a CPU by default (reading the next tensor still
 overlaps the math, in the stream's prefetch thread). ``set_threads`` or a pass's
 ``threads=`` changes it; ``benchmarks/bench_threads.py`` measures both settings.
 
-The second core is still used, by threads that do not meet at every op: the
-mask statistics' singular values and the selections' per-expert sweeps
-(:mod:`curvlens.passes.background`: the caller takes a job itself when the
-helper is behind, so nobody waits on a busy core) and a merge's writes
-(:class:`curvlens.io.writer.ModelWriter` with ``background=True``).
-``CURVLENS_BACKGROUND=0`` keeps the passes' work in the caller's thread.
+The second core is still used, by a helper thread that meets the caller only
+between whole jobs (:class:`Background`): the mask statistics' singular values
+and the selections' per-expert sweeps (the caller takes a job itself when the
+helper is behind, so nobody waits on a busy core), and a merge's writes
+(:class:`curvlens.io.writer.ModelWriter` with ``background=True``: in order, the
+caller waits when 64 MB are queued). ``CURVLENS_BACKGROUND=0`` keeps the passes'
+work in the caller's thread.
 """
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from curvlens.errors import CurvlensError
 
 __all__ = ["set_threads", "get_threads", "use_threads", "torch_threads", "threads_for", "resolve_device",
-           "progress_bar", "keep_freed_memory"]
+           "progress_bar", "keep_freed_memory", "Background", "background_enabled", "BUDGET"]
 
 _DEFAULT = {"cpu": 1}
 
@@ -157,3 +160,137 @@ def progress_bar(total: int, desc: str, enabled: bool):
     # TQDM_DISABLE is honoured although disable= is passed explicitly
     off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     return tqdm(total=total, desc=desc, unit="tensor", disable=off, leave=False)
+
+
+# -- a helper thread for whole jobs ---------------------------------------------
+#: Bytes the queued and running jobs of a pass's :class:`Background` may hold
+#: (their inputs) before a new job runs in the caller. One job is always
+#: admitted when nothing is pending, however large.
+BUDGET = 512 << 20
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def background_enabled(device: torch.device) -> bool:
+    """Whether a pass on ``device`` hands jobs to a helper thread: on a CPU with
+    two cores or more, unless ``CURVLENS_BACKGROUND=0`` (a GPU's kernels are
+    queued asynchronously already)."""
+    return device.type == "cpu" and _cores() >= 2 and os.environ.get("CURVLENS_BACKGROUND", "1") != "0"
+
+
+class _Done:
+    """A job finished in the caller, answering as a Future does."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class Background:
+    """Whole jobs run by one helper thread, first in first out, holding at most
+    ``budget`` bytes of jobs' inputs; every job in the caller when not ``enabled``.
+
+    When a job would go over the budget, ``when_full="caller"`` runs it at once in
+    the caller (which would otherwise wait: both cores share the work, and a pass's
+    results come back in order anyway), ``"wait"`` waits for room (jobs whose
+    order matters: a file's writes). Results come back in submission order, so
+    they do not depend on which thread ran what; each job uses the caller's torch
+    thread count (torch keeps it per OS thread). The first error is raised by the
+    next ``submit`` or by :meth:`results`, and the queued jobs after it do not run;
+    :meth:`close` drops what has not started and stops the thread (call it
+    however the work ends).
+
+    Parameters
+    ----------
+    enabled : bool
+        A helper thread (see :func:`background_enabled`), or none.
+    budget : int, optional
+        Bytes of inputs the pending jobs may hold (default :data:`BUDGET`).
+    when_full : {"caller", "wait"}
+    name : str
+        The helper thread's name prefix.
+    """
+
+    def __init__(self, enabled: bool, budget: int | None = None, *, when_full: str = "caller",
+                 name: str = "curvlens-bg"):
+        if when_full not in ("caller", "wait"):
+            raise CurvlensError(f"when_full must be 'caller' or 'wait'; got {when_full!r}")
+        self.enabled, self.budget = bool(enabled), int(BUDGET if budget is None else budget)
+        self.when_full = when_full
+        self.jobs: list = []
+        self.pending = 0
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if self.enabled else None
+
+    def submit(self, fn: Callable[[], object], nbytes: int) -> None:
+        if not self.enabled:
+            self.jobs.append(_Done(fn()))
+            return
+        self._raise_failed()
+        nbytes = max(0, int(nbytes))
+        with self.cond:
+            if self.when_full == "wait":
+                while self.pending and self.pending + nbytes > self.budget and self.error is None:
+                    self.cond.wait()
+            full = self.pending and self.pending + nbytes > self.budget
+            if not full:
+                self.pending += nbytes
+        self._raise_failed()
+        if full:
+            # the helper is a budget behind: the caller does this job itself
+            self.jobs.append(_Done(fn()))
+            return
+        fut = self.pool.submit(self._run, fn, torch.get_num_threads())
+        fut.add_done_callback(lambda _f, n=nbytes: self._release(n))
+        self.jobs.append(fut)
+
+    def wait_room(self, nbytes: int) -> None:
+        """Before making a job's inputs: a job larger than the budget waits until
+        nothing is pending, so two such jobs (a large vocabulary's embedding) are
+        never held at once; smaller ones never wait."""
+        if not self.enabled or int(nbytes) <= self.budget:
+            return
+        with self.cond:
+            while self.pending:
+                self.cond.wait()
+
+    def _run(self, fn, threads: int):
+        if self.error is not None:  # an earlier job failed: the work is abandoned
+            return None
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        try:
+            return fn()
+        except BaseException as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def _release(self, nbytes: int) -> None:
+        with self.cond:
+            self.pending -= nbytes
+            self.cond.notify_all()
+
+    def _raise_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def results(self) -> list:
+        """Every job's result, in submission order (waits for the running ones)."""
+        out = [f.result() for f in self.jobs]
+        self.jobs = []
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        self.jobs = []

@@ -21,12 +21,12 @@ from curvlens.math import native
 from curvlens.math.blocks import tensor_seed
 from curvlens.math.mask_structure import mask_structure
 from curvlens.math.saliency import magnitude_scores, saliency
-from curvlens.passes.background import Background, background_enabled
 from curvlens.passes.analysis_common import MASK_OVERLAP_COLUMNS, MASK_STATS_COLUMNS, frame
 from curvlens.passes.stat import MaskSet, Stat, TensorContext
 from curvlens.passes.experts import Experts
 from curvlens.passes.scout import partial_reads, scout_selections
 from curvlens.passes.thresholds import Selection, model_selections
+from curvlens.runtime import Background, background_enabled
 
 __all__ = ["MaskPlan", "MaskStats", "MaskOverlap", "mask_sweep", "RANK_EXACT_WORK", "SKETCH_SIZE", "POWER_ITERS"]
 

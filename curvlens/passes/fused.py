@@ -100,7 +100,7 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
     need_b = any(s.base for s in stats) or masks is not None or bool(run.tv_pairs)
     need_x = any(s.experts for s in stats) or masks is not None or bool(run.tv_pairs)
     # the pass's thread count held until every frame is made: a statistic's
-    # background work (passes.background) may finish after the last tensor
+    # background work (runtime.Background) may finish after the last tensor
     try:
         with torch_threads(threads_for(dev)):
             for g in experts.iter_tensors(tensor_names, device=dev, dtype=None, moments=need_v, base=need_b,

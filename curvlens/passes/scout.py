@@ -32,9 +32,8 @@ from curvlens.errors import CurvlensError
 from curvlens.math import native
 from curvlens.math.blocks import tensor_seed
 from curvlens.math.quantile import ScoreSource
-from curvlens.passes.background import Background, background_enabled
 from curvlens.passes.experts import Experts
-from curvlens.runtime import progress_bar, resolve_device
+from curvlens.runtime import Background, background_enabled, progress_bar, resolve_device
 from curvlens.passes.thresholds import Selection, TieLedger, model_selections, selection_criteria
 
 __all__ = ["scout_selections", "scout_sample", "partial_reads", "count_equal"]
@@ -236,7 +235,7 @@ def _window_pass(experts: Experts, names, criteria, plans: dict, dev, progress: 
 
     Each expert's sweeps of a tensor touch only that expert's counters, so on a
     CPU with two cores they are shared with a second thread (the caller takes an
-    expert whenever the helper is busy; see :mod:`curvlens.passes.background`):
+    expert whenever the helper is busy; see :class:`curvlens.runtime.Background`):
     the counts do not depend on which thread swept what.
     """
     by_expert: dict = {}  # expert -> criterion -> its plans

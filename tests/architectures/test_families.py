@@ -251,7 +251,7 @@ def test_mask_ranks_and_selections_are_the_same_from_one_thread_or_two(families,
     """On what a real Trainer wrote (conv, fused, tied and 1-D tensors), the mask
     statistics whose singular values and selection sweeps run on a second thread
     equal those of one thread, on both rank paths."""
-    from curvlens.passes import background
+    from curvlens import runtime as background
 
     ex = _experts(families, fam)
     monkeypatch.setattr(background, "_cores", lambda: 2)

@@ -1,4 +1,4 @@
-"""The pass's second thread (``curvlens.passes.background``): results in order,
+"""The passes' second thread (``curvlens.runtime.Background``): results in order,
 the budget held by the caller taking jobs itself, errors raised, nothing left
 running; and ``mask_stats`` gives the same frame whichever thread ranks what."""
 import threading
@@ -10,7 +10,7 @@ import torch
 
 from curvlens import CurvlensError, Experts
 from curvlens.passes import analysis as A
-from curvlens.passes import background as bg
+from curvlens import runtime as bg
 from curvlens.passes.analyze_masks import Masks
 from curvlens.runtime import torch_threads
 from tests.conftest import make_tiny_zoo
@@ -221,3 +221,24 @@ def test_a_job_larger_than_the_budget_waits_for_room_before_its_inputs_are_made(
         gate.set()
         jobs.close()
     bg.Background(False, budget=1).wait_room(10**12)  # inline: nothing to wait for
+
+
+def test_wait_mode_keeps_every_job_on_the_helper_in_order_and_stops_after_an_error():
+    ran = []
+    jobs = bg.Background(True, budget=10, when_full="wait")
+    try:
+        for i in range(8):  # each over half the budget: the caller waits instead of running it
+            jobs.submit(lambda i=i: (time.sleep(0.005), ran.append((i, threading.current_thread().name)))[1], 6)
+        jobs.results()
+        assert [i for i, _ in ran] == list(range(8)) and all(n.startswith("curvlens-bg") for _, n in ran)
+        gate = threading.Event()
+        jobs.submit(lambda: (gate.wait(5), _fail("disk full")), 1)
+        jobs.submit(lambda: ran.append("after"), 1)  # queued behind the failing job: never runs
+        gate.set()
+        with pytest.raises(CurvlensError, match="disk full"):
+            jobs.results()
+        assert "after" not in ran
+    finally:
+        jobs.close()
+    with pytest.raises(CurvlensError, match="when_full"):
+        bg.Background(False, when_full="later")
