@@ -11,7 +11,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 
-__all__ = ["DTYPES", "parse_dtype", "output_dtype", "dtype_name", "dtype_overrides"]
+__all__ = ["DTYPES", "parse_dtype", "output_dtype", "dtype_name", "dtype_overrides", "holds_every_value"]
 
 #: The names a config or a call may give a floating dtype by.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -58,3 +58,21 @@ def dtype_overrides(dtype: torch.dtype | None) -> dict:
         return {}
     name = dtype_name(dtype)
     return {"torch_dtype": name, "dtype": name}
+
+
+def holds_every_value(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of floating dtype ``narrow`` is also a value of ``wide``
+    (so a cast from ``narrow`` to ``wide`` changes no value): at least its
+    precision, its largest value and its smallest subnormal.
+
+    Examples
+    --------
+    >>> holds_every_value(torch.float32, torch.bfloat16), holds_every_value(torch.float32, torch.float16)
+    (True, True)
+    >>> holds_every_value(torch.float16, torch.bfloat16), holds_every_value(torch.bfloat16, torch.float32)
+    (False, False)
+    """
+    if not (wide.is_floating_point and narrow.is_floating_point):
+        return False
+    w, n = torch.finfo(wide), torch.finfo(narrow)
+    return w.eps <= n.eps and w.max >= n.max and w.smallest_normal * w.eps <= n.smallest_normal * n.eps
