@@ -193,6 +193,18 @@ class _Done:
         return self.value
 
 
+class _Queued:
+    """A job handed to the helper: its future, and the job itself (until it is
+    done: it holds the job's inputs) for the caller to run if the helper has not
+    started it when the results are wanted."""
+
+    def __init__(self, future, fn):
+        self.future, self.fn = future, fn
+
+    def result(self):
+        return self.future.result()
+
+
 class Background:
     """Whole jobs run by one helper thread, first in first out, holding at most
     ``budget`` bytes of jobs' inputs; every job in the caller when not ``enabled``.
@@ -249,8 +261,9 @@ class Background:
             self.jobs.append(_Done(fn()))
             return
         fut = self.pool.submit(self._run, fn, torch.get_num_threads())
-        fut.add_done_callback(lambda _f, n=nbytes: self._release(n))
-        self.jobs.append(fut)
+        job = _Queued(fut, fn)
+        fut.add_done_callback(lambda _f, n=nbytes: self._release(n, job))  # cancelled too
+        self.jobs.append(job)
 
     def wait_room(self, nbytes: int) -> None:
         """Before making a job's inputs: a job larger than the budget waits until
@@ -274,7 +287,8 @@ class Background:
                 self.error = err
             raise
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, nbytes: int, job: _Queued) -> None:
+        job.fn = None  # a finished job's inputs are freed now, not with the results
         with self.cond:
             self.pending -= nbytes
             self.cond.notify_all()
@@ -284,7 +298,22 @@ class Background:
             raise self.error
 
     def results(self) -> list:
-        """Every job's result, in submission order (waits for the running ones)."""
+        """Every job's result, in submission order. In ``"caller"`` mode the caller
+        first takes the jobs the helper has not started, from the last one back
+        (the helper works from the first): at the end of a pass both cores drain
+        the queue, where the caller used to wait for the helper alone (1.5 s of
+        a 23 s ``mask_stats`` on the benchmark zoo)."""
+        if self.when_full == "caller":
+            for i in range(len(self.jobs) - 1, -1, -1):
+                job = self.jobs[i]
+                if not isinstance(job, _Queued):
+                    continue
+                self._raise_failed()
+                fn = job.fn
+                if fn is not None and job.future.cancel():  # not started: the caller runs it now
+                    self.jobs[i] = _Done(fn())
+                del fn
+        self._raise_failed()
         out = [f.result() for f in self.jobs]
         self.jobs = []
         return out

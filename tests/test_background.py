@@ -56,6 +56,9 @@ def test_a_job_over_the_budget_runs_in_the_caller_instead_of_waiting():
         assert ran["slow"].startswith("curvlens-bg")
         # with nothing pending any job is admitted, however large
         jobs.submit(lambda: quick("big"), 10**12)
+        deadline = time.time() + 5
+        while "big" not in ran and time.time() < deadline:  # not taken back by results()
+            time.sleep(0.001)
         assert jobs.results() == ["big"] and ran["big"].startswith("curvlens-bg")
         assert jobs.pending == 0
     finally:
@@ -92,7 +95,7 @@ def test_an_error_stops_the_next_submission():
     try:
         jobs.submit(lambda: _fail("first"), 1)
         deadline = time.time() + 5
-        while not jobs.jobs[0].done() and time.time() < deadline:
+        while jobs.error is None and time.time() < deadline:
             time.sleep(0.01)
         ran = []
         with pytest.raises(CurvlensError, match="first"):
@@ -242,3 +245,84 @@ def test_wait_mode_keeps_every_job_on_the_helper_in_order_and_stops_after_an_err
         jobs.close()
     with pytest.raises(CurvlensError, match="when_full"):
         bg.Background(False, when_full="later")
+
+
+def test_results_runs_the_jobs_the_helper_has_not_started_in_the_caller():
+    gate, started, ran = threading.Event(), threading.Event(), []
+
+    def first():
+        started.set()
+        gate.wait(5)
+        ran.append((0, threading.current_thread().name))
+        return 0
+
+    jobs = bg.Background(True)
+    try:
+        jobs.submit(first, 1)
+        started.wait(5)
+        for i in range(1, 6):  # queued behind a job that holds the helper
+            jobs.submit(lambda i=i: (ran.append((i, threading.current_thread().name)), i)[1], 1)
+        threading.Timer(0.2, gate.set).start()
+        assert jobs.results() == list(range(6))  # in submission order, whoever ran what
+        by = dict(ran)
+        assert by[0].startswith("curvlens-bg")
+        assert all(by[i] == threading.current_thread().name for i in range(1, 6))
+        assert [i for i, _ in ran[:5]] == [5, 4, 3, 2, 1]  # the caller works from the last job back
+        assert jobs.pending == 0  # the budget of the jobs it took is released
+    finally:
+        jobs.close()
+    assert not _bg_threads()
+
+
+def test_a_job_the_caller_takes_at_the_end_raises_its_error_and_leaves_no_thread():
+    gate, started = threading.Event(), threading.Event()
+    jobs = bg.Background(True)
+    try:
+        jobs.submit(lambda: (started.set(), gate.wait(5)), 1)
+        started.wait(5)
+        jobs.submit(lambda: _fail("bad moment"), 1)
+        threading.Timer(0.1, gate.set).start()
+        with pytest.raises(CurvlensError, match="bad moment"):
+            jobs.results()
+    finally:
+        jobs.close()
+    assert not _bg_threads()
+
+
+def test_wait_mode_results_leave_the_order_to_the_helper():
+    gate, started, ran = threading.Event(), threading.Event(), []
+    jobs = bg.Background(True, when_full="wait")
+    try:
+        jobs.submit(lambda: (started.set(), gate.wait(5), ran.append(threading.current_thread().name)), 1)
+        started.wait(5)
+        for _ in range(3):
+            jobs.submit(lambda: ran.append(threading.current_thread().name), 1)
+        threading.Timer(0.1, gate.set).start()
+        jobs.results()
+        assert len(ran) == 4 and all(n.startswith("curvlens-bg") for n in ran)
+    finally:
+        jobs.close()
+
+
+def test_a_finished_jobs_inputs_are_freed_before_its_results_are_asked_for():
+    import gc
+    import weakref
+
+    class Inputs:
+        pass
+
+    jobs = bg.Background(True)
+    try:
+        held = Inputs()
+        ref = weakref.ref(held)
+        jobs.submit(lambda x=held: 1, 1)
+        del held
+        deadline = time.time() + 5
+        while jobs.pending and time.time() < deadline:
+            time.sleep(0.001)
+        gc.collect()
+        # a pass holds hundreds of finished jobs until its frame: each must not keep its task vector and masks
+        assert ref() is None
+        assert jobs.results() == [1]
+    finally:
+        jobs.close()
