@@ -202,6 +202,41 @@ def test_kth_largest_magnitude_is_exact(xdt, n):
     assert native_merges.kth_largest_magnitude(base, bad, 10) is None
 
 
+@pytest.mark.parametrize("tied_share", [0.02, 0.05, 0.3])
+def test_the_bracket_holds_a_heavily_tied_answer(monkeypatch, tied_share):
+    """bf16 task vectors tie heavily (5% of a real embedding's magnitudes equal
+    its median): the bracketed sweep must still find the answer, exactly, without
+    the two-sweep histogram; when its first buffer is too small it sweeps once more."""
+    n = 400_003
+    g = torch.Generator().manual_seed(5)
+    tied = torch.rand(n, generator=g) < tied_share
+    # tied entries: a base in [1, 2) moved by one bf16 step there (2**-7), exactly
+    base = torch.where(tied, 1 + torch.rand(n, generator=g), torch.randn(n, generator=g)).to(torch.bfloat16)
+    step = torch.where(tied, torch.full((n,), 2.0**-7), torch.randn(n, generator=g) * 1e-2)
+    x = (base.float() + step).to(torch.bfloat16)
+    s = (x.float() - base.float()).abs()
+    k = int((s > 2.0**-7).sum()) + 10  # the answer is the tied value
+    want = float(torch.topk(s, k).values[-1])
+    expected = (want, int((s > want).sum()), int((s == want).sum()))
+    assert want == 2.0**-7 and expected[2] >= tied_share * n * 0.9
+    monkeypatch.setattr(native_merges, "_by_histogram", lambda *a: pytest.fail("histogram used"))
+    assert native_merges.kth_largest_magnitude(base, x, k) == expected
+    sweeps = []
+    real = native_merges.native.lib().cl_mag_bracket
+
+    class Lib:  # counts the bracket's sweeps
+        def __getattr__(self, name):
+            return getattr(native_merges.native.lib(), name)
+
+        def cl_mag_bracket(self, *args):
+            sweeps.append(args[9])
+            return real(*args)
+
+    monkeypatch.setattr(native_merges.native, "lib", lambda lib=Lib(): lib)
+    monkeypatch.setattr(native_merges, "_room", lambda *a: 16)  # a first buffer far too small
+    assert native_merges._bracketed(base, x, k) == expected and len(sweeps) == 2
+
+
 @pytest.mark.parametrize("method", ["ota", "ties"])
 def test_mixed_dtypes_same_bits(monkeypatch, method):
     """A base, experts and moments each in their own dtype (fp32 base with bf16

@@ -149,6 +149,7 @@ def kth_largest_magnitude(base: torch.Tensor, expert: torch.Tensor, k: int) -> t
 #: Tensors from this size on are bracketed from a sample first.
 BRACKET_MIN = 1 << 17
 _SAMPLE = 1 << 14
+_KERNEL_BLOCK = 512  # merges.c's MB: the bracket kernel stores values a block at a time
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -167,22 +168,39 @@ def _bracketed(base: torch.Tensor, expert: torch.Tensor, k: int):
     lo = 0 if lo_i >= m else int(sample[lo_i])
     if lo > hi:
         return None
-    cap = int(n * (lo_i - hi_i) / m * 1.5) + 4096
-    buf = np.empty(cap, dtype=np.uint32)
-    above, bad = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
-    inside = native.lib().cl_mag_bracket(base.data_ptr(), native.dtype_code(base), expert.data_ptr(),
-                                         native.dtype_code(expert), n, ctypes.c_uint32(lo), ctypes.c_uint32(hi),
-                                         above.ctypes.data, buf.ctypes.data, cap, bad.ctypes.data)
-    if int(bad[0]):
-        return "bad"
-    a = int(above[0])
-    if inside > cap or not a < k <= a + inside:
-        return None  # the sample's guess missed: the histogram decides
+    # room for the values inside as the sample counts them: bf16 task vectors tie
+    # heavily (5% of an embedding's magnitudes can equal the answer), so the
+    # bracket holds far more than its width in sample ranks
+    cap = _room(n, int(np.count_nonzero((sample >= lo) & (sample <= hi))), m)
+    for _ in range(2):
+        buf = np.empty(cap, dtype=np.uint32)
+        above, bad = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        inside = native.lib().cl_mag_bracket(base.data_ptr(), native.dtype_code(base), expert.data_ptr(),
+                                             native.dtype_code(expert), n, ctypes.c_uint32(lo), ctypes.c_uint32(hi),
+                                             above.ctypes.data, buf.ctypes.data, cap, bad.ctypes.data)
+        if int(bad[0]):
+            return "bad"
+        a = int(above[0])
+        if not a < k <= a + inside:
+            return None  # the sample's guess missed: the histogram decides
+        if inside <= cap:
+            break
+        # the answer is inside but did not fit: one more sweep, with room for all
+        # of them (the kernel counted them; a block's worth more, as it stores by blocks)
+        cap = inside + _KERNEL_BLOCK
+    else:
+        return None
     vals = buf[:inside]
     t = k - a  # rank of the answer among the bracketed values, from the top
     kth_bits = np.partition(vals, inside - t)[inside - t]
     kth = float(np.array([kth_bits], dtype=np.uint32).view(np.float32)[0])
     return kth, a + int(np.count_nonzero(vals > kth_bits)), int(np.count_nonzero(vals == kth_bits))
+
+
+def _room(n: int, n_in: int, m: int) -> int:
+    """Values the bracketed sweep makes room for: the sample's share inside the
+    bracket, with a margin."""
+    return int(n * n_in / m * 1.5) + 4096
 
 
 def _by_histogram(base: torch.Tensor, expert: torch.Tensor, k: int) -> tuple[float, int, int] | None:
