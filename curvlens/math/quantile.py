@@ -42,7 +42,7 @@ class ScoreSource:
     sweep over the stored inputs, never materialising them.
     """
 
-    base: torch.Tensor  # flat, contiguous, fp32 or bf16
+    base: torch.Tensor  # flat, contiguous, fp32, bf16 or fp16
     expert: torch.Tensor
     v: torch.Tensor | None  # flat fp32 (fisher) or None (magnitude)
 

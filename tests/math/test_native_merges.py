@@ -75,7 +75,8 @@ def _thresholds(base, experts, moments, density):
 @pytest.mark.parametrize("n,ne,xdt,vdt,seed", [
     (20011, 3, torch.bfloat16, torch.float32, 0), (4096, 2, torch.float32, torch.float32, 1),
     (2049, 5, torch.bfloat16, torch.bfloat16, 2), (7, 1, torch.float32, torch.float32, 3),
-    (65537, 3, torch.float32, torch.bfloat16, 4),
+    (65537, 3, torch.float32, torch.bfloat16, 4), (30011, 3, torch.float16, torch.float32, 5),
+    (4099, 2, torch.float16, torch.float16, 6),
 ])
 @pytest.mark.parametrize("power", [0.5, 1.0, 2.0, 0.7])
 @pytest.mark.parametrize("fallback,eps", [(True, 1e-26), (False, 1e-8), (True, 0.0)])
@@ -149,7 +150,8 @@ def test_ota_tie_quota_mismatch_is_refused_both_ways(monkeypatch):
 
 
 @pytest.mark.parametrize("n,ne,xdt,seed", [(20011, 3, torch.bfloat16, 0), (4096, 2, torch.float32, 1),
-                                           (2049, 5, torch.bfloat16, 2), (9, 1, torch.float32, 3)])
+                                           (2049, 5, torch.bfloat16, 2), (9, 1, torch.float32, 3),
+                                           (10007, 3, torch.float16, 4)])
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
 @pytest.mark.parametrize("weights,normalize,lam", [(None, True, 1.0), ("mixed", True, 1.0), ("mixed", False, 0.7),
                                                    (None, False, 1.3), ("negative", True, 1.0)])
@@ -174,7 +176,7 @@ def test_ties_per_expert_density_and_rescale(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [50021, 300007])
-@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32, torch.float16])
 def test_kth_largest_magnitude_is_exact(xdt, n):
     """Every route (torch's top-k for small tensors, the sample-bracketed sweep,
     the two-sweep histogram) gives the exact k-th value and its counts."""
@@ -260,14 +262,21 @@ def test_mixed_dtypes_same_bits(monkeypatch, method):
     assert (ca.kept, ca.any_kept) == (cb.kept, cb.any_kept)
 
 
-def test_fp16_and_strided_inputs_take_the_torch_code(monkeypatch):
-    """Inputs the kernels do not take (fp16, a non-contiguous view) are merged by
-    the torch code: the kernel entry points say None."""
+def test_fp64_and_strided_inputs_take_the_torch_code(monkeypatch):
+    """Inputs the kernels do not take (fp64, a non-contiguous view) are merged by
+    the torch code: the kernel entry points say None. fp16 (mixed with bf16 here)
+    is taken, and gives the torch code's bits."""
     base, experts, moments = _inputs(4096, 2, 23, shape=(64, 64))
-    half = [x.half() for x in experts]
-    assert native_merges.ties_merge(base, half, masks=[None, None], weights=None, normalize=True, lam=1.0) is None
+    wide = [x.double() for x in experts]
+    assert native_merges.ties_merge(base, wide, masks=[None, None], weights=None, normalize=True, lam=1.0) is None
     strided = [x.t() for x in experts]
     assert native_merges.ota_merge(base.t(), strided, [v.t() for v in moments], power=0.5, scaling=[1.0, 1.0],
                                    eps=1e-8, masks=[None, None], cut=0.0, fallback_to_base=True) is None
-    out = get_method("ties")(base, half, density=0.5)
+    half = [x.half() for x in experts]
+    got = native_merges.ties_merge(base, half, masks=[None, None], weights=None, normalize=True, lam=1.0)
+    assert got is not None
+    monkeypatch.setitem(native._STATE, "lib", None)
+    _same_bits(got.out, get_method("ties")(base, half, density=1.0))
+    monkeypatch.undo()
+    out = get_method("ties")(base, wide, density=0.5)
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())

@@ -115,7 +115,7 @@ def test_overlap_sums(impl):
             assert inter == int((ma & mb).sum())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_task_vector_sums(impl, dtype):
     g = torch.Generator().manual_seed(4)
     base = torch.randn(3001, generator=g).to(dtype)
@@ -173,3 +173,24 @@ def test_a_sketch_of_nonfinite_scores_raises_and_keeps_its_counts():
     with pytest.raises(CurvlensError, match="NaN or Inf"):
         sk.update(ScoreSource.of(base, x, torch.ones(10) * 1e30, "fisher"))
     assert torch.equal(sk._counts, before) and sk.total == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_pattern_widens_as_torch_widens_it(dtype):
+    """The kernels' loads of fp16 and bf16 (by blocks and one at a time) give
+    torch's fp32 value of every one of the 65536 patterns: normals, subnormals,
+    zeros of both signs, infinities (NaNs stay NaN)."""
+    from curvlens.math import native
+
+    lib = native.lib()
+    if lib is None:
+        pytest.skip(f"no compiled kernels: {native.reason()}")
+    h = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    want = h.float()
+    out, each = torch.empty(65536), torch.empty(65536)
+    lib.cl_widen(h.data_ptr(), native.dtype_code(h), h.numel(), out.data_ptr(), each.data_ptr())
+    nan = torch.isnan(want)
+    assert int(nan.sum()) > 0
+    for got in (out, each):
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bits: -0.0 too

@@ -201,16 +201,22 @@ def dtype_zoos(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("narrow", ["bfloat16", "float16"])
+@pytest.mark.parametrize("narrow,kernels", [("bfloat16", "native"), ("float16", "native"), ("bfloat16", "torch")])
 @pytest.mark.parametrize("method", sorted(_EVERY_METHOD))
-def test_a_float32_merge_of_narrow_weights_equals_the_merge_of_their_fp32_copies(dtype_zoos, method, narrow, tmp_path):
+def test_a_float32_merge_of_narrow_weights_equals_the_merge_of_their_fp32_copies(dtype_zoos, method, narrow, kernels,
+                                                                                  monkeypatch):
     """mergekit's ``dtype: float32`` computes on fp32 inputs: weights stored in
     bf16/fp16 and the same values stored in fp32 must merge to the same bytes
-    (the narrow ones are not cast first: the cast changes no value)."""
+    (the narrow ones are not cast first: the cast changes no value), with the
+    compiled kernels and with the torch code (a GPU's path)."""
     import yaml
 
     from curvlens.config.merge import merge
     from curvlens.config.merge_config import load_merge_config
+    from curvlens.math import native
+
+    if kernels == "torch":
+        monkeypatch.setitem(native._STATE, "lib", None)
 
     params, with_base = _EVERY_METHOD[method]
     results = []

@@ -6,7 +6,7 @@ in-cache torch operation costs about as much as reading the same entries from
 DRAM (``benchmarks/bench_kernels.py``), so a pass that needs thirty of them runs
 thirty times the read floor. ``kernels.c`` does each statistic (``merges.c`` each merge of the common
 methods' usual options) in one sweep over
-the stored dtypes (bf16 widened exactly, products and sums in the IEEE order
+the stored dtypes (bf16 and fp16 widened exactly, products and sums in the IEEE order
 torch uses, accumulations in float64).
 
 No toolchain is downloaded: the C files are compiled once by ``cc`` (or ``$CC``)
@@ -56,6 +56,7 @@ _SIGNATURES = {
     "cl_scores_at": ([P, I32, P, I32, P, P, I64, P], None),
     "cl_mask_sweep": ([P, I32, P, I32, P, I32, I64, I64, I32, P, P, P, P, P, P, P], None),
     "cl_and_count": ([P, P, I64], I64),
+    "cl_widen": ([P, I32, I64, P, P], None),
     "cl_ota_merge": ([P, I32, P, P, P, P, P, I32, I64, P, F32, P, P, P, F32, I32, P, P, P, P], None),
     "cl_mag_bracket": ([P, I32, P, I32, I64, U32, U32, P, P, I64, P], I64),
     "cl_ties_merge": ([P, I32, P, P, I32, I64, P, P, P, P, I32, F32, P, P, P, P], None),
@@ -117,7 +118,7 @@ def lib() -> ctypes.CDLL | None:
 
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the C kernels can take these tensors: loaded, and every tensor on
-    the CPU, contiguous, fp32 or bf16."""
+    the CPU, contiguous, fp32, bf16 or fp16."""
     if lib() is None:
         return False
     return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _CODES for t in tensors)
@@ -128,7 +129,7 @@ def reason() -> str | None:
     return _STATE.get("reason")
 
 
-_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def dtype_code(t: torch.Tensor) -> int:

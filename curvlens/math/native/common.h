@@ -1,5 +1,5 @@
 /* What every curvlens kernel file shares: the dtype-widening loads.
- * dtype codes: 0 = float32, 1 = bfloat16. */
+ * dtype codes: 0 = float32, 1 = bfloat16, 2 = float16. */
 #ifndef CURVLENS_KERNELS_COMMON_H
 #define CURVLENS_KERNELS_COMMON_H
 #include <math.h>
@@ -8,6 +8,23 @@
 
 typedef int64_t i64;
 
+/* An fp16 pattern widened to fp32, exactly: exponent and mantissa moved into
+ * fp32's places and scaled by 2**112 (a power of two: exact, subnormals
+ * included; nothing here flushes them), infinities and NaNs kept as such. No
+ * branch, so loops over it vectorise. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t mag = h & 0x7fffu, sign = (uint32_t)(h & 0x8000u) << 16, u = mag << 13;
+    float f;
+    memcpy(&f, &u, 4);
+    f *= 0x1p112f;
+    uint32_t w;
+    memcpy(&w, &f, 4);
+    w = mag >= 0x7c00u ? (u | 0x7f800000u) : w;
+    w |= sign;
+    memcpy(&f, &w, 4);
+    return f;
+}
+
 static inline float ld(const void *p, int dt, i64 i) {
     if (dt == 1) {
         uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
@@ -15,6 +32,7 @@ static inline float ld(const void *p, int dt, i64 i) {
         memcpy(&f, &u, 4);
         return f;
     }
+    if (dt == 2) return half_to_float(((const uint16_t *)p)[i]);
     return ((const float *)p)[i];
 }
 
@@ -25,7 +43,7 @@ static inline uint32_t bits_of(float f) {
 }
 
 /* Blocks of entries widened to fp32, the dtype test outside the loop (so it
- * vectorises): bf16 is the top half of an fp32 pattern. */
+ * vectorises): bf16 is the top half of an fp32 pattern; fp16 as above. */
 static inline void load_block(const void *p, int dt, i64 s0, i64 len, float *out) {
     if (dt == 1) {
         const uint16_t *q = (const uint16_t *)p + s0;
@@ -33,6 +51,9 @@ static inline void load_block(const void *p, int dt, i64 s0, i64 len, float *out
             uint32_t u = (uint32_t)q[j] << 16;
             memcpy(out + j, &u, 4);
         }
+    } else if (dt == 2) {
+        const uint16_t *q = (const uint16_t *)p + s0;
+        for (i64 j = 0; j < len; j++) out[j] = half_to_float(q[j]);
     } else {
         memcpy(out, (const float *)p + s0, (size_t)len * 4);
     }

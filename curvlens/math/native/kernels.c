@@ -577,3 +577,11 @@ i64 cl_and_count(const uint8_t *a, const uint8_t *b, i64 n) {
     for (i64 i = 0; i < n; i++) c += a[i] & b[i];
     return c;
 }
+
+/* The widening loads on their own: n entries of dtype dt to fp32, by blocks
+ * (load_block) into out and one at a time (ld) into each (tests check every
+ * fp16 and bf16 pattern against torch). */
+void cl_widen(const void *p, int32_t dt, i64 n, float *out, float *each) {
+    for (i64 s0 = 0; s0 < n; s0 += 4096) load_block(p, dt, s0, n - s0 < 4096 ? n - s0 : 4096, out + s0);
+    for (i64 i = 0; i < n; i++) each[i] = ld(p, dt, i);
+}

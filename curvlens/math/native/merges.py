@@ -1,7 +1,7 @@
 """The merge kernels of ``merges.c``, called on whole tensors.
 
 Each function returns None when the kernel cannot take its inputs (no compiled
-library, a tensor not on the CPU, not contiguous, or neither fp32 nor bf16, or
+library, a tensor not on the CPU, not contiguous, or not fp32, bf16 or fp16, or
 an input holding a NaN, an infinity or, for OTA, a negative moment): the caller
 then runs its torch code, which makes the same values, or refuses the input with
 its own message. Where a kernel runs, its result is bit-identical to the torch
