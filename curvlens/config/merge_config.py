@@ -60,7 +60,8 @@ from curvlens.io.architecture import layer_count
 from curvlens.io.checkpoint import PathLike
 from curvlens.io.dtypes import dtype_name
 from curvlens.math.methods import MergeMethod, get_method
-from curvlens.passes.experts import Experts, expert_names
+from curvlens.io.paths import expert_names
+from curvlens.passes.experts import Experts
 from curvlens.math.methods.params import check_value_forms
 from curvlens.tensor_filter import TensorFilter
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,24 @@ def plain_name(value: object, what: str) -> str:
         raise CurvlensError(f"{what} {value!r} is not a name: it contains a path separator or '..'; "
                             "expected one of the shipped names")
     return value
+
+
+def expert_names(dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """Readable, unique names for expert dirs: the dir name, prefixed by as many
+    parent dirs as needed to tell equal names apart.
+
+    Examples
+    --------
+    >>> expert_names(["runs/a/checkpoint-188", "runs/b/checkpoint-188", "math"])
+    ['a/checkpoint-188', 'b/checkpoint-188', 'math']
+    """
+    parts = [Path(d).expanduser().resolve().parts for d in dirs]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-k:]) for p, k in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1

@@ -17,7 +17,8 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.io.checkpoint import Checkpoint, PathLike
-from curvlens.io.dtypes import holds_every_value
+from curvlens.io.dtypes import reads_as_stored
+from curvlens.io.paths import expert_names
 from curvlens.io.moments import Moments
 from curvlens.math.checks import moment_problems, weight_problems
 from curvlens.roles import param_role
@@ -286,10 +287,8 @@ class Experts:
     def rounded(self, dtype: torch.dtype | None) -> Experts:
         """The same models, every pass reading their floating weights (not the
         moments) rounded to ``dtype`` first, as mergekit reads inputs in its
-        config's ``dtype``. None: as stored. A rounding that changes no value
-        (bf16 or fp16 weights to fp32) is not made: a pass asking for the stored
-        dtype (``iter_tensors(dtype=None)``, as the merges do) gets the stored
-        tensors, whose values are the rounded ones."""
+        config's ``dtype``. None: as stored. A rounding that changes no value is
+        skipped (:func:`~curvlens.io.dtypes.reads_as_stored`)."""
         out = Experts(self.base, self.experts, exclude=self.exclude)
         out.round_to = dtype
         return out
@@ -360,7 +359,7 @@ class Experts:
 
         def place(t: torch.Tensor) -> torch.Tensor:
             t = t.to(dev, non_blocking=True)
-            if self.round_to is not None and t.is_floating_point() and not _rounds_to_itself(t.dtype, self.round_to):
+            if self.round_to is not None and t.is_floating_point() and not reads_as_stored(t.dtype, self.round_to):
                 t = t.to(self.round_to)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
@@ -404,27 +403,6 @@ class Experts:
         bar.close()
 
 
-def expert_names(dirs: Sequence[PathLike]) -> list[str]:
-    """Readable, unique names for expert dirs: the dir name, prefixed by as many
-    parent dirs as needed to tell equal names apart.
-
-    Examples
-    --------
-    >>> expert_names(["runs/a/checkpoint-188", "runs/b/checkpoint-188", "math"])
-    ['a/checkpoint-188', 'b/checkpoint-188', 'math']
-    """
-    parts = [Path(d).expanduser().resolve().parts for d in dirs]
-    depth = [1] * len(parts)
-    while True:
-        names = ["/".join(p[-k:]) for p, k in zip(parts, depth)]
-        clash = {n for n in names if names.count(n) > 1}
-        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
-        if not grow:
-            return names
-        for i in grow:
-            depth[i] += 1
-
-
 def _read(source, name: str, expert: str | None) -> torch.Tensor:
     who = f"expert {expert!r}" if expert is not None else "the base model"
     try:
@@ -433,26 +411,6 @@ def _read(source, name: str, expert: str | None) -> torch.Tensor:
         raise CurvlensError(f"{who}: {err}") from err
     except KeyError:
         raise CurvlensError(f"{who}: no tensor {name!r} in {source.label}") from None
-
-
-def _rounds_to_itself(stored: torch.dtype, round_to: torch.dtype) -> bool:
-    """Whether rounding a ``stored`` tensor to ``round_to`` is skipped: it would
-    change no value (bf16 or fp16 weights to fp32, a mergekit config's ``dtype:
-    float32``), and everything that takes the stored dtype (the merge methods,
-    the selection sweeps) computes in fp32 (so only fp32 qualifies).
-
-    Measured on a 250M x 3 bf16 zoo, one run each: the cast took 1.6 s of the
-    read-ahead thread in a TIES merge, which went from 8.1-9.1 s to 6.2-6.6 s
-    (OTA+FFG 11.5-11.7 s to 9.2-9.3 s), with the same bytes written and max RSS
-    down by a third (fp32 copies of every input).
-    """
-    return round_to == torch.float32 and stored in _COMPUTED_AS_STORED and holds_every_value(round_to, stored)
-
-
-#: Stored dtypes the merge methods and the selection sweeps are tested to take as
-#: they are (fp8 checkpoints, whose values fp32 also holds, keep the cast: torch
-#: has few fp8 operations).
-_COMPUTED_AS_STORED = (torch.bfloat16, torch.float16)
 
 
 def _checked_weight(t: torch.Tensor, name: str, who: str) -> torch.Tensor:
