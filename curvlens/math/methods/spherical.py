@@ -255,6 +255,9 @@ def karcher(base, experts, moments, p, *, rng, counts) -> Tensor:
         mean += a * u
     mnorm = torch.linalg.vector_norm(mean)
     mean = us[0].clone() if float(mnorm) < tol else mean / mnorm
+    # mean is a fresh tensor (never one of the units), so it is updated in place;
+    # each term a * (theta / sin) * (u - dot * mean) is made in one reused buffer
+    term = torch.empty_like(mean)
     for _ in range(p["max_iter"]):
         step = torch.zeros_like(mean)
         for a, u in zip(share, us):
@@ -262,17 +265,17 @@ def karcher(base, experts, moments, p, *, rng, counts) -> Tensor:
             theta = torch.arccos(dot)
             if float(theta) < tol:
                 continue
-            # a * (theta / sin) * (u - dot * mean), in one temporary
-            d = mean * dot
-            step += torch.sub(u, d, out=d).mul_(a * (theta / torch.sin(theta)))
+            torch.mul(mean, dot, out=term)
+            step += torch.sub(u, term, out=term).mul_(a * (theta / torch.sin(theta)))
         snorm = torch.linalg.vector_norm(step)
         if float(snorm) < tol:
             break
         # cos(s) * mean + sin(s) * (step / s), the step reused for its own term
-        mean = (torch.cos(snorm) * mean).add_(step.div_(snorm).mul_(torch.sin(snorm)))
+        mean.mul_(torch.cos(snorm)).add_(step.div_(snorm).mul_(torch.sin(snorm)))
         del step
         unorm = torch.linalg.vector_norm(mean)
         if float(unorm) > tol:
-            mean.div_(unorm)  # a fresh tensor: the units are never written
+            mean.div_(unorm)
+    del term
     scale = sum(alpha * nm for nm in norms)
     return scale * mean
