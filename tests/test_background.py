@@ -18,6 +18,12 @@ from tests.conftest import make_tiny_zoo
 KW = dict(device="cpu", progress=False)
 
 
+def _until(cond, timeout: float = 5.0) -> None:
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.001)
+
+
 def _bg_threads():
     return [t for t in threading.enumerate() if t.name.startswith("curvlens-bg")]
 
@@ -54,12 +60,12 @@ def test_a_job_over_the_budget_runs_in_the_caller_instead_of_waiting():
         gate.set()
         assert jobs.results() == ["slow", "over"]
         assert ran["slow"].startswith("curvlens-bg")
+        _until(lambda: jobs.pending == 0)  # a future's callbacks run just after its result is set
         # with nothing pending any job is admitted, however large
         jobs.submit(lambda: quick("big"), 10**12)
-        deadline = time.time() + 5
-        while "big" not in ran and time.time() < deadline:  # not taken back by results()
-            time.sleep(0.001)
+        _until(lambda: "big" in ran)  # run by the helper, not taken back by results()
         assert jobs.results() == ["big"] and ran["big"].startswith("curvlens-bg")
+        _until(lambda: jobs.pending == 0)
         assert jobs.pending == 0
     finally:
         gate.set()
@@ -268,6 +274,7 @@ def test_results_runs_the_jobs_the_helper_has_not_started_in_the_caller():
         assert by[0].startswith("curvlens-bg")
         assert all(by[i] == threading.current_thread().name for i in range(1, 6))
         assert [i for i, _ in ran[:5]] == [5, 4, 3, 2, 1]  # the caller works from the last job back
+        _until(lambda: jobs.pending == 0)  # a future's callbacks run just after its result is set
         assert jobs.pending == 0  # the budget of the jobs it took is released
     finally:
         jobs.close()
