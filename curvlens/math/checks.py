@@ -53,6 +53,33 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return as_bytes(t).to(torch.float64)
 
 
+#: Dtypes whose every value is an fp32 value: an fp32 operation may take them as they are.
+_IN_FP32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fp32_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the other operand of an in-place fp32 operation, giving the bits
+    of the same operation on ``t.float()``: bf16/fp16/fp32 as they are (widened
+    exactly inside the operation), anything else (fp64) rounded to fp32 first."""
+    return t if t.dtype in _IN_FP32 else t.float()
+
+
+def fp32_task_vector(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x.float() - b.float()`` bit for bit, in one fp32 allocation; never writes
+    into ``x`` or ``b``.
+
+    Examples
+    --------
+    >>> x = torch.tensor([1.5, 2.0], dtype=torch.bfloat16)
+    >>> fp32_task_vector(x, torch.tensor([1.0, 3.0]))
+    tensor([ 0.5000, -1.0000])
+    """
+    tau = x.float()
+    if tau is x:  # an fp32 input: never write into the tensor read
+        tau = x.clone()
+    return tau.sub_(fp32_operand(b))
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A bool tensor viewed as uint8 (no copy); other tensors unchanged.
 

@@ -19,6 +19,7 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math import native
 from curvlens.math.blocks import tensor_seed
+from curvlens.math.checks import fp32_task_vector
 from curvlens.math.mask_structure import mask_structure
 from curvlens.math.saliency import magnitude_scores, saliency
 from curvlens.passes.analysis_common import MASK_OVERLAP_COLUMNS, MASK_STATS_COLUMNS, frame
@@ -236,13 +237,7 @@ class Masks(MaskSet):
 
     def task_vector(self, i: int) -> torch.Tensor:
         """Expert ``i``'s fp32 task vector (made when asked; not kept)."""
-        x, b = self.group.experts[i], self.group.base
-        tau = x.float()
-        if tau is x:  # an fp32 expert: never write into the tensor read
-            tau = x.clone()
-        # in place, one allocation: bf16/fp16/fp32 entries convert to fp32 exactly,
-        # so this is expert.float() - base.float() bit for bit
-        return tau.sub_(b if b.dtype in (torch.bfloat16, torch.float16, torch.float32) else b.float())
+        return fp32_task_vector(self.group.experts[i], self.group.base)
 
 
 def _counts_only(r: MaskResult, tau: torch.Tensor) -> dict:

@@ -782,3 +782,23 @@ def test_empty_tensors_merge_to_empty(name, params):
     m = get_method(name)
     out = m.fn(base, experts, moments if m.needs_moments else None, **params)
     assert out.shape == (0, 4) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("xdt, bdt", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                      (torch.float32, torch.float64), (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("flatten", [True, False])
+def test_nuslerp_around_a_base_of_any_dtype_is_the_fp32_formula(xdt, bdt, flatten):
+    """Its task vectors and the base added back are made in place: the bits of
+    ``b + pair(x0 - b, x1 - b)`` on fp32 copies, whatever the stored dtypes (an fp64
+    base is rounded to fp32 first, as ``.float()`` does), and no input is written."""
+    from curvlens.math.methods.spherical import _nuslerp_pair
+
+    g = _gen(9)
+    b = (torch.randn(6, 40, generator=g, dtype=torch.float64)).to(bdt)
+    xs = [(b.double() + torch.randn(6, 40, generator=g, dtype=torch.float64) * 0.1).to(xdt) for _ in range(2)]
+    keep = [t.clone() for t in (b, *xs)]
+    out = get_method("nuslerp")(b, xs, weight=[0.3, 0.9], nuslerp_flatten=flatten)
+    bf = b.float()
+    want = bf + _nuslerp_pair(0.9 / 1.2, xs[0].float() - bf, xs[1].float() - bf, flatten, False)
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    assert all(torch.equal(a, k) for a, k in zip((b, *xs), keep))

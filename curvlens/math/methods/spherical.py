@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.math.checks import fp32_operand, fp32_task_vector
 from curvlens.math.methods.params import WEIGHT, ParamSpec, boolean, int_at_least, real
 from curvlens.math.methods.registry import register
 
@@ -74,12 +75,6 @@ def slerp(base, experts, moments, p, *, rng, counts) -> Tensor:
     return out.reshape(base.shape)
 
 
-def _fresh_fp32(t: Tensor) -> Tensor:
-    """An fp32 copy of ``t`` that may be written (``t.float()`` is ``t`` itself
-    when it is fp32 already)."""
-    return t.clone() if t.dtype == torch.float32 else t.float()
-
-
 def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, flatten: bool, row_wise: bool) -> Tensor:
     """mergekit's ``nuslerp`` of two fp32 tensors: each vector (the whole tensor,
     each slice along the last dim, or with ``row_wise`` along dim 0) interpolated
@@ -141,10 +136,10 @@ def nuslerp(base, experts, moments, p, *, rng, counts) -> Tensor:
         return _nuslerp_pair(t, experts[0].float(), experts[1].float(), p["nuslerp_flatten"], p["nuslerp_row_wise"])
     # the task vectors made in one fp32 copy each (x - b, b widened exactly), and
     # the base added back into the result: the same values as b + pair(x0 - b, x1 - b)
-    d0, d1 = _fresh_fp32(experts[0]).sub_(base), _fresh_fp32(experts[1]).sub_(base)
+    d0, d1 = fp32_task_vector(experts[0], base), fp32_task_vector(experts[1], base)
     out = _nuslerp_pair(t, d0, d1, p["nuslerp_flatten"], p["nuslerp_row_wise"])
     del d0, d1
-    return out.add_(base) if out.is_contiguous() else base.float() + out
+    return out.add_(fp32_operand(base)) if out.is_contiguous() else base.float() + out
 
 
 @register(
@@ -232,7 +227,7 @@ def karcher(base, experts, moments, p, *, rng, counts) -> Tensor:
     """
     models = list(experts) + ([] if base is None else [base])
     if len(models) == 1:
-        return _fresh_fp32(models[0])
+        return models[0].float().clone()
     tol = p["tol"]
     alpha = 1.0 / len(models)
     # each model's unit vector made from one fp32 copy (divided in place), so only
