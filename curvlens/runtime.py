@@ -12,7 +12,8 @@ overlaps the math, in the stream's prefetch thread). ``set_threads`` or a pass's
 
 The second core is still used, by a helper thread that meets the caller only
 between whole jobs (:class:`Background`): the mask statistics' singular values
-and the selections' per-expert sweeps (the caller takes a job itself when the
+and the selections' per-expert sweeps, the second half of each tensor's OTA merge
+(:func:`curvlens.math.native.merges.ota_merge`) (the caller takes a job itself when the
 helper is behind, so nobody waits on a busy core, and at the end of a pass it
 takes the jobs the helper has not started), and a merge's writes
 (:class:`curvlens.io.writer.ModelWriter` with ``background=True``: in order, the

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from curvlens.errors import CurvlensError
 from curvlens.math import native
 
 __all__ = ["overlap_sums", "tv_sums", "weighted_sq_diff", "OVERLAP_KEYS", "TV_KEYS"]
@@ -166,22 +167,30 @@ def _tv_torch(fb, flats, n_edit, vs, pairs):
     return bsq, dsq, per
 
 
-def weighted_sq_diff(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """``sum v * (a - b)**2`` with the difference in float64.
+def weighted_sq_diff(v: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``sum v * (a - b)**2`` with the difference in float64; ``v`` None: ``sum (a - b)**2``
+    (an edit's squared norm, without a float64 copy of either tensor).
 
     Examples
     --------
     >>> weighted_sq_diff(torch.tensor([1.0, 4.0, 0.5]), torch.tensor([2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]))
     5.5
+    >>> weighted_sq_diff(None, torch.tensor([2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]))
+    3.0
     """
-    fv, fa, fb = (t.reshape(-1).contiguous() for t in (v, a, b))
-    fv = fv if fv.dtype == torch.float32 else fv.float()
-    if native.available(fv, fa, fb):
-        return native.lib().cl_wsq_diff(fv.data_ptr(), fa.data_ptr(), native.dtype_code(fa), fb.data_ptr(),
-                                        native.dtype_code(fb), fv.numel())
+    fa, fb = (t.reshape(-1).contiguous() for t in (a, b))
+    if fa.numel() != fb.numel() or (v is not None and v.numel() != fa.numel()):
+        raise CurvlensError(f"weighted_sq_diff: sizes differ ({None if v is None else v.numel()}, "
+                         f"{fa.numel()}, {fb.numel()})")
+    fv = None if v is None else v.reshape(-1).contiguous()
+    fv = fv if fv is None or fv.dtype == torch.float32 else fv.float()
+    if native.available(fa, fb, *([] if fv is None else [fv])):
+        return native.lib().cl_wsq_diff(None if fv is None else fv.data_ptr(), fa.data_ptr(),
+                                        native.dtype_code(fa), fb.data_ptr(), native.dtype_code(fb), fa.numel())
     total = 0.0
-    for s in range(0, max(fv.numel(), 1), _CHUNK):
+    for s in range(0, max(fa.numel(), 1), _CHUNK):
         sl = slice(s, s + _CHUNK)
         d = fa[sl].double() - fb[sl].double()
-        total += float((fv[sl].double() * (d * d)).sum())
+        d = d * d
+        total += float((d if fv is None else fv[sl].double() * d).sum())
     return total

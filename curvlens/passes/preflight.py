@@ -21,6 +21,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math.methods import get_method, list_methods
+from curvlens.math.pair_sweep import weighted_sq_diff
 
 #: The level ratio (largest expert's mean v over the smallest's) above which a
 #: curvature-weighted merge is taken to be dominated by level differences.
@@ -105,7 +106,7 @@ def preflight(experts, *, max_entries: int = LEVEL_ENTRIES) -> pd.DataFrame:
         m = e.moments
         row = {"expert": e.name}
         if base_sq > 0:  # ||theta_i - theta_0|| / ||theta_0|| on the same tensors
-            edit = sum(_sq(e.checkpoint[n].double() - experts.base[n].double()) for n in names)
+            edit = sum(weighted_sq_diff(None, e.checkpoint[n], experts.base[n]) for n in names)
             row["relative_edit"] = math.sqrt(edit / base_sq)
         if m is not None:
             src = m.source

@@ -280,3 +280,39 @@ def test_fp64_and_strided_inputs_take_the_torch_code(monkeypatch):
     monkeypatch.undo()
     out = get_method("ties")(base, wide, density=0.5)
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("quota", ["all", 0, "first_half", "across", "second_half"])
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
+def test_ota_split_over_two_threads_same_bits_and_tie_quotas(monkeypatch, quota, xdt):
+    """The merge's second half on a helper thread: every value, mask count and
+    quota left as the one-thread run, with ties at the threshold in both halves
+    and a quota that runs out before, at or after the split."""
+    chunk = native_merges.POW_BLOCK
+    monkeypatch.setattr(native_merges, "OTA_CHUNK", chunk)  # several chunks without a large test
+    n = 5 * chunk + 777
+    base, experts, moments = _inputs(n, 3, 11, xdt=xdt)
+    tied = torch.arange(3, n, 101)  # one saliency value, everywhere
+    for x, v in zip(experts, moments):
+        x[tied] = (base[tied].float() + 0.0078125).to(xdt)
+        v[tied] = 1e-6
+    t = float(torch.tensor(1e-6) * (experts[0][tied[:1]].float() - base[tied[:1]].float()).square())
+    mid = 3 * chunk  # where ota_merge splits these n entries
+    in_first = int(((moments[0].float() * (experts[0].float() - base.float()).square())[:mid] == t).sum())
+    q = {"all": -1, 0: 0, "first_half": in_first // 2, "across": in_first + 7,
+         "second_half": n}[quota]
+    masks = [(t, q), (t, -1 if q == -1 else max(q - 3, 0)), None]
+    kw = dict(power=0.5, scaling=[1.0, 2.0, 1.0], eps=1e-26, masks=masks, cut=0.0, fallback_to_base=True)
+    one = native_merges.ota_merge(base, experts, moments, split=False, **kw)
+    runs = []
+    real_run = native_merges._OtaJob.run
+    monkeypatch.setattr(native_merges._OtaJob, "run", lambda self, *a: runs.append(a[:2]) or real_run(self, *a))
+    two = native_merges.ota_merge(base, experts, moments, split=True, **kw)
+    # the second half again, after the first, only where the first took ties the second assumed left
+    assert sorted(runs) == sorted([(0, mid), (mid, n)] + ([(mid, n)] if quota in ("first_half", "across") else []))
+    _same_bits(one.out, two.out)
+    assert (one.kept, one.any_kept, one.remaining) == (two.kept, two.any_kept, two.remaining)
+    ties = int(((moments[0].float() * (experts[0].float() - base.float()).square()) == t).sum())
+    assert ties > 1000
+    if q >= 0:  # the quota is handed out in flat order: what is left is what no tie took
+        assert one.remaining[0] == max(0, q - ties)

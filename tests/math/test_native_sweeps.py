@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from curvlens.errors import CurvlensError
 from curvlens.math import native
 from curvlens.math.moment_sweep import moment_sweep, order_selections, user_bins
 from curvlens.math.pair_sweep import overlap_sums, tv_sums, weighted_sq_diff
@@ -145,6 +146,19 @@ def test_weighted_sq_diff(impl):
     a, b = torch.randn(777).bfloat16(), torch.randn(777)
     want = float((v.double() * (a.double() - b.double()) ** 2).sum())
     assert weighted_sq_diff(v, a, b) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("da,db", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                   (torch.float32, torch.bfloat16)])
+def test_unweighted_sq_diff_is_the_float64_squared_norm(impl, da, db):
+    g = torch.Generator().manual_seed(3)
+    # an edit a thousand times smaller than the weights: fp32 differences would round
+    b = (torch.randn(41 * 122, generator=g) * 3).to(db)
+    a = (b.double() + torch.randn(41 * 122, generator=g, dtype=torch.float64) * 1e-3).to(da)
+    want = float(((a.double() - b.double()) ** 2).sum())
+    assert weighted_sq_diff(None, a.reshape(41, 122), b) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(CurvlensError, match="sizes differ"):
+        weighted_sq_diff(None, a, b[:-1])
 
 
 @needs_c

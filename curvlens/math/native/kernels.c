@@ -303,9 +303,17 @@ void cl_tv_sweep(const void *base, int32_t bdt, const void *const *ws, const int
     }
 }
 
-/* 0.5-free predicted loss: sum v * (m - x)^2, the difference in float64. */
+/* 0.5-free predicted loss: sum v * (m - x)^2, the difference in float64;
+ * v NULL: the plain sum of squares (an edit's squared norm). */
 double cl_wsq_diff(const float *v, const void *m, int32_t mdt, const void *x, int32_t xdt, i64 n) {
     double acc = 0;
+    if (!v) {
+        for (i64 i = 0; i < n; i++) {
+            double d = (double)ld(m, mdt, i) - (double)ld(x, xdt, i);
+            acc += d * d;
+        }
+        return acc;
+    }
     for (i64 i = 0; i < n; i++) {
         double d = (double)ld(m, mdt, i) - (double)ld(x, xdt, i);
         acc += (double)v[i] * (d * d);

@@ -19,6 +19,7 @@ import torch
 
 from curvlens.math import native
 from curvlens.math.blocks import BLOCK
+from curvlens.runtime import Background, background_enabled
 
 __all__ = ["MaskedMerge", "ota_merge", "ties_merge", "kth_largest_magnitude"]
 
@@ -56,7 +57,7 @@ def _masks(masks: Sequence[tuple[float, int] | None]):
 
 def ota_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], moments: Sequence[torch.Tensor], *,
               power: float, scaling: Sequence[float], eps: float, masks: Sequence[tuple[float, int] | None],
-              cut: float, fallback_to_base: bool) -> MaskedMerge | None:
+              cut: float, fallback_to_base: bool, split: bool | None = None) -> MaskedMerge | None:
     """OTA's ``combine='precond'`` merge with a base (see ``cl_ota_merge``).
 
     ``masks[i]`` is ``(threshold, tie quota)`` (quota -1: every tie kept) or None
@@ -64,36 +65,99 @@ def ota_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], moments: Sequ
     masked by every expert. ``v**power`` is torch's (``torch.pow`` on a CPU is not
     correctly rounded: its sqrt differs from IEEE's in the last bit for about a
     sixth of the entries), one cache-sized chunk at a time.
+
+    ``split`` (default: on a CPU with a second core, see
+    :func:`curvlens.runtime.background_enabled`, and at least two chunks) hands
+    the second half of the chunks to a helper thread, which the caller takes
+    back if the helper has not started it (:class:`curvlens.runtime.Background`).
+    Every entry's value is the same either way; a tie quota is handed out in flat
+    order, so the second half first assumes the whole quota is left and is run
+    again, after the first, in the one case where that kept too many ties.
     """
     if not _ready(base, *experts, *moments):
         return None
-    ne, n = len(experts), base.numel()
+    n = base.numel()
     on, thr, quota = _masks(masks)
-    flat_b, flat_x, flat_v = base.reshape(-1), [x.reshape(-1) for x in experts], [v.reshape(-1) for v in moments]
-    out = torch.empty(n, dtype=torch.float32)
-    kept, any_kept, bad = torch.zeros(ne, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), \
-        torch.zeros(1, dtype=torch.int32)
-    scale = torch.tensor([float(s) for s in scaling], dtype=torch.float32)
-    xdt = torch.tensor([native.dtype_code(x) for x in experts], dtype=torch.int32)
-    vdt = torch.tensor([native.dtype_code(v) for v in moments], dtype=torch.int32)
-    pws = [torch.empty(min(n, OTA_CHUNK), dtype=torch.float32) for _ in range(ne)]
-    fn = native.lib().cl_ota_merge
-    for s0 in range(0, n, OTA_CHUNK):
-        s1 = min(n, s0 + OTA_CHUNK)
-        vs = [v[s0:s1] for v in flat_v]
-        for v, w in zip(vs, pws):
-            # in the torch code's blocks: its pow's vector loop and tail give other
-            # bits for some powers (0.7, not 0.5), so the same calls
-            for a in range(0, s1 - s0, POW_BLOCK):
-                e = min(s1 - s0, a + POW_BLOCK)
-                torch.pow(v[a:e].float(), power, out=w[a:e])
-        fn(flat_b[s0:s1].data_ptr(), native.dtype_code(base), native.ptr_array([x[s0:s1] for x in flat_x]),
-           xdt.data_ptr(), native.ptr_array(vs), vdt.data_ptr(), native.ptr_array(pws), ne, s1 - s0,
-           scale.data_ptr(), float(eps), on.data_ptr(), thr.data_ptr(), quota.data_ptr(), float(cut),
-           int(bool(fallback_to_base)), out[s0:s1].data_ptr(), kept.data_ptr(), any_kept.data_ptr(), bad.data_ptr())
-        if int(bad):
+    job = _OtaJob(base, experts, moments, power, scaling, eps, on, thr, cut, fallback_to_base)
+    if split is None:
+        split = background_enabled(torch.device("cpu"))
+    mid = -(-n // (2 * OTA_CHUNK)) * OTA_CHUNK  # chunk-aligned: the same torch.pow calls as unsplit
+    if not split or mid >= n:
+        part = job.run(0, n, quota)
+        if part.bad:
             return None
-    return MaskedMerge(out.reshape(base.shape), kept.tolist(), int(any_kept), quota.tolist())
+        return MaskedMerge(job.out.reshape(base.shape), part.kept.tolist(), part.any_kept, part.quota.tolist())
+    share = Background(True, budget=None)
+    try:
+        share.submit(lambda: job.run(mid, n, quota), 0)
+        first = job.run(0, mid, quota)
+        second = share.results()[0]
+    finally:
+        share.close()
+    if first.bad or second.bad:
+        return None
+    used = quota - second.quota  # ties the second half kept, assuming the whole quota was left
+    if bool(((quota >= 0) & (used > first.quota)).any()):  # the first half left fewer: redo with what it left
+        second = job.run(mid, n, first.quota)
+        if second.bad:
+            return None
+        left = second.quota
+    else:
+        left = torch.where(quota >= 0, first.quota - used, quota)
+    kept = first.kept + second.kept
+    return MaskedMerge(job.out.reshape(base.shape), kept.tolist(), first.any_kept + second.any_kept, left.tolist())
+
+
+@dataclass
+class _Part:
+    """One range's mask counts: kept per expert, entries some expert kept, tie
+    quotas left after it, whether an input was bad (non-finite or a negative moment)."""
+
+    kept: torch.Tensor
+    any_kept: int
+    quota: torch.Tensor
+    bad: bool
+
+
+class _OtaJob:
+    """The arguments of one OTA merge; :meth:`run` merges a range of entries into
+    ``out`` (ranges are disjoint, so two threads may run two)."""
+
+    def __init__(self, base, experts, moments, power, scaling, eps, on, thr, cut, fallback):
+        self.ne, n = len(experts), base.numel()
+        self.flat_b, self.flat_x = base.reshape(-1), [x.reshape(-1) for x in experts]
+        self.flat_v = [v.reshape(-1) for v in moments]
+        self.out = torch.empty(n, dtype=torch.float32)
+        self.power, self.eps, self.on, self.thr, self.cut, self.fallback = power, eps, on, thr, cut, fallback
+        self.scale = torch.tensor([float(s) for s in scaling], dtype=torch.float32)
+        self.bdt = native.dtype_code(base)
+        self.xdt = torch.tensor([native.dtype_code(x) for x in experts], dtype=torch.int32)
+        self.vdt = torch.tensor([native.dtype_code(v) for v in moments], dtype=torch.int32)
+
+    def run(self, lo: int, hi: int, quota: torch.Tensor) -> _Part:
+        quota = quota.clone()  # the kernel takes tie quotas from it
+        ne = self.ne
+        kept, any_kept, bad = torch.zeros(ne, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), \
+            torch.zeros(1, dtype=torch.int32)
+        pws = [torch.empty(min(hi - lo, OTA_CHUNK), dtype=torch.float32) for _ in range(ne)]
+        fn = native.lib().cl_ota_merge
+        for s0 in range(lo, hi, OTA_CHUNK):
+            s1 = min(hi, s0 + OTA_CHUNK)
+            vs = [v[s0:s1] for v in self.flat_v]
+            for v, w in zip(vs, pws):
+                # in the torch code's blocks: its pow's vector loop and tail give other
+                # bits for some powers (0.7, not 0.5), so the same calls
+                for a in range(0, s1 - s0, POW_BLOCK):
+                    e = min(s1 - s0, a + POW_BLOCK)
+                    torch.pow(v[a:e].float(), self.power, out=w[a:e])
+            fn(self.flat_b[s0:s1].data_ptr(), self.bdt, native.ptr_array([x[s0:s1] for x in self.flat_x]),
+               self.xdt.data_ptr(), native.ptr_array(vs), self.vdt.data_ptr(), native.ptr_array(pws), ne, s1 - s0,
+               self.scale.data_ptr(), float(self.eps), self.on.data_ptr(), self.thr.data_ptr(), quota.data_ptr(),
+               float(self.cut), int(bool(self.fallback)), self.out[s0:s1].data_ptr(), kept.data_ptr(),
+               any_kept.data_ptr(), bad.data_ptr())
+            if int(bad):
+                break
+        return _Part(kept, int(any_kept), quota, bool(int(bad)))
 
 
 def ties_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], *, masks: Sequence[tuple[float, int] | None],
