@@ -37,7 +37,7 @@ from curvlens.passes.preflight import untrained_names
 from curvlens.passes.scout import count_equal, partial_reads, scout_selections
 from curvlens.passes.thresholds import THRESHOLD_COLUMNS, model_selections
 from curvlens.roles import param_role
-from curvlens.runtime import resolve_device
+from curvlens.runtime import Background, background_enabled, resolve_device
 from curvlens.tensor_filter import TensorFilter, tensor_actions
 
 #: The actions of :func:`plan_tensors` that write no tensor taken from a model.
@@ -166,22 +166,13 @@ def run_merge(job: MergeJob, out: PathLike | None = None, files: OutputFiles | N
             else:
                 kept_tensors[name] = t
 
-        if m is not None:
-            # methods cast block by block, so they get the stored dtype
-            for g in experts.iter_tensors(merged_names, device=dev, moments=m.needs_moments, progress=progress,
-                                          dtype=None, desc=f"merge {job.label}"):
-                pt = job.per_tensor(g.name, p) if job.per_tensor is not None else p
-                # a model-wide selection splits the tied scores tensor by tensor
-                if selections is not None:
-                    pt = {**pt, m.model_wide.ties: [_ties(s, g, i) for i, s in enumerate(selections)]}
-                target = output_dtype(experts.stored_dtype(g.name), job.out_dtype)
-                # as mergekit: a method's result is in the input dtype, then cast to out_dtype
-                merged, row = _merge_one(m, g, pt, dev, job.names, job.in_dtype or target,
-                                         cast_words(job.in_dtype, target))
-                if merged.is_floating_point() and merged.dtype != target:
-                    merged = cast_checked(merged, target, g.name)
-                rows.append(row)
-                emit(g.name, merged, f"the {job.label} merge")
+        # the experts' tie counts on both cores (the merge kernels split their own work)
+        share = Background(background_enabled(dev) and selections is not None, budget=None)
+        try:
+            if m is not None:
+                _merge_all(m, job, experts, merged_names, p, selections, share, dev, progress, rows, emit)
+        finally:
+            share.close()
         for take in job.takes:
             taken, row = _take_one(take, job.out_dtype)
             rows.append(row)
@@ -302,15 +293,43 @@ def _report_frame(rows: list[dict], names):
     return pd.DataFrame(rows, columns=cols)
 
 
-def _ties(s, g: TensorGroup, i: int) -> int | None:
-    """Tied entries expert ``i`` keeps in this tensor; a selection made in one
-    read counts them here, in model order (:class:`~curvlens.passes.thresholds.TieLedger`)."""
-    if s.ledger is not None and not s.ledger.seen(g.name):
-        # every tie handed out already: none kept here, whatever this tensor holds
+def _merge_all(m, job, experts: Experts, names, p: dict, selections, share: Background, dev, progress: bool,
+               rows: list, emit) -> None:
+    """Merge every tensor of ``names`` in model order, each handed to ``emit``."""
+    # methods cast block by block, so they get the stored dtype
+    for g in experts.iter_tensors(names, device=dev, moments=m.needs_moments, progress=progress,
+                                  dtype=None, desc=f"merge {job.label}"):
+        pt = job.per_tensor(g.name, p) if job.per_tensor is not None else p
+        # a model-wide selection splits the tied scores tensor by tensor
+        if selections is not None:
+            pt = {**pt, m.model_wide.ties: _tie_quotas(selections, g, share)}
+        target = output_dtype(experts.stored_dtype(g.name), job.out_dtype)
+        # as mergekit: a method's result is in the input dtype, then cast to out_dtype
+        merged, row = _merge_one(m, g, pt, dev, job.names, job.in_dtype or target, cast_words(job.in_dtype, target))
+        if merged.is_floating_point() and merged.dtype != target:
+            merged = cast_checked(merged, target, g.name)
+        rows.append(row)
+        emit(g.name, merged, f"the {job.label} merge")
+
+
+def _tie_quotas(selections, g: TensorGroup, share: Background) -> list[int | None]:
+    """Tied entries each expert keeps in this tensor; a selection made in one read
+    counts them here, in model order (:class:`~curvlens.passes.thresholds.TieLedger`),
+    the experts' counts as jobs for both cores."""
+    # every tie handed out already: none kept here, whatever this tensor holds
+    todo = [i for i, s in enumerate(selections)
+            if s.ledger is not None and not s.ledger.seen(g.name) and s.ledger.remaining > 0]
+    for i in todo:
+        s = selections[i]
         v = g.moments[i] if s.criterion == "fisher" else None
-        s.ledger.take(g.name, 0 if s.ledger.remaining == 0 else
-                      count_equal(g.base, g.experts[i], v, s.criterion, s.threshold))
-    return s.ties(g.name)
+        share.submit(lambda s=s, i=i, v=v: count_equal(g.base, g.experts[i], v, s.criterion, s.threshold), 0)
+    found = dict(zip(todo, share.results()))
+    out = []
+    for i, s in enumerate(selections):
+        if s.ledger is not None and not s.ledger.seen(g.name):
+            s.ledger.take(g.name, found.get(i, 0))
+        out.append(s.ties(g.name))
+    return out
 
 
 def _model_wide(m, experts: Experts, p: dict, dev, progress: bool, selection: str = "auto"):

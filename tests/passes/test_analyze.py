@@ -117,6 +117,31 @@ def test_scout_selections_are_the_two_read_selections(tmp_path, dtype, densities
     assert sorted(str(w.message) for w in w1.log) == sorted(str(w.message) for w in w2.log)
 
 
+@pytest.mark.parametrize("kind", ["fp32_ties", "fp32_distinct", "float64", "nan"])
+def test_the_sample_order_is_decreasing_score(kind):
+    """The scout's sample sort (bit patterns of fp32 scores, or the floats):
+    scores in decreasing order, -0.0 with 0.0 at the end, every index once."""
+    from curvlens.passes.scout import _descending
+
+    g = np.random.default_rng(5)
+    s = {"fp32_ties": np.round(g.random(20000) * 50).astype(np.float32) / 64,
+         "fp32_distinct": g.random(20000).astype(np.float32) * 1e-9,
+         "float64": g.random(20000) / 3.0,
+         "nan": g.random(20000).astype(np.float32)}[kind].astype(np.float64)
+    s[::7] = 0.0
+    s[3::11] = -0.0
+    if kind == "nan":
+        s[5] = np.nan
+    order = _descending(s)
+    assert sorted(order.tolist()) == list(range(s.size))
+    got = s[order]
+    if kind == "nan":  # the floats' own order (NaN last), not bit patterns
+        assert np.array_equal(order, np.argsort(-s))
+        return
+    assert (np.diff(got) <= 0).all()
+    assert (got[-int((s == 0).sum()):] == 0).all()
+
+
 def test_a_bracket_that_misses_falls_back_to_two_reads(tmp_path):
     base, dirs, *_ = make_tiny_zoo(tmp_path / "z", dtype=torch.bfloat16)
     ex = Experts.from_dirs(base, dirs)
