@@ -175,7 +175,7 @@ def test_multislerp_antipodal_pair_falls_back_to_linear():
     _exact(_ours("multislerp", None, [x, -x], params), _mergekit("multislerp", None, [x, -x], params))
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(3, 4, 5)])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 4, 5), (300, 301)])  # (300, 301): more than one CPU block
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("params", [{}, {"max_iter": 1}, {"max_iter": 0}, {"max_iter": 50, "tol": 1e-7},
                                     {"tol": 0.5}])

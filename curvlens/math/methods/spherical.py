@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from curvlens.errors import CurvlensError
+from curvlens.math.blocks import block_size, blocks
 from curvlens.math.checks import fp32_operand, fp32_task_vector
 from curvlens.math.methods.params import WEIGHT, ParamSpec, boolean, int_at_least, real
 from curvlens.math.methods.registry import register
@@ -251,26 +252,34 @@ def karcher(base, experts, moments, p, *, rng, counts) -> Tensor:
     mnorm = torch.linalg.vector_norm(mean)
     mean = us[0].clone() if float(mnorm) < tol else mean / mnorm
     # mean is a fresh tensor (never one of the units), so it is updated in place;
-    # each term a * (theta / sin) * (u - dot * mean) is made in one reused buffer
-    term = torch.empty_like(mean)
+    # each term a * (theta / sin) * (u - dot * mean) is made block by block in one
+    # small buffer (every operation is per entry: the same values as whole tensors)
+    flat_mean, flat_us = mean.reshape(-1), [u.reshape(-1) for u in us]
+    size = min(flat_mean.numel(), block_size(mean.device)) or 1
+    term = torch.empty(size, dtype=mean.dtype, device=mean.device)
     for _ in range(p["max_iter"]):
-        step = torch.zeros_like(mean)
-        for a, u in zip(share, us):
-            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+        # every dot against this iteration's mean, before the step is made
+        coefs = []
+        for a, u in zip(share, flat_us):
+            dot = torch.clamp(torch.dot(flat_mean, u), -1.0, 1.0)
             theta = torch.arccos(dot)
-            if float(theta) < tol:
-                continue
-            torch.mul(mean, dot, out=term)
-            step += torch.sub(u, term, out=term).mul_(a * (theta / torch.sin(theta)))
+            if float(theta) >= tol:
+                coefs.append((u, dot, a * (theta / torch.sin(theta))))
+        step = torch.zeros_like(flat_mean)
+        for sl in blocks(flat_mean.numel(), size):
+            t = term[: sl.stop - sl.start]
+            for u, dot, c in coefs:
+                torch.mul(flat_mean[sl], dot, out=t)
+                step[sl] += torch.sub(u[sl], t, out=t).mul_(c)
         snorm = torch.linalg.vector_norm(step)
         if float(snorm) < tol:
             break
         # cos(s) * mean + sin(s) * (step / s), the step reused for its own term
-        mean.mul_(torch.cos(snorm)).add_(step.div_(snorm).mul_(torch.sin(snorm)))
+        mean.mul_(torch.cos(snorm)).add_(step.div_(snorm).mul_(torch.sin(snorm)).reshape(mean.shape))
         del step
         unorm = torch.linalg.vector_norm(mean)
         if float(unorm) > tol:
             mean.div_(unorm)
     del term
     scale = sum(alpha * nm for nm in norms)
-    return scale * mean
+    return mean.mul_(scale)  # in place: the same product as scale * mean, one copy fewer
