@@ -186,6 +186,27 @@ def test_rank_deficient_masks_go_to_the_svd():
     assert _full_rank_singular_values(red) is None
 
 
+@pytest.mark.parametrize("rows, cols", [(None, None), ([0, 2, 3, 5, 8, 9, 10], [1, 4, 6, 7])])
+def test_row_blocks_are_whole_up_to_a_size_and_cache_sized_above(monkeypatch, rows, cols):
+    from curvlens.math import sketches
+    g = torch.Generator().manual_seed(3)
+    mask, tau = torch.rand(11, 8, generator=g) < 0.5, torch.randn(11, 8, generator=g)
+    r = None if rows is None else torch.tensor(rows)
+    c = None if cols is None else torch.tensor(cols)
+    want = (mask * tau)[r if r is not None else slice(None)][:, c if c is not None else slice(None)]
+    n = want.shape[1]
+    monkeypatch.setattr(sketches, "ROW_BLOCK", 3 * n)
+    monkeypatch.setattr(sketches, "WHOLE_MAX", want.numel())  # fits: one block, built once
+    whole = sketches.RowBlocks(mask, tau, r, c, torch.float64)
+    first, again = list(whole), list(whole)
+    assert [(s, e) for s, e, _ in first] == [(0, want.shape[0])] and first[0][2] is again[0][2]
+    monkeypatch.setattr(sketches, "WHOLE_MAX", want.numel() - 1)  # one entry more: blocks of 3 rows
+    blocks = list(sketches.RowBlocks(mask, tau, r, c, torch.float64))
+    assert [e - s for s, e, _ in blocks] == [3] * (want.shape[0] // 3) + [want.shape[0] % 3] * (want.shape[0] % 3 > 0)
+    for got in (first, blocks):
+        assert torch.equal(torch.cat([b for _, _, b in got]), want.double())
+
+
 @pytest.mark.parametrize("iters", [0, 1, 2])
 @pytest.mark.parametrize("shape", [(300, 200), (64, 900), (900, 64)])
 def test_krylov_top_singular_value_is_a_lower_bound_whatever_the_blocks(monkeypatch, shape, iters):
@@ -201,6 +222,7 @@ def test_krylov_top_singular_value_is_a_lower_bound_whatever_the_blocks(monkeypa
         one, f1 = sketches.krylov_top_sv(sketches.RowBlocks(mask, tau, None, None, torch.float32), 16, iters,
                                           sketches.Draws(0))
         monkeypatch.setattr(sketches, "ROW_BLOCK", 7 * shape[1])  # several blocks, the last one short
+        monkeypatch.setattr(sketches, "WHOLE_MAX", 0)
         many, f2 = sketches.krylov_top_sv(sketches.RowBlocks(mask, tau, None, None, torch.float32), 16, iters,
                                            sketches.Draws(0))
         monkeypatch.undo()
