@@ -221,9 +221,9 @@ def mask_stats(experts: Experts, densities=(0.2, 0.3, 0.4), criteria=CRITERIA, n
     ranks : bool
         False skips every singular value: ``mask_rank``, ``mask_rank_at_least``,
         ``mask_effective_rank`` and ``stable_rank`` are NaN and ``rank_method``
-        is ``"skipped"`` for matrices. The ranks are most of this function's cost
-        on a CPU (``benchmarks/README.md``); everything else comes from the one
-        sweep that builds the masks.
+        is ``"skipped"`` for matrices. The ranks are about half of this
+        function's time on a CPU (12 of 24 s in ``benchmarks/README.md``);
+        everything else comes from the one sweep that builds the masks.
     device, progress
         As everywhere.
 

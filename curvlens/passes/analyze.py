@@ -109,8 +109,8 @@ def analyze(experts: Experts, analyses: Sequence[str] | None = None, names: Sequ
         Of ``curvature_overlap``; ``seed`` also seeds the mask rank sketches.
     rank_exact_max, sketch_size, power_iters, ranks
         Of ``mask_stats`` (``ranks=False``: no singular values, the mask ranks
-        NaN; on a CPU they are about half of this pass: 31 of 60 s on
-        benchmarks/README.md's 250M x 3 zoo).
+        NaN; on a CPU they run beside the pass on the second core and added
+        5.4 s to its 31.9 s on benchmarks/README.md's 250M x 3 zoo).
     selection : {"auto", "exact", "scout"}
         How the masks' model-wide selections are found (all give the same):
         ``"exact"`` in two reads of the scores' inputs before the pass,

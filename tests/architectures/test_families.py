@@ -144,6 +144,14 @@ def test_every_analysis_runs(families, fam):
     assert hist["count"].sum() > 0
     levels = cl.moment_levels(ex, **KW)
     assert (levels["mean_v"] > 0).all()
+    # the one pass that feeds them all gives each frame exactly
+    fused = cl.analyze(ex, densities=[0.3], **KW)
+    singles = {"curvature_stats": stats, "curvature_overlap": overlap, "mask_stats": masks, "interference": inter,
+               "edit_norms": edits, "log10_histogram": hist, "moment_levels": levels,
+               "mask_overlap": cl.mask_overlap(ex, 0.3, **KW)}
+    assert set(fused) == set(singles)
+    for key, df in singles.items():
+        pd.testing.assert_frame_equal(fused[key], df, check_exact=True, obj=f"{fam}: {key}")
     # an untrained buffer reads as a zero moment, and the edit there is zero
     for n in set(ex["a"].moments.untrained):
         row = stats[(stats["name"] == n)]

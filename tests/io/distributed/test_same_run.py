@@ -30,6 +30,10 @@ def results(tmp_path_factory):
             "interference": cl.interference(ex, device="cpu", progress=False),
             "masks": cl.mask_stats(ex, densities=(0.3,), device="cpu", progress=False),
         }
+        # every analysis in one pass: three reads here where the moments are no
+        # safetensors (no sampled selection), two where they are
+        fused = cl.analyze(ex, densities=(0.3,), device="cpu", progress=False)
+        frames.update({f"analyze: {k}": df for k, df in fused.items()})
         merges = {}
         for method, params in [("ota", {"ffg_density": 0.3}), ("fisher", {}), ("ties", {"density": 0.5}),
                                ("linear", {})]:
@@ -44,6 +48,16 @@ def test_analyses_are_identical_in_every_layout(results, layout):
     ref, got = results["paper"][0], results[layout][0]
     for key in ref:
         pd.testing.assert_frame_equal(got[key], ref[key], check_exact=True, obj=f"{layout}: {key}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_one_pass_analysis_is_the_single_analyses_in_every_layout(results, layout):
+    frames = results[layout][0]
+    for key, single in [("curvature_overlap", "overlap"), ("curvature_stats", "stats"), ("moment_levels", "levels"),
+                        ("interference", "interference"), ("mask_stats", "masks")]:
+        pd.testing.assert_frame_equal(frames[f"analyze: {key}"], frames[single], check_exact=True,
+                                      obj=f"{layout}: {key}")
+    assert set(frames) >= {f"analyze: {k}" for k in ("log10_histogram", "edit_norms", "mask_overlap")}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
