@@ -1,7 +1,7 @@
 """Re-measure every number of benchmarks/README.md in one run, one command.
 
 usage: python benchmarks/remeasure.py ZOO_DIR --scratch DIR [--repeat 2] [--modes warm cold] [--no-mergekit]
-           [--methods ties ota_ffg ...] [--analyses ...] [--json OUT.json] [--markdown OUT.md]
+           [--methods ties ota_ffg ...] [--analyses ...] [--paired N] [--json OUT.json] [--markdown OUT.md]
 
 bigger than RAM (``benchmarks/make_big_zoo.py``; warm is cold there):
        python benchmarks/remeasure.py BIG_ZOO --scratch DIR --repeat 1 --modes cold --analyses
@@ -23,6 +23,12 @@ and experts, mean of task vectors in fp32, write bf16), each analysis alone,
 ``cl.analyze`` (all of them in one pass), and every merge method by curvlens and
 by mergekit 0.1.5 on the same YAML (``dtype: float32``, ``out_dtype:
 bfloat16``). Ratios are against the floors measured in the same run.
+
+``--paired N`` then runs N more rounds, each the naive floor followed by every
+curvlens row (each mode), and reports each row's time over the floor of its own
+round: min, median and max. The naive floor is mostly the kernel zeroing fresh
+pages, and its time swings up to 2x over a day on a shared VM; a ratio to a
+floor taken seconds before moves far less than one to a floor of another hour.
 """
 from __future__ import annotations
 
@@ -113,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--methods", nargs="*")
     ap.add_argument("--analyses", nargs="*", default=list(ANALYSES))
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="N more rounds of (naive floor, every curvlens row): per-round ratios")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     a = ap.parse_args(argv)
@@ -129,23 +137,30 @@ def main(argv=None):
     rows: list[dict] = []
     modes = ["warm"] if a.no_cold else list(a.modes)
 
+    jobs: list[tuple[str, str, list[str], Path | None]] = []
+
+    def once(mode: str, cmd: list[str], out: Path | None) -> tuple[float, float]:
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+        if mode == "cold":
+            drop_cache(zoo)
+        else:
+            timed(py + ["read", str(zoo)], env)  # fill the page cache
+        t, r, _ = timed(cmd, env)
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+        return t, r
+
     def run(label: str, kind: str, cmd: list[str], out: Path | None = None):
+        jobs.append((label, kind, cmd, out))
         rec = {"row": label, "kind": kind}
         for mode in modes:
             times, rss = [], 0.0
             for _ in range(a.repeat):
-                if out is not None:
-                    shutil.rmtree(out, ignore_errors=True)
-                if mode == "cold":
-                    drop_cache(zoo)
-                else:
-                    timed(py + ["read", str(zoo)], env)  # fill the page cache
-                t, r, _ = timed(cmd, env)
+                t, r = once(mode, cmd, out)
                 times.append(t)
                 rss = max(rss, r)
             rec[f"{mode}_s"], rec[f"{mode}_rss_mb"] = min(times), rss
-            if out is not None:
-                shutil.rmtree(out, ignore_errors=True)
         rows.append(rec)
         print(json.dumps(rec), flush=True)
 
@@ -165,9 +180,23 @@ def main(argv=None):
                 [mk, str(cfg), str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
                  "--out-shard-size", "500M"], out)
     result = {"zoo": str(zoo), "bytes": sum(f.stat().st_size for f in input_files(zoo)), "rows": rows}
+    if a.paired > 0:
+        naive = next(j for j in jobs if j[0].startswith("naive"))
+        ours = [j for j in jobs if j[1] in ("analysis", "method")]
+        rounds = []
+        for i in range(a.paired):
+            for mode in modes:
+                floor_s, _ = once(mode, naive[2], naive[3])
+                rec = {"round": i, "mode": mode, "naive_s": floor_s,
+                       "rows": {label: once(mode, cmd, out)[0] for label, _, cmd, out in ours}}
+                rounds.append(rec)
+                print(json.dumps(rec), flush=True)
+        result["paired"] = rounds
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     md = table(result, modes)
+    if result.get("paired"):
+        md += "\n\n" + paired_table(result["paired"], modes)
     print(md)
     if a.markdown:
         a.markdown.write_text(md)
@@ -192,6 +221,25 @@ def table(result: dict, modes) -> str:
         extra = ([f"{other[f'{m}_s']:.1f}" for m in modes] + [f"{max(other[f'{m}_rss_mb'] for m in modes):.0f}"]
                  if other else ["—"] * (len(modes) + 1))
         lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {rss:.0f} | " + " | ".join(extra) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(rounds: list[dict], modes) -> str:
+    """Each row's time over the naive floor of its own round: min, median, max."""
+    import statistics
+
+    labels = list(rounds[0]["rows"])
+    head = "| job | " + " | ".join(f"{m}: x floor of the round (min / median / max)" for m in modes) + " |"
+    lines = [f"{len(rounds) // len(modes)} paired rounds; naive floor "
+             + ", ".join(f"{m} {min(r['naive_s'] for r in rounds if r['mode'] == m):.1f}"
+                         f"-{max(r['naive_s'] for r in rounds if r['mode'] == m):.1f} s" for m in modes),
+             "", head, "|" + "---|" * (1 + len(modes))]
+    for label in labels:
+        cells = []
+        for m in modes:
+            x = [r["rows"][label] / r["naive_s"] for r in rounds if r["mode"] == m]
+            cells.append(f"{min(x):.2f} / {statistics.median(x):.2f} / {max(x):.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -133,14 +133,18 @@ def _descending(scores: np.ndarray) -> np.ndarray:
     brackets the same values.
 
     fp32 scores (every criterion's) are sorted by their bit patterns, sign
-    cleared (-0.0 is 0.0), with a stable sort of 32-bit keys: on bf16 task vectors
-    the magnitudes take a few thousand values over a million samples, where a
-    quicksort of the floats took 6x as long (0.26 s against 0.04 s).
+    cleared (-0.0 is 0.0), with torch's stable (radix) sort of 32-bit keys: on a
+    million samples 0.01-0.02 s, against 0.08-0.10 s for numpy's stable sort of
+    the same keys (the same order: both are stable) and 0.26 s for a quicksort
+    of bf16 task vectors' magnitudes, which take only a few thousand values.
     """
     f = scores.astype(np.float32)
     if not np.array_equal(f, scores):  # not fp32 values (or NaN): the floats themselves
         return np.argsort(-scores)
-    return np.argsort(~(f.view(np.uint32) & np.uint32(0x7FFFFFFF)), kind="stable")
+    # descending magnitude = ascending ~bits as unsigned; flipping the top bit
+    # makes that order the signed int32 order torch sorts
+    keys = (~(f.view(np.uint32) & np.uint32(0x7FFFFFFF)) ^ np.uint32(0x80000000)).view(np.int32)
+    return torch.sort(torch.from_numpy(keys), stable=True).indices.numpy()
 
 
 def _bracket(sample, frac_above: float, z: float) -> tuple[float, float]:
