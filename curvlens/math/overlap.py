@@ -243,12 +243,30 @@ def pair_overlaps(name: str, vs: dict[str, torch.Tensor], pairs: list[tuple[str,
     return out, sampled
 
 
+def spearman_sample(n: int, spearman_max: int | None, seed: int, device) -> torch.Tensor | None:
+    """The entries :func:`spearman_pairs` ranks when every entry is in a pair's
+    support: ``spearman_max`` of them drawn with replacement (seeded), or None
+    (all of them) for tensors no larger than that."""
+    if spearman_max is None or n <= spearman_max:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(n, (int(spearman_max),), generator=gen).to(device)
+
+
+def spearman_ranks(flat: torch.Tensor, sample: torch.Tensor | None) -> torch.Tensor:
+    """Doubled average ranks of ``flat`` at ``sample`` (all of it when None), as
+    :func:`spearman_pairs` ranks an expert whose pairs cover every entry."""
+    return _doubled_average_ranks(flat[sample] if sample is not None else flat, [])[0]
+
+
 def spearman_pairs(flats: dict[str, torch.Tensor], pairs: list[tuple[str, str]], n_support: dict,
-                   spearman_max: int | None, seed: int) -> tuple[dict[tuple[str, str], float], bool]:
+                   spearman_max: int | None, seed: int,
+                   ranks: dict[str, torch.Tensor] | None = None) -> tuple[dict[tuple[str, str], float], bool]:
     """``spearman_log`` of :func:`pair_overlaps` alone, for pairs whose support
     sizes (entries where either moment is positive) are already known: the same
     ranks, samples and seeds, so the same numbers. Returns ``({pair: rho},
-    sampled)``.
+    sampled)``. ``ranks``: experts' :func:`spearman_ranks` made already (at
+    :func:`spearman_sample`'s entries), for pairs with the whole tensor as support.
 
     Examples
     --------
@@ -259,14 +277,12 @@ def spearman_pairs(flats: dict[str, torch.Tensor], pairs: list[tuple[str, str]],
     first = next(iter(flats.values()))
     n, dev = first.numel(), first.device
     sampled = spearman_max is not None and n > spearman_max
-    idx = None
-    if sampled:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(n, (int(spearman_max),), generator=gen).to(dev)
+    idx = spearman_sample(n, spearman_max, seed, dev)
     full = [p for p in pairs if n_support[p] == n]
-    ranks = {}
+    ranks = dict(ranks or {})
     for e in dict.fromkeys(x for p in full for x in p):
-        ranks[e] = _doubled_average_ranks(flats[e][idx] if sampled else flats[e], [])[0]
+        if e not in ranks:
+            ranks[e] = spearman_ranks(flats[e], idx)
     out = {}
     for a, b in pairs:
         ns = n_support[a, b]

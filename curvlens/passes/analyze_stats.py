@@ -15,7 +15,7 @@ from curvlens.errors import CurvlensError
 from curvlens.math.blocks import tensor_seed
 from curvlens.math.checks import corr, ratio
 from curvlens.math.moment_sweep import user_bins
-from curvlens.math.overlap import TOP_FRACS, spearman_pairs
+from curvlens.math.overlap import TOP_FRACS, spearman_pairs, spearman_ranks, spearman_sample
 from curvlens.math.pair_sweep import overlap_sums, weighted_sq_diff
 from curvlens.passes.analysis_common import (
     COMPARE_MERGES_COLUMNS, CURVATURE_OVERLAP_COLUMNS, CURVATURE_STATS_COLUMNS, EDIT_NORMS_COLUMNS,
@@ -60,6 +60,8 @@ class CurvatureStats(Stat):
             if v.numel() == 0:
                 raise CurvlensError(f"expert {e.name!r}, tensor {ctx.name!r}: v is empty (shape "
                                     f"{tuple(v.shape)}); expected at least one entry")
+        ctx.summarise(range(len(self.experts.experts)), order=True)
+        for i, e in enumerate(self.experts.experts):
             s = ctx.moment(i)
             q = ctx.order(i)[0]
             med, *qs = (q[x] for x in _LEVELS)
@@ -88,6 +90,7 @@ class MomentLevels(Stat):
         self.counts = dict.fromkeys(self.names, 0)
 
     def tensor(self, ctx: TensorContext) -> None:
+        ctx.summarise(range(len(self.names)))
         for i, e in enumerate(self.names):
             s = ctx.moment(i)
             self.sums[e] += s.sum_v
@@ -118,6 +121,7 @@ class Log10Histogram(Stat):
     def tensor(self, ctx: TensorContext) -> None:
         g = ctx.g
         key = None if self.by is None else {"role": g.role, "layer": g.layer, "name": g.name}[self.by]
+        ctx.summarise(range(len(self.names)))
         for i, e in enumerate(self.names):
             acc = self.counts.setdefault((e, key), torch.zeros(self.bins.n, dtype=torch.int64))
             acc += ctx.moment(i).user_counts
@@ -155,20 +159,31 @@ class CurvatureOverlap(Stat):
 
     def tensor(self, ctx: TensorContext) -> None:
         idx = {e: self.names.index(e) for e in self.used}
-        flats, tops, vmax = {}, [], []
+        ctx.summarise(list(idx.values()), order=True)
+        flats, tops, vmax, positive = {}, [], [], {}
         for e in self.used:
             s = ctx.moment(idx[e])
-            flats[e] = ctx.g.moments[idx[e]].reshape(-1)
+            flats[e] = ctx.g.moments[idx[e]].reshape(-1).float()
             per = ctx.order(idx[e])[1]
             tops.append(([per[f][0] for f in TOP_FRACS], [per[f][1:] for f in TOP_FRACS]))
             vmax.append(s.vmax)
+            positive[e] = s.positive
+        n = ctx.ident["numel"]
+        seed = tensor_seed(self.seed, ctx.name)
+        sample = spearman_sample(n, self.spearman_max, seed, ctx.g.moments[0].device)
+        # the Spearman ranks of the experts whose pairs surely cover every entry (one
+        # of the two has no zero) on the second core, while the overlap sums run here
+        share = ctx.run.share
+        early = [e for e in self.used if any(e in p and (positive[p[0]] == n or positive[p[1]] == n)
+                                             for p in self.pairs)]
+        for e in early:
+            share.submit(lambda e=e: spearman_ranks(flats[e], sample), 0)
         pos = {e: j for j, e in enumerate(self.used)}
         sums = overlap_sums([flats[e] for e in self.used], [(pos[a], pos[b]) for a, b in self.pairs],
                             self.log_eps, vmax, [t for _, t in tops])
-        n = ctx.ident["numel"]
+        ranks = dict(zip(early, share.results()))
         support = {p: int(r["support"]) for p, r in zip(self.pairs, sums)}
-        rho, sampled = spearman_pairs({e: f.float() for e, f in flats.items()}, self.pairs, support,
-                                      self.spearman_max, tensor_seed(self.seed, ctx.name))
+        rho, sampled = spearman_pairs(flats, self.pairs, support, self.spearman_max, seed, ranks=ranks)
         for (a, b), r in zip(self.pairs, sums):
             ns = support[a, b]
             row = {"cosine": corr(r["sab"], r["saa"], r["sbb"])}

@@ -35,7 +35,7 @@ from curvlens.passes.analysis_common import floating_names, need_experts, open_m
 from curvlens.passes.analyze_masks import MaskPlan
 from curvlens.passes.experts import Experts
 from curvlens.passes.stat import Stat, TensorContext
-from curvlens.runtime import resolve_device, threads_for, torch_threads
+from curvlens.runtime import Background, background_enabled, resolve_device, threads_for, torch_threads
 
 __all__ = ["Stat", "TensorContext", "run_pass"]
 
@@ -59,6 +59,21 @@ class _Run:
             pairs += [p for p in s.tv_pairs(experts) if p not in pairs]
         self.tv_pairs = pairs
         self.tv_merged = [m for m in self.merged if any(m in p for p in pairs)]
+        self._share: Background | None = None
+
+    @property
+    def share(self) -> Background:
+        """The experts' per-tensor jobs (moment summaries, ranks) on both cores,
+        made on first use: each use submits its jobs and takes every result
+        before the next."""
+        if self._share is None:
+            self._share = Background(background_enabled(self.device), budget=None)
+        return self._share
+
+    def close(self) -> None:
+        if self._share is not None:
+            self._share.close()
+            self._share = None
 
 
 def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | None = None, *, device="auto",
@@ -124,6 +139,7 @@ def run_pass(experts: Experts, stats: Sequence[Stat], names: Sequence[str] | Non
                 df.attrs["reads"] = reads
                 out[s.key] = df
     finally:
+        run.close()
         for s in stats:
             s.close()
     return out

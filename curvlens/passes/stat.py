@@ -118,12 +118,46 @@ class TensorContext:
         every level and fraction any statistic asked for, from one selection
         sweep (:func:`curvlens.math.moment_sweep.order_selections`)."""
         if i not in self._order:
-            s = self.moment(i)
-            levels, fracs = self.run.levels, self.run.fracs
-            ks = [max(1, math.ceil(round(f * s.positive, 6))) if s.positive else 0 for f in fracs]
-            qs, tops = order_selections(self.g.moments[i], s, levels, ks)
-            self._order[i] = (dict(zip(levels, qs)), {f: (k, *t) for f, k, t in zip(fracs, ks, tops)})
+            self._order[i] = self._ordered(i, self.moment(i))
         return self._order[i]
+
+    def _ordered(self, i: int, s: MomentSummary) -> tuple[dict, dict]:
+        levels, fracs = self.run.levels, self.run.fracs
+        ks = [max(1, math.ceil(round(f * s.positive, 6))) if s.positive else 0 for f in fracs]
+        qs, tops = order_selections(self.g.moments[i], s, levels, ks)
+        return dict(zip(levels, qs)), {f: (k, *t) for f, k, t in zip(fracs, ks, tops)}
+
+    def summarise(self, experts: Sequence[int], order: bool = False) -> None:
+        """Make :meth:`moment` (and, with ``order``, :meth:`order`) of several
+        experts at once, one job per expert on both cores
+        (:class:`curvlens.runtime.Background`): the same numbers as asking one
+        at a time, which the statistics then do from the cache. An expert's
+        error is raised as it would be one at a time (the first expert's first)."""
+        todo = [i for i in dict.fromkeys(experts) if i not in self._moment or (order and i not in self._order)]
+        share = self.run.share if len(todo) > 1 else None
+        if share is None or not share.enabled:
+            for i in todo:
+                if order:
+                    self.order(i)
+                else:
+                    self.moment(i)
+            return
+
+        def job(i: int):
+            try:
+                s = self._moment[i] if i in self._moment else moment_sweep(self.g.moments[i], self.run.user_bins)
+                return s, (self._ordered(i, s) if order else None), None
+            except Exception as err:  # raised below in expert order, not in the order threads met them
+                return None, None, err
+
+        for i in todo:
+            share.submit(lambda i=i: job(i), 0)
+        for i, (s, o, err) in zip(todo, share.results()):
+            if err is not None:
+                raise err
+            self._moment.setdefault(i, s)
+            if o is not None:
+                self._order.setdefault(i, o)
 
     def merged(self, label: str) -> torch.Tensor:
         """The merged model ``label``'s tensor, in its stored dtype."""
