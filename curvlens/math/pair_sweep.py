@@ -21,6 +21,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math import native
+from curvlens.runtime import Background, background_enabled
 
 __all__ = ["overlap_sums", "tv_sums", "weighted_sq_diff", "OVERLAP_KEYS", "TV_KEYS"]
 
@@ -33,6 +34,10 @@ TV_KEYS = ("dot", "na", "nb", "both", "conflict", "mag", "mag_conflict", "curv",
 _CHUNK = 1 << 22
 _MAX_EXPERTS = 16
 _MAX_PAIRS = 64
+_OV_BLOCK = 512  # kernels.c's OV_B: the overlap sweep's blocks
+
+#: Tensors from this size on have their overlap sweep split over two threads.
+SPLIT_MIN = 1 << 18
 
 
 def _i32(xs) -> ctypes.Array:
@@ -43,7 +48,8 @@ def _i32(xs) -> ctypes.Array:
 
 
 def overlap_sums(vs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], eps: float,
-                 vmax: Sequence[float], tops: Sequence[Sequence[tuple[float, int]]]) -> list[dict]:
+                 vmax: Sequence[float], tops: Sequence[Sequence[tuple[float, int]]],
+                 split: bool | None = None) -> list[dict]:
     """Per pair ``(a, b)`` of moment tensors (flat fp32, same length): the sums
     of :data:`OVERLAP_KEYS` and ``inter``, the sizes of the intersections of the
     experts' top sets (``tops[e]``: ``(threshold, cut)`` per set, as
@@ -58,6 +64,13 @@ def overlap_sums(vs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], e
     >>> r = overlap_sums(v, [(0, 1)], 1e-30, [2.0, 4.0], [[(2.0, 0)], [(4.0, 0)]])[0]
     >>> r["support"], r["sab"], r["inter"]
     (2.0, 1.25, [1])
+
+    ``split`` (default: on a CPU with a second core, see
+    :func:`curvlens.runtime.background_enabled`, and at least
+    :data:`SPLIT_MIN` entries) hands the second half of the C sweep's blocks to a
+    helper thread, which writes each block's sums apart; they are then added
+    after the first half's in block order, so every sum is the one-thread sweep's
+    to the bit.
     """
     nf = len(tops[0]) if tops else 0
     flats = [v.reshape(-1).float().contiguous() for v in vs]
@@ -68,9 +81,29 @@ def overlap_sums(vs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], e
         k = 9 + nf
         out = torch.zeros(max(1, len(pairs)) * k, dtype=torch.float64)
         vm = torch.tensor(list(vmax), dtype=torch.float64)
-        native.lib().cl_overlap_sweep(native.ptr_array(flats), len(flats), n, float(eps), vm.data_ptr(),
-                                      _i32([a for a, _ in pairs]), _i32([b for _, b in pairs]), len(pairs), nf,
-                                      thr.data_ptr(), cut.data_ptr(), out.data_ptr())
+        lib, ptrs, pa, pb = native.lib(), native.ptr_array(flats), _i32([a for a, _ in pairs]), \
+            _i32([b for _, b in pairs])
+
+        def sweep(lo: int, hi: int, parts) -> None:
+            lib.cl_overlap_sweep_range(ptrs, len(flats), lo, hi, float(eps), vm.data_ptr(), pa, pb, len(pairs),
+                                       nf, thr.data_ptr(), cut.data_ptr(), out.data_ptr(), native.ptr(parts))
+
+        blocks = -(-n // _OV_BLOCK)
+        if split is None:
+            split = n >= SPLIT_MIN and background_enabled(torch.device("cpu"))
+        if not split or blocks < 2 or not pairs:
+            sweep(0, n, None)
+        else:
+            mid = blocks // 2 * _OV_BLOCK  # block-aligned: the same blocks as one sweep
+            parts = torch.empty((blocks - blocks // 2) * len(pairs) * k, dtype=torch.float64)
+            share = Background(True, budget=None)
+            try:
+                share.submit(lambda: sweep(mid, n, parts), 0)
+                sweep(0, mid, None)
+                share.results()
+            finally:
+                share.close()
+            lib.cl_add_in_order(out.data_ptr(), parts.data_ptr(), blocks - blocks // 2, len(pairs) * k)
         rows = out.reshape(-1, k)[: len(pairs)].tolist()
         return [{**dict(zip(OVERLAP_KEYS, r[:9])), "inter": [int(x) for x in r[9:]]} for r in rows]
     return _overlap_torch(flats, pairs, eps, vmax, tops)

@@ -116,6 +116,26 @@ def test_overlap_sums(impl):
             assert inter == int((ma & mb).sum())
 
 
+@needs_c
+@pytest.mark.parametrize("n", [1025, 4099, 20011, 65536])
+@pytest.mark.parametrize("pairs", [[(0, 1)], [(0, 1), (0, 2), (1, 2)], [(2, 0), (1, 1)]])
+def test_overlap_sums_split_over_two_threads_are_the_one_thread_bits(n, pairs):
+    """The second half of the blocks on a helper thread, its block sums added after
+    the first half's in order: every sum is the one-thread sweep's, to the bit
+    (odd sizes end in a short block; a pair may repeat an expert)."""
+    vs = [_moments(n, seed=20 + i) for i in range(3)]
+    vs[1][: n // 3] = 0.0
+    sums = [moment_sweep(v) for v in vs]
+    tops = [order_selections(v, s, (), [max(1, n // 100), n // 10])[1] for v, s in zip(vs, sums)]
+    vmax = [s.vmax for s in sums]
+    one = overlap_sums(vs, pairs, 1e-30, vmax, tops, split=False)
+    two = overlap_sums(vs, pairs, 1e-30, vmax, tops, split=True)
+    assert two == one
+    # and bits that would tell a changed summation order apart: the first half alone differs
+    half = overlap_sums([v[: n // 2] for v in vs], pairs, 1e-30, vmax, tops, split=False)
+    assert half != one
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_task_vector_sums(impl, dtype):
     g = torch.Generator().manual_seed(4)

@@ -171,3 +171,30 @@ def test_spearman_without_ties_matches_reference():
     b = a + 0.3 * torch.rand(3000, generator=g)
     ref = np.corrcoef(pd.Series(a.numpy()).rank(), pd.Series(b.numpy()).rank())[0, 1]
     assert moment_pair_metrics(a, b)["spearman_log"] == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["moments", "ties_and_zeros", "negative", "nan", "float64"])
+def test_the_rank_sort_is_the_stable_float_sort(kind):
+    """Non-negative float32 values are sorted by their bit patterns (a radix sort):
+    the permutation of the stable float sort, ties and -0.0 included; anything
+    else by the floats themselves."""
+    from curvlens.math.overlap import _stable_sort
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.exp(torch.randn(5000, generator=g) * 5 - 15)
+    if kind != "moments":
+        x[::3] = x[1::3][: x[::3].numel()]  # ties
+        x[::11] = 0.0
+        x[5::13] = -0.0
+        x[7], x[8], x[9] = 1e-45, float("inf"), 3.4e38
+    if kind == "negative":
+        x[100] = -1e-9
+    if kind == "nan":
+        x[200] = float("nan")
+    if kind == "float64":
+        x = x.double()
+    keys, perm = _stable_sort(x)
+    want_vals, want_perm = torch.sort(x, stable=True)
+    assert torch.equal(perm, want_perm)
+    same = keys[1:] == keys[:-1]
+    assert torch.equal(same, want_vals[1:] == want_vals[:-1])

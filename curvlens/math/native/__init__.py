@@ -47,6 +47,8 @@ _SIGNATURES = {
     "cl_moment_sweep": ([P, I64, P, P, P, I32, U32, P, P], None),
     "cl_collect_bins": ([P, I64, P, P, P, I64], I64),
     "cl_overlap_sweep": ([P, I32, I64, F32, P, P, P, I32, I32, P, P, P], None),
+    "cl_overlap_sweep_range": ([P, I32, I64, I64, F32, P, P, P, I32, I32, P, P, P, P], None),
+    "cl_add_in_order": ([P, P, I64, I64], None),
     "cl_tv_sweep": ([P, I32, P, P, I32, I32, P, I64, P, P, P, P, I32, P], None),
     "cl_wsq_diff": ([P, P, I32, P, I32, I64], F64),
     "cl_score_hist": ([P, I32, P, I32, P, I64, I32, P], I64),

@@ -140,16 +140,22 @@ i64 cl_collect_bins(const float *v, i64 n, const uint8_t *mark, float *ov, i64 *
  *   4..8 sums over the support of la, lb, la*la, lb*lb, la*lb,
  *   9.. top-set intersections per f. ma, mb: the experts' max (vmax). */
 #define OV_B 512
-void cl_overlap_sweep(const float *const *vs, int32_t ne, i64 n, float eps, const double *vmax,
-                      const int32_t *pa, const int32_t *pb, int32_t np, int32_t nf, const float *thr,
-                      const i64 *cut, double *out) {
+/* The sweep over entries [lo, hi) only (lo a multiple of OV_B), adding to out as
+ * the whole sweep does or, with parts, writing each block's sums there instead
+ * (np*K doubles per block, blocks in order) for cl_add_in_order to add after the
+ * blocks before them: the same additions in the same order as one sweep, so a
+ * second thread can take the second half of the blocks and leave every bit as
+ * one thread makes it. */
+void cl_overlap_sweep_range(const float *const *vs, int32_t ne, i64 lo, i64 hi, float eps, const double *vmax,
+                            const int32_t *pa, const int32_t *pb, int32_t np, int32_t nf, const float *thr,
+                            const i64 *cut, double *out, double *parts) {
     const int32_t K = 9 + nf;
     static __thread double lg[16][OV_B], sc[16][OV_B], ps[16][OV_B];
     static __thread uint8_t top[16][4][OV_B];
     double inv[16];
     for (int32_t e = 0; e < ne; e++) inv[e] = vmax[e] > 0 ? 1.0 / vmax[e] : 0.0;
-    for (i64 s0 = 0; s0 < n; s0 += OV_B) {
-        i64 len = s0 + OV_B < n ? OV_B : n - s0;
+    for (i64 s0 = lo; s0 < hi; s0 += OV_B) {
+        i64 len = s0 + OV_B < hi ? OV_B : hi - s0;
         for (int32_t e = 0; e < ne; e++) {
             const float *v = vs[e] + s0;
             double ie = inv[e];
@@ -188,19 +194,31 @@ void cl_overlap_sweep(const float *const *vs, int32_t ne, i64 n, float eps, cons
                 for (int k = 0; k < LANES; k++) OV_BODY(j + k, k)
             for (; j < len; j++) OV_BODY(j, j % LANES)
 #undef OV_BODY
-            double *o = out + (i64)p * K;
+            double *o = parts ? parts + (((s0 - lo) / OV_B) * np + p) * K : out + (i64)p * K;
             for (int q = 0; q < 9; q++) {
                 double t = 0;
                 for (int k = 0; k < LANES; k++) t += acc[q][k];
-                o[q] += t;
+                if (parts) o[q] = t; else o[q] += t;
             }
             for (int32_t f = 0; f < nf; f++) {
                 i64 both = 0;
                 for (i64 jj = 0; jj < len; jj++) both += top[a][f][jj] & top[b][f][jj];
-                o[9 + f] += (double)both;
+                if (parts) o[9 + f] = (double)both; else o[9 + f] += (double)both;
             }
         }
     }
+}
+
+void cl_overlap_sweep(const float *const *vs, int32_t ne, i64 n, float eps, const double *vmax,
+                      const int32_t *pa, const int32_t *pb, int32_t np, int32_t nf, const float *thr,
+                      const i64 *cut, double *out) {
+    cl_overlap_sweep_range(vs, ne, 0, n, eps, vmax, pa, pb, np, nf, thr, cut, out, NULL);
+}
+
+/* out[j] += parts[r * width + j] for r = 0, 1, ... in order (cl_overlap_sweep_range's parts). */
+void cl_add_in_order(double *out, const double *parts, i64 rows, i64 width) {
+    for (i64 r = 0; r < rows; r++)
+        for (i64 j = 0; j < width; j++) out[j] += parts[r * width + j];
 }
 
 /* ----------------------------------------------------------- task vectors */
