@@ -229,16 +229,16 @@ void cl_ties_merge(const void *b, int32_t bdt, const void *const *xs, const int3
 #include <immintrin.h>
 /* lane orders that move the set lanes of an 8-bit mask to the front */
 static int32_t compact_lut[256][8];
-static int compact_ready = 0;
 
-static void compact_init(void) {
+/* filled once when the library is loaded, before any thread can call a kernel
+ * (filled lazily, two threads' first calls would race on it) */
+__attribute__((constructor)) static void compact_init(void) {
     for (int m = 0; m < 256; m++) {
         int c = 0;
         for (int k = 0; k < 8; k++)
             if (m >> k & 1) compact_lut[m][c++] = k;
         for (; c < 8; c++) compact_lut[m][c] = 0;
     }
-    compact_ready = 1;  /* every thread writes the same table: a benign race */
 }
 #endif
 
@@ -248,7 +248,6 @@ static void compact_init(void) {
 static i64 compact(const uint32_t *u, i64 len, uint32_t lo, uint32_t width, uint32_t *out) {
     i64 c = 0, j = 0;
 #ifdef __AVX2__
-    if (!compact_ready) compact_init();
     const __m256i vlo = _mm256_set1_epi32((int32_t)lo);
     const __m256i flip = _mm256_set1_epi32((int32_t)0x80000000u);
     const __m256i vw = _mm256_xor_si256(_mm256_set1_epi32((int32_t)width), flip);
