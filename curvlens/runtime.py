@@ -36,7 +36,7 @@ import torch
 from curvlens.errors import CurvlensError
 
 __all__ = ["set_threads", "get_threads", "use_threads", "torch_threads", "threads_for", "resolve_device",
-           "progress_bar", "keep_freed_memory", "Background", "background_enabled", "BUDGET"]
+           "progress_bar", "keep_freed_memory", "Background", "background_enabled", "side_by_side", "BUDGET"]
 
 _DEFAULT = {"cpu": 1}
 
@@ -176,6 +176,21 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def side_by_side(first: Callable[[], object], second: Callable[[], object]) -> tuple:
+    """``(first(), second())`` with ``second`` handed to a helper thread while the
+    caller runs ``first`` (the caller runs ``second`` too if the helper has not
+    started it by then): the two halves of one job, e.g. a tensor's entries split
+    at a block boundary."""
+    share = Background(True, budget=None)
+    try:
+        share.submit(second, 0)
+        a = first()
+        b = share.results()[0]
+    finally:
+        share.close()
+    return a, b
 
 
 def background_enabled(device: torch.device) -> bool:

@@ -333,3 +333,24 @@ def test_a_finished_jobs_inputs_are_freed_before_its_results_are_asked_for():
         assert jobs.results() == [1]
     finally:
         jobs.close()
+
+
+def test_side_by_side_gives_both_halves_in_order_and_raises_either_error():
+    import threading
+
+    names = []
+
+    def half(tag):
+        names.append((tag, threading.current_thread().name))
+        return tag
+
+    assert bg.side_by_side(lambda: half("first"), lambda: half("second")) == ("first", "second")
+    assert dict(names)["first"] == threading.current_thread().name  # the caller's half
+
+    def boom():
+        raise ValueError("second half failed")
+
+    with pytest.raises(ValueError, match="second half failed"):
+        bg.side_by_side(lambda: 1, boom)
+    with pytest.raises(KeyError):
+        bg.side_by_side(lambda: {}["x"], lambda: 2)

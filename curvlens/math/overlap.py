@@ -197,10 +197,7 @@ def pair_overlaps(name: str, vs: dict[str, torch.Tensor], pairs: list[tuple[str,
     n, dev = first.numel(), first.device
     tmp = ws.get("tmp", n, torch.float32, dev)
     sampled = spearman_max is not None and n > spearman_max
-    idx = None
-    if sampled:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(n, (int(spearman_max),), generator=gen).to(dev)
+    idx = spearman_sample(n, spearman_max, seed, dev)
     scaled, logs, norm2, ssq, resid, ranks, tops, positive = {}, {}, {}, {}, {}, {}, {}, {}
     for i, (e, f) in enumerate(flats.items()):
         positive[e] = torch.gt(f, 0, out=ws.get(("p", i), n, torch.bool, dev))

@@ -21,7 +21,7 @@ import torch
 
 from curvlens.errors import CurvlensError
 from curvlens.math import native
-from curvlens.runtime import Background, background_enabled
+from curvlens.runtime import background_enabled, side_by_side
 
 __all__ = ["overlap_sums", "tv_sums", "weighted_sq_diff", "OVERLAP_KEYS", "TV_KEYS"]
 
@@ -96,13 +96,7 @@ def overlap_sums(vs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], e
         else:
             mid = blocks // 2 * _OV_BLOCK  # block-aligned: the same blocks as one sweep
             parts = torch.empty((blocks - blocks // 2) * len(pairs) * k, dtype=torch.float64)
-            share = Background(True, budget=None)
-            try:
-                share.submit(lambda: sweep(mid, n, parts), 0)
-                sweep(0, mid, None)
-                share.results()
-            finally:
-                share.close()
+            side_by_side(lambda: sweep(0, mid, None), lambda: sweep(mid, n, parts))
             lib.cl_add_in_order(out.data_ptr(), parts.data_ptr(), blocks - blocks // 2, len(pairs) * k)
         rows = out.reshape(-1, k)[: len(pairs)].tolist()
         return [{**dict(zip(OVERLAP_KEYS, r[:9])), "inter": [int(x) for x in r[9:]]} for r in rows]

@@ -19,7 +19,7 @@ import torch
 
 from curvlens.math import native
 from curvlens.math.blocks import BLOCK
-from curvlens.runtime import Background, background_enabled
+from curvlens.runtime import background_enabled, side_by_side
 
 __all__ = ["MaskedMerge", "ota_merge", "ties_merge", "kth_largest_magnitude"]
 
@@ -87,13 +87,7 @@ def ota_merge(base: torch.Tensor, experts: Sequence[torch.Tensor], moments: Sequ
         if part.bad:
             return None
         return MaskedMerge(job.out.reshape(base.shape), part.kept.tolist(), part.any_kept, part.quota.tolist())
-    share = Background(True, budget=None)
-    try:
-        share.submit(lambda: job.run(mid, n, quota), 0)
-        first = job.run(0, mid, quota)
-        second = share.results()[0]
-    finally:
-        share.close()
+    first, second = side_by_side(lambda: job.run(0, mid, quota), lambda: job.run(mid, n, quota))
     if first.bad or second.bad:
         return None
     used = quota - second.quota  # ties the second half kept, assuming the whole quota was left
