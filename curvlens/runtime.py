@@ -36,7 +36,8 @@ import torch
 from curvlens.errors import CurvlensError
 
 __all__ = ["set_threads", "get_threads", "use_threads", "torch_threads", "threads_for", "resolve_device",
-           "progress_bar", "keep_freed_memory", "Background", "background_enabled", "side_by_side", "BUDGET"]
+           "progress_bar", "keep_freed_memory", "Background", "background_enabled", "side_by_side", "BUDGET",
+           "cpu_has_avx2"]
 
 _DEFAULT = {"cpu": 1}
 
@@ -191,6 +192,16 @@ def side_by_side(first: Callable[[], object], second: Callable[[], object]) -> t
     finally:
         share.close()
     return a, b
+
+
+def cpu_has_avx2() -> bool:
+    """Whether the CPU itself has AVX2 (or better), whatever ``ATEN_CPU_CAPABILITY``
+    this process runs under: torch's cpuinfo probe, else the capability torch runs
+    at ("AVX2" or "AVX512"; a check for the substring "AVX2" misses the latter)."""
+    probe = getattr(torch.cpu, "_is_avx2_supported", None)  # hardware, not the env-limited capability
+    if probe is not None:
+        return bool(probe())
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def background_enabled(device: torch.device) -> bool:

@@ -47,7 +47,8 @@ from curvlens.zoo.runtime import hf_progress_bars_off
 from curvlens.zoo.evaluate import evaluate_model
 from curvlens.zoo.tasks import Task, eval_examples, make_tasks
 from curvlens.zoo.tokenizer import make_tokenizer
-from curvlens.zoo.pinning import build_environment, cpu_has_avx2
+from curvlens.runtime import cpu_has_avx2
+from curvlens.zoo.pinning import build_environment
 
 if TYPE_CHECKING:
     import pandas as pd

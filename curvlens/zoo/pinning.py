@@ -19,7 +19,7 @@ PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 def build_environment(avx2: bool) -> dict[str, str]:
     """The environment a build runs under, given whether the CPU has AVX2
-    (:func:`cpu_has_avx2`).
+    (:func:`curvlens.runtime.cpu_has_avx2`).
 
     On an x86 CPU with AVX2 or better, ATen's AVX2 kernels and MKL's AVX2 code
     path are pinned, so an AVX-512 machine computes what an AVX2 machine does.
@@ -41,14 +41,3 @@ def build_environment(avx2: bool) -> dict[str, str]:
         env["MKL_CBWR"] = "COMPATIBLE"
     return env
 
-
-def cpu_has_avx2() -> bool:
-    """Whether the CPU itself has AVX2, whatever ``ATEN_CPU_CAPABILITY`` this
-    process runs under (torch's cpuinfo probe; without it, the capability torch
-    runs at)."""
-    import torch
-
-    probe = getattr(torch.cpu, "_is_avx2_supported", None)  # hardware, not the env-limited capability
-    if probe is not None:
-        return bool(probe())
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -19,7 +19,7 @@ from curvlens import CurvlensError, Experts
 from curvlens.zoo import PRESETS, Zoo, ZooConfig, build, evaluate
 from curvlens.zoo import train as zoo_train
 from curvlens.zoo.build import MANIFEST, zoo_dir
-from curvlens.zoo.pinning import cpu_has_avx2
+from curvlens.runtime import cpu_has_avx2
 from tests.zoo.test_tasks import all_task_strings
 
 TOY = ZooConfig(name="toy", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
