@@ -11,6 +11,9 @@
  * dtype codes: 0 = float32, 1 = bfloat16.
  */
 #include "common.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 /* log10 of a positive, finite fp32 value, as a double: the exponent part exact
  * in float64, log10 of the mantissa m in [sqrt(1/2), sqrt(2)) from the fp32
@@ -481,6 +484,124 @@ void cl_scores_at(const void *b, int32_t bdt, const void *w, int32_t wdt, const 
 }
 
 /* ------------------------------------------------------------------ masks */
+/* One chunk of a mask's sums: returns the kept count; sk[k] / tk[k] (lane k =
+ * entry j % 8) gain fs * m and tq * m widened to float64, the very additions
+ * of the scalar loop below in the same order, and ck[j] (when not NULL) gains
+ * m[j]. With AVX2, intrinsics: GCC left the scalar form's 8 lanes of float64
+ * sums unvectorised, and generic vector types compiled to scalar shuffles
+ * (measured: 1.5 ns per entry and density scalar, 3 ns with vector types).
+ * fs and tq are >= 0, so fs * (float)m is fs or +0 exactly. */
+static i64 kept_sums(const uint8_t *m, const float *fs, const float *tq, i64 len, double *sk, double *tk,
+                     int32_t *ck) {
+    i64 j = 0, cnt = 0;
+#ifdef __AVX2__
+    __m256d s_lo = _mm256_loadu_pd(sk), s_hi = _mm256_loadu_pd(sk + 4);
+    __m256d t_lo = _mm256_loadu_pd(tk), t_hi = _mm256_loadu_pd(tk + 4);
+    __m256i cntv = _mm256_setzero_si256();
+    for (; j + LANES <= len; j += LANES) {
+        __m256i mi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + j)));
+        __m256 mk = _mm256_cvtepi32_ps(mi);
+        __m256 f = _mm256_mul_ps(_mm256_loadu_ps(fs + j), mk);
+        __m256 q = _mm256_mul_ps(_mm256_loadu_ps(tq + j), mk);
+        s_lo = _mm256_add_pd(s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+        s_hi = _mm256_add_pd(s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+        t_lo = _mm256_add_pd(t_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
+        t_hi = _mm256_add_pd(t_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
+        cntv = _mm256_add_epi32(cntv, mi);
+        if (ck)
+            _mm256_storeu_si256((__m256i *)(ck + j),
+                                _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(ck + j)), mi));
+    }
+    _mm256_storeu_pd(sk, s_lo);
+    _mm256_storeu_pd(sk + 4, s_hi);
+    _mm256_storeu_pd(tk, t_lo);
+    _mm256_storeu_pd(tk + 4, t_hi);
+    int32_t c8[8];
+    _mm256_storeu_si256((__m256i *)c8, cntv);
+    for (int k = 0; k < 8; k++) cnt += c8[k];
+#endif
+    for (; j < len; j++) {
+        float mk = (float)m[j];
+        cnt += m[j];
+        sk[j % LANES] += (double)(fs[j] * mk);
+        tk[j % LANES] += (double)(tq[j] * mk);
+        if (ck) ck[j] += m[j];
+    }
+    return cnt;
+}
+
+#ifdef __AVX2__
+/* byte_lut[b]: byte k is bit k of b (0 or 1), so an 8-lane compare's movemask
+ * becomes 8 mask bytes with one load. Filled when the library loads. */
+static uint64_t byte_lut[256];
+__attribute__((constructor)) static void byte_lut_init(void) {
+    for (int b = 0; b < 256; b++) {
+        uint64_t v = 0;
+        for (int k = 0; k < 8; k++) v |= (uint64_t)((b >> k) & 1) << (8 * k);
+        byte_lut[b] = v;
+    }
+}
+#endif
+
+/* A chunk's mask at threshold th with its sums in one sweep: m[j] = sc[j] > th,
+ * and kept_sums's additions for that m, in the same order (so the same bits).
+ * *eq gets the scores equal to th: when there are any, the caller undoes the
+ * sums and settles the ties (rare: a score exactly at the threshold). One loop
+ * instead of a compare pass and a sums pass: the sweep's per-density cost went
+ * from 1.5-1.9 to ~0.5 ns per entry (2816 x 1024, one thread). */
+static i64 masked_sums(const float *sc, float th, const float *fs, const float *tq, i64 len, uint8_t *m,
+                       double *sk, double *tk, int32_t *ck, i64 *eq) {
+    i64 j = 0, cnt = 0, ne = 0;
+#ifdef __AVX2__
+    const __m256 thv = _mm256_set1_ps(th), one = _mm256_set1_ps(1.0f);
+    __m256d s_lo = _mm256_loadu_pd(sk), s_hi = _mm256_loadu_pd(sk + 4);
+    __m256d t_lo = _mm256_loadu_pd(tk), t_hi = _mm256_loadu_pd(tk + 4);
+    __m256i cntv = _mm256_setzero_si256(), eqv = _mm256_setzero_si256();
+    for (; j + LANES <= len; j += LANES) {
+        __m256 x = _mm256_loadu_ps(sc + j);
+        __m256 gt = _mm256_cmp_ps(x, thv, _CMP_GT_OQ);
+        __m256i gi = _mm256_castps_si256(gt);  /* -1 where kept */
+        eqv = _mm256_sub_epi32(eqv, _mm256_castps_si256(_mm256_cmp_ps(x, thv, _CMP_EQ_OQ)));
+        cntv = _mm256_sub_epi32(cntv, gi);
+        __m256 mk = _mm256_and_ps(gt, one);
+        __m256 f = _mm256_mul_ps(_mm256_loadu_ps(fs + j), mk);
+        __m256 q = _mm256_mul_ps(_mm256_loadu_ps(tq + j), mk);
+        s_lo = _mm256_add_pd(s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+        s_hi = _mm256_add_pd(s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+        t_lo = _mm256_add_pd(t_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
+        t_hi = _mm256_add_pd(t_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
+        uint64_t bytes = byte_lut[_mm256_movemask_ps(gt)];
+        memcpy(m + j, &bytes, 8);
+        if (ck)
+            _mm256_storeu_si256((__m256i *)(ck + j),
+                                _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(ck + j)), gi));
+    }
+    _mm256_storeu_pd(sk, s_lo);
+    _mm256_storeu_pd(sk + 4, s_hi);
+    _mm256_storeu_pd(tk, t_lo);
+    _mm256_storeu_pd(tk + 4, t_hi);
+    int32_t c8[8], e8[8];
+    _mm256_storeu_si256((__m256i *)c8, cntv);
+    _mm256_storeu_si256((__m256i *)e8, eqv);
+    for (int k = 0; k < 8; k++) {
+        cnt += c8[k];
+        ne += e8[k];
+    }
+#endif
+    for (; j < len; j++) {
+        uint8_t k = (uint8_t)(sc[j] > th);
+        float mk = (float)k;
+        m[j] = k;
+        ne += sc[j] == th;
+        cnt += k;
+        sk[j % LANES] += (double)(fs[j] * mk);
+        tk[j % LANES] += (double)(tq[j] * mk);
+        if (ck) ck[j] += k;
+    }
+    *eq = ne;
+    return cnt;
+}
+
 /* Masks of one expert's scores at nd (<= 8) thresholds: entry kept when its
  * score is above thr[d], or equal to it and among the first quota[d] such
  * entries in flat order (quota[d] < 0: every tied entry). The matrix view is
@@ -526,12 +647,17 @@ void cl_mask_sweep(const void *b, int32_t bdt, const void *w, int32_t wdt, const
             for (int32_t d = 0; d < nd; d++) {
                 uint8_t *m = mask ? mask + (i64)d * n + s0 : mloc;  /* NULL: counts only */
                 float th = thr[d];
-                i64 eq = 0;
-                for (i64 j = 0; j < len; j++) {
-                    m[j] = (uint8_t)(sc[j] > th);
-                    eq += sc[j] == th;
-                }
-                if (eq) {  /* ties: the first quota[d] in flat order */
+                double sk[LANES], tk[LANES];
+                memcpy(sk, salk[d], sizeof(sk));
+                memcpy(tk, tauk[d], sizeof(tk));
+                int32_t *ck = colk ? colk + (i64)d * cols + c0 : 0;
+                i64 eq;
+                i64 cnt = masked_sums(sc, th, fs, tq, len, m, sk, tk, ck, &eq);
+                if (eq) {  /* ties: undo the chunk's sums, keep the first quota[d] in flat order, sum again */
+                    if (ck)
+                        for (i64 j = 0; j < len; j++) ck[j] -= m[j];
+                    memcpy(sk, salk[d], sizeof(sk));
+                    memcpy(tk, tauk[d], sizeof(tk));
                     if (quota[d] < 0 || seen[d] + eq <= quota[d]) {  /* all of this chunk's: branch-free */
                         for (i64 j = 0; j < len; j++) m[j] |= (uint8_t)(sc[j] == th);
                         seen[d] += eq;
@@ -544,36 +670,12 @@ void cl_mask_sweep(const void *b, int32_t bdt, const void *w, int32_t wdt, const
                                 seen[d]++;
                             }
                     }
-                }
-                /* one pass: kept count, saliency and tau^2 kept (8 lanes, the running
-                 * sums held in registers for the chunk: the same additions in the same
-                 * order), column counts. fs and tq are >= 0, so fs * (float)m is fs or
-                 * +0 exactly, as (double)m * (double)fs is. */
-                i64 cl[LANES] = {0};
-                double sk[LANES], tk[LANES];
-                memcpy(sk, salk[d], sizeof(sk));
-                memcpy(tk, tauk[d], sizeof(tk));
-                int32_t *ck = colk ? colk + (i64)d * cols + c0 : 0;
-                i64 j = 0;
-                for (; j + LANES <= len; j += LANES)
-                    for (int k = 0; k < LANES; k++) {
-                        float mk = (float)m[j + k];
-                        cl[k] += m[j + k];
-                        sk[k] += (double)(fs[j + k] * mk);
-                        tk[k] += (double)(tq[j + k] * mk);
-                    }
-                for (; j < len; j++) {
-                    float mk = (float)m[j];
-                    cl[j % LANES] += m[j];
-                    sk[j % LANES] += (double)(fs[j] * mk);
-                    tk[j % LANES] += (double)(tq[j] * mk);
+                    /* kept count, saliency and tau^2 kept (8 lanes: the additions of
+                     * masked_sums, in the same order), column counts */
+                    cnt = kept_sums(m, fs, tq, len, sk, tk, ck);
                 }
                 memcpy(salk[d], sk, sizeof(sk));
                 memcpy(tauk[d], tk, sizeof(tk));
-                if (ck)
-                    for (i64 jj = 0; jj < len; jj++) ck[jj] += m[jj];
-                i64 cnt = 0;
-                for (int k = 0; k < LANES; k++) cnt += cl[k];
                 kept[d] += cnt;
                 rk[d] += cnt;
             }
