@@ -86,3 +86,20 @@ def _close_figures():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+@pytest.fixture(scope="session")
+def plain_c_build(tmp_path_factory):
+    """The C kernels built without -mavx2/-mfma (the portable C loops), in a cache
+    of their own: what a machine without AVX2 runs, to compare with this one's
+    AVX2 build bit for bit. Skips where the kernels are not built with AVX2."""
+    from curvlens.math import native
+
+    if native.lib() is None:
+        pytest.skip(f"no C kernels: {native.reason()}")
+    if "-mavx2" not in native._flags():
+        pytest.skip("this machine's kernels are built without AVX2 already")
+    with pytest.MonkeyPatch.context() as mp:  # undone before the tests run
+        mp.setenv("CURVLENS_CACHE", str(tmp_path_factory.mktemp("plain")))
+        mp.setattr(native, "_flags", lambda f=native._flags: [x for x in f() if x not in ("-mavx2", "-mfma")])
+        return native._build()

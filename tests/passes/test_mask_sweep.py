@@ -80,20 +80,6 @@ def test_the_c_sweep_is_the_torch_masks_and_sums(shape, dtype, criterion, no_mom
                 assert mask is None
 
 
-@pytest.fixture(scope="module")
-def plain_c_build(tmp_path_factory):
-    """The same kernels built without -mavx2/-mfma (the portable C loops), in a
-    cache of their own."""
-    if native.lib() is None:
-        pytest.skip(f"no C kernels: {native.reason()}")
-    if "-mavx2" not in native._flags():
-        pytest.skip("this machine's kernels are built without AVX2 already")
-    with pytest.MonkeyPatch.context() as mp:  # undone before the tests run
-        mp.setenv("CURVLENS_CACHE", str(tmp_path_factory.mktemp("plain")))
-        mp.setattr(native, "_flags", lambda f=native._flags: [x for x in f() if x not in ("-mavx2", "-mfma")])
-        return native._build()
-
-
 @pytest.mark.parametrize("criterion,no_moments", [("fisher", False), ("magnitude", False), ("magnitude", True)])
 @pytest.mark.parametrize("shape,dtype", SHAPES)
 def test_the_avx2_sweep_is_the_plain_c_sweep_to_the_bit(shape, dtype, criterion, no_moments, plain_c_build,
