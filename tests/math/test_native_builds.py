@@ -67,3 +67,53 @@ def test_the_magnitude_bracket_of_both_builds_is_the_same(dtype, plain_c_build, 
     s = (expert.float() - base.float()).abs()
     for k, (kth, above, tied) in zip(ks, avx2):  # and the answer is torch's
         assert kth == float(torch.topk(s, k).values[-1]) and above == int((s > kth).sum())
+
+
+def _windows(lib, base, expert, v, wins_f, wins_m):
+    """cl_score_windows_both's counts above and inside each window."""
+    import numpy as np
+
+    out = []
+    args = []
+    for wins in (wins_f, wins_m):
+        lo = np.array([w[0] for w in wins], dtype=np.uint32)
+        hi = np.array([w[1] for w in wins], dtype=np.uint32)
+        counts = [torch.zeros(h - l + 1, dtype=torch.int64) for l, h in wins]
+        above = torch.zeros(len(wins), dtype=torch.int64)
+        args += [len(wins), lo.ctypes.data, hi.ctypes.data, native.ptr_array(counts), above.data_ptr()]
+        out.append((lo, hi, counts, above))
+    lib.cl_score_windows_both(base.data_ptr(), native.dtype_code(base), expert.data_ptr(), native.dtype_code(expert),
+                              v.data_ptr(), base.numel(), *args)
+    return [(c, a) for _, _, c, a in out]
+
+
+@pytest.mark.parametrize("n", [8, 2048 * 3 + 5, 100_003])
+def test_the_scouts_window_counts_of_both_builds_are_exact(n, plain_c_build):
+    """Counts above and inside windows of score bit patterns (the one-read
+    selection's bracket): both builds against numpy, for windows at the top, at
+    zero (a third of the scores), one pattern wide, at the top and above it."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).bfloat16()
+    expert = (base.float() + torch.randn(n, generator=g) * 0.01).bfloat16()
+    expert[::3] = base[::3]  # zero scores
+    v = torch.exp(torch.randn(n, generator=g) * 3) * 1e-3
+    tau = expert.float() - base.float()
+    bits = {"f": (v * (tau * tau)).numpy().view(np.uint32) & 0x7FFFFFFF, "m": tau.abs().numpy().view(np.uint32)}
+
+    def wins(b):
+        s = np.sort(b)
+        mid = int(s[len(s) // 2])
+        top = int(s[-1])  # windows a few patterns wide: their counters are int64 per pattern
+        return [(mid - 40000, mid + 40000), (0, 0), (mid, mid), (0, 1 << 16), (top - 5000, top), (top, top + 1000)]
+
+    wf, wm = wins(bits["f"]), wins(bits["m"])
+    got = _windows(native.lib(), base, expert, v, wf, wm)
+    plain = _windows(plain_c_build, base, expert, v, wf, wm)
+    for (c, a), (pc, pa), b, ws in zip(got, plain, (bits["f"], bits["m"]), (wf, wm)):
+        assert torch.equal(a, pa) and all(torch.equal(x, y) for x, y in zip(c, pc))
+        for k, (lo, hi) in enumerate(ws):
+            assert int(a[k]) == int(np.count_nonzero(b > hi))
+            inside = b[(b >= lo) & (b <= hi)] - lo
+            assert torch.equal(c[k], torch.from_numpy(np.bincount(inside, minlength=hi - lo + 1).astype(np.int64)))

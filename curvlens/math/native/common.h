@@ -64,4 +64,13 @@ static inline void load_block(const void *p, int dt, i64 s0, i64 len, float *out
  * compiler can vectorise (it may not reorder a single running sum). */
 #define LANES 8
 
+#ifdef __AVX2__
+#include <immintrin.h>
+/* cl_compact_lut[m]: the lane order that moves the set lanes of the 8-bit mask
+ * m to the front, for _mm256_permutevar8x32_epi32 (kernels.c fills it when the
+ * library loads, before any thread can call a kernel: filled lazily, two
+ * threads' first calls would race on it) */
+extern int32_t cl_compact_lut[256][8];
+#endif
+
 #endif

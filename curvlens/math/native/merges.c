@@ -225,23 +225,6 @@ void cl_ties_merge(const void *b, int32_t bdt, const void *const *xs, const int3
     bad[0] = (int32_t)fl;
 }
 
-#ifdef __AVX2__
-#include <immintrin.h>
-/* lane orders that move the set lanes of an 8-bit mask to the front */
-static int32_t compact_lut[256][8];
-
-/* filled once when the library is loaded, before any thread can call a kernel
- * (filled lazily, two threads' first calls would race on it) */
-__attribute__((constructor)) static void compact_init(void) {
-    for (int m = 0; m < 256; m++) {
-        int c = 0;
-        for (int k = 0; k < 8; k++)
-            if (m >> k & 1) compact_lut[m][c++] = k;
-        for (; c < 8; c++) compact_lut[m][c] = 0;
-    }
-}
-#endif
-
 /* The values of u[0..len) whose offset from lo is at most width, stored in
  * order at out (which has room for len); returns how many. AVX2: eight at a
  * time through a lane-order table, no branch per value. */
@@ -256,7 +239,7 @@ static i64 compact(const uint32_t *u, i64 len, uint32_t lo, uint32_t width, uint
         __m256i off = _mm256_xor_si256(_mm256_sub_epi32(x, vlo), flip);
         __m256i out_of = _mm256_cmpgt_epi32(off, vw);  /* unsigned off > width */
         int m = ~_mm256_movemask_ps(_mm256_castsi256_ps(out_of)) & 0xff;
-        __m256i idx = _mm256_loadu_si256((const __m256i *)compact_lut[m]);
+        __m256i idx = _mm256_loadu_si256((const __m256i *)cl_compact_lut[m]);
         _mm256_storeu_si256((__m256i *)(out + c), _mm256_permutevar8x32_epi32(x, idx));
         c += __builtin_popcount((unsigned)m);
     }
