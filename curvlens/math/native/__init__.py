@@ -12,7 +12,12 @@ torch uses, accumulations in float64).
 No toolchain is downloaded: the C files are compiled once by ``cc`` (or ``$CC``)
 into ``$CURVLENS_CACHE/native`` (default ``~/.cache/curvlens/native``), keyed by
 the source, the flags and the CPU, and loaded with :mod:`ctypes` (which releases
-the GIL, so the stream's read-ahead thread keeps reading). Without a compiler,
+the GIL, so the stream's read-ahead thread keeps reading). On an x86 CPU with
+AVX2 (every AVX-512 CPU has it) they are built with ``-mavx2 -mfma`` (contraction
+stays off, so no FMA changes a result), and a few loops that the compiler leaves
+scalar use AVX2 intrinsics (the mask sweep, the scout's window gathering, the
+magnitude bracket's compaction); their plain C loops give the same bits, which
+``tests/math/test_native_builds.py`` checks by building both. Without a compiler,
 or with ``CURVLENS_NATIVE=0``, :func:`available` is False and every caller uses
 its torch implementation (also the GPU path); tests check the two agree.
 """
