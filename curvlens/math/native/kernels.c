@@ -519,6 +519,43 @@ void cl_scores_at(const void *b, int32_t bdt, const void *w, int32_t wdt, const 
 }
 
 /* ------------------------------------------------------------------ masks */
+#ifdef __AVX2__
+/* The 8 float64 lanes of a mask's two sums (lane k = entry j % 8), in registers:
+ * fs * mk and tq * mk added widened, as the scalar loops add them. */
+typedef struct {
+    __m256d s_lo, s_hi, t_lo, t_hi;
+} kept_lanes;
+
+static inline kept_lanes lanes_load(const double *sk, const double *tk) {
+    kept_lanes l = {_mm256_loadu_pd(sk), _mm256_loadu_pd(sk + 4), _mm256_loadu_pd(tk), _mm256_loadu_pd(tk + 4)};
+    return l;
+}
+
+static inline void lanes_add(kept_lanes *l, const float *fs, const float *tq, __m256 mk) {
+    __m256 f = _mm256_mul_ps(_mm256_loadu_ps(fs), mk);
+    __m256 q = _mm256_mul_ps(_mm256_loadu_ps(tq), mk);
+    l->s_lo = _mm256_add_pd(l->s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+    l->s_hi = _mm256_add_pd(l->s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    l->t_lo = _mm256_add_pd(l->t_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
+    l->t_hi = _mm256_add_pd(l->t_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
+}
+
+static inline void lanes_store(const kept_lanes *l, double *sk, double *tk) {
+    _mm256_storeu_pd(sk, l->s_lo);
+    _mm256_storeu_pd(sk + 4, l->s_hi);
+    _mm256_storeu_pd(tk, l->t_lo);
+    _mm256_storeu_pd(tk + 4, l->t_hi);
+}
+
+static inline i64 lanes_total(__m256i v) {  /* the 8 int32 lanes added */
+    int32_t x[8];
+    _mm256_storeu_si256((__m256i *)x, v);
+    i64 t = 0;
+    for (int k = 0; k < 8; k++) t += x[k];
+    return t;
+}
+#endif
+
 /* One chunk of a mask's sums: returns the kept count; sk[k] / tk[k] (lane k =
  * entry j % 8) gain fs * m and tq * m widened to float64, the very additions
  * of the scalar loop below in the same order, and ck[j] (when not NULL) gains
@@ -530,30 +567,18 @@ static i64 kept_sums(const uint8_t *m, const float *fs, const float *tq, i64 len
                      int32_t *ck) {
     i64 j = 0, cnt = 0;
 #ifdef __AVX2__
-    __m256d s_lo = _mm256_loadu_pd(sk), s_hi = _mm256_loadu_pd(sk + 4);
-    __m256d t_lo = _mm256_loadu_pd(tk), t_hi = _mm256_loadu_pd(tk + 4);
+    kept_lanes l = lanes_load(sk, tk);
     __m256i cntv = _mm256_setzero_si256();
     for (; j + LANES <= len; j += LANES) {
         __m256i mi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + j)));
-        __m256 mk = _mm256_cvtepi32_ps(mi);
-        __m256 f = _mm256_mul_ps(_mm256_loadu_ps(fs + j), mk);
-        __m256 q = _mm256_mul_ps(_mm256_loadu_ps(tq + j), mk);
-        s_lo = _mm256_add_pd(s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-        s_hi = _mm256_add_pd(s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-        t_lo = _mm256_add_pd(t_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
-        t_hi = _mm256_add_pd(t_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
+        lanes_add(&l, fs + j, tq + j, _mm256_cvtepi32_ps(mi));
         cntv = _mm256_add_epi32(cntv, mi);
         if (ck)
             _mm256_storeu_si256((__m256i *)(ck + j),
                                 _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(ck + j)), mi));
     }
-    _mm256_storeu_pd(sk, s_lo);
-    _mm256_storeu_pd(sk + 4, s_hi);
-    _mm256_storeu_pd(tk, t_lo);
-    _mm256_storeu_pd(tk + 4, t_hi);
-    int32_t c8[8];
-    _mm256_storeu_si256((__m256i *)c8, cntv);
-    for (int k = 0; k < 8; k++) cnt += c8[k];
+    lanes_store(&l, sk, tk);
+    cnt = lanes_total(cntv);
 #endif
     for (; j < len; j++) {
         float mk = (float)m[j];
@@ -589,8 +614,7 @@ static i64 masked_sums(const float *sc, float th, const float *fs, const float *
     i64 j = 0, cnt = 0, ne = 0;
 #ifdef __AVX2__
     const __m256 thv = _mm256_set1_ps(th), one = _mm256_set1_ps(1.0f);
-    __m256d s_lo = _mm256_loadu_pd(sk), s_hi = _mm256_loadu_pd(sk + 4);
-    __m256d t_lo = _mm256_loadu_pd(tk), t_hi = _mm256_loadu_pd(tk + 4);
+    kept_lanes l = lanes_load(sk, tk);
     __m256i cntv = _mm256_setzero_si256(), eqv = _mm256_setzero_si256();
     for (; j + LANES <= len; j += LANES) {
         __m256 x = _mm256_loadu_ps(sc + j);
@@ -598,30 +622,16 @@ static i64 masked_sums(const float *sc, float th, const float *fs, const float *
         __m256i gi = _mm256_castps_si256(gt);  /* -1 where kept */
         eqv = _mm256_sub_epi32(eqv, _mm256_castps_si256(_mm256_cmp_ps(x, thv, _CMP_EQ_OQ)));
         cntv = _mm256_sub_epi32(cntv, gi);
-        __m256 mk = _mm256_and_ps(gt, one);
-        __m256 f = _mm256_mul_ps(_mm256_loadu_ps(fs + j), mk);
-        __m256 q = _mm256_mul_ps(_mm256_loadu_ps(tq + j), mk);
-        s_lo = _mm256_add_pd(s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-        s_hi = _mm256_add_pd(s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-        t_lo = _mm256_add_pd(t_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
-        t_hi = _mm256_add_pd(t_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
+        lanes_add(&l, fs + j, tq + j, _mm256_and_ps(gt, one));
         uint64_t bytes = byte_lut[_mm256_movemask_ps(gt)];
         memcpy(m + j, &bytes, 8);
         if (ck)
             _mm256_storeu_si256((__m256i *)(ck + j),
                                 _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(ck + j)), gi));
     }
-    _mm256_storeu_pd(sk, s_lo);
-    _mm256_storeu_pd(sk + 4, s_hi);
-    _mm256_storeu_pd(tk, t_lo);
-    _mm256_storeu_pd(tk + 4, t_hi);
-    int32_t c8[8], e8[8];
-    _mm256_storeu_si256((__m256i *)c8, cntv);
-    _mm256_storeu_si256((__m256i *)e8, eqv);
-    for (int k = 0; k < 8; k++) {
-        cnt += c8[k];
-        ne += e8[k];
-    }
+    lanes_store(&l, sk, tk);
+    cnt = lanes_total(cntv);
+    ne = lanes_total(eqv);
 #endif
     for (; j < len; j++) {
         uint8_t k = (uint8_t)(sc[j] > th);
