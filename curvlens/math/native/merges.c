@@ -225,32 +225,6 @@ void cl_ties_merge(const void *b, int32_t bdt, const void *const *xs, const int3
     bad[0] = (int32_t)fl;
 }
 
-/* The values of u[0..len) whose offset from lo is at most width, stored in
- * order at out (which has room for len); returns how many. AVX2: eight at a
- * time through a lane-order table, no branch per value. */
-static i64 compact(const uint32_t *u, i64 len, uint32_t lo, uint32_t width, uint32_t *out) {
-    i64 c = 0, j = 0;
-#ifdef __AVX2__
-    const __m256i vlo = _mm256_set1_epi32((int32_t)lo);
-    const __m256i flip = _mm256_set1_epi32((int32_t)0x80000000u);
-    const __m256i vw = _mm256_xor_si256(_mm256_set1_epi32((int32_t)width), flip);
-    for (; j + 8 <= len; j += 8) {
-        __m256i x = _mm256_loadu_si256((const __m256i *)(u + j));
-        __m256i off = _mm256_xor_si256(_mm256_sub_epi32(x, vlo), flip);
-        __m256i out_of = _mm256_cmpgt_epi32(off, vw);  /* unsigned off > width */
-        int m = ~_mm256_movemask_ps(_mm256_castsi256_ps(out_of)) & 0xff;
-        __m256i idx = _mm256_loadu_si256((const __m256i *)cl_compact_lut[m]);
-        _mm256_storeu_si256((__m256i *)(out + c), _mm256_permutevar8x32_epi32(x, idx));
-        c += __builtin_popcount((unsigned)m);
-    }
-#endif
-    for (; j < len; j++) {
-        out[c] = u[j];
-        c += u[j] - lo <= width;
-    }
-    return c;
-}
-
 /* One sweep of |w - b| (fp32, sign cleared, as the magnitude scores): how many
  * bit patterns lie above hi (above[0]), and those inside [lo, hi], stored in buf
  * while fewer than cap. Returns how many were inside (more than cap: the caller
