@@ -40,8 +40,8 @@ from curvlens.runtime import cpu_has_avx2
 __all__ = ["available", "lib", "ptr", "dtype_code", "reason"]
 
 _HERE = Path(__file__).parent
-#: compiled together into one library; common.h is included by both
-_SOURCES = [_HERE / "kernels.c", _HERE / "merges.c"]
+#: compiled together into one library; common.h is included by each
+_SOURCES = [_HERE / "kernels.c", _HERE / "merges.c", _HERE / "sparse.c"]
 _HEADERS = [_HERE / "common.h"]
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -66,9 +66,15 @@ _SIGNATURES = {
     "cl_mask_sweep": ([P, I32, P, I32, P, I32, I64, I64, I32, P, P, P, P, P, P, P], None),
     "cl_and_count": ([P, P, I64], I64),
     "cl_widen": ([P, I32, I64, P, P], None),
+    "cl_sub_widened": ([P, I32, P, I32, I64, P], None),
     "cl_ota_merge": ([P, I32, P, P, P, P, P, I32, I64, P, F32, P, P, P, F32, I32, P, P, P, P], None),
     "cl_mag_bracket": ([P, I32, P, I32, I64, U32, U32, P, P, I64, P], I64),
     "cl_ties_merge": ([P, I32, P, P, I32, I64, P, P, P, P, I32, F32, P, P, P, P], None),
+    "cl_sp_index": ([P, I64, I64, I64, P, P, P, I32, P], I64),
+    "cl_sp_mm_f32": ([P, P, P, I32, I64, I64, P, I64, P], None),
+    "cl_sp_tmm_f32": ([P, P, P, I32, I64, I64, P, I64, P], None),
+    "cl_sp_mm_pat": ([P, P, I64, P, I64, P], None),
+    "cl_sp_tmm_pat": ([P, P, I64, I64, P, I64, P], None),
 }
 
 

@@ -732,3 +732,16 @@ void cl_widen(const void *p, int32_t dt, i64 n, float *out, float *each) {
     for (i64 s0 = 0; s0 < n; s0 += 4096) load_block(p, dt, s0, n - s0 < 4096 ? n - s0 : 4096, out + s0);
     for (i64 i = 0; i < n; i++) each[i] = ld(p, dt, i);
 }
+
+/* out = x - b in fp32, both widened exactly from their dtypes: the bits of
+ * torch's x.float() - b.float() (one IEEE subtraction per entry), in one pass
+ * instead of a conversion pass and a subtraction pass. */
+void cl_sub_widened(const void *x, int32_t dx, const void *b, int32_t db, i64 n, float *out) {
+    float bb[4096];
+    for (i64 s0 = 0; s0 < n; s0 += 4096) {
+        const i64 len = n - s0 < 4096 ? n - s0 : 4096;
+        load_block(x, dx, s0, len, out + s0);
+        load_block(b, db, s0, len, bb);
+        for (i64 j = 0; j < len; j++) out[s0 + j] -= bb[j];
+    }
+}
