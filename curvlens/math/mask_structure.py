@@ -23,8 +23,8 @@ import torch
 from curvlens.errors import CurvlensError
 from curvlens.math.checks import as_bytes, as_tensor, check_same_shape, chunks, ratio
 from curvlens.math.sketches import (
-    NORM_BLOCK, RowBlocks, draws, float64_ok, full_rank_singular_values, gaussian, krylov_top_sv,
-    range_finder_svdvals, rank_and_effective_rank, rank_at_least,
+    NORM_BLOCK, MaskIndex, RowBlocks, SparseRows, draws, float64_ok, full_rank_singular_values, gaussian, krylov_top_sv,
+    range_finder_svdvals, rank_and_effective_rank, rank_at_least, top_eigenvalue,
 )
 
 __all__ = ["mask_structure", "mask_jaccard", "saliency_share"]
@@ -216,9 +216,9 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
             # ||A||_2^2 is the top eigenvalue of the smaller Gram matrix: exact to
             # float64 rounding, and cheaper than an SVD of A.
             gram = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
-            fro2 = float(a.square().sum())
             del a
-            out["stable_rank"] = ratio(fro2, float(torch.linalg.eigvalsh(gram)[-1]))
+            fro2 = float(gram.diagonal().sum())  # the trace: ||A||_F^2, in float64
+            out["stable_rank"] = ratio(fro2, top_eigenvalue(gram))
         return out
 
     # Randomized path. No power iterations for the mask: the reported values are
@@ -228,13 +228,19 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     # nothing here, while re-indexing every block would.
     gen = draws(rng)
     ell = min(int(sketch_size), big_m, big_n)
+    # the kept entries' column indices, when the sparse products pay (CPU, at
+    # most half kept): both sketches below then visit only the kept entries
+    index = MaskIndex.build(m2, n_kept, t2 if t2 is not None and fro2 is None else None)
+    if index is not None and fro2 is None:
+        fro2 = index.fro2
     if ell < min(big_m, big_n) and rank_at_least(m2, ell, n_kept, gen.initial_seed(), dt):
         # proven capped by a sample of rows; the full sketch's draw is made all
         # the same, so the stable rank's estimate below sees the same randomness
         gaussian(gen, big_n, ell, dtype=dt)
         rank, erank, capped = ell, nan, True
     else:
-        s = range_finder_svdvals(RowBlocks(m2, None, None, None, dt), ell, gen)
+        mat = SparseRows(index, None) if index is not None else RowBlocks(m2, None, None, None, dt)
+        s = range_finder_svdvals(mat, ell, gen)
         rank, erank = rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
         capped = rank >= ell and ell < min(big_m, big_n)
     out.update(mask_rank=float(rank), mask_effective_rank=nan if capped else erank,
@@ -242,8 +248,8 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     if t2 is not None:
         # Only the top singular value is needed and its precision is not critical,
         # so float32 (2-3x faster on CPUs) with Krylov iterations for flat spectra.
-        top, fro2 = krylov_top_sv(RowBlocks(m2, t2, None, None, torch.float32),
-                                   min(NORM_BLOCK, ell), int(power_iters), gen, fro2)
+        mat = SparseRows(index, t2) if index is not None else RowBlocks(m2, t2, None, None, torch.float32)
+        top, fro2 = krylov_top_sv(mat, min(NORM_BLOCK, ell), int(power_iters), gen, fro2)
         out["stable_rank"] = ratio(fro2, top**2)
     return out
 
