@@ -228,3 +228,35 @@ def test_every_16_bit_pattern_widens_as_torch_widens_it(dtype):
     for got in (out, each):
         assert torch.equal(torch.isnan(got), nan)
         assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bits: -0.0 too
+
+
+@pytest.mark.parametrize("dx", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("db", [torch.bfloat16, torch.float16, torch.float32])
+def test_task_vectors_in_one_pass_are_torchs_bits(dx, db, monkeypatch):
+    """fp32_task_vector through cl_sub_widened: every 16-bit pattern of x (NaNs,
+    infinities, subnormals, -0.0) against shuffled ones of b, and a length past the
+    kernel's 4096-entry blocks."""
+    from curvlens.math.checks import fp32_task_vector
+
+    if native.lib() is None:
+        pytest.skip(f"no compiled kernels: {native.reason()}")
+    pats = torch.arange(65536 + 4099, dtype=torch.int32) % 65536
+    g = torch.Generator().manual_seed(0)
+
+    def make(dt, p):
+        if dt == torch.float32:  # fp32: the 16-bit patterns as bf16 widened, plus random values
+            return torch.cat([p.to(torch.int16).view(torch.bfloat16).float()[:-4099],
+                              torch.randn(4099, generator=g) * 1e30])
+        return p.to(torch.int16).view(dt)
+
+    x, b = make(dx, pats), make(db, pats[torch.randperm(pats.numel(), generator=g)])
+    x_before, b_before = x.clone(), b.clone()
+    got = fp32_task_vector(x.view(-1, 1), b.view(-1, 1))
+    monkeypatch.setenv("CURVLENS_NATIVE", "0")  # the torch path
+    want = fp32_task_vector(x.view(-1, 1), b.view(-1, 1))
+    assert want.data_ptr() != x.data_ptr() and got.dtype == torch.float32 and got.shape == (x.numel(), 1)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    assert torch.equal(x.view(torch.uint8), x_before.view(torch.uint8))  # inputs untouched
+    assert torch.equal(b.view(torch.uint8), b_before.view(torch.uint8))
