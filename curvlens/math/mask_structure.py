@@ -230,7 +230,7 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     ell = min(int(sketch_size), big_m, big_n)
     # the kept entries' column indices, when the sparse products pay (CPU, at
     # most half kept): both sketches below then visit only the kept entries
-    index = MaskIndex.build(m2, n_kept, t2 if t2 is not None and fro2 is None else None)
+    index = MaskIndex.build(m2, n_kept, t2, with_fro2=fro2 is None)
     if index is not None and fro2 is None:
         fro2 = index.fro2
     if ell < min(big_m, big_n) and rank_at_least(m2, ell, n_kept, gen.initial_seed(), dt):
@@ -239,7 +239,7 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
         gaussian(gen, big_n, ell, dtype=dt)
         rank, erank, capped = ell, nan, True
     else:
-        mat = SparseRows(index, None) if index is not None else RowBlocks(m2, None, None, None, dt)
+        mat = SparseRows(index, values=False) if index is not None else RowBlocks(m2, None, None, None, dt)
         s = range_finder_svdvals(mat, ell, gen)
         rank, erank = rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
         capped = rank >= ell and ell < min(big_m, big_n)
@@ -248,7 +248,7 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
     if t2 is not None:
         # Only the top singular value is needed and its precision is not critical,
         # so float32 (2-3x faster on CPUs) with Krylov iterations for flat spectra.
-        mat = SparseRows(index, t2) if index is not None else RowBlocks(m2, t2, None, None, torch.float32)
+        mat = SparseRows(index, values=True) if index is not None else RowBlocks(m2, t2, None, None, torch.float32)
         top, fro2 = krylov_top_sv(mat, min(NORM_BLOCK, ell), int(power_iters), gen, fro2)
         out["stable_rank"] = ratio(fro2, top**2)
     return out

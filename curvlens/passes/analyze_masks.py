@@ -306,9 +306,9 @@ class MaskStats(Stat):
                 exact = self.rank_exact_max if self.rank_exact_max is not None else work // _short_side(tau)
                 opts = dict(rank_exact_max=exact, rng=tensor_seed(self.seed, ctx.name), sketch_size=self.sketch_size,
                             power_iters=self.power_iters)
-                # + one mask's index of kept entries at a time (2 bytes each, 8 per row)
+                # + one mask's index of kept entries at a time (6 bytes each, 8 per row)
                 nbytes = (tau.numel() * tau.element_size() + sum(r.mask.numel() for r in results)
-                          + 2 * max(r.kept for r in results) + 8 * (tau.shape[0] + 1 if tau.dim() else 1))
+                          + 6 * max(r.kept for r in results) + 8 * (tau.shape[0] + 1 if tau.dim() else 1))
                 self.background.submit(lambda e=e, name=ctx.name, tau=tau, results=results, opts=opts:
                                        _structures(e, name, tau, results, opts), nbytes)
                 self.rows.append(heads)

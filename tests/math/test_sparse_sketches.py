@@ -38,8 +38,8 @@ def test_products_equal_dense_float64_products(shape, dtype, k):
     assert idx.fro2 == pytest.approx(float(a.square().sum()), rel=1e-12)
     g = torch.Generator().manual_seed(1)
     x, q = torch.randn(shape[1], k, generator=g), torch.randn(shape[0], k, generator=g)
-    for op in (sketches.SparseRows(idx, tau), sketches.SparseRows(idx, None)):
-        ref = a if op.tau2d is not None else mask.double()
+    for op in (sketches.SparseRows(idx, values=True), sketches.SparseRows(idx, values=False)):
+        ref = a if op.values else mask.double()
         y, _ = op.mm(x)
         z = op.rmm(q)
         assert y.shape == (shape[0], k) and z.shape == (shape[1], k) and y.dtype == op.dtype
@@ -64,8 +64,8 @@ def test_the_plain_c_build_gives_the_avx2_builds_bits(plain_c_build, monkeypatch
             with monkeypatch.context() as mp:
                 mp.setitem(native._STATE, "lib", lib)
                 idx = sketches.MaskIndex.build(mask, int(mask.sum()), tau)
-                out = [idx.row_ptr, idx.col, torch.tensor(idx.fro2)]
-                for op in (sketches.SparseRows(idx, tau), sketches.SparseRows(idx, None)):
+                out = [idx.row_ptr, idx.col, idx.val, torch.tensor(idx.fro2)]
+                for op in (sketches.SparseRows(idx, values=True), sketches.SparseRows(idx, values=False)):
                     out += [op.mm(x)[0], op.rmm(q)]
                 runs.append(out)
         for a, b in zip(*runs):
@@ -80,6 +80,8 @@ def test_the_index_is_declined_where_dense_products_are_used(monkeypatch):
     assert sketches.MaskIndex.build(mask.T, n) is None  # not contiguous
     assert sketches.MaskIndex.build(mask, n, tau.double()) is None  # a dtype the kernels do not read
     assert sketches.MaskIndex.build(mask, 0) is None
+    with pytest.raises(CurvlensError, match="no values"):
+        sketches.SparseRows(sketches.MaskIndex.build(mask, n), values=True)
     wide = torch.zeros(1, 70000, dtype=torch.bool)
     wide[0, -5:] = True
     assert sketches.MaskIndex.build(wide, 5) is None  # past uint16 column indices
@@ -96,14 +98,15 @@ def test_a_wrong_kept_count_is_an_error_not_a_write_past_the_index(claimed):
 
 
 def test_the_index_kernel_never_writes_past_its_capacity():
-    mask, _ = _case((40, 50), 0.3, seed=5)
+    mask, tau = _case((40, 50), 0.3, seed=5)
     n = int(mask.sum())
     for cap in (n - 1, n - 30, 0):
         col = torch.full((n + 64,), -7, dtype=torch.int16)  # room past cap, filled with a sentinel
         row_ptr = torch.empty(41, dtype=torch.int64)
+        val = torch.full((n + 64,), -7.0)
         got = native.lib().cl_sp_index(mask.view(torch.uint8).data_ptr(), 40, 50, cap, row_ptr.data_ptr(),
-                                       col.data_ptr(), None, 0, None)
-        assert got == -1 and (col[cap:] == -7).all()
+                                       col.data_ptr(), tau.data_ptr(), 0, val.data_ptr(), None)
+        assert got == -1 and (col[cap:] == -7).all() and (val[cap:] == -7.0).all()
 
 
 @pytest.mark.parametrize("shape, density", [((400, 300), 0.1), ((300, 400), 0.3), ((2000, 64), 0.5), ((90, 700), 0.2)])

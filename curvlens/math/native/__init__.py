@@ -70,9 +70,9 @@ _SIGNATURES = {
     "cl_ota_merge": ([P, I32, P, P, P, P, P, I32, I64, P, F32, P, P, P, F32, I32, P, P, P, P], None),
     "cl_mag_bracket": ([P, I32, P, I32, I64, U32, U32, P, P, I64, P], I64),
     "cl_ties_merge": ([P, I32, P, P, I32, I64, P, P, P, P, I32, F32, P, P, P, P], None),
-    "cl_sp_index": ([P, I64, I64, I64, P, P, P, I32, P], I64),
-    "cl_sp_mm_f32": ([P, P, P, I32, I64, I64, P, I64, P], None),
-    "cl_sp_tmm_f32": ([P, P, P, I32, I64, I64, P, I64, P], None),
+    "cl_sp_index": ([P, I64, I64, I64, P, P, P, I32, P, P], I64),
+    "cl_sp_mm_f32": ([P, P, P, I64, P, I64, P], None),
+    "cl_sp_tmm_f32": ([P, P, P, I64, I64, P, I64, P], None),
     "cl_sp_mm_pat": ([P, P, I64, P, I64, P], None),
     "cl_sp_tmm_pat": ([P, P, I64, I64, P, I64, P], None),
 }

@@ -19,14 +19,14 @@
 #include "common.h"
 
 /* Row pointers (m + 1) and column indices of the nonzero bytes of an m x n
- * mask, at most cap of them; with tau (dtype dt) also the float64 sum of the
- * squares of its fp32 values at the kept entries into *fro2. Returns the
- * count, or -1 when the mask keeps more than cap entries (nothing is written
- * past col[cap - 1]). */
+ * mask, at most cap of them; with tau (dtype dt) also its values there,
+ * widened to fp32, into val (cap of them), and (fro2 not NULL) the float64
+ * sum of their squares into *fro2. Returns the count, or -1 when the mask keeps more than
+ * cap entries (nothing is written past index cap - 1). */
 i64 cl_sp_index(const uint8_t *mask, i64 m, i64 n, i64 cap, i64 *row_ptr, uint16_t *col,
-                const void *tau, int32_t dt, double *fro2) {
+                const void *tau, int32_t dt, float *val, double *fro2) {
     i64 c = 0;
-    double f = 0.0;
+    double f[4] = {0.0, 0.0, 0.0, 0.0};  /* four partial sums: no chain of dependent adds */
     row_ptr[0] = 0;
     for (i64 i = 0; i < m; i++) {
         const uint8_t *r = mask + i * n;
@@ -49,25 +49,22 @@ i64 cl_sp_index(const uint8_t *mask, i64 m, i64 n, i64 cap, i64 *row_ptr, uint16
         for (; j < n; j++)
             if (r[j]) col[c++] = (uint16_t)j;
         if (tau)
-            for (i64 p = start; p < c; p++) {
-                double v = (double)ld(tau, dt, i * n + col[p]);
-                f += v * v;
-            }
+            for (i64 p = start; p < c; p++) val[p] = ld(tau, dt, i * n + col[p]);
+        if (tau && fro2)
+            for (i64 p = start; p < c; p++) f[(p - start) & 3] += (double)val[p] * (double)val[p];
         row_ptr[i + 1] = c;
     }
-    if (fro2) *fro2 = f;
+    if (fro2) *fro2 = (f[0] + f[1]) + (f[2] + f[3]);
     return c;
 }
 
-/* The fp32 products' bodies take the dtype as a constant (see the DTYPES
- * dispatch below), so the widening load has no test per entry. */
+/* The fp32 products' bodies take the Krylov sketch's 16 columns as a
+ * constant where they are (index arithmetic by shifts). */
 #define INLINE static inline __attribute__((always_inline))
-#define DTYPES(call) do { if (dt == 0) call(0); else if (dt == 1) call(1); else call(2); } while (0)
-/* ... and the Krylov sketch's 16 columns as a constant too (index arithmetic by shifts) */
-#define DTYPES_K16(call) do { if (k == 16) DTYPES(call##16); else DTYPES(call); } while (0)
+#define K16(call) do { if (k == 16) call(16); else call(k); } while (0)
 
-INLINE void sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau, const int dt, i64 m, i64 n,
-                      const float *x, const i64 k, float *y) {
+INLINE void sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const float *val, i64 m, const float *x,
+                      const i64 k, float *y) {
     for (i64 i = 0; i < m; i++) {
         const i64 p0 = row_ptr[i], p1 = row_ptr[i + 1];
         for (i64 c0 = 0; c0 < k; c0 += 16) {
@@ -79,14 +76,14 @@ INLINE void sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau, 
             for (; p + 4 <= p1; p += 4)
                 for (int u = 0; u < 4; u++) {
                     const i64 j = col[p + u];
-                    const __m256 v = _mm256_set1_ps(ld(tau, dt, i * n + j));
+                    const __m256 v = _mm256_set1_ps(val[p + u]);
                     const float *xr = xc + j * k;
                     a[2 * u] = _mm256_add_ps(a[2 * u], _mm256_mul_ps(v, _mm256_loadu_ps(xr)));
                     a[2 * u + 1] = _mm256_add_ps(a[2 * u + 1], _mm256_mul_ps(v, _mm256_loadu_ps(xr + 8)));
                 }
             for (int u = 0; p < p1; p++, u++) {
                 const i64 j = col[p];
-                const __m256 v = _mm256_set1_ps(ld(tau, dt, i * n + j));
+                const __m256 v = _mm256_set1_ps(val[p]);
                 const float *xr = xc + j * k;
                 a[2 * u] = _mm256_add_ps(a[2 * u], _mm256_mul_ps(v, _mm256_loadu_ps(xr)));
                 a[2 * u + 1] = _mm256_add_ps(a[2 * u + 1], _mm256_mul_ps(v, _mm256_loadu_ps(xr + 8)));
@@ -98,7 +95,7 @@ INLINE void sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau, 
             float a[4][16] = {{0}};
             for (i64 p = p0; p < p1; p++) {
                 const i64 j = col[p];
-                const float v = ld(tau, dt, i * n + j), *xr = xc + j * k;
+                const float v = val[p], *xr = xc + j * k;
                 float *acc = a[(p - p0) & 3];
                 for (int c = 0; c < 16; c++) acc[c] += v * xr[c];
             }
@@ -108,18 +105,17 @@ INLINE void sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau, 
     }
 }
 
-/* Y (m x k, row-major) = (mask * tau) X, X n x k, k a multiple of 16; fp32. */
-void cl_sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau, int32_t dt, i64 m, i64 n,
-                  const float *x, i64 k, float *y) {
-#define MM(d) sp_mm_f32(row_ptr, col, tau, d, m, n, x, k, y)
-#define MM16(d) sp_mm_f32(row_ptr, col, tau, d, m, n, x, 16, y)
-    DTYPES_K16(MM);
+/* Y (m x k, row-major) = A X for A with the kept values val (fp32), X n x k,
+ * k a multiple of 16. */
+void cl_sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const float *val, i64 m, const float *x, i64 k,
+                  float *y) {
+#define MM(kk) sp_mm_f32(row_ptr, col, val, m, x, kk, y)
+    K16(MM);
 #undef MM
-#undef MM16
 }
 
-INLINE void sp_tmm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau, const int dt, i64 m, i64 n,
-                       const float *q, i64 k, float *z) {
+INLINE void sp_tmm_f32(const i64 *row_ptr, const uint16_t *col, const float *val, i64 m, i64 n, const float *q,
+                       const i64 k, float *z) {
     memset(z, 0, (size_t)(n * k) * sizeof(float));
     for (i64 i = 0; i < m; i++) {
         for (i64 c0 = 0; c0 < k; c0 += 16) {
@@ -127,17 +123,15 @@ INLINE void sp_tmm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau,
 #ifdef __AVX2__
             const __m256 q0 = _mm256_loadu_ps(qr), q1 = _mm256_loadu_ps(qr + 8);
             for (i64 p = row_ptr[i]; p < row_ptr[i + 1]; p++) {
-                const i64 j = col[p];
-                const __m256 v = _mm256_set1_ps(ld(tau, dt, i * n + j));
-                float *zr = z + j * k + c0;
+                const __m256 v = _mm256_set1_ps(val[p]);
+                float *zr = z + (i64)col[p] * k + c0;
                 _mm256_storeu_ps(zr, _mm256_add_ps(_mm256_loadu_ps(zr), _mm256_mul_ps(v, q0)));
                 _mm256_storeu_ps(zr + 8, _mm256_add_ps(_mm256_loadu_ps(zr + 8), _mm256_mul_ps(v, q1)));
             }
 #else
             for (i64 p = row_ptr[i]; p < row_ptr[i + 1]; p++) {
-                const i64 j = col[p];
-                const float v = ld(tau, dt, i * n + j);
-                float *zr = z + j * k + c0;
+                const float v = val[p];
+                float *zr = z + (i64)col[p] * k + c0;
                 for (int c = 0; c < 16; c++) zr[c] += v * qr[c];
             }
 #endif
@@ -145,14 +139,12 @@ INLINE void sp_tmm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau,
     }
 }
 
-/* Z (n x k) = (mask * tau)^T Q, Q m x k, k a multiple of 16; fp32. */
-void cl_sp_tmm_f32(const i64 *row_ptr, const uint16_t *col, const void *tau, int32_t dt, i64 m, i64 n,
-                   const float *q, i64 k, float *z) {
-#define TMM(d) sp_tmm_f32(row_ptr, col, tau, d, m, n, q, k, z)
-#define TMM16(d) sp_tmm_f32(row_ptr, col, tau, d, m, n, q, 16, z)
-    DTYPES_K16(TMM);
+/* Z (n x k) = A^T Q, Q m x k, k a multiple of 16; fp32. */
+void cl_sp_tmm_f32(const i64 *row_ptr, const uint16_t *col, const float *val, i64 m, i64 n, const float *q, i64 k,
+                   float *z) {
+#define TMM(kk) sp_tmm_f32(row_ptr, col, val, m, n, q, kk, z)
+    K16(TMM);
 #undef TMM
-#undef TMM16
 }
 
 /* Y (m x k) = mask X, X n x k float64, k a multiple of 8: each row's sum of
