@@ -14,6 +14,13 @@ sketch size; above it only "rank >= cap" is known and reported, and a sample of
 a 128256 x 4096 mask of rank 20: 25 s mask only, 53 s with ``tau`` (the stable
 rank's Krylov passes), +0.34 GB peak RSS either way (a float32 copy of the mask
 alone would take 2.1 GB). On a GPU the same code runs on the mask's device.
+
+On the CPU, a mask that keeps at most half its entries (every FFG mask at the
+usual densities) is first indexed: each row's kept columns and ``tau``'s values
+there (:class:`~curvlens.math.sketches.MaskIndex`, 6 bytes per kept entry), and
+both sketches' products visit only those entries (``native/sparse.c``). Measured
+on a 2816 x 1024 mask, one thread: the stable rank's Krylov estimate takes
+2.3-2.5 ms at 10% kept and 4.4-4.5 ms at 30%, against 8-11 ms dense.
 """
 from __future__ import annotations
 

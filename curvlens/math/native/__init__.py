@@ -5,7 +5,7 @@ operations each costs one pass over memory, and on this project's 2-core CPU one
 in-cache torch operation costs about as much as reading the same entries from
 DRAM (``benchmarks/bench_kernels.py``), so a pass that needs thirty of them runs
 thirty times the read floor. ``kernels.c`` does each statistic (``merges.c`` each merge of the common
-methods' usual options) in one sweep over
+methods' usual options, ``sparse.c`` the rank sketches' products over a mask's kept entries) in one sweep over
 the stored dtypes (bf16 and fp16 widened exactly, products and sums in the IEEE order
 torch uses, accumulations in float64).
 
