@@ -63,6 +63,21 @@ i64 cl_sp_index(const uint8_t *mask, i64 m, i64 n, i64 cap, i64 *row_ptr, uint16
 #define INLINE static inline __attribute__((always_inline))
 #define K16(call) do { if (k == 16) call(16); else call(k); } while (0)
 
+#ifdef __AVX2__
+/* One kept entry into partial sum u (of four) of 16 columns: a[2u], a[2u + 1]. */
+INLINE void add_f32(__m256 *a, int u, float v, const float *xr) {
+    const __m256 b = _mm256_set1_ps(v);
+    a[2 * u] = _mm256_add_ps(a[2 * u], _mm256_mul_ps(b, _mm256_loadu_ps(xr)));
+    a[2 * u + 1] = _mm256_add_ps(a[2 * u + 1], _mm256_mul_ps(b, _mm256_loadu_ps(xr + 8)));
+}
+
+/* ... of 8 float64 columns, a 0/1 entry: X's row added. */
+INLINE void add_f64(__m256d *a, int u, const double *xr) {
+    a[2 * u] = _mm256_add_pd(a[2 * u], _mm256_loadu_pd(xr));
+    a[2 * u + 1] = _mm256_add_pd(a[2 * u + 1], _mm256_loadu_pd(xr + 4));
+}
+#endif
+
 INLINE void sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const float *val, i64 m, const float *x,
                       const i64 k, float *y) {
     for (i64 i = 0; i < m; i++) {
@@ -73,21 +88,9 @@ INLINE void sp_mm_f32(const i64 *row_ptr, const uint16_t *col, const float *val,
             __m256 a[8];
             for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
             i64 p = p0;
-            for (; p + 4 <= p1; p += 4)
-                for (int u = 0; u < 4; u++) {
-                    const i64 j = col[p + u];
-                    const __m256 v = _mm256_set1_ps(val[p + u]);
-                    const float *xr = xc + j * k;
-                    a[2 * u] = _mm256_add_ps(a[2 * u], _mm256_mul_ps(v, _mm256_loadu_ps(xr)));
-                    a[2 * u + 1] = _mm256_add_ps(a[2 * u + 1], _mm256_mul_ps(v, _mm256_loadu_ps(xr + 8)));
-                }
-            for (int u = 0; p < p1; p++, u++) {
-                const i64 j = col[p];
-                const __m256 v = _mm256_set1_ps(val[p]);
-                const float *xr = xc + j * k;
-                a[2 * u] = _mm256_add_ps(a[2 * u], _mm256_mul_ps(v, _mm256_loadu_ps(xr)));
-                a[2 * u + 1] = _mm256_add_ps(a[2 * u + 1], _mm256_mul_ps(v, _mm256_loadu_ps(xr + 8)));
-            }
+            for (; p + 4 <= p1; p += 4)  /* unrolled: the four partial sums stay in registers */
+                for (int u = 0; u < 4; u++) add_f32(a, u, val[p + u], xc + (i64)col[p + u] * k);
+            for (int u = 0; p < p1; p++, u++) add_f32(a, u, val[p], xc + (i64)col[p] * k);
             _mm256_storeu_ps(y + i * k + c0, _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[4], a[6])));
             _mm256_storeu_ps(y + i * k + c0 + 8,
                              _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7])));
@@ -159,16 +162,8 @@ void cl_sp_mm_pat(const i64 *row_ptr, const uint16_t *col, i64 m, const double *
             for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_pd();
             i64 p = p0;
             for (; p + 4 <= p1; p += 4)
-                for (int u = 0; u < 4; u++) {
-                    const double *xr = xc + (i64)col[p + u] * k;
-                    a[2 * u] = _mm256_add_pd(a[2 * u], _mm256_loadu_pd(xr));
-                    a[2 * u + 1] = _mm256_add_pd(a[2 * u + 1], _mm256_loadu_pd(xr + 4));
-                }
-            for (int u = 0; p < p1; p++, u++) {
-                const double *xr = xc + (i64)col[p] * k;
-                a[2 * u] = _mm256_add_pd(a[2 * u], _mm256_loadu_pd(xr));
-                a[2 * u + 1] = _mm256_add_pd(a[2 * u + 1], _mm256_loadu_pd(xr + 4));
-            }
+                for (int u = 0; u < 4; u++) add_f64(a, u, xc + (i64)col[p + u] * k);
+            for (int u = 0; p < p1; p++, u++) add_f64(a, u, xc + (i64)col[p] * k);
             _mm256_storeu_pd(y + i * k + c0, _mm256_add_pd(_mm256_add_pd(a[0], a[2]), _mm256_add_pd(a[4], a[6])));
             _mm256_storeu_pd(y + i * k + c0 + 4,
                              _mm256_add_pd(_mm256_add_pd(a[1], a[3]), _mm256_add_pd(a[5], a[7])));
