@@ -219,13 +219,16 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
         rank, erank = rank_and_effective_rank(s, float(s[0]) * max(big_m, big_n) * eps)
         out.update(mask_rank=float(rank), mask_effective_rank=erank, rank_method="exact")
         if t2 is not None:
-            a = RowBlocks(m2, t2, rows, cols, dt).dense()
-            # ||A||_2^2 is the top eigenvalue of the smaller Gram matrix: exact to
-            # float64 rounding, and cheaper than an SVD of A.
-            gram = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
-            del a
-            fro2 = float(gram.diagonal().sum())  # the trace: ||A||_F^2, in float64
-            out["stable_rank"] = ratio(fro2, top_eigenvalue(gram))
+            def exact_stable_rank() -> float:
+                a = RowBlocks(m2, t2, rows, cols, dt).dense()
+                # ||A||_2^2 is the top eigenvalue of the smaller Gram matrix: exact to
+                # float64 rounding, and cheaper than an SVD of A.
+                gram = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
+                del a
+                fro2 = float(gram.diagonal().sum())  # the trace: ||A||_F^2, in float64
+                return ratio(fro2, top_eigenvalue(gram))
+
+            out["stable_rank"] = _checked(exact_stable_rank, m2, t2)
         return out
 
     # Randomized path. No power iterations for the mask: the reported values are
@@ -256,9 +259,35 @@ def mask_structure(mask, tau=None, saliency=None, rank_exact_max: int = RANK_EXA
         # Only the top singular value is needed and its precision is not critical,
         # so float32 (2-3x faster on CPUs) with Krylov iterations for flat spectra.
         mat = SparseRows(index, values=True) if index is not None else RowBlocks(m2, t2, None, None, torch.float32)
-        top, fro2 = krylov_top_sv(mat, min(NORM_BLOCK, ell), int(power_iters), gen, fro2)
-        out["stable_rank"] = ratio(fro2, top**2)
+
+        def estimated_stable_rank() -> float:
+            top, f = krylov_top_sv(mat, min(NORM_BLOCK, ell), int(power_iters), gen, fro2)
+            return ratio(f, top**2)
+
+        out["stable_rank"] = _checked(estimated_stable_rank, m2, t2)
     return out
+
+
+def _checked(stable_rank, m2: torch.Tensor, t2: torch.Tensor) -> float:
+    """``stable_rank()``, with a task vector that is not finite where the mask keeps
+    it named in a CurvlensError: LAPACK fails on such input (or returns NaN) with a
+    message about convergence. The entries are checked only then, so a finite
+    input pays nothing; any other failure is raised as it came."""
+    try:
+        value = stable_rank()
+    except (RuntimeError, ValueError):  # torch's LinAlgError, numpy's and scipy's
+        _finite_where_kept(m2, t2)
+        raise
+    if math.isnan(value):  # also the answer for a task vector that is 0 where kept
+        _finite_where_kept(m2, t2)
+    return value
+
+
+def _finite_where_kept(m2: torch.Tensor, t2: torch.Tensor) -> None:
+    bad = int(torch.count_nonzero(~torch.isfinite(t2[m2])))
+    if bad:
+        raise CurvlensError(f"tau has {bad} non-finite value(s) (NaN or infinity) where the mask keeps entries; "
+                            "the stable rank needs finite values")
 
 
 def mask_jaccard(mask_a, mask_b) -> float:

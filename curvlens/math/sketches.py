@@ -109,6 +109,10 @@ def float64_ok(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+#: the integer type whose bits a float's are (RowBlocks masks tau through them)
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
 class RowBlocks:
     """``mask`` (or ``mask * tau``) restricted to ``rows`` x ``cols``, as float blocks
     of rows.
@@ -143,10 +147,18 @@ class RowBlocks:
             yield start, stop, self._build(start, stop)
 
     def _build(self, start: int, stop: int) -> torch.Tensor:
-        blk = self._take(self.mask2d, start, stop).to(self.dtype)
-        if self.tau2d is not None:
-            blk.mul_(self._take(self.tau2d, start, stop).to(self.dtype))
-        return blk
+        m = self._take(self.mask2d, start, stop)
+        if self.tau2d is None:
+            return m.to(self.dtype)
+        # tau's bits where kept, else 0: not mask * tau (0 * inf and 0 * NaN are NaN,
+        # and an entry the mask drops must not reach the products), and not
+        # torch.where (10x slower than this on a CPU: 10 ms against 1 ms for a
+        # 2816 x 1024 fp32 block, one thread). The AND goes into a fresh integer
+        # tensor: tau itself (already in this dtype, .to() copies nothing) is only read.
+        t = self._take(self.tau2d, start, stop).to(self.dtype)
+        ints = _SAME_SIZE_INT[self.dtype]
+        keep = m.to(ints).neg_()  # 1 -> all bits set
+        return keep.bitwise_and_(t.view(ints)).view(self.dtype)
 
     def dense(self) -> torch.Tensor:
         """The whole matrix (callers only read it): one block is that block, uncopied."""

@@ -233,3 +233,24 @@ def test_krylov_top_singular_value_is_a_lower_bound_whatever_the_blocks(monkeypa
             assert one == pytest.approx(true, rel=0.1 if iters == 0 else 1e-4)
         else:
             assert one > 0.8 * true
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("opts", [{}, {"rank_exact_max": 0}, {"rank_exact_max": 0, "fro2": 1.0}])
+def test_a_non_finite_task_vector_where_kept_is_named_on_every_path(bad, opts, monkeypatch):
+    from curvlens.math import sketches
+    g = torch.Generator().manual_seed(9)
+    mask = torch.rand(60, 40, generator=g) < 0.3
+    tau = torch.randn(60, 40, generator=g)
+    mask[3, 5], tau[3, 5] = True, bad
+    for sparse in (True, False):
+        with monkeypatch.context() as mp:
+            if not sparse:
+                mp.setattr(sketches.MaskIndex, "build", classmethod(lambda cls, *a, **k: None))
+            with pytest.raises(CurvlensError, match="tau has 1 non-finite value"):
+                mask_structure(mask, tau, **opts)
+    mask[3, 5] = False  # where the mask keeps nothing, a bad value is not read
+    s = mask_structure(mask, tau, **opts)
+    assert math.isfinite(s["stable_rank"])
+    tau.zero_()  # a zero task vector where kept: NaN, not an error
+    assert math.isnan(mask_structure(mask, tau, **{k: v for k, v in opts.items() if k != "fro2"})["stable_rank"])
