@@ -271,8 +271,16 @@ class SparseRows:
         return out[:, : x.shape[1]]
 
     def mm(self, x: torch.Tensor, with_fro2: bool = False) -> tuple[torch.Tensor, float]:
-        """``A @ x``, and ``||A||_F^2`` when the index took it (else NaN)."""
-        fro2 = self.index.fro2 if with_fro2 and self.index.fro2 is not None else math.nan
+        """``A @ x``, and with ``with_fro2`` ``||A||_F^2``: the index's (float64, from
+        its sweep) when it took it, else summed from the kept values here (a 0/1
+        mask's is its count)."""
+        fro2 = 0.0
+        if with_fro2:
+            idx = self.index
+            if not self.values:
+                fro2 = float(idx.col.numel())
+            else:
+                fro2 = idx.fro2 if idx.fro2 is not None else float(idx.val.double().square().sum())
         return self._call("mm", x, self.m), fro2
 
     def rmm(self, q: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,13 @@ def test_products_equal_dense_float64_products(shape, dtype, k):
         assert ((z.double() - want_z).abs() <= tol * scale_z).all()
         if shape[0] >= 3:
             assert torch.equal(y[shape[0] // 2], torch.zeros(k, dtype=op.dtype))  # the empty row
+        # ||A||_F^2 whether or not the index took it
+        _, f = op.mm(x, with_fro2=True)
+        assert f == pytest.approx(float(ref.square().sum()), rel=1e-12)
+        if op.values:
+            bare = sketches.MaskIndex.build(mask, int(mask.sum()), tau, with_fro2=False)
+            assert bare.fro2 is None
+            assert sketches.SparseRows(bare, values=True).mm(x, with_fro2=True)[1] == pytest.approx(f, rel=1e-12)
 
 
 def test_the_plain_c_build_gives_the_avx2_builds_bits(plain_c_build, monkeypatch):
