@@ -77,8 +77,9 @@ def fp32_task_vector(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from curvlens.math import native  # the kernels' module imports nothing of curvlens.math
 
     if x.shape == b.shape and native.available(x, b):
-        # one pass (widen both, subtract) instead of a conversion and a
-        # subtraction: the analyses' task vectors, 3x faster on bf16 weights
+        # one pass (widen both, subtract) instead of a conversion pass and a
+        # subtraction pass over a fresh fp32 copy: 1.3 ms against 1.7 ms for a
+        # 2816 x 1024 bf16 pair, one thread (the analyses' task vectors)
         out = torch.empty(x.shape, dtype=torch.float32)
         native.lib().cl_sub_widened(x.data_ptr(), native.dtype_code(x), b.data_ptr(), native.dtype_code(b),
                                     x.numel(), out.data_ptr())
