@@ -1,5 +1,5 @@
 """The rank sketches' sparse products (curvlens/math/native/sparse.c through
-:class:`curvlens.math.sketches.SparseRows`) against dense float64 products, the
+:class:`curvlens.math.sparse_rows.SparseRows`) against dense float64 products, the
 plain C build against the AVX2 one, and :func:`mask_structure` on its sparse
 path against its dense one."""
 import math
