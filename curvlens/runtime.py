@@ -7,7 +7,8 @@ busy process, torch's default two intra-op threads made ``curvlens analyze``
 OTA+FFG merge 2.7x, while on a quiet machine two threads gained 9 %. Threads that
 wait on each other cost far more than a second core gains, so every streaming pass
 runs with ONE intra-op thread on a CPU by default (reading the next tensor still
-overlaps the math, in the stream's prefetch thread). ``set_threads`` or a pass's
+overlaps the math, in the stream's prefetch thread), and numpy's and scipy's own
+BLAS libraries are held to the same count while it runs (:func:`blas_threads`). ``set_threads`` or a pass's
 ``threads=`` changes it; ``benchmarks/bench_threads.py`` measures both settings.
 
 The second core is still used, by a helper thread that meets the caller only
@@ -37,7 +38,7 @@ from curvlens.errors import CurvlensError
 
 __all__ = ["set_threads", "get_threads", "use_threads", "torch_threads", "threads_for", "resolve_device",
            "progress_bar", "keep_freed_memory", "Background", "background_enabled", "side_by_side", "BUDGET",
-           "cpu_has_avx2"]
+           "cpu_has_avx2", "blas_threads"]
 
 _DEFAULT = {"cpu": 1}
 
@@ -83,17 +84,55 @@ def use_threads(n: int | None) -> Iterator[None]:
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then
     restore the caller's count. Every pass runs in one, so this is also where
-    glibc is told to keep freed blocks (:func:`keep_freed_memory`)."""
+    glibc is told to keep freed blocks (:func:`keep_freed_memory`) and where the
+    BLAS libraries numpy and scipy bring get the same count (:func:`blas_threads`)."""
     n = _check(n)
     keep_freed_memory()
     before = torch.get_num_threads()
     if n is not None and n != before:
         torch.set_num_threads(n)
     try:
-        yield
+        with blas_threads(n):
+            yield
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+_BLAS: dict = {}
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """Run the block with at most ``n`` threads in numpy's and scipy's BLAS/LAPACK
+    (``None``: unchanged), then restore their counts.
+
+    ``torch.set_num_threads`` does not reach them: each wheel ships its own
+    OpenBLAS, which starts one thread per core unless ``OMP_NUM_THREADS`` or
+    ``OPENBLAS_NUM_THREADS`` was set before it loaded. The mask ranks call scipy's
+    ``syevr`` in the pass's helper thread while the caller computes on the other
+    core, so those extra threads only contend: on this project's 2-core VM,
+    ``mask_stats`` on a 250M x 3 zoo took 23.6 s and 35 CPU-s without the
+    variables against 18.2 s and 25 CPU-s with ``OPENBLAS_NUM_THREADS=1``. The
+    setting is process-wide (OpenBLAS has one pool), as torch's is.
+    """
+    if n is None:
+        yield
+        return
+    with _blas_controller().limit(limits=n, user_api="blas"):
+        yield
+
+
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, made once, after scipy's
+    LAPACK is loaded: a library loaded later would not be seen by it."""
+    if "controller" not in _BLAS:
+        import numpy  # noqa: F401  (numpy and scipy each load their own OpenBLAS)
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS["controller"] = ThreadpoolController()
+    return _BLAS["controller"]
 
 
 #: glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD

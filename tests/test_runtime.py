@@ -65,3 +65,41 @@ def test_keep_freed_memory_is_once_per_process_and_can_be_turned_off(monkeypatch
     on = runtime.keep_freed_memory()
     assert on is (sys.platform.startswith("linux") and runtime._ALLOCATOR["on"])
     assert runtime.keep_freed_memory() is on
+
+
+def _blas_counts() -> dict:
+    from threadpoolctl import threadpool_info
+
+    return {d["filepath"]: d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+
+
+def test_numpy_and_scipy_blas_run_with_the_pass_threads(experts, monkeypatch):
+    """torch.set_num_threads does not reach the OpenBLAS numpy and scipy ship: the
+    mask ranks' scipy eigen-solves ran with one BLAS thread per core inside a
+    one-thread pass (and in its helper thread) until the pass capped them too."""
+    import scipy.linalg  # noqa: F401  (its own OpenBLAS, loaded before the limits below)
+    from threadpoolctl import threadpool_limits
+
+    import curvlens.math.mask_structure as ms
+
+    from curvlens.runtime import blas_threads
+
+    seen, real = [], ms.top_eigenvalue
+
+    def recording(g):
+        seen.append(set(_blas_counts().values()))
+        return real(g)
+
+    monkeypatch.setattr(ms, "top_eigenvalue", recording)
+    with threadpool_limits(limits=2, user_api="blas"):
+        outside = _blas_counts()
+        assert len(outside) >= 2  # numpy's and scipy's
+        cl.mask_stats(experts, densities=[0.5], device="cpu", progress=False)
+        assert seen and all(s == {1} for s in seen), seen
+        assert _blas_counts() == outside  # restored after the pass
+        with blas_threads(None):
+            assert _blas_counts() == outside
+        seen.clear()
+        with use_threads(2):
+            cl.mask_stats(experts, densities=[0.5], device="cpu", progress=False)
+        assert seen and all(s == set(outside.values()) for s in seen)
