@@ -124,14 +124,15 @@ def blas_threads(n: int | None) -> Iterator[None]:
 
 
 def _blas_controller():
-    """threadpoolctl's view of the loaded BLAS libraries, made once, after scipy's
-    LAPACK is loaded: a library loaded later would not be seen by it."""
-    if "controller" not in _BLAS:
-        import numpy  # noqa: F401  (numpy and scipy each load their own OpenBLAS)
-        import scipy.linalg  # noqa: F401
+    """threadpoolctl's view of the BLAS libraries loaded now. It sees only those, so
+    it is made again once scipy's LAPACK has been loaded since (a pass that calls
+    scipy imports it before the pass starts, :class:`curvlens.passes.analyze_masks.MaskStats`);
+    scipy is not imported here: a merge never needs it (0.1 s)."""
+    key = tuple(m in sys.modules for m in ("numpy", "scipy.linalg"))
+    if _BLAS.get("key") != key:
         from threadpoolctl import ThreadpoolController
 
-        _BLAS["controller"] = ThreadpoolController()
+        _BLAS["controller"], _BLAS["key"] = ThreadpoolController(), key
     return _BLAS["controller"]
 
 

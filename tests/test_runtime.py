@@ -103,3 +103,37 @@ def test_numpy_and_scipy_blas_run_with_the_pass_threads(experts, monkeypatch):
         with use_threads(2):
             cl.mask_stats(experts, densities=[0.5], device="cpu", progress=False)
         assert seen and all(s == set(outside.values()) for s in seen)
+
+
+def test_a_fresh_process_holds_scipys_blas_too(tmp_path):
+    """scipy is loaded lazily; the mask ranks' pass loads it before it starts, so
+    its OpenBLAS (not loaded when the pass's limit would otherwise be taken) is
+    held to the pass's one thread as well."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import json, sys
+import curvlens as cl
+import curvlens.math.mask_structure as ms
+from threadpoolctl import threadpool_info
+from tests.conftest import make_tiny_zoo
+assert "scipy.linalg" not in sys.modules
+base, dirs, *_ = make_tiny_zoo(__import__("pathlib").Path({str(tmp_path)!r}), n_experts=2)
+seen, real = [], ms.top_eigenvalue
+def recording(g):
+    seen.append(sorted({{d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}}))
+    return real(g)
+ms.top_eigenvalue = recording
+cl.mask_stats(cl.Experts.from_dirs(base, dirs), densities=[0.5], device="cpu", progress=False)
+print(json.dumps(seen))
+"""
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen and all(s == [1] for s in seen), seen

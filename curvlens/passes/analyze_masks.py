@@ -274,6 +274,10 @@ class MaskStats(Stat):
                                                                               power_iters, seed)
         self.rows: list = []  # dicts; with ranks, each job's row heads until the background answers
         self.background: Background | None = None
+        if self.ranks:
+            # the exact ranks' eigen-solves are scipy's: loaded before the pass
+            # starts, so the pass holds its BLAS threads too (runtime.blas_threads)
+            import scipy.linalg  # noqa: F401
 
     def mask_bytes(self):
         return self.selections if self.ranks else ()  # the singular values read the masks
