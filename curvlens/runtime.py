@@ -99,7 +99,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-_BLAS: dict = {}
+_BLAS: dict = {"depth": 0, "held": None}
+_BLAS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -113,14 +114,29 @@ def blas_threads(n: int | None) -> Iterator[None]:
     ``syevr`` in the pass's helper thread while the caller computes on the other
     core, so those extra threads only contend: on this project's 2-core VM,
     ``mask_stats`` on a 250M x 3 zoo took 23.6 s and 35 CPU-s without the
-    variables against 18.2 s and 25 CPU-s with ``OPENBLAS_NUM_THREADS=1``. The
-    setting is process-wide (OpenBLAS has one pool), as torch's is.
+    variables against 18.2 s and 25 CPU-s with ``OPENBLAS_NUM_THREADS=1``.
+
+    The setting is process-wide (OpenBLAS has one pool), so blocks that overlap
+    (passes in several threads of one process, a dask worker with many threads)
+    share one limit, the first block's, restored when the last one ends.
     """
     if n is None:
         yield
         return
-    with _blas_controller().limit(limits=n, user_api="blas"):
+    with _BLAS_LOCK:
+        if _BLAS["depth"] == 0:
+            held = _blas_controller().limit(limits=n, user_api="blas")
+            held.__enter__()
+            _BLAS["held"] = held
+        _BLAS["depth"] += 1
+    try:
         yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["depth"] -= 1
+            if _BLAS["depth"] == 0:
+                held, _BLAS["held"] = _BLAS["held"], None
+                held.__exit__(None, None, None)
 
 
 def _blas_controller():

@@ -137,3 +137,31 @@ print(json.dumps(seen))
     assert out.returncode == 0, out.stderr[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen and all(s == [1] for s in seen), seen
+
+
+def test_overlapping_passes_share_one_blas_limit_until_the_last_ends():
+    """Passes in two threads of one process (a many-threaded dask worker): the
+    first to end must not lift the limit under the other."""
+    import threading
+
+    import scipy.linalg  # noqa: F401
+
+    from curvlens.runtime import _BLAS, blas_threads
+
+    inside, main_done, seen = threading.Event(), threading.Event(), {}
+
+    def second():
+        with blas_threads(1):
+            inside.set()
+            main_done.wait(30)
+            seen["after_first_ended"] = set(_blas_counts().values())
+
+    with blas_threads(1):
+        t = threading.Thread(target=second)
+        t.start()
+        assert inside.wait(30)
+        assert _BLAS["depth"] == 2
+    main_done.set()
+    t.join(30)
+    assert seen["after_first_ended"] == {1}
+    assert _BLAS["depth"] == 0 and _BLAS["held"] is None
