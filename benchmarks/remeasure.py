@@ -1,7 +1,8 @@
 """Re-measure every number of benchmarks/README.md in one run, one command.
 
 usage: python benchmarks/remeasure.py ZOO_DIR --scratch DIR [--repeat 2] [--modes warm cold] [--no-mergekit]
-           [--methods ties ota_ffg ...] [--analyses ...] [--paired N] [--json OUT.json] [--markdown OUT.md]
+           [--methods ties ota_ffg ...] [--analyses ...] [--paired N] [--unpinned] [--json OUT.json]
+           [--markdown OUT.md]
 
 bigger than RAM (``benchmarks/make_big_zoo.py``; warm is cold there):
        python benchmarks/remeasure.py BIG_ZOO --scratch DIR --repeat 1 --modes cold --analyses
@@ -10,7 +11,9 @@ bigger than RAM (``benchmarks/make_big_zoo.py``; warm is cold there):
 ZOO_DIR: a ``make_zoo.py`` zoo (``../shared/bench/make_zoo.py``, or
 ``benchmarks/make_big_zoo.py``). Every row is its own process
 (``benchmarks/jobs.py``) under ``/usr/bin/time`` (wall time, max RSS), one torch
-thread (``OMP_NUM_THREADS=1`` for curvlens and mergekit alike), fastest of
+thread (``OMP_NUM_THREADS=1`` for curvlens and mergekit alike; ``--unpinned``
+leaves the thread variables out, as a notebook has them: curvlens then holds torch
+and the BLAS libraries to its own count, ``curvlens.runtime``), fastest of
 ``--repeat`` runs:
 
 - warm: the zoo's files in the page cache (a full read just before);
@@ -121,12 +124,16 @@ def main(argv=None):
     ap.add_argument("--analyses", nargs="*", default=list(ANALYSES))
     ap.add_argument("--paired", type=int, default=0, metavar="N",
                     help="N more rounds of (naive floor, every curvlens row): per-round ratios")
+    ap.add_argument("--unpinned", action="store_true",
+                    help="no OMP/MKL/OPENBLAS_NUM_THREADS in the jobs' environment, as in a notebook")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     a = ap.parse_args(argv)
     zoo, scratch = a.zoo.resolve(), a.scratch.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    if a.unpinned:  # what a notebook has: every library picks its own thread count
+        env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     py = [sys.executable, str(HERE / "jobs.py")]
     configs = method_configs(zoo)
     methods = a.methods or list(configs)
