@@ -36,7 +36,7 @@ from curvlens.passes.experts import Experts
 from curvlens.runtime import Background, background_enabled, progress_bar, resolve_device
 from curvlens.passes.thresholds import Selection, TieLedger, model_selections, selection_criteria
 
-__all__ = ["scout_selections", "scout_sample", "partial_reads", "count_equal"]
+__all__ = ["scout_selections", "scout_sample", "partial_reads"]
 
 _SMALLEST_NORMAL_BITS = 0x00800000
 
@@ -346,18 +346,3 @@ def _resolve(expert: str, c: str, d: float, k: int, total: int, lo_b: int, count
     ledger = None if keep == tied else TieLedger(keep)
     return Selection(expert, c, d, _value(t_bits), k, total, tied, None, ledger)
 
-
-def count_equal(base: torch.Tensor, expert: torch.Tensor, v: torch.Tensor | None, criterion: str,
-                threshold: float) -> int:
-    """How many of one tensor's scores equal ``threshold`` (a selection's tied
-    entries in it), in one sweep."""
-    src = ScoreSource.of(base, expert, v, criterion)
-    if src is None:
-        return int(torch.count_nonzero(_scores(base, expert, v, criterion) == threshold))
-    b = _bits(threshold)
-    counts = torch.zeros(1, dtype=torch.int64)
-    above = torch.zeros(1, dtype=torch.int64)
-    lo = np.array([b], dtype=np.uint32)
-    native.lib().cl_score_windows(*src.args(), 1, lo.ctypes.data, lo.ctypes.data, native.ptr_array([counts]),
-                                  above.data_ptr())
-    return int(counts[0])

@@ -166,6 +166,79 @@ def test_one_read_and_two_read_merges_are_bitwise_equal(tmp_path, selection):
     pd.testing.assert_frame_equal(ref.report, res.report)
 
 
+def _tied_zoo(root, dtype):
+    """Fisher scores with two values across the model (integer base, edits of
+    +-0.5 and +-1, one constant moment): the threshold of any density lies on a
+    value thousands of entries share, in every tensor."""
+    from safetensors.torch import load_file, save_file
+
+    base, dirs, *_ = make_tiny_zoo(root, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    for f in sorted(base.glob("*.safetensors")):
+        t = load_file(str(f))
+        save_file({k: torch.randint(-4, 5, v.shape, generator=g).to(dtype) for k, v in t.items()}, str(f))
+    b = {}
+    for f in sorted(base.glob("*.safetensors")):
+        b.update(load_file(str(f)))
+    for d in dirs:
+        for f in sorted(d.glob("*.safetensors")):
+            t = load_file(str(f))
+            step = torch.tensor([-1.0, -0.5, 0.5, 1.0])[torch.randint(0, 4, (1,), generator=g)]
+            edits = {k: (b[k].float() + step * torch.randint(1, 3, v.shape, generator=g).float()
+                         * torch.where(torch.rand(v.shape, generator=g) < 0.5, -1.0, 1.0)).to(dtype)
+                     for k, v in t.items()}
+            save_file(edits, str(f))
+        m = load_file(str(d / "export" / "exp_avg_sq.safetensors"))
+        save_file({k: torch.full_like(v, 1e-3) for k, v in m.items()}, str(d / "export" / "exp_avg_sq.safetensors"))
+    return Experts.from_dirs(base, dirs)
+
+
+@pytest.mark.parametrize("native_kernels", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_one_read_merge_keeps_the_first_ties_in_model_order(tmp_path, monkeypatch, dtype, native_kernels):
+    """The merge itself hands out a one-read selection's tied entries (no count
+    pass of its own): the same tensors as per-tensor quotas from two reads, on
+    the C kernel and on the torch code, ties in every tensor."""
+    from curvlens.math import native
+
+    ex = _tied_zoo(tmp_path / "z", dtype)
+    if not native_kernels:
+        monkeypatch.setitem(native._STATE, "lib", None)
+    params = dict(ffg_density=[0.3, 0.55, 0.8], epsilon=1e-26, fallback_to_base=True)
+    ref = merge(ex, "ota", selection="exact", **KW, **params)
+    res = merge(ex, "ota", selection="scout", **KW, **params)
+    sel = res.extra["selections"]
+    assert all(s.ledger is not None for s in sel), "the zoo must tie at every threshold"
+    assert all(s.ledger.remaining == 0 for s in sel)
+    # ties are kept in more than one tensor: the budget is handed on
+    assert any(sum(1 for q in s.ledger.given.values() if q) > 1 for s in sel)
+    for n in ex.tensor_names():
+        assert torch.equal(ref.checkpoint[n], res.checkpoint[n]), n
+    pd.testing.assert_frame_equal(ref.thresholds, res.thresholds)
+    pd.testing.assert_frame_equal(ref.report, res.report)
+
+
+def test_a_merge_that_meets_fewer_ties_than_its_selection_is_refused(tmp_path, monkeypatch):
+    """The selection pass saw other scores than the merge: refused for the model
+    (the density would not be kept), and nothing is written."""
+    import curvlens.passes.merge as pm
+
+    ex = _tied_zoo(tmp_path / "z", torch.float32)
+    real = pm._model_wide
+
+    def more_ties_than_exist(*a, **k):
+        sel = real(*a, **k)
+        sel[1].ledger.total += sel[1].tied
+        sel[1].ledger.remaining += sel[1].tied
+        return sel
+
+    monkeypatch.setattr(pm, "_model_wide", more_ties_than_exist)
+    out = tmp_path / "merged"
+    with pytest.raises(CurvlensError, match="expert 'expert1' should keep .* tied at the threshold .*scores differ"):
+        merge(ex, "ota", out, selection="scout", **KW, ffg_density=0.3, epsilon=1e-26)
+    assert not out.exists()
+
+
 def test_masks_from_a_one_read_selection_keep_exactly_k(tmp_path):
     base, dirs, *_ = make_tiny_zoo(tmp_path / "z", dtype=torch.bfloat16)
     ex = Experts.from_dirs(base, dirs)

@@ -19,7 +19,7 @@ from curvlens.math.native.merges import MaskedMerge, kth_largest_magnitude, ota_
 
 Tensor = torch.Tensor
 
-__all__ = ["ota_native", "ties_native"]
+__all__ = ["ota_native", "ties_native", "settle_ota_ties"]
 
 
 def _record(res: MaskedMerge, counts: Optional[MaskCounts], masked: bool) -> Tensor:
@@ -60,11 +60,25 @@ def ota_native(base: Optional[Tensor], experts: Sequence[Tensor], moments: Seque
     if res is None:
         return None
     for i, (t, ties) in enumerate(zip(p["ffg_threshold"], p["ffg_ties"])):
-        if t is not None and ties is not None and res.remaining[i] > 0:
-            # as the torch code: never keep another number of entries than the selection promised
-            raise CurvlensError(f"ota: expert {i} should keep {ties} entries tied at the threshold {t!r} but "
-                                f"only {ties - res.remaining[i]} exist; scores differ from the selection pass")
+        if t is not None and ties is not None:  # as the torch code
+            settle_ota_ties(counts, i, t, ties, res.remaining[i])
     return _record(res, counts, any(m is not None for m in masks))
+
+
+def settle_ota_ties(counts: Optional[MaskCounts], i: int, t: float, ties: int, left: int) -> None:
+    """Expert ``i``'s tie quota ``ties`` at threshold ``t``, ``left`` of it unused:
+    recorded under the driver's tie budget (:class:`MaskCounts`), else refused
+    when not used up (the selection pass saw other scores than this merge: never
+    keep another number of entries than the density promised)."""
+    def refuse(used: int) -> CurvlensError:
+        return CurvlensError(f"ota: expert {i} should keep {ties} entries tied at the threshold {t!r} but "
+                             f"only {used} exist; scores differ from the selection pass")
+
+    if counts is None:
+        if left > 0:
+            raise refuse(ties - left)
+        return
+    counts.settle_ties(i, ties, left, refuse)
 
 
 def ties_native(base: Tensor, experts: Sequence[Tensor], p: dict, counts: Optional[MaskCounts]) -> Optional[Tensor]:

@@ -11,7 +11,7 @@ from curvlens.errors import CurvlensError, check_choice
 from curvlens.math.blocks import block_size, blocks
 from curvlens.math.compress import rank1, rank_r
 from curvlens.math.methods.inputs import moment_block
-from curvlens.math.methods.native_paths import ota_native
+from curvlens.math.methods.native_paths import ota_native, settle_ota_ties
 from curvlens.math.methods.params import (
     ParamSpec, boolean, int_at_least, lower_str, path_or_none, real,
 )
@@ -215,12 +215,12 @@ def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
         else:
             out[sl] = merged
     for i, (t, ties) in enumerate(zip(p["ffg_threshold"], p["ffg_ties"])):
-        if t is not None and ties is not None and keepers[i].remaining > 0:
-            # the selection pass saw other scores than this merge: never keep a
-            # different number of entries than the density promised
-            raise CurvlensError(f"ota: expert {i} should keep {ties} entries tied at the threshold {t!r} but "
-                                f"only {ties - keepers[i].remaining} exist; scores differ from the selection pass")
+        if t is not None and ties is not None:
+            # a quota not used up: the selection pass saw other scores than this
+            # merge; never keep a different number of entries than the density promised
+            settle_ota_ties(counts, i, t, ties, keepers[i].remaining)
     return out.reshape(shape)
+
 
 
 def _ota_weight_mean(v: Tensor, p: dict, i: int, size: int) -> Tensor:

@@ -154,10 +154,23 @@ class MaskCounts:
     ([2, 2], 4, True)
     """
 
-    def __init__(self, n_experts: int):
+    def __init__(self, n_experts: int, tie_budget: bool = False):
         self.kept = [0] * n_experts
         self.any_kept = 0
         self.used = False
+        #: Set by the driver of a one-read selection: its tie quotas are what is left
+        #: model-wide, so a method keeps tied entries up to one and records what it
+        #: left in ``ties_left``, instead of refusing a tensor with fewer ties.
+        self.tie_budget = bool(tie_budget)
+        self.ties_left: list[Optional[int]] = [None] * n_experts
+
+    def settle_ties(self, i: int, quota: int, left: int, refuse) -> None:
+        """Expert ``i`` had a tie quota ``quota`` and left ``left`` of it: recorded
+        under a tie budget; otherwise a quota not used up is ``refuse(used)``'s error."""
+        if self.tie_budget:
+            self.ties_left[i] = int(left)
+        elif left > 0:
+            raise refuse(quota - left)
 
     def add(self, masks: Sequence[Optional[Tensor]]) -> None:
         """Count one block's fp32 0/1 masks (None: that expert kept everything)."""
