@@ -8,8 +8,9 @@ OTA+FFG merge 2.7x, while on a quiet machine two threads gained 9 %. Threads tha
 wait on each other cost far more than a second core gains, so every streaming pass
 runs with ONE intra-op thread on a CPU by default (reading the next tensor still
 overlaps the math, in the stream's prefetch thread), and numpy's and scipy's own
-BLAS libraries are held to the same count while it runs (:func:`blas_threads`). ``set_threads`` or a pass's
-``threads=`` changes it; ``benchmarks/bench_threads.py`` measures both settings.
+BLAS libraries are held to the same count while it runs (:func:`blas_threads`).
+``set_threads`` or a pass's ``threads=`` changes it; ``benchmarks/bench_threads.py``
+measures both settings.
 
 The second core is still used, by a helper thread that meets the caller only
 between whole jobs (:class:`Background`): the mask statistics' singular values

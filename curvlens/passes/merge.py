@@ -291,15 +291,15 @@ def _report_frame(rows: list[dict], names):
 def _merge_all(m, job, experts: Experts, names, p: dict, selections, dev, progress: bool, rows: list,
                emit) -> None:
     """Merge every tensor of ``names`` in model order, each handed to ``emit``."""
+    one_read = selections is not None and any(s.ledger is not None for s in selections)
     # methods cast block by block, so they get the stored dtype
     for g in experts.iter_tensors(names, device=dev, moments=m.needs_moments, progress=progress,
                                   dtype=None, desc=f"merge {job.label}"):
         pt = job.per_tensor(g.name, p) if job.per_tensor is not None else p
         # a model-wide selection splits the tied scores tensor by tensor
-        counts = MaskCounts(len(job.names))
+        counts = MaskCounts(len(job.names), tie_budget=one_read)
         if selections is not None:
             budgets = _tie_budgets(selections, g.name)
-            counts.tie_budget = any(s.ledger is not None for s in selections)
             pt = {**pt, m.model_wide.ties: budgets}
         target = output_dtype(experts.stored_dtype(g.name), job.out_dtype)
         # as mergekit: a method's result is in the input dtype, then cast to out_dtype
@@ -324,8 +324,10 @@ def _tie_budgets(selections, name: str) -> list[int | None]:
     budget (:class:`MaskCounts` ``tie_budget``), keeps the tied entries it meets
     up to it and says what it left, and :func:`_spend_ties` hands the rest on.
     That is the selection an exact count per tensor gives, without a pass of its
-    own over every tensor's scores (0.25-0.35 s of an OTA+FFG merge of a 250M x 3
-    zoo). A selection with quotas per tensor (two reads) gives them as they are.
+    own over every tensor's scores (about 0.1 CPU-s of an OTA+FFG merge of a
+    250M x 3 zoo), and a shortfall is caught for the whole model
+    (:func:`_check_ties_spent`). A selection with quotas per tensor (two reads)
+    gives them as they are.
     """
     return [s.ledger.remaining if s.ledger is not None else s.ties(name) for s in selections]
 

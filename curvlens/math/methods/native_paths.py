@@ -70,15 +70,11 @@ def settle_ota_ties(counts: Optional[MaskCounts], i: int, t: float, ties: int, l
     recorded under the driver's tie budget (:class:`MaskCounts`), else refused
     when not used up (the selection pass saw other scores than this merge: never
     keep another number of entries than the density promised)."""
-    def refuse(used: int) -> CurvlensError:
-        return CurvlensError(f"ota: expert {i} should keep {ties} entries tied at the threshold {t!r} but "
-                             f"only {used} exist; scores differ from the selection pass")
-
-    if counts is None:
-        if left > 0:
-            raise refuse(ties - left)
-        return
-    counts.settle_ties(i, ties, left, refuse)
+    if counts is not None and counts.tie_budget:
+        counts.ties_left[i] = int(left)
+    elif left > 0:
+        raise CurvlensError(f"ota: expert {i} should keep {ties} entries tied at the threshold {t!r} but "
+                            f"only {ties - left} exist; scores differ from the selection pass")
 
 
 def ties_native(base: Tensor, experts: Sequence[Tensor], p: dict, counts: Optional[MaskCounts]) -> Optional[Tensor]:

@@ -222,7 +222,6 @@ def ota(base, experts, moments, p, *, rng, counts) -> Tensor:
     return out.reshape(shape)
 
 
-
 def _ota_weight_mean(v: Tensor, p: dict, i: int, size: int) -> Tensor:
     """Mean over the tensor of ``v**power * scaling`` (for ``normalise='global'``),
     summed block by block; one block gives torch's fp32 mean exactly."""

@@ -164,14 +164,6 @@ class MaskCounts:
         self.tie_budget = bool(tie_budget)
         self.ties_left: list[Optional[int]] = [None] * n_experts
 
-    def settle_ties(self, i: int, quota: int, left: int, refuse) -> None:
-        """Expert ``i`` had a tie quota ``quota`` and left ``left`` of it: recorded
-        under a tie budget; otherwise a quota not used up is ``refuse(used)``'s error."""
-        if self.tie_budget:
-            self.ties_left[i] = int(left)
-        elif left > 0:
-            raise refuse(quota - left)
-
     def add(self, masks: Sequence[Optional[Tensor]]) -> None:
         """Count one block's fp32 0/1 masks (None: that expert kept everything)."""
         if all(m is None for m in masks):
