@@ -201,6 +201,23 @@ def test_every_two_expert_method_merges(families, fam):
 
 
 @pytest.mark.parametrize("fam", FAMS)
+def test_one_read_ffg_merges_hand_out_the_ties_as_two_reads_do(families, fam):
+    """At densities that reach the entries scored 0 (untrained tensors, zero
+    moments), the one-read selection keeps tied entries in model order as the
+    merge meets them: the same bits as the two-read selection's per-tensor quotas."""
+    ex = _experts(families, fam)
+    params = {"epsilon": 1e-26, "fallback_to_base": True}
+    for density in (0.3, 0.99):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            two = cl.merge(ex, "ota", selection="exact", ffg_density=density, **KW, **params)
+            one = cl.merge(ex, "ota", selection="scout", ffg_density=density, **KW, **params)
+        for n in ex.tensor_names():
+            assert torch.equal(one.checkpoint[n], two.checkpoint[n]), (fam, density, n)
+        pd.testing.assert_frame_equal(one.thresholds, two.thresholds)
+
+
+@pytest.mark.parametrize("fam", FAMS)
 def test_merged_dir_loads_with_the_family_class_and_runs(families, fam, tmp_path):
     from transformers.core_model_loading import revert_weight_conversion
 
